@@ -1,0 +1,1 @@
+"""The edgefed aggregator service: rounds, aggregation, ledger, checkpoints, export."""

@@ -1,0 +1,22 @@
+"""Root exception of the aggregator package."""
+
+
+class AggregatorError(Exception):
+    """Root of every error raised by :mod:`aggregator`; its message is shown to the user as is."""
+
+
+class ConfigError(AggregatorError):
+    """The aggregator's configuration is invalid (all problems listed in the message)."""
+
+
+class StateError(AggregatorError):
+    """Persistent state (ledger, checkpoints) is missing, corrupt or inconsistent."""
+
+
+class UpdateRejected(AggregatorError):
+    """An agent's update failed validation; ``code`` says why on the wire."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
