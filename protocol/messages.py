@@ -122,10 +122,21 @@ class Welcome(_Header):
 
 
 class Heartbeat(_Header):
+    """Liveness, both ways. An agent's heartbeat may also carry link measurements.
+
+    ``probe=True`` asks the aggregator to answer at once with a heartbeat whose ``echo`` is this
+    message's id; an agent times an empty probe (RTT) and one with a probe blob (bandwidth), then
+    reports both in ``rtt_ms`` and ``bandwidth_mbps`` of a later heartbeat.
+    """
+
     type: Literal["heartbeat"] = "heartbeat"
     state: Literal["idle", "busy", "ok"] = "ok"
     task_id: Annotated[str, Field(max_length=MAX_ID)] = ""
     progress: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+    probe: bool = False
+    echo: Annotated[str, Field(max_length=MAX_ID)] = ""
+    rtt_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    bandwidth_mbps: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
 class BaseModelRef(_Strict):

@@ -1,0 +1,78 @@
+"""Server halves of the methods, and the interface they implement.
+
+A server method never touches sockets: it says what each agent is sent, validates what comes
+back, folds accepted updates into a running aggregate as they arrive (so the aggregator never
+holds every update at once), and owns the global state that is checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from protocol.messages import TaskResult
+
+
+@dataclass
+class Update:
+    """An agent's update after validation: what the aggregate is made of."""
+
+    agent_id: str
+    task_id: str
+    num_examples: int
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one agent is sent for one task: method parameters and blobs."""
+
+    params: dict[str, Any]
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+class ServerMethod(Protocol):
+    name: str
+
+    def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
+        """Parameters and blobs of a ``kind`` task ("train" or "eval") for ``agent_id``."""
+        ...
+
+    def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
+        """Decode and check an update; raise :class:`aggregator.errors.UpdateRejected`."""
+        ...
+
+    def begin_round(self, round: int) -> None: ...
+
+    def add(self, update: Update) -> None:
+        """Fold one accepted update into the running aggregate of the open round."""
+        ...
+
+    def finish_round(self, round: int) -> dict[str, float]:
+        """Turn the running aggregate into the new global state; return round metrics."""
+        ...
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Global state to checkpoint: tensors and string metadata."""
+        ...
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None: ...
+
+    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
+        """Write the result (e.g. a PEFT adapter directory); return what was written."""
+        ...
+
+
+MethodFactory = Callable[[Mapping[str, Any]], ServerMethod]
+
+
+def server_methods() -> dict[str, MethodFactory]:
+    """Method name → factory taking the run's method parameters."""
+    from aggregator.methods import fedit
+
+    return {"fedit": fedit.FeditServer}

@@ -1,0 +1,128 @@
+"""Aggregator configuration: a TOML file validated by pydantic, every error reported at once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aggregator.errors import ConfigError
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ServerSection(_Section):
+    bind: str = "tcp://127.0.0.1:5555"
+    state_dir: Path = Path("edgefed-state")
+    heartbeat_interval: Annotated[float, Field(gt=0, le=600)] = 1.0
+    liveness: Annotated[int, Field(ge=1, le=100)] = 3
+    max_message_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
+    hwm: Annotated[int, Field(ge=1, le=100_000)] = 64
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 3
+
+
+class SecuritySection(_Section):
+    insecure: bool = False
+    secret_key: Path | None = None
+    """The aggregator's CURVE secret key file (``edgefed-aggregator keygen``)."""
+    allow_dir: Path | None = None
+    """Directory of allowed agents' public key files; the file stem is the agent id."""
+
+
+class RunSection(_Section):
+    run_id: Annotated[str, Field(max_length=40, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    method: str = "fedit"
+    rounds: Annotated[int, Field(ge=1, le=100_000)] = 3
+    min_agents: Annotated[int, Field(ge=1, le=100_000)] = 1
+    fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    quorum: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Fraction of a round's assigned agents whose results close the round at its deadline."""
+    round_deadline_s: Annotated[float, Field(gt=0)] = 1800.0
+    eval: bool = True
+    eval_initial: bool = True
+    """Evaluate the starting point (round 0) before the first round."""
+    model: str = "smollm2-135m"
+    model_sha256: Sha256 | None = None
+    model_dir: Path | None = None
+    """A local copy of the base model (HF directory), for merged export."""
+    quant: Literal["nf4", "int8", "bf16", "fp32"] = "nf4"
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    export_dir: Path | None = None
+
+
+class AggregatorConfig(_Section):
+    server: ServerSection = ServerSection()
+    security: SecuritySection = SecuritySection()
+    run: RunSection = RunSection()
+    method: dict[str, Any] = {}
+    """Parameters of the run's method (``protocol.methods.<method>.Params``)."""
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+
+
+def build_config(raw: dict[str, Any], *, source: str = "config", base: Path | None = None) -> AggregatorConfig:
+    """Validate a config mapping; relative paths resolve against ``base``."""
+    from protocol.errors import ProtocolError
+    from protocol.methods import parse_params
+
+    problems: list[str] = []
+    config: AggregatorConfig | None = None
+    try:
+        config = AggregatorConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += _problems(exc)
+    if config is not None:
+        try:
+            parse_params(config.run.method, config.method)
+        except ProtocolError as exc:
+            problems.append(f"method: {exc}")
+        if not config.security.insecure and (
+            config.security.secret_key is None or config.security.allow_dir is None
+        ):
+            problems.append(
+                "security: CURVE is on by default and needs secret_key and allow_dir "
+                "(or set insecure = true, knowingly)"
+            )
+    if problems:
+        raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
+    assert config is not None
+    if base is not None:
+        config = _resolve_paths(config, base)
+    return config
+
+
+def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p))
+
+    server = config.server.model_copy(update={"state_dir": fix(config.server.state_dir)})
+    security = config.security.model_copy(
+        update={"secret_key": fix(config.security.secret_key), "allow_dir": fix(config.security.allow_dir)}
+    )
+    run = config.run.model_copy(
+        update={"model_dir": fix(config.run.model_dir), "export_dir": fix(config.run.export_dir)}
+    )
+    return config.model_copy(update={"server": server, "security": security, "run": run})
+
+
+def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> AggregatorConfig:
+    """Read ``path`` (TOML), apply ``overrides`` per section, validate everything at once."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return build_config(raw, source=str(path), base=path.parent.resolve())

@@ -1,0 +1,442 @@
+"""The round engine: a sans-IO state machine that runs a federated run.
+
+It takes decoded messages and the time, and returns the messages to send; it never touches a
+socket (``aggregator.service`` does), so a whole run can be driven in-process in tests. It does
+write to disk, through the ledger and the checkpoint store, because durability is its job:
+
+    select → assign → collect (until all results, or quorum at the deadline) → aggregate →
+    checkpoint + ledger commit → evaluate (optional) → next round
+
+An accepted update is stored (its payload in ``updates/``, its row in the ledger) *before* its
+Ack is returned, and is folded into the method's running aggregate at once. After a crash the
+engine restores the last committed global state, replays the open round's stored updates, and
+carries on; task ids are a pure function of (run, round, kind, agent), so an agent's outboxed
+result for the open round is recognised after the restart and never counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from aggregator.checkpoint import CheckpointStore, atomic_write_bytes
+from aggregator.config import AggregatorConfig
+from aggregator.errors import StateError, UpdateRejected
+from aggregator.ledger import Ledger, RejectionRow, UpdateRow
+from aggregator.methods import ServerMethod
+from aggregator.registry import Registry
+from protocol import PROTOCOL_VERSIONS
+from protocol.errors import ErrorCode, VersionMismatch
+from protocol.frames import Decoded, encode, frames_nbytes
+from protocol.messages import (
+    Ack,
+    BaseModelRef,
+    Bye,
+    ErrorReply,
+    Heartbeat,
+    Hello,
+    TaskAssign,
+    TaskResult,
+    Welcome,
+    negotiate,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    agent_id: str
+    header: BaseModel
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RoundSummary:
+    """One row of the per-round table."""
+
+    round: int
+    agents: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_em: float | None = None
+    bytes_up: float = 0.0
+    bytes_down: float = 0.0
+    seconds: float = 0.0
+    rejected: int = 0
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {
+            "agents": float(self.agents),
+            "bytes_up_per_agent": self.bytes_up,
+            "bytes_down_per_agent": self.bytes_down,
+            "seconds": self.seconds,
+            "rejected": float(self.rejected),
+        }
+        for key in ("train_loss", "eval_loss", "eval_em"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass
+class _Phase:
+    kind: str  # "train" | "eval"
+    round: int
+    assigned: dict[str, str]  # agent id -> task id
+    deadline: float
+    started: float
+    done: dict[str, TaskResult] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+
+
+def task_id_for(run_id: str, round: int, kind: str, agent_id: str) -> str:
+    digest = hashlib.sha256(f"{run_id}|{round}|{kind}|{agent_id}".encode()).hexdigest()[:24]
+    return f"r{round}-{kind}-{digest}"
+
+
+def _weighted(results: list[TaskResult], key: str) -> float | None:
+    pairs = [(r.metrics[key], max(r.num_examples, 1)) for r in results if key in r.metrics]
+    if not pairs:
+        return None
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        method: ServerMethod,
+        model: BaseModelRef,
+        *,
+        ledger: Ledger,
+        store: CheckpointStore,
+        clock: Callable[[], float] = time.monotonic,
+        on_round: Callable[[RoundSummary], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.run = config.run
+        self.method = method
+        self.model = model
+        self.ledger = ledger
+        self.store = store
+        self.clock = clock
+        self.on_round = on_round or (lambda _s: None)
+        self.registry = Registry(
+            interval=config.server.heartbeat_interval, liveness=config.server.liveness
+        )
+        self.run_id = ""
+        self.round = 0  # last committed round
+        self.phase: _Phase | None = None
+        self.finished = False
+        self.summaries: dict[int, RoundSummary] = {}
+        self.update_dir = config.server.state_dir / "updates"
+        self._last_beat = 0.0
+        self._replayed: dict[str, TaskResult] = {}
+        self._resume_assigned: list[str] = []
+
+    # --- start-up and resume ----------------------------------------------------------------
+
+    def start(self) -> None:
+        run = self.run
+        self.run_id = run.run_id or self.ledger.latest_run() or f"run-{int(time.time())}"
+        existing = self.ledger.run(self.run_id)
+        if existing is not None and existing.get("method") != run.method:
+            raise StateError(
+                f"state dir holds run {self.run_id} of method {existing.get('method')}, "
+                f"not {run.method}; use another state_dir or run_id"
+            )
+        self.ledger.create_run(self.run_id, run.method, self.config.model_dump(mode="json"))
+        latest = self.store.latest()
+        if latest is not None:
+            tensors, manifest, _extra = self.store.load(latest)
+            self.method.restore(tensors, manifest.meta)
+            self.round = latest
+            if self.ledger.last_committed_round(self.run_id) != latest:
+                # crashed between the checkpoint and the ledger commit: finish the commit
+                sha = manifest.files.get("global.safetensors", "")
+                self.ledger.commit_round(self.run_id, latest, sha, {}, time.time())
+            log.info("run %s resumes after committed round %d", self.run_id, latest)
+        if self.round >= run.rounds:
+            self.finished = True
+            return
+        self.method.begin_round(self.round + 1)
+        replayed = self._replay_open_round(self.round + 1)
+        if replayed:
+            log.info("round %d: replayed %d stored updates", self.round + 1, replayed)
+
+    def _replay_open_round(self, round: int) -> int:
+        begun = [r for r in self.ledger.rounds(self.run_id) if r.round == round]
+        if begun:
+            self._resume_assigned = list(begun[0].assigned)
+        rows = self.ledger.updates(self.run_id, round)
+        for row in rows:
+            if row.blob_path is None:
+                continue
+            data = Path(row.blob_path).read_bytes()
+            if hashlib.sha256(data).hexdigest() != row.sha256:
+                raise StateError(f"stored update {row.blob_path} does not match its sha256")
+            result = TaskResult(
+                run_id=self.run_id,
+                round=round,
+                task_id=row.task_id,
+                agent_id=row.agent_id,
+                method=self.run.method,
+                num_examples=row.num_examples,
+                metrics=row.metrics,
+            )
+            self.method.add(self.method.validate(round, result, {"update": memoryview(data)}))
+            self._replayed[row.agent_id] = result
+        return len(rows)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def on_message(self, agent_id: str, msg: Decoded, now: float) -> list[Outgoing]:
+        header = msg.header
+        if isinstance(header, Hello):
+            return self._on_hello(agent_id, header, now)
+        if not self.registry.known(agent_id):
+            return [Outgoing(agent_id, ErrorReply(code=ErrorCode.UNKNOWN_AGENT,
+                                                   reason="say Hello first", ref=header.msg_id))]
+        self.registry.seen(agent_id, now)
+        if isinstance(header, Heartbeat):
+            return self._on_heartbeat(agent_id, header, msg)
+        if isinstance(header, TaskResult):
+            return self._on_result(agent_id, header, msg, now)
+        if isinstance(header, ErrorReply):
+            log.warning("agent %s: %s %s (task %s)", agent_id, header.code, header.reason, header.task_id)
+            if self.phase is not None and header.task_id in self.phase.assigned.values():
+                self.registry.failed(agent_id, header.task_id)
+            return []
+        if isinstance(header, Bye):
+            log.info("agent %s says bye: %s", agent_id, header.reason)
+            self.registry.gone(agent_id)
+            return []
+        return [Outgoing(agent_id, ErrorReply(code=ErrorCode.BAD_HEADER,
+                                               reason=f"unexpected {header.type}", ref=header.msg_id))]
+
+    def _on_hello(self, agent_id: str, hello: Hello, now: float) -> list[Outgoing]:
+        if hello.agent_id != agent_id:
+            return [Outgoing(agent_id, ErrorReply(code=ErrorCode.IDENTITY_MISMATCH,
+                    reason=f"connection is {agent_id!r} but Hello claims {hello.agent_id!r}"))]
+        try:
+            version = negotiate(hello.versions, PROTOCOL_VERSIONS)
+        except VersionMismatch as exc:
+            return [Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc), ref=hello.msg_id))]
+        self.registry.hello(agent_id, hello, now)
+        self.ledger.upsert_agent(agent_id, hello.profile.model_dump(mode="json"), time.time())
+        log.info("agent %s joined (%d cpus, %.1f GFLOP/s fp32)", agent_id,
+                 hello.profile.cpus, hello.profile.matmul_gflops_fp32)
+        out = [Outgoing(agent_id, Welcome(run_id=self.run_id, round=self.round, agent_id=agent_id,
+                        version=version, heartbeat_interval=self.config.server.heartbeat_interval,
+                        liveness=self.config.server.liveness))]
+        phase = self.phase
+        if phase is not None and agent_id in phase.assigned and agent_id not in phase.done:
+            out.append(self._assignment(phase, agent_id))  # it may have lost the task
+        return out
+
+    def _on_heartbeat(self, agent_id: str, beat: Heartbeat, msg: Decoded) -> list[Outgoing]:
+        self.registry.beat(agent_id, beat)
+        if beat.probe:
+            return [Outgoing(agent_id, Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id))]
+        return []
+
+    def _on_result(self, agent_id: str, res: TaskResult, msg: Decoded, now: float) -> list[Outgoing]:
+        def ack(accepted: bool = True) -> list[Outgoing]:
+            return [Outgoing(agent_id, Ack(run_id=self.run_id, round=res.round,
+                                           task_id=res.task_id, accepted=accepted))]
+
+        def error(code: ErrorCode, reason: str) -> list[Outgoing]:
+            return [Outgoing(agent_id, ErrorReply(run_id=self.run_id, round=res.round, code=code,
+                                                   reason=reason, ref=res.msg_id, task_id=res.task_id))]
+
+        if res.agent_id != agent_id:
+            return error(ErrorCode.IDENTITY_MISMATCH, f"result claims agent {res.agent_id!r}")
+        phase = self.phase
+        if res.kind == "train" and self.ledger.has_update(res.task_id):
+            return ack()  # a retry of something already durable: Ack again, count once
+        if (phase is None or res.kind != phase.kind or res.round != phase.round
+                or phase.assigned.get(agent_id) != res.task_id or res.run_id != self.run_id):
+            return error(ErrorCode.STALE_TASK, f"task {res.task_id} is not open (round {self.round})")
+        if agent_id in phase.done:
+            return ack()
+        if res.kind == "eval":
+            phase.done[agent_id] = res
+            phase.bytes_up[agent_id] = msg.nbytes
+            return ack()
+        try:
+            update = self.method.validate(res.round, res, msg.blobs)
+        except UpdateRejected as exc:
+            phase.rejected += 1
+            phase.done[agent_id] = res  # answered, just not counted
+            self.ledger.record_rejection(RejectionRow(run_id=self.run_id, round=res.round,
+                task_id=res.task_id, agent_id=agent_id, code=str(exc.code), reason=exc.reason, at=time.time()))
+            log.warning("round %d: rejected update from %s: %s", res.round, agent_id, exc.reason)
+            return error(ErrorCode.REJECTED_UPDATE, exc.reason)
+        blob = msg.blobs.get("update")
+        blob_path = None
+        sha = ""
+        if blob is not None:
+            target = self.update_dir / self.run_id / f"round-{res.round:06d}"
+            target.mkdir(parents=True, exist_ok=True)
+            blob_path = target / f"{res.task_id}.safetensors"
+            atomic_write_bytes(blob_path, blob)
+            sha = hashlib.sha256(blob).hexdigest()
+        row = UpdateRow(run_id=self.run_id, round=res.round, task_id=res.task_id, agent_id=agent_id,
+                        sha256=sha, num_examples=res.num_examples, metrics=dict(res.metrics),
+                        bytes_up=msg.nbytes, bytes_down=phase.bytes_down.get(agent_id, 0),
+                        received_at=time.time(), blob_path=str(blob_path) if blob_path else None)
+        if self.ledger.record_update(row):
+            self.method.add(update)
+        phase.done[agent_id] = res
+        phase.bytes_up[agent_id] = msg.nbytes
+        return ack()
+
+    # --- the clock ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for agent_id in self.registry.expire(now):
+            log.warning("agent %s expired (no message for %.1fs)", agent_id,
+                        self.registry.window)
+        if now - self._last_beat >= self.config.server.heartbeat_interval:
+            self._last_beat = now
+            out += [Outgoing(a, Heartbeat(run_id=self.run_id, round=self.round))
+                    for a in self.registry.live()]
+        if self.finished:
+            return out
+        if self.phase is None:
+            out += self._maybe_start(now)
+        elif self._phase_complete(self.phase, now):
+            out += self._close_phase(self.phase, now)
+        return out
+
+    def _maybe_start(self, now: float) -> list[Outgoing]:
+        live = self.registry.live(model=self.model.sha256)
+        if len(live) < self.run.min_agents:
+            return []
+        if self.round == 0 and self.run.eval and self.run.eval_initial and 0 not in self.summaries:
+            return self._open_phase("eval", 0, live, now)
+        if self._resume_assigned:  # the open round of a restarted run keeps its agents
+            chosen, self._resume_assigned = self._resume_assigned, []
+        else:
+            count = max(self.run.min_agents, math.ceil(self.run.fraction * len(live)))
+            rng = random.Random(f"{self.run_id}|{self.run.seed}|{self.round + 1}")
+            chosen = sorted(rng.sample(sorted(live), min(count, len(live))))
+        return self._open_phase("train", self.round + 1, chosen, now)
+
+    def _open_phase(self, kind: str, round: int, agents: list[str], now: float) -> list[Outgoing]:
+        assigned = {a: task_id_for(self.run_id, round, kind, a) for a in agents}
+        self.phase = _Phase(kind=kind, round=round, assigned=assigned, started=now,
+                            deadline=now + self.run.round_deadline_s)
+        if kind == "train":
+            self.ledger.begin_round(self.run_id, round, self.run.method, agents, time.time())
+            for agent_id, result in self._replayed.items():
+                if assigned.get(agent_id) == result.task_id:
+                    self.phase.done[agent_id] = result
+            self._replayed = {}
+        log.info("round %d %s: assigned %d agents", round, kind, len(agents))
+        live = set(self.registry.live())
+        return [self._assignment(self.phase, a) for a in agents
+                if a not in self.phase.done and a in live]
+
+    def _assignment(self, phase: _Phase, agent_id: str) -> Outgoing:
+        spec = self.method.assign(phase.round, agent_id, phase.kind)
+        header = TaskAssign(run_id=self.run_id, round=phase.round, task_id=phase.assigned[agent_id],
+                            kind=phase.kind, method=self.run.method, model=self.model,  # type: ignore[arg-type]
+                            quant=self.run.quant, params=spec.params,
+                            deadline_s=max(1.0, phase.deadline - self.clock()))
+        phase.bytes_down[agent_id] = frames_nbytes(encode(header, spec.blobs))
+        self.registry.assigned(agent_id, phase.assigned[agent_id])
+        return Outgoing(agent_id, header, spec.blobs)
+
+    def _phase_complete(self, phase: _Phase, now: float) -> bool:
+        pending = [a for a in phase.assigned if a not in phase.done
+                   and not self.registry.has_failed(a, phase.assigned[a])]
+        if not pending:
+            return True
+        if now < phase.deadline:
+            return False
+        quorum = max(1, math.ceil(self.run.quorum * len(phase.assigned)))
+        if len(phase.done) >= quorum:
+            log.warning("round %d %s: deadline passed, dropping stragglers %s",
+                        phase.round, phase.kind, pending)
+            return True
+        phase.deadline = now + self.run.round_deadline_s
+        log.warning("round %d %s: deadline passed below quorum (%d/%d); extended",
+                    phase.round, phase.kind, len(phase.done), quorum)
+        return False
+
+    def _close_phase(self, phase: _Phase, now: float) -> list[Outgoing]:
+        self.phase = None
+        results = list(phase.done.values())
+        n = max(len(phase.assigned), 1)
+        if phase.kind == "train":
+            summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
+            metrics = self.method.finish_round(phase.round)
+            summary.agents = len(results) - phase.rejected
+            summary.train_loss = _weighted(results, "train_loss")
+            summary.bytes_up = sum(phase.bytes_up.values()) / max(len(phase.bytes_up), 1)
+            summary.bytes_down = sum(phase.bytes_down.values()) / n
+            summary.seconds = now - phase.started
+            summary.rejected = phase.rejected
+            tensors, meta = self.method.state()
+            manifest = self.store.save(phase.round, tensors, method=self.run.method,
+                                       meta={**meta, "run_id": self.run_id})
+            self.ledger.commit_round(self.run_id, phase.round,
+                                     manifest.files.get("global.safetensors", ""),
+                                     {**summary.as_metrics(), **metrics}, time.time())
+            self.round = phase.round
+            log.info("round %d committed (%d updates)", phase.round, summary.agents)
+            if self.run.eval:
+                live = [a for a in self.registry.live(model=self.model.sha256)]
+                if live:
+                    return self._open_phase("eval", phase.round, live, now)
+            self._round_done(summary)
+        else:
+            summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
+            summary.eval_loss = _weighted(results, "eval_loss")
+            summary.eval_em = _weighted(results, "eval_em")
+            if phase.round > 0:
+                self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
+            self._round_done(summary)
+        return []
+
+    def _round_done(self, summary: RoundSummary) -> None:
+        self.on_round(summary)
+        if summary.round > 0:
+            if self.round >= self.run.rounds:
+                self.finished = True
+                log.info("run %s finished after %d rounds", self.run_id, self.round)
+            else:
+                self.method.begin_round(self.round + 1)
+
+    def goodbye(self) -> list[Outgoing]:
+        return [Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason="run finished"))
+                for a in self.registry.live()]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "method": self.run.method,
+            "round": self.round,
+            "rounds": self.run.rounds,
+            "phase": None if self.phase is None else {
+                "kind": self.phase.kind, "round": self.phase.round,
+                "assigned": len(self.phase.assigned), "done": len(self.phase.done)},
+            "finished": self.finished,
+            "agents": self.registry.describe(),
+        }

@@ -1,0 +1,132 @@
+"""FedIT server half: FedAvg of LoRA factors, weighted by each agent's example count."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregator.errors import UpdateRejected
+from aggregator.export import write_peft_adapter
+from aggregator.methods import Assignment, Update
+from protocol import payloads
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import TaskResult
+from protocol.methods import fedit as spec
+from protocol.methods import parse_params
+
+
+class FedAvg:
+    """A streaming, example-weighted running sum of named tensors (float64 accumulators)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: int) -> None:
+        if weight <= 0:
+            return
+        if self.sums and set(tensors) != set(self.sums):
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "tensor names differ from the round's")
+        for name, value in tensors.items():
+            acc = self.sums.get(name)
+            contrib = value.to(torch.float64) * weight
+            self.sums[name] = contrib if acc is None else acc.add_(contrib)
+        self.weight += weight
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            return {}
+        return {k: (v / self.weight).to(torch.float32) for k, v in self.sums.items()}
+
+
+class FeditServer:
+    name = spec.NAME
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = parse_params(spec.NAME, params)
+        assert isinstance(self.params, spec.Params)
+        self.global_state: dict[str, torch.Tensor] = {}
+        self._payload: tuple[int, bytes] | None = None
+        self._acc = FedAvg()
+
+    # --- what agents are sent ---------------------------------------------------------------
+
+    def _global_payload(self, round: int) -> bytes:
+        if self._payload is None or self._payload[0] != round:
+            data = payloads.encode_lora(self.global_state, method=self.name, round=round)
+            self._payload = (round, data)
+        return self._payload[1]
+
+    def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
+        blobs = {spec.GLOBAL_BLOB: self._global_payload(round)} if self.global_state else {}
+        return Assignment(params=self.params.model_dump(mode="json"), blobs=blobs)
+
+    # --- what comes back --------------------------------------------------------------------
+
+    def _expect(self, round: int) -> payloads.Expect:
+        tensors = None
+        if self.global_state:
+            tensors = {
+                k: payloads.TensorSpec(shape=tuple(v.shape), dtype=v.dtype)
+                for k, v in self.global_state.items()
+            }
+        return payloads.Expect(
+            kind=payloads.PayloadKind.LORA,
+            method=self.name,
+            round=round,
+            tensors=tensors,
+            max_rank=self.params.lora.r,
+        )
+
+    def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
+        if set(blobs) != {spec.UPDATE_BLOB}:
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH, f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}"
+            )
+        try:
+            payload = payloads.decode(blobs[spec.UPDATE_BLOB], self._expect(round))
+        except ProtocolError as exc:
+            raise UpdateRejected(exc.code, str(exc)) from None
+        if not payload.tensors:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
+        return Update(
+            agent_id=result.agent_id,
+            task_id=result.task_id,
+            num_examples=result.num_examples,
+            tensors=payload.tensors,
+            metrics=dict(result.metrics),
+        )
+
+    # --- aggregation ------------------------------------------------------------------------
+
+    def begin_round(self, round: int) -> None:
+        self._acc = FedAvg()
+
+    def add(self, update: Update) -> None:
+        self._acc.add(update.tensors, update.num_examples)
+
+    def finish_round(self, round: int) -> dict[str, float]:
+        mean = self._acc.mean()
+        if mean:
+            self.global_state = mean
+            self._payload = None
+        return {"examples": float(self._acc.weight)}
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        meta = {"params": json.dumps(self.params.model_dump(mode="json"), sort_keys=True)}
+        return dict(self.global_state), meta
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        self.global_state = {k: v.clone() for k, v in tensors.items()}
+        self._payload = None
+
+    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
+        return write_peft_adapter(
+            out_dir, self.global_state, self.params.lora, base_model_name=base_model_name
+        )

@@ -1,0 +1,164 @@
+"""The aggregator service: a ROUTER socket around the sans-IO round engine.
+
+The loop polls the socket, decodes each message (a malformed one gets an ErrorReply and is
+otherwise ignored), checks that the connection's identity and CURVE User-Id match the agent the
+message claims to be, hands it to the engine, and sends what the engine returns. Large blobs go
+out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from aggregator.checkpoint import CheckpointStore
+from aggregator.config import AggregatorConfig
+from aggregator.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.errors import ConfigError
+from aggregator.ledger import Ledger
+from aggregator.methods import server_methods
+from aggregator.security import AllowListAuthenticator, start_curve_server
+from protocol.errors import ErrorCode, FrameError, ProtocolError
+from protocol.frames import decode, encode
+from protocol.messages import BaseModelRef, ErrorReply
+
+log = logging.getLogger(__name__)
+POLL_MS = 50
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        model: BaseModelRef,
+        *,
+        on_round: object = None,
+    ) -> None:
+        self.config = config
+        state = config.server.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        factories = server_methods()
+        if config.run.method not in factories:
+            raise ConfigError(f"unknown method {config.run.method!r}; known: {sorted(factories)}")
+        self.method = factories[config.run.method](config.method)
+        self.ledger = Ledger(state / "ledger.sqlite")
+        self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
+        self.engine = RoundEngine(
+            config, self.method, model, ledger=self.ledger, store=self.store,
+            on_round=on_round if callable(on_round) else None,
+        )
+        self.should_exit = threading.Event()
+        self.bound = threading.Event()
+        self.endpoint = ""
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth: AllowListAuthenticator | None = None
+        self.dropped = 0
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        server = self.config.server
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.SNDHWM, server.hwm)
+        sock.setsockopt(zmq.RCVHWM, server.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sec = self.config.security
+        if sec.insecure:
+            log.warning("INSECURE: CURVE is off; anyone who reaches %s can join and read updates",
+                        server.bind)
+        else:
+            assert sec.secret_key is not None and sec.allow_dir is not None
+            self.auth = start_curve_server(self.ctx, sock, sec.secret_key, sec.allow_dir)
+        try:
+            sock.bind(server.bind)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ConfigError(f"cannot bind {server.bind}: {exc}") from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
+
+    def _send(self, sock: zmq.Socket[bytes], out: Outgoing) -> None:
+        frames = encode(out.header, out.blobs)
+        try:
+            sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("agent %s: send queue full, message dropped", out.agent_id)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
+            log.info("agent %s unreachable: %s", out.agent_id, exc)
+
+    def _authorised(self, agent_id: str, frame: zmq.Frame) -> bool:
+        if self.auth is None:
+            return True
+        self.auth.maybe_reload()
+        user_id = frame.get("User-Id") or ""
+        return bool(user_id) and user_id == agent_id and agent_id in self.auth.allowed_ids()
+
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+        identity = bytes(frames[0].buffer)
+        try:
+            agent_id = identity.decode("ascii")
+        except UnicodeDecodeError:
+            self.dropped += 1
+            return
+        if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
+            log.warning("connection %r: User-Id does not match or key revoked; refused", agent_id)
+            self._send(sock, Outgoing(agent_id, ErrorReply(code=ErrorCode.IDENTITY_MISMATCH,
+                                                            reason="not authorised as this agent")))
+            return
+        try:
+            msg = decode(frames[1:])
+        except FrameError as exc:
+            self.dropped += 1
+            log.warning("agent %s: malformed message: %s", agent_id, exc)
+            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+            return
+        try:
+            for out in self.engine.on_message(agent_id, msg, now):
+                self._send(sock, out)
+        except ProtocolError as exc:
+            log.warning("agent %s: %s", agent_id, exc)
+            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+
+    def run(self) -> int:
+        """Serve until the run is finished or ``should_exit``; return an exit code."""
+        self.engine.start()
+        sock = self._socket()
+        self.bound.set()
+        log.info("aggregator listening on %s (run %s, method %s)", self.endpoint,
+                 self.engine.run_id, self.config.run.method)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self.should_exit.is_set():
+                events = dict(poller.poll(POLL_MS))
+                if sock in events:
+                    for _ in range(256):  # drain a burst, then let the clock run
+                        try:
+                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(sock, frames, time.monotonic())
+                for out in self.engine.tick(time.monotonic()):
+                    self._send(sock, out)
+                if self.engine.finished:
+                    for out in self.engine.goodbye():
+                        self._send(sock, out)
+                    break
+        finally:
+            sock.close(linger=1000)
+            if self.auth is not None:
+                self.auth.stop()
+            self.ledger.close()
+            self.ctx.term()
+        return 0
+
+    def export(self, out_dir: Path) -> dict[str, Path]:
+        return self.method.export(out_dir, base_model_name=self.config.run.model)
+
+
+__all__ = ["AggregatorService", "RoundSummary"]

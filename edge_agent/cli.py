@@ -1,0 +1,189 @@
+"""``edgefed-agent``: run the daemon, print the machine profile, prepare the model, make keys.
+
+Every option can also come from the environment: ``EDGEFED_AGENT_CONFIG``,
+``EDGEFED_AGENT_AGGREGATOR``, ``EDGEFED_AGENT_INSECURE`` for ``run``, and click's
+``EDGEFED_AGENT_<COMMAND>_<OPTION>`` for the rest (e.g. ``EDGEFED_AGENT_MODEL_PREPARE_CACHE``),
+which suits systemd units. A user error (bad config, missing or malformed data, a model that
+cannot be found) prints one ``error: ...`` line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_agent.errors import EdgeAgentError
+
+EXIT_USER_ERROR = 2
+_CONFIG_PATH = click.Path(path_type=Path, dir_okay=False)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the agent's own errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except EdgeAgentError as exc:
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        for line in lines:
+            click.echo(f"error: {line}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+@click.group(
+    context_settings={"auto_envvar_prefix": "EDGEFED_AGENT", "help_option_names": ["-h", "--help"]}
+)
+def main() -> None:
+    """edgefed agent: fine-tunes locally on this edge server's private data."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=_CONFIG_PATH,
+    required=True,
+    envvar="EDGEFED_AGENT_CONFIG",
+    help="agent.toml",
+)
+@click.option(
+    "--aggregator", envvar="EDGEFED_AGENT_AGGREGATOR", help="Endpoint, e.g. tcp://10.0.0.5:5555."
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=False,
+    envvar="EDGEFED_AGENT_INSECURE",
+    help="No CURVE encryption or authentication (trusted test networks only).",
+)
+@click.option("-v", "--verbose", count=True, help="Debug logging.")
+def run(config_path: Path, aggregator: str | None, insecure: bool, verbose: int) -> None:
+    """Run the agent daemon until SIGTERM/SIGINT."""
+    from edge_agent.config import load_config
+    from edge_agent.daemon import Daemon, signal_handlers
+
+    _setup_logging(verbose)
+    overrides: dict[str, dict[str, Any]] = {
+        "agent": {"aggregator": aggregator},
+        "security": {"insecure": True if insecure else None},
+    }
+    with _user_errors():
+        config = load_config(config_path, overrides)
+        daemon = Daemon.from_config(config)
+    with signal_handlers(daemon):
+        code = daemon.run()
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--measure/--no-measure", default=True, help="Time matmuls (a few seconds).")
+@click.option(
+    "--disk",
+    "disk_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to measure free disk.",
+)
+def profile(measure: bool, disk_path: Path | None) -> None:
+    """Print this machine's profile (what Hello reports) as JSON."""
+    from edge_agent.profile import collect_profile
+
+    with _user_errors():
+        data = collect_profile(measure=measure, disk_path=disk_path)
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@main.group()
+def model() -> None:
+    """The base model."""
+
+
+@model.command("prepare")
+@click.option(
+    "--model",
+    "spec",
+    default="smollm2-135m",
+    show_default=True,
+    help="Alias, HF directory or .gguf.",
+)
+@click.option(
+    "--cache", "cache_dir", type=click.Path(path_type=Path, file_okay=False), default=None
+)
+def model_prepare(spec: str, cache_dir: Path | None) -> None:
+    """Resolve the model (converting a .gguf once) and print {"name", "path", "sha256"}."""
+    from edge_agent.model_store import resolve_model
+
+    with _user_errors():
+        resolved = resolve_model(spec, cache_dir=cache_dir, progress=sys.stderr.isatty())
+    out = {"name": resolved.name, "path": str(resolved.path), "sha256": resolved.sha256}
+    click.echo(json.dumps(out))
+
+
+@main.command()
+@click.option("--dir", "key_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option(
+    "--name", default="agent", show_default=True, help="File stem: NAME.key, NAME.key_secret."
+)
+def keygen(key_dir: Path, name: str) -> None:
+    """Create a CURVE key pair; give NAME.key to the aggregator's allow-list."""
+    import zmq.auth
+
+    if not name or "/" in name or name.startswith("."):
+        click.echo(f"error: invalid key name {name!r}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    public = key_dir / f"{name}.key"
+    secret = key_dir / f"{name}.key_secret"
+    for existing in (public, secret):
+        if existing.exists():
+            click.echo(f"error: {existing} exists; not overwriting a key", err=True)
+            sys.exit(EXIT_USER_ERROR)
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(key_dir, name)
+    finally:
+        os.umask(old)
+    Path(secret_file).chmod(0o600)
+    Path(public_file).chmod(0o644)
+    click.echo(f"public key: {public_file}")
+    click.echo(f"secret key: {secret_file}")
+
+
+@main.group("config")
+def config_group() -> None:
+    """The configuration file."""
+
+
+@config_group.command("check")
+@click.option(
+    "--config", "config_path", type=_CONFIG_PATH, required=True, envvar="EDGEFED_AGENT_CONFIG"
+)
+def config_check(config_path: Path) -> None:
+    """Validate agent.toml and list every problem at once."""
+    from edge_agent.config import load_config
+
+    with _user_errors():
+        load_config(config_path)
+    click.echo("ok")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,138 @@
+"""FedIT client half: load the global adapter, train LoRA locally, send the adapter back.
+
+Round 1 carries no adapter: every agent builds the same one from ``lora.init_seed`` (shared
+randomness, identical on any hardware). Evaluation tasks load the global adapter and report
+loss and exact match on the agent's held-out examples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from edge_agent.errors import TaskError
+from edge_agent.lora import LoraSpec, attach_lora, get_adapter_state, set_adapter_state
+from edge_agent.methods import TaskInput, TaskOutput, Workspace
+from edge_agent.train import TrainConfig, evaluate, train_lora
+from protocol import payloads
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.methods import fedit as spec
+from protocol.methods._common import LoraParams
+
+log = logging.getLogger(__name__)
+
+
+class _PayloadRejected(TaskError):
+    code = ErrorCode.BAD_PAYLOAD
+
+
+def lora_spec(lora: LoraParams) -> LoraSpec:
+    return LoraSpec(
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=tuple(lora.target_modules),
+        rank_pattern=dict(lora.rank_pattern),
+    )
+
+
+def peft_model_for(task: TaskInput, ws: Workspace, lora: LoraParams) -> tuple[Any, Any]:
+    """The agent's peft model for this task's base and adapter shape, built once and reused."""
+    assign = task.assign
+    key = f"lora:{assign.model.sha256}:{assign.quant}:{lora.model_dump_json()}"
+    cached = ws.cache.get(key)
+    if cached is None:
+        for old in [k for k in ws.cache if k.startswith("lora:")]:
+            del ws.cache[old]  # one peft model at a time: memory is the scarce thing here
+        base, tokenizer = ws.base(assign.model, assign.quant)
+        peft_model = attach_lora(base, lora_spec(lora), init_seed=lora.init_seed)
+        cached = (peft_model, tokenizer)
+        ws.cache[key] = cached
+    return cached  # type: ignore[no-any-return]
+
+
+def load_global(
+    peft_model: Any, blobs: Mapping[str, memoryview], round: int, lora: LoraParams
+) -> None:
+    """Set the adapter to the global one in the task (or to the seeded initial adapter)."""
+    from edge_agent.lora import init_lora_state
+
+    if spec.GLOBAL_BLOB in blobs:
+        try:
+            payload = payloads.decode(
+                blobs[spec.GLOBAL_BLOB],
+                payloads.Expect(kind=payloads.PayloadKind.LORA, round=round, max_rank=lora.r),
+            )
+        except ProtocolError as exc:
+            raise _PayloadRejected(f"global adapter rejected: {exc}") from None
+        set_adapter_state(peft_model, payload.tensors)
+    else:
+        set_adapter_state(peft_model, init_lora_state(peft_model, lora_spec(lora), lora.init_seed))
+
+
+class FeditClient:
+    name = spec.NAME
+
+    def run(self, task: TaskInput, ws: Workspace) -> TaskOutput:
+        params = task.params
+        assert isinstance(params, spec.Params)
+        peft_model, tokenizer = peft_model_for(task, ws, params.lora)
+        load_global(peft_model, task.blobs, task.assign.round, params.lora)
+        if task.assign.kind == "eval":
+            return self._evaluate(peft_model, tokenizer, params, ws)
+        t = params.train
+        cfg = TrainConfig(
+            steps=t.steps,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            max_len=t.max_len,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            seed=t.seed + task.assign.round,
+        )
+        result = train_lora(
+            peft_model,
+            tokenizer,
+            ws.train_examples,
+            cfg,
+            progress=ws.progress,
+            should_stop=ws.should_stop,
+            on_step=lambda done: ws.report_progress(done / cfg.steps),
+        )
+        state = get_adapter_state(peft_model)
+        blob = payloads.encode_lora(state, method=self.name, round=task.assign.round)
+        log.info(
+            "round %d: trained %d steps, loss %.4f → %.4f",
+            task.assign.round, result.steps, result.first_loss, result.last_loss,
+        )
+        return TaskOutput(
+            num_examples=result.num_examples,
+            metrics={
+                "train_loss": result.mean_loss,
+                "train_loss_last": result.last_loss,
+                "steps": float(result.steps),
+                "seconds": result.seconds,
+            },
+            blobs={spec.UPDATE_BLOB: blob},
+        )
+
+    def _evaluate(self, peft_model: Any, tokenizer: Any, params: spec.Params, ws: Workspace) -> TaskOutput:
+        e = params.eval
+        examples = ws.eval_examples[: e.max_examples]
+        if not examples:
+            raise TaskError("no held-out examples to evaluate on")
+        result = evaluate(
+            peft_model,
+            tokenizer,
+            examples,
+            max_len=e.max_len,
+            batch_size=e.batch_size,
+            exact_match=e.exact_match,
+            max_new_tokens=e.max_new_tokens,
+            progress=ws.progress,
+        )
+        metrics = {"eval_loss": result.loss, "seconds": result.seconds}
+        if result.exact_match is not None:
+            metrics["eval_em"] = result.exact_match
+        return TaskOutput(num_examples=result.n, metrics=metrics)

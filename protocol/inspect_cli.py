@@ -1,0 +1,137 @@
+"""``edgefed-inspect PATH [--json]``: what a payload, checkpoint, adapter or captured message holds.
+
+Accepts an edgefed payload (``.safetensors`` written by :mod:`protocol.payloads`), any
+safetensors file, a peft adapter directory, a checkpoint directory with ``manifest.json`` (every
+file's sha256 is verified), or a captured message (``EFEDMSG1`` container). Prints tensor names,
+shapes, dtypes, bytes and density, kind, method and round, and the byte accounting: raw tensor
+bytes against bytes on the wire. ``--json`` prints the same report as JSON.
+
+A path that is missing, of no known format or corrupt ends with one line on stderr,
+``edgefed-inspect: <path>: <why>``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from protocol._inspect import Unreadable, inspect_path
+from protocol.errors import ProtocolError
+
+logger = logging.getLogger(__name__)
+
+_NAME_WIDTH = 72
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,} B"
+
+
+def _fmt_density(d: float | None) -> str:
+    return "-" if d is None else f"{100.0 * d:.3f}%"
+
+
+def _totals_line(report: dict[str, Any]) -> str:
+    pct = report["overhead_pct"]
+    pct_text = "n/a" if pct is None else f"{pct:.4f}%"
+    return (
+        f"raw tensor bytes {_fmt_bytes(report['raw_nbytes'])}, "
+        f"bytes on wire {_fmt_bytes(report['wire_nbytes'])}, "
+        f"overhead {_fmt_bytes(report['overhead_nbytes'])} ({pct_text})"
+    )
+
+
+def _tensor_lines(report: dict[str, Any], indent: str) -> list[str]:
+    lines: list[str] = []
+    if report["format"] == "payload":
+        lines.append(
+            f"{indent}payload: kind {report['kind']}, method {report['method']}, "
+            f"round {report['round']}"
+        )
+    else:
+        lines.append(f"{indent}safetensors file (not an edgefed payload)")
+    for key in ("lora", "masked", "seedcoef"):
+        if key in report:
+            details = ", ".join(f"{k} {v}" for k, v in report[key].items())
+            lines.append(f"{indent}{key}: {details}")
+    rows = report["tensors"]
+    width = min(_NAME_WIDTH, max([len("name"), *(len(r["name"]) for r in rows)]))
+    lines.append(
+        f"{indent}{'name':<{width}}  {'shape':<16} {'dtype':<6} {'bytes':>14} {'density':>9}"
+    )
+    for r in rows:
+        shape = "[" + ", ".join(str(d) for d in r["shape"]) + "]"
+        lines.append(
+            f"{indent}{r['name']:<{width}}  {shape:<16} {r['dtype']:<6} "
+            f"{r['nbytes']:>14,} {_fmt_density(r['density']):>9}"
+        )
+    lines.append(f"{indent}{len(rows)} tensors; {_totals_line(report)}")
+    return lines
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable form of an inspection report."""
+    fmt = report["format"]
+    lines = [f"{report['path']}: {fmt}"]
+    if fmt in ("payload", "safetensors"):
+        lines += _tensor_lines(report, "")
+    elif fmt == "peft-adapter":
+        for key, value in report["adapter"].items():
+            lines.append(f"  {key}: {value}")
+        lines += _tensor_lines(report["file"], "  ")
+    elif fmt == "checkpoint":
+        for key, value in report["manifest"].items():
+            lines.append(f"  {key}: {json.dumps(value)[:200]}")
+        for f in report["files"]:
+            lines.append(f"  {f['name']}: {f['nbytes']:,} B, sha256 {f['sha256']} verified")
+            if "report" in f:
+                lines += _tensor_lines(f["report"], "    ")
+        lines.append(f"  total: {_totals_line(report)}")
+    elif fmt == "message":
+        for key in ("type", "run_id", "round", "method", "msg_id"):
+            if key in report:
+                lines.append(f"  {key}: {report[key]}")
+        lines.append(f"  frames: {report['frames']}, file {_fmt_bytes(report['file_nbytes'])}")
+        for blob in report["blobs"]:
+            lines.append(f"  blob {blob['name']}: {blob['nbytes']:,} B, sha256 verified")
+            if blob["payload"] is None:
+                lines.append("    (not safetensors)")
+            else:
+                lines += _tensor_lines(blob["payload"], "    ")
+        lines.append(f"  all frames: {_totals_line(report)}")
+    return "\n".join(lines)
+
+
+def _fail(path: Path, why: str) -> NoReturn:
+    click.echo(f"edgefed-inspect: {path}: {why}", err=True)
+    sys.exit(2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def main(path: Path, as_json: bool) -> None:
+    """Show what PATH holds: a payload, safetensors file, peft adapter, checkpoint or message."""
+    try:
+        report = inspect_path(path)
+    except (ProtocolError, OSError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and not isinstance(exc, Unreadable):
+            why = exc.strerror or why
+        _fail(path, why)
+    except Exception as exc:  # the CLI boundary: one line, never a traceback
+        logger.debug("inspecting %s failed", path, exc_info=True)
+        _fail(path, f"unexpected {type(exc).__name__}: {exc}")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render(report))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,55 @@
+"""Parameter blocks shared by several methods' wire specs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModuleName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")]
+
+
+class StrictParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class LoraParams(StrictParams):
+    """The LoRA adapter every agent attaches (peft ``LoraConfig`` fields)."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = 8
+    alpha: Annotated[float, Field(gt=0, le=4096)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[tuple[ModuleName, ...], Field(min_length=1, max_length=32)] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    )
+    rank_pattern: Annotated[dict[ModuleName, Annotated[int, Field(ge=1, le=1024)]], Field(max_length=4096)] = {}
+    init_seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class TrainParams(StrictParams):
+    """Local training hyperparameters."""
+
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    lr: Annotated[float, Field(gt=0, le=10)] = 2e-4
+    max_len: Annotated[int, Field(ge=8, le=32768)] = 128
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0, le=1e6)] | None = 1.0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+
+
+class EvalParams(StrictParams):
+    """What an evaluation task measures."""
+
+    max_len: Annotated[int, Field(ge=8, le=32768)] = 128
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    exact_match: bool = True
+    max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 12
+    max_examples: Annotated[int, Field(ge=1, le=1_000_000)] = 64

@@ -1,0 +1,417 @@
+"""Payload codecs: the tensor blobs that travel in edgefed messages.
+
+A payload is safetensors bytes whose ``__metadata__`` says what it is:
+
+=====================  ========================================================================
+key                    value (all strings)
+=====================  ========================================================================
+``edgefed.kind``       a :class:`PayloadKind`
+``edgefed.method``     method name (``[a-z0-9_]{1,32}``)
+``edgefed.round``      round number, decimal
+``edgefed.randomness`` shared-randomness version (``masked``, ``seedcoef``)
+``edgefed.seed``       ``masked``: the mask seed; ``edgefed.density``: the mask density
+``edgefed.shapes``     ``masked``, ``sparse``: JSON ``{name: [full shape]}``
+``edgefed.base_seed``  ``seedcoef``: the round's base seed; ``edgefed.k``: the seed pool size K;
+                       ``edgefed.n_groups``: the number of parameter groups
+``edgefed.stacked``    per-layer tensors stored stacked (:mod:`protocol._stacking`)
+=====================  ========================================================================
+
+Kinds and their tensors:
+
+- ``lora``: peft adapter state (``get_peft_model_state_dict`` names): ``<module>.lora_A.weight``
+  ``[r, in]`` and ``<module>.lora_B.weight`` ``[out, r]``; ranks may differ per module.
+- ``masked``: one 1-D vector per tensor name, the values at the positions the seeded mask
+  selects (``randomness.mask_indices(stream_key(seed, name), numel, density)``), row-major.
+  Exactly ``4 * sum(mask counts)`` bytes of float32 data, no indices.
+- ``sparse``: ``<name>.indices`` (int64 or int32, flat row-major, strictly increasing) and
+  ``<name>.values`` per tensor.
+- ``seedcoef``: three 1-D tensors ``group`` (int32), ``seed`` (int32), ``value`` (float32):
+  Ferret's (group, seed index, coefficient) triples, never a dense K x groups matrix.
+- ``dense``: plain named tensors.
+
+:func:`decode` reads the 8-byte header length and refuses it above the cap before parsing,
+checks the header (:mod:`protocol._safetensors_io`), then the kind's structure, the receiver's
+:class:`Expect`, and that every floating value is finite. :func:`encode` runs the same checks,
+so a sender learns of a bad update before it travels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from protocol import _payload_checks as checks
+from protocol import randomness
+from protocol._payload_checks import (
+    BASE_SEED_KEY,
+    DENSITY_KEY,
+    K_KEY,
+    KIND_KEY,
+    METHOD_KEY,
+    N_GROUPS_KEY,
+    RANDOMNESS_KEY,
+    ROUND_KEY,
+    SEED_KEY,
+    SHAPES_KEY,
+    TensorSpec,
+    lora_rank_of,
+)
+from protocol._safetensors_io import (
+    DTYPE_CODES,
+    Buffer,
+    header_length,
+    parse_header,
+    serialize,
+)
+from protocol._safetensors_io import load_tensors as _load_tensors
+from protocol._stacking import STACKED_KEY, stack, unstack
+from protocol.errors import PayloadError, PayloadHeaderTooLarge, PayloadMismatch
+
+__all__ = [
+    "MAX_PAYLOAD_HEADER",
+    "Expect",
+    "Payload",
+    "PayloadKind",
+    "TensorSpec",
+    "decode",
+    "encode",
+    "encode_dense",
+    "encode_lora",
+    "encode_masked",
+    "encode_seedcoef",
+    "encode_sparse",
+    "lora_rank_of",
+    "read_header",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_PAYLOAD_HEADER = 256 * 1024
+"""Cap on the safetensors JSON header of a payload, in bytes."""
+
+_SET_BY_ENCODE = frozenset({KIND_KEY, METHOD_KEY, ROUND_KEY, RANDOMNESS_KEY, STACKED_KEY})
+
+
+class PayloadKind(StrEnum):
+    LORA = "lora"
+    MASKED = "masked"
+    SPARSE = "sparse"
+    SEEDCOEF = "seedcoef"
+    DENSE = "dense"
+
+
+_KIND_NAMES = frozenset(k.value for k in PayloadKind)
+_STACKED_KINDS = frozenset({PayloadKind.LORA, PayloadKind.DENSE})
+_SEEDED_KINDS = frozenset({PayloadKind.MASKED, PayloadKind.SEEDCOEF})
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a receiver expects of a payload; every field left ``None`` is not checked.
+
+    ``tensors`` gives the exact set of tensor names as decoded, with shapes (``None`` = free,
+    e.g. a LoRA rank) and dtypes; for ``masked`` those are the 1-D value vectors, for
+    ``sparse`` the ``.indices``/``.values`` entries. ``shapes`` gives the full shapes of a
+    ``masked`` or ``sparse`` payload (exact name set). Given any ``Expect``, a ``masked``
+    payload's value counts are checked against the regenerated masks.
+    """
+
+    kind: PayloadKind | None = None
+    method: str | None = None
+    round: int | None = None
+    tensors: Mapping[str, TensorSpec] | None = None
+    max_rank: int | None = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    seed: int | None = None
+    density: float | None = None
+    base_seed: int | None = None
+    k: int | None = None
+    n_groups: int | None = None
+
+
+@dataclass
+class Payload:
+    """A decoded, checked payload."""
+
+    kind: PayloadKind
+    method: str
+    round: int
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    raw_nbytes: int
+    """Sum of the tensor data bytes."""
+    wire_nbytes: int
+    """Length of the encoded bytes."""
+    header_nbytes: int = 0
+    """Bytes before the tensor data: 8 + the JSON header."""
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Full tensor shapes of a ``masked`` or ``sparse`` payload."""
+
+    @property
+    def overhead_nbytes(self) -> int:
+        return self.wire_nbytes - self.raw_nbytes
+
+    def _int(self, key: str) -> int | None:
+        return int(self.meta[key]) if key in self.meta else None
+
+    @property
+    def seed(self) -> int | None:
+        """The mask seed of a ``masked`` payload."""
+        return self._int(SEED_KEY)
+
+    @property
+    def density(self) -> float | None:
+        return float(self.meta[DENSITY_KEY]) if DENSITY_KEY in self.meta else None
+
+    @property
+    def base_seed(self) -> int | None:
+        return self._int(BASE_SEED_KEY)
+
+    @property
+    def k(self) -> int | None:
+        return self._int(K_KEY)
+
+    @property
+    def n_groups(self) -> int | None:
+        return self._int(N_GROUPS_KEY)
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def encode(
+    kind: PayloadKind | str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    method: str,
+    round: int,
+    meta: Mapping[str, str] | None = None,
+) -> bytes:
+    """Checked safetensors bytes of a payload of ``kind``.
+
+    ``meta`` may hold the kind's own keys (``edgefed.seed`` ...) and free keys of the caller;
+    kind, method, round, randomness version and stacking are set here.
+    """
+    try:
+        kind = PayloadKind(kind)
+    except ValueError:
+        raise PayloadError(f"unknown payload kind {kind!r}") from None
+    checks.check_method_round(method, round)
+    full: dict[str, str] = {}
+    for key, value in (meta or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise PayloadError(f"metadata must map strings to strings, got {key!r}: {value!r}")
+        if key in _SET_BY_ENCODE:
+            raise PayloadError(f"metadata key {key!r} is set by encode")
+        full[key] = value
+    full |= {KIND_KEY: kind.value, METHOD_KEY: method, ROUND_KEY: str(round)}
+    if kind in _SEEDED_KINDS:
+        full[RANDOMNESS_KEY] = str(randomness.VERSION)
+    ready: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise PayloadError(f"tensors must map names to torch tensors, got {name!r}")
+        if t.dtype not in DTYPE_CODES:
+            raise PayloadError(f"{name!r}: dtype {t.dtype} cannot travel in a payload")
+        ready[name] = t.detach().to("cpu")
+    _check_structure(kind, ready, full)
+    checks.check_finite(ready)
+    entries = ready
+    if kind in _STACKED_KINDS:
+        entries, spec = stack(ready)
+        if spec is not None:
+            full[STACKED_KEY] = spec
+    data = serialize(entries, full)
+    n = header_length(data, max_header=len(data))
+    if n > MAX_PAYLOAD_HEADER:
+        raise PayloadHeaderTooLarge(f"payload header of {n} bytes exceeds {MAX_PAYLOAD_HEADER}")
+    return data
+
+
+def encode_lora(state: Mapping[str, torch.Tensor], *, method: str, round: int) -> bytes:
+    """A ``lora`` payload of a peft adapter state dict."""
+    return encode(PayloadKind.LORA, state, method=method, round=round)
+
+
+def encode_masked(
+    values: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    seed: int,
+    density: float,
+    method: str,
+    round: int,
+) -> bytes:
+    """A ``masked`` payload: per tensor, the values at its seeded mask positions."""
+    meta = {
+        SEED_KEY: str(int(seed)),
+        DENSITY_KEY: repr(float(density)),
+        SHAPES_KEY: checks.dump_shapes(shapes),
+    }
+    return encode(PayloadKind.MASKED, values, method=method, round=round, meta=meta)
+
+
+def encode_sparse(
+    indices: Mapping[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    method: str,
+    round: int,
+) -> bytes:
+    """A ``sparse`` payload: per tensor, strictly increasing flat indices and their values."""
+    if set(indices) != set(values):
+        raise PayloadMismatch("indices and values name different tensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in indices:
+        tensors[f"{name}.indices"] = indices[name]
+        tensors[f"{name}.values"] = values[name]
+    meta = {SHAPES_KEY: checks.dump_shapes(shapes)}
+    return encode(PayloadKind.SPARSE, tensors, method=method, round=round, meta=meta)
+
+
+def encode_seedcoef(
+    group: torch.Tensor,
+    seed_index: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    base_seed: int,
+    k: int,
+    n_groups: int,
+    method: str,
+    round: int,
+) -> bytes:
+    """A ``seedcoef`` payload of (group, seed index, coefficient) triples."""
+    tensors = {
+        "group": group.to(torch.int32),
+        "seed": seed_index.to(torch.int32),
+        "value": value.to(torch.float32),
+    }
+    meta = {BASE_SEED_KEY: str(int(base_seed)), K_KEY: str(int(k)), N_GROUPS_KEY: str(n_groups)}
+    return encode(PayloadKind.SEEDCOEF, tensors, method=method, round=round, meta=meta)
+
+
+def encode_dense(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    method: str,
+    round: int,
+    meta: Mapping[str, str] | None = None,
+) -> bytes:
+    """A ``dense`` payload of plain named tensors."""
+    return encode(PayloadKind.DENSE, tensors, method=method, round=round, meta=meta)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def read_header(
+    data: Buffer, *, max_header: int = MAX_PAYLOAD_HEADER, total_nbytes: int | None = None
+) -> tuple[dict[str, object], int]:
+    """The checked header JSON of a payload and the bytes before its tensor data (8 + N).
+
+    ``data`` may be only the first bytes of a file when ``total_nbytes`` gives its size.
+    """
+    header = parse_header(data, max_header=max_header, total_nbytes=total_nbytes)
+    return header.raw, header.header_nbytes
+
+
+def decode(
+    data: Buffer, expect: Expect | None = None, *, max_header: int = MAX_PAYLOAD_HEADER
+) -> Payload:
+    """Parse and check a payload; raises a :class:`~protocol.errors.PayloadError` subclass."""
+    header = parse_header(data, max_header=max_header)
+    meta = header.metadata
+    kind_name, method, round_ = checks.identity(meta, _KIND_NAMES)
+    kind = PayloadKind(kind_name)
+    if expect is not None:
+        _check_identity(expect, kind, method, round_)
+    tensors = unstack(_load_tensors(data, header), meta.get(STACKED_KEY))
+    shapes = _check_structure(kind, tensors, meta)
+    if expect is not None:
+        _check_expect(expect, kind, tensors, meta, shapes)
+    checks.check_finite(tensors)
+    logger.debug(
+        "decoded %s payload: %d tensors, %d bytes", kind, len(tensors), header.total_nbytes
+    )
+    return Payload(
+        kind=kind,
+        method=method,
+        round=round_,
+        tensors=tensors,
+        meta=dict(meta),
+        raw_nbytes=header.data_nbytes,
+        wire_nbytes=header.total_nbytes,
+        header_nbytes=header.header_nbytes,
+        shapes=shapes,
+    )
+
+
+def _check_structure(
+    kind: PayloadKind, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
+) -> dict[str, tuple[int, ...]]:
+    if kind in _SEEDED_KINDS:
+        checks.check_randomness_version(meta)
+    if kind is PayloadKind.LORA:
+        lora_rank_of(tensors)
+    elif kind is PayloadKind.MASKED:
+        return checks.check_masked(tensors, meta)
+    elif kind is PayloadKind.SPARSE:
+        return checks.check_sparse(tensors, meta)
+    elif kind is PayloadKind.SEEDCOEF:
+        checks.check_seedcoef(tensors, meta)
+    return {}
+
+
+def _check_identity(expect: Expect, kind: PayloadKind, method: str, round_: int) -> None:
+    if expect.kind is not None and kind != expect.kind:
+        raise PayloadMismatch(f"payload kind {kind.value!r}, expected {str(expect.kind)!r}")
+    if expect.method is not None and method != expect.method:
+        raise PayloadMismatch(f"payload method {method!r}, expected {expect.method!r}")
+    if expect.round is not None and round_ != expect.round:
+        raise PayloadMismatch(f"payload round {round_}, expected {expect.round}")
+
+
+def _check_expect(
+    expect: Expect,
+    kind: PayloadKind,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    if expect.tensors is not None:
+        checks.check_specs(tensors, expect.tensors)
+    if expect.max_rank is not None and kind is PayloadKind.LORA:
+        for module, rank in lora_rank_of(tensors).items():
+            if rank > expect.max_rank:
+                raise PayloadMismatch(f"{module}: rank {rank} exceeds {expect.max_rank}")
+    if expect.shapes is not None and kind in (PayloadKind.MASKED, PayloadKind.SPARSE):
+        want = {name: tuple(shape) for name, shape in expect.shapes.items()}
+        if dict(shapes) != want:
+            raise PayloadMismatch(checks.describe_difference("full shapes", shapes, want))
+    for key, wanted, kinds in (
+        (SEED_KEY, expect.seed, {PayloadKind.MASKED}),
+        (DENSITY_KEY, expect.density, {PayloadKind.MASKED}),
+        (BASE_SEED_KEY, expect.base_seed, {PayloadKind.SEEDCOEF}),
+        (K_KEY, expect.k, {PayloadKind.SEEDCOEF}),
+        (N_GROUPS_KEY, expect.n_groups, {PayloadKind.SEEDCOEF}),
+    ):
+        if wanted is not None and kind in kinds:
+            got = float(meta[key]) if key == DENSITY_KEY else int(meta[key])
+            if got != wanted:
+                raise PayloadMismatch(f"{key} is {meta[key]}, expected {wanted}")
+    if kind is PayloadKind.MASKED:
+        seed, density = int(meta[SEED_KEY]), float(meta[DENSITY_KEY])
+        for name, shape in shapes.items():
+            stream = randomness.stream_key(seed, name)
+            want_count = randomness.mask_count(stream, math.prod(shape), density)
+            got_count = tensors[name].numel()
+            if got_count != want_count:
+                raise PayloadMismatch(
+                    f"{name!r}: {got_count} masked values, the mask selects {want_count}"
+                )

@@ -1,0 +1,245 @@
+"""The round engine and FedAvg, in-process: simulated agents send real payloads, no sockets."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from aggregator.checkpoint import CheckpointStore
+from aggregator.config import build_config
+from aggregator.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.ledger import Ledger
+from aggregator.methods.fedit import FeditServer
+from protocol import payloads
+from protocol.errors import ErrorCode
+from protocol.frames import Decoded, decode, encode
+from protocol.messages import (
+    Ack,
+    BaseModelRef,
+    ErrorReply,
+    Hello,
+    Profile,
+    TaskAssign,
+    TaskResult,
+    Welcome,
+)
+
+SHA = "cd" * 32
+MODEL = BaseModelRef(name="tiny", sha256=SHA)
+PROFILE = Profile(hostname="h", os="Linux", python="3.11", torch="2.13", cpus=2,
+                  ram_total=1 << 34, ram_available=1 << 33, disk_free=1 << 35)
+NAMES = [
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+]
+SHAPES = {NAMES[0]: (4, 16), NAMES[1]: (16, 4)}
+
+
+def lora_state(value: float) -> dict[str, torch.Tensor]:
+    return {n: torch.full(s, value) + torch.arange(s[0] * s[1]).reshape(s) / 100 for n, s in SHAPES.items()}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, state_dir: Path, **run: Any) -> None:
+        raw = {
+            "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
+            "security": {"insecure": True},
+            "run": {"run_id": "run-t", "rounds": 2, "min_agents": 2, "eval": False,
+                    "model_sha256": SHA, "round_deadline_s": 60.0, **run},
+            "method": {"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}},
+        }
+        self.config = build_config(raw)
+        self.clock = Clock()
+        self.ledger = Ledger(state_dir / "ledger.sqlite")
+        self.store = CheckpointStore(state_dir / "checkpoints")
+        self.method = FeditServer(self.config.method)
+        self.summaries: list[RoundSummary] = []
+        self.engine = RoundEngine(self.config, self.method, MODEL, ledger=self.ledger,
+                                  store=self.store, clock=self.clock, on_round=self.summaries.append)
+        self.engine.start()
+
+    def send(self, agent_id: str, header: Any, blobs: dict[str, bytes] | None = None) -> list[Outgoing]:
+        msg: Decoded = decode(encode(header, blobs))
+        return self.engine.on_message(agent_id, msg, self.clock.now)
+
+    def hello(self, agent_id: str) -> list[Outgoing]:
+        return self.send(agent_id, Hello(agent_id=agent_id, versions=[1], profile=PROFILE, models=[SHA]))
+
+    def tick(self, advance: float = 0.1) -> list[Outgoing]:
+        self.clock.now += advance
+        return self.engine.tick(self.clock.now)
+
+    def result(self, assign: TaskAssign, agent_id: str, n: int, state: dict[str, torch.Tensor],
+               *, nan: bool = False, **kw: Any) -> list[Outgoing]:
+        blob = payloads.encode_lora(state, method="fedit", round=assign.round)
+        if nan:  # a hostile agent: the encoder refuses NaN, so poke it into the bytes
+            marker = struct.pack("<f", 12345.0)
+            assert blob.count(marker) == 1
+            blob = blob.replace(marker, struct.pack("<f", float("nan")))
+        header = TaskResult(run_id=assign.run_id, round=assign.round, task_id=assign.task_id,
+                            agent_id=agent_id, method="fedit", num_examples=n,
+                            metrics={"train_loss": 1.0}, **kw)
+        return self.send(agent_id, header, {"update": blob})
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def assigns(out: list[Outgoing]) -> dict[str, TaskAssign]:
+    return {o.agent_id: o.header for o in out if isinstance(o.header, TaskAssign)}
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def start_round(h: Harness, agents: list[str]) -> dict[str, TaskAssign]:
+    for a in agents:
+        out = h.hello(a)
+        assert isinstance(out[0].header, Welcome)
+    return assigns(h.tick())
+
+
+def test_fedavg_is_weighted_by_examples(h: Harness) -> None:
+    tasks = start_round(h, ["a1", "a2"])
+    assert set(tasks) == {"a1", "a2"}
+    assert tasks["a1"].round == 1 and "global" not in h.method.assign(1, "a1", "train").blobs
+    s1, s2 = lora_state(1.0), lora_state(5.0)
+    assert isinstance(h.result(tasks["a1"], "a1", 10, s1)[0].header, Ack)
+    assert isinstance(h.result(tasks["a2"], "a2", 30, s2)[0].header, Ack)
+    h.tick()
+    tensors, manifest, _ = h.store.load(1)
+    for name in NAMES:
+        expected = (10 * s1[name] + 30 * s2[name]) / 40
+        torch.testing.assert_close(tensors[name], expected, rtol=0, atol=1e-6)
+    assert manifest.round == 1
+    assert h.ledger.last_committed_round("run-t") == 1
+    assert h.summaries[-1].agents == 2
+    # round 2 ships the aggregate to every agent
+    round2 = assigns(h.tick())
+    assert set(round2) == {"a1", "a2"} and round2["a1"].round == 2
+    blob = h.method.assign(2, "a1", "train").blobs["global"]
+    sent = payloads.decode(blob).tensors
+    torch.testing.assert_close(sent[NAMES[0]], tensors[NAMES[0]], rtol=0, atol=0)
+
+
+def test_duplicate_result_is_acked_and_counted_once(h: Harness) -> None:
+    tasks = start_round(h, ["a1", "a2"])
+    h.result(tasks["a1"], "a1", 10, lora_state(1.0))
+    again = h.result(tasks["a1"], "a1", 10, lora_state(1.0))
+    assert isinstance(again[0].header, Ack)
+    assert len(h.ledger.updates("run-t", 1)) == 1
+    h.result(tasks["a2"], "a2", 10, lora_state(3.0))
+    h.tick()
+    tensors, _, _ = h.store.load(1)
+    torch.testing.assert_close(tensors[NAMES[0]], lora_state(2.0)[NAMES[0]])
+
+
+def test_invalid_update_is_rejected_recorded_and_round_goes_on(h: Harness) -> None:
+    tasks = start_round(h, ["a1", "a2"])
+    bad = lora_state(1.0)
+    bad[NAMES[0]][0, 0] = 12345.0
+    reply = h.result(tasks["a1"], "a1", 10, bad, nan=True)[0].header
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.REJECTED_UPDATE
+    assert "finite" in reply.reason.lower() or "nan" in reply.reason.lower()
+    rejections = h.ledger.rejections("run-t", 1)
+    assert [r.agent_id for r in rejections] == ["a1"]
+    h.result(tasks["a2"], "a2", 10, lora_state(7.0))
+    h.tick()
+    tensors, _, _ = h.store.load(1)
+    torch.testing.assert_close(tensors[NAMES[0]], lora_state(7.0)[NAMES[0]])
+    assert h.summaries[-1].rejected == 1
+
+
+def test_stale_and_foreign_results(h: Harness) -> None:
+    tasks = start_round(h, ["a1", "a2"])
+    wrong = tasks["a1"].model_copy(update={"task_id": "r1-train-forged"})
+    reply = h.result(wrong, "a1", 10, lora_state(1.0))[0].header
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.STALE_TASK
+    # a result claiming another agent's identity
+    header = TaskResult(run_id="run-t", round=1, task_id=tasks["a2"].task_id, agent_id="a2",
+                        method="fedit", num_examples=1)
+    reply = h.send("a1", header)[0].header
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.IDENTITY_MISMATCH
+
+
+def test_hello_version_mismatch_and_identity(h: Harness) -> None:
+    out = h.send("a1", Hello(agent_id="a1", versions=[99], profile=PROFILE))
+    assert isinstance(out[0].header, ErrorReply) and out[0].header.code == ErrorCode.VERSION_MISMATCH
+    out = h.send("a1", Hello(agent_id="someone-else", versions=[1], profile=PROFILE))
+    assert out[0].header.code == ErrorCode.IDENTITY_MISMATCH  # type: ignore[union-attr]
+
+
+def test_deadline_drops_straggler_at_quorum(tmp_path: Path) -> None:
+    h = Harness(tmp_path, min_agents=3, quorum=0.6)
+    try:
+        tasks = start_round(h, ["a1", "a2", "a3"])
+        h.result(tasks["a1"], "a1", 10, lora_state(1.0))
+        h.tick(30)
+        assert h.engine.phase is not None  # before the deadline, it waits
+        for a in ("a1", "a2", "a3"):  # keep them alive
+            h.send(a, Hello(agent_id=a, versions=[1], profile=PROFILE, models=[SHA]))
+        h.result(tasks["a2"], "a2", 10, lora_state(3.0))
+        h.tick(31)
+        assert h.engine.round == 1
+        tensors, _, _ = h.store.load(1)
+        torch.testing.assert_close(tensors[NAMES[0]], lora_state(2.0)[NAMES[0]])
+        late = h.result(tasks["a3"], "a3", 10, lora_state(100.0))[0].header
+        assert isinstance(late, ErrorReply) and late.code == ErrorCode.STALE_TASK
+    finally:
+        h.close()
+
+
+def test_restart_mid_round_replays_stored_updates(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    tasks = start_round(h, ["a1", "a2"])
+    h.result(tasks["a1"], "a1", 10, lora_state(1.0))
+    h.close()  # the aggregator dies here; a1's update was Acked
+    h2 = Harness(tmp_path)
+    try:
+        again = start_round(h2, ["a1", "a2"])
+        assert again["a2"].task_id == tasks["a2"].task_id  # same task ids after a restart
+        dup = h2.result(tasks["a1"], "a1", 10, lora_state(1.0))[0].header
+        assert isinstance(dup, Ack)  # a1 resends from its outbox: acked, not counted twice
+        h2.result(tasks["a2"], "a2", 30, lora_state(5.0))
+        h2.tick()
+        tensors, _, _ = h2.store.load(1)
+        expected = (10 * lora_state(1.0)[NAMES[0]] + 30 * lora_state(5.0)[NAMES[0]]) / 40
+        torch.testing.assert_close(tensors[NAMES[0]], expected, rtol=0, atol=1e-6)
+    finally:
+        h2.close()
+
+
+def test_restart_after_commit_restores_identical_state(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    tasks = start_round(h, ["a1", "a2"])
+    h.result(tasks["a1"], "a1", 3, lora_state(0.123))
+    h.result(tasks["a2"], "a2", 7, lora_state(-0.456))
+    h.tick()
+    before = h.method.assign(2, "a1", "train").blobs["global"]
+    h.close()
+    h2 = Harness(tmp_path)
+    try:
+        assert h2.engine.round == 1
+        after = h2.method.assign(2, "a1", "train").blobs["global"]
+        assert after == before  # bit-identical global state after the restart
+        nxt = start_round(h2, ["a1", "a2"])
+        assert nxt["a1"].round == 2
+    finally:
+        h2.close()
