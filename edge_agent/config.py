@@ -1,4 +1,4 @@
-"""The agent's configuration file (``agent.toml``): TOML read with :mod:`tomllib`, checked by pydantic.
+"""The agent's configuration file (``agent.toml``): TOML (:mod:`tomllib`) checked by pydantic.
 
 Example::
 
@@ -39,6 +39,8 @@ from edge_agent.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_AGGREGATOR = "tcp://127.0.0.1:5555"
+DEFAULT_STATE_DIR = "state"
+"""Relative to the configuration file, like every relative path in it."""
 
 AgentId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@-]+$")]
 Endpoint = Annotated[str, Field(pattern=r"^(tcp|ipc)://\S+$", max_length=512)]
@@ -52,7 +54,7 @@ class _Section(BaseModel):
 class AgentSection(_Section):
     id: AgentId
     aggregator: Endpoint = DEFAULT_AGGREGATOR
-    state_dir: Path = Path("state")
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
     model: Annotated[str, Field(min_length=1, max_length=4096)] = DEFAULT_MODEL
     model_cache: Path | None = None
     data: Path
@@ -96,7 +98,7 @@ def load_config(
     *,
     check_files: bool = True,
 ) -> AgentConfig:
-    """Read, override, validate and resolve ``path``; raise :class:`ConfigError` listing all problems.
+    """Read, override, validate and resolve ``path``; :class:`ConfigError` lists all problems.
 
     ``overrides`` maps a table name to field values, e.g. ``{"agent": {"aggregator": url}}``;
     ``None`` values are skipped. With ``check_files`` the data file, the evaluation file and (unless
@@ -133,12 +135,14 @@ def parse_config(
         section.update({k: v for k, v in values.items() if v is not None})
         data[table] = section
     base = path.parent
+    if isinstance(data.get("agent"), dict):
+        data["agent"].setdefault("state_dir", DEFAULT_STATE_DIR)
     for table, fields in _PATH_FIELDS.items():
         section = data.get(table)
         if isinstance(section, dict):
             for name in fields:
-                if isinstance(section.get(name), str):
-                    section[name] = str(_resolve(base, section[name]))
+                if isinstance(section.get(name), str | Path):
+                    section[name] = str(_resolve(base, str(section[name])))
     agent = data.get("agent")
     if isinstance(agent, dict) and isinstance(agent.get("model"), str):
         agent["model"] = _resolve_model_spec(base, agent["model"])

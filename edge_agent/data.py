@@ -1,4 +1,4 @@
-"""The agent's private data: JSON-lines loading, hold-out split, prompt rendering, tokenization.
+"""The agent's private data: JSON-lines loading, hold-out split, rendering, tokenizing, padding.
 
 Three record shapes are accepted, one JSON object per line (blank lines are skipped, unknown
 extra keys are ignored so that dataset metadata such as ``category`` or ``id`` can stay):
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from edge_agent.errors import ConfigError, DataError
 
@@ -87,7 +89,9 @@ def load_jsonl(path: Path, *, max_records: int | None = None) -> list[Example]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            raise DataError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from exc
         try:
             examples.append(_parse_record(record))
         except _RecordError as exc:
@@ -112,8 +116,7 @@ def _parse_record(record: Any) -> Example:
         raise _RecordError(f"ambiguous record: has keys {shapes}; use exactly one record shape")
     if not shapes:
         raise _RecordError(
-            "expected keys 'instruction'+'output', 'messages' or 'text', "
-            f"got {sorted(record)[:8]}"
+            f"expected keys 'instruction'+'output', 'messages' or 'text', got {sorted(record)[:8]}"
         )
     if shapes[0] == "instruction":
         return _parse_instruction(record)
@@ -153,9 +156,7 @@ def _parse_messages(messages: Any) -> Example:
         if role == "system" and i != 0:
             raise _RecordError(f"messages[{i}]: a system message may only come first")
         if not isinstance(content, str):
-            raise _RecordError(
-                f"messages[{i}].content must be a string, got {_json_type(content)}"
-            )
+            raise _RecordError(f"messages[{i}].content must be a string, got {_json_type(content)}")
         turns.append({"role": role, "content": content})
     if turns[-1]["role"] != "assistant":
         raise _RecordError("the last message must have role 'assistant' (the training target)")
@@ -226,9 +227,7 @@ def render(example: Example, tokenizer: Any) -> tuple[str, str]:
         return "", example.text + eos
     if has_chat_template(tokenizer):
         messages = _as_messages(example.prompt)
-        prompt = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
             [*messages, {"role": "assistant", "content": example.response}], tokenize=False
         )
@@ -272,9 +271,7 @@ def prompt_ids(example: Example, tokenizer: Any, max_len: int | None = None) -> 
     return ids[-max_len:] if max_len is not None and len(ids) > max_len else ids
 
 
-def tokenize(
-    examples: Sequence[Example], tokenizer: Any, max_len: int
-) -> list[TokenizedExample]:
+def tokenize(examples: Sequence[Example], tokenizer: Any, max_len: int) -> list[TokenizedExample]:
     """Tokenize prompt and response separately and concatenate; labels are -100 on the prompt.
 
     Sequences longer than ``max_len`` are cut so that the response keeps room: the prompt keeps
@@ -293,9 +290,7 @@ def tokenize(
             p_ids = p_ids[len(p_ids) - keep_p :]
             r_ids = r_ids[: max_len - keep_p]
         out.append(
-            TokenizedExample(
-                input_ids=p_ids + r_ids, labels=[IGNORE_INDEX] * len(p_ids) + r_ids
-            )
+            TokenizedExample(input_ids=p_ids + r_ids, labels=[IGNORE_INDEX] * len(p_ids) + r_ids)
         )
     return out
 
@@ -311,6 +306,27 @@ def _encode(tokenizer: Any, text: str, *, add_special: bool) -> list[int]:
         return []
     ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     return [int(i) for i in ids]
+
+
+def collate(
+    batch: Sequence[TokenizedExample], pad_id: int, device: torch.device, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad to the batch's longest sequence: (input_ids, attention_mask, labels) on ``device``.
+
+    Right padding for training and scoring, ``left=True`` for batched generation; padded
+    positions have attention 0 and label -100, so any ``pad_id`` is safe.
+    """
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[row, span] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention[row, span] = 1
+        labels[row, span] = torch.tensor(ex.labels, dtype=torch.long)
+    return ids.to(device), attention.to(device), labels.to(device)
 
 
 _SPACES = re.compile(r"\s+")

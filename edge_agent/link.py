@@ -24,7 +24,7 @@ import zmq
 import zmq.auth
 
 from edge_agent.errors import ConfigError
-from protocol.frames import Decoded, FrameLike, decode, encode
+from protocol.frames import Buffer, Decoded, decode, encode
 from protocol.messages import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class Link:
         self._socket.close()
         self._socket = None
 
-    def send(self, frames: Sequence[FrameLike]) -> bool:
+    def send(self, frames: Sequence[Buffer]) -> bool:
         """Queue a message without blocking; False when the send queue is full (HWM)."""
         if self._socket is None:
             return False
@@ -186,13 +186,13 @@ class LinkMeter:
         self.bandwidth_mbps: float | None = None
         self._report_due = False
 
-    def start(self, now: float) -> list[FrameLike]:
+    def start(self, now: float) -> list[Buffer]:
         self.rtt_s = self.bandwidth_mbps = None
         probe = Heartbeat(probe=True)
         self._waiting = (probe.msg_id, "rtt", now)
         return encode(probe)
 
-    def on_echo(self, echo: str, now: float) -> list[FrameLike] | None:
+    def on_echo(self, echo: str, now: float) -> list[Buffer] | None:
         """Feed an aggregator heartbeat's ``echo``; may return the next probe to send."""
         if self._waiting is None or echo != self._waiting[0]:
             return None

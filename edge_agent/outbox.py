@@ -16,6 +16,7 @@ removes.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -172,10 +173,8 @@ class Outbox:
             aside = path.with_name(path.name + ".corrupt")
             logger.error("outbox: %s is unreadable (%s); moved to %s", path.name, exc, aside.name)
             self._entries.pop(task_id, None)
-            try:
+            with contextlib.suppress(OSError):
                 os.replace(path, aside)
-            except OSError:
-                pass
             return None
 
 

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from edge_agent.data import (
     IGNORE_INDEX,
     Example,
     TokenizedExample,
+    collate,
     normalize_answer,
     prompt_ids,
     tokenize,
@@ -138,7 +139,7 @@ def train_lora(
                 if should_stop is not None and should_stop():
                     logger.info("training stopped early after %d of %d steps", step, cfg.steps)
                     break
-                input_ids, attention, labels = _collate(
+                input_ids, attention, labels = collate(
                     [data[i] for i in next(order)], pad_id, device, left=False
                 )
                 optimizer.zero_grad(set_to_none=True)
@@ -239,7 +240,7 @@ def evaluate(
         with torch.no_grad():
             batches = range(0, len(data), batch_size)
             for i in tqdm(batches, disable=not progress, file=sys.stderr, desc="eval loss"):
-                input_ids, attention, labels = _collate(
+                input_ids, attention, labels = collate(
                     data[i : i + batch_size], pad_id, device, left=False
                 )
                 with _autocast(device, amp_dtype):
@@ -267,7 +268,9 @@ def evaluate(
     finally:
         model.train(was_training)
     loss = float(loss_sum / count) if count else float("nan")
-    return EvalResult(loss=loss, exact_match=em, n=len(examples), seconds=time.perf_counter() - start)
+    return EvalResult(
+        loss=loss, exact_match=em, n=len(examples), seconds=time.perf_counter() - start
+    )
 
 
 def greedy_continuations(
@@ -303,7 +306,7 @@ def greedy_continuations(
             batches = range(0, len(prompts), batch_size)
             for i in tqdm(batches, disable=not progress, file=sys.stderr, desc="generate"):
                 chunk = [TokenizedExample(ids, ids) for ids in prompts[i : i + batch_size]]
-                input_ids, attention, _ = _collate(chunk, pad_id, device, left=True)
+                input_ids, attention, _ = collate(chunk, pad_id, device, left=True)
                 with _autocast(device, amp_dtype):
                     out = model.generate(  # type: ignore[operator]
                         input_ids=input_ids, attention_mask=attention, generation_config=config
@@ -318,23 +321,6 @@ def greedy_continuations(
 
 
 # -------------------------------------------------------------------------------------- helpers
-
-
-def _collate(
-    batch: Sequence[TokenizedExample], pad_id: int, device: torch.device, *, left: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad to the batch's longest sequence: (input_ids, attention_mask, labels)."""
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        span = slice(width - n, width) if left else slice(0, n)
-        ids[row, span] = torch.tensor(ex.input_ids, dtype=torch.long)
-        attention[row, span] = 1
-        labels[row, span] = torch.tensor(ex.labels, dtype=torch.long)
-    return ids.to(device), attention.to(device), labels.to(device)
 
 
 def _forward_ce(
@@ -354,10 +340,13 @@ def _forward_ce(
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         if keep.numel() == 0:
             keep = keep.new_zeros(1)
-        logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=keep
+        ).logits
         targets = targets[:, keep]
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1, :]
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+        logits = logits[:, :-1, :]
     total = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -392,7 +381,9 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

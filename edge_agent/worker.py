@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutpu
 from edge_agent.outbox import Outbox
 from edge_agent.workspace import AgentWorkspace
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.frames import FrameLike, encode, frames_nbytes
+from protocol.frames import Buffer, encode, frames_nbytes
 from protocol.messages import ErrorReply, TaskAssign, TaskResult
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Job:
 class Outgoing:
     """A message for the link thread; ``stored`` when the outbox holds it (a result)."""
 
-    frames: list[FrameLike]
+    frames: Sequence[Buffer]
     task_id: str
     stored: bool
 
@@ -54,7 +54,7 @@ def task_tag(assign: TaskAssign) -> str:
     return f"task {assign.task_id} round {assign.round}"
 
 
-def error_reply(assign: TaskAssign, code: ErrorCode, reason: str) -> list[FrameLike]:
+def error_reply(assign: TaskAssign, code: ErrorCode, reason: str) -> list[Buffer]:
     reply = ErrorReply(
         run_id=assign.run_id,
         round=assign.round,
@@ -196,7 +196,7 @@ class Worker:
             instance = self._instances[name] = factory()
         return instance
 
-    def _result_frames(self, assign: TaskAssign, output: TaskOutput) -> list[FrameLike]:
+    def _result_frames(self, assign: TaskAssign, output: TaskOutput) -> list[Buffer]:
         metrics = {str(k): float(v) for k, v in output.metrics.items()}
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:

@@ -338,13 +338,15 @@ def inspect_path(path: Path) -> dict[str, Any]:
             raise Unreadable("directory is neither a peft adapter nor a checkpoint")
     elif path.is_file():
         with path.open("rb") as fh:
-            magic = fh.read(len(MESSAGE_MAGIC))
-        if magic == MESSAGE_MAGIC:
+            start = fh.read(len(MESSAGE_MAGIC) + 1)
+        if start.startswith(MESSAGE_MAGIC):
             report = message_report(path.read_bytes())
         else:
             try:
                 report = safetensors_file_report(path)
             except PayloadError as exc:
+                if start[8:9] == b"{":  # a JSON header follows the length: safetensors, broken
+                    raise Unreadable(f"corrupt safetensors file: {exc}") from None
                 raise Unreadable(f"not a safetensors file, payload or message ({exc})") from None
     else:
         raise Unreadable("no such file or directory")

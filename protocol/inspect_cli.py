@@ -36,6 +36,10 @@ def _fmt_density(d: float | None) -> str:
     return "-" if d is None else f"{100.0 * d:.3f}%"
 
 
+def _fmt_value(v: object) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
 def _totals_line(report: dict[str, Any]) -> str:
     pct = report["overhead_pct"]
     pct_text = "n/a" if pct is None else f"{pct:.4f}%"
@@ -57,7 +61,7 @@ def _tensor_lines(report: dict[str, Any], indent: str) -> list[str]:
         lines.append(f"{indent}safetensors file (not an edgefed payload)")
     for key in ("lora", "masked", "seedcoef"):
         if key in report:
-            details = ", ".join(f"{k} {v}" for k, v in report[key].items())
+            details = ", ".join(f"{k} {_fmt_value(v)}" for k, v in report[key].items())
             lines.append(f"{indent}{key}: {details}")
     rows = report["tensors"]
     width = min(_NAME_WIDTH, max([len("name"), *(len(r["name"]) for r in rows)]))

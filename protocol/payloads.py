@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -63,6 +65,7 @@ from protocol._payload_checks import (
 )
 from protocol._safetensors_io import (
     DTYPE_CODES,
+    METADATA_KEY,
     Buffer,
     header_length,
     parse_header,
@@ -105,6 +108,7 @@ class PayloadKind(StrEnum):
     DENSE = "dense"
 
 
+_DIGITS = re.compile(r"([0-9]+)")
 _KIND_NAMES = frozenset(k.value for k in PayloadKind)
 _STACKED_KINDS = frozenset({PayloadKind.LORA, PayloadKind.DENSE})
 _SEEDED_KINDS = frozenset({PayloadKind.MASKED, PayloadKind.SEEDCOEF})
@@ -118,7 +122,9 @@ class Expect:
     e.g. a LoRA rank) and dtypes; for ``masked`` those are the 1-D value vectors, for
     ``sparse`` the ``.indices``/``.values`` entries. ``shapes`` gives the full shapes of a
     ``masked`` or ``sparse`` payload (exact name set). Given any ``Expect``, a ``masked``
-    payload's value counts are checked against the regenerated masks.
+    payload's value counts are checked against the regenerated masks; pass ``shapes`` for
+    payloads from untrusted senders, otherwise the masks are regenerated over whatever sizes
+    the payload claims (up to 2^40 elements per tensor).
     """
 
     kind: PayloadKind | None = None
@@ -216,6 +222,8 @@ def encode(
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise PayloadError(f"tensors must map names to torch tensors, got {name!r}")
+        if name == METADATA_KEY:
+            raise PayloadError(f"{METADATA_KEY!r} cannot name a tensor")
         if t.dtype not in DTYPE_CODES:
             raise PayloadError(f"{name!r}: dtype {t.dtype} cannot travel in a payload")
         ready[name] = t.detach().to("cpu")
@@ -312,7 +320,7 @@ def encode_dense(
 
 def read_header(
     data: Buffer, *, max_header: int = MAX_PAYLOAD_HEADER, total_nbytes: int | None = None
-) -> tuple[dict[str, object], int]:
+) -> tuple[dict[str, Any], int]:
     """The checked header JSON of a payload and the bytes before its tensor data (8 + N).
 
     ``data`` may be only the first bytes of a file when ``total_nbytes`` gives its size.
@@ -331,7 +339,8 @@ def decode(
     kind = PayloadKind(kind_name)
     if expect is not None:
         _check_identity(expect, kind, method, round_)
-    tensors = unstack(_load_tensors(data, header), meta.get(STACKED_KEY))
+    entries = unstack(_load_tensors(data, header), meta.get(STACKED_KEY))
+    tensors = {name: entries[name] for name in sorted(entries, key=_natural)}
     shapes = _check_structure(kind, tensors, meta)
     if expect is not None:
         _check_expect(expect, kind, tensors, meta, shapes)
@@ -350,6 +359,11 @@ def decode(
         header_nbytes=header.header_nbytes,
         shapes=shapes,
     )
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [(0, int(p)) if p.isdecimal() else (1, p) for p in _DIGITS.split(name) if p]
 
 
 def _check_structure(

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from edge_agent.data import (
     IGNORE_INDEX,
     Example,
+    TokenizedExample,
+    collate,
     load_jsonl,
     normalize_answer,
     render,
@@ -227,9 +230,7 @@ def test_tokenize_text_record_trains_on_everything(tokenizer: Any) -> None:
 def test_tokenize_truncates_keeping_room_for_the_response(tokenizer: Any) -> None:
     long_answer = Example("Q?", " ".join(["word"] * 100))
     (tok,) = tokenize([long_answer], tokenizer, max_len=32)
-    prompt_ids = tokenizer(render(long_answer, tokenizer)[0], add_special_tokens=False)[
-        "input_ids"
-    ]
+    prompt_ids = tokenizer(render(long_answer, tokenizer)[0], add_special_tokens=False)["input_ids"]
     assert len(prompt_ids) == 32  # whole prompt > max_len // 2: cut to 16 of its last tokens
     assert len(tok.input_ids) == len(tok.labels) == 32
     assert tok.input_ids[:16] == prompt_ids[-16:]
@@ -250,8 +251,23 @@ def test_tokenize_truncates_keeping_room_for_the_response(tokenizer: Any) -> Non
 def test_tokenize_plain_format(plain_tokenizer: Any) -> None:
     (tok,) = tokenize([Example("Q?", "A")], plain_tokenizer, max_len=64)
     n_prompt = tok.labels.count(IGNORE_INDEX)
-    assert plain_tokenizer.decode(tok.input_ids[:n_prompt]) == "### Instruction:\nQ?\n\n### Response:\n"
+    assert (
+        plain_tokenizer.decode(tok.input_ids[:n_prompt])
+        == "### Instruction:\nQ?\n\n### Response:\n"
+    )
     assert plain_tokenizer.decode(tok.input_ids[n_prompt:]) == "A<|im_end|>"
+
+
+def test_collate_pads_right_or_left() -> None:
+    batch = [TokenizedExample([5, 6, 7], [-100, 6, 7]), TokenizedExample([8], [8])]
+    ids, attention, labels = collate(batch, 0, torch.device("cpu"), left=False)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert attention.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert labels.tolist() == [[-100, 6, 7], [8, -100, -100]]
+    ids, attention, labels = collate(batch, 9, torch.device("cpu"), left=True)
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert attention.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert labels.tolist() == [[-100, 6, 7], [-100, -100, 8]]
 
 
 @pytest.mark.parametrize(

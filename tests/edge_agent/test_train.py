@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from edge_agent.data import Example, tokenize
 from edge_agent.errors import ConfigError, DataError, TaskError
@@ -92,11 +92,11 @@ def test_training_reduces_loss_and_changes_only_lora(make_model: Any, tokenizer:
 
 
 def test_same_seed_gives_bit_identical_lora(make_model: Any, tokenizer: Any) -> None:
-    cfg = TrainConfig(steps=6, batch_size=3, lr=1e-2, seed=11, warmup_steps=2)
+    cfg = TrainConfig(steps=4, batch_size=3, lr=1e-2, seed=11, warmup_steps=2)
     first, second, other = make_model(), make_model(), make_model()
     r1 = train_lora(first, tokenizer, REPETITIVE, cfg)
     r2 = train_lora(second, tokenizer, REPETITIVE, cfg)
-    r3 = train_lora(other, tokenizer, REPETITIVE, TrainConfig(steps=6, batch_size=3, lr=1e-2))
+    r3 = train_lora(other, tokenizer, REPETITIVE, TrainConfig(steps=4, batch_size=3, lr=1e-2))
     assert r1.losses == r2.losses
     s1, s2 = lora_state(first), lora_state(second)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -112,17 +112,16 @@ def test_extra_loss_is_added_to_the_objective(make_model: Any, tokenizer: Any) -
         return 1e4 * sum(((p - 0.5) ** 2).sum() for p in b)  # type: ignore[return-value]
 
     model = make_model()
-    cfg = TrainConfig(steps=10, batch_size=2, lr=2e-2, grad_clip=None)
+    cfg = TrainConfig(steps=5, batch_size=2, lr=2e-2, grad_clip=None)
     result = train_lora(model, tokenizer, REPETITIVE, cfg, extra_loss=pull_b_to_half)
-    assert len(calls) == 10
+    assert len(calls) == 5
     b_values = torch.cat([p.flatten() for n, p in lora_state(model).items() if "lora_B" in n])
-    # Adam moves each B entry ~lr per step toward 0.5; plain CE training leaves them near 0.
-    assert b_values.min().item() > 0.1
-    plain = make_model()
-    train_lora(plain, tokenizer, REPETITIVE, cfg)
-    plain_b = torch.cat([p.flatten() for n, p in lora_state(plain).items() if "lora_B" in n])
-    assert plain_b.mean().abs().item() < 0.05
-    assert all(math.isfinite(x) for x in result.losses)  # reported losses are the CE part
+    # The huge pull dominates: Adam moves every B entry (initialised to 0) by ~lr per step toward
+    # 0.5, all alike; CE alone moves them by at most lr per step in both directions.
+    assert b_values.min().item() > 0.09
+    assert b_values.max().item() < 0.11
+    # reported losses are the CE part only (the pull term is ~1e4 * 0.25 * entries)
+    assert all(10.0 < x < 11.5 for x in result.losses)
 
 
 def test_should_stop_ends_early(make_model: Any, tokenizer: Any) -> None:
@@ -202,7 +201,10 @@ def test_exact_match_on_generated_answers(make_model: Any, tokenizer: Any) -> No
     assert batched == one_by_one  # left padding does not change greedy outputs
     assert all(out.strip() for out in batched)
     # Answers equal to the model's own continuations modulo case and spacing: all hits.
-    answers = [Example(p, "  " + out.upper().replace(" ", "   ") + " ") for p, out in zip(prompts, batched, strict=True)]
+    answers = [
+        Example(p, "  " + out.upper().replace(" ", "   ") + " ")
+        for p, out in zip(prompts, batched, strict=True)
+    ]
     result = evaluate(model, tokenizer, answers, exact_match=True, max_new_tokens=4, batch_size=2)
     assert result.exact_match == 1.0 and result.n == 3
     # One answer changed: 2 of 3.

@@ -542,3 +542,12 @@ def test_stacked_index_tampering_is_refused() -> None:
     # "1,2" would rename layer 0/1 to 1/2 and collide with the plain layer-2 entry
     with pytest.raises(PayloadError, match="repeats"):
         decode(rewrite_header(data, set_index("1-2")))
+
+
+def test_encode_refuses_a_header_over_the_cap() -> None:
+    # 5000 tensors whose names hold no layer index cannot be stacked: ~75 header bytes each
+    many = {f"w_{chr(97 + i % 26)}{'x' * (i // 26)}": torch.zeros(1) for i in range(5000)}
+    with pytest.raises(PayloadHeaderTooLarge, match="exceeds 262144"):
+        encode_dense(many, method="fedit", round=0)
+    few = dict(list(many.items())[:100])
+    assert len(decode(encode_dense(few, method="fedit", round=0)).tensors) == 100

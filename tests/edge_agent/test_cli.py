@@ -1,0 +1,220 @@
+"""edgefed-agent commands: user errors end in one line and exit 2; run, profile, model, keygen."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+import zmq.auth
+from click.testing import CliRunner
+
+import edge_agent.cli
+import edge_agent.methods
+from edge_agent.cli import main
+from edge_agent.errors import ModelError
+from protocol.errors import ErrorCode
+from protocol.frames import decode, encode
+from protocol.messages import ErrorReply
+
+ROOT = Path(__file__).resolve().parents[2]
+SHA = "c3" * 32
+PROFILE = {
+    "hostname": "edge-host",
+    "os": "Linux",
+    "python": "3.11",
+    "torch": "2.13",
+    "cpus": 2,
+    "ram_total": 8 << 30,
+    "ram_available": 6 << 30,
+    "disk_free": 10 << 30,
+    "gpus": [],
+    "matmul_gflops_fp32": 12.5,
+    "matmul_gflops_bf16": 3.0,
+}
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    # The daemon's logging setup would point the root logger at CliRunner's closed streams.
+    monkeypatch.setattr(edge_agent.cli, "_setup_logging", lambda verbose: None)
+    for name in [k for k in os.environ if k.startswith("EDGEFED_AGENT")]:
+        monkeypatch.delenv(name)
+    return CliRunner()
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Fake model store and profile modules (the real ones load models and time matmuls)."""
+    calls: dict[str, Any] = {}
+
+    def resolve_model(spec: str, cache_dir: Path | None = None, progress: bool = False) -> Any:
+        calls["resolve"] = (spec, cache_dir)
+        if spec == "unreachable":
+            raise ModelError(f"model {spec!r} not found in the cache or on disk")
+        return types.SimpleNamespace(name=spec, path=Path("/models") / spec, sha256=SHA)
+
+    def collect_profile(measure: bool = True, disk_path: Path | None = None) -> dict[str, Any]:
+        calls["profile"] = (measure, disk_path)
+        return dict(PROFILE)
+
+    store = types.ModuleType("edge_agent.model_store")
+    store.resolve_model = resolve_model  # type: ignore[attr-defined]
+    profile = types.ModuleType("edge_agent.profile")
+    profile.collect_profile = collect_profile  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_agent.model_store", store)
+    monkeypatch.setitem(sys.modules, "edge_agent.profile", profile)
+    monkeypatch.setattr(edge_agent.methods, "client_methods", lambda: {"fedit": object})
+    return calls
+
+
+def agent_toml(tmp_path: Path, body: str = "", data: str = '{"text": "hello"}\n') -> Path:
+    (tmp_path / "train.jsonl").write_text(data)
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        '[agent]\nid = "edge-9"\ndata = "train.jsonl"\naggregator = "tcp://127.0.0.1:9"\n'
+        + body
+        + "\n[security]\ninsecure = true\n"
+    )
+    return path
+
+
+def test_config_check_ok_and_every_error_listed(runner: CliRunner, tmp_path: Path) -> None:
+    good = agent_toml(tmp_path)
+    result = runner.invoke(main, ["config", "check", "--config", str(good)])
+    assert (result.exit_code, result.output) == (0, "ok\n")
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[agent]\nid = "a b"\nliveness = -1\nwho = 1\n')
+    result = runner.invoke(main, ["config", "check", "--config", str(bad)])
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[2] for line in lines] == [
+        "agent.id",
+        "agent.data",
+        "agent.liveness",
+        "agent.who",
+        "security.secret_key",
+        "security.server_public_key",
+    ]
+    assert all(line.startswith(f"error: {bad}: ") for line in lines)
+    assert "Traceback" not in result.output
+
+
+def test_run_with_a_bad_data_line_exits_2_with_file_and_line(
+    runner: CliRunner, tmp_path: Path, fakes: dict[str, Any]
+) -> None:
+    config = agent_toml(tmp_path, data='{"text": "ok"}\n{"text": "ok"}\n{"txt": 1}\n')
+    result = runner.invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'train.jsonl'}:3: ")
+    assert len(result.stderr.splitlines()) == 1
+    assert "resolve" not in fakes  # the data is checked before the model is touched
+
+
+def test_run_with_missing_data_or_unreachable_model_exits_2(
+    runner: CliRunner, tmp_path: Path, fakes: dict[str, Any]
+) -> None:
+    config = agent_toml(tmp_path, body='model = "unreachable"\n')
+    result = runner.invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.stderr == "error: model 'unreachable' not found in the cache or on disk\n"
+
+    (tmp_path / "train.jsonl").unlink()
+    result = runner.invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {config}: agent.data: file not found: {tmp_path / 'train.jsonl'}\n"
+    )
+
+
+def test_run_refused_by_the_aggregator_exits_2_and_env_overrides_the_endpoint(
+    runner: CliRunner, tmp_path: Path, fakes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = agent_toml(tmp_path)
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    seen: list[Any] = []
+
+    def refuse() -> None:
+        if router.poll(10_000):
+            identity, *frames = router.recv_multipart()
+            seen.append((identity, decode(frames).header))
+            reply = ErrorReply(code=ErrorCode.VERSION_MISMATCH, reason="aggregator speaks [9]")
+            router.send_multipart([identity, *encode(reply)])
+
+    thread = threading.Thread(target=refuse)
+    thread.start()
+    monkeypatch.setenv("EDGEFED_AGENT_AGGREGATOR", f"tcp://127.0.0.1:{port}")
+    try:
+        result = runner.invoke(main, ["run", "--config", str(config)])
+    finally:
+        thread.join(15)
+        router.close()
+    assert result.exit_code == 2, result.output
+    identity, hello = seen[0]
+    assert identity == b"edge-9"
+    assert (hello.type, hello.agent_id, hello.models) == ("hello", "edge-9", [SHA])
+    assert hello.profile.matmul_gflops_fp32 == 12.5
+    assert fakes["profile"] == (True, tmp_path / "state")
+    assert (tmp_path / "state" / "outbox").is_dir()
+
+
+def test_profile_prints_json(runner: CliRunner, fakes: dict[str, Any]) -> None:
+    result = runner.invoke(main, ["profile", "--no-measure"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == PROFILE
+    assert fakes["profile"] == (False, None)
+
+
+def test_model_prepare_prints_name_path_sha(
+    runner: CliRunner, tmp_path: Path, fakes: dict[str, Any]
+) -> None:
+    result = runner.invoke(main, ["model", "prepare", "--model", "tiny", "--cache", str(tmp_path)])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"name": "tiny", "path": "/models/tiny", "sha256": SHA}
+    assert fakes["resolve"] == ("tiny", tmp_path)
+    result = runner.invoke(main, ["model", "prepare", "--model", "unreachable"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: model 'unreachable' not found")
+
+
+def test_keygen_writes_a_private_secret_and_refuses_to_overwrite(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    result = runner.invoke(main, ["keygen", "--dir", str(keys), "--name", "edge-9"])
+    assert result.exit_code == 0
+    public, secret = keys / "edge-9.key", keys / "edge-9.key_secret"
+    assert result.stdout == f"public key: {public}\nsecret key: {secret}\n"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    public_key, secret_key = zmq.auth.load_certificate(secret)
+    assert zmq.auth.load_certificate(public) == (public_key, None)
+    assert len(public_key) == 40 and secret_key is not None and len(secret_key) == 40
+    again = runner.invoke(main, ["keygen", "--dir", str(keys), "--name", "edge-9"])
+    assert again.exit_code == 2 and "exists; not overwriting" in again.stderr
+    assert zmq.auth.load_certificate(secret)[1] == secret_key
+
+
+def test_module_entry_point_reports_config_errors_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text("[agent]\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "config", "check", "--config", "agent.toml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "agent.toml: agent.id: required field is missing" in proc.stderr
