@@ -20,7 +20,8 @@ log = logging.getLogger("aggregator")
 def _logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(
-        level=level, stream=sys.stderr,
+        level=level,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -30,7 +31,12 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"auto_envvar_prefix": "EDGEFED_AGGREGATOR", "help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={
+        "auto_envvar_prefix": "EDGEFED_AGGREGATOR",
+        "help_option_names": ["-h", "--help"],
+    }
+)
 def main() -> None:
     """The edgefed aggregator service and tools."""
 
@@ -41,7 +47,9 @@ def main() -> None:
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--insecure", is_flag=True, default=None, help="Disable CURVE (not for production).")
 @click.option("-v", "--verbose", count=True)
-def serve(config_path: Path, bind: str | None, state_dir: Path | None, insecure: bool | None, verbose: int) -> None:
+def serve(
+    config_path: Path, bind: str | None, state_dir: Path | None, insecure: bool | None, verbose: int
+) -> None:
     """Run the aggregator service from a TOML config."""
     _logging(max(verbose, 1))
     from aggregator.config import load_config
@@ -49,15 +57,19 @@ def serve(config_path: Path, bind: str | None, state_dir: Path | None, insecure:
     from protocol.messages import BaseModelRef
 
     try:
-        config = load_config(config_path, {
-            "server": {"bind": bind, "state_dir": state_dir},
-            "security": {"insecure": insecure},
-        })
+        config = load_config(
+            config_path,
+            {
+                "server": {"bind": bind, "state_dir": state_dir},
+                "security": {"insecure": insecure},
+            },
+        )
         sha = config.run.model_sha256
         if sha is None:
             if config.run.model_dir is None:
                 raise AggregatorError("run.model_sha256 (or run.model_dir to hash) is required")
             from aggregator.modelhash import weights_sha256
+
             sha = weights_sha256(config.run.model_dir)
         service = AggregatorService(config, BaseModelRef(name=config.run.model, sha256=sha))
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,31 +87,67 @@ def serve(config_path: Path, bind: str | None, state_dir: Path | None, insecure:
 @click.option("--method", default="fedit", show_default=True)
 @click.option("--agents", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("edgefed-local"), show_default=True)
+@click.option(
+    "--workdir", type=click.Path(path_type=Path), default=Path("edgefed-local"), show_default=True
+)
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration of the non-IID split.")
+@click.option(
+    "--alpha", default=0.5, show_default=True, help="Dirichlet concentration of the non-IID split."
+)
 @click.option("--per-agent", default=64, show_default=True, help="Training examples per agent.")
 @click.option("--steps", default=12, show_default=True, help="Local steps per round.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--rank", default=8, show_default=True)
-@click.option("--quant", default="nf4", show_default=True, type=click.Choice(["nf4", "int8", "bf16", "fp32"]))
+@click.option(
+    "--quant", default="nf4", show_default=True, type=click.Choice(["nf4", "int8", "bf16", "fp32"])
+)
 @click.option("--eval-examples", default=48, show_default=True)
 @click.option("--insecure", is_flag=True, help="Skip CURVE (local keys are made by default).")
 @click.option("--merge", is_flag=True, help="Also export the adapter merged into the base.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-v", "--verbose", count=True)
-def local(method: str, agents: int, rounds: int, workdir: Path, model: str, alpha: float,
-          per_agent: int, steps: int, batch_size: int, lr: float, rank: int, quant: str,
-          eval_examples: int, insecure: bool, merge: bool, seed: int, verbose: int) -> None:
+def local(
+    method: str,
+    agents: int,
+    rounds: int,
+    workdir: Path,
+    model: str,
+    alpha: float,
+    per_agent: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    rank: int,
+    quant: str,
+    eval_examples: int,
+    insecure: bool,
+    merge: bool,
+    seed: int,
+    verbose: int,
+) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
     _logging(verbose)
     from aggregator.local import LocalOptions, run_local
 
-    opts = LocalOptions(method=method, agents=agents, rounds=rounds, workdir=workdir, model=model,
-                        alpha=alpha, per_agent=per_agent, steps=steps, batch_size=batch_size,
-                        lr=lr, rank=rank, quant=quant, insecure=insecure, merge=merge, seed=seed,
-                        eval_examples=eval_examples)
+    opts = LocalOptions(
+        method=method,
+        agents=agents,
+        rounds=rounds,
+        workdir=workdir,
+        model=model,
+        alpha=alpha,
+        per_agent=per_agent,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        rank=rank,
+        quant=quant,
+        insecure=insecure,
+        merge=merge,
+        seed=seed,
+        eval_examples=eval_examples,
+    )
     try:
         run_local(opts)
     except AggregatorError as exc:
@@ -127,12 +175,25 @@ def status(state_dir: Path, as_json: bool) -> None:
         data = {
             "run_id": run_id,
             "run": ledger.run(run_id) if run_id else None,
-            "agents": [{"agent_id": a.agent_id, "last_seen": a.last_seen,
-                        "cpus": a.profile.get("cpus"), "ram_total": a.profile.get("ram_total"),
-                        "gpus": [g.get("name") for g in a.profile.get("gpus", [])]}
-                       for a in ledger.agents()],
-            "rounds": [{"round": r.round, "committed": r.committed_at is not None,
-                        "assigned": r.assigned, **r.metrics} for r in rounds],
+            "agents": [
+                {
+                    "agent_id": a.agent_id,
+                    "last_seen": a.last_seen,
+                    "cpus": a.profile.get("cpus"),
+                    "ram_total": a.profile.get("ram_total"),
+                    "gpus": [g.get("name") for g in a.profile.get("gpus", [])],
+                }
+                for a in ledger.agents()
+            ],
+            "rounds": [
+                {
+                    "round": r.round,
+                    "committed": r.committed_at is not None,
+                    "assigned": r.assigned,
+                    **r.metrics,
+                }
+                for r in rounds
+            ],
         }
         ledger.close()
     except AggregatorError as exc:
@@ -144,24 +205,37 @@ def status(state_dir: Path, as_json: bool) -> None:
     click.echo(f"run {data['run_id']}  method {method}")
     click.echo(f"{'agent':<20} {'cpus':>4} {'RAM GB':>7} gpus")
     for a in data["agents"]:
-        click.echo(f"{a['agent_id']:<20} {a['cpus'] or 0:>4} {(a['ram_total'] or 0) / 1e9:>7.1f} "
-                   f"{', '.join(a['gpus']) or '-'}")
-    click.echo(f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'eval EM':>7} "
-               f"{'up/agent B':>11} {'down/agent B':>12}")
+        click.echo(
+            f"{a['agent_id']:<20} {a['cpus'] or 0:>4} {(a['ram_total'] or 0) / 1e9:>7.1f} "
+            f"{', '.join(a['gpus']) or '-'}"
+        )
+    click.echo(
+        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'eval EM':>7} "
+        f"{'up/agent B':>11} {'down/agent B':>12}"
+    )
     for r in data["rounds"]:
-        def f(key: str, spec: str) -> str:
-            return format(r[key], spec) if key in r else "-"
-        click.echo(f"{r['round']:>5} {len(r['assigned']):>6} {f('train_loss', '.4f'):>10} "
-                   f"{f('eval_loss', '.4f'):>9} {f('eval_em', '.3f'):>7} "
-                   f"{f('bytes_up_per_agent', '.0f'):>11} {f('bytes_down_per_agent', '.0f'):>12}")
+        click.echo(
+            f"{r['round']:>5} {len(r['assigned']):>6} {_cell(r, 'train_loss', '.4f'):>10} "
+            f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_em', '.3f'):>7} "
+            f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
+            f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
+        )
+
+
+def _cell(row: dict[str, Any], key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "-"
 
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--round", "round_", type=int, default=None, help="Default: the latest committed.")
-@click.option("--merge-into", type=click.Path(path_type=Path), default=None,
-              help="Base model directory: also write a merged model.")
+@click.option(
+    "--merge-into",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Base model directory: also write a merged model.",
+)
 def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | None) -> None:
     """Export the global result as a PEFT adapter directory (and optionally merged)."""
     from aggregator.checkpoint import CheckpointStore

@@ -68,7 +68,9 @@ def _problems(exc: ValidationError) -> list[str]:
     return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
 
 
-def build_config(raw: dict[str, Any], *, source: str = "config", base: Path | None = None) -> AggregatorConfig:
+def build_config(
+    raw: dict[str, Any], *, source: str = "config", base: Path | None = None
+) -> AggregatorConfig:
     """Validate a config mapping; relative paths resolve against ``base``."""
     from protocol.errors import ProtocolError
     from protocol.methods import parse_params
@@ -105,7 +107,10 @@ def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:
 
     server = config.server.model_copy(update={"state_dir": fix(config.server.state_dir)})
     security = config.security.model_copy(
-        update={"secret_key": fix(config.security.secret_key), "allow_dir": fix(config.security.allow_dir)}
+        update={
+            "secret_key": fix(config.security.secret_key),
+            "allow_dir": fix(config.security.allow_dir),
+        }
     )
     run = config.run.model_copy(
         update={"model_dir": fix(config.run.model_dir), "export_dir": fix(config.run.export_dir)}

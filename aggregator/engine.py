@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -89,9 +89,12 @@ class RoundSummary:
         return out
 
 
+Kind = Literal["train", "eval"]
+
+
 @dataclass
 class _Phase:
-    kind: str  # "train" | "eval"
+    kind: Kind
     round: int
     assigned: dict[str, str]  # agent id -> task id
     deadline: float
@@ -209,15 +212,23 @@ class RoundEngine:
         if isinstance(header, Hello):
             return self._on_hello(agent_id, header, now)
         if not self.registry.known(agent_id):
-            return [Outgoing(agent_id, ErrorReply(code=ErrorCode.UNKNOWN_AGENT,
-                                                   reason="say Hello first", ref=header.msg_id))]
+            return [
+                Outgoing(
+                    agent_id,
+                    ErrorReply(
+                        code=ErrorCode.UNKNOWN_AGENT, reason="say Hello first", ref=header.msg_id
+                    ),
+                )
+            ]
         self.registry.seen(agent_id, now)
         if isinstance(header, Heartbeat):
             return self._on_heartbeat(agent_id, header, msg)
         if isinstance(header, TaskResult):
             return self._on_result(agent_id, header, msg, now)
         if isinstance(header, ErrorReply):
-            log.warning("agent %s: %s %s (task %s)", agent_id, header.code, header.reason, header.task_id)
+            log.warning(
+                "agent %s: %s %s (task %s)", agent_id, header.code, header.reason, header.task_id
+            )
             if self.phase is not None and header.task_id in self.phase.assigned.values():
                 self.registry.failed(agent_id, header.task_id)
             return []
@@ -225,24 +236,53 @@ class RoundEngine:
             log.info("agent %s says bye: %s", agent_id, header.reason)
             self.registry.gone(agent_id)
             return []
-        return [Outgoing(agent_id, ErrorReply(code=ErrorCode.BAD_HEADER,
-                                               reason=f"unexpected {header.type}", ref=header.msg_id))]
+        return [
+            Outgoing(
+                agent_id,
+                ErrorReply(
+                    code=ErrorCode.BAD_HEADER, reason=f"unexpected {header.type}", ref=header.msg_id
+                ),
+            )
+        ]
 
     def _on_hello(self, agent_id: str, hello: Hello, now: float) -> list[Outgoing]:
         if hello.agent_id != agent_id:
-            return [Outgoing(agent_id, ErrorReply(code=ErrorCode.IDENTITY_MISMATCH,
-                    reason=f"connection is {agent_id!r} but Hello claims {hello.agent_id!r}"))]
+            return [
+                Outgoing(
+                    agent_id,
+                    ErrorReply(
+                        code=ErrorCode.IDENTITY_MISMATCH,
+                        reason=f"connection is {agent_id!r} but Hello claims {hello.agent_id!r}",
+                    ),
+                )
+            ]
         try:
             version = negotiate(hello.versions, PROTOCOL_VERSIONS)
         except VersionMismatch as exc:
-            return [Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc), ref=hello.msg_id))]
+            return [
+                Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc), ref=hello.msg_id))
+            ]
         self.registry.hello(agent_id, hello, now)
         self.ledger.upsert_agent(agent_id, hello.profile.model_dump(mode="json"), time.time())
-        log.info("agent %s joined (%d cpus, %.1f GFLOP/s fp32)", agent_id,
-                 hello.profile.cpus, hello.profile.matmul_gflops_fp32)
-        out = [Outgoing(agent_id, Welcome(run_id=self.run_id, round=self.round, agent_id=agent_id,
-                        version=version, heartbeat_interval=self.config.server.heartbeat_interval,
-                        liveness=self.config.server.liveness))]
+        log.info(
+            "agent %s joined (%d cpus, %.1f GFLOP/s fp32)",
+            agent_id,
+            hello.profile.cpus,
+            hello.profile.matmul_gflops_fp32,
+        )
+        out = [
+            Outgoing(
+                agent_id,
+                Welcome(
+                    run_id=self.run_id,
+                    round=self.round,
+                    agent_id=agent_id,
+                    version=version,
+                    heartbeat_interval=self.config.server.heartbeat_interval,
+                    liveness=self.config.server.liveness,
+                ),
+            )
+        ]
         phase = self.phase
         if phase is not None and agent_id in phase.assigned and agent_id not in phase.done:
             out.append(self._assignment(phase, agent_id))  # it may have lost the task
@@ -251,26 +291,56 @@ class RoundEngine:
     def _on_heartbeat(self, agent_id: str, beat: Heartbeat, msg: Decoded) -> list[Outgoing]:
         self.registry.beat(agent_id, beat)
         if beat.probe:
-            return [Outgoing(agent_id, Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id))]
+            return [
+                Outgoing(
+                    agent_id, Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id)
+                )
+            ]
         return []
 
-    def _on_result(self, agent_id: str, res: TaskResult, msg: Decoded, now: float) -> list[Outgoing]:
+    def _on_result(
+        self, agent_id: str, res: TaskResult, msg: Decoded, now: float
+    ) -> list[Outgoing]:
         def ack(accepted: bool = True) -> list[Outgoing]:
-            return [Outgoing(agent_id, Ack(run_id=self.run_id, round=res.round,
-                                           task_id=res.task_id, accepted=accepted))]
+            return [
+                Outgoing(
+                    agent_id,
+                    Ack(
+                        run_id=self.run_id, round=res.round, task_id=res.task_id, accepted=accepted
+                    ),
+                )
+            ]
 
         def error(code: ErrorCode, reason: str) -> list[Outgoing]:
-            return [Outgoing(agent_id, ErrorReply(run_id=self.run_id, round=res.round, code=code,
-                                                   reason=reason, ref=res.msg_id, task_id=res.task_id))]
+            return [
+                Outgoing(
+                    agent_id,
+                    ErrorReply(
+                        run_id=self.run_id,
+                        round=res.round,
+                        code=code,
+                        reason=reason,
+                        ref=res.msg_id,
+                        task_id=res.task_id,
+                    ),
+                )
+            ]
 
         if res.agent_id != agent_id:
             return error(ErrorCode.IDENTITY_MISMATCH, f"result claims agent {res.agent_id!r}")
         phase = self.phase
         if res.kind == "train" and self.ledger.has_update(res.task_id):
             return ack()  # a retry of something already durable: Ack again, count once
-        if (phase is None or res.kind != phase.kind or res.round != phase.round
-                or phase.assigned.get(agent_id) != res.task_id or res.run_id != self.run_id):
-            return error(ErrorCode.STALE_TASK, f"task {res.task_id} is not open (round {self.round})")
+        if (
+            phase is None
+            or res.kind != phase.kind
+            or res.round != phase.round
+            or phase.assigned.get(agent_id) != res.task_id
+            or res.run_id != self.run_id
+        ):
+            return error(
+                ErrorCode.STALE_TASK, f"task {res.task_id} is not open (round {self.round})"
+            )
         if agent_id in phase.done:
             return ack()
         if res.kind == "eval":
@@ -282,8 +352,17 @@ class RoundEngine:
         except UpdateRejected as exc:
             phase.rejected += 1
             phase.done[agent_id] = res  # answered, just not counted
-            self.ledger.record_rejection(RejectionRow(run_id=self.run_id, round=res.round,
-                task_id=res.task_id, agent_id=agent_id, code=str(exc.code), reason=exc.reason, at=time.time()))
+            self.ledger.record_rejection(
+                RejectionRow(
+                    run_id=self.run_id,
+                    round=res.round,
+                    task_id=res.task_id,
+                    agent_id=agent_id,
+                    code=str(exc.code),
+                    reason=exc.reason,
+                    at=time.time(),
+                )
+            )
             log.warning("round %d: rejected update from %s: %s", res.round, agent_id, exc.reason)
             return error(ErrorCode.REJECTED_UPDATE, exc.reason)
         blob = msg.blobs.get("update")
@@ -295,10 +374,19 @@ class RoundEngine:
             blob_path = target / f"{res.task_id}.safetensors"
             atomic_write_bytes(blob_path, blob)
             sha = hashlib.sha256(blob).hexdigest()
-        row = UpdateRow(run_id=self.run_id, round=res.round, task_id=res.task_id, agent_id=agent_id,
-                        sha256=sha, num_examples=res.num_examples, metrics=dict(res.metrics),
-                        bytes_up=msg.nbytes, bytes_down=phase.bytes_down.get(agent_id, 0),
-                        received_at=time.time(), blob_path=str(blob_path) if blob_path else None)
+        row = UpdateRow(
+            run_id=self.run_id,
+            round=res.round,
+            task_id=res.task_id,
+            agent_id=agent_id,
+            sha256=sha,
+            num_examples=res.num_examples,
+            metrics=dict(res.metrics),
+            bytes_up=msg.nbytes,
+            bytes_down=phase.bytes_down.get(agent_id, 0),
+            received_at=time.time(),
+            blob_path=str(blob_path) if blob_path else None,
+        )
         if self.ledger.record_update(row):
             self.method.add(update)
         phase.done[agent_id] = res
@@ -310,12 +398,13 @@ class RoundEngine:
     def tick(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
         for agent_id in self.registry.expire(now):
-            log.warning("agent %s expired (no message for %.1fs)", agent_id,
-                        self.registry.window)
+            log.warning("agent %s expired (no message for %.1fs)", agent_id, self.registry.window)
         if now - self._last_beat >= self.config.server.heartbeat_interval:
             self._last_beat = now
-            out += [Outgoing(a, Heartbeat(run_id=self.run_id, round=self.round))
-                    for a in self.registry.live()]
+            out += [
+                Outgoing(a, Heartbeat(run_id=self.run_id, round=self.round))
+                for a in self.registry.live()
+            ]
         if self.finished:
             return out
         if self.phase is None:
@@ -338,10 +427,15 @@ class RoundEngine:
             chosen = sorted(rng.sample(sorted(live), min(count, len(live))))
         return self._open_phase("train", self.round + 1, chosen, now)
 
-    def _open_phase(self, kind: str, round: int, agents: list[str], now: float) -> list[Outgoing]:
+    def _open_phase(self, kind: Kind, round: int, agents: list[str], now: float) -> list[Outgoing]:
         assigned = {a: task_id_for(self.run_id, round, kind, a) for a in agents}
-        self.phase = _Phase(kind=kind, round=round, assigned=assigned, started=now,
-                            deadline=now + self.run.round_deadline_s)
+        self.phase = _Phase(
+            kind=kind,
+            round=round,
+            assigned=assigned,
+            started=now,
+            deadline=now + self.run.round_deadline_s,
+        )
         if kind == "train":
             self.ledger.begin_round(self.run_id, round, self.run.method, agents, time.time())
             for agent_id, result in self._replayed.items():
@@ -350,34 +444,56 @@ class RoundEngine:
             self._replayed = {}
         log.info("round %d %s: assigned %d agents", round, kind, len(agents))
         live = set(self.registry.live())
-        return [self._assignment(self.phase, a) for a in agents
-                if a not in self.phase.done and a in live]
+        return [
+            self._assignment(self.phase, a)
+            for a in agents
+            if a not in self.phase.done and a in live
+        ]
 
     def _assignment(self, phase: _Phase, agent_id: str) -> Outgoing:
         spec = self.method.assign(phase.round, agent_id, phase.kind)
-        header = TaskAssign(run_id=self.run_id, round=phase.round, task_id=phase.assigned[agent_id],
-                            kind=phase.kind, method=self.run.method, model=self.model,  # type: ignore[arg-type]
-                            quant=self.run.quant, params=spec.params,
-                            deadline_s=max(1.0, phase.deadline - self.clock()))
+        header = TaskAssign(
+            run_id=self.run_id,
+            round=phase.round,
+            task_id=phase.assigned[agent_id],
+            kind=phase.kind,
+            method=self.run.method,
+            model=self.model,
+            quant=self.run.quant,
+            params=spec.params,
+            deadline_s=max(1.0, phase.deadline - self.clock()),
+        )
         phase.bytes_down[agent_id] = frames_nbytes(encode(header, spec.blobs))
         self.registry.assigned(agent_id, phase.assigned[agent_id])
         return Outgoing(agent_id, header, spec.blobs)
 
     def _phase_complete(self, phase: _Phase, now: float) -> bool:
-        pending = [a for a in phase.assigned if a not in phase.done
-                   and not self.registry.has_failed(a, phase.assigned[a])]
+        pending = [
+            a
+            for a in phase.assigned
+            if a not in phase.done and not self.registry.has_failed(a, phase.assigned[a])
+        ]
         if not pending:
             return True
         if now < phase.deadline:
             return False
         quorum = max(1, math.ceil(self.run.quorum * len(phase.assigned)))
         if len(phase.done) >= quorum:
-            log.warning("round %d %s: deadline passed, dropping stragglers %s",
-                        phase.round, phase.kind, pending)
+            log.warning(
+                "round %d %s: deadline passed, dropping stragglers %s",
+                phase.round,
+                phase.kind,
+                pending,
+            )
             return True
         phase.deadline = now + self.run.round_deadline_s
-        log.warning("round %d %s: deadline passed below quorum (%d/%d); extended",
-                    phase.round, phase.kind, len(phase.done), quorum)
+        log.warning(
+            "round %d %s: deadline passed below quorum (%d/%d); extended",
+            phase.round,
+            phase.kind,
+            len(phase.done),
+            quorum,
+        )
         return False
 
     def _close_phase(self, phase: _Phase, now: float) -> list[Outgoing]:
@@ -394,11 +510,16 @@ class RoundEngine:
             summary.seconds = now - phase.started
             summary.rejected = phase.rejected
             tensors, meta = self.method.state()
-            manifest = self.store.save(phase.round, tensors, method=self.run.method,
-                                       meta={**meta, "run_id": self.run_id})
-            self.ledger.commit_round(self.run_id, phase.round,
-                                     manifest.files.get("global.safetensors", ""),
-                                     {**summary.as_metrics(), **metrics}, time.time())
+            manifest = self.store.save(
+                phase.round, tensors, method=self.run.method, meta={**meta, "run_id": self.run_id}
+            )
+            self.ledger.commit_round(
+                self.run_id,
+                phase.round,
+                manifest.files.get("global.safetensors", ""),
+                {**summary.as_metrics(), **metrics},
+                time.time(),
+            )
             self.round = phase.round
             log.info("round %d committed (%d updates)", phase.round, summary.agents)
             if self.run.eval:
@@ -425,8 +546,10 @@ class RoundEngine:
                 self.method.begin_round(self.round + 1)
 
     def goodbye(self) -> list[Outgoing]:
-        return [Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason="run finished"))
-                for a in self.registry.live()]
+        return [
+            Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason="run finished"))
+            for a in self.registry.live()
+        ]
 
     def status(self) -> dict[str, Any]:
         return {
@@ -434,9 +557,14 @@ class RoundEngine:
             "method": self.run.method,
             "round": self.round,
             "rounds": self.run.rounds,
-            "phase": None if self.phase is None else {
-                "kind": self.phase.kind, "round": self.phase.round,
-                "assigned": len(self.phase.assigned), "done": len(self.phase.done)},
+            "phase": None
+            if self.phase is None
+            else {
+                "kind": self.phase.kind,
+                "round": self.phase.round,
+                "assigned": len(self.phase.assigned),
+                "done": len(self.phase.done),
+            },
             "finished": self.finished,
             "agents": self.registry.describe(),
         }

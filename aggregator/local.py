@@ -148,21 +148,33 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / "logs").mkdir()
-    print(f"edgefed local: {opts.method}, {opts.agents} agents, {opts.rounds} rounds in {workdir}",
-          file=out, flush=True)
+    print(
+        f"edgefed local: {opts.method}, {opts.agents} agents, {opts.rounds} rounds in {workdir}",
+        file=out,
+        flush=True,
+    )
     started = time.monotonic()
     info = prepare_model(opts.model)
-    print(f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}", file=out,
-          flush=True)
+    print(
+        f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}",
+        file=out,
+        flush=True,
+    )
     agent_ids = [f"agent-{i + 1}" for i in range(opts.agents)]
-    split = make_demo_split(opts.agents, per_agent=opts.per_agent, alpha=opts.alpha, seed=opts.seed,
-                            n_eval=opts.eval_examples)
+    split = make_demo_split(
+        opts.agents,
+        per_agent=opts.per_agent,
+        alpha=opts.alpha,
+        seed=opts.seed,
+        n_eval=opts.eval_examples,
+    )
     files = write_demo(workdir / "data", split)
     # each agent evaluates a disjoint shard of the held-out set; the weighted mean is the whole
     shards = [split.eval[i :: opts.agents] for i in range(opts.agents)]
     for i, shard in enumerate(shards):
         (workdir / "data" / f"eval-{i + 1}.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8")
+            "".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8"
+        )
     keys = None if opts.insecure else _keys(workdir, agent_ids)
 
     method_params: dict[str, Any] = {
@@ -172,19 +184,33 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     }
     method_params.update(opts.method_params or {})
     raw: dict[str, Any] = {
-        "server": {"bind": "tcp://127.0.0.1:0", "state_dir": str(workdir / "state"),
-                   "heartbeat_interval": 1.0, "liveness": 5},
-        "security": {"insecure": True} if keys is None else {
-            "secret_key": str(keys["server_secret"]), "allow_dir": str(keys["allow"])},
-        "run": {"method": opts.method, "rounds": opts.rounds, "min_agents": opts.agents,
-                "model": opts.model, "model_sha256": info["sha256"], "model_dir": info["path"],
-                "quant": opts.quant, "seed": opts.seed, "round_deadline_s": 1800.0},
+        "server": {
+            "bind": "tcp://127.0.0.1:0",
+            "state_dir": str(workdir / "state"),
+            "heartbeat_interval": 1.0,
+            "liveness": 5,
+        },
+        "security": {"insecure": True}
+        if keys is None
+        else {"secret_key": str(keys["server_secret"]), "allow_dir": str(keys["allow"])},
+        "run": {
+            "method": opts.method,
+            "rounds": opts.rounds,
+            "min_agents": opts.agents,
+            "model": opts.model,
+            "model_sha256": info["sha256"],
+            "model_dir": info["path"],
+            "quant": opts.quant,
+            "seed": opts.seed,
+            "round_deadline_s": 1800.0,
+        },
         "method": method_params,
     }
     config: AggregatorConfig = build_config(raw, source="local")
     table = RoundTable(out)
-    service = AggregatorService(config, BaseModelRef(name=opts.model, sha256=info["sha256"]),
-                                on_round=table)
+    service = AggregatorService(
+        config, BaseModelRef(name=opts.model, sha256=info["sha256"]), on_round=table
+    )
     errors: list[BaseException] = []
 
     def serve() -> None:
@@ -205,21 +231,40 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     try:
         for i, agent_id in enumerate(agent_ids):
             cfg_path = workdir / f"{agent_id}.toml"
-            security: dict[str, object] = {"insecure": True} if keys is None else {
-                "secret_key": str(keys["dir"] / f"{agent_id}.key_secret"),
-                "server_public_key": str(keys["server_public"])}
-            _write_agent_config(cfg_path, {
-                "agent": {"id": agent_id, "aggregator": service.endpoint,
-                          "state_dir": str(workdir / agent_id), "model": opts.model,
-                          "data": str(files[f"agent-{i}"]),
-                          "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
-                          "threads": threads, "heartbeat_interval": 1.0, "liveness": 5},
-                "security": security,
-            })
+            security: dict[str, object] = (
+                {"insecure": True}
+                if keys is None
+                else {
+                    "secret_key": str(keys["dir"] / f"{agent_id}.key_secret"),
+                    "server_public_key": str(keys["server_public"]),
+                }
+            )
+            _write_agent_config(
+                cfg_path,
+                {
+                    "agent": {
+                        "id": agent_id,
+                        "aggregator": service.endpoint,
+                        "state_dir": str(workdir / agent_id),
+                        "model": opts.model,
+                        "data": str(files[f"agent-{i}"]),
+                        "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
+                        "threads": threads,
+                        "heartbeat_interval": 1.0,
+                        "liveness": 5,
+                    },
+                    "security": security,
+                },
+            )
             log_file = open(workdir / "logs" / f"{agent_id}.log", "wb")  # noqa: SIM115
             logs.append(log_file)
-            procs.append(subprocess.Popen([*agent_command(), "run", "--config", str(cfg_path)],
-                                          stdout=log_file, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [*agent_command(), "run", "--config", str(cfg_path)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         while thread.is_alive():
             thread.join(0.5)
             dead = [p for p in procs if p.poll() is not None]
@@ -227,7 +272,8 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                 service.should_exit.set()
                 thread.join()
                 raise AggregatorError(
-                    f"every agent exited before the run finished; see {workdir / 'logs'}")
+                    f"every agent exited before the run finished; see {workdir / 'logs'}"
+                )
         if errors:
             raise errors[0]
     finally:
@@ -247,8 +293,12 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     result: dict[str, Any] = {"adapter": str(exported["adapter"]), "rounds": len(table.rows)}
     print(f"exported PEFT adapter: {exported['adapter']}", file=out)
     if opts.merge:
-        merged = merge_into_base(Path(info["path"]), workdir / "export" / "merged",
-                                 service.method.state()[0], _lora_of(service))
+        merged = merge_into_base(
+            Path(info["path"]),
+            workdir / "export" / "merged",
+            service.method.state()[0],
+            _lora_of(service),
+        )
         result["merged"] = str(merged)
         print(f"exported merged model: {merged}", file=out)
     result["rows"] = [r.as_metrics() | {"round": r.round} for r in table.rows]

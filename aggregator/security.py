@@ -41,7 +41,9 @@ def read_allow_list(allow_dir: Path) -> dict[bytes, str]:
 class AllowListAuthenticator(ThreadAuthenticator):
     """ZAP handler: CURVE clients whose key is in the allow-list; User-Id = agent id."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], allow_dir: Path, refresh_s: float = 2.0) -> None:
+    def __init__(
+        self, context: zmq.Context[zmq.Socket[bytes]], allow_dir: Path, refresh_s: float = 2.0
+    ) -> None:
         super().__init__(context)
         self.allow_dir = allow_dir
         self.refresh_s = refresh_s
@@ -74,7 +76,10 @@ class AllowListAuthenticator(ThreadAuthenticator):
 
 
 def start_curve_server(
-    context: zmq.Context[zmq.Socket[bytes]], socket: zmq.Socket[bytes], secret_key: Path, allow_dir: Path
+    context: zmq.Context[zmq.Socket[bytes]],
+    socket: zmq.Socket[bytes],
+    secret_key: Path,
+    allow_dir: Path,
 ) -> AllowListAuthenticator:
     """Start the authenticator and make ``socket`` a CURVE server; refuse an empty allow-list."""
     try:
@@ -86,7 +91,9 @@ def start_curve_server(
     auth = AllowListAuthenticator(context, allow_dir)
     names = auth.reload()
     if not names:
-        raise ConfigError(f"allow-list {allow_dir} is empty: no agent could connect; add agents' .key files")
+        raise ConfigError(
+            f"allow-list {allow_dir} is empty: no agent could connect; add agents' .key files"
+        )
     auth.start()
     if not auth.is_alive():
         raise ConfigError("the ZAP authenticator did not start; refusing to serve without it")

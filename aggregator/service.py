@@ -48,7 +48,11 @@ class AggregatorService:
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
         self.engine = RoundEngine(
-            config, self.method, model, ledger=self.ledger, store=self.store,
+            config,
+            self.method,
+            model,
+            ledger=self.ledger,
+            store=self.store,
             on_round=on_round if callable(on_round) else None,
         )
         self.should_exit = threading.Event()
@@ -69,8 +73,10 @@ class AggregatorService:
         sock.setsockopt(zmq.LINGER, 2000)
         sec = self.config.security
         if sec.insecure:
-            log.warning("INSECURE: CURVE is off; anyone who reaches %s can join and read updates",
-                        server.bind)
+            log.warning(
+                "INSECURE: CURVE is off; anyone who reaches %s can join and read updates",
+                server.bind,
+            )
         else:
             assert sec.secret_key is not None and sec.allow_dir is not None
             self.auth = start_curve_server(self.ctx, sock, sec.secret_key, sec.allow_dir)
@@ -107,8 +113,15 @@ class AggregatorService:
             return
         if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
             log.warning("connection %r: User-Id does not match or key revoked; refused", agent_id)
-            self._send(sock, Outgoing(agent_id, ErrorReply(code=ErrorCode.IDENTITY_MISMATCH,
-                                                            reason="not authorised as this agent")))
+            self._send(
+                sock,
+                Outgoing(
+                    agent_id,
+                    ErrorReply(
+                        code=ErrorCode.IDENTITY_MISMATCH, reason="not authorised as this agent"
+                    ),
+                ),
+            )
             return
         try:
             msg = decode(frames[1:])
@@ -129,8 +142,12 @@ class AggregatorService:
         self.engine.start()
         sock = self._socket()
         self.bound.set()
-        log.info("aggregator listening on %s (run %s, method %s)", self.endpoint,
-                 self.engine.run_id, self.config.run.method)
+        log.info(
+            "aggregator listening on %s (run %s, method %s)",
+            self.endpoint,
+            self.engine.run_id,
+            self.config.run.method,
+        )
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:

@@ -12,15 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from edge_agent.errors import EdgeAgentError
+
+if TYPE_CHECKING:
+    from edge_agent.daemon import Daemon
 
 EXIT_USER_ERROR = 2
 _CONFIG_PATH = click.Path(path_type=Path, dir_okay=False)
@@ -36,6 +41,31 @@ def _user_errors() -> Iterator[None]:
         for line in lines:
             click.echo(f"error: {line}", err=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+@contextmanager
+def _signal_handlers(daemon: Daemon) -> Iterator[None]:
+    """SIGTERM/SIGINT stop the daemon gracefully; a second one stops it without waiting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def handle(signum: int, frame: Any) -> None:
+        again = daemon.stopping
+        daemon.log.info(
+            "%s received; %s", signal.Signals(signum).name, "forcing" if again else "stopping"
+        )
+        daemon.request_stop(force=again)
+
+    for sig in signals:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -78,17 +108,21 @@ def main() -> None:
 def run(config_path: Path, aggregator: str | None, insecure: bool, verbose: int) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
     from edge_agent.config import load_config
-    from edge_agent.daemon import Daemon, signal_handlers
+    from edge_agent.daemon import Daemon
 
     _setup_logging(verbose)
     overrides: dict[str, dict[str, Any]] = {
         "agent": {"aggregator": aggregator},
         "security": {"insecure": True if insecure else None},
     }
-    with _user_errors():
-        config = load_config(config_path, overrides)
-        daemon = Daemon.from_config(config)
-    with signal_handlers(daemon):
+    try:
+        with _user_errors():
+            config = load_config(config_path, overrides)
+            daemon = Daemon.from_config(config)  # reads data, resolves the model: may take a while
+    except KeyboardInterrupt:
+        click.echo("interrupted before the agent started", err=True)
+        sys.exit(130)
+    with _signal_handlers(daemon):
         code = daemon.run()
     sys.exit(code)
 

@@ -20,14 +20,10 @@ import enum
 import json
 import logging
 import queue
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -357,7 +353,12 @@ class Daemon:
             if self.link.send(frames):
                 self._sent_this_session.add(task_id)
         if pending:
-            self.log.info("resent %d results from the outbox", len(pending))
+            unsent = len(pending) - len(self._sent_this_session)
+            self.log.info("resent %d results from the outbox", len(pending) - unsent)
+            if unsent:
+                self.log.warning(
+                    "%d results wait for the next connection (send queue full)", unsent
+                )
         self.link.send(self.meter.start(now))
         return None
 
@@ -408,31 +409,6 @@ class Daemon:
             return None
         self.log.warning("aggregator error %s: %s", h.code.value, h.reason)
         return None
-
-
-@contextmanager
-def signal_handlers(daemon: Daemon) -> Iterator[None]:
-    """SIGTERM/SIGINT stop the daemon gracefully; a second one stops it without waiting."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-
-    def handle(signum: int, frame: Any) -> None:
-        again = daemon.stopping
-        daemon.log.info(
-            "%s received; %s", signal.Signals(signum).name, "forcing" if again else "stopping"
-        )
-        daemon.request_stop(force=again)
-
-    for sig in signals:
-        signal.signal(sig, handle)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _collect_profile(config: AgentConfig) -> Profile:

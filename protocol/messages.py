@@ -103,7 +103,9 @@ class _Header(_Strict):
 class Hello(_Header):
     type: Literal["hello"] = "hello"
     agent_id: Id
-    versions: Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=1, max_length=16)]
+    versions: Annotated[
+        list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=1, max_length=16)
+    ]
     software: Annotated[str, Field(max_length=MAX_NAME)] = ""
     profile: Profile
     methods: Annotated[list[Name], Field(max_length=32)] = []
@@ -179,7 +181,9 @@ class TaskResult(_Header):
     method: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_]+$")]
     kind: Literal["train", "eval", "score"] = "train"
     num_examples: Annotated[int, Field(ge=0, le=10**9)]
-    metrics: Annotated[dict[Annotated[str, Field(max_length=64)], Finite], Field(max_length=64)] = {}
+    metrics: Annotated[
+        dict[Annotated[str, Field(max_length=64)], Finite], Field(max_length=64)
+    ] = {}
 
 
 class Ack(_Header):

@@ -47,8 +47,9 @@ class FeditServer:
     name = spec.NAME
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        self.params = parse_params(spec.NAME, params)
-        assert isinstance(self.params, spec.Params)
+        parsed = parse_params(spec.NAME, params)
+        assert isinstance(parsed, spec.Params)
+        self.params: spec.Params = parsed
         self.global_state: dict[str, torch.Tensor] = {}
         self._payload: tuple[int, bytes] | None = None
         self._acc = FedAvg()
@@ -85,7 +86,8 @@ class FeditServer:
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         if set(blobs) != {spec.UPDATE_BLOB}:
             raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH, f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}"
+                ErrorCode.PAYLOAD_MISMATCH,
+                f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}",
             )
         try:
             payload = payloads.decode(blobs[spec.UPDATE_BLOB], self._expect(round))

@@ -49,7 +49,7 @@ def peft_model_for(task: TaskInput, ws: Workspace, lora: LoraParams) -> tuple[An
         peft_model = attach_lora(base, lora_spec(lora), init_seed=lora.init_seed)
         cached = (peft_model, tokenizer)
         ws.cache[key] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 def load_global(
@@ -104,7 +104,10 @@ class FeditClient:
         blob = payloads.encode_lora(state, method=self.name, round=task.assign.round)
         log.info(
             "round %d: trained %d steps, loss %.4f → %.4f",
-            task.assign.round, result.steps, result.first_loss, result.last_loss,
+            task.assign.round,
+            result.steps,
+            result.first_loss,
+            result.last_loss,
         )
         return TaskOutput(
             num_examples=result.num_examples,
@@ -117,7 +120,9 @@ class FeditClient:
             blobs={spec.UPDATE_BLOB: blob},
         )
 
-    def _evaluate(self, peft_model: Any, tokenizer: Any, params: spec.Params, ws: Workspace) -> TaskOutput:
+    def _evaluate(
+        self, peft_model: Any, tokenizer: Any, params: spec.Params, ws: Workspace
+    ) -> TaskOutput:
         e = params.eval
         examples = ws.eval_examples[: e.max_examples]
         if not examples:

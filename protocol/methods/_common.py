@@ -25,7 +25,9 @@ class LoraParams(StrictParams):
         "v_proj",
         "o_proj",
     )
-    rank_pattern: Annotated[dict[ModuleName, Annotated[int, Field(ge=1, le=1024)]], Field(max_length=4096)] = {}
+    rank_pattern: Annotated[
+        dict[ModuleName, Annotated[int, Field(ge=1, le=1024)]], Field(max_length=4096)
+    ] = {}
     init_seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
 
     @property

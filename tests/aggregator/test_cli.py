@@ -1,0 +1,108 @@
+"""edgefed-aggregator's tools: config check, keygen, status and export on a real state dir."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from aggregator.cli import main
+from aggregator.config import build_config
+from aggregator.errors import ConfigError
+
+SHA = "ef" * 32
+
+
+def test_config_check_reports_every_error_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text(
+        "[server]\nhearbeat_interval = 1\n[run]\nrounds = 0\nquant = 'fp8'\n[method.lora]\nr = 0\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(cfg)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("edgefed-aggregator")]
+    text = result.output
+    assert "server.hearbeat_interval" in text and "run.rounds" in text and "run.quant" in text
+    assert lines and "Traceback" not in text
+
+
+def test_config_check_method_params_and_curve(tmp_path: Path) -> None:
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text("[method.lora]\nr = 0\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "lora.r" in result.output
+    assert "CURVE is on by default" in result.output
+
+
+def test_config_ok_and_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text('[server]\nstate_dir = "state"\n[security]\ninsecure = true\n', encoding="utf-8")
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "ok"
+
+
+def test_missing_config_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["config", "check", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("no such file")
+
+
+def test_build_config_rejects_unknown_method() -> None:
+    try:
+        build_config({"run": {"method": "nope"}, "security": {"insecure": True}})
+    except ConfigError as exc:
+        assert "unknown method 'nope'" in str(exc)
+    else:
+        raise AssertionError("an unknown method was accepted")
+
+
+def test_keygen_writes_secret_0600(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["keygen", "--dir", str(tmp_path), "--name", "agg"])
+    assert result.exit_code == 0, result.output
+    secret = tmp_path / "agg.key_secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert (tmp_path / "agg.key").read_text().count("public-key") == 1
+
+
+def test_status_and_export_on_a_finished_round(tmp_path: Path) -> None:
+    # one committed round, made by the in-process engine harness
+    from engine_harness import Harness, lora_state, start_round
+
+    h = Harness(tmp_path)
+    tasks = start_round(h, ["a1", "a2"])
+    h.result(tasks["a1"], "a1", 10, lora_state(1.0))
+    h.result(tasks["a2"], "a2", 30, lora_state(5.0))
+    h.tick()
+    h.close()
+    result = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["run_id"] == "run-t"
+    assert [a["agent_id"] for a in data["agents"]] == ["a1", "a2"]
+    assert data["rounds"][0]["round"] == 1 and data["rounds"][0]["committed"] is True
+    assert data["rounds"][0]["agents"] == 2.0
+    table = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path)])
+    assert "run run-t  method fedit" in table.output
+
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["export", "--state-dir", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    expected = (10 * lora_state(1.0)[name] + 30 * lora_state(5.0)[name]) / 40
+    torch.testing.assert_close(weights[name], expected, rtol=0, atol=1e-6)
+
+
+def test_status_on_an_empty_dir_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no ledger here" in result.output
