@@ -253,6 +253,7 @@ class RoundEngine:
                     ErrorReply(
                         code=ErrorCode.IDENTITY_MISMATCH,
                         reason=f"connection is {agent_id!r} but Hello claims {hello.agent_id!r}",
+                        ref=hello.msg_id,
                     ),
                 )
             ]

@@ -55,6 +55,8 @@ EXIT_OK = 0
 EXIT_REFUSED = 2
 MAX_POLL_S = 0.05
 """Longest the link thread blocks: bounds how late a finished result or a stop is noticed."""
+PROBE_TIMEOUT_S = 60.0
+"""A link probe not echoed within this (1 MiB on a slow uplink takes a while) is abandoned."""
 REFUSALS = frozenset(
     {
         ErrorCode.VERSION_MISMATCH,
@@ -125,6 +127,7 @@ class Daemon:
         self._last_recv = 0.0
         self._next_beat = 0.0
         self._sent_this_session: set[str] = set()
+        self._hello_id = ""
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Daemon:
@@ -233,7 +236,7 @@ class Daemon:
                 if now >= self._next_beat:
                     self._heartbeat(now)
                 self._flush_outgoing()
-                self.meter.expire(now, window)
+                self.meter.expire(now, max(window, PROBE_TIMEOUT_S))
                 wait = min(wait, self._next_beat - now)
             try:
                 message = self.link.recv(max(wait, 0.0))
@@ -243,7 +246,11 @@ class Daemon:
                 continue
             if message is not None:
                 self._last_recv = self.clock()
-                end = self._handle(message)
+                try:
+                    end = self._handle(message)
+                except Exception:  # a bug or a disk fault must not end the daemon
+                    self.log.exception("error handling %s; continuing", message.header.type)
+                    continue
                 if end is not None:
                     return end
         return _End.STOP
@@ -257,6 +264,7 @@ class Daemon:
             methods=sorted(self.methods)[:32],
             models=[self.model_sha256],
         )
+        self._hello_id = hello.msg_id
         self.link.send(encode(hello))
         self.log.info("hello sent to %s", self.settings.link.endpoint)
 
@@ -388,7 +396,10 @@ class Daemon:
         self.log.info("%s: %s %s queued", tag, h.method, h.kind)
 
     def _on_error(self, h: ErrorReply) -> _End | None:
-        if not self._welcomed and not h.task_id and h.code in REFUSALS:
+        # An answer to our Hello (by ref, or with no ref at all): not to a heartbeat still in
+        # flight from before, which a restarted aggregator answers with UNKNOWN_AGENT too.
+        answers_hello = h.ref == self._hello_id or (not h.ref and not h.task_id)
+        if not self._welcomed and answers_hello and h.code in REFUSALS:
             self.log.error("aggregator refused this agent: %s: %s", h.code.value, h.reason)
             return _End.REFUSED
         if h.task_id and h.code in DROPS:

@@ -159,6 +159,9 @@ class Worker:
             )
             frames = self._result_frames(assign, output)
         except (EdgeAgentError, ProtocolError) as exc:
+            if self._stop.is_set():
+                self.log.info("%s: interrupted by shutdown (%s)", tag, exc)
+                return None
             code = _code_of(exc)
             self.log.error("%s: failed: %s (%s)", tag, exc, code.value)
             return self._failure(assign, code, str(exc) or type(exc).__name__)

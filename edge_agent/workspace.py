@@ -122,7 +122,8 @@ class AgentWorkspace:
     def _load_base(self, quant: str) -> tuple[Any, Any]:
         from edge_agent.model_store import load_base
 
-        return load_base(self.resolved_model(), quant)
+        resolved: Any = self.resolved_model()  # a model_store.ResolvedModel in production
+        return load_base(resolved, quant)
 
     # ----------------------------------------------------------------------- Workspace protocol
 

@@ -167,6 +167,27 @@ def test_run_refused_by_the_aggregator_exits_2_and_env_overrides_the_endpoint(
     assert (tmp_path / "state" / "outbox").is_dir()
 
 
+def test_run_with_unusable_curve_keys_exits_2(
+    runner: CliRunner, tmp_path: Path, fakes: dict[str, Any]
+) -> None:
+    config = agent_toml(tmp_path)
+    public, _ = zmq.auth.create_certificates(tmp_path, "server")
+    (tmp_path / "garbage").write_text("not a key\n")
+    secure = config.read_text().replace(
+        "insecure = true", f'secret_key = "garbage"\nserver_public_key = "{public}"'
+    )
+    config.write_text(secure)
+    result = runner.invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'garbage'}: cannot read the agent's")
+
+    config.write_text(secure.replace('"garbage"', f'"{public}"'))  # a public key, no secret
+    result = runner.invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {public}: holds no secret key (use the .key_secret file)\n"
+    assert "resolve" not in fakes  # keys are checked before the slow steps
+
+
 def test_profile_prints_json(runner: CliRunner, fakes: dict[str, Any]) -> None:
     result = runner.invoke(main, ["profile", "--no-measure"])
     assert result.exit_code == 0

@@ -4,6 +4,11 @@ Timings: heartbeat interval 0.1 s and liveness 3, so the agent gives up on a sil
 after 0.3 s; the fake training step sleeps 0.9 s, three liveness windows.
 """
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +42,7 @@ from protocol.messages import (
     Welcome,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 AGENT = "edge-1"
 SHA = "5a" * 32
 OTHER_SHA = "0f" * 32
@@ -349,7 +355,7 @@ def test_result_survives_restart_heartbeats_flow_during_training(harness: Harnes
 
 def test_reconnects_with_a_new_hello_after_the_aggregator_goes_silent(harness: Harness) -> None:
     agg = harness.agg
-    harness.connect()
+    running, _ = harness.connect()
     agg.expect(Heartbeat)
     agg.close()
     closed_at = time.monotonic()
@@ -366,8 +372,14 @@ def test_reconnects_with_a_new_hello_after_the_aggregator_goes_silent(harness: H
     assert agg.of_type(Hello, since=welcomed_at) == []  # stays up while answered
 
     # An aggregator that forgot the agent (restart, registry expiry) gets a new Hello at once.
-    agg.send(ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason="who are you"))
+    beat, _ = agg.expect(Heartbeat)
+    agg.send(ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason="who are you", ref=beat.msg_id))
     agg.expect(Hello, timeout=WINDOW)
+    # The answer to a heartbeat still in flight is not a refusal of that Hello.
+    agg.send(ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason="who are you", ref="late-beat"))
+    agg.welcome()
+    agg.expect(Heartbeat, where=lambda h: not h.probe)
+    assert running.code == [] and running.thread.is_alive()
 
 
 def test_version_mismatch_ends_run_with_exit_code_2(harness: Harness) -> None:
@@ -444,6 +456,98 @@ def test_curve_link_delivers_hello_to_a_curve_server(harness: Harness, tmp_path:
     harness.start(curve=CurveKeys.load(Path(agent_secret_file), Path(server_public)))
     hello, _ = harness.agg.expect(Hello)
     assert hello.agent_id == AGENT
+
+
+AGENT_PROCESS = textwrap.dedent(
+    """
+    import json, sys, types
+    from pathlib import Path
+
+    import edge_agent.methods
+    from edge_agent.methods import TaskOutput
+
+    config, sha, profile = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    store = types.ModuleType("edge_agent.model_store")
+    store.resolve_model = lambda spec, cache_dir=None, progress=False: types.SimpleNamespace(
+        name=spec, path=Path("/nonexistent"), sha256=sha
+    )
+    machine = types.ModuleType("edge_agent.profile")
+    machine.collect_profile = lambda measure=True, disk_path=None: profile
+    sys.modules["edge_agent.model_store"] = store
+    sys.modules["edge_agent.profile"] = machine
+
+
+    class Quick:
+        name = "fedit"
+
+        def run(self, task, ws):
+            n = len(ws.train_examples)
+            return TaskOutput(num_examples=n, metrics={"loss": 0.5}, blobs={"update": b"q" * 2048})
+
+
+    edge_agent.methods.client_methods = lambda: {"fedit": Quick}
+    from edge_agent.cli import main
+
+    main(["run", "--config", config])
+    """
+)
+
+
+def test_agent_process_killed_resends_after_restart_and_sigterm_says_bye(
+    harness: Harness, tmp_path: Path
+) -> None:
+    agg = harness.agg
+    script = tmp_path / "agent_process.py"
+    script.write_text(AGENT_PROCESS)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nid = "{AGENT}"\naggregator = "{agg.endpoint}"\ndata = "train.jsonl"\n'
+        "heartbeat_interval = 0.1\nreconnect_min = 0.05\nreconnect_max = 0.2\n"
+        "[security]\ninsecure = true\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), str(config), SHA, PROFILE.model_dump_json()]
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = tmp_path / "agent.log"
+
+    def spawn() -> subprocess.Popen[bytes]:
+        with open(logs, "ab") as out:
+            procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    try:
+        first = spawn()
+        agg.expect(Hello, timeout=30)
+        agg.welcome()
+        agg.send(assign("proc-1"))
+        result, _ = agg.expect(TaskResult, "proc-1", timeout=10)
+        first.send_signal(signal.SIGKILL)  # crash before the Ack
+        assert first.wait(10) == -signal.SIGKILL
+        assert harness.outbox_files() == ["0000000001-proc-1.efed"]
+
+        second = spawn()
+        agg.expect(Hello, timeout=30)
+        agg.welcome()
+        resent, message = agg.expect(TaskResult, "proc-1")
+        assert resent.msg_id == result.msg_id and resent.num_examples == 9
+        assert bytes(message.blobs["update"]) == b"q" * 2048
+        agg.send(Ack(task_id="proc-1"))
+        harness.wait_outbox_empty()
+        assert harness.outbox_files() == []
+
+        second.send_signal(signal.SIGTERM)
+        bye, _ = agg.expect(Bye)
+        assert bye.reason == "agent shutting down"
+        assert second.wait(10) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = logs.read_text()
+    assert "Traceback" not in text
+    assert "[edge-1] SIGTERM received; stopping" in text
+    assert "[edge-1] resent 1 results from the outbox" in text
 
 
 def test_backoff_doubles_to_the_cap_with_jitter() -> None:
