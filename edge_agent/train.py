@@ -108,8 +108,13 @@ def train_lora(
     progress: bool = False,
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters (its LoRA adapter) for ``cfg.steps`` steps."""
+    """Train the model's trainable parameters (its LoRA adapter) for ``cfg.steps`` steps.
+
+    ``should_stop`` is polled before each step (a daemon shutting down): when it returns True
+    the run ends and reports the steps done. ``on_step(steps_done)`` is called after each step.
+    """
     if not examples:
         raise DataError("no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -165,6 +170,8 @@ def train_lora(
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if on_step is not None:
+                    on_step(len(losses))
     finally:
         bar.close()
         model.train(was_training)

@@ -133,8 +133,12 @@ def test_should_stop_ends_early(make_model: Any, tokenizer: Any) -> None:
 
     model = make_model()
     cfg = TrainConfig(steps=50, batch_size=2, lr=1e-2)
-    result = train_lora(model, tokenizer, REPETITIVE, cfg, should_stop=stop_after_three)
+    done: list[int] = []
+    result = train_lora(
+        model, tokenizer, REPETITIVE, cfg, should_stop=stop_after_three, on_step=done.append
+    )
     assert result.steps == 3 and len(result.losses) == 3
+    assert done == [1, 2, 3]
     assert result.last_loss == result.losses[2]
 
     untouched = make_model()
