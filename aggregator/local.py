@@ -73,7 +73,7 @@ def prepare_model(model: str, cache: Path | None = None) -> dict[str, str]:
     return info
 
 
-def _keys(workdir: Path, agent_ids: list[str]) -> dict[str, Path]:
+def make_keys(workdir: Path, agent_ids: list[str]) -> dict[str, Path]:
     keys = workdir / "keys"
     allow = keys / "allow"
     for d in (keys, allow):
@@ -95,7 +95,7 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))
 
 
-def _write_agent_config(path: Path, values: dict[str, dict[str, object]]) -> None:
+def write_agent_config(path: Path, values: dict[str, dict[str, object]]) -> None:
     lines: list[str] = []
     for section, items in values.items():
         lines.append(f"[{section}]")
@@ -175,7 +175,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         (workdir / "data" / f"eval-{i + 1}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8"
         )
-    keys = None if opts.insecure else _keys(workdir, agent_ids)
+    keys = None if opts.insecure else make_keys(workdir, agent_ids)
 
     method_params: dict[str, Any] = {
         "lora": {"r": opts.rank, "alpha": 2.0 * opts.rank},
@@ -239,7 +239,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                     "server_public_key": str(keys["server_public"]),
                 }
             )
-            _write_agent_config(
+            write_agent_config(
                 cfg_path,
                 {
                     "agent": {

@@ -10,7 +10,7 @@ GGUF cache layout (one directory per GGUF file, keyed by the file's content)::
     <cache_dir>/<first 16 hex of sha256(gguf)>/   config.json, model.safetensors,
                                                    tokenizer files, edgefed-model.json
     <cache_dir>/<key>.lock                         flock held while converting
-    <cache_dir>/.<key>.tmp-<pid>/                  conversion in progress (renamed when done)
+    <cache_dir>/.<key>.tmp-<random>/               conversion in progress (renamed when done)
 
 ``edgefed-model.json`` is written last, inside the temporary directory, which is then renamed
 into place: a directory under its final name is always complete, and a crash mid-conversion
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,8 +250,7 @@ def _convert_into(gguf: Path, gguf_sha: str, cache: Path, target: Path, *, progr
     if target.exists():  # a directory under the final name without a valid marker
         logger.warning("removing incomplete model cache %s", target)
         shutil.rmtree(target)
-    tmp = cache / f".{key}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache))
     try:
         start = time.perf_counter()
         logger.info("converting %s into %s (once)", gguf.name, target)
@@ -282,23 +282,23 @@ def _gguf_to_hf_dir(gguf: Path, out: Path, *, progress: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        with _hf_progress(progress):
+    with _hf_progress(progress):
+        try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        raise ModelError(f"cannot read GGUF model {gguf}: {exc}") from None
-    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(model.state_dict(), strict=True, assign=True)
-    plain.tie_weights()
-    del model
-    plain.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+        except Exception as exc:  # the GGUF reader fails in many ways on a damaged file
+            raise ModelError(f"cannot read GGUF model {gguf}: {exc}") from None
+        # A GGUF-loaded model refuses save_pretrained: move its weights into a plain model.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict(), strict=True, assign=True)
+        plain.tie_weights()
+        del model
+        plain.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
 
 @contextlib.contextmanager
@@ -329,12 +329,18 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
 
 
 def _write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the hash from other readers
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_file(path: Path) -> None:
@@ -419,7 +425,7 @@ def load_base(
         with _hf_progress(False):
             model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # damaged files fail in many ways (safetensors, json, bnb...)
         raise ModelError(
             f"cannot load model {resolved.name} ({quant}, {dev}) from {resolved.path}: {exc}"
         ) from None
