@@ -75,16 +75,17 @@ def lora_config(spec: LoraSpec, base_model_name: str | None = None) -> LoraConfi
     """The peft ``LoraConfig`` for ``spec`` (causal LM, no bias)."""
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
-        rank_pattern=dict(spec.rank_pattern),
-        bias="none",
-        task_type=TaskType.CAUSAL_LM,
-        base_model_name_or_path=base_model_name,
-    )
+    options: dict[str, Any] = {
+        "r": spec.r,
+        "lora_alpha": spec.alpha,  # peft annotates int but computes alpha / r in float
+        "lora_dropout": spec.dropout,
+        "target_modules": list(spec.target_modules),
+        "rank_pattern": dict(spec.rank_pattern),
+        "bias": "none",
+        "task_type": TaskType.CAUSAL_LM,
+        "base_model_name_or_path": base_model_name,
+    }
+    return LoraConfig(**options)
 
 
 def adapter_config_dict(spec: LoraSpec, base_model_name: str) -> dict[str, Any]:
@@ -122,9 +123,11 @@ def _targets(model: torch.nn.Module, spec: LoraSpec) -> list[_Target]:
         for name, layer in layers:
             if "default" not in layer.lora_A:
                 continue
-            a = layer.lora_A["default"]
-            b = layer.lora_B["default"]
-            out.append(_Target(prefix + name, a.in_features, b.out_features, a.out_features))
+            a: Any = layer.lora_A["default"]
+            b: Any = layer.lora_B["default"]
+            out.append(
+                _Target(prefix + name, int(a.in_features), int(b.out_features), int(a.out_features))
+            )
         return out
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
@@ -153,6 +156,8 @@ def init_lora_state(
     model_or_peft: torch.nn.Module, spec: LoraSpec, init_seed: int
 ) -> dict[str, torch.Tensor]:
     """The initial adapter (float32, CPU) that :func:`attach_lora` sets for ``init_seed``."""
+    if isinstance(init_seed, bool) or not isinstance(init_seed, int) or not 0 <= init_seed < 2**64:
+        raise ConfigError(f"LoRA init_seed must be an integer in [0, 2**64), got {init_seed!r}")
     targets = _targets(model_or_peft, spec)
     if not targets:
         raise ModelError(f"no module of the model matches LoRA targets {spec.target_modules}")
@@ -179,7 +184,7 @@ def attach_lora(model: torch.nn.Module, spec: LoraSpec, *, init_seed: int) -> Pe
         raise ModelError("the model already carries a LoRA adapter")
     with torch.random.fork_rng(devices=[]):  # peft's own init draws from torch's RNG
         try:
-            peft_model = get_peft_model(model, lora_config(spec))  # type: ignore[arg-type]
+            peft_model = get_peft_model(model, lora_config(spec))
         except (ValueError, TypeError) as exc:
             raise ModelError(f"cannot attach LoRA {spec}: {exc}") from None
     state = init_lora_state(peft_model, spec, init_seed)
@@ -222,7 +227,7 @@ def set_adapter_state(peft_model: PeftModel, state: Mapping[str, torch.Tensor]) 
             problems.append(f"{key} has shape {list(got)}, expected {list(want)}")
     if problems:
         raise ModelError("adapter state does not fit the model: " + "; ".join(problems[:5]))
-    result = set_peft_model_state_dict(peft_model, dict(state))
+    result: Any = set_peft_model_state_dict(peft_model, dict(state))
     if result.unexpected_keys:  # cannot happen after the checks above; never ignore it
         raise ModelError(f"adapter keys not loaded: {_some(sorted(result.unexpected_keys))}")
 

@@ -367,9 +367,10 @@ def _nf4_compute_dtype(device: str) -> torch.dtype:
 
     Measured on the 2-core Xeon dev box (avx512_bf16), SmolLM2-135M in NF4, LoRA r=8 on all
     seven projections, batch 2 x 64 tokens, one forward+backward, 1 thread, CPU time, median
-    of 7: compute dtype fp32 1.38 s, bf16 1.82 s (bf16 with the whole model in bf16 was slower
-    still, 5-20x). bnb's CPU path casts to and from bf16 around every matmul, which costs more
-    than the bf16 GEMM saves. On CUDA bf16 is the standard QLoRA choice (not measured here).
+    of 7: compute dtype fp32 1.38 s, bf16 1.82 s. With the non-quantized weights in bf16 too
+    it was far slower (batch 4 x 128, wall time on the busy box: 24-54 s vs 3.4-4.7 s). bnb's
+    CPU path casts to and from bf16 around every matmul, which costs more than the bf16 GEMM
+    saves. On CUDA bf16 is the standard QLoRA choice (not measured here: no GPU).
     """
     import torch
 
@@ -399,6 +400,10 @@ def load_base(
     peft's ``prepare_model_for_kbit_training`` is not called: on CPU it changed nothing
     measurable (1.365 s vs 1.379 s per step, same setup as :func:`_nf4_compute_dtype`) because
     the non-quantized weights are already fp32, and its gradient checkpointing only slows down.
+
+    On CPU, NF4 and int8 loads are dominated by bitsandbytes' pure-torch quantization: 4-16 s
+    for SmolLM2-135M on the shared 2-core box. Saving the quantized model instead is not an
+    option: transformers 5.23 stores NF4 absmax in bf16, so reloaded logits differ.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -435,6 +440,8 @@ def load_base(
             raise ModelError(f"tokenizer of {resolved.name} has no pad, eos or unk token")
         tokenizer.pad_token = fallback
     model.config.use_cache = False
+    if quant == "nf4":
+        _disable_cpu_repacking(model)
     logger.info(
         "loaded %s (%s, %s) in %.1f s: %.1f MiB of base weights",
         resolved.name,
@@ -444,6 +451,20 @@ def load_base(
         base_param_bytes(model) / 2**20,
     )
     return model, tokenizer
+
+
+def _disable_cpu_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking NF4 weights for CPU inference.
+
+    bitsandbytes 0.50.2 repacks a Linear4bit's weight into a CPU layout on its first forward in
+    eval mode without gradients (on CPUs with AVX512-BF16); a later ``state_dict()`` (which
+    peft's get/set of the adapter calls) unpacks it but leaves the quantization state out of
+    step, and every forward after that is wrong (SmolLM2-135M: a batch's loss 1.51 → 14.71).
+    Agents evaluate and then load the next adapter, exactly that sequence, so we opt out.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (not a Tensor attr)
 
 
 def base_param_bytes(model: torch.nn.Module) -> int:

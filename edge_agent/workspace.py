@@ -12,7 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from edge_agent.errors import TaskError
 from protocol.errors import ErrorCode
@@ -120,10 +120,10 @@ class AgentWorkspace:
         )
 
     def _load_base(self, quant: str) -> tuple[Any, Any]:
-        from edge_agent.model_store import load_base
+        from edge_agent.model_store import Quant, load_base
 
         resolved: Any = self.resolved_model()  # a model_store.ResolvedModel in production
-        return load_base(resolved, quant)
+        return load_base(resolved, cast(Quant, quant))
 
     # ----------------------------------------------------------------------- Workspace protocol
 

@@ -94,6 +94,14 @@ def test_init_state_is_the_same_from_plain_peft_and_quantized_models(
     assert plain["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 128)
 
 
+def test_seed_out_of_range_is_a_config_error(tiny_resolved: ResolvedModel) -> None:
+    model = fresh(tiny_resolved)
+    for seed in (-1, 2**64):
+        with pytest.raises(ConfigError, match="init_seed must be an integer"):
+            init_lora_state(model, SPEC, seed)
+    assert len(init_lora_state(model, SPEC, 2**64 - 1)) == 8
+
+
 def test_attach_starts_at_the_base_model_and_trains_only_the_adapter(
     tiny_resolved: ResolvedModel,
 ) -> None:

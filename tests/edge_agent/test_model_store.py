@@ -132,7 +132,7 @@ def test_embedded_gguf_is_installed() -> None:
 
 
 class FakeConverter:
-    """Stands in for the GGUF dequantization: copies the tiny model, optionally slowly or failing."""
+    """Stands in for the GGUF dequantization: copies the tiny model, maybe slowly or failing."""
 
     def __init__(self, source: Path, *, delay: float = 0.0, fail: bool = False) -> None:
         self.source, self.delay, self.fail, self.calls = source, delay, fail, 0
@@ -175,7 +175,9 @@ def test_gguf_is_converted_once_then_a_cache_hit(
     marker = json.loads((first.path / MARKER).read_text())
     assert marker["sha256"] == first.sha256
     assert marker["source_sha256"] == hashlib.sha256(fake_gguf.read_bytes()).hexdigest()
-    assert marker["files"] == {"model.safetensors": (first.path / "model.safetensors").stat().st_size}
+    assert marker["files"] == {
+        "model.safetensors": (first.path / "model.safetensors").stat().st_size
+    }
     assert not list(cache.glob(".*.tmp-*"))
 
 
@@ -321,6 +323,8 @@ def test_embedded_model_converts_once_loads_in_nf4_and_generates(tmp_path: Path)
         49152,
     )
 
+    model: Any
+    tokenizer: Any
     model, tokenizer = load_base(first, "nf4", device="cpu")
     nbytes = base_param_bytes(model)
     assert 150 * 2**20 < nbytes < 190 * 2**20  # fp32 would be 513 MiB

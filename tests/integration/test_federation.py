@@ -34,10 +34,8 @@ FAST = {"heartbeat_interval": 0.25, "liveness": 12}
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tiny_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 def method_params() -> dict[str, Any]:
@@ -51,7 +49,9 @@ def method_params() -> dict[str, Any]:
 class Federation:
     """Data, keys and configs for one aggregator and N agents in a work dir."""
 
-    def __init__(self, work: Path, model_dir: Path, agents: int, *, rounds: int, eval: bool) -> None:
+    def __init__(
+        self, work: Path, model_dir: Path, agents: int, *, rounds: int, eval: bool
+    ) -> None:
         self.work = work
         self.model_dir = model_dir
         self.sha = weights_sha256(model_dir)
@@ -109,7 +109,14 @@ class Federation:
     def start_agent(self, agent_id: str, endpoint: str) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{agent_id}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.agent_config(agent_id, endpoint))],
+            [
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "run",
+                "--config",
+                str(self.agent_config(agent_id, endpoint)),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": os.getcwd()},
@@ -131,7 +138,8 @@ class Federation:
 
     def logs(self) -> str:
         return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.work.glob("*.log")
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in self.work.glob("*.log")
         )
 
 
@@ -218,7 +226,9 @@ def test_aggregator_sigkill_between_rounds_resumes(tmp_path: Path, tiny_dir: Pat
         log = open(tmp_path / "aggregator.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "aggregator", "serve", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.getcwd()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
         )
         log.close()
         return proc

