@@ -25,6 +25,8 @@ from safetensors.torch import save as st_save
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from protocol import randomness
+from protocol.frames import encode, frames_nbytes
+from protocol.messages import TaskResult
 from protocol.payloads import (
     decode,
     encode_dense,
@@ -118,7 +120,7 @@ def main() -> int:
     full = sum(HIDDEN * out for _, out in ATTN) * LAYERS * 4
     data = encode_lora(lora, method="fedit", round=1)
     enc = timed(lambda: encode_lora(lora, method="fedit", round=1), repeats)
-    lora_pct = report("lora r=8 (30 layers x q,k,v,o)", data, full, repeats, enc)
+    report("lora r=8 (30 layers x q,k,v,o)", data, full, repeats, enc)
     meta = {"edgefed.kind": "lora", "edgefed.method": "fedit", "edgefed.round": "1"}
     plain = st_save(lora, metadata=meta)
     enc = timed(lambda: st_save(lora, metadata=meta), repeats)
@@ -179,9 +181,29 @@ def main() -> int:
     emu_bytes = sum(t.nbytes for t in emulator.values())
     report(f"dense emulator ({emu_layers} layers)", data, emu_bytes, repeats, enc)
 
-    verdict = "met" if lora_pct <= 0.1 else "NOT met"
-    print(f"\ntarget <= 0.1% overhead for the LoRA payload: {lora_pct:.4f}% ({verdict})")
-    return 0 if lora_pct <= 0.1 else 1
+    # the whole message: signature + TaskResult header frame + the payload blob
+    lora_blob = encode_lora(lora, method="fedit", round=1)
+    header = TaskResult(
+        run_id="run-1",
+        round=1,
+        task_id="r1-train-0123456789abcdef01234567",
+        agent_id="edge-1",
+        method="fedit",
+        num_examples=64,
+        metrics={"train_loss": 1.2345, "train_loss_last": 0.9876, "steps": 12.0},
+    )
+    frames = encode(header, {"update": lora_blob})
+    on_wire = frames_nbytes(frames)
+    raw = sum(t.nbytes for t in lora.values())
+    msg_pct = 100 * (on_wire - raw) / raw
+    print(
+        f"\nwhole TaskResult message with the LoRA payload: {on_wire:,} B on the wire for "
+        f"{raw:,} B of tensors: overhead {on_wire - raw:,} B = {msg_pct:.4f}% "
+        f"(header frame {len(frames[1]):,} B)"
+    )
+    verdict = "met" if msg_pct <= 0.1 else "NOT met"
+    print(f"target <= 0.1% overhead for the >= 1 MB LoRA message: {msg_pct:.4f}% ({verdict})")
+    return 0 if msg_pct <= 0.1 else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""The benchmark scripts run in their --quick mode, so they never rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("script", "expect"),
+    [
+        ("wire_overhead.py", "target <= 0.1% overhead for the >= 1 MB LoRA message"),
+        ("randomness_rate.py", "rademacher numpy"),
+    ],
+)
+def test_benchmark_quick_mode(script: str, expect: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert expect in proc.stdout
