@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from aggregator.errors import AggregatorError
+from protocol.methods import NAMES
 
 log = logging.getLogger("aggregator")
 
@@ -84,7 +85,7 @@ def serve(
 
 
 @main.command()
-@click.option("--method", default="fedit", show_default=True)
+@click.option("--method", default="fedit", show_default=True, type=click.Choice(list(NAMES)))
 @click.option("--agents", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 1000))
 @click.option(

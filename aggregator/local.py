@@ -182,6 +182,11 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         "train": {"steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr},
         "eval": {"max_examples": max(len(s) for s in shards)},
     }
+    from protocol.methods import PARAMS
+
+    # the common blocks this method's parameters have (a method may have no LoRA, say)
+    fields = PARAMS[opts.method].model_fields if opts.method in PARAMS else {}
+    method_params = {k: v for k, v in method_params.items() if k in fields}
     method_params.update(opts.method_params or {})
     raw: dict[str, Any] = {
         "server": {

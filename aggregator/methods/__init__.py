@@ -7,6 +7,7 @@ holds every update at once), and owns the global state that is checkpointed.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,6 @@ MethodFactory = Callable[[Mapping[str, Any]], ServerMethod]
 
 def server_methods() -> dict[str, MethodFactory]:
     """Method name → factory taking the run's method parameters."""
-    from aggregator.methods import fedit
+    from protocol.methods import NAMES
 
-    return {"fedit": fedit.FeditServer}
+    return {n: importlib.import_module(f"aggregator.methods.{n}").Server for n in NAMES}

@@ -7,6 +7,7 @@ hooks) and returns a :class:`TaskOutput` of plain data. The daemon does the I/O 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,6 +74,6 @@ MethodFactory = Callable[[], ClientMethod]
 
 def client_methods() -> dict[str, MethodFactory]:
     """Method name → factory of its client half (imported lazily: they pull in torch/peft)."""
-    from edge_agent.methods import fedit
+    from protocol.methods import NAMES
 
-    return {"fedit": fedit.FeditClient}
+    return {n: importlib.import_module(f"edge_agent.methods.{n}").Client for n in NAMES}

@@ -1,19 +1,23 @@
 """Per-method wire specs: each method's task parameters, validated the same way on both sides.
 
-``protocol/methods/X.py`` defines ``Params`` (a pydantic model) for method ``X``; this registry
-maps method names to them. The agent and aggregator each keep a registry of their own halves
-with the same names (a test checks that every method has all three files).
+Every method ``X`` named in :data:`NAMES` lives in three files with one name:
+``protocol/methods/X.py`` (its ``Params`` pydantic model and payload conventions),
+``edge_agent/methods/X.py`` (its ``Client``), ``aggregator/methods/X.py`` (its ``Server``).
+The three registries are built from :data:`NAMES`; a test checks all three files exist.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.methods import fedit
+
+NAMES: tuple[str, ...] = ("fedit",)
+"""Every method edgefed ships, in the order `--help` lists them."""
 
 
 class UnknownMethod(ProtocolError):
@@ -25,7 +29,7 @@ class BadParams(ProtocolError):
 
 
 PARAMS: Mapping[str, type[BaseModel]] = {
-    "fedit": fedit.Params,
+    name: importlib.import_module(f"protocol.methods.{name}").Params for name in NAMES
 }
 
 
