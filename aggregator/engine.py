@@ -73,6 +73,8 @@ class RoundSummary:
     bytes_down: float = 0.0
     seconds: float = 0.0
     rejected: int = 0
+    method: dict[str, float] = field(default_factory=dict)
+    """What the method reports of the round (e.g. SLoRA's stage and density)."""
 
     def as_metrics(self) -> dict[str, float]:
         out = {
@@ -510,6 +512,7 @@ class RoundEngine:
             summary.bytes_down = sum(phase.bytes_down.values()) / n
             summary.seconds = now - phase.started
             summary.rejected = phase.rejected
+            summary.method = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
             tensors, meta = self.method.state()
             manifest = self.store.save(
                 phase.round, tensors, method=self.run.method, meta={**meta, "run_id": self.run_id}
@@ -518,7 +521,7 @@ class RoundEngine:
                 self.run_id,
                 phase.round,
                 manifest.files.get("global.safetensors", ""),
-                {**summary.as_metrics(), **metrics},
+                {**summary.as_metrics(), **summary.method},
                 time.time(),
             )
             self.round = phase.round

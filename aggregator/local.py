@@ -128,7 +128,8 @@ class RoundTable:
         print(
             f"{s.round:>5} {s.agents if s.round else '-':>6} {self._fmt(s.train_loss, '.4f'):>10} "
             f"{self._fmt(s.eval_loss, '.4f'):>9} {self._fmt(s.eval_em, '.3f'):>7} "
-            f"{up:>10} {down:>10} {s.seconds if s.round else 0:>7.1f}",
+            f"{up:>10} {down:>10} {s.seconds if s.round else 0:>7.1f}"
+            + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples"),
             file=self.out,
             flush=True,
         )
@@ -306,7 +307,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         )
         result["merged"] = str(merged)
         print(f"exported merged model: {merged}", file=out)
-    result["rows"] = [r.as_metrics() | {"round": r.round} for r in table.rows]
+    result["rows"] = [r.as_metrics() | r.method | {"round": r.round} for r in table.rows]
     result["seconds"] = time.monotonic() - started
     print(f"done in {result['seconds']:.0f} s", file=out, flush=True)
     (workdir / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

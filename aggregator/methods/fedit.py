@@ -132,4 +132,6 @@ class FeditServer:
         return write_peft_adapter(
             out_dir, self.global_state, self.params.lora, base_model_name=base_model_name
         )
+
+
 Server = FeditServer
