@@ -241,7 +241,7 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
     """Export the global result as a PEFT adapter directory (and optionally merged)."""
     from aggregator.checkpoint import CheckpointStore
     from aggregator.export import merge_into_base
-    from aggregator.methods import server_methods
+    from aggregator.methods import MethodContext, server_methods
 
     try:
         ledger = _open_ledger(state_dir)
@@ -253,7 +253,14 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
         store = CheckpointStore(state_dir / "checkpoints")
         tensors, manifest, _ = store.load(round_)
         cfg = run["config"]
-        method = server_methods()[run["method"]](cfg.get("method", {}))
+        model_dir = cfg["run"].get("model_dir")
+        context = MethodContext(
+            model_name=cfg["run"]["model"],
+            model_dir=Path(model_dir) if model_dir else None,
+            state_dir=state_dir,
+            seed=cfg["run"].get("seed", 0),
+        )
+        method = server_methods()[run["method"]](cfg.get("method", {}), context)
         method.restore(tensors, manifest.meta)
         written = method.export(out / "adapter", base_model_name=cfg["run"]["model"])
         click.echo(f"exported round {manifest.round}: {written['adapter']}")

@@ -20,7 +20,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError
 from aggregator.ledger import Ledger
-from aggregator.methods import server_methods
+from aggregator.methods import MethodContext, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import decode, encode
@@ -44,7 +44,13 @@ class AggregatorService:
         factories = server_methods()
         if config.run.method not in factories:
             raise ConfigError(f"unknown method {config.run.method!r}; known: {sorted(factories)}")
-        self.method = factories[config.run.method](config.method)
+        context = MethodContext(
+            model_name=config.run.model,
+            model_dir=config.run.model_dir,
+            state_dir=state,
+            seed=config.run.seed,
+        )
+        self.method = factories[config.run.method](config.method, context)
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
         self.engine = RoundEngine(

@@ -69,7 +69,18 @@ class ServerMethod(Protocol):
         ...
 
 
-MethodFactory = Callable[[Mapping[str, Any]], ServerMethod]
+@dataclass(frozen=True)
+class MethodContext:
+    """What a server method may know of the run besides its parameters."""
+
+    model_name: str = ""
+    model_dir: Path | None = None
+    """A local copy of the base model (HF directory), when the operator gave one."""
+    state_dir: Path | None = None
+    seed: int = 0
+
+
+MethodFactory = Callable[[Mapping[str, Any], MethodContext], ServerMethod]
 
 
 def server_methods() -> dict[str, MethodFactory]:

@@ -11,7 +11,7 @@ import torch
 
 from aggregator.errors import UpdateRejected
 from aggregator.export import write_peft_adapter
-from aggregator.methods import Assignment, Update
+from aggregator.methods import Assignment, MethodContext, Update
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import TaskResult
@@ -46,7 +46,7 @@ class FedAvg:
 class FeditServer:
     name = spec.NAME
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
+    def __init__(self, params: Mapping[str, Any], context: MethodContext | None = None) -> None:
         parsed = parse_params(spec.NAME, params)
         assert isinstance(parsed, spec.Params)
         self.params: spec.Params = parsed
