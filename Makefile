@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefed-installed
 
-.PHONY: venv demo test lint typecheck pytest clean bench
+.PHONY: venv demo test lint typecheck pytest clean bench fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,3 +39,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+
+# Long fuzz run of what agents can send (minutes); CI runs a short one.
+fuzz: venv
+	EDGEFED_FUZZ_EXAMPLES=$${EDGEFED_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/integration/test_fuzz.py

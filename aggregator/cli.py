@@ -304,5 +304,22 @@ def config_check(config_path: Path) -> None:
     click.echo("ok")
 
 
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--run-id", default=None, help="Default: the latest run in the ledger.")
+def report(state_dir: Path, out: Path, run_id: str | None) -> None:
+    """Plots of loss, eval score and bytes per agent per round (PNG) and an HTML page."""
+    from aggregator.report import write_report
+
+    try:
+        files = write_report(state_dir, out, run_id)
+    except AggregatorError as exc:
+        _fail(str(exc))
+    click.echo(f"report: {files.html}")
+    for png in (files.loss, files.eval, files.bytes):
+        click.echo(f"plot:   {png}")
+
+
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import zmq
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Outgoing, RoundEngine, RoundSummary
-from aggregator.errors import ConfigError
+from aggregator.errors import ConfigError, StateError
 from aggregator.ledger import Ledger
 from aggregator.methods import MethodContext, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
@@ -142,6 +142,12 @@ class AggregatorService:
         except ProtocolError as exc:
             log.warning("agent %s: %s", agent_id, exc)
             self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+        except StateError:
+            raise  # the ledger or checkpoints failed: stop rather than run on without durability
+        except Exception:  # the message boundary: one bad message never stops the service
+            log.exception("agent %s: internal error on %s", agent_id, msg.header.type)
+            reply = ErrorReply(code=ErrorCode.INTERNAL, reason="internal error; see the aggregator log")
+            self._send(sock, Outgoing(agent_id, reply))
 
     def run(self) -> int:
         """Serve until the run is finished or ``should_exit``; return an exit code."""

@@ -1,0 +1,323 @@
+"""Ferret server half: average coefficients per (group, seed), rebuild and apply the step.
+
+The server holds the global weights (the base from ``run.model_dir`` plus every round's step)
+and the coefficient history. What it checkpoints is the history alone: the weights are the
+base plus the history replayed, bit for bit (``protocol.methods._ferret_math.apply_step``), so
+``restore`` rebuilds them. Each agent is sent the aggregated triples of the rounds it has not
+applied yet, or, more than ``max_catchup`` rounds behind, the dense weights once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aggregator.errors import ConfigError, StateError, UpdateRejected
+from aggregator.methods import Assignment, MethodContext, Update
+from protocol import payloads
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import TaskResult
+from protocol.methods import _ferret_math as fm
+from protocol.methods import ferret as spec
+from protocol.methods import parse_params
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_HISTORY = ("round", "group", "seed", "value")
+_NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf", ".pt", ".pth")
+Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def load_base_weights(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The base model's parameters by name (safetensors only; a tied LM head once)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"ferret: no *.safetensors weights in run.model_dir {model_dir}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text("utf-8")) if config_path.exists() else {}
+    if config.get("tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)
+    return {n: t.to(dtype).contiguous() for n, t in weights.items()}
+
+
+class FerretServer:
+    name = spec.NAME
+
+    def __init__(self, params: Mapping[str, Any], context: MethodContext | None = None) -> None:
+        parsed = parse_params(spec.NAME, params)
+        assert isinstance(parsed, spec.Params)
+        context = context or MethodContext()
+        if context.model_dir is None:
+            raise ConfigError(
+                "ferret needs the base model's weights on the aggregator: set run.model_dir"
+            )
+        self.model_dir = Path(context.model_dir)
+        self.p = parsed.ferret
+        self.dtype = _DTYPES[self.p.dtype]
+        self.weights = load_base_weights(self.model_dir, self.dtype)
+        self.layout = fm.build_layout({n: tuple(t.shape) for n, t in self.weights.items()})
+        if self.p.layout is not None and self.p.layout != self.layout.sha256():
+            raise ConfigError("ferret.layout does not match the model in run.model_dir")
+        self.params: spec.Params = parsed.model_copy(
+            update={"ferret": self.p.model_copy(update={"layout": self.layout.sha256()})}
+        )
+        self.p = self.params.ferret
+        self._params_json = self.params.model_dump(mode="json")
+        self.round = 0
+        self.history: dict[int, Triples] = {}
+        self._held: dict[str, int] = {}
+        self._sent: dict[str, tuple[tuple[str, int], dict[str, bytes]]] = {}
+        self._step_payloads: dict[int, bytes] = {}
+        self._dense: tuple[int, bytes] | None = None
+        self.begin_round(1)
+        log.info(
+            "ferret: %d parameters in %d groups, K = %d, %s",
+            self.layout.numel,
+            len(self.layout.groups),
+            self.p.k,
+            self.p.dtype,
+        )
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.layout.groups)
+
+    # --- what agents are sent ---------------------------------------------------------------
+
+    def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
+        target = round if kind == "eval" else round - 1
+        if target != self.round:
+            raise StateError(
+                f"ferret: asked for round {target}'s model, holding round {self.round}"
+            )
+        sent = self._sent.get(agent_id)
+        if sent is not None and sent[0] == (kind, round):
+            blobs = sent[1]  # the same task again (the agent reconnected): the same blobs
+        else:
+            blobs = self._catch_up(agent_id, target)
+            self._sent[agent_id] = ((kind, round), blobs)
+            self._held[agent_id] = target
+        return Assignment(params=self._params_json, blobs=blobs)
+
+    def _catch_up(self, agent_id: str, target: int) -> dict[str, bytes]:
+        start = self._held.get(agent_id, 0)  # unknown agents may hold the base
+        if start == target:
+            return {}
+        if 0 <= start < target and target - start <= self.p.max_catchup:
+            return {spec.step_blob(r): self._step_payload(r) for r in range(start + 1, target + 1)}
+        return {spec.GLOBAL_BLOB: self._dense_payload(target)}
+
+    def _step_payload(self, round: int) -> bytes:
+        data = self._step_payloads.get(round)
+        if data is None:
+            group, seed, value = self.history[round]
+            data = payloads.encode_seedcoef(
+                group,
+                seed,
+                value,
+                base_seed=fm.round_base_seed(self.p.seed, round),
+                k=self.p.k,
+                n_groups=self.n_groups,
+                method=self.name,
+                round=round,
+            )
+            for old in [r for r in self._step_payloads if r <= round - self.p.max_catchup]:
+                del self._step_payloads[old]
+            self._step_payloads[round] = data
+        return data
+
+    def _dense_payload(self, round: int) -> bytes:
+        if self._dense is None or self._dense[0] != round:
+            log.info("ferret: encoding the dense global model of round %d", round)
+            self._dense = (
+                round,
+                payloads.encode_dense(self.weights, method=self.name, round=round),
+            )
+        return self._dense[1]
+
+    # --- what comes back --------------------------------------------------------------------
+
+    def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
+        if set(blobs) != {spec.UPDATE_BLOB}:
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH,
+                f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}",
+            )
+        expect = payloads.Expect(
+            kind=payloads.PayloadKind.SEEDCOEF,
+            method=self.name,
+            round=round,
+            base_seed=fm.round_base_seed(self.p.seed, round),
+            k=self.p.k,
+            n_groups=self.n_groups,
+        )
+        try:
+            payload = payloads.decode(blobs[spec.UPDATE_BLOB], expect)
+        except ProtocolError as exc:
+            raise UpdateRejected(exc.code, str(exc)) from None
+        n_triples = payload.tensors["value"].numel()
+        held = result.metrics.get(spec.HELD_ROUND)
+        if result.metrics.get(spec.OUT_OF_SYNC):
+            if result.num_examples != 0 or n_triples or held is None:
+                raise UpdateRejected(
+                    ErrorCode.PAYLOAD_MISMATCH, "an out-of-sync result carries no update"
+                )
+            # behind: send from there; ahead (an older global state was restored): dense
+            self._held[result.agent_id] = int(held) if 0 <= held < round else -1
+            log.warning(
+                "ferret: %s holds round %d, not %d; it will be resynced",
+                result.agent_id,
+                int(held),
+                round - 1,
+            )
+        elif held is not None and held != round - 1:
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH,
+                f"update trained from global round {held:g}, not {round - 1}",
+            )
+        elif n_triples == 0 and result.num_examples > 0:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no coefficients")
+        return Update(
+            agent_id=result.agent_id,
+            task_id=result.task_id,
+            num_examples=result.num_examples,
+            tensors=payload.tensors,
+            metrics=dict(result.metrics),
+        )
+
+    # --- aggregation ------------------------------------------------------------------------
+
+    def begin_round(self, round: int) -> None:
+        self._sums = torch.zeros(self.n_groups * self.p.k, dtype=torch.float64)
+        self._weight = 0
+
+    def add(self, update: Update) -> None:
+        t = update.tensors
+        if update.num_examples <= 0 or t["value"].numel() == 0:
+            return
+        index = t["group"].to(torch.int64) * self.p.k + t["seed"].to(torch.int64)
+        self._sums.index_add_(0, index, t["value"].to(torch.float64) * update.num_examples)
+        self._weight += update.num_examples
+
+    def finish_round(self, round: int) -> dict[str, float]:
+        if round != self.round + 1:
+            raise StateError(f"ferret: finishing round {round} after round {self.round}")
+        started = time.perf_counter()
+        mean = (self._sums / max(self._weight, 1)).to(torch.float32)
+        flat = torch.nonzero(mean).squeeze(1)  # ascending: sorted by (group, seed)
+        triples = (
+            (flat // self.p.k).to(torch.int32),
+            (flat % self.p.k).to(torch.int32),
+            mean[flat].clone(),
+        )
+        stats = self._apply(round, triples, measure=True)
+        seconds = time.perf_counter() - started
+        log.info(
+            "round %d: step of %d triples (%d clipped) rebuilt and applied in %.2f s",
+            round,
+            stats.terms,
+            stats.clipped,
+            seconds,
+        )
+        return {
+            "k": float(self.p.k),
+            "triples": float(stats.terms),
+            "recon_s": seconds,
+            "clipped": float(stats.clipped),
+            "step_norm": math.sqrt(stats.sq_norm),
+            "examples": float(self._weight),
+        }
+
+    def _apply(self, round: int, triples: Triples, *, measure: bool = False) -> fm.StepStats:
+        stats = fm.apply_step(
+            self.weights,
+            self.layout,
+            fm.round_base_seed(self.p.seed, round),
+            *triples,
+            server_lr=self.p.server_lr,
+            clip_norm=self.p.clip_norm,
+            measure=measure,
+        )
+        self.history[round] = triples
+        self.round = round
+        self._dense = None
+        return stats
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        rounds = sorted(self.history)
+        cols: dict[str, list[torch.Tensor]] = {k: [] for k in _HISTORY}
+        for r in rounds:
+            group, seed, value = self.history[r]
+            cols["round"].append(torch.full((group.numel(),), r, dtype=torch.int32))
+            cols["group"].append(group)
+            cols["seed"].append(seed)
+            cols["value"].append(value)
+        dtypes = {"round": torch.int32, "group": torch.int32, "seed": torch.int32}
+        tensors = {
+            f"history.{k}": torch.cat(v)
+            if v
+            else torch.zeros(0, dtype=dtypes.get(k, torch.float32))
+            for k, v in cols.items()
+        }
+        meta = {
+            "params": json.dumps(self._params_json, sort_keys=True),
+            "layout": self.layout.sha256(),
+            "round": str(self.round),
+        }
+        return tensors, meta
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        if meta.get("layout", self.layout.sha256()) != self.layout.sha256():
+            raise StateError("the checkpoint was made with another model (Ferret layout differs)")
+        want = int(meta.get("round", "0"))
+        started = time.perf_counter()
+        if self.round:
+            self.weights = load_base_weights(self.model_dir, self.dtype)
+        self.round, self.history = 0, {}
+        self._held, self._sent, self._step_payloads, self._dense = {}, {}, {}, None
+        rounds = tensors["history.round"].to(torch.int64)
+        for r in range(1, want + 1):
+            mask = rounds == r
+            triples = (
+                tensors["history.group"][mask].to(torch.int32),
+                tensors["history.seed"][mask].to(torch.int32),
+                tensors["history.value"][mask].to(torch.float32),
+            )
+            self._apply(r, triples)
+        log.info(
+            "ferret: rebuilt the global model of round %d from the base in %.1f s",
+            want,
+            time.perf_counter() - started,
+        )
+
+    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
+        """The full fine-tuned model as an HF directory (Ferret has no adapter)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.model_dir.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_NOT_COPIED):
+                shutil.copy2(f, out_dir / f.name)
+        (out_dir / "edgefed-model.json").unlink(missing_ok=True)
+        weights = out_dir / "model.safetensors"
+        save_file(self.weights, str(weights), metadata={"format": "pt"})
+        info = {"method": self.name, "base_model": base_model_name, "round": self.round}
+        (out_dir / "ferret.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return {"model": out_dir, "weights": weights, "adapter": out_dir}
+
+
+Server = FerretServer

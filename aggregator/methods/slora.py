@@ -1,0 +1,379 @@
+"""SLoRA server half: FedAvg of seeded-mask values (stage 1), SVD switch, then FedAvg of LoRA.
+
+Stage 1 global state: per target weight, the float32 vector ``W[mask] - W_base[mask]`` (the
+accumulated sparse update; empty before the first commit, meaning zero). When round
+``sparse.stage1_rounds`` commits, :func:`svd_init` turns each target's ``ΔW`` into LoRA factors
+and the global state becomes that adapter (peft names); later rounds are FedIT's FedAvg.
+The stage, the mask seed and the target shapes are checkpoint metadata, so a restarted
+aggregator resumes in the stage it was in.
+
+The target shapes come from the base model's safetensors headers when the run names a local
+``model_dir``; otherwise from the first accepted stage-1 update (its payload's full shapes,
+names restricted to the LoRA targets), fixed from then on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregator.errors import StateError, UpdateRejected
+from aggregator.export import write_peft_adapter
+from aggregator.methods import Assignment, MethodContext, Update
+from aggregator.methods.fedit import FedAvg
+from protocol import payloads, randomness
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import TaskResult
+from protocol.methods import parse_params
+from protocol.methods import slora as spec
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+Shapes = dict[str, tuple[int, int]]
+
+
+# --- targets and masks --------------------------------------------------------------------------
+
+
+def is_target(param_name: str, target_modules: tuple[str, ...]) -> bool:
+    """peft's rule for a list of target names: the module name is one, or ends in ``.<one>``."""
+    if not param_name.endswith(".weight"):
+        return False
+    module = param_name.removesuffix(".weight")
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def target_shapes(model_dir: Path, target_modules: tuple[str, ...]) -> Shapes:
+    """Names and shapes of the 2-D target weights, read from safetensors headers only."""
+    from safetensors import safe_open
+
+    shapes: Shapes = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise StateError(f"{model_dir} holds no safetensors weights")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is no Mapping)
+                shape = tuple(f.get_slice(name).get_shape())
+                if is_target(name, target_modules) and len(shape) == 2:
+                    shapes[name] = (int(shape[0]), int(shape[1]))
+    if not shapes:
+        raise StateError(f"no weight in {model_dir} matches the targets {list(target_modules)}")
+    return dict(sorted(shapes.items()))
+
+
+def mask_of(seed: int, name: str, numel: int, density: float) -> torch.Tensor:
+    """The flat indices of ``name``'s mask (the spec's ``mask_indices``), int64."""
+    key = randomness.stream_key(seed, name)
+    return torch.from_numpy(randomness.mask_indices(key, numel, density))
+
+
+# --- the switch ---------------------------------------------------------------------------------
+
+
+def svd_init(
+    delta: torch.Tensor, r: int, scaling: float, *, a_name: str, init_seed: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors ``(A [r, in], B [out, r])`` with ``scaling·B·A`` = the rank-r SVD of ``delta``.
+
+    ``B = U_r·sqrt(S_r)/sqrt(scaling)``, ``A = sqrt(S_r)·V_rᵀ/sqrt(scaling)`` (float64, stored
+    float32). Components with a zero singular value (or beyond ``min(out, in)``) would never
+    train (both factors zero), so their ``A`` rows get the seeded LoRA init of
+    ``edge_agent.lora`` and their ``B`` columns stay zero, which leaves ``scaling·B·A`` as is.
+    Also returns the share of ``‖delta‖²`` the rank-r approximation keeps (1.0 for zero).
+    """
+    out_f, in_f = delta.shape
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    k = min(r, s.numel())
+    root = torch.sqrt(s[:k] / scaling)
+    b = torch.zeros(out_f, r, dtype=torch.float64)
+    a = torch.zeros(r, in_f, dtype=torch.float64)
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vh[:k]
+    tol = (float(s[0]) if s.numel() else 0.0) * max(out_f, in_f) * torch.finfo(torch.float64).eps
+    dead = [i for i in range(r) if i >= k or float(s[i]) <= tol]
+    if dead:
+        key = randomness.stream_key(init_seed, a_name)
+        u01 = torch.from_numpy(randomness.uniform(key, r * in_f)).reshape(r, in_f)
+        seeded = (2.0 * u01 - 1.0) / math.sqrt(in_f)
+        for i in dead:
+            a[i] = seeded[i]
+            b[:, i] = 0.0
+    total = float((s**2).sum())
+    kept = float((s[:k] ** 2).sum())
+    return a.to(torch.float32), b.to(torch.float32), kept / total if total > 0 else 1.0
+
+
+def scatter(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense ``ΔW`` (float64) with ``values`` at the flat positions ``mask``."""
+    dense = torch.zeros(math.prod(shape), dtype=torch.float64)
+    dense[mask] = values.to(torch.float64)
+    return dense.reshape(shape)
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+class SloraServer:
+    name = spec.NAME
+
+    def __init__(self, params: Mapping[str, Any], context: MethodContext | None = None) -> None:
+        parsed = parse_params(spec.NAME, params)
+        assert isinstance(parsed, spec.Params)
+        context = context or MethodContext()
+        seed = parsed.sparse.mask_seed
+        self.mask_seed: int = context.seed if seed is None else seed
+        sparse = parsed.sparse.model_copy(update={"mask_seed": self.mask_seed})
+        self.params: spec.Params = parsed.model_copy(update={"sparse": sparse})
+        self.targets = tuple(self.params.lora.target_modules)
+        self.shapes: Shapes | None = None
+        if context.model_dir is not None:
+            self.shapes = target_shapes(context.model_dir, self.targets)
+        self.stage = 1
+        self.values: dict[str, torch.Tensor] = {}  # stage 1: accumulated masked update
+        self.lora: dict[str, torch.Tensor] = {}  # stage 2: global adapter
+        self.svd_energy: float | None = None
+        self._counts: dict[str, int] | None = None
+        self._payload: tuple[int, int, bytes] | None = None
+        self._acc = FedAvg()
+
+    @property
+    def density(self) -> float:
+        return self.params.sparse.density
+
+    def mask_counts(self) -> dict[str, int]:
+        """Masked entries per target (needs the shapes)."""
+        if self._counts is None:
+            if self.shapes is None:
+                raise StateError("the target shapes are not known yet")
+            self._counts = {
+                n: randomness.mask_count(
+                    randomness.stream_key(self.mask_seed, n), math.prod(s), self.density
+                )
+                for n, s in self.shapes.items()
+            }
+        return self._counts
+
+    # --- what agents are sent -----------------------------------------------------------------
+
+    def _global_payload(self, round: int) -> bytes | None:
+        if self._payload is None or self._payload[:2] != (round, self.stage):
+            if self.stage == 1:
+                if not self.values or self.shapes is None:
+                    return None
+                data = payloads.encode_masked(
+                    self.values,
+                    self.shapes,
+                    seed=self.mask_seed,
+                    density=self.density,
+                    method=self.name,
+                    round=round,
+                )
+            else:
+                data = payloads.encode_lora(self.lora, method=self.name, round=round)
+            self._payload = (round, self.stage, data)
+        return self._payload[2]
+
+    def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
+        params = self.params.model_copy(update={"stage": self.stage})
+        blob = self._global_payload(round)
+        blobs = {spec.GLOBAL_BLOB: blob} if blob is not None else {}
+        return Assignment(params=params.model_dump(mode="json"), blobs=blobs)
+
+    # --- what comes back ----------------------------------------------------------------------
+
+    def _expect(self, round: int) -> payloads.Expect:
+        if self.stage == 2:
+            return payloads.Expect(
+                kind=payloads.PayloadKind.LORA,
+                method=self.name,
+                round=round,
+                tensors={
+                    k: payloads.TensorSpec(shape=tuple(v.shape), dtype=torch.float32)
+                    for k, v in self.lora.items()
+                },
+                max_rank=self.params.lora.r,
+            )
+        tensors = None
+        if self.shapes is not None:
+            tensors = {
+                n: payloads.TensorSpec(shape=(c,), dtype=torch.float32)
+                for n, c in self.mask_counts().items()
+            }
+        return payloads.Expect(
+            kind=payloads.PayloadKind.MASKED,
+            method=self.name,
+            round=round,
+            tensors=tensors,
+            shapes=self.shapes,
+            seed=self.mask_seed,
+            density=self.density,
+        )
+
+    def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
+        if set(blobs) != {spec.UPDATE_BLOB}:
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH,
+                f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}",
+            )
+        try:
+            payload = payloads.decode(blobs[spec.UPDATE_BLOB], self._expect(round))
+        except ProtocolError as exc:
+            raise UpdateRejected(exc.code, str(exc)) from None
+        if not payload.tensors:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
+        if self.stage == 1 and self.shapes is None:
+            self._learn_shapes(payload)
+        return Update(
+            agent_id=result.agent_id,
+            task_id=result.task_id,
+            num_examples=result.num_examples,
+            tensors=payload.tensors,
+            metrics=dict(result.metrics),
+        )
+
+    def _learn_shapes(self, payload: payloads.Payload) -> None:
+        """Without a model directory, the first update fixes the targets (LoRA targets only)."""
+        shapes = payload.shapes
+        bad = [n for n, s in shapes.items() if not is_target(n, self.targets) or len(s) != 2]
+        if bad:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"not LoRA target weights: {bad[:3]}")
+        self.shapes = {n: (int(s[0]), int(s[1])) for n, s in sorted(shapes.items())}
+        log.info("target shapes taken from the first update: %d weights", len(self.shapes))
+
+    # --- aggregation --------------------------------------------------------------------------
+
+    def begin_round(self, round: int) -> None:
+        self._acc = FedAvg()
+
+    def add(self, update: Update) -> None:
+        self._acc.add(update.tensors, update.num_examples)
+
+    def finish_round(self, round: int) -> dict[str, float]:
+        mean = self._acc.mean()
+        metrics = {"examples": float(self._acc.weight), "stage": float(self.stage)}
+        self._payload = None
+        if self.stage == 2:
+            if mean:
+                self.lora = mean
+            return metrics
+        if mean:
+            self.values = mean
+        metrics["density"] = self.density
+        if round >= self.params.sparse.stage1_rounds:
+            if self.shapes is None:
+                log.warning("round %d: no update yet, the switch to LoRA waits", round)
+            else:
+                self.lora, self.svd_energy = self.lora_from_sparse()
+                self.stage, self.values = 2, {}
+                metrics["svd_energy"] = self.svd_energy
+                log.info(
+                    "round %d: switched to LoRA r=%d (keeps %.1f%% of the update's energy)",
+                    round,
+                    self.params.lora.r,
+                    100 * self.svd_energy,
+                )
+        return metrics
+
+    def delta_w(self, name: str) -> torch.Tensor:
+        """The dense stage-1 update ``ΔW`` of target ``name`` (float64; zero before round 1)."""
+        if self.shapes is None:
+            raise StateError("the target shapes are not known yet")
+        shape = self.shapes[name]
+        values = self.values.get(name)
+        if values is None:
+            return torch.zeros(shape, dtype=torch.float64)
+        return scatter(values, mask_of(self.mask_seed, name, math.prod(shape), self.density), shape)
+
+    def lora_from_sparse(self) -> tuple[dict[str, torch.Tensor], float]:
+        """The SVD-initialised adapter of the current stage-1 update, and the energy it keeps."""
+        assert self.shapes is not None
+        lora = self.params.lora
+        state: dict[str, torch.Tensor] = {}
+        kept = total = 0.0
+        for name in self.shapes:
+            delta = self.delta_w(name)
+            module = PEFT_PREFIX + name.removesuffix(".weight")
+            a, b, share = svd_init(
+                delta,
+                lora.r,
+                lora.scaling,
+                a_name=f"{module}.lora_A.weight",
+                init_seed=lora.init_seed,
+            )
+            state[f"{module}.lora_A.weight"] = a
+            state[f"{module}.lora_B.weight"] = b
+            energy = float((delta**2).sum())
+            kept, total = kept + share * energy, total + energy
+        return state, kept / total if total > 0 else 1.0
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        meta = {
+            "params": json.dumps(self.params.model_dump(mode="json"), sort_keys=True),
+            "stage": str(self.stage),
+            "mask_seed": str(self.mask_seed),
+            "shapes": json.dumps(self.shapes) if self.shapes is not None else "",
+        }
+        if self.svd_energy is not None:
+            meta["svd_energy"] = repr(self.svd_energy)
+        tensors = self.values if self.stage == 1 else self.lora
+        return dict(tensors), meta
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        try:
+            stage = int(meta.get("stage", "1"))
+            seed = int(meta.get("mask_seed", str(self.mask_seed)))
+            raw = meta.get("shapes", "")
+            shapes = (
+                {k: (int(v[0]), int(v[1])) for k, v in json.loads(raw).items()} if raw else None
+            )
+        except (ValueError, TypeError, IndexError, json.JSONDecodeError) as exc:
+            raise StateError(f"slora checkpoint metadata is damaged: {exc}") from None
+        if stage not in (1, 2):
+            raise StateError(f"slora checkpoint names stage {stage}")
+        if seed != self.mask_seed:
+            log.warning("mask seed %d from the checkpoint replaces %d", seed, self.mask_seed)
+            self.mask_seed = seed
+            sparse = self.params.sparse.model_copy(update={"mask_seed": seed})
+            self.params = self.params.model_copy(update={"sparse": sparse})
+        if shapes is not None:
+            self.shapes = shapes
+        self._counts = None
+        self.stage = stage
+        copied = {k: v.clone() for k, v in tensors.items()}
+        self.values, self.lora = (copied, {}) if stage == 1 else ({}, copied)
+        self.svd_energy = float(meta["svd_energy"]) if "svd_energy" in meta else None
+        self._payload = None
+
+    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
+        """The global adapter as a PEFT directory (in stage 1: the SVD init of the update)."""
+        if self.stage == 1:
+            if self.shapes is None or not self.values:
+                raise StateError("there is no global update to export yet")
+            log.warning("exporting during stage 1: the adapter is the rank-r SVD of the update")
+            state = self.lora_from_sparse()[0]
+        else:
+            state = self.lora
+        return write_peft_adapter(out_dir, state, self.params.lora, base_model_name=base_model_name)
+
+
+Server = SloraServer
+
+__all__ = [
+    "Server",
+    "SloraServer",
+    "is_target",
+    "mask_of",
+    "scatter",
+    "svd_init",
+    "target_shapes",
+]

@@ -1,0 +1,84 @@
+"""SLoRA (Babakniya et al., 2023): sparse fine-tuning under a seeded mask, then LoRA from its SVD.
+
+Stage 1 (rounds ``1 .. sparse.stage1_rounds``). The trainable tensors are the base model's
+dense weights of the LoRA target modules (``lora.target_modules``), named as in the base
+model's ``named_parameters()`` (e.g. ``model.layers.0.self_attn.q_proj.weight``). The mask of a
+tensor ``name`` with ``numel`` elements is, on both sides::
+
+    protocol.randomness.mask_indices(stream_key(sparse.mask_seed, name), numel, sparse.density)
+
+(flat row-major indices, ascending). Agents train only those entries, on an unquantized base
+(the task's ``quant`` when it is ``bf16`` or ``fp32``, else ``fp32``: masked entries of an NF4 or
+int8 weight cannot be trained).
+
+- TaskAssign(kind="train"|"eval") carries :class:`Params` with ``stage = 1`` and, once a
+  stage-1 round has been committed, the global sparse update in blob ``"global"``: a ``masked``
+  payload (seed ``sparse.mask_seed``, density ``sparse.density``) whose values are
+  ``W_global[mask] - W_base[mask]`` per tensor. Round 1 sends none (the update is zero).
+- TaskResult(kind="train") carries blob ``"update"``: a ``masked`` payload of the agent's
+  values ``W_agent[mask] - W_base[mask]`` (float32): exactly ``4 * sum(mask counts)`` data
+  bytes plus the safetensors header (names, offsets, seed, density, full shapes), no indices.
+
+Switch (on the server, when round ``stage1_rounds`` commits). For each target,
+``ΔW = scatter(mask, values)``; with the SVD ``ΔW = U S Vᵀ`` truncated at rank ``r``::
+
+    lora_B = U_r · sqrt(S_r) / sqrt(scaling)      lora_A = sqrt(S_r) · V_rᵀ / sqrt(scaling)
+
+with ``scaling = lora.alpha / lora.r`` (peft's), so ``scaling · B · A`` is the best rank-r
+approximation of ``ΔW``. The base goes back to the original weights.
+
+Stage 2 (later rounds): federated LoRA exactly as FedIT, from that initialisation: TaskAssign
+carries ``stage = 2`` and the global adapter as a ``lora`` payload in blob ``"global"``
+(peft names ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``.lora_B.weight``
+``[out, r]``); TaskResult carries the agent's adapter in blob ``"update"``; the agent's base
+is quantized per the task's ``quant``.
+
+Eval tasks evaluate the global model of the round (stage 1: base + sparse update; stage 2:
+base + adapter) and return ``eval_loss``/``eval_em``, no blob.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from protocol.methods._common import EvalParams, LoraParams, StrictParams, TrainParams
+
+NAME = "slora"
+GLOBAL_BLOB = "global"
+UPDATE_BLOB = "update"
+
+STAGE1_QUANTS = ("bf16", "fp32")
+"""Quantizations stage 1 can train in; any other task quant trains stage 1 in fp32."""
+
+
+def stage1_quant(task_quant: str) -> str:
+    """The base quantization stage 1 runs on for a task whose ``quant`` is ``task_quant``."""
+    return task_quant if task_quant in STAGE1_QUANTS else "fp32"
+
+
+class SparseParams(StrictParams):
+    """Stage 1: how long, how dense, which mask, how fast."""
+
+    stage1_rounds: Annotated[int, Field(ge=1, le=100_000)] = 2
+    density: Annotated[float, Field(gt=0, le=1)] = 0.01
+    mask_seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    """``None``: the server uses the run's seed and sends the value it chose."""
+    lr: Annotated[float, Field(gt=0, le=10)] | None = None
+    """Stage-1 learning rate; ``None`` uses ``train.lr``."""
+
+
+class Params(StrictParams):
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    sparse: SparseParams = SparseParams()
+    stage: Literal[1, 2] = 1
+    """Set by the server on every task: the stage the global model is in."""
+
+    @model_validator(mode="after")
+    def _one_rank(self) -> Params:
+        if self.lora.rank_pattern:
+            raise ValueError("slora uses one LoRA rank for every target: rank_pattern must be {}")
+        return self

@@ -1,0 +1,319 @@
+"""SLoRA server half: masks, stage-1 FedAvg, the SVD switch, restarts in each stage, export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from aggregator.checkpoint import CheckpointStore
+from aggregator.config import build_config
+from aggregator.engine import RoundEngine, RoundSummary
+from aggregator.errors import UpdateRejected
+from aggregator.ledger import Ledger
+from aggregator.methods import MethodContext
+from aggregator.methods.slora import SloraServer, svd_init, target_shapes
+from protocol import payloads, randomness
+from protocol.frames import decode, encode
+from protocol.messages import Hello, TaskAssign, TaskResult
+from protocol.methods import slora as spec
+from tests.helpers.engine_harness import MODEL, PROFILE, SHA, Clock, assigns
+
+REFERENCE = Path(__file__).resolve().parents[1] / "protocol" / "data" / "randomness-v1.json"
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+TINY_TARGETS = {  # tiny model of tests/conftest.py, targets q_proj and v_proj
+    Q0: (64, 64),
+    "model.layers.0.self_attn.v_proj.weight": (32, 64),
+    "model.layers.1.self_attn.q_proj.weight": (64, 64),
+    "model.layers.1.self_attn.v_proj.weight": (32, 64),
+}
+PARAMS: dict[str, Any] = {
+    "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
+    "sparse": {"stage1_rounds": 2, "density": 0.01},
+}
+
+
+def reference_case() -> dict[str, Any]:
+    cases = json.loads(REFERENCE.read_text(encoding="utf-8"))["cases"]
+    case: dict[str, Any] = next(c for c in cases if c["seed"] == 0 and c["name"] == Q0)
+    return case
+
+
+def server(model_dir: Path | None, **sparse: Any) -> SloraServer:
+    params = {**PARAMS, "sparse": {**PARAMS["sparse"], **sparse}}
+    return SloraServer(params, MethodContext(model_dir=model_dir, seed=0))
+
+
+def masked_update(s: SloraServer, round: int, fill: float, *, agent: str = "a") -> bytes:
+    counts = s.mask_counts()
+    assert s.shapes is not None
+    values = {n: torch.arange(c, dtype=torch.float32) / 100 + fill for n, c in counts.items()}
+    return payloads.encode_masked(
+        values, s.shapes, seed=s.mask_seed, density=s.density, method="slora", round=round
+    )
+
+
+def result(round: int, agent: str, n: int) -> TaskResult:
+    return TaskResult(
+        run_id="run-t",
+        round=round,
+        task_id=f"r{round}-{agent}",
+        agent_id=agent,
+        method="slora",
+        num_examples=n,
+        metrics={"train_loss": 1.0},
+    )
+
+
+def test_target_shapes_come_from_the_safetensors_headers(tiny_model_dir: Path) -> None:
+    assert target_shapes(tiny_model_dir, ("q_proj", "v_proj")) == TINY_TARGETS
+    assert len(target_shapes(tiny_model_dir, ("q_proj", "k_proj", "v_proj", "o_proj"))) == 8
+
+
+def test_server_masks_are_the_spec_reference(tiny_model_dir: Path) -> None:
+    s = server(tiny_model_dir)
+    case = reference_case()
+    expected = case["mask_n4096_density_0.01"]
+    assert s.mask_seed == 0
+    assert s.mask_counts()[Q0] == len(expected) == 46
+    assert not s.delta_w(Q0).any()  # zero before round 1; a unit update shows the mask
+    s.values = {n: torch.ones(c) for n, c in s.mask_counts().items()}
+    assert s.delta_w(Q0).reshape(-1).nonzero().squeeze(1).tolist() == expected
+
+
+def test_stage1_fedavg_is_example_weighted_and_reported(tiny_model_dir: Path) -> None:
+    s = server(tiny_model_dir)
+    a = s.assign(1, "a", "train")
+    assert a.blobs == {}  # round 1: the update is zero, nothing to send
+    assert a.params["stage"] == 1 and a.params["sparse"]["mask_seed"] == 0
+    s.begin_round(1)
+    s.add(s.validate(1, result(1, "a", 10), {"update": memoryview(masked_update(s, 1, 1.0))}))
+    s.add(s.validate(1, result(1, "b", 30), {"update": memoryview(masked_update(s, 1, 2.0))}))
+    metrics = s.finish_round(1)
+    assert metrics == {"examples": 40.0, "stage": 1.0, "density": 0.01}
+    want = torch.arange(46, dtype=torch.float32) / 100 + 1.75  # (10·1 + 30·2) / 40
+    torch.testing.assert_close(s.values[Q0], want)
+    down = s.assign(2, "a", "train").blobs[spec.GLOBAL_BLOB]
+    payload = payloads.decode(down)
+    assert payload.kind is payloads.PayloadKind.MASKED and payload.seed == 0
+    torch.testing.assert_close(payload.tensors[Q0], want)
+
+
+def test_stage1_update_of_wrong_size_or_seed_is_rejected(tiny_model_dir: Path) -> None:
+    s = server(tiny_model_dir)
+    s.begin_round(1)
+    assert s.shapes is not None
+    counts = s.mask_counts()
+    short = {n: torch.zeros(c - 1 if n == Q0 else c) for n, c in counts.items()}
+    blob = payloads.encode_masked(short, s.shapes, seed=0, density=0.01, method="slora", round=1)
+    with pytest.raises(UpdateRejected, match=r"shape \[45\], expected \[46\]"):
+        s.validate(1, result(1, "a", 1), {"update": memoryview(blob)})
+    other = payloads.encode_masked(
+        {n: torch.zeros(c) for n, c in counts.items()},
+        s.shapes,
+        seed=1,
+        density=0.01,
+        method="slora",
+        round=1,
+    )
+    with pytest.raises(UpdateRejected, match="seed"):
+        s.validate(1, result(1, "a", 1), {"update": memoryview(other)})
+
+
+def test_without_a_model_dir_the_first_update_fixes_the_targets(tiny_model_dir: Path) -> None:
+    known = server(tiny_model_dir)
+    s = server(None)
+    assert s.shapes is None
+    blob = masked_update(known, 1, 0.5)
+    s.begin_round(1)
+    s.add(s.validate(1, result(1, "a", 4), {"update": memoryview(blob)}))
+    assert s.shapes == TINY_TARGETS
+    assert s.mask_counts() == known.mask_counts()
+
+
+def test_svd_init_is_the_best_rank_r_approximation() -> None:
+    torch.manual_seed(3)
+    delta = torch.randn(24, 40, dtype=torch.float64)
+    r, scaling = 5, 16.0 / 5
+    a, b, share = svd_init(delta, r, scaling, a_name="x.lora_A.weight", init_seed=0)
+    assert a.shape == (5, 40) and b.shape == (24, 5)
+    approx = scaling * b.double() @ a.double()
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+    torch.testing.assert_close(approx, best, rtol=0, atol=1e-5)
+    # Eckart–Young: the error is exactly the energy of the dropped singular values
+    err = torch.linalg.matrix_norm(delta - approx)
+    assert abs(float(err) - float(s[r:].square().sum().sqrt())) < 1e-4
+    assert share == pytest.approx(float(s[:r].square().sum() / s.square().sum()))
+
+
+def test_svd_init_of_a_zero_update_stays_trainable() -> None:
+    a, b, share = svd_init(torch.zeros(8, 6), 4, 2.0, a_name="m.lora_A.weight", init_seed=7)
+    assert not b.any() and share == 1.0
+    assert (a.abs() > 0).all() and float(a.abs().max()) <= 1 / math.sqrt(6)
+
+
+def test_switch_after_stage1_gives_the_truncated_svd_of_the_update(tiny_model_dir: Path) -> None:
+    s = server(tiny_model_dir)
+    for round in (1, 2):
+        s.begin_round(round)
+        blob = masked_update(s, round, float(round))
+        s.add(s.validate(round, result(round, "a", 5), {"update": memoryview(blob)}))
+        metrics = s.finish_round(round)
+        assert metrics["stage"] == 1.0 and metrics["density"] == 0.01
+    assert s.stage == 2 and "svd_energy" in metrics
+    assert 0 < metrics["svd_energy"] < 1
+    scaling = 8.0 / 4
+    for name, shape in TINY_TARGETS.items():
+        module = "base_model.model." + name.removesuffix(".weight")
+        a, b = s.lora[f"{module}.lora_A.weight"], s.lora[f"{module}.lora_B.weight"]
+        assert a.shape == (4, shape[1]) and b.shape == (shape[0], 4)
+        counts = s.mask_counts()[name]
+        values = torch.arange(counts, dtype=torch.float64) / 100 + 2.0
+        delta = torch.zeros(math.prod(shape), dtype=torch.float64)
+        key = randomness.stream_key(0, name)
+        idx = torch.from_numpy(randomness.mask_indices(key, math.prod(shape), 0.01))
+        delta[idx] = values
+        delta = delta.reshape(shape)
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        best = u[:, :4] @ torch.diag(sv[:4]) @ vh[:4]
+        torch.testing.assert_close(scaling * b.double() @ a.double(), best, rtol=0, atol=1e-5)
+    assign = s.assign(3, "a", "train")
+    assert assign.params["stage"] == 2
+    down = payloads.decode(assign.blobs[spec.GLOBAL_BLOB])
+    assert down.kind is payloads.PayloadKind.LORA and set(down.tensors) == set(s.lora)
+    s.begin_round(3)
+    assert s.finish_round(3) == {"examples": 0.0, "stage": 2.0}
+
+
+# --- restart in each stage, through the real engine ------------------------------------------
+
+
+class SloraHarness:
+    """The round engine with a SLoRA server and two simulated agents."""
+
+    def __init__(self, state_dir: Path, model_dir: Path, rounds: int = 4) -> None:
+        raw = {
+            "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
+            "security": {"insecure": True},
+            "run": {
+                "run_id": "run-t",
+                "method": "slora",
+                "rounds": rounds,
+                "min_agents": 2,
+                "eval": False,
+                "model_sha256": SHA,
+                "round_deadline_s": 60.0,
+                "seed": 5,
+            },
+            "method": PARAMS,
+        }
+        self.config = build_config(raw)
+        self.clock = Clock()
+        self.ledger = Ledger(state_dir / "ledger.sqlite")
+        self.method = SloraServer(
+            self.config.method, MethodContext(model_dir=model_dir, seed=self.config.run.seed)
+        )
+        self.summaries: list[RoundSummary] = []
+        self.engine = RoundEngine(
+            self.config,
+            self.method,
+            MODEL,
+            ledger=self.ledger,
+            store=CheckpointStore(state_dir / "checkpoints"),
+            clock=self.clock,
+            on_round=self.summaries.append,
+        )
+        self.engine.start()
+
+    def send(self, agent: str, header: Any, blobs: dict[str, bytes] | None = None) -> list[Any]:
+        return self.engine.on_message(agent, decode(encode(header, blobs)), self.clock.now)
+
+    def join(self) -> dict[str, TaskAssign]:
+        for agent in ("a", "b"):
+            self.send(agent, Hello(agent_id=agent, versions=[1], profile=PROFILE, models=[SHA]))
+        self.clock.now += 0.1
+        return assigns(self.engine.tick(self.clock.now))
+
+    def answer(self, task: TaskAssign, agent: str, n: int, fill: float) -> None:
+        if task.params["stage"] == 1:
+            blob = masked_update(self.method, task.round, fill)
+        else:
+            lora = {k: v + fill for k, v in self.method.lora.items()}
+            blob = payloads.encode_lora(lora, method="slora", round=task.round)
+        header = TaskResult(
+            run_id=task.run_id,
+            round=task.round,
+            task_id=task.task_id,
+            agent_id=agent,
+            method="slora",
+            num_examples=n,
+            metrics={"train_loss": 1.0},
+        )
+        self.send(agent, header, {"update": blob})
+
+    def round(self, tasks: dict[str, TaskAssign], fill: float) -> dict[str, TaskAssign]:
+        self.answer(tasks["a"], "a", 10, fill)
+        self.answer(tasks["b"], "b", 30, fill + 1)
+        self.clock.now += 0.1
+        self.engine.tick(self.clock.now)  # commits the round
+        self.clock.now += 0.1
+        return assigns(self.engine.tick(self.clock.now))
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def test_restart_resumes_stage1_then_stage2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    harness_dir = tmp_path / "state"
+    h = SloraHarness(harness_dir, tiny_model_dir)
+    tasks = h.join()
+    assert {t.params["stage"] for t in tasks.values()} == {1}
+    assert h.method.mask_seed == 5  # the run's seed, since the params leave it open
+    tasks = h.round(tasks, 1.0)  # round 1 committed, round 2 assigned
+    assert h.summaries[-1].method == {"examples": 40.0, "stage": 1.0, "density": 0.01}
+    values = {k: v.clone() for k, v in h.method.values.items()}
+    h.close()
+
+    h = SloraHarness(harness_dir, tiny_model_dir)  # crash after round 1: stage 1 again
+    assert h.engine.round == 1 and h.method.stage == 1 and h.method.mask_seed == 5
+    assert values.keys() == h.method.values.keys()
+    assert all(torch.equal(values[k], h.method.values[k]) for k in values)
+    tasks = h.join()
+    assert {t.params["stage"] for t in tasks.values()} == {1}
+    assert tasks["a"].params["sparse"]["mask_seed"] == 5
+    tasks = h.round(tasks, 2.0)  # round 2 commits: the switch
+    assert h.summaries[-1].method["stage"] == 1.0 and "svd_energy" in h.summaries[-1].method
+    assert {t.params["stage"] for t in tasks.values()} == {2}
+    lora = {k: v.clone() for k, v in h.method.lora.items()}
+    h.close()
+
+    h = SloraHarness(harness_dir, tiny_model_dir)  # crash after the switch: stage 2
+    assert h.engine.round == 2 and h.method.stage == 2 and h.method.values == {}
+    assert all(torch.equal(lora[k], h.method.lora[k]) for k in lora)
+    tasks = h.join()
+    assert {t.params["stage"] for t in tasks.values()} == {2}
+    h.round(tasks, 0.5)
+    assert h.summaries[-1].method == {"examples": 40.0, "stage": 2.0}
+    for k, before in lora.items():  # FedAvg of (lora + 0.5)·10 and (lora + 1.5)·30
+        torch.testing.assert_close(h.method.lora[k], before + 1.25)
+    h.close()
+
+
+def test_export_writes_a_peft_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    s = server(tiny_model_dir, stage1_rounds=1)
+    s.begin_round(1)
+    s.add(s.validate(1, result(1, "a", 3), {"update": memoryview(masked_update(s, 1, 1.0))}))
+    s.finish_round(1)
+    written = s.export(tmp_path / "adapter", base_model_name="tiny")
+    config = json.loads(written["config"].read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    from safetensors.torch import load_file
+
+    assert load_file(str(written["weights"])).keys() == s.lora.keys()
+    assert len(s.lora) == 8
