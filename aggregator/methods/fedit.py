@@ -12,35 +12,28 @@ import torch
 from aggregator.errors import UpdateRejected
 from aggregator.export import write_peft_adapter
 from aggregator.methods import Assignment, MethodContext, Update
+from aggregator.robust import Aggregator, check_examples, clip_lora
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import TaskResult
 from protocol.methods import fedit as spec
 from protocol.methods import parse_params
+from protocol.methods._common import AggregationParams
 
 
-class FedAvg:
+class FedAvg(Aggregator):
     """A streaming, example-weighted running sum of named tensors (float64 accumulators)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.weight = 0
+        super().__init__(AggregationParams())
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: int) -> None:
-        if weight <= 0:
-            return
         if self.sums and set(tensors) != set(self.sums):
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "tensor names differ from the round's")
-        for name, value in tensors.items():
-            acc = self.sums.get(name)
-            contrib = value.to(torch.float64) * weight
-            self.sums[name] = contrib if acc is None else acc.add_(contrib)
-        self.weight += weight
+        super().add(tensors, weight)
 
     def mean(self) -> dict[str, torch.Tensor]:
-        if self.weight == 0:
-            return {}
-        return {k: (v / self.weight).to(torch.float32) for k, v in self.sums.items()}
+        return self.result()
 
 
 class FeditServer:
@@ -52,7 +45,8 @@ class FeditServer:
         self.params: spec.Params = parsed
         self.global_state: dict[str, torch.Tensor] = {}
         self._payload: tuple[int, bytes] | None = None
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
+        self._round_shapes: dict[str, tuple[int, ...]] | None = None
 
     # --- what agents are sent ---------------------------------------------------------------
 
@@ -95,26 +89,43 @@ class FeditServer:
             raise UpdateRejected(exc.code, str(exc)) from None
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
+        check_examples(result.num_examples, self.params.aggregation)
+        shapes = {k: tuple(v.shape) for k, v in payload.tensors.items()}
+        if self._round_shapes is None:
+            self._round_shapes = shapes  # round 1: the first valid update fixes the layout
+        elif shapes != self._round_shapes:
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH, "tensor names or shapes differ from the round's"
+            )
+        tensors = payload.tensors
+        clip = self.params.aggregation.clip_norm
+        metrics = dict(result.metrics)
+        if clip is not None:
+            tensors, scale = clip_lora(tensors, self.global_state or None, clip)
+            metrics["clip_scale"] = scale
         return Update(
             agent_id=result.agent_id,
             task_id=result.task_id,
             num_examples=result.num_examples,
-            tensors=payload.tensors,
-            metrics=dict(result.metrics),
+            tensors=tensors,
+            metrics=metrics,
         )
 
     # --- aggregation ------------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
+        self._round_shapes = (
+            {k: tuple(v.shape) for k, v in self.global_state.items()} if self.global_state else None
+        )
 
     def add(self, update: Update) -> None:
         self._acc.add(update.tensors, update.num_examples)
 
     def finish_round(self, round: int) -> dict[str, float]:
-        mean = self._acc.mean()
-        if mean:
-            self.global_state = mean
+        combined = self._acc.result()
+        if combined:
+            self.global_state = combined
             self._payload = None
         return {"examples": float(self._acc.weight)}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,3 +55,20 @@ class EvalParams(StrictParams):
     exact_match: bool = True
     max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 12
     max_examples: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+
+
+class AggregationParams(StrictParams):
+    """How the server combines updates; robust rules guard against poisoned updates.
+
+    ``fedavg`` is the example-weighted mean, computed as a streaming sum. ``trimmed_mean`` and
+    ``median`` are coordinate-wise and unweighted, and hold the round's updates in memory.
+    ``clip_norm`` bounds each update's change of the model before it is combined (for LoRA the
+    norm of ΔW = B·A − B₀·A₀ over all modules, not of the factors).
+    """
+
+    rule: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
+    trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    """Fraction trimmed at each end per coordinate (``trimmed_mean``)."""
+    clip_norm: Annotated[float, Field(gt=0)] | None = None
+    max_examples: Annotated[int, Field(ge=1, le=10**9)] = 10_000_000
+    """An update claiming more examples than this is rejected."""

@@ -9,7 +9,13 @@ adapter and :class:`EvalParams`; its TaskResult has metrics and no blob.
 
 from __future__ import annotations
 
-from protocol.methods._common import EvalParams, LoraParams, StrictParams, TrainParams
+from protocol.methods._common import (
+    AggregationParams,
+    EvalParams,
+    LoraParams,
+    StrictParams,
+    TrainParams,
+)
 
 NAME = "fedit"
 GLOBAL_BLOB = "global"
@@ -20,3 +26,4 @@ class Params(StrictParams):
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
+    aggregation: AggregationParams = AggregationParams()

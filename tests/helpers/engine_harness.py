@@ -54,7 +54,7 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, state_dir: Path, **run: Any) -> None:
+    def __init__(self, state_dir: Path, method: dict[str, Any] | None = None, **run: Any) -> None:
         raw = {
             "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
             "security": {"insecure": True},
@@ -67,7 +67,10 @@ class Harness:
                 "round_deadline_s": 60.0,
                 **run,
             },
-            "method": {"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}},
+            "method": {
+                "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]},
+                **(method or {}),
+            },
         }
         self.config = build_config(raw)
         self.clock = Clock()

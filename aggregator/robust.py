@@ -1,0 +1,130 @@
+"""Aggregation rules: streaming FedAvg, coordinate-wise trimmed mean and median, LoRA clipping.
+
+FedAvg keeps a float64 running sum, so the aggregator never holds a round's updates. The robust
+rules need every update of the round at once (a median is not a running sum); they hold them.
+
+Clipping a LoRA update is done on what it does to the model, ΔW = B·A − B₀·A₀ summed over all
+adapted modules, not on the factors. An update whose ΔW norm exceeds the bound is pulled toward
+the global adapter along the straight line between the two (factors f₀ + s·(f − f₀)), with s
+found by bisection so that the new ΔW norm equals the bound. Norms use the trace identity
+‖U·V‖² = tr((UᵀU)(VVᵀ)), which costs rank-sized matrices, never the out×in ΔW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from aggregator.errors import UpdateRejected
+from protocol.errors import ErrorCode
+from protocol.methods._common import AggregationParams
+
+Tensors = Mapping[str, torch.Tensor]
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def _modules(state: Tensors) -> list[str]:
+    return sorted(k[: -len(_A)] for k in state if k.endswith(_A))
+
+
+def _product_sq_norm(u: torch.Tensor, v: torch.Tensor) -> float:
+    """‖U·V‖_F² for U (out×k), V (k×in), via tr((UᵀU)(VVᵀ))."""
+    u64, v64 = u.to(torch.float64), v.to(torch.float64)
+    return float(torch.trace((u64.T @ u64) @ (v64 @ v64.T)).clamp(min=0.0))
+
+
+def lora_delta_norm(update: Tensors, base: Tensors | None, s: float = 1.0) -> float:
+    """Norm of Σ ΔW for the update moved a fraction ``s`` of the way from ``base``.
+
+    Without a base (round 1, B₀ = 0 and A₀ = the shared seeded init) ΔW(s) = s·B·A.
+    """
+    total = 0.0
+    for m in _modules(update):
+        a, b = update[m + _A], update[m + _B]
+        if base is None or m + _A not in base:
+            total += s * s * _product_sq_norm(b, a)
+            continue
+        a0, b0 = base[m + _A], base[m + _B]
+        a1 = a0 + s * (a - a0)
+        b1 = b0 + s * (b - b0)
+        # B₁A₁ − B₀A₀ = [B₁, −B₀] · [A₁; A₀]
+        total += _product_sq_norm(torch.cat([b1, -b0], dim=1), torch.cat([a1, a0], dim=0))
+    return total**0.5
+
+
+def clip_lora(
+    update: Tensors, base: Tensors | None, max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The update pulled toward ``base`` until its ΔW norm is at most ``max_norm``; and s."""
+    if lora_delta_norm(update, base) <= max_norm:
+        return dict(update), 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if lora_delta_norm(update, base, mid) > max_norm:
+            hi = mid
+        else:
+            lo = mid
+    s = lo
+    out: dict[str, torch.Tensor] = {}
+    for name, value in update.items():
+        if base is not None and name in base:
+            out[name] = base[name] + s * (value - base[name])
+        elif base is None and name.endswith(_B):
+            out[name] = s * value  # A stays the shared initial A; ΔW = s·B·A
+        else:
+            out[name] = value.clone()
+    return out, s
+
+
+class Aggregator:
+    """One round's combination of updates under ``params``'s rule."""
+
+    def __init__(self, params: AggregationParams) -> None:
+        self.params = params
+        self.sums: dict[str, torch.Tensor] = {}
+        self.held: list[dict[str, torch.Tensor]] = []
+        self.weight = 0
+        self.count = 0
+
+    def add(self, tensors: Tensors, weight: int) -> None:
+        if weight <= 0:
+            return
+        if self.params.rule != "fedavg":
+            self.held.append(dict(tensors))
+        else:
+            for name, value in tensors.items():
+                contrib = value.to(torch.float64) * weight
+                acc = self.sums.get(name)
+                self.sums[name] = contrib if acc is None else acc.add_(contrib)
+        self.weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            return {}
+        if self.params.rule == "fedavg":
+            return {k: (v / self.weight).to(torch.float32) for k, v in self.sums.items()}
+        out: dict[str, torch.Tensor] = {}
+        for name in self.held[0]:
+            stack = torch.stack([u[name].to(torch.float64) for u in self.held])
+            if self.params.rule == "median":
+                value = (
+                    stack.quantile(0.5, dim=0) if stack.numel() < 2**24 else stack.median(0).values
+                )
+            else:
+                n = stack.shape[0]
+                k = int(self.params.trim * n)
+                ordered = stack.sort(dim=0).values
+                value = ordered[k : n - k].mean(dim=0)
+            out[name] = value.to(torch.float32)
+        return out
+
+
+def check_examples(num_examples: int, params: AggregationParams) -> None:
+    if num_examples < 1 or num_examples > params.max_examples:
+        raise UpdateRejected(
+            ErrorCode.REJECTED_UPDATE,
+            f"example count {num_examples} outside [1, {params.max_examples}]",
+        )
