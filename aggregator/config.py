@@ -41,8 +41,9 @@ class RunSection(_Section):
     rounds: Annotated[int, Field(ge=1, le=100_000)] = 3
     min_agents: Annotated[int, Field(ge=1, le=100_000)] = 1
     fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
-    quorum: Annotated[float, Field(gt=0, le=1)] = 1.0
-    """Fraction of a round's assigned agents whose results close the round at its deadline."""
+    quorum: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Fraction of a round's assigned agents whose results let the round close without the rest:
+    at its deadline, or as soon as every missing agent has gone silent (expired)."""
     round_deadline_s: Annotated[float, Field(gt=0)] = 1800.0
     eval: bool = True
     eval_initial: bool = True

@@ -478,9 +478,17 @@ class RoundEngine:
         ]
         if not pending:
             return True
+        quorum = max(1, math.ceil(self.run.quorum * len(phase.assigned)))
+        if len(phase.done) >= quorum and not any(self.registry.is_live(a) for a in pending):
+            log.warning(
+                "round %d %s: dropping agents that went silent: %s",
+                phase.round,
+                phase.kind,
+                pending,
+            )
+            return True
         if now < phase.deadline:
             return False
-        quorum = max(1, math.ceil(self.run.quorum * len(phase.assigned)))
         if len(phase.done) >= quorum:
             log.warning(
                 "round %d %s: deadline passed, dropping stragglers %s",

@@ -49,6 +49,10 @@ class Registry:
             bandwidth_mbps=hello.profile.bandwidth_mbps,
         )
 
+    def is_live(self, agent_id: str) -> bool:
+        agent = self.agents.get(agent_id)
+        return agent is not None and agent.live
+
     def known(self, agent_id: str) -> bool:
         return agent_id in self.agents
 

@@ -146,7 +146,9 @@ class AggregatorService:
             raise  # the ledger or checkpoints failed: stop rather than run on without durability
         except Exception:  # the message boundary: one bad message never stops the service
             log.exception("agent %s: internal error on %s", agent_id, msg.header.type)
-            reply = ErrorReply(code=ErrorCode.INTERNAL, reason="internal error; see the aggregator log")
+            reply = ErrorReply(
+                code=ErrorCode.INTERNAL, reason="internal error; see the aggregator log"
+            )
             self._send(sock, Outgoing(agent_id, reply))
 
     def run(self) -> int:

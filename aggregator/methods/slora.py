@@ -2,8 +2,11 @@
 
 Stage 1 global state: per target weight, the float32 vector ``W[mask] - W_base[mask]`` (the
 accumulated sparse update; empty before the first commit, meaning zero). When round
-``sparse.stage1_rounds`` commits, :func:`svd_init` turns each target's ``ΔW`` into LoRA factors
-and the global state becomes that adapter (peft names); later rounds are FedIT's FedAvg.
+``sparse.stage1_rounds + 1`` begins, :func:`svd_init` turns each target's ``ΔW`` into LoRA
+factors and the global state becomes that adapter (peft names); from then on it is FedIT's
+FedAvg. Switching at the start of the next round rather than at the commit lets the eval of
+round ``stage1_rounds`` measure the sparse model itself; the switch is a pure function of the
+committed stage-1 state, so a restart after that commit recomputes the same adapter.
 The stage, the mask seed and the target shapes are checkpoint metadata, so a restarted
 aggregator resumes in the stage it was in.
 
@@ -83,32 +86,34 @@ def svd_init(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """LoRA factors ``(A [r, in], B [out, r])`` with ``scaling·B·A`` = the rank-r SVD of ``delta``.
 
-    ``B = U_r·sqrt(S_r)/sqrt(scaling)``, ``A = sqrt(S_r)·V_rᵀ/sqrt(scaling)`` (float64, stored
-    float32). Components with a zero singular value (or beyond ``min(out, in)``) would never
+    ``B = U_r·sqrt(S_r)/sqrt(scaling)``, ``A = sqrt(S_r)·V_rᵀ/sqrt(scaling)``. The SVD runs in
+    float32 (LAPACK gesdd; about half the time of float64, which matters because the switch
+    runs inside the round engine's loop) and the factors are float32. Components with a zero singular value (or beyond ``min(out, in)``) would never
     train (both factors zero), so their ``A`` rows get the seeded LoRA init of
     ``edge_agent.lora`` and their ``B`` columns stay zero, which leaves ``scaling·B·A`` as is.
     Also returns the share of ``‖delta‖²`` the rank-r approximation keeps (1.0 for zero).
     """
     out_f, in_f = delta.shape
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
     k = min(r, s.numel())
     root = torch.sqrt(s[:k] / scaling)
-    b = torch.zeros(out_f, r, dtype=torch.float64)
-    a = torch.zeros(r, in_f, dtype=torch.float64)
+    b = torch.zeros(out_f, r)
+    a = torch.zeros(r, in_f)
     b[:, :k] = u[:, :k] * root
     a[:k] = root[:, None] * vh[:k]
-    tol = (float(s[0]) if s.numel() else 0.0) * max(out_f, in_f) * torch.finfo(torch.float64).eps
+    tol = (float(s[0]) if s.numel() else 0.0) * max(out_f, in_f) * torch.finfo(torch.float32).eps
     dead = [i for i in range(r) if i >= k or float(s[i]) <= tol]
     if dead:
         key = randomness.stream_key(init_seed, a_name)
         u01 = torch.from_numpy(randomness.uniform(key, r * in_f)).reshape(r, in_f)
-        seeded = (2.0 * u01 - 1.0) / math.sqrt(in_f)
+        seeded = ((2.0 * u01 - 1.0) / math.sqrt(in_f)).to(torch.float32)
         for i in dead:
             a[i] = seeded[i]
             b[:, i] = 0.0
-    total = float((s**2).sum())
-    kept = float((s[:k] ** 2).sum())
-    return a.to(torch.float32), b.to(torch.float32), kept / total if total > 0 else 1.0
+    s64 = s.to(torch.float64)
+    total = float((s64**2).sum())
+    kept = float((s64[:k] ** 2).sum())
+    return a, b, kept / total if total > 0 else 1.0
 
 
 def scatter(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -143,6 +148,7 @@ class SloraServer:
         self._counts: dict[str, int] | None = None
         self._payload: tuple[int, int, bytes] | None = None
         self._acc = FedAvg()
+        self._switched = False
 
     @property
     def density(self) -> float:
@@ -252,6 +258,23 @@ class SloraServer:
 
     def begin_round(self, round: int) -> None:
         self._acc = FedAvg()
+        self._switched = False
+        if self.stage == 1 and round > self.params.sparse.stage1_rounds:
+            self.switch(round)
+
+    def switch(self, round: int) -> None:
+        """Stage 1 → 2: the adapter becomes the rank-r SVD of the accumulated sparse update."""
+        if self.shapes is None:
+            log.warning("round %d: no stage-1 update yet, the switch to LoRA waits", round)
+            return
+        self.lora, self.svd_energy = self.lora_from_sparse()
+        self.stage, self.values, self._switched, self._payload = 2, {}, True, None
+        log.info(
+            "round %d: switched to LoRA r=%d (it keeps %.1f%% of the sparse update's energy)",
+            round,
+            self.params.lora.r,
+            100 * self.svd_energy,
+        )
 
     def add(self, update: Update) -> None:
         self._acc.add(update.tensors, update.num_examples)
@@ -260,26 +283,15 @@ class SloraServer:
         mean = self._acc.mean()
         metrics = {"examples": float(self._acc.weight), "stage": float(self.stage)}
         self._payload = None
-        if self.stage == 2:
+        if self.stage == 1:
+            if mean:
+                self.values = mean
+            metrics["density"] = self.density
+        else:
             if mean:
                 self.lora = mean
-            return metrics
-        if mean:
-            self.values = mean
-        metrics["density"] = self.density
-        if round >= self.params.sparse.stage1_rounds:
-            if self.shapes is None:
-                log.warning("round %d: no update yet, the switch to LoRA waits", round)
-            else:
-                self.lora, self.svd_energy = self.lora_from_sparse()
-                self.stage, self.values = 2, {}
+            if self._switched and self.svd_energy is not None:
                 metrics["svd_energy"] = self.svd_energy
-                log.info(
-                    "round %d: switched to LoRA r=%d (keeps %.1f%% of the update's energy)",
-                    round,
-                    self.params.lora.r,
-                    100 * self.svd_energy,
-                )
         return metrics
 
     def delta_w(self, name: str) -> torch.Tensor:

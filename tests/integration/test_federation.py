@@ -292,3 +292,29 @@ def _toml(raw: dict[str, Any]) -> str:
     for section, table in raw.items():
         emit(section, table)
     return "\n".join(lines) + "\n"
+
+
+def test_stopped_agent_is_dropped_from_its_round(tmp_path: Path, tiny_dir: Path) -> None:
+    fed = Federation(tmp_path, tiny_dir, 3, rounds=1, eval=False)
+    fed.raw["run"]["quorum"] = 0.6
+    fed.raw["run"]["round_deadline_s"] = 600.0  # far away: the drop must come from liveness
+    service = AggregatorService(build_config(fed.raw), BaseModelRef(name="tiny", sha256=fed.sha))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    assert service.bound.wait(10)
+    try:
+        for agent_id in fed.agent_ids:
+            fed.start_agent(agent_id, service.endpoint)
+        wait_for(lambda: service.engine.phase is not None, 90, "round 1 to start", fed)
+        fed.procs["edge-3"].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), fed.logs()
+        # dropped once silent for the liveness window (0.25 s x 12), long before the deadline
+        assert time.monotonic() - started < 60
+    finally:
+        fed.procs["edge-3"].send_signal(signal.SIGCONT)
+        fed.stop_all()
+    with ledger_of(fed) as ledger:
+        assert sorted(u.agent_id for u in ledger.updates("it", 1)) == ["edge-1", "edge-2"]
+        assert ledger.last_committed_round("it") == 1
