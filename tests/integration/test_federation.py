@@ -196,6 +196,23 @@ def test_three_agents_curve_kill_one_mid_round(fed3: Federation) -> None:
         assert 0.0 < metrics["eval_loss"] < 20.0
         assert 0.0 <= metrics["eval_em"] <= 1.0
         assert ledger.rejections("it") == []
+        # the committed global state is the offline FedAvg of exactly the recorded updates
+        from safetensors.torch import load_file as load_tensors
+
+        from protocol import payloads
+
+        rows = ledger.updates("it", 2)
+        total = sum(u.num_examples for u in rows)
+        decoded = [
+            (u.num_examples, payloads.decode(Path(str(u.blob_path)).read_bytes()).tensors)
+            for u in rows
+        ]
+        ckpt = load_tensors(
+            str(fed.work / "state" / "checkpoints" / "round-000002" / "global.safetensors")
+        )
+        for name, value in ckpt.items():
+            offline = sum(n * t[name].double() for n, t in decoded) / total
+            torch.testing.assert_close(value, offline.float(), rtol=0, atol=1e-6)
 
     # the exported adapter loads with stock peft on the base and generates
     from peft import PeftModel
