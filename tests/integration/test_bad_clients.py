@@ -154,3 +154,36 @@ def test_revoked_key_is_cut_off_at_its_next_message(agg: Aggregator) -> None:
             refused = msg
     assert refused is not None and refused.code == ErrorCode.IDENTITY_MISMATCH
     assert agg.service.engine.registry.agents == {}
+
+
+def test_oversized_message_is_dropped_at_the_socket(tmp_path: Path) -> None:
+    raw = {
+        "server": {"bind": "tcp://127.0.0.1:0", "state_dir": str(tmp_path / "state"),
+                   "max_message_bytes": 1 << 20},
+        "security": {"insecure": True},
+        "run": {"model_sha256": SHA, "min_agents": 5},
+    }  # fmt: skip
+    service = AggregatorService(build_config(raw), BaseModelRef(name="m", sha256=SHA))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    assert service.bound.wait(10)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, b"big")
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(service.endpoint)
+    try:
+        sock.send_multipart(hello("big"))
+        assert isinstance(receive(sock, 5.0), Welcome)
+        seen_before = service.engine.registry.agents["big"].last_seen
+        probe = encode(Heartbeat(probe=True), {"probe": b"\0" * (8 << 20)})  # 8 MiB > 1 MiB cap
+        sock.send_multipart(probe, copy=False)
+        time.sleep(1.0)
+        # ZeroMQ dropped the connection before the message existed for the service
+        assert service.engine.registry.agents["big"].last_seen == seen_before
+        assert service.dropped == 0  # nothing malformed ever reached the decoder
+    finally:
+        service.should_exit.set()
+        thread.join(10)
+        sock.close(linger=0)
+        ctx.term()
