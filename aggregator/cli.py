@@ -1,4 +1,4 @@
-"""``edgefed-aggregator``: serve, local, status, export, keygen, config check."""
+"""``edgefed-aggregator``: serve, local, status, export, report, keygen, config check."""
 
 from __future__ import annotations
 
