@@ -18,6 +18,7 @@ unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -69,7 +70,17 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
         _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+        raise write_error(f"cannot write {path}", e) from e
+
+
+def write_error(what: str, exc: OSError) -> StateError:
+    """A StateError for a failed write that tells the operator what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StateError(
+            f"{what}: no space left on the device; free space there and restart: every "
+            "committed round and every acknowledged update is intact"
+        )
+    return StateError(f"{what}: {exc.strerror or exc}")
 
 
 def sha256_file(path: Path) -> str:
@@ -205,7 +216,7 @@ class CheckpointStore:
             rdir.mkdir(exist_ok=True)
             _fsync_dir(self.root)
         except OSError as e:
-            raise StateError(f"cannot prepare checkpoint directory {rdir}: {e}") from e
+            raise write_error(f"cannot prepare checkpoint directory {rdir}", e) from e
 
         files: dict[str, str] = {}
         st_meta = {"edgefed.round": str(round), "edgefed.method": method}

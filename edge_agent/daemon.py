@@ -183,6 +183,19 @@ class Daemon:
         finally:
             self._shutdown()
 
+    def _no_answer_hint(self) -> str:
+        where = self.link.settings.endpoint
+        if self.link.settings.curve is None:
+            return (
+                f"no answer from the aggregator at {where}: check that it runs, that the address "
+                "is right and reachable, and that it also runs with insecure = true"
+            )
+        return (
+            f"no answer from the aggregator at {where}: check that it runs and is reachable, "
+            "that security.server_public_key is the aggregator's public key, and that this "
+            "agent's public key file is in the aggregator's allow-list directory"
+        )
+
     def _serve(self) -> int:
         while not self._stop.is_set():
             end = self._session()
@@ -224,12 +237,15 @@ class Daemon:
             now = self.clock()
             window = self._interval * self._liveness
             if now - self._last_recv > window:
-                self.log.warning(
-                    "aggregator silent for %.2f s (%d × %.2f s); reconnecting",
-                    now - self._last_recv,
-                    self._liveness,
-                    self._interval,
-                )
+                if not self._welcomed:
+                    self.log.error("%s", self._no_answer_hint())
+                else:
+                    self.log.warning(
+                        "aggregator silent for %.2f s (%d × %.2f s); reconnecting",
+                        now - self._last_recv,
+                        self._liveness,
+                        self._interval,
+                    )
                 return _End.LOST
             wait = min(MAX_POLL_S, self._last_recv + window - now)
             if self._welcomed:
