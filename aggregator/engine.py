@@ -265,6 +265,15 @@ class RoundEngine:
             return [
                 Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc), ref=hello.msg_id))
             ]
+        if hello.models and self.model.sha256 not in hello.models:
+            reason = (
+                f"this run trains {self.model.name} (sha256 {self.model.sha256}); the agent holds "
+                f"{', '.join(hello.models)}: give the agent that model (agent.model) or run "
+                "it against another aggregator"
+            )
+            log.warning("agent %s refused: %s", agent_id, reason)
+            return [Outgoing(agent_id, ErrorReply(code=ErrorCode.MODEL_MISMATCH, reason=reason,
+                                                   ref=hello.msg_id))]  # fmt: skip
         self.registry.hello(agent_id, hello, now)
         self.ledger.upsert_agent(agent_id, hello.profile.model_dump(mode="json"), time.time())
         log.info(

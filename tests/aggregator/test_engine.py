@@ -149,3 +149,12 @@ def test_restart_after_commit_restores_identical_state(tmp_path: Path) -> None:
         assert nxt["a1"].round == 2
     finally:
         h2.close()
+
+
+def test_agent_with_another_model_is_refused_with_both_hashes(h: Harness) -> None:
+    other = "ee" * 32
+    out = h.send("a1", Hello(agent_id="a1", versions=[1], profile=PROFILE, models=[other]))
+    reply = out[0].header
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.MODEL_MISMATCH
+    assert SHA in reply.reason and other in reply.reason
+    assert not h.engine.registry.known("a1")
