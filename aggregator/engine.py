@@ -401,6 +401,10 @@ class RoundEngine:
         )
         if self.ledger.record_update(row):
             self.method.add(update)
+            log.info(
+                "round %d: accepted update from %s (%d examples, %d bytes up, %d bytes down)",
+                res.round, agent_id, res.num_examples, msg.nbytes, row.bytes_down,
+            )  # fmt: skip
         phase.done[agent_id] = res
         phase.bytes_up[agent_id] = msg.nbytes
         return ack()
