@@ -78,6 +78,9 @@ def sparse_masks(targets: Mapping[str, Any], seed: int, density: float) -> dict[
 class MaskedDelta(torch.nn.Module):
     """Parametrization ``W -> W`` with the masked entries replaced by ``W[mask] + delta``."""
 
+    idx: torch.Tensor
+    base_values: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, init: torch.Tensor) -> None:
         super().__init__()
         idx = mask.to(weight.device)
@@ -105,7 +108,7 @@ def sparse_deltas(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    wrappers = [
+    wrappers: list[Any] = [
         m for m in model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "base_layer")
     ]
     disabled = [m for m in wrappers if not m.disable_adapters]

@@ -19,7 +19,8 @@ int8 weight cannot be trained).
   values ``W_agent[mask] - W_base[mask]`` (float32): exactly ``4 * sum(mask counts)`` data
   bytes plus the safetensors header (names, offsets, seed, density, full shapes), no indices.
 
-Switch (on the server, when round ``stage1_rounds`` commits). For each target,
+Switch (on the server, when round ``stage1_rounds + 1`` begins: round ``stage1_rounds`` is
+committed and evaluated as a sparse model first). For each target,
 ``ΔW = scatter(mask, values)``; with the SVD ``ΔW = U S Vᵀ`` truncated at rank ``r``::
 
     lora_B = U_r · sqrt(S_r) / sqrt(scaling)      lora_A = sqrt(S_r) · V_rᵀ / sqrt(scaling)

@@ -151,6 +151,19 @@ def test_svd_init_is_the_best_rank_r_approximation() -> None:
     assert share == pytest.approx(float(s[:r].square().sum() / s.square().sum()))
 
 
+def test_large_targets_take_the_sparse_top_r_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aggregator.methods.slora as slora
+
+    torch.manual_seed(4)
+    delta = torch.randn(48, 40) * (torch.rand(48, 40) < 0.2)
+    r, scaling = 4, 2.0
+    dense = svd_init(delta, r, scaling, a_name="m.lora_A.weight", init_seed=0)
+    monkeypatch.setattr(slora, "DENSE_SVD_MAX_DIM", 16)  # 40 > 16: ARPACK on the sparse ΔW
+    sparse = svd_init(delta, r, scaling, a_name="m.lora_A.weight", init_seed=0)
+    torch.testing.assert_close(sparse[1] @ sparse[0], dense[1] @ dense[0], rtol=0, atol=1e-5)
+    assert sparse[2] == pytest.approx(dense[2], abs=1e-6)
+
+
 def test_svd_init_of_a_zero_update_stays_trainable() -> None:
     a, b, share = svd_init(torch.zeros(8, 6), 4, 2.0, a_name="m.lora_A.weight", init_seed=7)
     assert not b.any() and share == 1.0
@@ -163,10 +176,11 @@ def test_switch_after_stage1_gives_the_truncated_svd_of_the_update(tiny_model_di
         s.begin_round(round)
         blob = masked_update(s, round, float(round))
         s.add(s.validate(round, result(round, "a", 5), {"update": memoryview(blob)}))
-        metrics = s.finish_round(round)
-        assert metrics["stage"] == 1.0 and metrics["density"] == 0.01
-    assert s.stage == 2 and "svd_energy" in metrics
-    assert 0 < metrics["svd_energy"] < 1
+        assert s.finish_round(round) == {"examples": 5.0, "stage": 1.0, "density": 0.01}
+    assert s.stage == 1  # round 2's eval still measures the sparse model
+    assert s.assign(2, "a", "eval").params["stage"] == 1
+    s.begin_round(3)
+    assert s.stage == 2 and s.svd_energy is not None and 0 < s.svd_energy < 1
     scaling = 8.0 / 4
     for name, shape in TINY_TARGETS.items():
         module = "base_model.model." + name.removesuffix(".weight")
@@ -186,8 +200,9 @@ def test_switch_after_stage1_gives_the_truncated_svd_of_the_update(tiny_model_di
     assert assign.params["stage"] == 2
     down = payloads.decode(assign.blobs[spec.GLOBAL_BLOB])
     assert down.kind is payloads.PayloadKind.LORA and set(down.tensors) == set(s.lora)
-    s.begin_round(3)
-    assert s.finish_round(3) == {"examples": 0.0, "stage": 2.0}
+    assert s.finish_round(3) == {"examples": 0.0, "stage": 2.0, "svd_energy": s.svd_energy}
+    s.begin_round(4)
+    assert s.finish_round(4) == {"examples": 0.0, "stage": 2.0}
 
 
 # --- restart in each stage, through the real engine ------------------------------------------
@@ -286,21 +301,33 @@ def test_restart_resumes_stage1_then_stage2(tmp_path: Path, tiny_model_dir: Path
     tasks = h.join()
     assert {t.params["stage"] for t in tasks.values()} == {1}
     assert tasks["a"].params["sparse"]["mask_seed"] == 5
-    tasks = h.round(tasks, 2.0)  # round 2 commits: the switch
-    assert h.summaries[-1].method["stage"] == 1.0 and "svd_energy" in h.summaries[-1].method
+    tasks = h.round(tasks, 2.0)  # round 2 commits in stage 1, round 3 begins with the switch
+    assert h.summaries[-1].method == {"examples": 40.0, "stage": 1.0, "density": 0.01}
     assert {t.params["stage"] for t in tasks.values()} == {2}
     lora = {k: v.clone() for k, v in h.method.lora.items()}
     h.close()
 
-    h = SloraHarness(harness_dir, tiny_model_dir)  # crash after the switch: stage 2
+    h = SloraHarness(harness_dir, tiny_model_dir)  # crash before round 3 commits
     assert h.engine.round == 2 and h.method.stage == 2 and h.method.values == {}
+    assert all(torch.equal(lora[k], h.method.lora[k]) for k in lora)  # the same switch
+    tasks = h.join()
+    assert {t.params["stage"] for t in tasks.values()} == {2}
+    tasks = h.round(tasks, 0.5)
+    energy = h.method.svd_energy
+    assert h.summaries[-1].method == {"examples": 40.0, "stage": 2.0, "svd_energy": energy}
+    for k, before in lora.items():  # FedAvg of (lora + 0.5)·10 and (lora + 1.5)·30
+        torch.testing.assert_close(h.method.lora[k], before + 1.25)
+    lora = {k: v.clone() for k, v in h.method.lora.items()}
+    h.close()
+
+    h = SloraHarness(harness_dir, tiny_model_dir)  # crash after a stage-2 commit
+    assert h.engine.round == 3 and h.method.stage == 2 and h.method.svd_energy == energy
     assert all(torch.equal(lora[k], h.method.lora[k]) for k in lora)
     tasks = h.join()
     assert {t.params["stage"] for t in tasks.values()} == {2}
-    h.round(tasks, 0.5)
+    h.round(tasks, 0.0)
     assert h.summaries[-1].method == {"examples": 40.0, "stage": 2.0}
-    for k, before in lora.items():  # FedAvg of (lora + 0.5)·10 and (lora + 1.5)·30
-        torch.testing.assert_close(h.method.lora[k], before + 1.25)
+    assert h.engine.finished
     h.close()
 
 
@@ -309,6 +336,7 @@ def test_export_writes_a_peft_adapter(tmp_path: Path, tiny_model_dir: Path) -> N
     s.begin_round(1)
     s.add(s.validate(1, result(1, "a", 3), {"update": memoryview(masked_update(s, 1, 1.0))}))
     s.finish_round(1)
+    s.begin_round(2)
     written = s.export(tmp_path / "adapter", base_model_name="tiny")
     config = json.loads(written["config"].read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0

@@ -195,28 +195,26 @@ def test_stage2_starts_from_the_svd_of_stage1(
     server.begin_round(1)
     out = run_task(ws, server.assign(1, "a", "train").params, {}, round=1, quant="fp32")
     server.add(server.validate(1, as_result(out, 1), {"update": memoryview(out.blobs["update"])}))
-    sparse_eval_params = server.assign(1, "a", "eval")
-    sparse_eval = run_task(
-        ws, sparse_eval_params.params, sparse_eval_params.blobs, round=1, kind="eval"
-    )
-    metrics = server.finish_round(1)
-    assert metrics["stage"] == 1.0 and server.stage == 2
-    assert metrics["svd_energy"] == pytest.approx(1.0)
-    lora_eval_task = server.assign(1, "a", "eval")
+    assert server.finish_round(1)["stage"] == 1.0
+    sparse_task = server.assign(1, "a", "eval")
+    assert sparse_task.params["stage"] == 1 and spec.GLOBAL_BLOB in sparse_task.blobs
+    sparse_eval = run_task(ws, sparse_task.params, sparse_task.blobs, round=1, kind="eval")
+    server.begin_round(2)  # the switch
+    assert server.stage == 2 and server.svd_energy == pytest.approx(1.0)
+    lora_eval_task = server.assign(2, "a", "eval")
     assert lora_eval_task.params["stage"] == 2
     lora_eval = run_task(
-        ws, lora_eval_task.params, lora_eval_task.blobs, round=1, kind="eval", quant="fp32"
+        ws, lora_eval_task.params, lora_eval_task.blobs, round=2, kind="eval", quant="fp32"
     )
     assert lora_eval.metrics["eval_loss"] == pytest.approx(
         sparse_eval.metrics["eval_loss"], abs=1e-4
     )
     task2 = server.assign(2, "a", "train")
     out2 = run_task(ws, task2.params, task2.blobs, round=2, quant="fp32")
-    server.begin_round(2)
     update = server.validate(2, as_result(out2, 2), {"update": memoryview(out2.blobs["update"])})
     assert update.tensors.keys() == server.lora.keys()
     moved = [k for k, v in update.tensors.items() if not torch.equal(v, server.lora[k])]
     assert len(moved) == len(server.lora)  # LoRA trains from the SVD init
     # the fp32 base is now wrapped by peft: stage 1 of a new run still sees the plain weights
-    again = run_task(ws, sparse_eval_params.params, sparse_eval_params.blobs, round=1, kind="eval")
+    again = run_task(ws, sparse_task.params, sparse_task.blobs, round=1, kind="eval")
     assert again.metrics["eval_loss"] == pytest.approx(sparse_eval.metrics["eval_loss"], abs=1e-6)
