@@ -194,7 +194,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "bind": "tcp://127.0.0.1:0",
             "state_dir": str(workdir / "state"),
             "heartbeat_interval": 1.0,
-            "liveness": 5,
+            "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
         },
         "security": {"insecure": True}
         if keys is None
@@ -257,7 +257,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
                         "threads": threads,
                         "heartbeat_interval": 1.0,
-                        "liveness": 5,
+                        "liveness": 15,
                     },
                     "security": security,
                 },
