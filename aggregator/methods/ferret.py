@@ -5,6 +5,13 @@ and the coefficient history. What it checkpoints is the history alone: the weigh
 base plus the history replayed, bit for bit (``protocol.methods._ferret_math.apply_step``), so
 ``restore`` rebuilds them. Each agent is sent the aggregated triples of the rounds it has not
 applied yet, or, more than ``max_catchup`` rounds behind, the dense weights once.
+
+Rebuilding a step costs seconds to tens of seconds on a small CPU (up to K x parameters random
+signs), longer than an agent's liveness window, and the engine calls :meth:`finish_round` on
+its socket loop. So :meth:`finish_round` only averages the coefficients (milliseconds) and
+queues the rebuild on one background thread, which applies the rounds in order while the
+agents evaluate and train. What reads the weights (dense catch-up, export) waits for it;
+agents never need the server's weights, only the coefficients.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 import shutil
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,9 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HISTORY = ("round", "group", "seed", "value")
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf", ".pt", ".pth")
+"""Weights of the base are not copied into an export; ``edgefed-model.json`` (the model
+store's cache marker) neither."""
+_MARKER = "edgefed-model.json"
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -77,7 +88,13 @@ class FerretServer:
         self.p = self.params.ferret
         self._params_json = self.params.model_dump(mode="json")
         self.round = 0
+        """The last round whose step is known (its coefficients are in ``history``)."""
+        self.applied = 0
+        """The last round whose step is in ``weights`` (the background rebuild may lag)."""
         self.history: dict[int, Triples] = {}
+        self.recon_seconds: dict[int, float] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferret-rebuild")
+        self._pending: list[Future[None]] = []
         self._held: dict[str, int] = {}
         self._sent: dict[str, tuple[tuple[str, int], dict[str, bytes]]] = {}
         self._step_payloads: dict[int, bytes] = {}
@@ -140,6 +157,7 @@ class FerretServer:
         return data
 
     def _dense_payload(self, round: int) -> bytes:
+        self.wait_weights()
         if self._dense is None or self._dense[0] != round:
             log.info("ferret: encoding the dense global model of round %d", round)
             self._dense = (
@@ -215,7 +233,6 @@ class FerretServer:
     def finish_round(self, round: int) -> dict[str, float]:
         if round != self.round + 1:
             raise StateError(f"ferret: finishing round {round} after round {self.round}")
-        started = time.perf_counter()
         mean = (self._sums / max(self._weight, 1)).to(torch.float32)
         flat = torch.nonzero(mean).squeeze(1)  # ascending: sorted by (group, seed)
         triples = (
@@ -223,25 +240,28 @@ class FerretServer:
             (flat % self.p.k).to(torch.int32),
             mean[flat].clone(),
         )
-        stats = self._apply(round, triples, measure=True)
-        seconds = time.perf_counter() - started
-        log.info(
-            "round %d: step of %d triples (%d clipped) rebuilt and applied in %.2f s",
-            round,
-            stats.terms,
-            stats.clipped,
-            seconds,
-        )
-        return {
+        self._commit(round, triples)
+        clipped = sum(fm.is_clipped(v, self.p.clip_norm) for v in triples[2].tolist())
+        metrics = {
             "k": float(self.p.k),
-            "triples": float(stats.terms),
-            "recon_s": seconds,
-            "clipped": float(stats.clipped),
-            "step_norm": math.sqrt(stats.sq_norm),
+            "triples": float(triples[2].numel()),
+            "clipped": float(clipped),
+            "step_bytes": float(len(self._step_payload(round))),
             "examples": float(self._weight),
         }
+        if round - 1 in self.recon_seconds:
+            metrics["prev_recon_s"] = self.recon_seconds[round - 1]
+        return metrics
 
-    def _apply(self, round: int, triples: Triples, *, measure: bool = False) -> fm.StepStats:
+    def _commit(self, round: int, triples: Triples) -> None:
+        """Record ``round``'s step and queue its rebuild into the weights."""
+        self.history[round] = triples
+        self.round = round
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
+        self._pending.append(self._pool.submit(self._rebuild, round, triples))
+
+    def _rebuild(self, round: int, triples: Triples) -> None:
+        started = time.perf_counter()
         stats = fm.apply_step(
             self.weights,
             self.layout,
@@ -249,12 +269,27 @@ class FerretServer:
             *triples,
             server_lr=self.p.server_lr,
             clip_norm=self.p.clip_norm,
-            measure=measure,
+            measure=True,
         )
-        self.history[round] = triples
-        self.round = round
-        self._dense = None
-        return stats
+        seconds = time.perf_counter() - started
+        self.recon_seconds[round] = seconds
+        self.applied = round
+        log.info(
+            "round %d: step of %d triples rebuilt and applied in %.2f s (step norm %.4g)",
+            round,
+            stats.terms,
+            seconds,
+            math.sqrt(stats.sq_norm),
+        )
+
+    def wait_weights(self) -> None:
+        """Block until every committed step is in ``weights``; re-raise a failed rebuild."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.result()
+            except Exception as exc:
+                raise StateError(f"ferret: rebuilding the global weights failed: {exc}") from exc
 
     # --- state ------------------------------------------------------------------------------
 
@@ -282,13 +317,15 @@ class FerretServer:
         return tensors, meta
 
     def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        """Take the checkpoint's history; the weights are rebuilt from the base in background."""
         if meta.get("layout", self.layout.sha256()) != self.layout.sha256():
             raise StateError("the checkpoint was made with another model (Ferret layout differs)")
         want = int(meta.get("round", "0"))
-        started = time.perf_counter()
-        if self.round:
+        self.wait_weights()
+        if self.applied:
             self.weights = load_base_weights(self.model_dir, self.dtype)
-        self.round, self.history = 0, {}
+        self.round = self.applied = 0
+        self.history, self.recon_seconds = {}, {}
         self._held, self._sent, self._step_payloads, self._dense = {}, {}, {}, None
         rounds = tensors["history.round"].to(torch.int64)
         for r in range(1, want + 1):
@@ -298,21 +335,18 @@ class FerretServer:
                 tensors["history.seed"][mask].to(torch.int32),
                 tensors["history.value"][mask].to(torch.float32),
             )
-            self._apply(r, triples)
-        log.info(
-            "ferret: rebuilt the global model of round %d from the base in %.1f s",
-            want,
-            time.perf_counter() - started,
-        )
+            self._commit(r, triples)
+        log.info("ferret: restored %d rounds of coefficients; rebuilding the weights", want)
 
     def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
         """The full fine-tuned model as an HF directory (Ferret has no adapter)."""
+        self.wait_weights()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in sorted(self.model_dir.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_NOT_COPIED):
+            skip = f.name == _MARKER or f.name.startswith(".") or f.name.endswith(_NOT_COPIED)
+            if f.is_file() and not skip:
                 shutil.copy2(f, out_dir / f.name)
-        (out_dir / "edgefed-model.json").unlink(missing_ok=True)
         weights = out_dir / "model.safetensors"
         save_file(self.weights, str(weights), metadata={"format": "pt"})
         info = {"method": self.name, "base_model": base_model_name, "round": self.round}

@@ -141,4 +141,6 @@ class FeditClient:
         if result.exact_match is not None:
             metrics["eval_em"] = result.exact_match
         return TaskOutput(num_examples=result.n, metrics=metrics)
+
+
 Client = FeditClient

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edge_agent.data import Example, TokenizedExample, collate, tokenize
-from edge_agent.errors import TaskError
+from edge_agent.errors import DataError, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.train import evaluate
 from protocol import payloads
@@ -34,7 +34,6 @@ from protocol.methods._common import TrainParams
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CACHE_KEY = "ferret"
 
 
@@ -182,6 +181,8 @@ def sgd_steps(
     on_step: Callable[[int], None] = lambda _n: None,
 ) -> list[float]:
     """``t.steps`` plain SGD steps on every trainable parameter; the losses (mean response CE)."""
+    if not examples:
+        raise DataError("no training examples")
     data: list[TokenizedExample] = tokenize(examples, tokenizer, t.max_len)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=t.lr, momentum=0.0, weight_decay=t.weight_decay)
@@ -225,6 +226,16 @@ def group_delta(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class Projection:
+    """The (group, seed index, γ) triples of an update, sorted, and the update's norm."""
+
+    group: torch.Tensor
+    seed: torch.Tensor
+    value: torch.Tensor
+    update_norm: float
+
+
 def project_update(
     layout: fm.Layout,
     now: Mapping[str, torch.Tensor],
@@ -233,8 +244,8 @@ def project_update(
     k: int,
     base_seed: int,
     rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (group, seed index, γ) triples of the update ``now - before``, sorted."""
+) -> Projection:
+    """Project the update ``now - before`` group by group on ``n_g`` of the round's K bases."""
     with torch.no_grad():
         norms = [
             float(torch.linalg.vector_norm(group_delta(g, now, before))) for g in layout.groups
@@ -252,10 +263,11 @@ def project_update(
             values += fm.project(delta, keys, n)
             groups += [g.index] * n
             seeds += chosen
-    return (
+    return Projection(
         torch.tensor(groups, dtype=torch.int32),
         torch.tensor(seeds, dtype=torch.int32),
         torch.tensor(values, dtype=torch.float32),
+        math.sqrt(sum(x * x for x in norms)),
     )
 
 
@@ -313,7 +325,7 @@ class FerretClient:
             )
             trained = time.perf_counter()
             base_seed = fm.round_base_seed(p.seed, round_)
-            triples = project_update(
+            proj = project_update(
                 held.layout,
                 held.tensors,
                 before,
@@ -330,7 +342,9 @@ class FerretClient:
         if not losses:
             raise TaskError("stopped before the first training step")
         blob = payloads.encode_seedcoef(
-            *triples,
+            proj.group,
+            proj.seed,
+            proj.value,
             base_seed=base_seed,
             k=p.k,
             n_groups=len(held.layout.groups),
@@ -343,7 +357,7 @@ class FerretClient:
             len(losses),
             losses[0],
             losses[-1],
-            triples[0].numel(),
+            proj.value.numel(),
             len(blob),
             projected - trained,
         )
@@ -355,7 +369,8 @@ class FerretClient:
                 "steps": float(len(losses)),
                 "seconds": projected - started,
                 "project_s": projected - trained,
-                "triples": float(triples[0].numel()),
+                "triples": float(proj.value.numel()),
+                "update_norm": proj.update_norm,
                 spec.HELD_ROUND: float(held.round),
             },
             blobs={spec.UPDATE_BLOB: blob},

@@ -74,7 +74,8 @@ OUT_OF_SYNC = "out_of_sync"
 
 DEFAULT_K = 32
 """Seed pool per round. Cost per round on each side is up to K x parameters random signs
-(SmolLM2-135M: ~4.3e9 at K = 32, ~10 s on one 2-core-box core); see ``docs/methods/ferret.md``."""
+(SmolLM2-135M at K = 32: 4.3e9 at most, 7 s on one core of the dev box; a real round's step
+was 1.5e9, 2.8 s); see ``docs/methods/ferret.md``."""
 
 MAX_CATCHUP = 63
 """More step blobs than this would not fit a message (64 blobs at most)."""
