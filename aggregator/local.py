@@ -297,7 +297,11 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             f.close()
     exported = service.export(workdir / "export" / "adapter")
     result: dict[str, Any] = {"adapter": str(exported["adapter"]), "rounds": len(table.rows)}
-    print(f"exported PEFT adapter: {exported['adapter']}", file=out)
+    if "model" in exported:  # full-parameter methods (ferret) export a whole model
+        result["model"] = str(exported["model"])
+        print(f"exported fine-tuned model: {exported['model']}", file=out)
+    else:
+        print(f"exported PEFT adapter: {exported['adapter']}", file=out)
     if opts.merge:
         merged = merge_into_base(
             Path(info["path"]),
