@@ -152,6 +152,7 @@ class RoundEngine:
         self._last_beat = 0.0
         self._replayed: dict[str, TaskResult] = {}
         self._resume_assigned: list[str] = []
+        self._refused: set[str] = set()
 
     # --- start-up and resume ----------------------------------------------------------------
 
@@ -429,8 +430,23 @@ class RoundEngine:
             out += self._close_phase(self.phase, now)
         return out
 
+    def _admissible(self, agents: list[str]) -> list[str]:
+        """Agents the method can run on; a refusal is logged once per agent with its reason."""
+        admit = getattr(self.method, "admit", None)
+        if admit is None:
+            return agents
+        out = []
+        for agent_id in agents:
+            reason = admit(agent_id, self.registry.agents[agent_id].profile)
+            if reason is None:
+                out.append(agent_id)
+            elif agent_id not in self._refused:
+                self._refused.add(agent_id)
+                log.warning("agent %s not assigned %s: %s", agent_id, self.run.method, reason)
+        return out
+
     def _maybe_start(self, now: float) -> list[Outgoing]:
-        live = self.registry.live(model=self.model.sha256)
+        live = self._admissible(self.registry.live(model=self.model.sha256))
         if len(live) < self.run.min_agents:
             return []
         if self.round == 0 and self.run.eval and self.run.eval_initial and 0 not in self.summaries:
