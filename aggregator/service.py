@@ -9,11 +9,14 @@ out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from pathlib import Path
 
 import zmq
+import zmq.auth
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
@@ -24,7 +27,7 @@ from aggregator.methods import MethodContext, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import decode, encode
-from protocol.messages import BaseModelRef, ErrorReply
+from protocol.messages import BaseModelRef, Bye, ErrorReply
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
@@ -151,35 +154,60 @@ class AggregatorService:
             )
             self._send(sock, Outgoing(agent_id, reply))
 
+    def _self_test(self, sock: zmq.Socket[bytes], wait_s: float = 1.0) -> list[list[zmq.Frame]]:
+        """Connect with a key that is on no allow-list; refuse to serve if it gets through.
+
+        Messages other peers send meanwhile are returned, to be handled once serving starts.
+        """
+        endpoint = re.sub(r"^tcp://(\*|0\.0\.0\.0)(?=:)", "tcp://127.0.0.1", self.endpoint)
+        probe_id = f"self-test-{os.getpid()}".encode()
+        public, secret = zmq.curve_keypair()
+        client = self.ctx.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.SNDTIMEO, 1000)
+        client.setsockopt(zmq.ROUTING_ID, probe_id)
+        client.curve_publickey = public
+        client.curve_secretkey = secret
+        assert self.config.security.secret_key is not None
+        client.curve_serverkey = zmq.auth.load_certificate(self.config.security.secret_key)[0]
+        client.connect(endpoint)
+        backlog: list[list[zmq.Frame]] = []
+        try:
+            client.send_multipart(encode(Bye(reason="self-test")))
+            deadline = time.monotonic() + wait_s
+            while (left := deadline - time.monotonic()) > 0:
+                if not sock.poll(int(left * 1000) + 1):
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                if bytes(frames[0].buffer) == probe_id:
+                    raise ConfigError(
+                        "start-up self-test failed: a client with an unknown CURVE key got a "
+                        "message through; refusing to serve"
+                    )
+                backlog.append(frames)
+        except zmq.Again:
+            pass  # the handshake was refused before the message could even be queued
+        finally:
+            client.close(linger=0)
+        log.info("self-test passed: an unknown CURVE key was refused")
+        return backlog
+
     def run(self) -> int:
         """Serve until the run is finished or ``should_exit``; return an exit code."""
         self.engine.start()
         sock = self._socket()
-        self.bound.set()
-        log.info(
-            "aggregator listening on %s (run %s, method %s)",
-            self.endpoint,
-            self.engine.run_id,
-            self.config.run.method,
-        )
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
         try:
-            while not self.should_exit.is_set():
-                events = dict(poller.poll(POLL_MS))
-                if sock in events:
-                    for _ in range(256):  # drain a burst, then let the clock run
-                        try:
-                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(sock, frames, time.monotonic())
-                for out in self.engine.tick(time.monotonic()):
-                    self._send(sock, out)
-                if self.engine.finished:
-                    for out in self.engine.goodbye():
-                        self._send(sock, out)
-                    break
+            backlog = self._self_test(sock) if self.auth is not None else []
+            self.bound.set()
+            log.info(
+                "aggregator listening on %s (run %s, method %s)",
+                self.endpoint,
+                self.engine.run_id,
+                self.config.run.method,
+            )
+            for frames in backlog:
+                self._handle(sock, frames, time.monotonic())
+            self._loop(sock)
         finally:
             sock.close(linger=1000)
             if self.auth is not None:
@@ -187,6 +215,25 @@ class AggregatorService:
             self.ledger.close()
             self.ctx.term()
         return 0
+
+    def _loop(self, sock: zmq.Socket[bytes]) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self.should_exit.is_set():
+            events = dict(poller.poll(POLL_MS))
+            if sock in events:
+                for _ in range(256):  # drain a burst, then let the clock run
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(sock, frames, time.monotonic())
+            for out in self.engine.tick(time.monotonic()):
+                self._send(sock, out)
+            if self.engine.finished:
+                for out in self.engine.goodbye():
+                    self._send(sock, out)
+                return
 
     def export(self, out_dir: Path) -> dict[str, Path]:
         return self.method.export(out_dir, base_model_name=self.config.run.model)

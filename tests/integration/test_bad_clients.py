@@ -7,6 +7,7 @@ test can tell the difference).
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -187,3 +188,35 @@ def test_oversized_message_is_dropped_at_the_socket(tmp_path: Path) -> None:
         thread.join(10)
         sock.close(linger=0)
         ctx.term()
+
+
+def test_start_up_self_test_refuses_an_authenticator_that_lets_anyone_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from zmq.auth.base import Authenticator
+
+    from aggregator.errors import ConfigError
+    from aggregator.security import AllowListAuthenticator
+
+    caplog.set_level(logging.INFO, logger="aggregator.service")
+    agg = Aggregator(tmp_path / "ok")  # a correct authenticator passes the self-test
+    agg.close()
+    assert "self-test passed: an unknown CURVE key was refused" in caplog.text
+
+    def allow_any(self: Authenticator, domain: str = "*", location: object = ".") -> None:
+        Authenticator.configure_curve(self, domain, zmq.auth.CURVE_ALLOW_ANY)
+
+    monkeypatch.setattr(AllowListAuthenticator, "configure_curve", allow_any)
+    keys = tmp_path / "bad"
+    (keys / "allow").mkdir(parents=True)
+    pub, secret = zmq.auth.create_certificates(str(keys), "server")
+    agent_pub, _ = zmq.auth.create_certificates(str(keys), "edge")
+    Path(agent_pub).rename(keys / "allow" / "edge.key")
+    raw = {
+        "server": {"bind": "tcp://127.0.0.1:0", "state_dir": str(keys / "state")},
+        "security": {"secret_key": secret, "allow_dir": str(keys / "allow")},
+        "run": {"model_sha256": SHA},
+    }
+    service = AggregatorService(build_config(raw), BaseModelRef(name="m", sha256=SHA))
+    with pytest.raises(ConfigError, match="self-test failed"):
+        service.run()
