@@ -22,8 +22,12 @@ class ServerSection(_Section):
     state_dir: Path = Path("edgefed-state")
     heartbeat_interval: Annotated[float, Field(gt=0, le=600)] = 1.0
     liveness: Annotated[int, Field(ge=1, le=100)] = 3
-    max_message_bytes: Annotated[int, Field(ge=1 << 16)] = 1 << 30
-    hwm: Annotated[int, Field(ge=1, le=100_000)] = 64
+    max_message_bytes: Annotated[int, Field(ge=1 << 16)] = 256 << 20
+    """Largest message accepted; a peer that sends more is disconnected by ZeroMQ unread.
+    Size it to the largest payload of the run (a LoRA update of a 7B model at r=16 is ~80 MB)."""
+    hwm: Annotated[int, Field(ge=1, le=100_000)] = 8
+    """Messages queued per peer each way; with max_message_bytes it bounds what one peer can
+    make the aggregator hold (8 × 256 MiB by default, far less for real payloads)."""
     keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 3
 
 
