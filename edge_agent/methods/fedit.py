@@ -14,7 +14,8 @@ from typing import Any
 from edge_agent.errors import TaskError
 from edge_agent.lora import LoraSpec, attach_lora, get_adapter_state, set_adapter_state
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.train import TrainConfig, evaluate, train_lora
+from edge_agent.methods._common import evaluation_task
+from edge_agent.train import TrainConfig, train_lora
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import fedit as spec
@@ -123,24 +124,7 @@ class FeditClient:
     def _evaluate(
         self, peft_model: Any, tokenizer: Any, params: spec.Params, ws: Workspace
     ) -> TaskOutput:
-        e = params.eval
-        examples = ws.eval_examples[: e.max_examples]
-        if not examples:
-            raise TaskError("no held-out examples to evaluate on")
-        result = evaluate(
-            peft_model,
-            tokenizer,
-            examples,
-            max_len=e.max_len,
-            batch_size=e.batch_size,
-            exact_match=e.exact_match,
-            max_new_tokens=e.max_new_tokens,
-            progress=ws.progress,
-        )
-        metrics = {"eval_loss": result.loss, "seconds": result.seconds}
-        if result.exact_match is not None:
-            metrics["eval_em"] = result.exact_match
-        return TaskOutput(num_examples=result.n, metrics=metrics)
+        return evaluation_task(peft_model, tokenizer, params.eval, ws)
 
 
 Client = FeditClient

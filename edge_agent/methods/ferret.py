@@ -25,7 +25,7 @@ import torch
 from edge_agent.data import Example, TokenizedExample, collate, tokenize
 from edge_agent.errors import DataError, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.train import evaluate
+from edge_agent.methods._common import evaluation_task
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import _ferret_math as fm
@@ -395,24 +395,7 @@ class FerretClient:
         )
 
     def _evaluate(self, held: HeldModel, params: spec.Params, ws: Workspace) -> TaskOutput:
-        e = params.eval
-        examples = ws.eval_examples[: e.max_examples]
-        if not examples:
-            raise TaskError("no held-out examples to evaluate on")
-        result = evaluate(
-            held.model,
-            held.tokenizer,
-            examples,
-            max_len=e.max_len,
-            batch_size=e.batch_size,
-            exact_match=e.exact_match,
-            max_new_tokens=e.max_new_tokens,
-            progress=ws.progress,
-        )
-        metrics = {"eval_loss": result.loss, "seconds": result.seconds}
-        if result.exact_match is not None:
-            metrics["eval_em"] = result.exact_match
-        return TaskOutput(num_examples=result.n, metrics=metrics)
+        return evaluation_task(held.model, held.tokenizer, params.eval, ws)
 
 
 Client = FerretClient

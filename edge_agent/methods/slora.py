@@ -28,8 +28,9 @@ from torch.nn.utils import parametrize
 
 from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
+from edge_agent.methods._common import evaluation_task
 from edge_agent.methods.fedit import load_global, peft_model_for
-from edge_agent.train import TrainConfig, evaluate, train_lora
+from edge_agent.train import TrainConfig, train_lora
 from protocol import payloads, randomness
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import slora as spec
@@ -265,24 +266,7 @@ def _train(
 
 
 def _evaluate(model: Any, tokenizer: Any, params: spec.Params, ws: Workspace) -> TaskOutput:
-    e = params.eval
-    examples = ws.eval_examples[: e.max_examples]
-    if not examples:
-        raise TaskError("no held-out examples to evaluate on")
-    result = evaluate(
-        model,
-        tokenizer,
-        examples,
-        max_len=e.max_len,
-        batch_size=e.batch_size,
-        exact_match=e.exact_match,
-        max_new_tokens=e.max_new_tokens,
-        progress=ws.progress,
-    )
-    metrics = {"eval_loss": result.loss, "seconds": result.seconds}
-    if result.exact_match is not None:
-        metrics["eval_em"] = result.exact_match
-    return TaskOutput(num_examples=result.n, metrics=metrics)
+    return evaluation_task(model, tokenizer, params.eval, ws)
 
 
 Client = SloraClient
