@@ -386,7 +386,8 @@ class RoundEngine:
             target.mkdir(parents=True, exist_ok=True)
             blob_path = target / f"{res.task_id}.safetensors"
             atomic_write_bytes(blob_path, blob)
-            sha = hashlib.sha256(blob).hexdigest()
+            # frames.decode already checked this blob against the sha256 its header lists
+            sha = next(ref.sha256 for ref in res.blobs if ref.name == "update")
         row = UpdateRow(
             run_id=self.run_id,
             round=res.round,

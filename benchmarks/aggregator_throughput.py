@@ -1,0 +1,401 @@
+"""Aggregator receive throughput against a naive pickle baseline and raw loopback, in one run.
+
+Run: ``python benchmarks/aggregator_throughput.py [--quick]``. N agents (one DEALER each, one
+sender thread) send one update each per round to a ROUTER on 127.0.0.1, which handles them the
+way ``AggregatorService._handle`` does: ``protocol.frames.decode`` (blob lengths and sha256),
+then ``RoundEngine.on_message``: the method's ``validate`` (payload decode with its checks),
+the blob written and fsynced under the state dir, a ledger row committed, the update added to
+the running FedAvg sum, and the Ack sent back. The engine, ledger and checkpoint store are the
+real ones (insecure, state dir in a temp dir); only the clock is fixed and the socket loop is
+this file's, so the timing starts when the agents start sending and stops when the last
+update is summed. Closing the round (mean, checkpoint save) is timed apart.
+
+Baseline: the same socket types carrying ``pickle.dumps`` of a dict of numpy arrays, unpickled
+and summed into float64 accumulators (pickle only here, as the thing being measured; never in
+the product). Raw: the same bytes as opaque frames, received and dropped.
+
+Workloads: LoRA r=35 on q,k,v,o of SmolLM2-135M (16.1 MB of float32), and Ferret updates of
+5 seeds (of K = 32) x the 212 groups of a small stand-in model with SmolLM2's names: 1,060
+triples, 13 KB, the size the Ferret runs in docs/methods/ferret.md sent (690-995 triples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aggregator.checkpoint import CheckpointStore
+from aggregator.config import build_config
+from aggregator.engine import RoundEngine
+from aggregator.ledger import Ledger
+from aggregator.methods import MethodContext, server_methods
+from protocol import payloads
+from protocol.frames import decode, encode, frames_nbytes
+from protocol.messages import BaseModelRef, Hello, Profile, TaskAssign, TaskResult
+from protocol.methods import _ferret_math as fm
+
+SHA = "cd" * 32
+MODEL = BaseModelRef(name="bench", sha256=SHA)
+PROFILE = Profile(
+    hostname="h", os="Linux", python="3.11", torch="2.13", cpus=2,
+    ram_total=1 << 36, ram_available=1 << 35, disk_free=1 << 38,
+)  # fmt: skip
+LAYERS, HIDDEN, KV = 30, 576, 192
+LORA_R, FERRET_K, FERRET_SEEDS = 35, 32, 5
+
+Frames = list[Any]
+
+
+class FixedClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lora_update(r: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(LAYERS):
+        for m, out in (("q", HIDDEN), ("k", KV), ("v", KV), ("o", HIDDEN)):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{m}_proj"
+            state[f"{p}.lora_A.weight"] = torch.randn(r, HIDDEN, generator=g) * 0.01
+            state[f"{p}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.01
+    return state
+
+
+def stand_in_model(model_dir: Path) -> int:
+    """A small model directory for the Ferret server (SmolLM2 names, hidden 64); its groups."""
+    g = torch.Generator().manual_seed(3)
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(256, 64, generator=g)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        for name, shape in (
+            ("input_layernorm", (64,)), ("post_attention_layernorm", (64,)),
+            ("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)),
+            ("self_attn.v_proj", (32, 64)), ("self_attn.o_proj", (64, 64)),
+            ("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)), ("mlp.down_proj", (64, 128)),
+        ):  # fmt: skip
+            w[f"{p}.{name}.weight"] = torch.randn(*shape, generator=g)
+    w["model.norm.weight"] = torch.ones(64)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text('{"tie_word_embeddings": true}')
+    return len(fm.build_layout({n: tuple(t.shape) for n, t in w.items()}).groups)
+
+
+@dataclass
+class Workload:
+    name: str
+    method: str
+    method_cfg: dict[str, Any]
+    model_dir: Path | None
+    make_blob: Callable[[int, int], bytes]
+    """(agent index, round) -> payload bytes."""
+    make_tensors: Callable[[int], dict[str, np.ndarray]]
+    """agent index -> the same numbers as numpy arrays, for the baseline."""
+
+
+def lora_workload() -> Workload:
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def tensors(i: int) -> dict[str, torch.Tensor]:
+        if i not in cache:
+            cache[i] = lora_update(LORA_R, i)
+        return cache[i]
+
+    return Workload(
+        name=f"LoRA r={LORA_R}",
+        method="fedit",
+        method_cfg={
+            "lora": {
+                "r": LORA_R,
+                "alpha": 16.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            }
+        },  # fmt: skip
+        model_dir=None,
+        make_blob=lambda i, rnd: payloads.encode_lora(tensors(i), method="fedit", round=rnd),
+        make_tensors=lambda i: {k: v.numpy() for k, v in tensors(i).items()},
+    )
+
+
+def ferret_workload(model_dir: Path) -> Workload:
+    groups = stand_in_model(model_dir)
+    seed_cfg = 0
+
+    def triples(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(100 + i)
+        group = torch.arange(groups, dtype=torch.int32).repeat_interleave(FERRET_SEEDS)
+        seed = torch.randperm(FERRET_K, generator=g)[:FERRET_SEEDS].sort().values
+        seed = seed.to(torch.int32).repeat(groups)
+        return group, seed, torch.randn(group.numel(), generator=g) * 0.01
+
+    def blob(i: int, rnd: int) -> bytes:
+        group, seed, value = triples(i)
+        return payloads.encode_seedcoef(
+            group, seed, value, base_seed=fm.round_base_seed(seed_cfg, rnd), k=FERRET_K,
+            n_groups=groups, method="ferret", round=rnd,
+        )  # fmt: skip
+
+    def arrays(i: int) -> dict[str, np.ndarray]:
+        return {k: t.numpy() for k, t in zip(("group", "seed", "value"), triples(i), strict=True)}
+
+    return Workload(
+        name=f"Ferret {FERRET_SEEDS} seeds x {groups} groups",
+        method="ferret",
+        method_cfg={"ferret": {"k": FERRET_K, "seed": seed_cfg}},
+        model_dir=model_dir,
+        make_blob=blob,
+        make_tensors=arrays,
+    )
+
+
+# --- sockets ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def sockets(n: int, hwm: int) -> Iterator[tuple[zmq.Socket[bytes], list[zmq.Socket[bytes]]]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.SNDHWM, hwm)
+    router.setsockopt(zmq.RCVHWM, hwm)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealers = []
+    for i in range(n):
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.ROUTING_ID, f"edge-{i}".encode())
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(f"tcp://127.0.0.1:{port}")
+        dealers.append(d)
+    try:
+        yield router, dealers
+    finally:
+        for d in dealers:
+            d.close(0)
+        router.close(0)
+        ctx.term()
+
+
+def send_all(dealers: list[zmq.Socket[bytes]], messages: list[Frames], go: threading.Event) -> None:
+    go.wait()
+    for d, frames in zip(dealers, messages, strict=True):
+        d.send_multipart(frames, copy=False)
+
+
+def timed_receive(
+    router: zmq.Socket[bytes],
+    dealers: list[zmq.Socket[bytes]],
+    messages: list[Frames],
+    handle: Callable[[zmq.Socket[bytes], list[zmq.Frame]], None],
+) -> float:
+    go = threading.Event()
+    sender = threading.Thread(target=send_all, args=(dealers, messages, go))
+    sender.start()
+    start = time.perf_counter()
+    go.set()
+    for _ in messages:
+        handle(router, router.recv_multipart(copy=False))
+    elapsed = time.perf_counter() - start
+    sender.join()
+    for d in dealers:  # drain the Acks outside the timing
+        while d.poll(0):
+            d.recv_multipart()
+    return elapsed
+
+
+def warm_up(router: zmq.Socket[bytes], dealers: list[zmq.Socket[bytes]]) -> None:
+    """Connect every DEALER before timing (a first message waits for the TCP handshake)."""
+    for d in dealers:
+        d.send(b"ping")
+    for _ in dealers:
+        router.recv_multipart()
+
+
+# --- the three receivers ----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    updates: int
+    seconds: float
+    wire_bytes: int
+    close_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    engine_seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.updates / self.seconds
+
+    @property
+    def mbps(self) -> float:
+        return self.wire_bytes / self.seconds / 1e6
+
+
+def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
+    raw = {
+        "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
+        "security": {"insecure": True},
+        "run": {
+            "run_id": "bench", "method": w.method, "rounds": rounds + 1, "min_agents": n,
+            "eval": False, "model_sha256": SHA, "round_deadline_s": 3600.0,
+            **({"model_dir": str(w.model_dir)} if w.model_dir else {}),
+        },
+        "method": w.method_cfg,
+    }  # fmt: skip
+    config = build_config(raw)
+    clock = FixedClock()
+    ledger = Ledger(state / "ledger.sqlite")
+    store = CheckpointStore(state / "checkpoints")
+    context = MethodContext(model_dir=config.run.model_dir, state_dir=state)
+    method = server_methods()[w.method](config.method, context)
+    engine = RoundEngine(config, method, MODEL, ledger=ledger, store=store, clock=clock)
+    engine.start()
+    agents = [f"edge-{i}" for i in range(n)]
+    for a in agents:
+        hello = Hello(agent_id=a, versions=[1], profile=PROFILE, models=[SHA])
+        engine.on_message(a, decode(encode(hello)), clock.now)
+    total = Result(0, 0.0, 0)
+    accepted = 0
+
+    def handle(sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        nonlocal accepted
+        agent_id = bytes(frames[0].buffer).decode("ascii")
+        t0 = time.perf_counter()
+        msg = decode(frames[1:])
+        t1 = time.perf_counter()
+        replies = engine.on_message(agent_id, msg, clock.now)
+        total.decode_seconds += t1 - t0
+        total.engine_seconds += time.perf_counter() - t1
+        for out in replies:
+            accepted += getattr(out.header, "accepted", False) is True
+            sock.send_multipart([out.agent_id.encode(), *encode(out.header, out.blobs)])
+
+    with sockets(n, config.server.hwm) as (router, dealers):
+        warm_up(router, dealers)
+        for _ in range(rounds):
+            clock.now += 0.1
+            assigns = {o.agent_id: o.header for o in engine.tick(clock.now)}
+            messages = []
+            for i, a in enumerate(agents):
+                task = assigns[a]
+                assert isinstance(task, TaskAssign)
+                header = TaskResult(
+                    run_id=task.run_id, round=task.round, task_id=task.task_id, agent_id=a,
+                    method=w.method, num_examples=32 + i, metrics={"train_loss": 1.0},
+                )  # fmt: skip
+                messages.append(encode(header, {"update": w.make_blob(i, task.round)}))
+            total.seconds += timed_receive(router, dealers, messages, handle)
+            total.updates += n
+            total.wire_bytes += sum(frames_nbytes(m) for m in messages)
+            start = time.perf_counter()
+            clock.now += 0.1
+            engine.tick(clock.now)  # closes the round: mean, checkpoint save, ledger commit
+            total.close_seconds += time.perf_counter() - start
+    ledger.close()
+    if accepted != total.updates:
+        raise RuntimeError(f"only {accepted} of {total.updates} updates were accepted")
+    return total
+
+
+def run_pickle(w: Workload, n: int, rounds: int) -> Result:
+    total = Result(0, 0.0, 0)
+    sums: dict[str, np.ndarray] = {}
+
+    def handle(sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        # the naive baseline being measured: never do this with bytes from a network peer
+        msg = pickle.loads(frames[1].buffer)  # noqa: S301
+        weight = float(msg["num_examples"])
+        for name, arr in msg["tensors"].items():
+            acc = sums.setdefault(name, np.zeros(arr.shape, np.float64))
+            acc += weight * arr
+
+    with sockets(n, 8) as (router, dealers):
+        warm_up(router, dealers)
+        for rnd in range(1, rounds + 1):
+            messages = [
+                [pickle.dumps({"agent_id": f"edge-{i}", "round": rnd, "num_examples": 32 + i,
+                               "tensors": w.make_tensors(i)}, protocol=5)]
+                for i in range(n)
+            ]  # fmt: skip
+            total.seconds += timed_receive(router, dealers, messages, handle)
+            total.updates += n
+            total.wire_bytes += sum(len(m[0]) for m in messages)
+    return total
+
+
+def run_raw(w: Workload, n: int, rounds: int) -> Result:
+    total = Result(0, 0.0, 0)
+    with sockets(n, 8) as (router, dealers):
+        warm_up(router, dealers)
+        for rnd in range(1, rounds + 1):
+            messages = [[w.make_blob(i, rnd)] for i in range(n)]
+            total.seconds += timed_receive(router, dealers, messages, lambda s, f: None)
+            total.updates += n
+            total.wire_bytes += sum(len(m[0]) for m in messages)
+    return total
+
+
+ROW = "{:<28} {:<44} {:>9} {:>9} {:>10} {:>10}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few agents, 1-2 rounds")
+    parser.add_argument("--agents", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgefed-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        plans = (
+            (lora_workload(), args.agents or (2 if args.quick else 8), args.rounds or (1 if args.quick else 3)),
+            (ferret_workload(tmp / "model"), args.agents or (4 if args.quick else 16), args.rounds or (2 if args.quick else 10)),
+        )  # fmt: skip
+        print(ROW.format("workload", "receiver", "updates", "upd/s", "MB/s", "x raw MB/s"))
+        for w, n, rounds in plans:
+            state = tmp / f"state-{w.method}"
+            results = {
+                "raw loopback (opaque frames)": run_raw(w, n, rounds),
+                "naive pickle + numpy sum": run_pickle(w, n, rounds),
+                "edgefed (decode+validate+fsync+ledger+sum)": run_edgefed(w, n, rounds, state),
+            }
+            raw_mbps = results["raw loopback (opaque frames)"].mbps
+            for label, r in results.items():
+                print(ROW.format(w.name, label, r.updates, f"{r.rate:,.1f}", f"{r.mbps:,.1f}",
+                                 f"{r.mbps / raw_mbps:.3f}"))  # fmt: skip
+            ef, pk = (
+                results["edgefed (decode+validate+fsync+ledger+sum)"],
+                results["naive pickle + numpy sum"],
+            )
+            print(
+                f"  {w.name}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
+                f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; round "
+                f"close (mean + checkpoint) {1000 * ef.close_seconds / rounds:.0f} ms/round"
+            )
+            print(f"  per edgefed update: frames.decode (sha256) "
+                  f"{1000 * ef.decode_seconds / ef.updates:.1f} ms, engine.on_message (validate, "
+                  f"blob fsync, ledger, sum) {1000 * ef.engine_seconds / ef.updates:.1f} ms")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
