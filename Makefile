@@ -36,6 +36,10 @@ test: lint typecheck pytest
 bench: venv
 	$(PY) benchmarks/wire_overhead.py
 	$(PY) benchmarks/randomness_rate.py
+	$(PY) benchmarks/bytes_per_round.py
+	$(PY) benchmarks/aggregator_throughput.py
+	$(PY) benchmarks/agent_memory.py
+	$(PY) benchmarks/step_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
