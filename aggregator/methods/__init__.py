@@ -83,6 +83,23 @@ class MethodContext:
 MethodFactory = Callable[[Mapping[str, Any], MethodContext], ServerMethod]
 
 
+def decode_update(blobs: Mapping[str, memoryview], name: str, expect: Any) -> Any:
+    """The one payload blob ``name`` of a TaskResult, decoded against ``expect``
+    (a ``protocol.payloads.Expect``); anything else is an :class:`UpdateRejected`."""
+    from aggregator.errors import UpdateRejected
+    from protocol import payloads
+    from protocol.errors import ErrorCode, ProtocolError
+
+    if set(blobs) != {name}:
+        raise UpdateRejected(
+            ErrorCode.PAYLOAD_MISMATCH, f"expected one blob {name!r}, got {sorted(blobs)}"
+        )
+    try:
+        return payloads.decode(blobs[name], expect)
+    except ProtocolError as exc:
+        raise UpdateRejected(exc.code, str(exc)) from None
+
+
 def server_methods() -> dict[str, MethodFactory]:
     """Method name → factory taking the run's method parameters."""
     from protocol.methods import NAMES

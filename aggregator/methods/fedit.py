@@ -11,10 +11,10 @@ import torch
 
 from aggregator.errors import UpdateRejected
 from aggregator.export import write_peft_adapter
-from aggregator.methods import Assignment, MethodContext, Update
+from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from aggregator.robust import Aggregator, check_examples, clip_lora
 from protocol import payloads
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode
 from protocol.messages import TaskResult
 from protocol.methods import fedit as spec
 from protocol.methods import parse_params
@@ -78,15 +78,7 @@ class FeditServer:
         )
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
-        if set(blobs) != {spec.UPDATE_BLOB}:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH,
-                f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}",
-            )
-        try:
-            payload = payloads.decode(blobs[spec.UPDATE_BLOB], self._expect(round))
-        except ProtocolError as exc:
-            raise UpdateRejected(exc.code, str(exc)) from None
+        payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
         check_examples(result.num_examples, self.params.aggregation)

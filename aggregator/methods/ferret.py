@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aggregator.errors import ConfigError, StateError, UpdateRejected
-from aggregator.methods import Assignment, MethodContext, Update
+from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from protocol import payloads
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
 from protocol.methods import _ferret_math as fm
 from protocol.methods import ferret as spec
@@ -186,11 +186,6 @@ class FerretServer:
     # --- what comes back --------------------------------------------------------------------
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
-        if set(blobs) != {spec.UPDATE_BLOB}:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH,
-                f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}",
-            )
         expect = payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             method=self.name,
@@ -199,10 +194,7 @@ class FerretServer:
             k=self.p.k,
             n_groups=self.n_groups,
         )
-        try:
-            payload = payloads.decode(blobs[spec.UPDATE_BLOB], expect)
-        except ProtocolError as exc:
-            raise UpdateRejected(exc.code, str(exc)) from None
+        payload = decode_update(blobs, spec.UPDATE_BLOB, expect)
         n_triples = payload.tensors["value"].numel()
         held = result.metrics.get(spec.HELD_ROUND)
         if result.metrics.get(spec.OUT_OF_SYNC):

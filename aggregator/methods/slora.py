@@ -29,10 +29,10 @@ import torch
 
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.export import write_peft_adapter
-from aggregator.methods import Assignment, MethodContext, Update
+from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedit import FedAvg
 from protocol import payloads, randomness
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode
 from protocol.messages import TaskResult
 from protocol.methods import parse_params
 from protocol.methods import slora as spec
@@ -263,15 +263,7 @@ class SloraServer:
         )
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
-        if set(blobs) != {spec.UPDATE_BLOB}:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH,
-                f"expected one blob {spec.UPDATE_BLOB!r}, got {sorted(blobs)}",
-            )
-        try:
-            payload = payloads.decode(blobs[spec.UPDATE_BLOB], self._expect(round))
-        except ProtocolError as exc:
-            raise UpdateRejected(exc.code, str(exc)) from None
+        payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
         if self.stage == 1 and self.shapes is None:
