@@ -21,12 +21,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel
+from typing import Any
 
 from aggregator.checkpoint import CheckpointStore, atomic_write_bytes
 from aggregator.config import AggregatorConfig
@@ -34,6 +31,7 @@ from aggregator.errors import StateError, UpdateRejected
 from aggregator.ledger import Ledger, RejectionRow, UpdateRow
 from aggregator.methods import ServerMethod
 from aggregator.registry import Registry
+from aggregator.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for, weighted
 from protocol import PROTOCOL_VERSIONS
 from protocol.errors import ErrorCode, VersionMismatch
 from protocol.frames import Decoded, encode, frames_nbytes
@@ -51,73 +49,6 @@ from protocol.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    agent_id: str
-    header: BaseModel
-    blobs: Mapping[str, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class RoundSummary:
-    """One row of the per-round table."""
-
-    round: int
-    agents: int = 0
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    eval_em: float | None = None
-    bytes_up: float = 0.0
-    bytes_down: float = 0.0
-    seconds: float = 0.0
-    rejected: int = 0
-    method: dict[str, float] = field(default_factory=dict)
-    """What the method reports of the round (e.g. SLoRA's stage and density)."""
-
-    def as_metrics(self) -> dict[str, float]:
-        out = {
-            "agents": float(self.agents),
-            "bytes_up_per_agent": self.bytes_up,
-            "bytes_down_per_agent": self.bytes_down,
-            "seconds": self.seconds,
-            "rejected": float(self.rejected),
-        }
-        for key in ("train_loss", "eval_loss", "eval_em"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        return out
-
-
-Kind = Literal["train", "eval"]
-
-
-@dataclass
-class _Phase:
-    kind: Kind
-    round: int
-    assigned: dict[str, str]  # agent id -> task id
-    deadline: float
-    started: float
-    done: dict[str, TaskResult] = field(default_factory=dict)
-    bytes_up: dict[str, int] = field(default_factory=dict)
-    bytes_down: dict[str, int] = field(default_factory=dict)
-    rejected: int = 0
-
-
-def task_id_for(run_id: str, round: int, kind: str, agent_id: str) -> str:
-    digest = hashlib.sha256(f"{run_id}|{round}|{kind}|{agent_id}".encode()).hexdigest()[:24]
-    return f"r{round}-{kind}-{digest}"
-
-
-def _weighted(results: list[TaskResult], key: str) -> float | None:
-    pairs = [(r.metrics[key], max(r.num_examples, 1)) for r in results if key in r.metrics]
-    if not pairs:
-        return None
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total
 
 
 class RoundEngine:
@@ -145,7 +76,7 @@ class RoundEngine:
         )
         self.run_id = ""
         self.round = 0  # last committed round
-        self.phase: _Phase | None = None
+        self.phase: Phase | None = None
         self.finished = False
         self.summaries: dict[int, RoundSummary] = {}
         self.update_dir = config.server.state_dir / "updates"
@@ -462,7 +393,7 @@ class RoundEngine:
 
     def _open_phase(self, kind: Kind, round: int, agents: list[str], now: float) -> list[Outgoing]:
         assigned = {a: task_id_for(self.run_id, round, kind, a) for a in agents}
-        self.phase = _Phase(
+        self.phase = Phase(
             kind=kind,
             round=round,
             assigned=assigned,
@@ -483,7 +414,7 @@ class RoundEngine:
             if a not in self.phase.done and a in live
         ]
 
-    def _assignment(self, phase: _Phase, agent_id: str) -> Outgoing:
+    def _assignment(self, phase: Phase, agent_id: str) -> Outgoing:
         spec = self.method.assign(phase.round, agent_id, phase.kind)
         header = TaskAssign(
             run_id=self.run_id,
@@ -500,7 +431,7 @@ class RoundEngine:
         self.registry.assigned(agent_id, phase.assigned[agent_id])
         return Outgoing(agent_id, header, spec.blobs)
 
-    def _phase_complete(self, phase: _Phase, now: float) -> bool:
+    def _phase_complete(self, phase: Phase, now: float) -> bool:
         pending = [
             a
             for a in phase.assigned
@@ -537,7 +468,7 @@ class RoundEngine:
         )
         return False
 
-    def _close_phase(self, phase: _Phase, now: float) -> list[Outgoing]:
+    def _close_phase(self, phase: Phase, now: float) -> list[Outgoing]:
         self.phase = None
         results = list(phase.done.values())
         n = max(len(phase.assigned), 1)
@@ -545,7 +476,7 @@ class RoundEngine:
             summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
             metrics = self.method.finish_round(phase.round)
             summary.agents = len(results) - phase.rejected
-            summary.train_loss = _weighted(results, "train_loss")
+            summary.train_loss = weighted(results, "train_loss")
             summary.bytes_up = sum(phase.bytes_up.values()) / max(len(phase.bytes_up), 1)
             summary.bytes_down = sum(phase.bytes_down.values()) / n
             summary.seconds = now - phase.started
@@ -571,8 +502,8 @@ class RoundEngine:
             self._round_done(summary)
         else:
             summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
-            summary.eval_loss = _weighted(results, "eval_loss")
-            summary.eval_em = _weighted(results, "eval_em")
+            summary.eval_loss = weighted(results, "eval_loss")
+            summary.eval_em = weighted(results, "eval_em")
             if phase.round > 0:
                 self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
             self._round_done(summary)
