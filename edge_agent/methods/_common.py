@@ -30,3 +30,17 @@ def evaluation_task(model: Any, tokenizer: Any, e: EvalParams, ws: Workspace) ->
     if result.exact_match is not None:
         metrics["eval_em"] = result.exact_match
     return TaskOutput(num_examples=result.n, metrics=metrics)
+
+
+def training_output(result: Any, blobs: dict[str, bytes] | None = None) -> TaskOutput:
+    """A train task's answer from ``edge_agent.train.TrainResult``: losses, steps, time."""
+    return TaskOutput(
+        num_examples=result.num_examples,
+        metrics={
+            "train_loss": result.mean_loss,
+            "train_loss_last": result.last_loss,
+            "steps": float(result.steps),
+            "seconds": result.seconds,
+        },
+        blobs=blobs or {},
+    )

@@ -14,7 +14,7 @@ from typing import Any
 from edge_agent.errors import TaskError
 from edge_agent.lora import LoraSpec, attach_lora, get_adapter_state, set_adapter_state
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task
+from edge_agent.methods._common import evaluation_task, training_output
 from edge_agent.train import TrainConfig, train_lora
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
@@ -110,16 +110,7 @@ class FeditClient:
             result.first_loss,
             result.last_loss,
         )
-        return TaskOutput(
-            num_examples=result.num_examples,
-            metrics={
-                "train_loss": result.mean_loss,
-                "train_loss_last": result.last_loss,
-                "steps": float(result.steps),
-                "seconds": result.seconds,
-            },
-            blobs={spec.UPDATE_BLOB: blob},
-        )
+        return training_output(result, {spec.UPDATE_BLOB: blob})
 
     def _evaluate(
         self, peft_model: Any, tokenizer: Any, params: spec.Params, ws: Workspace

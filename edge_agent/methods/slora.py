@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task
+from edge_agent.methods._common import evaluation_task, training_output
 from edge_agent.methods.fedit import load_global, peft_model_for
 from edge_agent.train import TrainConfig, train_lora
 from protocol import payloads, randomness
@@ -254,15 +254,7 @@ def _train(
         result.first_loss,
         result.last_loss,
     )
-    return TaskOutput(
-        num_examples=result.num_examples,
-        metrics={
-            "train_loss": result.mean_loss,
-            "train_loss_last": result.last_loss,
-            "steps": float(result.steps),
-            "seconds": result.seconds,
-        },
-    )
+    return training_output(result)
 
 
 def _evaluate(model: Any, tokenizer: Any, params: spec.Params, ws: Workspace) -> TaskOutput:

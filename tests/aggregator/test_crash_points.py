@@ -121,31 +121,6 @@ def test_crash_inside_a_checkpoint_write(tmp_path: Path, monkeypatch: pytest.Mon
     from aggregator.checkpoint import CheckpointStore
 
     assert CheckpointStore(tmp_path / "torn" / "checkpoints").latest() == 1
-    state, _, counts = resume(tmp_path / "torn")
+    state, _, counts = run(tmp_path / "torn", set())  # the restart, agents owing nothing
     assert counts == [3, 3, 3]
     assert all(torch.equal(state[n], v) for n, v in reference.items())
-
-
-def resume(tmp: Path) -> tuple[dict[str, torch.Tensor], int, list[int]]:
-    """Restart on an existing state dir; agents resend whatever of the open round they owe."""
-    h = Harness(tmp, rounds=ROUNDS, min_agents=len(AGENTS))
-    queue: deque[tuple[str, TaskAssign]] = deque()
-    steps = 0
-
-    def process(outs: list) -> None:
-        queue.extend((o.agent_id, o.header) for o in outs if isinstance(o.header, TaskAssign))
-
-    for agent in AGENTS:
-        process(h.hello(agent))
-    while h.engine.round < ROUNDS:
-        steps += 1
-        assert steps < 500
-        if queue:
-            agent, task = queue.popleft()
-            process(h.result(task, agent, 10 + AGENTS.index(agent), update_of(task.round, agent)))
-        else:
-            process(h.tick())
-    state = h.store.load(ROUNDS)[0]
-    counts = [len(h.ledger.updates("run-t", r)) for r in range(1, ROUNDS + 1)]
-    h.close()
-    return state, steps, counts
