@@ -107,6 +107,20 @@ def serve(
 @click.option("--insecure", is_flag=True, help="Skip CURVE (local keys are made by default).")
 @click.option("--merge", is_flag=True, help="Also export the adapter merged into the base.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--agent-limit",
+    "agent_limits",
+    multiple=True,
+    metavar="AGENT:memory=SIZE,bandwidth=MBPS",
+    help="Simulate a smaller agent, e.g. agent-2:memory=600MB,bandwidth=20 (repeatable).",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A method parameter, dotted, e.g. --param train.steps=4 (value read as JSON if it can).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -125,11 +139,19 @@ def local(
     insecure: bool,
     merge: bool,
     seed: int,
+    agent_limits: tuple[str, ...],
+    params: tuple[str, ...],
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
     _logging(verbose)
-    from aggregator.local import LocalOptions, run_local
+    from aggregator.local import LocalOptions, parse_agent_limits, parse_params, run_local
+
+    try:
+        limits = parse_agent_limits(agent_limits)
+        method_params = parse_params(params)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
     opts = LocalOptions(
         method=method,
@@ -148,6 +170,8 @@ def local(
         merge=merge,
         seed=seed,
         eval_examples=eval_examples,
+        method_params=method_params,
+        agent_limits=limits,
     )
     try:
         run_local(opts)

@@ -23,13 +23,13 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aggregator.checkpoint import CheckpointStore, atomic_write_bytes
 from aggregator.config import AggregatorConfig
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.ledger import Ledger, RejectionRow, UpdateRow
-from aggregator.methods import ServerMethod
+from aggregator.methods import AgentView, ServerMethod
 from aggregator.registry import Registry
 from aggregator.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for, weighted
 from protocol import PROTOCOL_VERSIONS
@@ -42,6 +42,7 @@ from protocol.messages import (
     ErrorReply,
     Heartbeat,
     Hello,
+    Quant,
     TaskAssign,
     TaskResult,
     Welcome,
@@ -208,6 +209,9 @@ class RoundEngine:
                                                    ref=hello.msg_id))]  # fmt: skip
         self.registry.hello(agent_id, hello, now)
         self.ledger.upsert_agent(agent_id, hello.profile.model_dump(mode="json"), time.time())
+        on_hello = getattr(self.method, "on_hello", None)
+        if on_hello is not None:
+            on_hello(self._view(agent_id))
         log.info(
             "agent %s joined (%d cpus, %.1f GFLOP/s fp32)",
             agent_id,
@@ -290,6 +294,16 @@ class RoundEngine:
         if res.kind == "eval":
             phase.done[agent_id] = res
             phase.bytes_up[agent_id] = msg.nbytes
+            return ack()
+        if res.kind == "score":
+            phase.done[agent_id] = res
+            phase.bytes_up[agent_id] = msg.nbytes
+            try:
+                self.method.add_score(res.round, res, msg.blobs)  # type: ignore[attr-defined]
+            except UpdateRejected as exc:
+                phase.rejected += 1
+                log.warning("round %d: rejected scores from %s: %s", res.round, agent_id, exc)
+                return error(ErrorCode.REJECTED_UPDATE, exc.reason)
             return ack()
         try:
             update = self.method.validate(res.round, res, msg.blobs)
@@ -377,12 +391,25 @@ class RoundEngine:
                 log.warning("agent %s not assigned %s: %s", agent_id, self.run.method, reason)
         return out
 
+    def _view(self, agent_id: str) -> AgentView:
+        a = self.registry.agents[agent_id]
+        return AgentView(
+            agent_id=agent_id,
+            profile=a.profile,
+            holds=frozenset(a.holds),
+            rtt_ms=a.rtt_ms,
+            bandwidth_mbps=a.bandwidth_mbps,
+        )
+
     def _maybe_start(self, now: float) -> list[Outgoing]:
         live = self._admissible(self.registry.live(model=self.model.sha256))
         if len(live) < self.run.min_agents:
             return []
         if self.round == 0 and self.run.eval and self.run.eval_initial and 0 not in self.summaries:
             return self._open_phase("eval", 0, live, now)
+        wants_score = getattr(self.method, "wants_score", None)
+        if wants_score is not None and wants_score(self.round + 1):
+            return self._open_phase("score", self.round + 1, live, now)
         if self._resume_assigned:  # the open round of a restarted run keeps its agents
             chosen, self._resume_assigned = self._resume_assigned, []
         else:
@@ -407,6 +434,9 @@ class RoundEngine:
                     self.phase.done[agent_id] = result
             self._replayed = {}
         log.info("round %d %s: assigned %d agents", round, kind, len(agents))
+        plan = getattr(self.method, "plan", None)
+        if plan is not None:
+            plan(round, kind, {a: self._view(a) for a in agents if a in self.registry.agents})
         live = set(self.registry.live())
         return [
             self._assignment(self.phase, a)
@@ -423,7 +453,7 @@ class RoundEngine:
             kind=phase.kind,
             method=self.run.method,
             model=self.model,
-            quant=self.run.quant,
+            quant=cast(Quant, spec.quant or self.run.quant),
             params=spec.params,
             deadline_s=max(1.0, phase.deadline - self.clock()),
         )
@@ -472,6 +502,12 @@ class RoundEngine:
         self.phase = None
         results = list(phase.done.values())
         n = max(len(phase.assigned), 1)
+        if phase.kind == "score":
+            summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
+            metrics = self.method.finish_score(phase.round)  # type: ignore[attr-defined]
+            summary.method.update({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+            log.info("round %d scores in from %d agents", phase.round, len(results))
+            return self._maybe_start(now)
         if phase.kind == "train":
             summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
             metrics = self.method.finish_round(phase.round)
@@ -481,7 +517,8 @@ class RoundEngine:
             summary.bytes_down = sum(phase.bytes_down.values()) / n
             summary.seconds = now - phase.started
             summary.rejected = phase.rejected
-            summary.method = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+            summary.method.update({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+            summary.per_agent = self._per_agent(phase)
             tensors, meta = self.method.state()
             manifest = self.store.save(
                 phase.round, tensors, method=self.run.method, meta={**meta, "run_id": self.run_id}
@@ -508,6 +545,19 @@ class RoundEngine:
                 self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
             self._round_done(summary)
         return []
+
+    def _per_agent(self, phase: Phase) -> dict[str, dict[str, str]]:
+        details = getattr(self.method, "agent_details", None)
+        chosen: dict[str, dict[str, str]] = details(phase.round) if details is not None else {}
+        out: dict[str, dict[str, str]] = {}
+        for agent_id in sorted(phase.assigned):
+            row = {
+                "up": str(phase.bytes_up.get(agent_id, 0)),
+                "down": str(phase.bytes_down.get(agent_id, 0)),
+                **chosen.get(agent_id, {}),
+            }
+            out[agent_id] = row
+        return out
 
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -53,6 +55,63 @@ class LocalOptions:
     seed: int
     eval_examples: int
     method_params: dict[str, Any] | None = None
+    agent_limits: dict[str, dict[str, float]] | None = None
+    """Per agent id, simulated limits: ``memory`` (bytes) and ``bandwidth`` (Mbit/s)."""
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``"600MB"`` → 600000000; ``"1.5GiB"``; a bare number is bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (e.g. 600MB, 1.5GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def parse_agent_limits(specs: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``["agent-2:memory=600MB,bandwidth=20"]`` → ``{"agent-2": {"memory": 6e8, ...}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        agent, sep, rest = spec.partition(":")
+        if not sep or not agent:
+            raise ValueError(f"{spec!r}: expected AGENT:memory=SIZE,bandwidth=MBPS")
+        limits = out.setdefault(agent, {})
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or key not in ("memory", "bandwidth"):
+                raise ValueError(f"{spec!r}: {item!r} is not memory=SIZE or bandwidth=MBPS")
+            try:
+                limits[key] = float(parse_size(value)) if key == "memory" else float(value)
+            except ValueError:
+                raise ValueError(f"{spec!r}: bad value {value!r} for {key}") from None
+            if limits[key] <= 0:
+                raise ValueError(f"{spec!r}: {key} must be positive")
+    return out
+
+
+def parse_params(specs: Sequence[str]) -> dict[str, Any]:
+    """``["train.steps=4", "emulator.drop=0.5"]`` → nested dict (values as JSON when they parse)."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        key, eq, raw = spec.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{spec!r}: expected KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{spec!r}: {part} is already a value")
+        node[parts[-1]] = value
+    return out
 
 
 def agent_command() -> list[str]:
@@ -133,6 +192,15 @@ class RoundTable:
             file=self.out,
             flush=True,
         )
+        if any(set(row) - {"up", "down"} for row in s.per_agent.values()):
+            for agent_id, row in s.per_agent.items():
+                extra = "".join(f"  {k}={v}" for k, v in row.items() if k not in ("up", "down"))
+                print(
+                    f"{'':>5} {agent_id:>12}  up {_human(float(row.get('up', 0))):>9}  "
+                    f"down {_human(float(row.get('down', 0))):>9}{extra}",
+                    file=self.out,
+                    flush=True,
+                )
 
 
 def _human(n: float) -> str:
@@ -188,7 +256,15 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     # the common blocks this method's parameters have (a method may have no LoRA, say)
     fields = PARAMS[opts.method].model_fields if opts.method in PARAMS else {}
     method_params = {k: v for k, v in method_params.items() if k in fields}
-    method_params.update(opts.method_params or {})
+    for key, value in (opts.method_params or {}).items():
+        if isinstance(value, dict) and isinstance(method_params.get(key), dict):
+            method_params[key] = {**method_params[key], **value}
+        else:
+            method_params[key] = value
+    limits = opts.agent_limits or {}
+    unknown = sorted(set(limits) - set(agent_ids))
+    if unknown:
+        raise AggregatorError(f"--agent-limit names no such agent: {', '.join(unknown)}")
     raw: dict[str, Any] = {
         "server": {
             "bind": "tcp://127.0.0.1:0",
@@ -258,6 +334,8 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "threads": threads,
                         "heartbeat_interval": 1.0,
                         "liveness": 15,
+                        "memory_limit": _int_or_none(limits.get(agent_id, {}).get("memory")),
+                        "bandwidth_limit_mbps": limits.get(agent_id, {}).get("bandwidth"),
                     },
                     "security": security,
                 },
@@ -316,6 +394,10 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     print(f"done in {result['seconds']:.0f} s", file=out, flush=True)
     (workdir / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _lora_of(service: AggregatorService) -> Any:

@@ -34,6 +34,8 @@ class RoundSummary:
     rejected: int = 0
     method: dict[str, float] = field(default_factory=dict)
     """What the method reports of the round (e.g. SLoRA's stage and density)."""
+    per_agent: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per agent of the round: bytes up and down, and what the method chose for it."""
 
     def as_metrics(self) -> dict[str, float]:
         out = {
@@ -50,7 +52,7 @@ class RoundSummary:
         return out
 
 
-Kind = Literal["train", "eval"]
+Kind = Literal["train", "eval", "score"]
 
 
 @dataclass

@@ -66,6 +66,11 @@ class AgentSection(_Section):
     reconnect_min: Seconds = 1.0
     reconnect_max: Seconds = 32.0
     progress: bool = False
+    memory_limit: Annotated[int, Field(ge=1)] | None = None
+    """Simulate a smaller machine: the profile reports at most this much RAM (bytes)."""
+    bandwidth_limit_mbps: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Simulate a slower link: report at most this upload rate and delay each task's download
+    and upload by its size at this rate."""
 
 
 class SecuritySection(_Section):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from typing import cast
 
 from pydantic import ValidationError
 
@@ -83,6 +84,8 @@ class DaemonSettings:
     liveness: int = 3
     shutdown_grace: float = 30.0
     """Seconds to wait for the worker's current step on shutdown."""
+    bandwidth_limit_mbps: float | None = None
+    """A simulated link rate (agent.bandwidth_limit_mbps); None: the real link only."""
 
 
 class Daemon:
@@ -120,6 +123,7 @@ class Daemon:
             outbox=outbox,
             outgoing=self._outgoing,
             stop=self._stop,
+            bandwidth_limit_mbps=settings.bandwidth_limit_mbps,
         )
         self._welcomed = False
         self._interval = settings.heartbeat_interval
@@ -152,7 +156,9 @@ class Daemon:
             from edge_agent.methods import client_methods
 
             link = LinkSettings(a.id, a.aggregator, curve, a.reconnect_min, a.reconnect_max)
-            settings = DaemonSettings(link, a.heartbeat_interval, a.liveness)
+            settings = DaemonSettings(
+                link, a.heartbeat_interval, a.liveness, bandwidth_limit_mbps=a.bandwidth_limit_mbps
+            )
             return cls(
                 settings,
                 workspace=workspace,
@@ -279,6 +285,7 @@ class Daemon:
             profile=self.profile,
             methods=sorted(self.methods)[:32],
             models=[self.model_sha256],
+            holds=self.workspace.objects.holdings(),
         )
         self._hello_id = hello.msg_id
         self.link.send(encode(hello))
@@ -286,6 +293,9 @@ class Daemon:
 
     def _heartbeat(self, now: float) -> None:
         rtt_ms, mbps = self.meter.report()
+        limit = self.settings.bandwidth_limit_mbps
+        if limit is not None and mbps is not None:
+            mbps = min(mbps, limit)
         if rtt_ms is not None:
             self.log.info(
                 "link: rtt %.2f ms, upload %s Mbit/s",
@@ -442,6 +452,12 @@ def _collect_profile(config: AgentConfig) -> Profile:
     from edge_agent.profile import collect_profile
 
     data = collect_profile(measure=True, disk_path=config.agent.state_dir)
+    a = config.agent
+    if a.memory_limit is not None:
+        for key in ("ram_total", "ram_available"):
+            data[key] = min(cast(int, data[key]), a.memory_limit)
+    if a.bandwidth_limit_mbps is not None:
+        data["bandwidth_mbps"] = a.bandwidth_limit_mbps
     try:
         return Profile.model_validate_json(json.dumps(data))
     except ValidationError as exc:

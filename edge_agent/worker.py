@@ -78,8 +78,10 @@ class Worker:
         outbox: Outbox,
         outgoing: queue.Queue[Outgoing],
         stop: threading.Event,
+        bandwidth_limit_mbps: float | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.bandwidth_limit_mbps = bandwidth_limit_mbps
         self.methods = methods
         self.workspace = workspace
         self.outbox = outbox
@@ -150,6 +152,7 @@ class Worker:
             self.log.warning("%s: deadline passed while queued (%.0f s); skipped", tag, waited)
             return self._failure(assign, ErrorCode.STALE_TASK, "deadline passed before it started")
         self.workspace.reset_progress()
+        self._simulate_link(sum(b.nbytes for b in job.blobs.values()))
         self.log.info("%s: %s %s started", tag, assign.method, assign.kind)
         started = time.monotonic()
         try:
@@ -172,6 +175,7 @@ class Worker:
             # A method that saw should_stop() returns early with a partial result: never send it.
             self.log.info("%s: interrupted by shutdown; result discarded", tag)
             return None
+        self._simulate_link(frames_nbytes(frames))
         try:
             self.outbox.put(assign.task_id, frames)
         except OSError as exc:
@@ -188,6 +192,11 @@ class Worker:
             {k: round(v, 4) for k, v in output.metrics.items()},
         )
         return Outgoing(frames=frames, task_id=assign.task_id, stored=True)
+
+    def _simulate_link(self, nbytes: int) -> None:
+        """Wait as long as ``nbytes`` take at the simulated link rate (stops on shutdown)."""
+        if self.bandwidth_limit_mbps is not None and nbytes:
+            self._stop.wait(nbytes * 8 / (self.bandwidth_limit_mbps * 1e6))
 
     def _method(self, name: str) -> ClientMethod:
         instance = self._instances.get(name)

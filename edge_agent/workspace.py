@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from edge_agent.errors import TaskError
+from edge_agent.objects import ObjectStore
 from protocol.errors import ErrorCode
 from protocol.messages import BaseModelRef
 
@@ -55,6 +56,8 @@ class WorkspaceSettings:
     holdout_fraction: float = 0.1
     threads: int | None = None
     progress: bool = False
+    objects_dir: Path | None = None
+    """Where large objects are kept by sha256 (state_dir/objects); None: in a temporary dir."""
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> WorkspaceSettings:
@@ -67,6 +70,7 @@ class WorkspaceSettings:
             holdout_fraction=a.holdout_fraction,
             threads=a.threads,
             progress=a.progress,
+            objects_dir=a.state_dir / "objects",
         )
 
 
@@ -82,6 +86,7 @@ class AgentWorkspace:
         self._bases: dict[str, tuple[Any, Any]] = {}
         self._cache: dict[str, Any] = {}
         self._progress_fraction = 0.0
+        self._objects: ObjectStore | None = None
 
     # --------------------------------------------------------------------------- startup checks
 
@@ -142,6 +147,18 @@ class AgentWorkspace:
     @property
     def cache(self) -> dict[str, Any]:
         return self._cache
+
+    @property
+    def objects(self) -> ObjectStore:
+        with self._lock:
+            if self._objects is None:
+                root = self.settings.objects_dir
+                if root is None:
+                    import tempfile
+
+                    root = Path(tempfile.mkdtemp(prefix="edgefed-objects-"))
+                self._objects = ObjectStore(root)
+            return self._objects
 
     def base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
         local = self.resolved_model()

@@ -36,6 +36,8 @@ MAX_NAME = 256
 MAX_REASON = 2048
 MAX_BLOBS = 64
 MAX_LIST = 256
+Quant = Literal["nf4", "int8", "bf16", "fp32"]
+"""Base model precisions an agent loads."""
 MAX_PARAMS_JSON = 64 * 1024
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID, pattern=r"^[A-Za-z0-9._:@-]+$")]
@@ -157,7 +159,7 @@ class TaskAssign(_Header):
     kind: Literal["train", "eval", "score"] = "train"
     method: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_]+$")]
     model: BaseModelRef
-    quant: Literal["nf4", "int8", "bf16", "fp32"] = "nf4"
+    quant: Quant = "nf4"
     params: dict[str, Any] = {}
     """Method parameters; validated by ``protocol.methods.<method>`` on both sides."""
     deadline_s: Annotated[float, Field(gt=0, le=7 * 86400, allow_inf_nan=False)] = 3600.0

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from protocol.messages import TaskResult
+from protocol.messages import Profile, TaskResult
 
 
 @dataclass
@@ -31,10 +31,26 @@ class Update:
 
 @dataclass(frozen=True)
 class Assignment:
-    """What one agent is sent for one task: method parameters and blobs."""
+    """What one agent is sent for one task: method parameters and blobs.
+
+    ``quant`` overrides the run's base precision for this agent (FedPipe picks it per agent).
+    """
 
     params: dict[str, Any]
     blobs: Mapping[str, bytes] = field(default_factory=dict)
+    quant: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """What a method may know of an agent: its measured profile, the large objects (by sha256)
+    it says it holds, and the link figures of its latest heartbeat."""
+
+    agent_id: str
+    profile: Profile
+    holds: frozenset[str] = frozenset()
+    rtt_ms: float | None = None
+    bandwidth_mbps: float | None = None
 
 
 class ServerMethod(Protocol):
@@ -67,6 +83,44 @@ class ServerMethod(Protocol):
     def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
         """Write the result (e.g. a PEFT adapter directory); return what was written."""
         ...
+
+
+class OptionalHooks(Protocol):
+    """Hooks a server method may define (the engine checks with ``getattr``).
+
+    ``admit(agent_id, profile)``
+        None when the method can run on the agent, else the reason it cannot (logged once).
+    ``on_hello(view)``
+        Every Hello (also a reconnect): e.g. what the agent holds now.
+    ``plan(round, kind, views)``
+        Called as a phase opens, before any ``assign`` of it, with the views of its agents.
+    ``wants_score(round) -> bool``
+        True to run a "score" phase before training round ``round`` (e.g. FedPipe's importance
+        pass); it is asked again after the phase closes, so return False once scores are in.
+    ``add_score(round, result, blobs)``
+        One agent's score result; raise :class:`aggregator.errors.UpdateRejected` to refuse it.
+        The method keeps what it needs to survive a restart (e.g. under ``context.state_dir``).
+    ``finish_score(round) -> dict[str, float]``
+        The score phase closed; the returned metrics join the round's table row.
+    ``agent_details(round) -> dict[str, dict[str, str]]``
+        Per agent, what the method chose for it this round (rank, precision…), for the table.
+    """
+
+    def admit(self, agent_id: str, profile: Profile) -> str | None: ...
+
+    def on_hello(self, view: AgentView) -> None: ...
+
+    def plan(self, round: int, kind: str, views: Mapping[str, AgentView]) -> None: ...
+
+    def wants_score(self, round: int) -> bool: ...
+
+    def add_score(
+        self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]
+    ) -> None: ...
+
+    def finish_score(self, round: int) -> dict[str, float]: ...
+
+    def agent_details(self, round: int) -> dict[str, dict[str, str]]: ...
 
 
 @dataclass(frozen=True)

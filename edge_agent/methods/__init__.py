@@ -18,6 +18,7 @@ from protocol.messages import BaseModelRef, TaskAssign
 
 if TYPE_CHECKING:
     from edge_agent.data import Example
+    from edge_agent.objects import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Workspace(Protocol):
     @property
     def cache(self) -> dict[str, Any]:
         """Objects a method keeps between tasks (e.g. its peft model), keyed by its own names."""
+        ...
+
+    @property
+    def objects(self) -> ObjectStore:
+        """Large objects kept across tasks and restarts by sha256 (listed in Hello.holds)."""
         ...
 
     def base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:

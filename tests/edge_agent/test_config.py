@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import DEFAULT_MODEL, load_config
+from edge_agent.config import DEFAULT_MODEL, load_config, parse_config
 from edge_agent.errors import ConfigError
 
 
@@ -146,3 +146,15 @@ def test_toml_syntax_and_missing_file_are_one_line_errors(tmp_path: Path) -> Non
         load_config(write(tmp_path, '[agent]\nid = "x\n'))
     with pytest.raises(ConfigError, match="configuration file not found"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_simulated_limits_cap_the_profile(tmp_path: Path) -> None:
+    from edge_agent.daemon import _collect_profile
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    agent = {"id": "a", "data": str(data), "memory_limit": 123_456_789, "bandwidth_limit_mbps": 7.5}
+    cfg = parse_config({"agent": agent, "security": {"insecure": True}}, tmp_path / "agent.toml")
+    profile = _collect_profile(cfg)
+    assert profile.ram_total == 123_456_789 and profile.ram_available <= 123_456_789
+    assert profile.bandwidth_mbps == 7.5

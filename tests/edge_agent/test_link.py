@@ -245,7 +245,11 @@ class Harness:
     def start(self, curve: CurveKeys | None = None) -> Running:
         link = LinkSettings(AGENT, self.agg.endpoint, curve, reconnect_min=0.05, reconnect_max=0.2)
         settings = DaemonSettings(link, heartbeat_interval=INTERVAL, liveness=LIVENESS)
-        ws = FakeWorkspace(WorkspaceSettings(model="fake-model", data=self.data))
+        ws = FakeWorkspace(
+            WorkspaceSettings(
+                model="fake-model", data=self.data, objects_dir=self.tmp_path / "state" / "objects"
+            )
+        )
         ws.prepare()
         daemon = Daemon(
             settings,
@@ -294,6 +298,7 @@ def test_result_survives_restart_heartbeats_flow_during_training(harness: Harnes
         [SHA],
     )
     assert hello.profile.cpus == 2 and hello.profile.rtt_ms is None
+    assert hello.holds == []
 
     # Link measurements: an empty probe, a 1 MiB probe, then both numbers in a heartbeat.
     report, _ = agg.expect(Heartbeat, where=lambda h: h.rtt_ms is not None)
@@ -560,3 +565,11 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
     assert len({round(d / n, 6) for d, n in zip(delays, nominal, strict=True)}) > 1  # jittered
     backoff.reset()
     assert 0.75 <= backoff.next_delay() <= 1.25
+
+
+def test_hello_lists_the_objects_the_agent_holds(harness: Harness) -> None:
+    from edge_agent.objects import ObjectStore
+
+    sha = ObjectStore(harness.tmp_path / "state" / "objects").put(b"an emulator")
+    _, hello = harness.connect()
+    assert hello.holds == [sha]
