@@ -188,6 +188,14 @@ class CheckpointStore:
         rounds = self.rounds()
         return rounds[-1] if rounds else None
 
+    def manifest(self, round: int | None = None) -> Manifest | None:
+        """The manifest of ``round`` (default: the latest), without reading the tensors."""
+        if round is None:
+            round = self.latest()
+            if round is None:
+                return None
+        return self._manifest(self._dir(round), round)
+
     def save(
         self,
         round: int,

@@ -210,6 +210,7 @@ def status(state_dir: Path, as_json: bool) -> None:
                 }
                 for a in ledger.agents()
             ],
+            "state": _method_state(state_dir),
             "rounds": [
                 {
                     "round": r.round,
@@ -228,6 +229,8 @@ def status(state_dir: Path, as_json: bool) -> None:
         return
     method = (data["run"] or {}).get("method", "?")
     click.echo(f"run {data['run_id']}  method {method}")
+    for key, value in data["state"].items():
+        click.echo(f"  {key}: {value if len(value) <= 300 else value[:297] + '...'}")
     click.echo(f"{'agent':<20} {'cpus':>4} {'RAM GB':>7} gpus")
     for a in data["agents"]:
         click.echo(
@@ -245,6 +248,18 @@ def status(state_dir: Path, as_json: bool) -> None:
             f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
             f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
         )
+
+
+def _method_state(state_dir: Path) -> dict[str, str]:
+    """The method's string metadata in the latest checkpoint (e.g. FedPipe's selection)."""
+    from aggregator.checkpoint import CheckpointStore
+
+    manifest = CheckpointStore(state_dir / "checkpoints").manifest()
+    if manifest is None:
+        return {}
+    return {k: v for k, v in manifest.meta.items() if k != "run_id"} | {
+        "checkpoint_round": str(manifest.round)
+    }
 
 
 def _cell(row: dict[str, Any], key: str, spec: str) -> str:

@@ -88,8 +88,11 @@ def test_status_and_export_on_a_finished_round(tmp_path: Path) -> None:
     assert [a["agent_id"] for a in data["agents"]] == ["a1", "a2"]
     assert data["rounds"][0]["round"] == 1 and data["rounds"][0]["committed"] is True
     assert data["rounds"][0]["agents"] == 2.0
+    assert data["state"]["checkpoint_round"] == "1"
+    assert json.loads(data["state"]["params"])["lora"]["r"] == 4
     table = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path)])
     assert "run run-t  method fedit" in table.output
+    assert "  checkpoint_round: 1" in table.output
 
     out = tmp_path / "export"
     result = CliRunner().invoke(main, ["export", "--state-dir", str(tmp_path), "--out", str(out)])
