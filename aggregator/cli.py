@@ -298,6 +298,7 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
             model_dir=Path(model_dir) if model_dir else None,
             state_dir=state_dir,
             seed=cfg["run"].get("seed", 0),
+            public_data=Path(cfg["run"]["public_data"]) if cfg["run"].get("public_data") else None,
         )
         method = server_methods()[run["method"]](cfg.get("method", {}), context)
         method.restore(tensors, manifest.meta)

@@ -56,6 +56,8 @@ class RunSection(_Section):
     model_sha256: Sha256 | None = None
     model_dir: Path | None = None
     """A local copy of the base model (HF directory), for merged export."""
+    public_data: Path | None = None
+    """A JSONL the aggregator may train on (FedBiOT's emulator alignment); never private data."""
     quant: Literal["nf4", "int8", "bf16", "fp32"] = "nf4"
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     export_dir: Path | None = None
@@ -118,7 +120,11 @@ def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:
         }
     )
     run = config.run.model_copy(
-        update={"model_dir": fix(config.run.model_dir), "export_dir": fix(config.run.export_dir)}
+        update={
+            "model_dir": fix(config.run.model_dir),
+            "export_dir": fix(config.run.export_dir),
+            "public_data": fix(config.run.public_data),
+        }
     )
     return config.model_copy(update={"server": server, "security": security, "run": run})
 

@@ -282,6 +282,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "model": opts.model,
             "model_sha256": info["sha256"],
             "model_dir": info["path"],
+            "public_data": str(files["public"]),
             "quant": opts.quant,
             "seed": opts.seed,
             "round_deadline_s": 1800.0,

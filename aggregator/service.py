@@ -52,6 +52,7 @@ class AggregatorService:
             model_dir=config.run.model_dir,
             state_dir=state,
             seed=config.run.seed,
+            public_data=config.run.public_data,
         )
         self.method = factories[config.run.method](config.method, context)
         self.ledger = Ledger(state / "ledger.sqlite")

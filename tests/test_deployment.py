@@ -340,7 +340,11 @@ def test_agent_example_sets_and_documents_every_option() -> None:
     path = EXAMPLES / "agent.toml"
     config = agent_config.load_config(path, check_files=False)
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    assert set(raw["agent"]) == _fields(agent_config.AgentSection)
+    # the simulation knobs stay commented out (they must never be on in production), but shown
+    simulated = {"memory_limit", "bandwidth_limit_mbps"}
+    text = path.read_text(encoding="utf-8")
+    assert all(re.search(rf"^# {k} = \S+", text, re.M) for k in simulated)
+    assert set(raw["agent"]) | simulated == _fields(agent_config.AgentSection)
     assert set(raw["security"]) == _fields(agent_config.SecuritySection)
     assert _undocumented_keys(path) == []
     assert config.agent.id == "edge-1" and config.security.insecure is False

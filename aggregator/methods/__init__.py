@@ -132,6 +132,8 @@ class MethodContext:
     """A local copy of the base model (HF directory), when the operator gave one."""
     state_dir: Path | None = None
     seed: int = 0
+    public_data: Path | None = None
+    """A public JSONL the aggregator itself may train on (run.public_data)."""
 
 
 MethodFactory = Callable[[Mapping[str, Any], MethodContext], ServerMethod]
