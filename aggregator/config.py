@@ -29,6 +29,10 @@ class ServerSection(_Section):
     """Messages queued per peer each way; with max_message_bytes it bounds what one peer can
     make the aggregator hold (8 × 256 MiB by default, far less for real payloads)."""
     keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 3
+    keep_updates: bool = False
+    """Keep every accepted update's payload on disk after its round commits (an audit trail);
+    by default a round's stored updates are deleted once it commits (only the open round's are
+    needed, to replay it after a crash)."""
 
 
 class SecuritySection(_Section):

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -531,6 +532,9 @@ class RoundEngine:
                 time.time(),
             )
             self.round = phase.round
+            # the round's stored updates were only needed to replay it after a crash
+            if not self.config.server.keep_updates:
+                shutil.rmtree(self.update_dir / self.run_id / f"round-{phase.round:06d}", True)
             log.info("round %d committed (%d updates)", phase.round, summary.agents)
             if self.run.eval:
                 live = [a for a in self.registry.live(model=self.model.sha256)]

@@ -70,11 +70,12 @@ class FixedClock:
         return self.now
 
 
-def lora_update(r: int, seed: int) -> dict[str, torch.Tensor]:
+def lora_update(r: int, seed: int, targets: str = "qkvo") -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     state = {}
+    outs = {"q": HIDDEN, "k": KV, "v": KV, "o": HIDDEN}
     for layer in range(LAYERS):
-        for m, out in (("q", HIDDEN), ("k", KV), ("v", KV), ("o", HIDDEN)):
+        for m, out in ((m, outs[m]) for m in targets):
             p = f"base_model.model.model.layers.{layer}.self_attn.{m}_proj"
             state[f"{p}.lora_A.weight"] = torch.randn(r, HIDDEN, generator=g) * 0.01
             state[f"{p}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.01
@@ -113,24 +114,21 @@ class Workload:
     """agent index -> the same numbers as numpy arrays, for the baseline."""
 
 
-def lora_workload() -> Workload:
+def lora_workload(r: int = LORA_R, targets: str = "qkvo") -> Workload:
+    """LoRA factors of SmolLM2-135M's shapes; ``r=8, targets="qkvo"`` is fedit's default (3.69 MB)."""
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def tensors(i: int) -> dict[str, torch.Tensor]:
         if i not in cache:
-            cache[i] = lora_update(LORA_R, i)
+            cache[i] = lora_update(r, i, targets)
         return cache[i]
 
     return Workload(
-        name=f"LoRA r={LORA_R}",
+        name=f"LoRA r={r} on {','.join(targets)}",
         method="fedit",
         method_cfg={
-            "lora": {
-                "r": LORA_R,
-                "alpha": 16.0,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-            }
-        },  # fmt: skip
+            "lora": {"r": r, "alpha": 16.0, "target_modules": [f"{m}_proj" for m in targets]}
+        },
         model_dir=None,
         make_blob=lambda i, rnd: payloads.encode_lora(tensors(i), method="fedit", round=rnd),
         make_tensors=lambda i: {k: v.numpy() for k, v in tensors(i).items()},

@@ -113,3 +113,17 @@ def test_score_phase_runs_before_training_and_hooks_see_everything(hooked: Harne
     name = next(iter(method.global_state))
     expected = (lora_state(1.0)[name] + lora_state(3.0)[name]) / 2
     torch.testing.assert_close(method.global_state[name], expected)
+
+
+def test_a_rounds_stored_updates_go_once_it_commits(tmp_path: Path) -> None:
+    h = Harness(tmp_path, rounds=1)
+    for a in ("a", "b"):
+        h.hello(a)
+    tasks = assigns(h.tick())
+    h.result(tasks["a"], "a", 5, lora_state(1.0))
+    stored = tmp_path / "updates" / "run-t" / "round-000001"
+    assert len(list(stored.glob("*.safetensors"))) == 1  # durable before the Ack
+    h.result(tasks["b"], "b", 5, lora_state(2.0))
+    h.tick()
+    assert h.summaries and not stored.exists()
+    h.close()

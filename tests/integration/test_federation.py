@@ -60,7 +60,12 @@ class Federation:
         self.files = write_demo(work / "data", split)
         self.keys = make_keys(work, self.agent_ids)
         self.raw: dict[str, Any] = {
-            "server": {"bind": "tcp://127.0.0.1:0", "state_dir": str(work / "state"), **FAST},
+            "server": {
+                "bind": "tcp://127.0.0.1:0",
+                "state_dir": str(work / "state"),
+                "keep_updates": True,  # the test recomputes FedAvg from the stored updates
+                **FAST,
+            },
             "security": {
                 "secret_key": str(self.keys["server_secret"]),
                 "allow_dir": str(self.keys["allow"]),

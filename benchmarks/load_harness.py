@@ -1,0 +1,192 @@
+"""Many agents against one aggregator: round time, updates/s, aggregator peak memory, losses.
+
+Run: ``python benchmarks/load_harness.py [--agents 10,100,500] [--rounds 2] [--workload lora]
+[--quick]``. For each size it starts the real aggregator (``edgefed-aggregator serve``, its own
+process, loopback, insecure) and the agents as a few processes of lightweight agents
+(``benchmarks/_light_agents.py``: one DEALER per agent speaking the real protocol, no training,
+each train task answered at once with an update of the workload's real size and kind: fedit's
+default LoRA of SmolLM2-135M, r=8 on q,k,v,o, 3.69 MB; or Ferret triples). It samples the
+aggregator's resident memory every 50 ms, and afterwards reads the ledger: every round's time
+from its start to its commit, the updates it recorded, and counts lost updates (sent by agents
+but not in the ledger) — the number that must be zero.
+
+Per size: ``round_s`` (mean over rounds, from assignment to commit: receiving, validating,
+fsyncing, summing and checkpointing every update), ``updates_per_s`` (agents / round_s),
+``agg_peak_rss_mb`` and the bytes of one update (``update_mb``); the aggregator's peak must not
+grow with agents x update size (it aggregates into a running sum as updates arrive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from aggregator_throughput import SHA, ferret_workload, lora_workload  # noqa: E402
+
+from aggregator.ledger import Ledger  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def aggregator_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("edgefed-aggregator")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "aggregator"]
+
+
+def toml(values: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, items in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in items.items() if not isinstance(v, dict)]
+        for sub, inner in items.items():
+            if isinstance(inner, dict):
+                lines.append(f"[{section}.{sub}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in inner.items()]
+    return "\n".join(lines) + "\n"
+
+
+class PeakRss(threading.Thread):
+    """Samples a process's resident memory until it exits."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.every = every
+        self.peak = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(self.every)
+
+
+def run_size(n: int, rounds: int, workload: str, procs: int, work: Path) -> dict[str, Any]:
+    state = work / f"state-{n}"
+    ferret_dir = work / "ferret-model"
+    w = lora_workload(8, "qkvo") if workload == "lora" else ferret_workload(ferret_dir)
+    update_bytes = len(w.make_blob(0, 1))
+    port = free_port()
+    run: dict[str, Any] = {
+        "run_id": f"load-{n}", "method": w.method, "rounds": rounds, "min_agents": n,
+        "quorum": 1.0, "eval": False, "model_sha256": SHA, "round_deadline_s": 900.0,
+    }  # fmt: skip
+    if w.model_dir is not None:
+        run["model_dir"] = str(w.model_dir)
+    config = work / f"aggregator-{n}.toml"
+    config.write_text(
+        toml(
+            {
+                "server": {
+                    "bind": f"tcp://127.0.0.1:{port}",
+                    "state_dir": str(state),
+                    "heartbeat_interval": 2.0,
+                    "liveness": 15,
+                },  # fmt: skip
+                "security": {"insecure": True},
+                "run": run,
+                "method": w.method_cfg,
+            }
+        )
+    )
+    log = open(work / f"aggregator-{n}.log", "wb")  # noqa: SIM115
+    agg = subprocess.Popen([*aggregator_cmd(), "serve", "--config", str(config)], stdout=log,
+                           stderr=subprocess.STDOUT)  # fmt: skip
+    rss = PeakRss(agg.pid)
+    rss.start()
+    started = time.monotonic()
+    per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    firsts = [sum(per[:i]) for i in range(procs)]
+    agents = []
+    for first, count in zip(firsts, per, strict=True):
+        if count == 0:
+            continue
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "_light_agents.py"),
+               "--endpoint", f"tcp://127.0.0.1:{port}", "--first", str(first),
+               "--count", str(count), "--workload", workload]  # fmt: skip
+        if workload == "ferret":
+            cmd += ["--ferret-model", str(work / f"ferret-agents-{first}")]
+        agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    counts = [json.loads((p.communicate(timeout=1800)[0] or "{}").strip().splitlines()[-1])
+              for p in agents]  # fmt: skip
+    code = agg.wait(timeout=120)
+    rss.join(2)
+    log.close()
+    total = time.monotonic() - started
+    if code != 0:
+        raise SystemExit(f"aggregator exited with {code}; see {work / f'aggregator-{n}.log'}")
+    ledger = Ledger(state / "ledger.sqlite")
+    rows = ledger.rounds(f"load-{n}")
+    recorded = sum(len(ledger.updates(f"load-{n}", r.round)) for r in rows)
+    ledger.close()
+    times = [r.committed_at - r.started_at for r in rows if r.committed_at is not None]
+    sent = sum(c.get("updates_sent", 0) for c in counts)
+    round_s = sum(times) / max(len(times), 1)
+    return {
+        "agents": n,
+        "rounds": len(times),
+        "update_mb": update_bytes / 1e6,
+        "round_s": round_s,
+        "updates_per_s": n / round_s if round_s else 0.0,
+        "agg_peak_rss_mb": rss.peak / 2**20,
+        "updates_sent": sent,
+        "updates_recorded": recorded,
+        "updates_acked": sum(c.get("updates_acked", 0) for c in counts),
+        "lost": sent - recorded,
+        "expected": n * rounds,
+        "agent_errors": [e for c in counts for e in c.get("errors", [])][:5],
+        "wall_s": total,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", default="10,100,500")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workload", choices=["lora", "ferret"], default="lora")
+    ap.add_argument("--procs", type=int, default=4, help="Processes the agents are spread over.")
+    ap.add_argument("--quick", action="store_true", help="10 agents, 1 round (CI).")
+    ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    args = ap.parse_args()
+    sizes = [10] if args.quick else [int(x) for x in args.agents.split(",")]
+    rounds = 1 if args.quick else args.rounds
+    results = []
+    with tempfile.TemporaryDirectory(prefix="edgefed-load-") as tmp:
+        for n in sizes:
+            r = run_size(n, rounds, args.workload, min(args.procs, n), Path(tmp))
+            results.append(r)
+            print(
+                f"{n:>5} agents  {r['rounds']} rounds  update {r['update_mb']:.3f} MB  "
+                f"round {r['round_s']:7.2f} s  {r['updates_per_s']:7.1f} updates/s  "
+                f"aggregator peak RSS {r['agg_peak_rss_mb']:7.1f} MiB  "
+                f"sent {r['updates_sent']} recorded {r['updates_recorded']} lost {r['lost']}",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    bad = [r for r in results if r["lost"] or r["updates_recorded"] != r["expected"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
