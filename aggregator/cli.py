@@ -55,7 +55,6 @@ def serve(
     _logging(max(verbose, 1))
     from aggregator.config import load_config
     from aggregator.service import AggregatorService
-    from protocol.messages import BaseModelRef
 
     try:
         config = load_config(
@@ -65,14 +64,7 @@ def serve(
                 "security": {"insecure": insecure},
             },
         )
-        sha = config.run.model_sha256
-        if sha is None:
-            if config.run.model_dir is None:
-                raise AggregatorError("run.model_sha256 (or run.model_dir to hash) is required")
-            from aggregator.modelhash import weights_sha256
-
-            sha = weights_sha256(config.run.model_dir)
-        service = AggregatorService(config, BaseModelRef(name=config.run.model, sha256=sha))
+        service = AggregatorService(config, _model_ref(config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.should_exit.set())
         code = service.run()
@@ -80,6 +72,37 @@ def serve(
             exported = service.export(config.run.export_dir)
             click.echo(f"exported: {exported['adapter']}")
     except AggregatorError as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+def _model_ref(config: Any) -> Any:
+    from protocol.messages import BaseModelRef
+
+    sha = config.run.model_sha256
+    if sha is None:
+        if config.run.model_dir is None:
+            raise AggregatorError("run.model_sha256 (or run.model_dir to hash) is required")
+        from aggregator.modelhash import weights_sha256
+
+        sha = weights_sha256(config.run.model_dir)
+    return BaseModelRef(name=config.run.model, sha256=sha)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("-v", "--verbose", count=True)
+def region(config_path: Path, verbose: int) -> None:
+    """Run a regional tier: an aggregator for its agents, an agent of [upstream]."""
+    _logging(max(verbose, 1))
+    from aggregator.config import load_config
+    from aggregator.regional import run_region
+    from edge_agent.errors import EdgeAgentError
+
+    try:
+        config = load_config(config_path)
+        code = run_region(config, _model_ref(config))
+    except (AggregatorError, EdgeAgentError) as exc:
         _fail(str(exc))
     sys.exit(code)
 

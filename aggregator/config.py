@@ -29,6 +29,13 @@ class ServerSection(_Section):
     """Messages queued per peer each way; with max_message_bytes it bounds what one peer can
     make the aggregator hold (8 × 256 MiB by default, far less for real payloads)."""
     keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = 3
+    upload_window: Annotated[int, Field(ge=0, le=100_000)] = 8
+    """Large results granted to travel at once (0: no flow control, every agent sends at once);
+    with grant_above_bytes it bounds what the aggregator buffers, whatever the agent count."""
+    grant_above_bytes: Annotated[int, Field(ge=0)] = 1 << 20
+    """Results larger than this wait for a grant; smaller ones (metrics, Ferret) go at once."""
+    grant_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """A granted upload that has not arrived after this long frees its slot."""
     keep_updates: bool = False
     """Keep every accepted update's payload on disk after its round commits (an audit trail);
     by default a round's stored updates are deleted once it commits (only the open round's are
@@ -67,11 +74,26 @@ class RunSection(_Section):
     export_dir: Path | None = None
 
 
+class UpstreamSection(_Section):
+    """Only for ``edgefed-aggregator region``: the upstream aggregator this tier reports to."""
+
+    endpoint: Annotated[str, Field(pattern=r"^(tcp|ipc)://\S+$", max_length=512)]
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@-]+$")]
+    """This region's agent id upstream (its public key file stem in the upstream allow-list)."""
+    insecure: bool = False
+    secret_key: Path | None = None
+    """This region's CURVE secret key toward the upstream (``edgefed-agent keygen``)."""
+    server_public_key: Path | None = None
+    heartbeat_interval: Annotated[float, Field(gt=0, le=600)] = 1.0
+    liveness: Annotated[int, Field(ge=1, le=100)] = 3
+
+
 class AggregatorConfig(_Section):
     server: ServerSection = ServerSection()
     security: SecuritySection = SecuritySection()
     run: RunSection = RunSection()
     method: dict[str, Any] = {}
+    upstream: UpstreamSection | None = None
     """Parameters of the run's method (``protocol.methods.<method>.Params``)."""
 
 
@@ -104,6 +126,16 @@ def build_config(
                 "security: CURVE is on by default and needs secret_key and allow_dir "
                 "(or set insecure = true, knowingly)"
             )
+        up = config.upstream
+        if (
+            up is not None
+            and not up.insecure
+            and (up.secret_key is None or up.server_public_key is None)
+        ):
+            problems.append(
+                "upstream: CURVE toward the upstream needs secret_key and server_public_key "
+                "(or set insecure = true, knowingly)"
+            )
     if problems:
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(problems))
     assert config is not None
@@ -130,7 +162,17 @@ def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:
             "public_data": fix(config.run.public_data),
         }
     )
-    return config.model_copy(update={"server": server, "security": security, "run": run})
+    upstream = config.upstream
+    if upstream is not None:
+        upstream = upstream.model_copy(
+            update={
+                "secret_key": fix(upstream.secret_key),
+                "server_public_key": fix(upstream.server_public_key),
+            }
+        )
+    return config.model_copy(
+        update={"server": server, "security": security, "run": run, "upstream": upstream}
+    )
 
 
 def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> AggregatorConfig:

@@ -41,6 +41,7 @@ from protocol.messages import (
     BaseModelRef,
     Bye,
     ErrorReply,
+    Grant,
     Heartbeat,
     Hello,
     Quant,
@@ -64,7 +65,11 @@ class RoundEngine:
         store: CheckpointStore,
         clock: Callable[[], float] = time.monotonic,
         on_round: Callable[[RoundSummary], None] | None = None,
+        driven: bool = False,
+        on_phase: Callable[[str, int, list[TaskResult]], None] | None = None,
     ) -> None:
+        """``driven``: a regional tier; phases open only when :meth:`drive` names one (the
+        upstream's task) and ``on_phase(kind, round, results)`` is called as each closes."""
         self.config = config
         self.run = config.run
         self.method = method
@@ -86,6 +91,12 @@ class RoundEngine:
         self._replayed: dict[str, TaskResult] = {}
         self._resume_assigned: list[str] = []
         self._refused: set[str] = set()
+        self._ready: dict[str, str] = {}  # task id -> agent: large results waiting for a grant
+        self._granted: dict[str, tuple[str, float]] = {}  # task id -> (agent, granted at)
+        self.driven = driven
+        self.on_phase = on_phase or (lambda _k, _r, _res: None)
+        self._driven_task: tuple[Kind, int] | None = None
+        self._begun_round = 0
 
     # --- start-up and resume ----------------------------------------------------------------
 
@@ -113,6 +124,7 @@ class RoundEngine:
             self.finished = True
             return
         self.method.begin_round(self.round + 1)
+        self._begun_round = self.round + 1
         replayed = self._replay_open_round(self.round + 1)
         if replayed:
             log.info("round %d: replayed %d stored updates", self.round + 1, replayed)
@@ -229,6 +241,9 @@ class RoundEngine:
                     version=version,
                     heartbeat_interval=self.config.server.heartbeat_interval,
                     liveness=self.config.server.liveness,
+                    grant_above=self.config.server.grant_above_bytes
+                    if self.config.server.upload_window > 0
+                    else None,
                 ),
             )
         ]
@@ -239,13 +254,16 @@ class RoundEngine:
 
     def _on_heartbeat(self, agent_id: str, beat: Heartbeat, msg: Decoded) -> list[Outgoing]:
         self.registry.beat(agent_id, beat)
+        acks: list[Outgoing] = []
+        for task_id in beat.ready:
+            if self.ledger.has_update(task_id):  # already durable: no need to send it again
+                acks.append(Outgoing(agent_id, Ack(run_id=self.run_id, task_id=task_id)))
+            elif task_id not in self._granted:
+                self._ready.setdefault(task_id, agent_id)
         if beat.probe:
-            return [
-                Outgoing(
-                    agent_id, Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id)
-                )
-            ]
-        return []
+            echo = Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id)
+            acks.append(Outgoing(agent_id, echo))
+        return acks
 
     def _on_result(
         self, agent_id: str, res: TaskResult, msg: Decoded, now: float
@@ -277,6 +295,8 @@ class RoundEngine:
 
         if res.agent_id != agent_id:
             return error(ErrorCode.IDENTITY_MISMATCH, f"result claims agent {res.agent_id!r}")
+        self._granted.pop(res.task_id, None)
+        self._ready.pop(res.task_id, None)
         phase = self.phase
         if res.kind == "train" and self.ledger.has_update(res.task_id):
             return ack()  # a retry of something already durable: Ack again, count once
@@ -369,12 +389,29 @@ class RoundEngine:
                 Outgoing(a, Heartbeat(run_id=self.run_id, round=self.round))
                 for a in self.registry.live()
             ]
+        out += self._grants(now)
         if self.finished:
             return out
         if self.phase is None:
             out += self._maybe_start(now)
         elif self._phase_complete(self.phase, now):
             out += self._close_phase(self.phase, now)
+        return out
+
+    def _grants(self, now: float) -> list[Outgoing]:
+        """Let waiting large results travel, at most ``upload_window`` at a time."""
+        server = self.config.server
+        for task_id, (agent_id, at) in list(self._granted.items()):
+            if now - at > server.grant_timeout_s or not self.registry.is_live(agent_id):
+                del self._granted[task_id]  # it will ask again if it still holds the result
+        out = []
+        while self._ready and len(self._granted) < server.upload_window:
+            task_id = next(iter(self._ready))
+            agent_id = self._ready.pop(task_id)
+            if not self.registry.is_live(agent_id):
+                continue
+            self._granted[task_id] = (agent_id, now)
+            out.append(Outgoing(agent_id, Grant(run_id=self.run_id, task_id=task_id)))
         return out
 
     def _admissible(self, agents: list[str]) -> list[str]:
@@ -402,10 +439,27 @@ class RoundEngine:
             bandwidth_mbps=a.bandwidth_mbps,
         )
 
+    def drive(self, kind: Kind, round: int) -> None:
+        """Open a ``kind`` phase of ``round`` as soon as enough agents are live (driven mode)."""
+        if not self.driven:
+            raise StateError("drive() is for a regional tier's engine")
+        if kind == "train" and round != self._begun_round:
+            self.method.begin_round(round)
+            self._begun_round = round
+        self._driven_task = (kind, round)
+
     def _maybe_start(self, now: float) -> list[Outgoing]:
         live = self._admissible(self.registry.live(model=self.model.sha256))
         if len(live) < self.run.min_agents:
             return []
+        if self.driven:
+            if self._driven_task is None:
+                return []
+            kind, round = self._driven_task
+            self._driven_task = None
+            if kind == "train" and self._resume_assigned:
+                live, self._resume_assigned = self._resume_assigned, []
+            return self._open_phase(kind, round, live, now)
         if self.round == 0 and self.run.eval and self.run.eval_initial and 0 not in self.summaries:
             return self._open_phase("eval", 0, live, now)
         wants_score = getattr(self.method, "wants_score", None)
@@ -536,6 +590,10 @@ class RoundEngine:
             if not self.config.server.keep_updates:
                 shutil.rmtree(self.update_dir / self.run_id / f"round-{phase.round:06d}", True)
             log.info("round %d committed (%d updates)", phase.round, summary.agents)
+            if self.driven:
+                self.on_round(summary)
+                self.on_phase(phase.kind, phase.round, results)
+                return []
             if self.run.eval:
                 live = [a for a in self.registry.live(model=self.model.sha256)]
                 if live:
@@ -545,6 +603,9 @@ class RoundEngine:
             summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
             summary.eval_loss = weighted(results, "eval_loss")
             summary.eval_em = weighted(results, "eval_em")
+            if self.driven:
+                self.on_phase(phase.kind, phase.round, results)
+                return []
             if phase.round > 0:
                 self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
             self._round_done(summary)
@@ -571,6 +632,7 @@ class RoundEngine:
                 log.info("run %s finished after %d rounds", self.run_id, self.round)
             else:
                 self.method.begin_round(self.round + 1)
+                self._begun_round = self.round + 1
 
     def goodbye(self) -> list[Outgoing]:
         return [

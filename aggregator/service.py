@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -23,11 +25,11 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.ledger import Ledger
-from aggregator.methods import MethodContext, server_methods
+from aggregator.methods import MethodContext, ServerMethod, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import decode, encode
-from protocol.messages import BaseModelRef, Bye, ErrorReply
+from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
@@ -40,21 +42,29 @@ class AggregatorService:
         model: BaseModelRef,
         *,
         on_round: object = None,
+        method: ServerMethod | None = None,
+        driven: bool = False,
+        on_phase: Callable[[str, int, list[TaskResult]], None] | None = None,
     ) -> None:
+        """``method``, ``driven`` and ``on_phase`` make a regional tier (aggregator.regional)."""
         self.config = config
         state = config.server.state_dir
         state.mkdir(parents=True, exist_ok=True)
-        factories = server_methods()
-        if config.run.method not in factories:
-            raise ConfigError(f"unknown method {config.run.method!r}; known: {sorted(factories)}")
-        context = MethodContext(
-            model_name=config.run.model,
-            model_dir=config.run.model_dir,
-            state_dir=state,
-            seed=config.run.seed,
-            public_data=config.run.public_data,
-        )
-        self.method = factories[config.run.method](config.method, context)
+        if method is None:
+            factories = server_methods()
+            if config.run.method not in factories:
+                raise ConfigError(
+                    f"unknown method {config.run.method!r}; known: {sorted(factories)}"
+                )
+            context = MethodContext(
+                model_name=config.run.model,
+                model_dir=config.run.model_dir,
+                state_dir=state,
+                seed=config.run.seed,
+                public_data=config.run.public_data,
+            )
+            method = factories[config.run.method](config.method, context)
+        self.method = method
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
         self.engine = RoundEngine(
@@ -64,7 +74,11 @@ class AggregatorService:
             ledger=self.ledger,
             store=self.store,
             on_round=on_round if callable(on_round) else None,
+            driven=driven,
+            on_phase=on_phase,
         )
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.bye_on_exit = driven
         self.should_exit = threading.Event()
         self.bound = threading.Event()
         self.endpoint = ""
@@ -217,10 +231,16 @@ class AggregatorService:
             self.ctx.term()
         return 0
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the service's loop thread (the engine is not thread-safe)."""
+        self._calls.put(fn)
+
     def _loop(self, sock: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while not self.should_exit.is_set():
+            while not self._calls.empty():
+                self._calls.get()()
             events = dict(poller.poll(POLL_MS))
             if sock in events:
                 for _ in range(256):  # drain a burst, then let the clock run
@@ -235,6 +255,9 @@ class AggregatorService:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
                 return
+        if self.bye_on_exit:
+            for out in self.engine.goodbye():
+                self._send(sock, out)
 
     def export(self, out_dir: Path) -> dict[str, Path]:
         return self.method.export(out_dir, base_model_name=self.config.run.model)

@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator_throughput import PROFILE, SHA, ferret_workload, lora_workload
 
-from protocol.frames import decode, encode
+from protocol.frames import decode, encode, frames_nbytes
 from protocol.messages import (
     Ack,
     Bye,
     ErrorReply,
+    Grant,
     Heartbeat,
     Hello,
     TaskAssign,
@@ -46,6 +47,9 @@ class Agent:
     next_beat: float = 0.0
     welcomed: bool = False
     done: bool = False
+    grant_above: int | None = None
+    waiting: dict[str, list[object]] = field(default_factory=dict)
+    """Large results announced in heartbeats, sent when the aggregator grants them."""
     sent: set[str] = field(default_factory=set)
     acked: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
@@ -84,7 +88,8 @@ def main() -> int:
         now = time.monotonic()
         for a in agents.values():
             if a.welcomed and not a.done and now >= a.next_beat:
-                a.socket.send_multipart(encode(Heartbeat(state="idle")), copy=False)
+                beat = Heartbeat(state="idle", ready=list(a.waiting)[:64])
+                a.socket.send_multipart(encode(beat), copy=False)
                 a.next_beat = now + a.interval
         for sock, _ in poller.poll(100):
             a = agents[sock]
@@ -92,6 +97,11 @@ def main() -> int:
             h = msg.header
             if isinstance(h, Welcome):
                 a.welcomed, a.interval = True, h.heartbeat_interval
+                a.grant_above = h.grant_above
+            elif isinstance(h, Grant):
+                frames = a.waiting.pop(h.task_id, None)
+                if frames is not None:
+                    sock.send_multipart(frames, copy=False)
             elif isinstance(h, TaskAssign):
                 result_blobs: dict[str, bytes] = {}
                 if h.kind == "train":
@@ -107,10 +117,16 @@ def main() -> int:
                     run_id=h.run_id, round=h.round, task_id=h.task_id, agent_id=a.agent_id,
                     method=h.method, kind=h.kind, num_examples=10 + a.index % 7, metrics=metrics,
                 )  # fmt: skip
-                sock.send_multipart(encode(res, result_blobs), copy=False)
+                frames = encode(res, result_blobs)
+                if a.grant_above is not None and frames_nbytes(frames) > a.grant_above:
+                    a.waiting[h.task_id] = list(frames)
+                    a.next_beat = 0.0  # announce it now
+                else:
+                    sock.send_multipart(frames, copy=False)
                 if h.kind == "train":
                     a.sent.add(h.task_id)
             elif isinstance(h, Ack):
+                a.waiting.pop(h.task_id, None)
                 if h.accepted:
                     a.acked.add(h.task_id)
             elif isinstance(h, ErrorReply):

@@ -81,7 +81,9 @@ class PeakRss(threading.Thread):
             time.sleep(self.every)
 
 
-def run_size(n: int, rounds: int, workload: str, procs: int, work: Path) -> dict[str, Any]:
+def run_size(
+    n: int, rounds: int, workload: str, procs: int, work: Path, window: int
+) -> dict[str, Any]:
     state = work / f"state-{n}"
     ferret_dir = work / "ferret-model"
     w = lora_workload(8, "qkvo") if workload == "lora" else ferret_workload(ferret_dir)
@@ -102,7 +104,8 @@ def run_size(n: int, rounds: int, workload: str, procs: int, work: Path) -> dict
                     "state_dir": str(state),
                     "heartbeat_interval": 2.0,
                     "liveness": 15,
-                },  # fmt: skip
+                    "upload_window": window,
+                },
                 "security": {"insecure": True},
                 "run": run,
                 "method": w.method_cfg,
@@ -144,6 +147,7 @@ def run_size(n: int, rounds: int, workload: str, procs: int, work: Path) -> dict
     round_s = sum(times) / max(len(times), 1)
     return {
         "agents": n,
+        "upload_window": window,
         "rounds": len(times),
         "update_mb": update_bytes / 1e6,
         "round_s": round_s,
@@ -166,22 +170,32 @@ def main() -> int:
     ap.add_argument("--workload", choices=["lora", "ferret"], default="lora")
     ap.add_argument("--procs", type=int, default=4, help="Processes the agents are spread over.")
     ap.add_argument("--quick", action="store_true", help="10 agents, 1 round (CI).")
+    ap.add_argument(
+        "--windows",
+        default="8",
+        help="server.upload_window values to compare, e.g. 8,0 (0: no upload flow control).",
+    )
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = ap.parse_args()
     sizes = [10] if args.quick else [int(x) for x in args.agents.split(",")]
     rounds = 1 if args.quick else args.rounds
+    windows = [int(x) for x in args.windows.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefed-load-") as tmp:
         for n in sizes:
-            r = run_size(n, rounds, args.workload, min(args.procs, n), Path(tmp))
-            results.append(r)
-            print(
-                f"{n:>5} agents  {r['rounds']} rounds  update {r['update_mb']:.3f} MB  "
-                f"round {r['round_s']:7.2f} s  {r['updates_per_s']:7.1f} updates/s  "
-                f"aggregator peak RSS {r['agg_peak_rss_mb']:7.1f} MiB  "
-                f"sent {r['updates_sent']} recorded {r['updates_recorded']} lost {r['lost']}",
-                flush=True,
-            )
+            for window in windows:
+                work = Path(tmp) / f"w{window}"
+                work.mkdir(exist_ok=True)
+                r = run_size(n, rounds, args.workload, min(args.procs, n), work, window)
+                results.append(r)
+                print(
+                    f"{n:>5} agents  window {window:>3}  {r['rounds']} rounds  "
+                    f"update {r['update_mb']:.3f} MB  round {r['round_s']:7.2f} s  "
+                    f"{r['updates_per_s']:6.1f} updates/s  "
+                    f"aggregator peak RSS {r['agg_peak_rss_mb']:7.1f} MiB  "
+                    f"sent {r['updates_sent']} recorded {r['updates_recorded']} lost {r['lost']}",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     bad = [r for r in results if r["lost"] or r["updates_recorded"] != r["expected"]]

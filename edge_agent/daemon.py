@@ -21,10 +21,10 @@ import json
 import logging
 import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import cast
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -37,11 +37,12 @@ from edge_agent.worker import Job, Outgoing, Worker, error_reply, task_tag
 from edge_agent.workspace import AgentWorkspace, WorkspaceSettings
 from protocol import PROTOCOL_VERSIONS
 from protocol.errors import ErrorCode, FrameError, ProtocolError
-from protocol.frames import Decoded, encode
+from protocol.frames import Decoded, encode, frames_nbytes
 from protocol.messages import (
     Ack,
     Bye,
     ErrorReply,
+    Grant,
     Heartbeat,
     Hello,
     Profile,
@@ -86,6 +87,9 @@ class DaemonSettings:
     """Seconds to wait for the worker's current step on shutdown."""
     bandwidth_limit_mbps: float | None = None
     """A simulated link rate (agent.bandwidth_limit_mbps); None: the real link only."""
+    stop_on_bye: bool = False
+    """End :meth:`Daemon.run` when the aggregator says Bye (a regional tier whose upstream run
+    finished) instead of reconnecting for the next run."""
 
 
 class Daemon:
@@ -132,6 +136,8 @@ class Daemon:
         self._next_beat = 0.0
         self._sent_this_session: set[str] = set()
         self._hello_id = ""
+        self._grant_above: int | None = None
+        self._awaiting: dict[str, None] = {}  # large results waiting for a Grant, in order
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Daemon:
@@ -302,9 +308,12 @@ class Daemon:
                 rtt_ms,
                 "?" if mbps is None else f"{mbps:.1f}",
             )
+        for task_id in [t for t in self._awaiting if not self.outbox.has(t)]:
+            del self._awaiting[task_id]
+        ready = list(self._awaiting)[:64]
         current = self.worker.current()
         if current is None:
-            beat = Heartbeat(state="idle", rtt_ms=rtt_ms, bandwidth_mbps=mbps)
+            beat = Heartbeat(state="idle", rtt_ms=rtt_ms, bandwidth_mbps=mbps, ready=ready)
         else:
             assign, progress = current
             beat = Heartbeat(
@@ -315,6 +324,7 @@ class Daemon:
                 progress=progress,
                 rtt_ms=rtt_ms,
                 bandwidth_mbps=mbps,
+                ready=ready,
             )
         self.link.send(encode(beat))
         self._next_beat = now + self._interval
@@ -329,6 +339,9 @@ class Daemon:
                 item.task_id in self._sent_this_session or not self.outbox.has(item.task_id)
             ):
                 continue  # already resent from the outbox after Welcome, or already acked
+            if item.stored and self._needs_grant(item.frames):
+                self._await_grant(item.task_id)
+                continue
             if not self.link.send(item.frames):
                 what = "result stays in the outbox" if item.stored else "error reply dropped"
                 self.log.warning("task %s: send queue full; %s", item.task_id, what)
@@ -336,6 +349,27 @@ class Daemon:
             if item.stored:
                 self._sent_this_session.add(item.task_id)
             self.log.debug("task %s: %s sent", item.task_id, "result" if item.stored else "error")
+
+    def _needs_grant(self, frames: Sequence[Any]) -> bool:
+        return self._grant_above is not None and frames_nbytes(frames) > self._grant_above
+
+    def _await_grant(self, task_id: str) -> None:
+        """Announce a large result in the next heartbeat (now) and send it when granted."""
+        if task_id not in self._awaiting:
+            self._awaiting[task_id] = None
+            self._next_beat = self.clock()
+            self.log.info("task %s: result ready; waiting for the aggregator's grant", task_id)
+
+    def _on_grant(self, h: Grant) -> None:
+        frames = self.outbox.get(h.task_id)
+        self._awaiting.pop(h.task_id, None)
+        if frames is None:
+            return  # acked meanwhile
+        if self.link.send(frames):
+            self._sent_this_session.add(h.task_id)
+            self.log.debug("task %s: granted result sent", h.task_id)
+        else:
+            self._await_grant(h.task_id)
 
     # ------------------------------------------------------------------------------ messages
 
@@ -353,7 +387,10 @@ class Daemon:
                 self._on_assign(h, message.blobs)
             else:
                 self.log.warning("%s: assigned before Welcome; ignored", task_tag(h))
+        elif isinstance(h, Grant):
+            self._on_grant(h)
         elif isinstance(h, Ack):
+            self._awaiting.pop(h.task_id, None)
             if self.outbox.remove(h.task_id):
                 how = "acknowledged" if h.accepted else "recorded but not accepted"
                 self.log.info("task %s round %d: result %s", h.task_id, h.round, how)
@@ -361,6 +398,9 @@ class Daemon:
             return self._on_error(h)
         elif isinstance(h, Bye):
             self.log.info("aggregator said bye (%s)", h.reason or "no reason")
+            if self.settings.stop_on_bye:
+                self._stop.set()
+                return _End.STOP
             return _End.LOST
         else:
             self.log.warning("unexpected %s message from the aggregator ignored", h.type)
@@ -382,13 +422,21 @@ class Daemon:
             h.liveness,
         )
         self._sent_this_session.clear()
+        self._grant_above = h.grant_above
+        self._awaiting.clear()
         pending = self.outbox.pending()
         for task_id, frames in pending:
-            if self.link.send(frames):
+            if self._needs_grant(frames):
+                self._await_grant(task_id)
+            elif self.link.send(frames):
                 self._sent_this_session.add(task_id)
         if pending:
-            unsent = len(pending) - len(self._sent_this_session)
-            self.log.info("resent %d results from the outbox", len(pending) - unsent)
+            unsent = len(pending) - len(self._sent_this_session) - len(self._awaiting)
+            self.log.info(
+                "resent %d results from the outbox (%d wait for a grant)",
+                len(self._sent_this_session),
+                len(self._awaiting),
+            )
             if unsent:
                 self.log.warning(
                     "%d results wait for the next connection (send queue full)", unsent

@@ -14,6 +14,7 @@ Welcome               aggregator → agent     chosen version, heartbeat cadence
 Heartbeat             both ways              liveness (Paranoid Pirate); agent reports its state
 TaskAssign            aggregator → agent     a unit of work: method, round, base model, params
 TaskResult            agent → aggregator     the update (blobs) and metrics; task id → idempotent
+Grant                 aggregator → agent     send that large result now (upload flow control)
 Ack                   aggregator → agent     the result is durably recorded; agent may delete it
 ErrorReply            both ways              an error as data: code + reason, never with content
 Bye                   both ways              orderly goodbye
@@ -123,6 +124,9 @@ class Welcome(_Header):
     version: Annotated[int, Field(ge=1, le=1000)]
     heartbeat_interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
     liveness: Annotated[int, Field(ge=1, le=100)]
+    grant_above: Count | None = None
+    """Results whose message is larger than this many bytes wait for a :class:`Grant`: the agent
+    lists them in its heartbeats' ``ready`` and sends one when granted. None: send at once."""
 
 
 class Heartbeat(_Header):
@@ -141,6 +145,8 @@ class Heartbeat(_Header):
     echo: Annotated[str, Field(max_length=MAX_ID)] = ""
     rtt_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     bandwidth_mbps: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    ready: Annotated[list[Id], Field(max_length=64)] = []
+    """Task ids of large results the agent holds and waits to be granted (Welcome.grant_above)."""
 
 
 class BaseModelRef(_Strict):
@@ -211,13 +217,21 @@ class ErrorReply(_Header):
         return value
 
 
+class Grant(_Header):
+    """Upload flow control: the aggregator lets a few large results travel at a time, so what
+    it buffers is bounded by its upload window, not by the number of agents."""
+
+    type: Literal["grant"] = "grant"
+    task_id: Id
+
+
 class Bye(_Header):
     type: Literal["bye"] = "bye"
     reason: Annotated[str, Field(max_length=MAX_REASON)] = ""
 
 
 Message = Annotated[
-    Hello | Welcome | Heartbeat | TaskAssign | TaskResult | Ack | ErrorReply | Bye,
+    Hello | Welcome | Heartbeat | TaskAssign | TaskResult | Ack | Grant | ErrorReply | Bye,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

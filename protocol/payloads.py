@@ -241,6 +241,13 @@ def encode(
     return data
 
 
+def caller_meta(meta: Mapping[str, str]) -> dict[str, str]:
+    """A decoded payload's metadata without the keys :func:`encode` sets itself, so that
+    ``encode(p.kind, tensors, method=p.method, round=p.round, meta=caller_meta(p.meta))``
+    writes a payload of the same kind and parameters with other numbers."""
+    return {k: v for k, v in meta.items() if k not in _SET_BY_ENCODE}
+
+
 def encode_lora(state: Mapping[str, torch.Tensor], *, method: str, round: int) -> bytes:
     """A ``lora`` payload of a peft adapter state dict."""
     return encode(PayloadKind.LORA, state, method=method, round=round)

@@ -127,3 +127,33 @@ def test_a_rounds_stored_updates_go_once_it_commits(tmp_path: Path) -> None:
     h.tick()
     assert h.summaries and not stored.exists()
     h.close()
+
+
+def test_large_results_travel_a_window_at_a_time(tmp_path: Path) -> None:
+    from protocol.messages import Ack, Grant, Heartbeat, Welcome
+
+    h = Harness(tmp_path, rounds=1, min_agents=4)
+    server = h.config.server.model_copy(update={"upload_window": 2})
+    h.engine.config = h.config = h.config.model_copy(update={"server": server})
+    welcomes = [h.hello(a)[0].header for a in "abcd"]
+    assert all(isinstance(w, Welcome) and w.grant_above == 1 << 20 for w in welcomes)
+    tasks = assigns(h.tick())
+    for a in "abcd":
+        h.send(a, Heartbeat(ready=[tasks[a].task_id]))
+    grants = [o for o in h.tick() if isinstance(o.header, Grant)]
+    assert [(g.agent_id, g.header.task_id) for g in grants] == [  # type: ignore[attr-defined]
+        ("a", tasks["a"].task_id),
+        ("b", tasks["b"].task_id),
+    ]
+    assert not [o for o in h.tick() if isinstance(o.header, Grant)]  # the window is full
+    h.result(tasks["a"], "a", 5, lora_state(1.0))  # frees one slot
+    assert [o.agent_id for o in h.tick() if isinstance(o.header, Grant)] == ["c"]
+    # an agent re-announcing a result already durable is acked, not granted
+    out = h.send("a", Heartbeat(ready=[tasks["a"].task_id]))
+    assert [type(o.header) for o in out] == [Ack]
+    # a granted upload that never comes frees its slot after grant_timeout_s
+    h.clock.now += h.config.server.grant_timeout_s + 1
+    for a in "abcd":
+        h.send(a, Heartbeat())  # keep them live
+    assert [o.agent_id for o in h.tick() if isinstance(o.header, Grant)] == ["d"]
+    h.close()

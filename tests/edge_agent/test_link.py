@@ -157,9 +157,11 @@ class FakeAggregator:
         assert self.socket is not None
         self.socket.send_multipart([AGENT.encode(), *encode(header, blobs)])
 
-    def welcome(self) -> None:
+    def welcome(self, **extra: Any) -> None:
         self.send(
-            Welcome(agent_id=AGENT, version=1, heartbeat_interval=INTERVAL, liveness=LIVENESS)
+            Welcome(
+                agent_id=AGENT, version=1, heartbeat_interval=INTERVAL, liveness=LIVENESS, **extra
+            )
         )
 
     def expect(
@@ -573,3 +575,32 @@ def test_hello_lists_the_objects_the_agent_holds(harness: Harness) -> None:
     sha = ObjectStore(harness.tmp_path / "state" / "objects").put(b"an emulator")
     _, hello = harness.connect()
     assert hello.holds == [sha]
+
+
+def test_a_large_result_waits_for_its_grant_and_is_resent_after_a_reconnect(
+    harness: Harness,
+) -> None:
+    from protocol.messages import Grant
+
+    agg = harness.agg
+    harness.start()
+    agg.expect(Hello)
+    agg.welcome(grant_above=1000)
+    agg.send(assign("big-1"))  # FakeMethod answers with a 3,000-byte blob: above 1,000
+    beat, _ = agg.expect(Heartbeat, where=lambda h: h.ready == ["big-1"])
+    for _ in range(3):  # announced in every heartbeat, never sent unasked
+        agg.expect(Heartbeat, where=lambda h: h.ready == ["big-1"])
+    assert [h for _, h in agg.of_type(TaskResult)] == []
+    agg.send(Grant(task_id="big-1"))
+    result, msg = agg.expect(TaskResult, "big-1")
+    assert msg.blobs["update"].nbytes == 3000
+    # not acked: after a reconnect it is announced again, not sent
+    agg.send(ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason="restarted"))
+    agg.expect(Hello)
+    since = time.monotonic()
+    agg.welcome(grant_above=1000)
+    agg.expect(Heartbeat, where=lambda h: h.ready == ["big-1"])
+    assert [h for _, h in agg.of_type(TaskResult, since=since)] == []
+    agg.send(Ack(task_id="big-1"))
+    agg.expect(Heartbeat, where=lambda h: h.ready == [])
+    assert harness.outbox_files() == []
