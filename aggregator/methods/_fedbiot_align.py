@@ -267,3 +267,184 @@ class _LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scaling * F.linear(F.linear(x, self.A), self.B)
+
+
+# --- the aligner --------------------------------------------------------------------------------
+
+
+def _pad_hidden(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, T, H] hidden states and the [B, T] mask of real positions."""
+    width = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    return out, mask
+
+
+class Aligner:
+    """Teacher cache, student, alignment steps and full-model eval for one run."""
+
+    def __init__(
+        self,
+        full: Any,
+        student: Any,
+        plan: emu.EmulatorPlan,
+        samples: list[Sample],
+        *,
+        holdout: int,
+        targets: Mapping[str, tuple[int, int]],
+        r: int,
+        scaling: float,
+        pad_id: int,
+    ) -> None:
+        if len(samples) <= holdout:
+            raise ConfigError(
+                f"the public data has {len(samples)} records: too few to align on with "
+                f"{holdout} held out (align.holdout)"
+            )
+        self.full, self.student, self.plan, self.pad_id = full, student, plan, pad_id
+        self.samples = samples
+        self.train_rows = list(range(len(samples) - holdout))
+        self.held_rows = list(range(len(samples) - holdout, len(samples)))
+        self.tail = _tail(full, plan.adapter_layers)
+        self._orig: dict[str, torch.Tensor] = {}
+        self.wrappers: dict[str, _LoraLinear] = {}
+        for module in targets:
+            parent_name, _, child = module.rpartition(".")
+            parent = student.get_submodule(parent_name)
+            wrapper = _LoraLinear(getattr(parent, child), r, scaling)
+            setattr(parent, child, wrapper)
+            self.wrappers[module] = wrapper
+        first_adapter = full.model.layers[plan.full_layers - plan.adapter_layers]
+        self.teacher: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in range(0, len(samples), 8):
+                ids, mask = self._inputs(range(i, min(i + 8, len(samples))))
+                h = _hidden_into(full.model, first_adapter, ids, mask)
+                self.teacher += [h[j, : int(mask[j].sum())].clone() for j in range(len(ids))]
+
+    def _inputs(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = _pad([self.samples[i].ids for i in rows], self.pad_id)
+        mask = _pad([[1] * len(self.samples[i].ids) for i in rows], 0)
+        return ids, mask
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for module, w in self.wrappers.items():
+                w.A.copy_(state[f"{module}.A"])
+                w.B.copy_(state[f"{module}.B"])
+
+    def _loss(self, rows: Sequence[int], kl_weight: float) -> torch.Tensor:
+        """Mean over real tokens of ‖t−s‖²/‖t‖², plus ``kl_weight``·KL(full ‖ student)."""
+        ids, mask = self._inputs(rows)
+        body = self.student.model
+        s = _hidden_into(body, body.layers[self.plan.n_emulator], ids, mask)
+        t, _ = _pad_hidden([self.teacher[i] for i in rows])
+        valid = mask.bool()
+        per_token = (t - s).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
+        loss = per_token[valid].mean()
+        if kl_weight > 0:
+            logits_s = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with torch.no_grad():
+                logits_t = self.tail(inputs_embeds=t, attention_mask=mask, use_cache=False).logits
+            log_t = F.log_softmax(logits_t[valid].float(), -1)
+            log_s = F.log_softmax(logits_s[valid].float(), -1)
+            loss = loss + kl_weight * F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+        return loss
+
+    def train(
+        self,
+        state: Mapping[str, torch.Tensor],
+        *,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        kl_weight: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """``steps`` Adam steps on the alignment factors from ``state``; the trained factors.
+
+        A fresh optimizer and a batch order seeded by ``seed``: the same inputs give the same
+        result, so a restarted server recomputes an interrupted alignment identically.
+        """
+        self.load_state(state)
+        params = [p for w in self.wrappers.values() for p in (w.A, w.B)]
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        order: list[int] = []
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for _ in range(steps):
+                if len(order) < batch_size:
+                    perm = torch.randperm(len(self.train_rows), generator=generator).tolist()
+                    order += [self.train_rows[i] for i in perm]
+                picked, order = order[:batch_size], order[batch_size:]
+                optimizer.zero_grad(set_to_none=True)
+                self._loss(picked, kl_weight).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+        return {
+            f"{m}.{x}": getattr(w, x).detach().clone()
+            for m, w in self.wrappers.items()
+            for x in ("A", "B")
+        }
+
+    @torch.no_grad()
+    def held_loss(self, state: Mapping[str, torch.Tensor], batch_size: int = 8) -> float:
+        """The hidden-state loss of the emulator at ``state`` on the held-out public examples."""
+        self.load_state(state)
+        total, count = 0.0, 0
+        for i in range(0, len(self.held_rows), batch_size):
+            rows = self.held_rows[i : i + batch_size]
+            n = sum(len(self.samples[r].ids) for r in rows)
+            total += float(self._loss(rows, 0.0)) * n
+            count += n
+        return total / max(count, 1)
+
+    # --- the adapter on the full model ---------------------------------------------------------
+
+    @torch.no_grad()
+    def set_adapter(self, state: Mapping[str, torch.Tensor], alpha: float) -> None:
+        """Merge the global adapter (full-model peft names) into the full model's adapter layers
+        and the student's (for the KL term): ``W = W0 + alpha/r · B@A`` per module."""
+        small_of = self.plan.full_to_adapter()
+        for name, a in state.items():
+            if not name.endswith(".lora_A.weight"):
+                continue
+            module = name[: -len(".lora_A.weight")]
+            delta = (state[f"{module}.lora_B.weight"].double() @ a.double()) * (alpha / a.shape[0])
+            full_module = module.removeprefix(PEFT_PREFIX)
+            for model, path in (
+                (self.full, full_module),
+                (self.student, emu.renamed(full_module, small_of)),
+            ):
+                weight = model.get_submodule(path).weight
+                key = f"{id(model)}:{path}"
+                original = self._orig.setdefault(key, weight.detach().clone())
+                weight.copy_((original.double() + delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def full_eval(self, batch_size: int = 8) -> float:
+        """Response-token cross-entropy of the full model (with the merged adapter) on the
+        held-out public examples, token-weighted, as agents compute ``eval_loss``."""
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for i in range(0, len(self.held_rows), batch_size):
+            rows = self.held_rows[i : i + batch_size]
+            h, mask = _pad_hidden([self.teacher[r] for r in rows])
+            labels = _pad([self.samples[r].labels for r in rows], IGNORE)
+            out = self.tail.model(inputs_embeds=h, attention_mask=mask, use_cache=False)
+            targets = labels[:, 1:]
+            keep = targets != IGNORE
+            if not keep.any():
+                continue
+            logits = self.tail.lm_head(out.last_hidden_state[:, :-1][keep])
+            total += F.cross_entropy(logits.float(), targets[keep], reduction="sum").double()
+            count += int(keep.sum())
+        return float(total / count) if count else math.nan
