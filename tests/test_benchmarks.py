@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("wire_overhead.py", "target <= 0.1% overhead for the >= 1 MB LoRA message"),
         ("randomness_rate.py", "rademacher numpy"),
+        ("aggregator_throughput.py", "edgefed / pickle updates/s"),
+        ("bytes_per_round.py", "up = TaskResult + update blob"),
+        ("load_harness.py", "recorded 10 lost 0"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:
