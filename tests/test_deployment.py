@@ -549,3 +549,12 @@ def test_guide_names_the_files_that_exist() -> None:
         assert (ROOT / link).exists(), link
     for name in [*UNITS, *DOCKERFILES, "compose.yaml"]:
         assert name in text, name
+
+
+def test_region_example_is_valid_and_documents_the_upstream_section() -> None:
+    path = EXAMPLES / "region.toml"
+    config = agg_config.load_config(path)
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert config.upstream is not None and config.upstream.id == "region-east"
+    assert set(raw["upstream"]) == _fields(agg_config.UpstreamSection)
+    assert _undocumented_keys(path) == []
