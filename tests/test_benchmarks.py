@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("aggregator_throughput.py", "edgefed / pickle updates/s"),
         ("bytes_per_round.py", "up = TaskResult + update blob"),
         ("load_harness.py", "recorded 10 lost 0"),
+        ("convergence.py", "centralised      1"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:
@@ -26,7 +27,7 @@ def test_benchmark_quick_mode(script: str, expect: str) -> None:
         [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=400,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
