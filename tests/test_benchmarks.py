@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bytes_per_round.py", "up = TaskResult + update blob"),
         ("load_harness.py", "recorded 10 lost 0"),
         ("convergence.py", "centralised      1"),
+        ("against_flower.py", "      2 edgefed"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:
