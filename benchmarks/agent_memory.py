@@ -4,7 +4,7 @@ Run: ``python benchmarks/agent_memory.py [--quick]``. Each precision loads the e
 model (SmolLM2-135M-Instruct) in a fresh process, attaches the LoRA adapter the demo uses, runs
 one training step, and reports the bytes held by the base weights (quantization constants
 included, LoRA excluded) and the process's peak RSS. Ratios are against fp32 in the same run.
-``--quick`` measures fp32 and nf4 only.
+``--quick`` measures fp32 and nf4 only, on a tiny random model (so CI can run it).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(quant: str) -> dict[str, float]:
+def measure(quant: str, model_spec: str) -> dict[str, float]:
     import torch
 
     from edge_agent.data import Example
     from edge_agent.lora import LoraSpec, attach_lora
-    from edge_agent.model_store import DEFAULT_MODEL, base_param_bytes, load_base, resolve_model
+    from edge_agent.model_store import base_param_bytes, load_base, resolve_model
     from edge_agent.train import TrainConfig, train_lora
 
     torch.set_num_threads(2)
-    model, tokenizer = load_base(resolve_model(DEFAULT_MODEL), quant)  # type: ignore[arg-type]
+    model, tokenizer = load_base(resolve_model(model_spec), quant)  # type: ignore[arg-type]
     base_bytes = base_param_bytes(model)
     spec = LoraSpec(
         r=8, alpha=16.0, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
@@ -44,15 +44,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m", help="Alias, HF directory or .gguf.")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one, args.model)))
         return 0
     quants = ["fp32", "nf4"] if args.quick else ["fp32", "bf16", "int8", "nf4"]
+    if args.quick and args.model == "smollm2-135m":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _tiny import tiny_model_dir
+
+        args.model = tiny_model_dir()
     results: dict[str, dict[str, float]] = {}
     for quant in quants:
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", quant], capture_output=True, text=True, check=False
+            [sys.executable, __file__, "--one", quant, "--model", args.model],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)

@@ -29,6 +29,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def run_method(method: str, args: argparse.Namespace, work: Path) -> list[dict[str, float]]:
@@ -108,26 +109,6 @@ def references(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     return rows
 
 
-def tiny_model(out: Path) -> Path:
-    """A randomly initialised 2-layer Llama with the embedded model's tokenizer (for --quick)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from edge_agent.model_store import DEFAULT_MODEL, resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).path)
-    config = LlamaConfig(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
-
-
 def plot(results: dict[str, list[dict[str, float]]], out: Path) -> None:
     import matplotlib
 
@@ -179,6 +160,8 @@ def main() -> int:
         args.eval_examples, args.batch_size = 4, 2
         scratch = Path(tempfile.mkdtemp(prefix="edgefed-conv-quick-"))
         args.out = scratch / "convergence.png"
+        from _tiny import tiny_model
+
         args.model = str(tiny_model(scratch / "tiny"))
     started = time.monotonic()
     results: dict[str, list[dict[str, float]]] = {}

@@ -25,11 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 steps per loop, 1 repeat")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 steps per loop, 1 repeat, a tiny model (CI)"
+    )
     parser.add_argument("--quant", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m", help="Alias, HF directory or .gguf.")
     args = parser.parse_args()
+    if args.quick and args.model == "smollm2-135m":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _tiny import tiny_model_dir
+
+        args.model = tiny_model_dir()
     steps, repeats = (2, 1) if args.quick else (args.steps, args.repeats)
 
     import torch
@@ -39,12 +47,12 @@ def main() -> int:
     from edge_agent.data import Example, collate, tokenize
     from edge_agent.methods import TaskInput
     from edge_agent.methods.fedit import FeditClient
-    from edge_agent.model_store import DEFAULT_MODEL, load_base, resolve_model
+    from edge_agent.model_store import load_base, resolve_model
     from protocol.messages import BaseModelRef, TaskAssign
     from protocol.methods import parse_params
 
     torch.set_num_threads(2)
-    resolved = resolve_model(DEFAULT_MODEL)
+    resolved = resolve_model(args.model)
     records = make_demo_split(1, per_agent=64, seed=0).agents[0]
     examples = [
         Example(prompt=r["instruction"] + "\n\n" + r["input"], response=r["output"])

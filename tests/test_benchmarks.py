@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("load_harness.py", "recorded 10 lost 0"),
         ("convergence.py", "centralised      1"),
         ("against_flower.py", "      2 edgefed"),
+        ("agent_memory.py", "nf4 "),
+        ("step_overhead.py", "ratio agent / plain"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:
