@@ -443,6 +443,8 @@ class RoundEngine:
         """Open a ``kind`` phase of ``round`` as soon as enough agents are live (driven mode)."""
         if not self.driven:
             raise StateError("drive() is for a regional tier's engine")
+        if self.phase is not None and (self.phase.kind, self.phase.round) == (kind, round):
+            return  # already open: a re-sent upstream task
         if kind == "train" and round != self._begun_round:
             self.method.begin_round(round)
             self._begun_round = round
