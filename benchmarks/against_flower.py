@@ -17,8 +17,9 @@ system, not the model), every client connection going through a byte-counting TC
   time: Flower's fit round, from the messages built to FedAvg done.
 
 Bytes per round are everything through the proxy during the round (both directions);
-peak memory is each process's VmHWM: the server side (edgefed: the aggregator process;
-Flower: SuperLink + its ServerApp process) and the largest client process tree.
+peak memory: edgefed's aggregator process (VmHWM) and largest client process; Flower's server
+process tree (SuperLink, SuperExec, ServerApp: the highest summed RSS seen) and largest client
+tree (SuperNode, SuperExec, ClientApp).
 """
 
 from __future__ import annotations
@@ -153,10 +154,11 @@ def flower_side(clients: int, rounds: int, quick: bool) -> dict[str, Any]:
     return {
         "round_s": data["round_s"],
         "bytes_per_round": data["bytes_per_round_median"],
-        "server_peak_mb": mem["server"]["superlink"] + mem["server"]["serverapp"],
+        "server_peak_mb": mem["server"]["tree_peak"],  # SuperLink, SuperExec, ServerApp
         "client_peak_mb": mem["client_max"]["tree_peak"],
         "ideal_bytes_per_round": data["ideal_bytes_per_round"],
         "flwr_version": data["flwr_version"],
+        "raw": data,
     }
 
 
