@@ -12,12 +12,15 @@
   payload kind, with ``num_examples`` = the region's total.
 
 For a method whose aggregation is an example-weighted mean of what agents send (fedit, SLoRA's
-two stages, FedBiOT, Ferret's coefficients), the upstream's weighted mean of regional means
+two stages, Ferret's coefficients), the upstream's weighted mean of regional means
 weighted by regional totals is the flat weighted mean of every agent:
 ``Σ_R W_R · (Σ_{a∈R} w_a x_a / W_R) / Σ_R W_R = Σ_a w_a x_a / Σ_a w_a``. Ferret's triples
 are merged by (group, seed): an agent that did not pick a pair adds 0, as on the upstream.
 FedPipe is refused: its agents send factors of different ranks and it averages in ΔW = B·A
-space, which a mean of factors is not. Robust rules (median, trimmed mean) and clipping on the
+space, which a mean of factors is not. FedBiOT is refused too: its aggregation is a plain
+FedAvg of LoRA factors, but what it sends is per agent (the emulator only to agents that do not
+hold it, alignment deltas from each agent's version), which a relay forwarding one upstream
+task to all its agents cannot serve. Robust rules (median, trimmed mean) and clipping on the
 upstream then act on regions, not agents: see docs/operations.md.
 """
 
@@ -45,7 +48,11 @@ from protocol.messages import BaseModelRef, Profile, TaskResult
 
 log = logging.getLogger(__name__)
 
-NOT_TIERABLE = {"fedpipe": "FedPipe averages in ΔW = B·A space over agents of different ranks"}
+NOT_TIERABLE = {
+    "fedpipe": "FedPipe averages in ΔW = B·A space over agents of different ranks",
+    "fedbiot": "FedBiOT sends each agent the emulator by hash and alignment deltas from the "
+    "version that agent holds; a region would have to hold and serve them per agent",
+}
 UPDATE_BLOB = "update"
 
 

@@ -197,17 +197,24 @@ def build_small(bundle: emu.Bundle) -> Any:
     return model.eval()
 
 
-def load_full(model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_full(model_dir: Path) -> Any:
+    """The base model in fp32 on CPU, frozen: the teacher and the model the adapter plugs into."""
+    from transformers import AutoModelForCausalLM
 
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.config.use_cache = False
     model.requires_grad_(False)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def _tail(full: Any, k: int) -> Any:
@@ -220,7 +227,7 @@ def _tail(full: Any, k: int) -> Any:
     config = copy.deepcopy(full.config)
     n = config.num_hidden_layers
     config.num_hidden_layers = k
-    for key, value in vars(config).items():
+    for key, value in list(vars(config).items()):
         if isinstance(value, list) and len(value) == n and key.startswith("layer"):
             setattr(config, key, value[n - k :])
     with init_empty_weights(), _quiet():
@@ -281,6 +288,43 @@ def _pad_hidden(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
         out[i, : r.shape[0]] = r
         mask[i, : r.shape[0]] = 1
     return out, mask
+
+
+@dataclass
+class Moments:
+    """Adam's state for the alignment factors (β = 0.9, 0.999, ε = 1e-8), kept across rounds."""
+
+    t: int
+    m: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    @classmethod
+    def zeros(cls, params: Mapping[str, torch.Tensor]) -> Moments:
+        return cls(
+            0,
+            {n: torch.zeros_like(p) for n, p in params.items()},
+            {n: torch.zeros_like(p) for n, p in params.items()},
+        )
+
+    def copy(self) -> Moments:
+        m = {n: t.clone() for n, t in self.m.items()}
+        return Moments(self.t, m, {n: t.clone() for n, t in self.v.items()})
+
+    @torch.no_grad()
+    def step(self, params: Mapping[str, torch.Tensor], lr: float) -> None:
+        b1, b2 = self.BETAS
+        self.t += 1
+        for name, p in params.items():
+            if p.grad is None:
+                continue
+            self.m[name].mul_(b1).add_(p.grad, alpha=1 - b1)
+            self.v[name].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            m_hat = self.m[name] / (1 - b1**self.t)
+            v_hat = self.v[name] / (1 - b2**self.t)
+            p.sub_(lr * m_hat / (v_hat.sqrt() + self.EPS))
 
 
 class Aligner:
@@ -357,24 +401,27 @@ class Aligner:
     def train(
         self,
         state: Mapping[str, torch.Tensor],
+        moments: Moments | None,
         *,
         steps: int,
         batch_size: int,
         lr: float,
         seed: int,
         kl_weight: float = 0.0,
-    ) -> dict[str, torch.Tensor]:
-        """``steps`` Adam steps on the alignment factors from ``state``; the trained factors.
+    ) -> tuple[dict[str, torch.Tensor], Moments]:
+        """``steps`` Adam steps on the alignment factors from ``state``, continuing ``moments``
+        (None: fresh); the trained factors and the moments after them.
 
-        A fresh optimizer and a batch order seeded by ``seed``: the same inputs give the same
-        result, so a restarted server recomputes an interrupted alignment identically.
+        The batch order is seeded by ``seed`` and the moments are part of the server's state, so
+        a restarted server recomputes an interrupted alignment identically, and each round's
+        session continues the previous one instead of restarting Adam's large first steps.
         """
         self.load_state(state)
-        params = [p for w in self.wrappers.values() for p in (w.A, w.B)]
+        params = {f"{m}.{x}": getattr(w, x) for m, w in self.wrappers.items() for x in ("A", "B")}
+        adam = moments.copy() if moments is not None else Moments.zeros(params)
         generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(params, lr=lr)
         order: list[int] = []
-        for p in params:
+        for p in params.values():
             p.requires_grad_(True)
         try:
             for _ in range(steps):
@@ -382,18 +429,16 @@ class Aligner:
                     perm = torch.randperm(len(self.train_rows), generator=generator).tolist()
                     order += [self.train_rows[i] for i in perm]
                 picked, order = order[:batch_size], order[batch_size:]
-                optimizer.zero_grad(set_to_none=True)
+                for p in params.values():
+                    p.grad = None
                 self._loss(picked, kl_weight).backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                adam.step(params, lr)
         finally:
-            for p in params:
+            for p in params.values():
                 p.requires_grad_(False)
-        return {
-            f"{m}.{x}": getattr(w, x).detach().clone()
-            for m, w in self.wrappers.items()
-            for x in ("A", "B")
-        }
+                p.grad = None
+        return {n: p.detach().clone() for n, p in params.items()}, adam
 
     @torch.no_grad()
     def held_loss(self, state: Mapping[str, torch.Tensor], batch_size: int = 8) -> float:

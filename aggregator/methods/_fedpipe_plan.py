@@ -7,7 +7,7 @@ task), ``L̂ = train.max_len`` (the bound on any example) and ``G_q`` its measur
 throughput for precision ``q``::
 
     steps(c)   = ceil(E / b)
-    step_s(c)  = (OVERHEAD_GFLOP[q] + KAPPA[q] · b · L̄ · (4·P_body + 6·P(c)) / 1e9) / G_q
+    step_s(c)  = (OVERHEAD_GFLOP[q] + KAPPA[q] · b · L̄ · (4·P_body + 6·P(c)) / 1e9) / (G_q·speed)
     bytes(c)   = 4·P(c) + PAYLOAD_HEADER                      (one adapter, each way)
     time(c)    = steps·step_s + 2·bytes·8 / (bandwidth_mbps·1e6) + 2·rtt
     memory(c)  = RUNTIME + base_q + 16·P(c) + ACT_PEAK · b · L̂ · ACT_TOKEN[dtype] · layers · hidden
@@ -36,7 +36,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ PRECISION_LEVEL: Mapping[str, int] = {"nf4": 0, "int8": 1, "bf16": 2, "fp32": 3}
 BYTES_LINEAR: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5625}
 """Bytes per decoder-linear parameter. Measured with ``model_store.base_param_bytes`` on
 SmolLM2-135M: fp32 538,060,288 B, bf16 269,030,272, int8 219,555,328, nf4 173,120,128 for
-106,168,320 linear and 28,346,752 other parameters (nf4: 4 bits + a float32 absmax per 64)."""
+106,168,320 linear and 28,346,688 other parameters (nf4: 4 bits + a float32 absmax per 64)."""
 BYTES_OTHER: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 4.0, "nf4": 4.0}
 """Embeddings and norms stay in the load dtype (fp32) under int8/nf4."""
 ACT_TOKEN: Mapping[str, float] = {"fp32": 77.4, "bf16": 53.0}
@@ -56,12 +56,15 @@ excluded; batch 4 × 53 tokens: 283,689,068 B in fp32, 194,340,732 B in bf16).""
 ACT_PEAK = 2.2
 """Peak working memory over saved activations: resident-set growth per token between batch
 4 and 8 divided by the saved bytes per token (2.0 nf4, 2.2 bf16, 2.3 fp32)."""
-RUNTIME_BYTES = 445 * 2**20
+RUNTIME_BYTES = 445_067_264
 """Resident set of an agent process after importing torch, transformers, peft, bitsandbytes."""
-KAPPA: Mapping[str, float] = {"fp32": 1.9, "bf16": 2.0, "int8": 2.0, "nf4": 2.9}
-"""Measured step time per token over the FLOP model at the profile's matmul throughput."""
-OVERHEAD_GFLOP: Mapping[str, float] = {"fp32": 20.0, "bf16": 20.0, "int8": 20.0, "nf4": 40.0}
-"""Per-step fixed cost (optimizer, Python, LM head) in GFLOP at the same throughput."""
+KAPPA: Mapping[str, float] = {"fp32": 1.86, "bf16": 1.47, "int8": 1.71, "nf4": 1.39}
+"""Step time per token over the FLOP model at the profile's throughput (bf16 against the bf16
+matmul figure, the others against fp32): the slope of a fit ``t = α + β·tokens`` to steps of
+batch 1, 4 and 8. NF4/int8 dequantize every weight on every step whatever the batch, so
+their slope is lower than fp32's and their fixed cost (below) higher."""
+OVERHEAD_GFLOP: Mapping[str, float] = {"fp32": 23.0, "bf16": 41.0, "int8": 52.0, "nf4": 88.0}
+"""The fit's fixed cost per step ``α``, in GFLOP at the same throughput."""
 PAYLOAD_HEADER = 4096
 """Safetensors header and message framing of one LoRA payload (measured 1.8-5.7 KB)."""
 FALLBACK_GFLOPS = 10.0
@@ -104,11 +107,13 @@ class Resources:
     rtt_ms: float = 0.0
     gpu: bool = False
     tokens_mean: float = 128.0
+    speed: float = 1.0
+    """Measured step times over the model's, from earlier rounds (1: none yet)."""
 
     def gflops(self, quant: str) -> float:
         bf16 = self.gpu or quant == "bf16"
         value = self.gflops_bf16 if bf16 and self.gflops_bf16 > 0 else self.gflops_fp32
-        return value if value > 0 else FALLBACK_GFLOPS
+        return (value if value > 0 else FALLBACK_GFLOPS) * self.speed
 
     def compute_dtype(self, quant: str) -> str:
         if quant == "bf16" or (quant == "nf4" and self.gpu):
@@ -142,6 +147,7 @@ class Estimate:
     lora_params: int
     payload_bytes: int
     steps: int
+    compute_s: float
 
 
 @dataclass(frozen=True)
@@ -165,8 +171,10 @@ class Problem:
 
     def estimate(self, agent: str, c: Config) -> Estimate:
         res, shape, o = self.agents[agent], self.shape, self.options
-        lora = sum(r * sum(m.in_features + m.out_features for m in tier)
-                   for r, tier in zip(c.tier_ranks, self.tiers, strict=True))  # fmt: skip
+        lora = sum(
+            r * sum(m.in_features + m.out_features for m in tier)
+            for r, tier in zip(c.tier_ranks, self.tiers, strict=True)
+        )
         capacity = sum(r * len(tier) for r, tier in zip(c.tier_ranks, self.tiers, strict=True))
         steps = math.ceil(o.examples_per_round / c.batch)
         flops = KAPPA[c.quant] * c.batch * res.tokens_mean * (4 * shape.body_params + 6 * lora)
@@ -180,7 +188,8 @@ class Problem:
             + 16 * lora
             + ACT_PEAK * c.batch * o.max_len * act
         )
-        return Estimate(steps * step_s + comm_s, memory, capacity, lora, payload, steps)
+        compute = steps * step_s
+        return Estimate(compute + comm_s, memory, capacity, lora, payload, steps, compute)
 
     def fits(self, agent: str, c: Config) -> bool:
         limit = self.options.memory_fraction * self.agents[agent].memory_bytes
@@ -285,9 +294,12 @@ def solve_milp(problem: Problem) -> Solution:
         c=-np.concatenate(t.value).astype(float),
         integrality=np.ones(n),
         bounds=Bounds(np.zeros(n), allowed.astype(float)),
-        constraints=[LinearConstraint(rows(ones, n), 1, 1), LinearConstraint(cap[None, :], t.floor, np.inf)],
+        constraints=[
+            LinearConstraint(rows(ones, n), 1, 1),
+            LinearConstraint(cap[None, :], t.floor, np.inf),
+        ],
         options=options,
-    )  # fmt: skip
+    )
     if res2.success:
         x = np.round(res2.x).astype(int)
         picks = [int(np.argmax(x[offsets[i] : offsets[i + 1]])) for i in range(agents)]
@@ -362,15 +374,20 @@ def model_shape(model_dir: Path) -> tuple[ModelShape, dict[str, tuple[int, int]]
 
 @dataclass(frozen=True)
 class AgentPlan:
-    """One agent's configuration for one round, as assigned (and saved for a restart)."""
+    """One agent's configuration for one round, as assigned (and saved for a restart).
+
+    ``speed`` is the factor its profile's throughput was scaled by (learnt from its earlier
+    rounds, see the server), ``compute_s`` the training part of ``seconds``."""
 
     quant: str
     batch: int
     steps: int
     tier_ranks: tuple[int, ...]
     seconds: float
+    compute_s: float
     memory_bytes: float
     payload_bytes: int
+    speed: float = 1.0
 
     def module_ranks(self, tiers: Sequence[Sequence[str]]) -> dict[str, int]:
         return {m: r for r, tier in zip(self.tier_ranks, tiers, strict=True) for m in tier}
@@ -382,6 +399,7 @@ class AgentPlan:
             "batch": str(self.batch),
             "steps": str(self.steps),
             "est_s": f"{self.seconds:.1f}",
+            "est_train_s": f"{self.compute_s:.1f}",
             "mem_MB": f"{self.memory_bytes / 1e6:.0f}",
         }
 
@@ -389,30 +407,24 @@ class AgentPlan:
         return " ".join(f"{k}={v}" for k, v in self.details().items())
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "quant": self.quant,
-            "batch": self.batch,
-            "steps": self.steps,
-            "tier_ranks": list(self.tier_ranks),
-            "seconds": self.seconds,
-            "memory_bytes": self.memory_bytes,
-            "payload_bytes": self.payload_bytes,
-        }
+        return {**asdict(self), "tier_ranks": list(self.tier_ranks)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> AgentPlan:
-        ranks = data["tier_ranks"]
-        if not isinstance(ranks, list):
-            raise PlanError(f"a stored plan has tier_ranks {ranks!r}")
-        return cls(
-            quant=str(data["quant"]),
-            batch=int(str(data["batch"])),
-            steps=int(str(data["steps"])),
-            tier_ranks=tuple(int(r) for r in ranks),
-            seconds=float(str(data["seconds"])),
-            memory_bytes=float(str(data["memory_bytes"])),
-            payload_bytes=int(str(data["payload_bytes"])),
-        )
+    def from_json(cls, data: Mapping[str, Any]) -> AgentPlan:
+        try:
+            return cls(
+                str(data["quant"]),
+                int(data["batch"]),
+                int(data["steps"]),
+                tuple(int(r) for r in data["tier_ranks"]),
+                float(data["seconds"]),
+                float(data["compute_s"]),
+                float(data["memory_bytes"]),
+                int(data["payload_bytes"]),
+                float(data.get("speed", 1.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"a stored plan is malformed: {exc!r}") from None
 
 
 def agent_plans(problem: Problem, solution: Solution) -> dict[str, AgentPlan]:
@@ -420,7 +432,15 @@ def agent_plans(problem: Problem, solution: Solution) -> dict[str, AgentPlan]:
     for agent, c in solution.choice.items():
         e = solution.estimates[agent]
         out[agent] = AgentPlan(
-            c.quant, c.batch, e.steps, c.tier_ranks, e.seconds, e.memory_bytes, e.payload_bytes
+            c.quant,
+            c.batch,
+            e.steps,
+            c.tier_ranks,
+            e.seconds,
+            e.compute_s,
+            e.memory_bytes,
+            e.payload_bytes,
+            problem.agents[agent].speed,
         )
     return out
 
@@ -435,10 +455,12 @@ def resources(
     bandwidth_mbps: float | None = None,
     default_bandwidth_mbps: float = 100.0,
     tokens: float = 128.0,
+    speed: float = 1.0,
 ) -> Resources:
     """An agent's :class:`Resources` from its ``protocol.messages.Profile`` and link figures
     (the latest heartbeat's, else the Hello's, else the default). On a GPU the memory is its
-    largest free GPU memory, else the available RAM."""
+    largest free GPU memory, else the available RAM. ``speed`` scales the measured throughput
+    (what the agent's earlier rounds taught)."""
     gpus = list(profile.gpus)
     memory = max(g.memory_free for g in gpus) if gpus else profile.ram_available
     bandwidth = bandwidth_mbps or profile.bandwidth_mbps or default_bandwidth_mbps
@@ -451,6 +473,7 @@ def resources(
         rtt_ms=float(rtt),
         gpu=bool(gpus),
         tokens_mean=tokens,
+        speed=speed,
     )
 
 

@@ -42,7 +42,7 @@ from protocol.methods._common import AggregationParams
 
 log = logging.getLogger(__name__)
 
-_STATE, _DELTA = "fedbiot.state.", "fedbiot.delta."
+_STATE, _DELTA, _M, _V = "fedbiot.state.", "fedbiot.delta.", "fedbiot.adam_m.", "fedbiot.adam_v."
 F32 = torch.float32
 
 
@@ -68,7 +68,7 @@ class FedbiotServer:
         self._job_error: BaseException | None = None
         # the emulator (after preparation)
         self.aligner: align.Aligner | None = None
-        self.plan: emu.EmulatorPlan | None = None
+        self.emu_plan: emu.EmulatorPlan | None = None
         self.bundle: bytes = b""
         self.bundle_sha = ""
         self.ratio = 0.0
@@ -77,6 +77,7 @@ class FedbiotServer:
         self.align_state: dict[str, torch.Tensor] | None = None
         self.shas: dict[int, str] = {}
         self.deltas: dict[int, dict[str, torch.Tensor]] = {}
+        self.moments: align.Moments | None = None
         self.pending = 0
         """Alignment steps due before the next phase (0: none)."""
         self.align_metrics: dict[str, float] = {}
@@ -144,16 +145,16 @@ class FedbiotServer:
         model_dir, p = self.context.model_dir, self.params
         assert model_dir is not None and self.context.public_data is not None
         plan = self._plan()
+        tokenizer = align.load_tokenizer(model_dir)
+        samples = align.read_public(self.context.public_data, tokenizer, p.align.max_len)
         data, full_n, small_n = align.build_bundle(
             model_dir, plan, p.emulator.dtype, weights_sha256(model_dir)
         )
         bundle = emu.decode_bundle(data)
-        full, tokenizer = align.load_full(model_dir)
         shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
         targets = emu.align_targets(shapes, plan.n_emulator, p.align.target_modules)
-        samples = align.read_public(self.context.public_data, tokenizer, p.align.max_len)
         aligner = align.Aligner(
-            full,
+            align.load_full(model_dir),
             align.build_small(bundle),
             plan,
             samples,
@@ -168,6 +169,7 @@ class FedbiotServer:
             want = emu.state_specs(targets, p.align.r)
             if {n: tuple(t.shape) for n, t in self.align_state.items()} != want:
                 raise StateError("the checkpoint's alignment state does not fit this emulator")
+        base_loss = aligner.full_eval()  # the full model without any adapter
         if self.global_state:
             aligner.set_adapter(self.global_state, p.lora.alpha)
         raw = aligner.held_loss(start)
@@ -175,7 +177,7 @@ class FedbiotServer:
             self.bundle, self.bundle_sha = data, hashlib.sha256(data).hexdigest()
             self.ratio = small_n / full_n
             self.aligner = aligner
-            self.align_metrics["align_loss_raw"] = raw
+            self.align_metrics.update(align_loss_raw=raw, full_eval_base=base_loss)
             if self.align_state is None:
                 self.align_state, self.version, self.shas = start, 0, {0: emu.state_sha(start, 0)}
                 self.align_metrics["align_loss"] = raw
@@ -191,8 +193,9 @@ class FedbiotServer:
         """One alignment session: version v → v+1 (the delta rounded to bf16, as it travels)."""
         assert self.aligner is not None and self.align_state is not None
         a, v, started = self.params.align, self.version, time.monotonic()
-        trained = self.aligner.train(
+        trained, moments = self.aligner.train(
             self.align_state,
+            self.moments,
             steps=steps,
             batch_size=a.batch_size,
             lr=a.lr,
@@ -205,7 +208,7 @@ class FedbiotServer:
         loss = self.aligner.held_loss(state)
         one = emu.encode_deltas({v + 1: delta}, v, [self.shas.get(v, ""), sha])
         with self._lock:
-            self.align_state, self.version = state, v + 1
+            self.align_state, self.version, self.moments = state, v + 1, moments
             self.deltas[v + 1], self.shas[v + 1] = delta, sha
             for old in [d for d in self.deltas if d <= v + 1 - a.history]:
                 del self.deltas[old]
@@ -220,17 +223,17 @@ class FedbiotServer:
         )  # fmt: skip
 
     def _plan(self) -> emu.EmulatorPlan:
-        if self.plan is None:
+        if self.emu_plan is None:
             assert self.context.model_dir is not None
             config = align.read_config(self.context.model_dir)
             e = self.params.emulator
             try:
-                self.plan = emu.plan_emulator(
+                self.emu_plan = emu.plan_emulator(
                     int(config["num_hidden_layers"]), e.adapter_layers, e.drop_ratio
                 )
             except (KeyError, ValueError) as exc:
                 raise ConfigError(f"fedbiot: cannot cut an emulator: {exc}") from None
-        return self.plan
+        return self.emu_plan
 
     # --- what agents are sent -----------------------------------------------------------------
 
@@ -379,14 +382,14 @@ class FedbiotServer:
             self.global_state = combined
             self._payload = None
         self._built()
-        assert self.aligner is not None and self.plan is not None
+        assert self.aligner is not None and self.emu_plan is not None
         started = time.monotonic()
         if self.global_state:
             self.aligner.set_adapter(self.global_state, self.params.lora.alpha)
         metrics = {
             "examples": float(self._acc.weight),
             "emulator_ratio": _rounded(self.ratio, 4),
-            "emulator_layers": float(self.plan.n_emulator),
+            "emulator_layers": float(self.emu_plan.n_emulator),
             "bundle_MB": _rounded(len(self.bundle) / 1e6, 2),
             "bundle_sent": float(self._sent_bundles),
             "align_KB_sent": _rounded(self._sent_align / 1e3, 1),
@@ -407,9 +410,13 @@ class FedbiotServer:
             tensors[_STATE + name] = t
         for v, delta in self.deltas.items():
             tensors.update({f"{_DELTA}{v}.{n}": t for n, t in delta.items()})
+        if self.moments is not None:
+            tensors.update({_M + n: t for n, t in self.moments.m.items()})
+            tensors.update({_V + n: t for n, t in self.moments.v.items()})
         meta = {
             "params": json.dumps(self.params.model_dump(mode="json"), sort_keys=True),
             "fedbiot.version": str(self.version),
+            "fedbiot.adam_t": str(self.moments.t if self.moments is not None else 0),
             "fedbiot.shas": json.dumps({str(v): s for v, s in self.shas.items()}),
             "fedbiot.pending": str(self.pending),
             "fedbiot.emulator": self.bundle_sha,
@@ -433,6 +440,10 @@ class FedbiotServer:
             self.shas = {int(v): s for v, s in json.loads(meta.get("fedbiot.shas", "{}")).items()}
             self.pending = int(meta.get("fedbiot.pending", "0"))
             self.align_metrics = json.loads(meta.get("fedbiot.align_metrics", "{}"))
+            m = {k[len(_M) :]: v.clone() for k, v in tensors.items() if k.startswith(_M)}
+            v_ = {k[len(_V) :]: v.clone() for k, v in tensors.items() if k.startswith(_V)}
+            t = int(meta.get("fedbiot.adam_t", "0"))
+            self.moments = align.Moments(t, m, v_) if m else None
             self._blobs.clear()
         if self.align_state is not None and self.version not in self.shas:
             raise StateError("fedbiot checkpoint: the alignment version has no sha256")

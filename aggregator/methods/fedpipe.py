@@ -76,11 +76,14 @@ class FedpipeServer:
         self.selected: list[str] = []  # in decreasing importance
         self.scores: dict[str, float] = {}
         self.tokens: dict[str, float] = {}
+        self.speed: dict[str, float] = {}  # measured step time over the model's, per agent
+        self._took: dict[int, dict[str, float]] = {}
         self.global_ab: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.plans: dict[int, dict[str, fp.AgentPlan]] = {}
         self._score_sum: dict[str, float] = {}
         self._score_weight = 0
         self._score_attempts = 0
+        self._scored: set[str] = set()
         self._profiles: dict[str, Profile] = {}
         self._payloads: dict[tuple[Any, ...], bytes] = {}
         self._metrics: dict[int, dict[str, float]] = {}
@@ -118,6 +121,7 @@ class FedpipeServer:
         for m, v in values.items():
             self._score_sum[m] = self._score_sum.get(m, 0.0) + v * result.num_examples
         self._score_weight += result.num_examples
+        self._scored.add(result.agent_id)
 
     def finish_score(self, round: int) -> dict[str, float]:
         self._score_attempts += 1
@@ -140,10 +144,16 @@ class FedpipeServer:
         s = self.params.select
         count = s.count if s.count is not None else max(1, round_half_up(s.fraction * len(order)))
         self.selected = order[: min(count, len(order))]
-        self._save("selection.json", {"selected": self.selected, "scores": self.scores,
-                                      "tokens": self.tokens})  # fmt: skip
+        self._save(
+            "selection.json",
+            {"selected": self.selected, "scores": self.scores, "tokens": self.tokens},
+        )
         log.info("fedpipe: selected %s", self.selection_summary())
-        return {"selected": float(len(self.selected)), "score_fallback": fallback}
+        return {
+            "selected": float(len(self.selected)),
+            "scored_agents": float(len(self._scored)),
+            "score_fallback": fallback,
+        }
 
     def selection_summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -203,6 +213,7 @@ class FedpipeServer:
             bandwidth_mbps=view.bandwidth_mbps if view else None,
             default_bandwidth_mbps=self.params.plan.default_bandwidth_mbps,
             tokens=min(self.tokens.get(view.agent_id, limit), limit) if view else limit,
+            speed=self.speed.get(view.agent_id, 1.0) if view else 1.0,
         )
 
     def admit(self, agent_id: str, profile: Profile) -> str | None:
@@ -216,11 +227,16 @@ class FedpipeServer:
             self._profiles[a] = v.profile
         if kind != "train":
             return
-        stored = self._read_plan(round)
-        if stored is not None and set(stored) == set(views):
-            self.plans[round] = stored  # a restart in the open round keeps what was assigned
-            return
-        problem = self._problem({a: self._resources(v.profile, v) for a, v in views.items()})
+        # agents that already have this round's plan (saved before a restart) keep it: their
+        # task may be running, and their stored update is checked against it
+        stored = self.plans.get(round) or self._read_plan(round) or {}
+        todo = {a: self._resources(v.profile, v) for a, v in views.items() if a not in stored}
+        self.plans[round] = {**stored, **(self._solve(round, todo) if todo else {})}
+        if todo:
+            self._save(f"plan-{round}.json", {a: p.to_json() for a, p in self.plans[round].items()})
+
+    def _solve(self, round: int, agents: Mapping[str, fp.Resources]) -> dict[str, fp.AgentPlan]:
+        problem = self._problem(agents)
         try:
             solution = fp.solve_milp(problem)
         except fp.PlanError as exc:
@@ -228,27 +244,39 @@ class FedpipeServer:
             solution = fp.smallest(problem)
         if solution.capacity_relaxed:
             log.warning("fedpipe: round %d: the capacity floor cannot be met; relaxed", round)
-        self.plans[round] = fp.agent_plans(problem, solution)
-        self._metrics[round] = {
-            "est_max_s": solution.t_max,
-            "capacity_relaxed": float(solution.capacity_relaxed),
-        }
-        self._save(f"plan-{round}.json", {a: p.to_json() for a, p in self.plans[round].items()})
-        for a, ap in sorted(self.plans[round].items()):
+        known = self._metrics.setdefault(round, {"est_max_s": 0.0, "capacity_relaxed": 0.0})
+        known["est_max_s"] = max(known["est_max_s"], solution.t_max)
+        known["capacity_relaxed"] = max(known["capacity_relaxed"], solution.capacity_relaxed)
+        plans = fp.agent_plans(problem, solution)
+        for a, ap in sorted(plans.items()):
             log.info("fedpipe: round %d: %s gets %s", round, a, ap.describe())
+        return plans
 
     def agent_details(self, round: int) -> dict[str, dict[str, str]]:
-        return {a: p.details() for a, p in self.plans.get(round, {}).items()}
+        took = self._took.get(round, {})
+        return {
+            a: p.details() | ({"train_s": f"{took[a]:.1f}"} if a in took else {})
+            for a, p in self.plans.get(round, {}).items()
+        }
+
+    def _learn_speed(self, round: int) -> None:
+        """Scale each agent's throughput by its modelled over its measured training time
+        (geometric mean with what was learnt before): the profile's one quick matmul at
+        start-up misjudges a busy machine."""
+        for agent, seconds in self._took.get(round, {}).items():
+            plan = self.plans.get(round, {}).get(agent)
+            if plan is None or seconds <= 0 or plan.compute_s <= 0:
+                continue
+            observed = min(max(plan.speed * plan.compute_s / seconds, 1e-3), 1e3)
+            previous = self.speed.get(agent)
+            self.speed[agent] = observed if previous is None else math.sqrt(previous * observed)
 
     def _plan_for(self, round: int, agent_id: str) -> fp.AgentPlan:
         plan = self.plans.get(round, {}).get(agent_id)
-        if plan is None:  # not in the phase's plan (it cannot happen through the engine)
-            profile = self._profiles.get(agent_id)
-            if profile is None:
-                raise StateError(f"fedpipe: no plan and no profile for {agent_id} in round {round}")
-            problem = self._problem({agent_id: self._resources(profile)})
-            plan = fp.agent_plans(problem, fp.smallest(problem))[agent_id]
-            self.plans.setdefault(round, {})[agent_id] = plan
+        if plan is None:  # assigned but absent when the phase was planned (a restart)
+            view = AgentView(agent_id, self._profile(agent_id))
+            self.plan(round, "train", {agent_id: view})
+            plan = self.plans[round][agent_id]
         return plan
 
     def _read_plan(self, round: int) -> dict[str, fp.AgentPlan] | None:
@@ -299,7 +327,8 @@ class FedpipeServer:
         key = ("train", round, tuple(sorted(ranks.items())))
         if key not in self._payloads:
             state: dict[str, torch.Tensor] = {}
-            for module, r in ranks.items():
+            for module in sorted(ranks, key=_natural):  # layer order: compact stacking
+                r = ranks[module]
                 a_key, b_key = fm.keys(module)
                 a_glob, b_glob = self.global_ab[module]
                 state[a_key], state[b_key] = fm.truncate(
@@ -359,6 +388,7 @@ class FedpipeServer:
     # --- aggregation ------------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
+        self._round = round
         self._sums: dict[str, fm.LowRankSum] = {}
         self._weight = 0
 
@@ -371,10 +401,14 @@ class FedpipeServer:
             b = update.tensors[fm.keys(module)[1]]
             self._sums.setdefault(module, fm.LowRankSum()).add(a, b, update.num_examples, alpha)
         self._weight += update.num_examples
+        seconds = update.metrics.get("seconds")
+        if seconds is not None and math.isfinite(seconds) and seconds > 0:
+            self._took.setdefault(self._round, {})[update.agent_id] = seconds
 
     def finish_round(self, round: int) -> dict[str, float]:
         metrics = {"selected": float(len(self.selected)), "examples": float(self._weight)}
         metrics.update(self._metrics.get(round, {}))
+        self._learn_speed(round)
         if self._weight == 0:
             return metrics
         alpha = self.params.lora.alpha
@@ -391,7 +425,8 @@ class FedpipeServer:
     def global_state(self) -> dict[str, torch.Tensor]:
         """The global ΔW as a peft adapter state (rank ``R`` per module)."""
         state: dict[str, torch.Tensor] = {}
-        for module, (a, b) in self.global_ab.items():
+        for module in sorted(self.global_ab, key=_natural):
+            a, b = self.global_ab[module]
             a_key, b_key = fm.keys(module)
             state[a_key], state[b_key] = a, b
         return state
@@ -403,13 +438,18 @@ class FedpipeServer:
             "selected": json.dumps(self.selected),
             "scores": json.dumps({m: float(f"{v:.6g}") for m, v in self.scores.items()}),
             "tokens": json.dumps(self.tokens),
+            "speed": json.dumps({a: round(v, 4) for a, v in self.speed.items()}),
         }
         return self.global_state(), meta
 
     def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
         if "selected" in meta:
-            self._set_selection(json.loads(meta["selected"]), json.loads(meta.get("scores", "{}")),
-                                json.loads(meta.get("tokens", "{}")))  # fmt: skip
+            self._set_selection(
+                json.loads(meta["selected"]),
+                json.loads(meta.get("scores", "{}")),
+                json.loads(meta.get("tokens", "{}")),
+            )
+        self.speed = {a: float(v) for a, v in json.loads(meta.get("speed", "{}")).items()}
         self.global_ab = {}
         for key, a in tensors.items():
             module = fm.module_of(key)

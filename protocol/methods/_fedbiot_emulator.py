@@ -61,7 +61,11 @@ BASE_KEY = "fedbiot.base_sha256"
 ALIGN_KEY = "fedbiot.align"
 VERSIONS_KEY = "fedbiot.versions"
 SHAS_KEY = "fedbiot.shas"
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
 DELTA_DTYPE = torch.bfloat16
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -250,7 +254,9 @@ def state_specs(targets: Mapping[str, tuple[int, int]], r: int) -> dict[str, tup
     return specs
 
 
-def init_state(targets: Mapping[str, tuple[int, int]], r: int, seed: int) -> dict[str, torch.Tensor]:
+def init_state(
+    targets: Mapping[str, tuple[int, int]], r: int, seed: int
+) -> dict[str, torch.Tensor]:
     """Version 0: seeded A (±1/√in), zero B; the same on every machine."""
     state: dict[str, torch.Tensor] = {}
     for module, (out_f, in_f) in targets.items():
@@ -324,7 +330,7 @@ def encode_deltas(
     return payloads.encode_dense(tensors, method=METHOD, round=versions[-1], meta=meta)
 
 
-def decode_align(data: payloads.Buffer, specs: Mapping[str, tuple[int, int]]) -> AlignBlob:
+def decode_align(data: payloads.Buffer, specs: Mapping[str, tuple[int, ...]]) -> AlignBlob:
     """Parse an ``align`` blob and check its tensors against the state's names and shapes."""
     p = payloads.decode(data, payloads.Expect(kind=payloads.PayloadKind.DENSE, method=METHOD))
     kind = p.meta.get(ALIGN_KEY)

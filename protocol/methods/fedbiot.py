@@ -72,12 +72,12 @@ class AlignParams(StrictParams):
         "down_proj",
     )
     """Linears of the emulator layers that carry the alignment LoRA (they write the residual)."""
-    initial_steps: Annotated[int, Field(ge=0, le=100_000)] = 8
-    """Alignment steps before round 1."""
-    steps: Annotated[int, Field(ge=0, le=100_000)] = 2
+    initial_steps: Annotated[int, Field(ge=0, le=100_000)] = 48
+    """Alignment steps before round 1 (on a background thread: the engine waits, unblocked)."""
+    steps: Annotated[int, Field(ge=0, le=100_000)] = 8
     """Alignment steps after each round (0: the emulator changes only before round 1)."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
-    lr: Annotated[float, Field(gt=0, le=10)] = 2e-3
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-2
     max_len: Annotated[int, Field(ge=8, le=32768)] = 128
     kl_weight: Annotated[float, Field(ge=0, le=1e6)] = 0.0
     """Weight of KL(full ‖ emulator) on the outputs (with the current adapter), besides the

@@ -22,9 +22,9 @@ Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r,
 
 - ``TaskAssign(kind="score")``: :class:`Params`; no blob. Its ``TaskResult`` carries blob
   ``scores``, a ``dense`` payload of one float32 tensor of shape ``[1]`` per candidate matrix,
-  named by its module (``model.layers.3.mlp.up_proj``), and metrics ``tokens_mean`` /
-  ``tokens_max`` (padded tokens per example in the scoring batches: the server's time and
-  memory model use them); ``num_examples`` = examples scored.
+  named by its module (``model.layers.3.mlp.up_proj``), and metric ``tokens_mean`` (padded
+  tokens per example in the scoring batches, which the server's time model uses);
+  ``num_examples`` = examples scored.
 - ``TaskAssign(kind="train", round=r)``: :class:`Params` with ``ranks`` = this agent's rank per
   selected module, ``train.batch_size`` / ``train.steps`` = its batch and step count; from
   round 2 on, blob ``global``: a ``lora`` payload with exactly those ranks, scaled so that
@@ -56,7 +56,6 @@ GLOBAL_BLOB = "global"
 UPDATE_BLOB = "update"
 SCORE_BLOB = "scores"
 TOKENS_MEAN = "tokens_mean"
-TOKENS_MAX = "tokens_max"
 
 TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -80,9 +79,7 @@ class FedpipeLora(LoraParams):
     """LoRA shape: ``r`` is the nominal rank (the capacity floor is counted in it), ``alpha``
     gives every module the scaling ``alpha / its rank``; ranks are chosen per agent."""
 
-    target_modules: Annotated[tuple[ModuleName, ...], Field(min_length=1, max_length=32)] = (
-        TARGETS
-    )
+    target_modules: Annotated[tuple[ModuleName, ...], Field(min_length=1, max_length=32)] = TARGETS
 
     @field_validator("rank_pattern")
     @classmethod

@@ -133,9 +133,11 @@ def test_ferret_two_tier_equals_flat(tiny_model_dir: Path) -> None:
     torch.testing.assert_close(servers[1].weights, servers[0].weights, rtol=0, atol=1e-6)
 
 
-def test_fedpipe_is_refused_in_a_regional_tier() -> None:
+def test_fedpipe_and_fedbiot_are_refused_in_a_regional_tier() -> None:
     with pytest.raises(ConfigError, match="ΔW"):
         RelayMethod("fedpipe")
+    with pytest.raises(ConfigError, match="emulator by hash"):
+        RelayMethod("fedbiot")
 
 
 def test_region_metrics_are_example_weighted() -> None:
