@@ -33,6 +33,7 @@ from protocol import randomness
 from protocol.frames import encode, frames_nbytes
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.methods import _ferret_math as fm
+from protocol.methods._fedbiot_emulator import plan_emulator
 from protocol.payloads import encode_lora, encode_masked, encode_seedcoef
 
 RANK, DENSITY, SEED, K = 8, 0.01, 0, 32
@@ -57,6 +58,16 @@ class Shape:
             f"model.layers.{i}.self_attn.{m}_proj.weight": (out[m], self.hidden)
             for i in range(self.layers)
             for m in TARGETS
+        }
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """``[out, in]`` of all seven projections of every layer (FedPipe's candidates)."""
+        mlp = {"gate": (self.mlp, self.hidden), "up": (self.mlp, self.hidden),
+               "down": (self.hidden, self.mlp)}  # fmt: skip
+        return self.target_shapes() | {
+            f"model.layers.{i}.mlp.{m}_proj.weight": s
+            for i in range(self.layers)
+            for m, s in mlp.items()
         }
 
     def all_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -88,6 +99,10 @@ PAPER = (
     Shape("LLaMA-7B", 32, 4096, 4096, 11008, 32000, False),
     Shape("LLaMA-13B", 40, 5120, 5120, 13824, 32000, False),
 )
+
+
+LORA_HEADER_GUESS = 3_000
+"""Safetensors header bytes of a stacked LoRA payload (measured ~2-3 KB for these names)."""
 
 
 def lora_state(shape: Shape) -> dict[str, torch.Tensor]:
@@ -222,8 +237,34 @@ def report(shape: Shape, sizes: Sizes, how: str) -> None:
                 f"{up / sizes.full:.2e}", f"{up / sizes.plain_lora:.4f}",
             )
         )  # fmt: skip
-    for method in ("fedpipe", "fedbiot"):
-        print(ROW.format(method, "-", "not implemented", "", "", ""))
+    # FedPipe: LoRA on the selected half of the 7 projections of every layer, rank per agent
+    # from 2 to 16 (the planner's grid): the smallest half at rank 2 .. the largest at rank 16
+    mats = sorted(o + i for o, i in shape.projection_shapes().values())
+    half = len(mats) // 2
+    lo, hi = 4 * 2 * sum(mats[:half]), 4 * 16 * sum(mats[-half:])
+    lo_up, hi_up = (up_message(b"\0" * (n + LORA_HEADER_GUESS), "fedpipe") for n in (lo, hi))
+    print(ROW.format("fedpipe (r 2..16, half)", "lora", f"{lo_up:,}..{hi_up:,}", "same",
+                     f"{lo_up / sizes.full:.1e}..{hi_up / sizes.full:.1e}",
+                     f"{lo_up / sizes.plain_lora:.2f}..{hi_up / sizes.plain_lora:.2f}"))  # fmt: skip
+    # FedBiOT: LoRA r=8 on q,k,v,o of the 2 adapter layers up; down adds the alignment delta
+    # (bf16, LoRA r=4 on o_proj and down_proj of each emulator layer); the emulator once (bf16)
+    plan = plan_emulator(shape.layers, 2, 0.5)
+    per_layer = sum(o + i for o, i in list(shape.target_shapes().values())[:4])
+    adapter = 4 * RANK * per_layer * 2
+    delta = 2 * 4 * plan.n_emulator * ((shape.hidden + shape.hidden) + (shape.mlp + shape.hidden))
+    up = up_message(b"\0" * (adapter + LORA_HEADER_GUESS), "fedbiot")
+    down = down_message(b"\0" * (adapter + delta + 2 * LORA_HEADER_GUESS), "fedbiot")
+    kept = (plan.n_emulator + 2) / shape.layers
+    full_params = sizes.full // 4
+    layer_params = sum(math.prod(v) for k, v in shape.all_shapes().items() if ".layers.0." in k)
+    emulator_params = full_params - round((1 - kept) * shape.layers) * layer_params
+    print(ROW.format("fedbiot", "lora (+delta)", f"{up:,}", f"{down:,}",
+                     f"{up / sizes.full:.2e}", f"{up / sizes.plain_lora:.4f}"))  # fmt: skip
+    print(
+        f"{'':<28} emulator once: {plan.n_emulator} of {shape.layers - 2} bottom layers, "
+        f"{2 * emulator_params:,} B in bf16 ({emulator_params / full_params:.3f} of the "
+        "parameters)"
+    )
 
 
 def main() -> int:
