@@ -605,6 +605,10 @@ class RoundEngine:
             summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
             summary.eval_loss = weighted(results, "eval_loss")
             summary.eval_em = weighted(results, "eval_em")
+            # what evaluating this round's global cost on the wire (it may carry state the next
+            # round needs: Ferret's step, FedBiOT's emulator with the round-0 evaluation)
+            summary.eval_bytes_up = sum(phase.bytes_up.values()) / n
+            summary.eval_bytes_down = sum(phase.bytes_down.values()) / n
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []

@@ -30,6 +30,9 @@ class RoundSummary:
     eval_em: float | None = None
     bytes_up: float = 0.0
     bytes_down: float = 0.0
+    eval_bytes_up: float = 0.0
+    eval_bytes_down: float = 0.0
+    """Per agent, what the evaluation phase of this round's global moved (0: none ran)."""
     seconds: float = 0.0
     rejected: int = 0
     method: dict[str, float] = field(default_factory=dict)
@@ -45,6 +48,9 @@ class RoundSummary:
             "seconds": self.seconds,
             "rejected": float(self.rejected),
         }
+        if self.eval_bytes_up or self.eval_bytes_down:
+            out["eval_bytes_up_per_agent"] = self.eval_bytes_up
+            out["eval_bytes_down_per_agent"] = self.eval_bytes_down
         for key in ("train_loss", "eval_loss", "eval_em"):
             value = getattr(self, key)
             if value is not None:

@@ -48,10 +48,16 @@ def run_method(method: str, args: argparse.Namespace, work: Path) -> list[dict[s
     result = run_local(opts, out=table)
     print(table.getvalue(), flush=True)
     rows: list[dict[str, float]] = result["rows"]
+    # everything on the wire: the training phase and the evaluation phase (which carries what
+    # some methods need next: Ferret's step, FedBiOT's emulator bundle with the round-0 eval)
     total = 0.0
     for row in rows:
+        agents = row.get("agents") or args.agents
         if row["round"] > 0:
-            total += (row["bytes_up_per_agent"] + row["bytes_down_per_agent"]) * row["agents"]
+            total += (row["bytes_up_per_agent"] + row["bytes_down_per_agent"]) * agents
+        total += (
+            row.get("eval_bytes_up_per_agent", 0.0) + row.get("eval_bytes_down_per_agent", 0.0)
+        ) * args.agents
         row["cum_bytes"] = total
     return rows
 

@@ -157,3 +157,27 @@ def test_large_results_travel_a_window_at_a_time(tmp_path: Path) -> None:
         h.send(a, Heartbeat())  # keep them live
     assert [o.agent_id for o in h.tick() if isinstance(o.header, Grant)] == ["d"]
     h.close()
+
+
+def test_the_evaluation_phase_bytes_are_in_the_round_summary(tmp_path: Path) -> None:
+    from protocol.messages import TaskResult
+
+    h = Harness(tmp_path, rounds=1, eval=True, eval_initial=False)
+    for a in ("a", "b"):
+        h.hello(a)
+    tasks = assigns(h.tick())
+    for a, v in (("a", 1.0), ("b", 2.0)):
+        h.result(tasks[a], a, 5, lora_state(v))
+    evals = assigns(h.tick())
+    assert {t.kind for t in evals.values()} == {"eval"}
+    for a, t in evals.items():
+        res = TaskResult(run_id=t.run_id, round=1, task_id=t.task_id, agent_id=a, method="fedit",
+                         kind="eval", num_examples=4, metrics={"eval_loss": 1.5, "eval_em": 0.5})  # fmt: skip
+        h.send(a, res)
+    h.tick()
+    (summary,) = h.summaries
+    metrics = summary.as_metrics()
+    # the eval tasks carried the global adapter down: about as big as a train task's global
+    assert metrics["eval_bytes_down_per_agent"] > 0.9 * metrics["bytes_up_per_agent"]
+    assert 0 < metrics["eval_bytes_up_per_agent"] < 2000 and summary.eval_loss == 1.5
+    h.close()
