@@ -31,8 +31,7 @@ from edge_agent.lora import (
     set_adapter_state,
 )
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task, training_output
-from edge_agent.train import TrainConfig, train_lora
+from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import BaseModelRef
@@ -279,25 +278,13 @@ class FedbiotClient:
         load_global(em, task, params)
         if task.assign.kind == "eval":
             return evaluation_task(em.model, tokenizer, params.eval, ws)
-        t = params.train
-        cfg = TrainConfig(
-            steps=t.steps,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            max_len=t.max_len,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-            seed=t.seed + task.assign.round,
-        )
-        result = train_lora(
+        result = train_task(
             em.model,
             tokenizer,
-            ws.train_examples,
-            cfg,
-            progress=ws.progress,
+            ws,
+            params.train,
+            task.assign.round,
             extra_loss=proximal(em.model, params.prox),
-            should_stop=ws.should_stop,
-            on_step=lambda done: ws.report_progress(done / cfg.steps),
         )
         state = emu.rename_layers(get_adapter_state(em.model), em.plan.adapter_to_full())
         blob = payloads.encode(

@@ -14,8 +14,7 @@ from typing import Any
 from edge_agent.errors import TaskError
 from edge_agent.lora import LoraSpec, attach_lora, get_adapter_state, set_adapter_state
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task, training_output
-from edge_agent.train import TrainConfig, train_lora
+from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import fedit as spec
@@ -82,25 +81,7 @@ class FeditClient:
         load_global(peft_model, task.blobs, task.assign.round, params.lora)
         if task.assign.kind == "eval":
             return self._evaluate(peft_model, tokenizer, params, ws)
-        t = params.train
-        cfg = TrainConfig(
-            steps=t.steps,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            max_len=t.max_len,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-            seed=t.seed + task.assign.round,
-        )
-        result = train_lora(
-            peft_model,
-            tokenizer,
-            ws.train_examples,
-            cfg,
-            progress=ws.progress,
-            should_stop=ws.should_stop,
-            on_step=lambda done: ws.report_progress(done / cfg.steps),
-        )
+        result = train_task(peft_model, tokenizer, ws, params.train, task.assign.round)
         state = get_adapter_state(peft_model)
         blob = payloads.encode_lora(state, method=self.name, round=task.assign.round)
         log.info(

@@ -37,8 +37,7 @@ from edge_agent.lora import (
     set_adapter_state,
 )
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task, training_output
-from edge_agent.train import TrainConfig, train_lora
+from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import _fedpipe_math as fm
@@ -281,25 +280,7 @@ class FedpipeClient:
         else:  # round 1: the seeded adapter (set again: a retried task may reuse the model)
             shape = lora_spec(params.ranks, params.lora)
             set_adapter_state(peft_model, init_lora_state(peft_model, shape, params.lora.init_seed))
-        t = params.train
-        cfg = TrainConfig(
-            steps=t.steps,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            max_len=t.max_len,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-            seed=t.seed + task.assign.round,
-        )
-        result = train_lora(
-            peft_model,
-            tokenizer,
-            ws.train_examples,
-            cfg,
-            progress=ws.progress,
-            should_stop=ws.should_stop,
-            on_step=lambda done: ws.report_progress(done / cfg.steps),
-        )
+        result = train_task(peft_model, tokenizer, ws, params.train, task.assign.round)
         state = get_adapter_state(peft_model)
         update = payloads.encode_lora(state, method=self.name, round=task.assign.round)
         log.info(
@@ -309,7 +290,7 @@ class FedpipeClient:
             sorted(set(params.ranks.values()), reverse=True),
             task.assign.quant,
             result.steps,
-            t.batch_size,
+            params.train.batch_size,
             result.first_loss,
             result.last_loss,
         )

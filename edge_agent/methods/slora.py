@@ -28,9 +28,8 @@ from torch.nn.utils import parametrize
 
 from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task, training_output
+from edge_agent.methods._common import evaluation_task, train_task, training_output
 from edge_agent.methods.fedit import load_global, peft_model_for
-from edge_agent.train import TrainConfig, train_lora
 from protocol import payloads, randomness
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import slora as spec
@@ -227,25 +226,7 @@ class SloraClient:
 def _train(
     model: Any, tokenizer: Any, params: spec.Params, round: int, ws: Workspace, lr: float
 ) -> TaskOutput:
-    t = params.train
-    cfg = TrainConfig(
-        steps=t.steps,
-        batch_size=t.batch_size,
-        lr=lr,
-        max_len=t.max_len,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        seed=t.seed + round,
-    )
-    result = train_lora(
-        model,
-        tokenizer,
-        ws.train_examples,
-        cfg,
-        progress=ws.progress,
-        should_stop=ws.should_stop,
-        on_step=lambda done: ws.report_progress(done / cfg.steps),
-    )
+    result = train_task(model, tokenizer, ws, params.train, round, lr=lr)
     log.info(
         "round %d (stage %d): trained %d steps, loss %.4f → %.4f",
         round,
