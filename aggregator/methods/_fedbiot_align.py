@@ -30,6 +30,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from aggregator.errors import ConfigError
+from edge_agent.data import TokenizedExample, load_jsonl, tokenize
+from edge_agent.errors import DataError
 from protocol.methods import _fedbiot_emulator as emu
 
 log = logging.getLogger(__name__)
@@ -41,67 +43,12 @@ PEFT_PREFIX = "base_model.model."
 # --- public data --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sample:
-    ids: list[int]
-    labels: list[int]
-
-
-def _render(record: Mapping[str, Any], tokenizer: Any) -> tuple[str, str, bool]:
-    """(prompt, response, add special tokens to the prompt), as ``edge_agent.data.render``."""
-    eos = tokenizer.eos_token or ""
-    if "text" in record:
-        return "", str(record["text"]) + eos, True
-    if "messages" in record:
-        turns = [dict(t) for t in record["messages"]]
-        prompt_turns, response = turns[:-1], str(turns[-1]["content"])
-    else:
-        extra = record.get("input")
-        instruction = str(record["instruction"])
-        text = f"{instruction}\n\n{extra}" if extra and str(extra).strip() else instruction
-        prompt_turns, response = [{"role": "user", "content": text}], str(record["output"])
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(
-            prompt_turns, tokenize=False, add_generation_prompt=True
-        )
-        full = tokenizer.apply_chat_template(
-            [*prompt_turns, {"role": "assistant", "content": response}], tokenize=False
-        )
-        if full.startswith(prompt):
-            return prompt, full[len(prompt) :], False
-        return prompt, response + eos, False
-    parts = []
-    for turn in prompt_turns:
-        if turn["role"] == "system":
-            parts.append(f"{turn['content']}\n\n")
-        elif turn["role"] == "user":
-            parts.append(f"### Instruction:\n{turn['content']}\n\n")
-        else:
-            parts.append(f"### Response:\n{turn['content']}\n\n")
-    return "".join(parts) + "### Response:\n", response + eos, True
-
-
-def read_public(path: Path, tokenizer: Any, max_len: int) -> list[Sample]:
-    """The public JSONL as token ids and labels (prompt masked), cut as agents cut."""
-    samples: list[Sample] = []
+def read_public(path: Path, tokenizer: Any, max_len: int) -> list[TokenizedExample]:
+    """The public JSONL read and tokenized exactly as agents read and tokenize their data."""
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the public data ({exc})") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            prompt, response, special = _render(json.loads(line), tokenizer)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{path}:{lineno}: not a training record ({exc})") from None
-        p = [int(i) for i in tokenizer(prompt, add_special_tokens=special)["input_ids"]]
-        p = p if prompt or special else []
-        r = [int(i) for i in tokenizer(response, add_special_tokens=False)["input_ids"]]
-        if len(p) + len(r) > max_len:
-            keep = min(len(p), max(max_len - len(r), max_len // 2))
-            p, r = p[len(p) - keep :], r[: max_len - keep]
-        samples.append(Sample(ids=p + r, labels=[IGNORE] * len(p) + r))
+        samples = tokenize(load_jsonl(path), tokenizer, max_len)
+    except DataError as exc:
+        raise ConfigError(f"cannot read the public data: {exc}") from None
     if not samples:
         raise ConfigError(f"{path}: the public data has no records")
     return samples
@@ -335,7 +282,7 @@ class Aligner:
         full: Any,
         student: Any,
         plan: emu.EmulatorPlan,
-        samples: list[Sample],
+        samples: list[TokenizedExample],
         *,
         holdout: int,
         targets: Mapping[str, tuple[int, int]],
@@ -370,8 +317,8 @@ class Aligner:
                 self.teacher += [h[j, : int(mask[j].sum())].clone() for j in range(len(ids))]
 
     def _inputs(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = _pad([self.samples[i].ids for i in rows], self.pad_id)
-        mask = _pad([[1] * len(self.samples[i].ids) for i in rows], 0)
+        ids = _pad([self.samples[i].input_ids for i in rows], self.pad_id)
+        mask = _pad([[1] * len(self.samples[i].input_ids) for i in rows], 0)
         return ids, mask
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -447,7 +394,7 @@ class Aligner:
         total, count = 0.0, 0
         for i in range(0, len(self.held_rows), batch_size):
             rows = self.held_rows[i : i + batch_size]
-            n = sum(len(self.samples[r].ids) for r in rows)
+            n = sum(len(self.samples[r].input_ids) for r in rows)
             total += float(self._loss(rows, 0.0)) * n
             count += n
         return total / max(count, 1)

@@ -164,16 +164,20 @@ def test_alignment_lowers_the_held_out_hidden_state_loss(prepared: FedbiotServer
     assert s.aligner.held_loss(s.align_state) == pytest.approx(aligned)
 
 
-def test_public_data_is_tokenized_as_agents_tokenize(tiny: tuple[Path, Path]) -> None:
+def test_public_data_is_read_as_agents_read_theirs(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """read_public is edge_agent.data's reader and tokenizer: the prompt is masked, the response
+    kept, and a bad record is a ConfigError naming file and line."""
     from transformers import AutoTokenizer
-
-    from edge_agent.data import load_jsonl, tokenize
 
     model_dir, public = tiny
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ours = align.read_public(public, tokenizer, 48)
-    theirs = tokenize(load_jsonl(public), tokenizer, 48)
-    assert [(s.ids, s.labels) for s in ours] == [(t.input_ids, t.labels) for t in theirs]
+    samples = align.read_public(public, tokenizer, 48)
+    assert samples and all(len(s.input_ids) <= 48 for s in samples)
+    assert all(s.labels[0] == -100 and s.num_target_tokens > 0 for s in samples)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"nothing": 1}\n')
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2"):
+        align.read_public(bad, tokenizer, 48)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +258,7 @@ def test_full_eval_and_export_plug_the_adapter_into_the_full_model(
     with torch.no_grad():
         for row in s.aligner.held_rows:
             sample = s.aligner.samples[row]
-            logits = peft_model(input_ids=torch.tensor([sample.ids])).logits[0, :-1]
+            logits = peft_model(input_ids=torch.tensor([sample.input_ids])).logits[0, :-1]
             labels = torch.tensor(sample.labels[1:])
             keep = labels != -100
             ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
