@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from aggregator.errors import ConfigError
 from edge_agent.data import TokenizedExample, load_jsonl, tokenize
 from edge_agent.errors import DataError
+from protocol.errors import PayloadMismatch
 from protocol.methods import _fedbiot_emulator as emu
 
 log = logging.getLogger(__name__)
@@ -126,22 +127,11 @@ def build_bundle(
 
 def build_small(bundle: emu.Bundle) -> Any:
     """The small model of a bundle, fp32 on CPU, frozen (as the agent builds it)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    options = dict(bundle.config)
-    config = AutoConfig.for_model(options.pop("model_type"), **options)
-    with init_empty_weights(), _quiet():
-        model = AutoModelForCausalLM.from_config(config)
-    weights = {n: t.to(torch.float32) for n, t in bundle.tensors.items()}
-    result = model.load_state_dict(weights, strict=False, assign=True)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if result.unexpected_keys or set(result.missing_keys) - ({"lm_head.weight"} if tied else set()):
-        raise ConfigError(f"emulator bundle does not fit its config: {result}")
-    model.tie_weights()
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    return model.eval()
+    try:
+        with _quiet():
+            return emu.build_small(bundle, torch.float32).eval()
+    except PayloadMismatch as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_tokenizer(model_dir: Path) -> Any:

@@ -33,7 +33,7 @@ from edge_agent.lora import (
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode, PayloadMismatch, ProtocolError
 from protocol.messages import BaseModelRef
 from protocol.methods import _fedbiot_emulator as emu
 from protocol.methods import fedbiot as spec
@@ -96,23 +96,10 @@ def tokenizer_for(ws: Workspace, model: BaseModelRef) -> Any:
 
 def build_small(bundle: emu.Bundle, dtype: torch.dtype) -> Any:
     """The small model of a bundle on CPU in ``dtype``, every base weight frozen."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    options = dict(bundle.config)
-    config = AutoConfig.for_model(options.pop("model_type"), **options)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    result = model.load_state_dict(
-        {n: t.to(dtype) for n, t in bundle.tensors.items()}, strict=False, assign=True
-    )
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if result.unexpected_keys or set(result.missing_keys) - ({"lm_head.weight"} if tied else set()):
-        raise _Rejected(f"emulator bundle does not fit its config: {result}")
-    model.tie_weights()
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    return model
+    try:
+        return emu.build_small(bundle, dtype)
+    except PayloadMismatch as exc:
+        raise _Rejected(str(exc)) from None
 
 
 def _adapter_spec(model: Any, plan: emu.EmulatorPlan, params: spec.Params) -> LoraSpec:

@@ -408,3 +408,25 @@ def advance(
     if state_sha(state, blob.versions[-1]) != blob.shas[-1]:
         raise PayloadMismatch(f"alignment state of version {blob.versions[-1]} has another sha256")
     return blob.versions[-1], state
+
+
+def build_small(bundle: Bundle, dtype: torch.dtype = torch.float32) -> Any:
+    """The small model of a bundle on CPU in ``dtype``, every weight frozen: what agents train
+    on and what the server aligns (both build it here, so both hold the same model)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = dict(bundle.config)
+    config = AutoConfig.for_model(options.pop("model_type"), **options)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    result = model.load_state_dict(
+        {n: t.to(dtype) for n, t in bundle.tensors.items()}, strict=False, assign=True
+    )
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if result.unexpected_keys or set(result.missing_keys) - ({"lm_head.weight"} if tied else set()):
+        raise PayloadMismatch(f"emulator bundle does not fit its config: {result}")
+    model.tie_weights()
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    return model
