@@ -8,7 +8,6 @@ committed global state must be the flat example-weighted mean of the four agents
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,27 +23,6 @@ SHA = "cd" * 32  # what the light agents announce
 REGIONS = {"east": [0, 1], "west": [2, 3]}  # light agent indices per region
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml(raw: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for section, table in raw.items():
-        lines.append(f"[{section}]")
-        for k, v in table.items():
-            if isinstance(v, dict):
-                continue
-            lines.append(f"{k} = {json.dumps(v)}")
-        for k, v in table.items():
-            if isinstance(v, dict):
-                lines.append(f"[{section}.{k}]")
-                lines += [f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
-
-
 def aggregator(*args: str) -> list[str]:
     return [sys.executable, "-m", "aggregator", *args]
 
@@ -52,6 +30,7 @@ def aggregator(*args: str) -> list[str]:
 def test_two_tier_processes_commit_the_flat_mean(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from aggregator_throughput import lora_update
+    from load_harness import free_port, toml
 
     up_port = free_port()
     lora = {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
