@@ -437,6 +437,7 @@ class RoundEngine:
             holds=frozenset(a.holds),
             rtt_ms=a.rtt_ms,
             bandwidth_mbps=a.bandwidth_mbps,
+            role=a.role,
         )
 
     def drive(self, kind: Kind, round: int) -> None:
@@ -564,6 +565,9 @@ class RoundEngine:
             metrics = self.method.finish_score(phase.round)  # type: ignore[attr-defined]
             summary.method.update({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
             log.info("round %d scores in from %d agents", phase.round, len(results))
+            if self.driven:
+                self.on_phase(phase.kind, phase.round, results)
+                return []
             return self._maybe_start(now)
         if phase.kind == "train":
             summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))

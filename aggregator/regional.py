@@ -2,26 +2,18 @@
 
 ``edgefed-aggregator region --config region.toml`` runs two things in one process:
 
-- an :class:`~aggregator.service.AggregatorService` whose engine is *driven*: it opens a round
-  only when the upstream assigns one, and sends its agents exactly what the upstream sent (the
-  :class:`RelayMethod` forwards params, blobs and precision verbatim);
+- an :class:`~aggregator.service.AggregatorService` whose engine is *driven*: it opens a phase
+  only when the upstream assigns one, and its server method is a *relay*
+  (:mod:`aggregator.relay`) that sends its agents what the upstream's task asks of them;
 - an agent daemon (:mod:`edge_agent.daemon`, with its reconnects, heartbeats and durable
-  outbox) toward ``[upstream]``, whose one "client method" (:class:`RelayClient`) hands each
-  upstream task to the regional engine, waits for the region's round to close, and answers
-  with the region's update: the example-weighted mean of its agents' updates, in the same
-  payload kind, with ``num_examples`` = the region's total.
+  outbox) toward ``[upstream]``, whose Hello says ``role = "region"`` and whose one "client
+  method" (:class:`RelayClient`) hands each upstream task to the regional engine, waits for the
+  region's phase to close, and answers with the relay's answer: the region's aggregate (or
+  FedPipe's mean importance scores) with ``num_examples`` = the region's total.
 
-For a method whose aggregation is an example-weighted mean of what agents send (fedit, SLoRA's
-two stages, Ferret's coefficients), the upstream's weighted mean of regional means
-weighted by regional totals is the flat weighted mean of every agent:
-``Σ_R W_R · (Σ_{a∈R} w_a x_a / W_R) / Σ_R W_R = Σ_a w_a x_a / Σ_a w_a``. Ferret's triples
-are merged by (group, seed): an agent that did not pick a pair adds 0, as on the upstream.
-FedPipe is refused: its agents send factors of different ranks and it averages in ΔW = B·A
-space, which a mean of factors is not. FedBiOT is refused too: its aggregation is a plain
-FedAvg of LoRA factors, but what it sends is per agent (the emulator only to agents that do not
-hold it, alignment deltas from each agent's version), which a relay forwarding one upstream
-task to all its agents cannot serve. Robust rules (median, trimmed mean) and clipping on the
-upstream then act on regions, not agents: see docs/operations.md.
+Which methods give the flat result through a tier, and why, is in :mod:`aggregator.relay` and
+the two method relays; robust rules (median, trimmed mean) and clipping on the upstream then act
+on regions, not agents: see docs/operations.md.
 """
 
 from __future__ import annotations
@@ -30,175 +22,20 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from aggregator.config import AggregatorConfig
-from aggregator.errors import ConfigError, UpdateRejected
-from aggregator.methods import Assignment, Update
+from aggregator.errors import ConfigError
+from aggregator.methods import Assignment, MethodContext
+from aggregator.relay import UPSTREAM_OBJECTS, relay_for, weighted_metrics
 from edge_agent.errors import EdgeAgentError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.workspace import AgentWorkspace, WorkspaceSettings
-from protocol import payloads
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode
 from protocol.messages import BaseModelRef, Profile, TaskResult
 
 log = logging.getLogger(__name__)
-
-NOT_TIERABLE = {
-    "fedpipe": "FedPipe averages in ΔW = B·A space over agents of different ranks",
-    "fedbiot": "FedBiOT sends each agent the emulator by hash and alignment deltas from the "
-    "version that agent holds; a region would have to hold and serve them per agent",
-}
-UPDATE_BLOB = "update"
-
-
-@dataclass
-class RegionRound:
-    """What the region has made of one upstream round."""
-
-    kind: payloads.PayloadKind
-    method: str
-    meta: dict[str, str]
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    pairs: dict[tuple[int, int], float] = field(default_factory=dict)
-    """Ferret: (group, seed) -> weighted sum of coefficients."""
-    weight: int = 0
-
-
-class RelayMethod:
-    """The server half a regional engine runs: forward the upstream task, average what returns."""
-
-    def __init__(self, name: str) -> None:
-        if name in NOT_TIERABLE:
-            raise ConfigError(f"{name} cannot run in a regional tier: {NOT_TIERABLE[name]}")
-        self.name = name
-        self.task: dict[tuple[str, int], Assignment] = {}
-        self.open: RegionRound | None = None
-        self.partial: tuple[int, bytes, int] | None = None
-        """(round, payload, examples) of the last committed round: the region's update."""
-
-    # --- toward the agents -------------------------------------------------------------------
-
-    def set_task(self, kind: str, round: int, assignment: Assignment) -> None:
-        self.task = {k: v for k, v in self.task.items() if k[1] >= round - 1}
-        self.task[(kind, round)] = assignment
-
-    def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
-        try:
-            return self.task[(kind, round)]
-        except KeyError:
-            raise UpdateRejected(
-                ErrorCode.STALE_TASK, f"no upstream {kind} task for round {round}"
-            ) from None
-
-    def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
-        if set(blobs) != {UPDATE_BLOB}:
-            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"expected one blob {UPDATE_BLOB!r}")
-        if result.num_examples < 1:
-            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "an update needs num_examples >= 1")
-        try:
-            p = payloads.decode(blobs[UPDATE_BLOB], payloads.Expect(method=self.name, round=round))
-        except ProtocolError as exc:
-            raise UpdateRejected(exc.code, str(exc)) from None
-        shapes = {k: tuple(v.shape) for k, v in p.tensors.items()}
-        meta = payloads.caller_meta(p.meta)
-        if self.open is None:
-            dtypes = {k: v.dtype for k, v in p.tensors.items()}
-            self.open = RegionRound(p.kind, p.method, meta, shapes, dtypes)
-        elif (
-            p.kind != self.open.kind
-            or meta != self.open.meta
-            or (p.kind is not payloads.PayloadKind.SEEDCOEF and shapes != self.open.shapes)
-        ):
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH,
-                "kind, parameters or tensor shapes differ from the region's other updates",
-            )
-        return Update(
-            agent_id=result.agent_id,
-            task_id=result.task_id,
-            num_examples=result.num_examples,
-            tensors=p.tensors,
-            metrics=dict(result.metrics),
-        )
-
-    # --- aggregation ---------------------------------------------------------------------------
-
-    def begin_round(self, round: int) -> None:
-        self.open = None
-
-    def add(self, update: Update) -> None:
-        acc = self.open
-        assert acc is not None, "validate() opens the round's accumulator"
-        w = update.num_examples
-        if acc.kind is payloads.PayloadKind.SEEDCOEF:
-            t = update.tensors
-            for g, s, v in zip(t["group"].tolist(), t["seed"].tolist(), t["value"].double().tolist(),
-                               strict=True):  # fmt: skip
-                acc.pairs[(g, s)] = acc.pairs.get((g, s), 0.0) + w * v
-        else:
-            for name, value in update.tensors.items():
-                term = value.detach().to(torch.float64) * w
-                acc.sums[name] = acc.sums[name] + term if name in acc.sums else term
-        acc.weight += w
-
-    def finish_round(self, round: int) -> dict[str, float]:
-        acc = self.open
-        if acc is None or acc.weight == 0:
-            self.partial = None
-            return {"examples": 0.0}
-        if acc.kind is payloads.PayloadKind.SEEDCOEF:
-            keys = sorted(acc.pairs)
-            tensors = {
-                "group": torch.tensor([k[0] for k in keys], dtype=torch.int32),
-                "seed": torch.tensor([k[1] for k in keys], dtype=torch.int32),
-                "value": torch.tensor([acc.pairs[k] / acc.weight for k in keys]).float(),
-            }
-        else:
-            tensors = {n: (s / acc.weight).to(acc.dtypes[n]) for n, s in sorted(acc.sums.items())}
-        data = payloads.encode(acc.kind, tensors, method=acc.method, round=round, meta=acc.meta)
-        self.partial = (round, data, acc.weight)
-        return {"examples": float(acc.weight)}
-
-    # --- state: the region's last update, so a restart can answer a re-sent task ----------------
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        if self.partial is None:
-            return {}, {"relay": self.name}
-        round, data, examples = self.partial
-        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return {"partial": blob}, {
-            "relay": self.name,
-            "partial_round": str(round),
-            "partial_examples": str(examples),
-        }
-
-    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
-        if "partial" in tensors:
-            data = bytes(tensors["partial"].numpy().tobytes())
-            self.partial = (int(meta["partial_round"]), data, int(meta["partial_examples"]))
-
-    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
-        raise UpdateRejected(
-            ErrorCode.UNSUPPORTED_METHOD, "a regional tier has no global state to export"
-        )
-
-
-def weighted_metrics(results: list[TaskResult]) -> tuple[int, dict[str, float]]:
-    """The region's num_examples and example-weighted metrics of its agents' results."""
-    total = sum(r.num_examples for r in results)
-    keys = sorted({k for r in results for k in r.metrics})
-    out = {}
-    for key in keys:
-        pairs = [(r.metrics[key], max(r.num_examples, 1)) for r in results if key in r.metrics]
-        out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-    return total, out
 
 
 class Outcome:
@@ -207,6 +44,7 @@ class Outcome:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.results: list[TaskResult] = []
+        self.error: Exception | None = None
 
 
 # --- the runner ------------------------------------------------------------------------------
@@ -218,7 +56,14 @@ class Region:
     def __init__(self, config: AggregatorConfig, model: BaseModelRef) -> None:
         from aggregator.service import AggregatorService
 
-        self.relay = RelayMethod(config.run.method)
+        context = MethodContext(
+            model_name=config.run.model,
+            model_dir=config.run.model_dir,
+            state_dir=config.server.state_dir,
+            seed=config.run.seed,
+            public_data=config.run.public_data,
+        )
+        self.relay = relay_for(config.run.method, config.method, context)
         self.service = AggregatorService(
             config, model, method=self.relay, driven=True, on_phase=self._phase_closed
         )
@@ -243,11 +88,11 @@ class Region:
     def answer(self, task: TaskInput, ws: Workspace) -> TaskOutput:
         """Run the upstream's task as a regional phase; the region's update or metrics."""
         a = task.assign
-        if a.kind == "score":
-            raise RegionError(f"{a.method}: a regional tier does not relay score tasks")
-        done = self.relay.partial
-        if a.kind == "train" and done is not None and done[0] == a.round:
-            return TaskOutput(num_examples=done[2], blobs={UPDATE_BLOB: done[1]})
+        if a.kind == "score" and not hasattr(self.relay, "add_score"):
+            raise RegionError(f"{a.method}: this method's relay has no score phase")
+        done = self.relay.answers.get(a.kind, a.round)
+        if done is not None:  # a re-sent task (the region's answer was lost or not yet acked)
+            return TaskOutput(num_examples=done[1], blobs=done[0])
         outcome = Outcome()
         with self._lock:
             self._waiting[(a.kind, a.round)] = outcome
@@ -256,7 +101,12 @@ class Region:
         )
 
         def start() -> None:
-            self.relay.set_task(a.kind, a.round, assignment)
+            try:
+                self.relay.set_task(a.kind, a.round, assignment)
+            except Exception as exc:  # answered to the upstream as a failed task
+                outcome.error = exc
+                outcome.done.set()
+                return
             self.service.engine.drive(a.kind, a.round)
 
         self.service.call_soon(start)
@@ -264,13 +114,15 @@ class Region:
         while not outcome.done.wait(0.2):
             if ws.should_stop() or self.error is not None:
                 raise RegionError("the region stopped before its round closed")
+        if outcome.error is not None:
+            raise RegionError(f"the upstream's {a.kind} task: {outcome.error}")
         total, metrics = weighted_metrics(outcome.results)
-        if a.kind != "train":
+        if a.kind == "eval":
             return TaskOutput(num_examples=total, metrics=metrics)
-        done = self.relay.partial
-        if done is None or done[0] != a.round:
-            raise RegionError(f"round {a.round}: no update was accepted in this region")
-        return TaskOutput(num_examples=done[2], metrics=metrics, blobs={UPDATE_BLOB: done[1]})
+        done = self.relay.answers.get(a.kind, a.round)
+        if done is None:
+            raise RegionError(f"round {a.round}: no {a.kind} result was accepted in this region")
+        return TaskOutput(num_examples=done[1], metrics=metrics, blobs=done[0])
 
 
 class RegionError(EdgeAgentError):
@@ -301,7 +153,7 @@ class _RegionWorkspace(AgentWorkspace):
     def __init__(self, model: BaseModelRef, state_dir: Path) -> None:
         super().__init__(
             WorkspaceSettings(
-                model=model.name, data=Path(os.devnull), objects_dir=state_dir / "upstream-objects"
+                model=model.name, data=Path(os.devnull), objects_dir=state_dir / UPSTREAM_OBJECTS
             )
         )
         self._model = _ModelRef(model.name, Path(os.devnull), model.sha256)
@@ -332,6 +184,7 @@ def run_region(config: AggregatorConfig, model: BaseModelRef) -> int:
         up.heartbeat_interval,
         up.liveness,
         stop_on_bye=True,
+        role="region",
     )
     region = Region(config, model)
     profile = Profile.model_validate(collect_profile(measure=True, disk_path=state))

@@ -19,6 +19,7 @@ class AgentState:
     models: tuple[str, ...]
     methods: tuple[str, ...]
     holds: set[str]
+    role: str
     first_seen: float
     last_seen: float
     live: bool = True
@@ -43,6 +44,7 @@ class Registry:
             models=tuple(hello.models),
             methods=tuple(hello.methods),
             holds=set(hello.holds),
+            role=hello.role,
             first_seen=old.first_seen if old else now,
             last_seen=now,
             rtt_ms=hello.profile.rtt_ms,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydantic import ValidationError
 
@@ -90,6 +90,8 @@ class DaemonSettings:
     stop_on_bye: bool = False
     """End :meth:`Daemon.run` when the aggregator says Bye (a regional tier whose upstream run
     finished) instead of reconnecting for the next run."""
+    role: Literal["agent", "region"] = "agent"
+    """What the Hello says this daemon is (a regional tier's upstream link says ``region``)."""
 
 
 class Daemon:
@@ -292,6 +294,7 @@ class Daemon:
             methods=sorted(self.methods)[:32],
             models=[self.model_sha256],
             holds=self.workspace.objects.holdings(),
+            role=self.settings.role,
         )
         self._hello_id = hello.msg_id
         self.link.send(encode(hello))

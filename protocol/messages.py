@@ -116,6 +116,10 @@ class Hello(_Header):
     """Content hashes of base models the agent holds."""
     holds: Annotated[list[Sha256], Field(max_length=MAX_LIST)] = []
     """Content hashes of large objects (emulators, manifests) the agent already holds."""
+    role: Literal["agent", "region"] = "agent"
+    """``region``: a regional tier (``edgefed-aggregator region``) that answers each task with
+    its own agents' aggregate; a method may treat it differently (FedPipe plans no ranks for it
+    and accepts its aggregate's rank)."""
 
 
 class Welcome(_Header):

@@ -44,13 +44,15 @@ class Assignment:
 @dataclass(frozen=True)
 class AgentView:
     """What a method may know of an agent: its measured profile, the large objects (by sha256)
-    it says it holds, and the link figures of its latest heartbeat."""
+    it says it holds, the link figures of its latest heartbeat, and whether it is a regional
+    tier (``role == "region"``) rather than an agent that trains."""
 
     agent_id: str
     profile: Profile
     holds: frozenset[str] = frozenset()
     rtt_ms: float | None = None
     bandwidth_mbps: float | None = None
+    role: str = "agent"
 
 
 class ServerMethod(Protocol):

@@ -7,9 +7,7 @@ background thread; while it runs, ``admit`` answers with the reason, so the engi
 blocking its loop (heartbeats go on). ``finish_round`` only averages, merges the adapter into the
 full model's last k layers and measures the full model's eval loss on cached hidden states.
 
-What each agent holds is known from its Hello (``holds``: the bundle and its alignment state by
-sha256), from its accepted updates (their metadata name the emulator), and from what it was sent
-(an agent that lost something says so in its next Hello, which resets what is known of it).
+What each agent holds and what it is sent: :mod:`aggregator.methods._fedbiot_serve`.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.export import ADAPTER_CONFIG, write_peft_adapter
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods import _fedbiot_align as align
+from aggregator.methods._fedbiot_serve import EmulatorCopies
 from aggregator.methods.fedit import FedAvg
 from aggregator.robust import check_examples
 from protocol import payloads
@@ -69,27 +68,14 @@ class FedbiotServer:
         # the emulator (after preparation)
         self.aligner: align.Aligner | None = None
         self.emu_plan: emu.EmulatorPlan | None = None
-        self.bundle: bytes = b""
-        self.bundle_sha = ""
         self.ratio = 0.0
-        # the alignment chain: version, state, the sha256 of recent versions, recent deltas
-        self.version = 0
-        self.align_state: dict[str, torch.Tensor] | None = None
-        self.shas: dict[int, str] = {}
-        self.deltas: dict[int, dict[str, torch.Tensor]] = {}
+        self.copies = EmulatorCopies(parsed.align.history)
+        """The bundle, the alignment chain and what each agent holds of them."""
         self.moments: align.Moments | None = None
         self.pending = 0
         """Alignment steps due before the next phase (0: none)."""
         self.align_metrics: dict[str, float] = {}
-        self._blobs: dict[tuple[int, int], bytes] = {}
         self._specs: dict[str, payloads.TensorSpec] | None = None
-        # what agents hold, and what was sent since the last round closed
-        self._holds: dict[str, frozenset[str]] = {}
-        self._has_bundle: set[str] = set()
-        self._version_of: dict[str, int] = {}
-        self._sent: dict[str, dict[str, str]] = {}
-        self._sent_bundles = 0
-        self._sent_align = 0
 
     # --- background work ----------------------------------------------------------------------
 
@@ -165,21 +151,23 @@ class FedbiotServer:
             pad_id=int(tokenizer.pad_token_id),
         )
         start = emu.init_state(targets, p.align.r, p.align.seed)
-        if self.align_state is not None:  # restored from a checkpoint
+        restored = self.copies.state
+        if restored is not None:  # restored from a checkpoint
             want = emu.state_specs(targets, p.align.r)
-            if {n: tuple(t.shape) for n, t in self.align_state.items()} != want:
+            if {n: tuple(t.shape) for n, t in restored.items()} != want:
                 raise StateError("the checkpoint's alignment state does not fit this emulator")
         base_loss = aligner.full_eval()  # the full model without any adapter
         if self.global_state:
             aligner.set_adapter(self.global_state, p.lora.alpha)
         raw = aligner.held_loss(start)
+        self.copies.set_bundle(data, hashlib.sha256(data).hexdigest())
+        if restored is None:
+            self.copies.set_chain(0, start, {0: emu.state_sha(start, 0)}, {})
         with self._lock:
-            self.bundle, self.bundle_sha = data, hashlib.sha256(data).hexdigest()
             self.ratio = small_n / full_n
             self.aligner = aligner
             self.align_metrics.update(align_loss_raw=raw, full_eval_base=base_loss)
-            if self.align_state is None:
-                self.align_state, self.version, self.shas = start, 0, {0: emu.state_sha(start, 0)}
+            if restored is None:
                 self.align_metrics["align_loss"] = raw
                 self.pending = p.align.initial_steps
         log.info(
@@ -191,10 +179,11 @@ class FedbiotServer:
 
     def _align(self, steps: int) -> None:
         """One alignment session: version v → v+1 (the delta rounded to bf16, as it travels)."""
-        assert self.aligner is not None and self.align_state is not None
-        a, v, started = self.params.align, self.version, time.monotonic()
+        current = self.copies.state
+        assert self.aligner is not None and current is not None
+        a, v, started = self.params.align, self.copies.version, time.monotonic()
         trained, moments = self.aligner.train(
-            self.align_state,
+            current,
             self.moments,
             steps=steps,
             batch_size=a.batch_size,
@@ -202,19 +191,14 @@ class FedbiotServer:
             seed=(a.seed * 1_000_003 + v + 1) % 2**63,
             kl_weight=a.kl_weight,
         )
-        delta = emu.make_delta(trained, self.align_state)
-        state = emu.apply_delta(self.align_state, delta)
+        delta = emu.make_delta(trained, current)
+        state = emu.apply_delta(current, delta)
         sha = emu.state_sha(state, v + 1)
         loss = self.aligner.held_loss(state)
-        one = emu.encode_deltas({v + 1: delta}, v, [self.shas.get(v, ""), sha])
+        one = emu.encode_deltas({v + 1: delta}, v, [self.copies.shas.get(v, ""), sha])
+        self.copies.add_version(v + 1, state, sha, delta)
         with self._lock:
-            self.align_state, self.version, self.moments = state, v + 1, moments
-            self.deltas[v + 1], self.shas[v + 1] = delta, sha
-            for old in [d for d in self.deltas if d <= v + 1 - a.history]:
-                del self.deltas[old]
-            for old in [s for s in self.shas if s < v + 1 - a.history]:
-                del self.shas[old]
-            self._blobs.clear()
+            self.moments = moments
             self.pending = 0
             self.align_metrics.update(align_loss=loss, align_delta_KB=len(one) / 1e3)
         log.info(
@@ -238,39 +222,7 @@ class FedbiotServer:
     # --- what agents are sent -----------------------------------------------------------------
 
     def on_hello(self, view: AgentView) -> None:
-        with self._lock:
-            self._holds[view.agent_id] = view.holds
-            self._has_bundle.discard(view.agent_id)
-            self._version_of.pop(view.agent_id, None)
-
-    def _known(self, agent_id: str) -> None:
-        """Fold a Hello's ``holds`` into what is known of the agent (needs the bundle's sha)."""
-        holds = self._holds.pop(agent_id, None)
-        if holds is None:
-            return
-        if self.bundle_sha in holds:
-            self._has_bundle.add(agent_id)
-        held = [v for v, sha in self.shas.items() if sha in holds]
-        if held:
-            self._version_of[agent_id] = max(held)
-
-    def _align_blob(self, have: int | None) -> bytes | None:
-        """What brings an agent at version ``have`` (None: nothing) to the current version."""
-        t = self.version
-        if t == 0:
-            return None  # version 0 is seeded: every agent makes it itself
-        base = 0 if have is None or have > t else have
-        key = (base, t)
-        if key not in self._blobs:
-            assert self.align_state is not None
-            whole = emu.state_bytes(self.align_state, t)
-            chain = range(base + 1, t + 1)
-            if all(v in self.deltas for v in chain) and all(v in self.shas for v in (base, *chain)):
-                parts = {v: self.deltas[v] for v in chain}
-                deltas = emu.encode_deltas(parts, base, [self.shas[v] for v in (base, *chain)])
-                whole = min(whole, deltas, key=len)
-            self._blobs[key] = whole
-        return self._blobs[key]
+        self.copies.on_hello(view)
 
     def _global_payload(self, round: int) -> bytes:
         if self._payload is None or self._payload[0] != round:
@@ -285,37 +237,15 @@ class FedbiotServer:
             self.prepare()
         else:
             self._built()
-        with self._lock:
-            self._known(agent_id)
-            blobs: dict[str, bytes] = {}
-            notes = self._sent.setdefault(agent_id, {})
-            if self.global_state:
-                blobs[spec.GLOBAL_BLOB] = self._global_payload(round)
-            if agent_id not in self._has_bundle:
-                blobs[spec.EMULATOR_BLOB] = self.bundle
-                self._has_bundle.add(agent_id)
-                self._sent_bundles += 1
-                notes["emulator"] = f"sent ({len(self.bundle) / 1e6:.1f} MB)"
-            have = self._version_of.get(agent_id)
-            if have != self.version:
-                blob = self._align_blob(have)
-                if blob is not None:
-                    blobs[spec.ALIGN_BLOB] = blob
-                    self._sent_align += len(blob)
-                    notes["align"] = f"v{have if have is not None else '-'}→v{self.version}"
-                self._version_of[agent_id] = self.version
-            task = spec.TaskInfo(
-                emulator_sha256=self.bundle_sha,
-                align_version=self.version,
-                align_sha256=self.shas[self.version],
-            )
+        blobs = self.copies.blobs_for(agent_id)
+        if self.global_state:
+            blobs[spec.GLOBAL_BLOB] = self._global_payload(round)
+        task = self.copies.task_info()
         params = self.params.model_copy(update={"task": task}).model_dump(mode="json")
         return Assignment(params=params, blobs=blobs)
 
     def agent_details(self, round: int) -> dict[str, dict[str, str]]:
-        with self._lock:
-            sent, self._sent = self._sent, {}
-        return sent
+        return self.copies.take_notes()
 
     # --- what comes back ----------------------------------------------------------------------
 
@@ -354,12 +284,7 @@ class FedbiotServer:
             raise UpdateRejected(
                 ErrorCode.PAYLOAD_MISMATCH, "adapter ranks differ from the round's"
             )
-        with self._lock:
-            if payload.meta.get("fedbiot.emulator") == self.bundle_sha:
-                self._has_bundle.add(result.agent_id)
-            trained_on = [v for v, s in self.shas.items() if s == payload.meta.get("fedbiot.align")]
-            if trained_on:
-                self._version_of[result.agent_id] = trained_on[0]
+        self.copies.saw_update(result.agent_id, payload.meta)
         return Update(
             agent_id=result.agent_id,
             task_id=result.task_id,
@@ -386,40 +311,41 @@ class FedbiotServer:
         started = time.monotonic()
         if self.global_state:
             self.aligner.set_adapter(self.global_state, self.params.lora.alpha)
+        bundles, align_bytes = self.copies.take_counts()
         metrics = {
             "examples": float(self._acc.weight),
             "emulator_ratio": _rounded(self.ratio, 4),
             "emulator_layers": float(self.emu_plan.n_emulator),
-            "bundle_MB": _rounded(len(self.bundle) / 1e6, 2),
-            "bundle_sent": float(self._sent_bundles),
-            "align_KB_sent": _rounded(self._sent_align / 1e3, 1),
-            "align_version": float(self.version),
+            "bundle_MB": _rounded(len(self.copies.bundle) / 1e6, 2),
+            "bundle_sent": float(bundles),
+            "align_KB_sent": _rounded(align_bytes / 1e3, 1),
+            "align_version": float(self.copies.version),
             **{k: _rounded(v, 4) for k, v in self.align_metrics.items()},
             "full_eval_loss": _rounded(self.aligner.full_eval(), 4),
         }
         log.info("round %d: full-model eval in %.1f s", round, time.monotonic() - started)
-        self._sent_bundles = self._sent_align = 0
         self.pending = self.params.align.steps
         return metrics
 
     # --- state --------------------------------------------------------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        c = self.copies
         tensors = dict(self.global_state)
-        for name, t in (self.align_state or {}).items():
+        for name, t in (c.state or {}).items():
             tensors[_STATE + name] = t
-        for v, delta in self.deltas.items():
+        for v, delta in c.deltas.items():
             tensors.update({f"{_DELTA}{v}.{n}": t for n, t in delta.items()})
         if self.moments is not None:
             tensors.update({_M + n: t for n, t in self.moments.m.items()})
             tensors.update({_V + n: t for n, t in self.moments.v.items()})
         meta = {
             "params": json.dumps(self.params.model_dump(mode="json"), sort_keys=True),
-            "fedbiot.version": str(self.version),
+            "fedbiot.version": str(c.version),
             "fedbiot.adam_t": str(self.moments.t if self.moments is not None else 0),
-            "fedbiot.shas": json.dumps({str(v): s for v, s in self.shas.items()}),
+            "fedbiot.shas": json.dumps({str(v): s for v, s in c.shas.items()}),
             "fedbiot.pending": str(self.pending),
-            "fedbiot.emulator": self.bundle_sha,
+            "fedbiot.emulator": c.bundle_sha,
             "fedbiot.align_metrics": json.dumps(self.align_metrics, sort_keys=True),
         }
         return tensors, meta
@@ -431,22 +357,21 @@ class FedbiotServer:
         deltas: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith(_DELTA):
-                version, _, name = k[len(_DELTA) :].partition(".")
-                deltas.setdefault(int(version), {})[name] = v.clone()
+                number, _, name = k[len(_DELTA) :].partition(".")
+                deltas.setdefault(int(number), {})[name] = v.clone()
+        version = int(meta.get("fedbiot.version", "0"))
+        shas = {int(v): s for v, s in json.loads(meta.get("fedbiot.shas", "{}")).items()}
+        if state:
+            if version not in shas:
+                raise StateError("fedbiot checkpoint: the alignment version has no sha256")
+            self.copies.set_chain(version, state, shas, deltas)
         with self._lock:
-            self.align_state = state or None
-            self.deltas = deltas
-            self.version = int(meta.get("fedbiot.version", "0"))
-            self.shas = {int(v): s for v, s in json.loads(meta.get("fedbiot.shas", "{}")).items()}
             self.pending = int(meta.get("fedbiot.pending", "0"))
             self.align_metrics = json.loads(meta.get("fedbiot.align_metrics", "{}"))
             m = {k[len(_M) :]: v.clone() for k, v in tensors.items() if k.startswith(_M)}
             v_ = {k[len(_V) :]: v.clone() for k, v in tensors.items() if k.startswith(_V)}
             t = int(meta.get("fedbiot.adam_t", "0"))
             self.moments = align.Moments(t, m, v_) if m else None
-            self._blobs.clear()
-        if self.align_state is not None and self.version not in self.shas:
-            raise StateError("fedbiot checkpoint: the alignment version has no sha256")
 
     def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
         """A PEFT adapter for the *full* model: its last k layers (``layers_to_transform``)."""

@@ -63,15 +63,9 @@ class FedpipeServer:
                 "fedpipe needs the base model's files on the aggregator: set run.model_dir"
             )
         self.model_dir = Path(context.model_dir)
-        self.shape, linears = fp.model_shape(self.model_dir)
-        targets = set(parsed.lora.target_modules)
+        self.shape, self._linears = fp.model_shape(self.model_dir)
         self.candidates: dict[str, fp.Module] = {}
-        for weight, (out_f, in_f) in sorted(linears.items(), key=lambda kv: _natural(kv[0])):
-            module = weight.removesuffix(".weight")
-            if module.rsplit(".", 1)[-1] in targets:
-                self.candidates[module] = fp.Module(module, in_f, out_f)
-        if not self.candidates:
-            raise ConfigError(f"fedpipe: no decoder linear matches {sorted(targets)}")
+        self._set_candidates(parsed.lora.target_modules)
         self.dir = Path(context.state_dir) / "fedpipe" if context.state_dir else None
         self.selected: list[str] = []  # in decreasing importance
         self.scores: dict[str, float] = {}
@@ -85,10 +79,21 @@ class FedpipeServer:
         self._score_attempts = 0
         self._scored: set[str] = set()
         self._profiles: dict[str, Profile] = {}
+        self._regions: set[str] = set()
         self._payloads: dict[tuple[Any, ...], bytes] = {}
         self._metrics: dict[int, dict[str, float]] = {}
         self.begin_round(1)
         self._load_selection()
+
+    def _set_candidates(self, target_modules: tuple[str, ...]) -> None:
+        targets = set(target_modules)
+        self.candidates = {}
+        for weight, (out_f, in_f) in sorted(self._linears.items(), key=lambda kv: _natural(kv[0])):
+            module = weight.removesuffix(".weight")
+            if module.rsplit(".", 1)[-1] in targets:
+                self.candidates[module] = fp.Module(module, in_f, out_f)
+        if not self.candidates:
+            raise ConfigError(f"fedpipe: no decoder linear matches {sorted(targets)}")
 
     # --- selection --------------------------------------------------------------------------
 
@@ -216,9 +221,17 @@ class FedpipeServer:
             speed=self.speed.get(view.agent_id, 1.0) if view else 1.0,
         )
 
+    def on_hello(self, view: AgentView) -> None:
+        if view.role == "region":
+            self._regions.add(view.agent_id)
+        else:
+            self._regions.discard(view.agent_id)
+
     def admit(self, agent_id: str, profile: Profile) -> str | None:
         """None when the smallest configuration fits the agent's memory, else why not."""
         self._profiles[agent_id] = profile
+        if agent_id in self._regions:
+            return None  # a regional tier plans its own agents
         problem = self._problem({agent_id: self._resources(profile)})
         return fp.refusal(problem, agent_id)
 
@@ -230,7 +243,11 @@ class FedpipeServer:
         # agents that already have this round's plan (saved before a restart) keep it: their
         # task may be running, and their stored update is checked against it
         stored = self.plans.get(round) or self._read_plan(round) or {}
-        todo = {a: self._resources(v.profile, v) for a, v in views.items() if a not in stored}
+        todo = {
+            a: self._resources(v.profile, v)
+            for a, v in views.items()
+            if a not in stored and a not in self._regions
+        }
         self.plans[round] = {**stored, **(self._solve(round, todo) if todo else {})}
         if todo:
             self._save(f"plan-{round}.json", {a: p.to_json() for a, p in self.plans[round].items()})
@@ -291,6 +308,8 @@ class FedpipeServer:
 
     def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
         base = self.params.model_dump(mode="json")
+        if agent_id in self._regions:
+            return self._region_assignment(round, kind)
         if kind == "score":
             sc = self.params.score
             resources = self._resources(self._profile(agent_id))
@@ -312,6 +331,14 @@ class FedpipeServer:
         params = self.params.model_copy(update={"ranks": ranks, "train": train})
         blobs = {spec.GLOBAL_BLOB: self._train_payload(round, ranks)} if self.global_ab else {}
         return Assignment(params=params.model_dump(mode="json"), blobs=blobs, quant=plan.quant)
+
+    def _region_assignment(self, round: int, kind: str) -> Assignment:
+        """A regional tier's task: no ranks; the selection and the global as exact factors."""
+        if kind == "score":
+            return Assignment(params=self.params.model_dump(mode="json"))
+        params = self.params.model_copy(update={"selected": tuple(self.selected)})
+        blobs = {spec.GLOBAL_BLOB: self._eval_payload(round)} if self.global_ab else {}
+        return Assignment(params=params.model_dump(mode="json"), blobs=blobs)
 
     def _profile(self, agent_id: str) -> Profile:
         profile = self._profiles.get(agent_id)
@@ -360,14 +387,19 @@ class FedpipeServer:
             )
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
-        plans = self.plans.get(round) or self._read_plan(round) or {}
-        plan = plans.get(result.agent_id)
-        if plan is None:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH, f"no plan for {result.agent_id} in round {round}"
-            )
+        ranks: Mapping[str, int | None]
+        if result.agent_id in self._regions:  # its aggregate: any rank a ΔW can have
+            ranks = dict.fromkeys(self.selected)
+        else:
+            plans = self.plans.get(round) or self._read_plan(round) or {}
+            plan = plans.get(result.agent_id)
+            if plan is None:
+                raise UpdateRejected(
+                    ErrorCode.PAYLOAD_MISMATCH, f"no plan for {result.agent_id} in round {round}"
+                )
+            ranks = plan.module_ranks(self._tiers())
         specs: dict[str, payloads.TensorSpec] = {}
-        for module, r in plan.module_ranks(self._tiers()).items():
+        for module, r in ranks.items():
             m = self.candidates[module]
             a_key, b_key = fm.keys(module)
             specs[a_key] = payloads.TensorSpec((r, m.in_features), torch.float32)
@@ -376,6 +408,12 @@ class FedpipeServer:
             kind=payloads.PayloadKind.LORA, method=self.name, round=round, tensors=specs
         )
         payload = decode_update(blobs, spec.UPDATE_BLOB, expect)
+        for module, r in fm.ranks_of(payload.tensors).items():
+            m = self.candidates[module]
+            if r > min(m.in_features, m.out_features):
+                raise UpdateRejected(
+                    ErrorCode.PAYLOAD_MISMATCH, f"{module}: rank {r} exceeds min(out, in)"
+                )
         self._check_examples(result.num_examples)
         return Update(
             result.agent_id,
@@ -450,13 +488,17 @@ class FedpipeServer:
                 json.loads(meta.get("tokens", "{}")),
             )
         self.speed = {a: float(v) for a, v in json.loads(meta.get("speed", "{}")).items()}
+        self._set_global(tensors, "the checkpoint")
+
+    def _set_global(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """The global ``ΔW`` from peft factors (a checkpoint's or an upstream's)."""
         self.global_ab = {}
         for key, a in tensors.items():
             module = fm.module_of(key)
             if module is None or not key.endswith(fm.A_SUFFIX):
                 continue
             if module not in self.candidates:
-                raise StateError(f"fedpipe: the checkpoint adapts {module}, not in this model")
+                raise StateError(f"fedpipe: {source} adapts {module}, not in this model")
             self.global_ab[module] = (
                 a.to(torch.float32).clone(),
                 tensors[fm.keys(module)[1]].to(torch.float32).clone(),

@@ -35,6 +35,13 @@ Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r,
 - ``TaskAssign(kind="eval", round=r)``: blob ``global``, the global ``ΔW`` of round ``r`` as
   exact LoRA factors (per module, rank = the global's rank, at most the sum of the round's
   ranks); the agent evaluates base + that adapter. Result: metrics only.
+
+A regional tier (``Hello.role = "region"``) is planned no ranks: its score task is an agent's;
+its train and eval tasks carry ``selected`` and, from round 2 on, the global as exact factors
+(the eval task's blob). It answers a score task with its agents' example-weighted mean scores
+and a train task with its agents' mean ``ΔW`` as exact factors of any rank up to
+``min(out, in)`` per module (scaled like the global: ``(alpha/R)·B·A``), ``num_examples`` = its
+agents' total; the server folds that in like any update: ``Σ_R W_R·ΔW_R = Σ_a n_a·ΔW_a``.
 """
 
 from __future__ import annotations
@@ -164,6 +171,10 @@ class Params(StrictParams):
     """An update or score claiming more examples than this is rejected."""
     ranks: Annotated[dict[ModuleName, Rank], Field(max_length=4096)] = {}
     """Set by the server in each train task: this agent's rank per selected module."""
+    selected: Annotated[tuple[ModuleName, ...], Field(max_length=4096)] = ()
+    """Set by the server in a task for a regional tier (``Hello.role = "region"``): the selected
+    modules, most important first. The tier plans its own agents' ranks over them; ``ranks`` is
+    then empty."""
 
     @model_validator(mode="after")
     def _ranks_in_grid(self) -> Params:

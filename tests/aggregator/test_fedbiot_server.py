@@ -79,7 +79,10 @@ def update_blob(s: FedbiotServer, round: int, fill: float) -> bytes:
         tensors[name] = torch.full(shape, fill) + torch.arange(shape[0] * shape[1]).reshape(
             shape
         ) / (1000 * shape[1])
-    meta = {"fedbiot.emulator": s.bundle_sha, "fedbiot.align": s.shas[s.version]}
+    meta = {
+        "fedbiot.emulator": s.copies.bundle_sha,
+        "fedbiot.align": s.copies.shas[s.copies.version],
+    }
     return payloads.encode(
         payloads.PayloadKind.LORA, tensors, method="fedbiot", round=round, meta=meta
     )
@@ -125,7 +128,7 @@ def test_emulator_keeps_uniform_layers_and_counts_parameters(prepared: FedbiotSe
         4,
         5,
     )  # bottom 0..3, half dropped
-    bundle = emu.decode_bundle(s.bundle)
+    bundle = emu.decode_bundle(s.copies.bundle)
     assert bundle.config["num_hidden_layers"] == 4
     assert bundle.plan.layer_map == (0, 3, 4, 5)
     assert all(t.dtype == torch.bfloat16 for t in bundle.tensors.values())
@@ -136,7 +139,7 @@ def test_emulator_keeps_uniform_layers_and_counts_parameters(prepared: FedbiotSe
         vocab * h + 4 * layer + h
     )
     assert s.ratio == pytest.approx((vocab * h + 4 * layer + h) / (vocab * h + 6 * layer + h))
-    assert len(s.bundle) == pytest.approx(2 * (vocab * h + 4 * layer + h), rel=0.01)
+    assert len(s.copies.bundle) == pytest.approx(2 * (vocab * h + 4 * layer + h), rel=0.01)
 
 
 def test_an_emulator_that_drops_nothing_computes_what_the_full_model_computes(
@@ -156,12 +159,12 @@ def test_alignment_lowers_the_held_out_hidden_state_loss(prepared: FedbiotServer
     s = prepared
     assert s.aligner is not None
     assert not set(s.aligner.train_rows) & set(s.aligner.held_rows)
-    assert len(s.aligner.held_rows) == 8 and s.version == 1
+    assert len(s.aligner.held_rows) == 8 and s.copies.version == 1
     raw, aligned = s.align_metrics["align_loss_raw"], s.align_metrics["align_loss"]
     assert aligned < 0.7 * raw, (raw, aligned)
     # the loss the metric reports is the held-out loss of the version agents are given
-    assert s.align_state is not None
-    assert s.aligner.held_loss(s.align_state) == pytest.approx(aligned)
+    assert s.copies.state is not None
+    assert s.aligner.held_loss(s.copies.state) == pytest.approx(aligned)
 
 
 def test_public_data_is_read_as_agents_read_theirs(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -203,19 +206,19 @@ def test_deltas_chain_and_the_whole_state_for_agents_far_behind(
     trained: tuple[FedbiotServer, Any, dict[str, float]],
 ) -> None:
     s = trained[0]
-    assert s.version == 4 and sorted(s.deltas) == [3, 4]  # history 2
-    assert s.align_state is not None
-    specs = {name: tuple(t.shape) for name, t in s.align_state.items()}
-    behind_one = s._align_blob(3)
+    assert s.copies.version == 4 and sorted(s.copies.deltas) == [3, 4]  # history 2
+    assert s.copies.state is not None
+    specs = {name: tuple(t.shape) for name, t in s.copies.state.items()}
+    behind_one = s.copies._align_blob(3)
     assert behind_one is not None
     deltas = emu.decode_align(behind_one, specs)
     assert deltas.kind == "deltas" and deltas.versions == [3, 4]
-    assert deltas.shas == [s.shas[3], s.shas[4]]
-    behind_three = s._align_blob(1)  # delta 2 is no longer kept: the whole state
+    assert deltas.shas == [s.copies.shas[3], s.copies.shas[4]]
+    behind_three = s.copies._align_blob(1)  # delta 2 is no longer kept: the whole state
     assert behind_three is not None
     whole = emu.decode_align(behind_three, specs)
     assert whole.kind == "state" and whole.versions == [4]
-    assert all(torch.equal(whole.state[n], s.align_state[n]) for n in specs)
+    assert all(torch.equal(whole.state[n], s.copies.state[n]) for n in specs)
     assert len(behind_one) < 0.6 * len(behind_three)  # one bf16 delta vs the fp32 state
 
 
@@ -227,11 +230,13 @@ def test_restart_keeps_the_emulator_and_recomputes_a_due_alignment_identically(
     b = server(*tiny, history=2)
     b.restore(tensors, meta)
     b.prepare()
-    assert b.bundle_sha == a.bundle_sha  # the bundle is rebuilt byte for byte
-    assert b.version == a.version == 4 and a.shas == b.shas
-    assert a.align_state is not None and b.align_state is not None
-    assert all(torch.equal(a.align_state[n], b.align_state[n]) for n in a.align_state)
-    assert all(torch.equal(a.deltas[4][n], b.deltas[4][n]) for n in a.deltas[4])
+    assert b.copies.bundle_sha == a.copies.bundle_sha  # the bundle is rebuilt byte for byte
+    assert b.copies.version == a.copies.version == 4 and a.copies.shas == b.copies.shas
+    assert a.copies.state is not None and b.copies.state is not None
+    assert all(torch.equal(a.copies.state[n], b.copies.state[n]) for n in a.copies.state)
+    assert all(
+        torch.equal(a.copies.deltas[4][n], b.copies.deltas[4][n]) for n in a.copies.deltas[4]
+    )
     assert a.moments is not None and b.moments is not None and a.moments.t == b.moments.t == 12
     assert all(torch.equal(a.moments.v[n], b.moments.v[n]) for n in a.moments.v)
     assert all(torch.equal(a.global_state[n], b.global_state[n]) for n in a.global_state)
@@ -270,8 +275,8 @@ def test_the_kl_term_trains_and_missing_public_data_is_a_config_error(
     trained: tuple[FedbiotServer, Any, dict[str, float]], tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
     s = trained[0]
-    assert s.aligner is not None and s.align_state is not None
-    state = dict(s.align_state)
+    assert s.aligner is not None and s.copies.state is not None
+    state = dict(s.copies.state)
     hidden_only, _ = s.aligner.train(state, None, steps=1, batch_size=2, lr=1e-2, seed=3)
     with_kl, _ = s.aligner.train(state, None, steps=1, batch_size=2, lr=1e-2, seed=3, kl_weight=5.0)
     assert all(torch.isfinite(t).all() for t in with_kl.values())
@@ -339,7 +344,7 @@ def test_engine_sends_the_bundle_once_and_small_deltas_after(
     s = server(*tiny)
     h = Engine(tmp_path, s)
     h.send("a", Hello(agent_id="a", versions=[1], profile=PROFILE, models=[SHA]))
-    holds = [prepared.bundle_sha]  # b kept the bundle from an earlier run of the same model
+    holds = [prepared.copies.bundle_sha]  # b kept the bundle from an earlier run of the same model
     h.send("b", Hello(agent_id="b", versions=[1], profile=PROFILE, models=[SHA], holds=holds))
     assert s.admit("a", PROFILE) is not None  # building: the phase waits, the loop does not
     for round in (1, 2):
@@ -358,7 +363,7 @@ def test_engine_sends_the_bundle_once_and_small_deltas_after(
         h.clock.now += 0.1
         h.engine.tick(h.clock.now)
     one, two = h.summaries
-    bundle = len(s.bundle)
+    bundle = len(s.copies.bundle)
     assert int(one.per_agent["a"]["down"]) > bundle > 50 * int(one.per_agent["b"]["down"])
     assert (
         one.per_agent["a"]["emulator"].startswith("sent") and "emulator" not in one.per_agent["b"]
@@ -370,7 +375,11 @@ def test_engine_sends_the_bundle_once_and_small_deltas_after(
         assert two.per_agent[agent]["align"] == "v1→v2"
     assert two.method["align_KB_sent"] == pytest.approx(2 * two.method["align_delta_KB"], rel=0.01)
     # a restarted agent that kept both objects is sent neither (its Hello lists them)
-    s.on_hello(AgentView("a", PROFILE, holds=frozenset({s.bundle_sha, s.shas[s.version]})))
+    s.on_hello(
+        AgentView(
+            "a", PROFILE, holds=frozenset({s.copies.bundle_sha, s.copies.shas[s.copies.version]})
+        )
+    )
     assert set(s.assign(2, "a", "eval").blobs) == {spec.GLOBAL_BLOB}
     s.on_hello(AgentView("a", PROFILE, holds=frozenset()))  # and one that lost them gets both
     assert set(s.assign(2, "a", "eval").blobs) == {

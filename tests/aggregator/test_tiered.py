@@ -13,13 +13,12 @@ from engine_harness import MODEL, PROFILE, SHA, Clock, Harness, assigns, lora_st
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import build_config
 from aggregator.engine import RoundEngine
-from aggregator.errors import ConfigError
 from aggregator.ledger import Ledger
 from aggregator.methods import MethodContext, ServerMethod
 from aggregator.methods.fedit import FeditServer
 from aggregator.methods.ferret import FerretServer
 from aggregator.methods.slora import SloraServer
-from aggregator.regional import RelayMethod, weighted_metrics
+from aggregator.relay import RelayMethod, weighted_metrics
 from protocol import payloads
 from protocol.frames import decode, encode
 from protocol.messages import Hello, TaskAssign, TaskResult
@@ -54,8 +53,9 @@ def flat_and_tiered(
                 flat.add(flat.validate(rnd, res, {"update": memoryview(data)}))
                 relay.add(relay.validate(rnd, res, {"update": memoryview(data)}))
             relay.finish_round(rnd)
-            assert relay.partial is not None
-            _, data, total = relay.partial
+            answer = relay.answers.get("train", rnd)
+            assert answer is not None
+            data, total = answer[0]["update"], answer[1]
             assert total == sum(n for _, n in agents)
             res = result(flat.name, rnd, region, total, **metrics)
             upstream.add(upstream.validate(rnd, res, {"update": memoryview(data)}))
@@ -131,13 +131,6 @@ def test_ferret_two_tier_equals_flat(tiny_model_dir: Path) -> None:
     for s in servers:
         s.wait_weights()
     torch.testing.assert_close(servers[1].weights, servers[0].weights, rtol=0, atol=1e-6)
-
-
-def test_fedpipe_and_fedbiot_are_refused_in_a_regional_tier() -> None:
-    with pytest.raises(ConfigError, match="ΔW"):
-        RelayMethod("fedpipe")
-    with pytest.raises(ConfigError, match="emulator by hash"):
-        RelayMethod("fedbiot")
 
 
 def test_region_metrics_are_example_weighted() -> None:
@@ -216,8 +209,9 @@ def test_driven_regional_engines_give_the_flat_global_state(tmp_path: Path) -> N
             region.tick()
             assert [(k, r) for k, r, _ in region.closed] == [("train", rnd)]
             region.closed.clear()
-            assert region.relay.partial is not None
-            _, data, total = region.relay.partial
+            answer = region.relay.answers.get("train", rnd)
+            assert answer is not None
+            data, total = answer[0]["update"], answer[1]
             res = TaskResult(run_id=task.run_id, round=rnd, task_id=task.task_id, agent_id=name,
                              method="fedit", num_examples=total, metrics={"train_loss": 1.0})  # fmt: skip
             up.send(name, res, {"update": data})

@@ -80,12 +80,12 @@ def task(s: FedbiotServer, ws: Workspace, agent: str, round: int, kind: str = "t
 
 def assert_same_emulator(em: EmulatorModel, s: FedbiotServer) -> None:
     """The agent's alignment state and every weight of its small model are the server's."""
-    assert s.align_state is not None and em.version == s.version
-    assert em.align is not None and set(em.align) == set(s.align_state)
-    assert all(torch.equal(em.align[n], s.align_state[n]) for n in s.align_state)
-    bundle = emu.decode_bundle(s.bundle)
+    assert s.copies.state is not None and em.version == s.copies.version
+    assert em.align is not None and set(em.align) == set(s.copies.state)
+    assert all(torch.equal(em.align[n], s.copies.state[n]) for n in s.copies.state)
+    bundle = emu.decode_bundle(s.copies.bundle)
     expected = {n: t.to(torch.float32) for n, t in bundle.tensors.items()}
-    expected |= emu.merged_weights(expected, s.align_state, s.params.align.scaling)
+    expected |= emu.merged_weights(expected, s.copies.state, s.params.align.scaling)
     weights = dict(em.model.get_base_model().named_parameters())
     for name, want in expected.items():  # LoRA-wrapped linears keep theirs as base_layer
         got = weights.get(name, weights.get(name.replace(".weight", ".base_layer.weight")))
@@ -93,8 +93,8 @@ def assert_same_emulator(em: EmulatorModel, s: FedbiotServer) -> None:
 
 
 def align_specs(s: FedbiotServer) -> dict[str, tuple[int, ...]]:
-    assert s.align_state is not None
-    return {k: tuple(v.shape) for k, v in s.align_state.items()}
+    assert s.copies.state is not None
+    return {k: tuple(v.shape) for k, v in s.copies.state.items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,11 @@ def test_agent_emulator_is_the_servers_bit_for_bit_round_after_round(setup: Any)
     assert set(first.blobs) == {spec.EMULATOR_BLOB, spec.ALIGN_BLOB}
     em = ws.cache["fedbiot"]
     assert_same_emulator(em, s)
-    assert set(ws.objects.holdings()) == {s.bundle_sha, s.shas[1]}
+    assert set(ws.objects.holdings()) == {s.copies.bundle_sha, s.copies.shas[1]}
     # the update names the full model's adapter layers (4, 5), and the server takes it
     update = payloads.decode(out.blobs[spec.UPDATE_BLOB])
     assert {emu.layer_of(n) for n in update.tensors} == {4, 5}
-    assert update.meta["fedbiot.align"] == s.shas[1]
+    assert update.meta["fedbiot.align"] == s.copies.shas[1]
     s.begin_round(1)
     s.add(
         s.validate(1, result(1, "a", out.num_examples), {"update": memoryview(out.blobs["update"])})
@@ -129,19 +129,19 @@ def test_agent_emulator_is_the_servers_bit_for_bit_round_after_round(setup: Any)
     assert evaluated.num_examples == 4 and evaluated.metrics["eval_loss"] > 0
     second, _ = task(s, ws, "a", 2)  # after the alignment of round 1: one small delta
     assert set(second.blobs) == {spec.GLOBAL_BLOB, spec.ALIGN_BLOB}
-    assert len(second.blobs[spec.ALIGN_BLOB]) < len(s.bundle) / 100
+    assert len(second.blobs[spec.ALIGN_BLOB]) < len(s.copies.bundle) / 100
     assert emu.decode_align(second.blobs[spec.ALIGN_BLOB], align_specs(s)).versions == [1, 2]
     assert_same_emulator(ws.cache["fedbiot"], s)
-    assert set(ws.objects.holdings()) == {s.bundle_sha, s.shas[2]}  # v1 was replaced
+    assert set(ws.objects.holdings()) == {s.copies.bundle_sha, s.copies.shas[2]}  # v1 was replaced
 
 
 def test_a_restarted_agent_rebuilds_the_same_emulator_from_its_store(setup: Any) -> None:
     s, resolved, files, root = setup
     ws = Workspace(resolved, root / "agent-a", files["agent-0"])  # same store, empty memory
     s.on_hello(AgentView("a", PROFILE, holds=frozenset(ws.objects.holdings())))
-    again = s.assign(s.version, "a", "eval")
+    again = s.assign(s.copies.version, "a", "eval")
     assert set(again.blobs) <= {spec.GLOBAL_BLOB}  # neither the bundle nor the alignment
-    run(ws, again.params, again.blobs, s.version, "eval")
+    run(ws, again.params, again.blobs, s.copies.version, "eval")
     assert_same_emulator(ws.cache["fedbiot"], s)
 
 
@@ -156,8 +156,8 @@ def advance_server(s: FedbiotServer, rounds: list[int]) -> None:
 def test_an_agent_rounds_behind_catches_up_exactly(setup: Any) -> None:
     s, resolved, files, root = setup
     ws = Workspace(resolved, root / "agent-b", files["agent-1"])
-    task(s, ws, "b", s.version, "eval")
-    behind = s.version
+    task(s, ws, "b", s.copies.version, "eval")
+    behind = s.copies.version
     advance_server(s, [10])
     # restarted meanwhile: the deltas apply to the state it stored
     ws = Workspace(resolved, root / "agent-b", files["agent-1"])
@@ -169,14 +169,14 @@ def test_an_agent_rounds_behind_catches_up_exactly(setup: Any) -> None:
     advance_server(s, [11, 12])
     two_behind, _ = task(s, ws, "b", 13)
     raw = two_behind.blobs[spec.ALIGN_BLOB]
-    assert s.align_state is not None
+    assert s.copies.state is not None
     assert len(raw) == min(
-        len(emu.state_bytes(s.align_state, s.version)),
+        len(emu.state_bytes(s.copies.state, s.copies.version)),
         len(
             emu.encode_deltas(
-                {v: s.deltas[v] for v in (behind + 2, behind + 3)},
+                {v: s.copies.deltas[v] for v in (behind + 2, behind + 3)},
                 behind + 1,
-                [s.shas[v] for v in range(behind + 1, behind + 4)],
+                [s.copies.shas[v] for v in range(behind + 1, behind + 4)],
             )
         ),
     )  # the cheaper of the two missing deltas and the whole state
@@ -186,17 +186,17 @@ def test_an_agent_rounds_behind_catches_up_exactly(setup: Any) -> None:
 def test_the_task_model_is_checked_without_loading_it(setup: Any) -> None:
     s, resolved, files, root = setup
     ws = Workspace(resolved, root / "agent-c", files["agent-0"])
-    a = s.assign(s.version, "c", "eval")
+    a = s.assign(s.copies.version, "c", "eval")
     with pytest.raises(ModelMismatch, match="but this agent holds"):  # the task names another model
-        run(ws, a.params, a.blobs, s.version, "eval", model="0" * 64)
+        run(ws, a.params, a.blobs, s.copies.version, "eval", model="0" * 64)
     assert not ws.objects.holdings()  # refused before anything was stored or built
 
 
 def test_the_proximal_term_keeps_the_adapter_near_its_round_start(setup: Any) -> None:
     s, resolved, files, root = setup
     ws = Workspace(resolved, root / "agent-a", files["agent-0"])
-    a = s.assign(s.version, "a", "eval")
-    run(ws, a.params, a.blobs, s.version, "eval")
+    a = s.assign(s.copies.version, "a", "eval")
+    run(ws, a.params, a.blobs, s.copies.version, "eval")
     em = ws.cache["fedbiot"]
     tokenizer = ws.cache[f"fedbiot:tokenizer:{resolved.sha256}"]
     params = [p for p in em.model.parameters() if p.requires_grad]

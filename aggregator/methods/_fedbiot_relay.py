@@ -1,0 +1,216 @@
+"""FedBiOT in a regional tier: hold the emulator and its alignment chain, serve them per agent.
+
+To its upstream a region is one agent: the upstream's :class:`FedbiotServer` sends it the bundle
+once (by ``Hello.holds``), alignment deltas from the version it holds and the global adapter,
+and takes its update as any agent's. The region keeps what it is sent as an agent would: the
+bundle and its current alignment state in the upstream link's object store (so its Hello
+lists them after a restart), and the deltas it was sent, so that it can serve its own agents
+what each of them lacks (:class:`~aggregator.methods._fedbiot_serve.EmulatorCopies`, the
+server's own bookkeeping): the bundle only to an agent that does not hold it, deltas from that
+agent's version (or the whole state when the region does not have the deltas). Every state is
+checked against the upstream's sha256, so a region's agents hold exactly the upstream's
+emulator, bit for bit.
+
+Aggregation is FedAvg of LoRA factors, an example-weighted mean: the region answers with its
+agents' mean (:class:`aggregator.relay.MeanRelay`) and their total, and the upstream's mean of
+regional means is the flat mean. Only updates trained on the task's emulator and alignment
+version are taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregator.errors import ConfigError, StateError, UpdateRejected
+from aggregator.methods import AgentView, Assignment, MethodContext, Update
+from aggregator.methods._fedbiot_serve import EmulatorCopies, State
+from aggregator.relay import UPDATE_BLOB, UPSTREAM_OBJECTS, Answers, MeanRelay, NoGlobalState
+from edge_agent.objects import ObjectStore
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import TaskResult
+from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import fedbiot as spec
+from protocol.methods import parse_params
+
+log = logging.getLogger(__name__)
+
+
+class FedbiotRelay:
+    name = spec.NAME
+
+    def __init__(self, params: Mapping[str, Any], context: MethodContext) -> None:
+        parsed = parse_params(spec.NAME, params)
+        assert isinstance(parsed, spec.Params)
+        if context.state_dir is None:
+            raise ConfigError("a fedbiot regional tier needs a state_dir for the emulator")
+        self.params: spec.Params = parsed
+        self.objects = ObjectStore(Path(context.state_dir) / UPSTREAM_OBJECTS)
+        self.copies = EmulatorCopies(parsed.align.history)
+        self.mean = MeanRelay(spec.NAME)
+        self.answers = Answers()
+        self.task: dict[tuple[str, int], tuple[Assignment, bytes | None]] = {}
+        self._targets: dict[str, tuple[int, int]] = {}
+
+    # --- what the upstream sends --------------------------------------------------------------
+
+    def set_task(self, kind: str, round: int, assignment: Assignment) -> None:
+        parsed = parse_params(spec.NAME, assignment.params)
+        assert isinstance(parsed, spec.Params)
+        info = parsed.task
+        if info is None:
+            raise StateError("fedbiot: the upstream's task names no emulator")
+        self.params = parsed
+        self.copies.history = parsed.align.history
+        self._take_bundle(info, assignment.blobs.get(spec.EMULATOR_BLOB))
+        self._take_alignment(info, assignment.blobs.get(spec.ALIGN_BLOB))
+        self.task = {k: v for k, v in self.task.items() if k[1] >= round - 1}
+        plain = Assignment(params=assignment.params, quant=assignment.quant)
+        self.task[(kind, round)] = (plain, assignment.blobs.get(spec.GLOBAL_BLOB))
+
+    def _take_bundle(self, info: spec.TaskInfo, data: bytes | None) -> None:
+        sha = info.emulator_sha256
+        if sha == self.copies.bundle_sha:
+            return
+        if data is not None:
+            got = self.objects.put(data)
+            if got != sha:
+                self.objects.discard(got)
+                raise StateError("fedbiot: the upstream's emulator blob does not have its sha256")
+        else:
+            data = self.objects.get(sha)
+            if data is None:
+                raise StateError(
+                    f"fedbiot: this region does not hold emulator {sha[:12]}…; restart it so that "
+                    "its Hello asks the upstream for the emulator again"
+                )
+        try:
+            bundle = emu.decode_bundle(data)
+        except ProtocolError as exc:
+            raise StateError(f"fedbiot: the upstream's emulator is not valid: {exc}") from None
+        shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
+        targets = emu.align_targets(
+            shapes, bundle.plan.n_emulator, self.params.align.target_modules
+        )
+        if self.copies.bundle_sha:
+            self.objects.discard(self.copies.bundle_sha)  # a new run's emulator replaces it
+        self.copies.set_bundle(data, sha)
+        self.copies.set_chain(0, None, {}, {})
+        self._targets = targets
+        log.info("fedbiot: region holds emulator %s… (%.1f MB)", sha[:12], len(data) / 1e6)
+
+    def _take_alignment(self, info: spec.TaskInfo, raw: bytes | None) -> None:
+        """Bring the region's chain to the task's version; keep the deltas it was sent."""
+        c, a = self.copies, self.params.align
+        held_sha = c.shas.get(c.version) if c.state is not None else None
+        if c.version == info.align_version and held_sha == info.align_sha256:
+            return
+        specs = emu.state_specs(self._targets, a.r)
+
+        def held(sha: str) -> State | None:
+            data = self.objects.get(sha)
+            if data is None:
+                return None
+            try:
+                blob = emu.decode_align(data, specs)
+            except ProtocolError:
+                return None
+            return blob.state if blob.kind == "state" else None
+
+        def init() -> State:
+            return emu.init_state(self._targets, a.r, a.seed)
+
+        shas, deltas = dict(c.shas), dict(c.deltas)
+        try:
+            if raw is not None:
+                blob = emu.decode_align(raw, specs)
+                current = (c.version, c.state) if c.state is not None else None
+                version, state = emu.advance(current, blob, held, init)
+                sent = dict(zip(blob.versions, blob.shas, strict=True))
+                if blob.kind != "deltas" or any(shas.get(v, s) != s for v, s in sent.items()):
+                    shas, deltas = {}, {}
+                if blob.kind == "deltas":
+                    shas.update(sent)
+                    deltas.update(blob.deltas)
+            else:
+                version, stored = info.align_version, held(info.align_sha256)
+                if stored is None and version != 0:
+                    raise StateError(
+                        f"fedbiot: alignment version {version} was not sent and is not held here"
+                    )
+                state = stored if stored is not None else init()
+                shas, deltas = {}, {}
+        except ProtocolError as exc:
+            raise StateError(f"fedbiot: the upstream's alignment is not valid: {exc}") from None
+        data = emu.state_bytes(state, version)
+        sha = self.objects.put(data)
+        if version != info.align_version or sha != info.align_sha256:
+            self.objects.discard(sha)
+            raise StateError(f"fedbiot: alignment state v{version} does not match the task's")
+        if held_sha and held_sha != sha:
+            self.objects.discard(held_sha)
+        shas[version] = sha
+        c.set_chain(version, state, shas, deltas)
+
+    # --- toward the region's agents -----------------------------------------------------------
+
+    def on_hello(self, view: AgentView) -> None:
+        self.copies.on_hello(view)
+
+    def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
+        try:
+            plain, global_blob = self.task[(kind, round)]
+        except KeyError:
+            raise UpdateRejected(
+                ErrorCode.STALE_TASK, f"no upstream {kind} task for round {round}"
+            ) from None
+        blobs = self.copies.blobs_for(agent_id)
+        if global_blob is not None:
+            blobs[spec.GLOBAL_BLOB] = global_blob
+        return Assignment(params=plain.params, blobs=blobs, quant=plain.quant)
+
+    def agent_details(self, round: int) -> dict[str, dict[str, str]]:
+        return self.copies.take_notes()
+
+    def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
+        c = self.copies
+        want = {"fedbiot.emulator": c.bundle_sha, "fedbiot.align": c.shas.get(c.version, "")}
+        update = self.mean.decode(round, result, blobs, want_meta=want)
+        c.saw_update(result.agent_id, want)
+        return update
+
+    # --- aggregation --------------------------------------------------------------------------
+
+    def begin_round(self, round: int) -> None:
+        self.mean.begin()
+        self.answers.drop("train", round)
+
+    def add(self, update: Update) -> None:
+        self.mean.add(update)
+
+    def finish_round(self, round: int) -> dict[str, float]:
+        bundles, align_bytes = self.copies.take_counts()
+        metrics = {"bundle_sent": float(bundles), "align_KB_sent": round_kb(align_bytes)}
+        done = self.mean.encode(round)
+        if done is None:
+            return {"examples": 0.0, **metrics}
+        self.answers.put("train", round, {UPDATE_BLOB: done[0]}, done[1])
+        return {"examples": float(done[1]), **metrics}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors, meta = self.answers.state()
+        return tensors, {"relay": self.name, **meta}
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        self.answers.restore(tensors, meta)
+
+    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
+        raise NoGlobalState()
+
+
+def round_kb(n: int) -> float:
+    return float(round(n / 1e3, 1))
