@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from pydantic import ValidationError
 
 from aggregator.errors import ConfigError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, ServerMethod, Update
+from aggregator.robust import Aggregator
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import TaskResult
+from protocol.methods._common import AggregationParams
 
 UPDATE_BLOB = "update"
 UPSTREAM_OBJECTS = "upstream-objects"
@@ -99,16 +102,22 @@ class RegionRound:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    robust: Aggregator | None = None
+    """The region's own robust rule (median, trimmed mean) over its agents' tensors."""
     pairs: dict[tuple[int, int], float] = field(default_factory=dict)
     """Ferret: (group, seed) -> weighted sum of coefficients."""
     weight: int = 0
 
 
 class MeanRelay:
-    """The example-weighted mean of a region's updates, in the payload kind they came in."""
+    """The example-weighted mean of a region's updates, in the payload kind they came in; or,
+    with a robust ``rule`` (the region's ``[method.aggregation]``), its coordinate-wise median
+    or trimmed mean over the region's agents (tensor payloads; Ferret's coefficients stay a
+    mean), still answered with the region's total example count."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, rule: AggregationParams | None = None) -> None:
         self.method = method
+        self.rule = rule if rule is not None and rule.rule != "fedavg" else None
         self.open: RegionRound | None = None
 
     def begin(self) -> None:
@@ -143,6 +152,8 @@ class MeanRelay:
         if self.open is None:
             dtypes = {k: v.dtype for k, v in p.tensors.items()}
             self.open = RegionRound(p.kind, p.method, meta, shapes, dtypes)
+            if self.rule is not None and p.kind is not payloads.PayloadKind.SEEDCOEF:
+                self.open.robust = Aggregator(self.rule)
         elif (
             p.kind != self.open.kind
             or meta != self.open.meta
@@ -169,6 +180,8 @@ class MeanRelay:
             for g, s, v in zip(t["group"].tolist(), t["seed"].tolist(), t["value"].double().tolist(),
                                strict=True):  # fmt: skip
                 acc.pairs[(g, s)] = acc.pairs.get((g, s), 0.0) + w * v
+        elif acc.robust is not None:
+            acc.robust.add(update.tensors, w)
         else:
             for name, value in update.tensors.items():
                 term = value.detach().to(torch.float64) * w
@@ -187,6 +200,9 @@ class MeanRelay:
                 "seed": torch.tensor([k[1] for k in keys], dtype=torch.int32),
                 "value": torch.tensor([acc.pairs[k] / acc.weight for k in keys]).float(),
             }
+        elif acc.robust is not None:
+            combined = acc.robust.result()
+            tensors = {n: combined[n].to(acc.dtypes[n]) for n in sorted(combined)}
         else:
             tensors = {n: (s / acc.weight).to(acc.dtypes[n]) for n, s in sorted(acc.sums.items())}
         data = payloads.encode(acc.kind, tensors, method=acc.method, round=round, meta=acc.meta)
@@ -196,10 +212,10 @@ class MeanRelay:
 class RelayMethod:
     """Forward the upstream task verbatim to every agent; answer with the mean of their updates."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, rule: AggregationParams | None = None) -> None:
         self.name = name
         self.task: dict[tuple[str, int], Assignment] = {}
-        self.mean = MeanRelay(name)
+        self.mean = MeanRelay(name, rule)
         self.answers = Answers()
 
     # --- toward the agents -------------------------------------------------------------------
@@ -269,7 +285,11 @@ def relay_for(name: str, params: Mapping[str, Any], context: MethodContext) -> R
         from aggregator.methods._fedbiot_relay import FedbiotRelay
 
         return FedbiotRelay(params, context)
-    return RelayMethod(name)
+    try:
+        rule = AggregationParams.model_validate(params.get("aggregation", {}))
+    except ValidationError as exc:
+        raise ConfigError(f"[method.aggregation]: {exc}") from None
+    return RelayMethod(name, rule)
 
 
 def weighted_metrics(results: list[TaskResult]) -> tuple[int, dict[str, float]]:

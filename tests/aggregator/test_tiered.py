@@ -13,6 +13,7 @@ from engine_harness import MODEL, PROFILE, SHA, Clock, Harness, assigns, lora_st
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import build_config
 from aggregator.engine import RoundEngine
+from aggregator.errors import ConfigError
 from aggregator.ledger import Ledger
 from aggregator.methods import MethodContext, ServerMethod
 from aggregator.methods.fedit import FeditServer
@@ -222,3 +223,31 @@ def test_driven_regional_engines_give_the_flat_global_state(tmp_path: Path) -> N
         r.ledger.close()
     flat.close()
     up.close()
+
+
+def test_a_region_applies_its_own_robust_rule_to_its_agents(tmp_path: Path) -> None:
+    """With [method.aggregation] rule = "median" in the region, a poisoned agent of the region
+    moves the region's answer no more than the median lets it; the total is still answered."""
+    from aggregator.relay import relay_for
+
+    relay = relay_for("fedit", {"aggregation": {"rule": "median"}}, MethodContext())
+    plain = relay_for("fedit", {}, MethodContext())
+    values = {"a": 0.5, "b": 0.7, "c": 1e6}  # c is poisoned
+    for r in (relay, plain):
+        r.begin_round(1)
+        for agent, v in values.items():
+            data = payloads.encode_lora(lora_state(v), method="fedit", round=1)
+            r.add(r.validate(1, result("fedit", 1, agent, 4), {"update": memoryview(data)}))
+        r.finish_round(1)
+    robust, mean = relay.answers.get("train", 1), plain.answers.get("train", 1)
+    assert robust is not None and mean is not None and robust[1] == mean[1] == 12
+    got = payloads.decode(robust[0]["update"]).tensors
+    want = {k: torch.stack([t[k] for t in map(lora_state, values.values())]).median(0).values
+            for k in got}  # fmt: skip
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k])
+    assert max(float(v.abs().max()) for v in got.values()) < 10
+    averaged = payloads.decode(mean[0]["update"]).tensors
+    assert max(float(v.abs().max()) for v in averaged.values()) > 1e5
+    with pytest.raises(ConfigError, match="aggregation"):
+        relay_for("fedit", {"aggregation": {"rule": "mode"}}, MethodContext())
