@@ -6,7 +6,10 @@ accumulated sparse update; empty before the first commit, meaning zero). When ro
 factors and the global state becomes that adapter (peft names); from then on it is FedIT's
 FedAvg. Switching at the start of the next round rather than at the commit lets the eval of
 round ``stage1_rounds`` measure the sparse model itself; the switch is a pure function of the
-committed stage-1 state, so a restart after that commit recomputes the same adapter.
+committed stage-1 state, so a restart after that commit recomputes the same adapter. The SVDs
+take seconds on a real model (every target's ``ΔW``), so the switch runs on a background thread
+from ``begin_round``; while it runs, ``admit`` answers with the reason and the engine waits
+without blocking its loop (heartbeats go on); anything that reads the stage waits for it.
 The stage, the mask seed and the target shapes are checkpoint metadata, so a restarted
 aggregator resumes in the stage it was in.
 
@@ -21,6 +24,8 @@ import contextlib
 import json
 import logging
 import math
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,13 +38,16 @@ from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedit import FedAvg
 from protocol import payloads, randomness
 from protocol.errors import ErrorCode
-from protocol.messages import TaskResult
+from protocol.messages import Profile, TaskResult
 from protocol.methods import parse_params
 from protocol.methods import slora as spec
 
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
+ADMIT_WAIT_S = 0.5
+"""How long ``admit`` waits for a switch under way before it answers "not yet" (a small
+model's switch takes milliseconds: its rounds go on without a tick's delay)."""
 Shapes = dict[str, tuple[int, int]]
 
 
@@ -180,7 +188,10 @@ class SloraServer:
         self.shapes: Shapes | None = None
         if context.model_dir is not None:
             self.shapes = target_shapes(context.model_dir, self.targets)
-        self.stage = 1
+        self._stage = 1
+        self._job: threading.Thread | None = None
+        self._job_since = 0.0
+        self._job_out: tuple[dict[str, torch.Tensor], float] | BaseException | None = None
         self.values: dict[str, torch.Tensor] = {}  # stage 1: accumulated masked update
         self.lora: dict[str, torch.Tensor] = {}  # stage 2: global adapter
         self.svd_energy: float | None = None
@@ -188,6 +199,12 @@ class SloraServer:
         self._payload: tuple[int, int, bytes] | None = None
         self._acc = FedAvg()
         self._switched = False
+
+    @property
+    def stage(self) -> int:
+        """1 or 2; a switch under way is waited for first."""
+        self._settle()
+        return self._stage
 
     @property
     def density(self) -> float:
@@ -291,18 +308,58 @@ class SloraServer:
         self._acc = FedAvg()
         self._switched = False
         if self.stage == 1 and round > self.params.sparse.stage1_rounds:
-            self.switch(round)
+            self._start_switch(round)
 
     def switch(self, round: int) -> None:
-        """Stage 1 → 2: the adapter becomes the rank-r SVD of the accumulated sparse update."""
+        """Stage 1 → 2 now: the adapter becomes the rank-r SVD of the accumulated update."""
+        self._start_switch(round)
+        self._settle()
+
+    def _start_switch(self, round: int) -> None:
         if self.shapes is None:
             log.warning("round %d: no stage-1 update yet, the switch to LoRA waits", round)
             return
-        self.lora, self.svd_energy = self.lora_from_sparse()
-        self.stage, self.values, self._switched, self._payload = 2, {}, True, None
+        if self._job is not None:
+            return
+        self._job_since, self._job_out = time.monotonic(), None
+        self._job = threading.Thread(
+            target=self._switch_job, args=(round,), name="slora-switch", daemon=True
+        )
+        self._job.start()
+
+    def _switch_job(self, round: int) -> None:
+        try:
+            self._job_out = self.lora_from_sparse()
+        except BaseException as exc:  # re-raised by _settle on the engine's thread
+            self._job_out = exc
         log.info(
-            "round %d: switched to LoRA r=%d (it keeps %.1f%% of the sparse update's energy)",
-            round,
+            "round %d: SVD switch computed in %.1f s", round, time.monotonic() - self._job_since
+        )
+
+    def admit(self, agent_id: str, profile: Profile) -> str | None:
+        """None unless the switch to LoRA is still being computed (then why the engine waits)."""
+        job = self._job
+        if job is not None:
+            job.join(ADMIT_WAIT_S)
+            if job.is_alive():
+                waited = time.monotonic() - self._job_since
+                return f"switching to LoRA: the SVDs of the sparse update ({waited:.0f} s so far)"
+        return None
+
+    def _settle(self) -> None:
+        """Apply a switch under way (waiting for it)."""
+        job = self._job
+        if job is None:
+            return
+        job.join()
+        out, self._job, self._job_out = self._job_out, None, None
+        if isinstance(out, BaseException):
+            raise StateError(f"slora: the switch to LoRA failed: {out}") from out
+        assert out is not None
+        self.lora, self.svd_energy = out
+        self._stage, self.values, self._switched, self._payload = 2, {}, True, None
+        log.info(
+            "switched to LoRA r=%d (it keeps %.1f%% of the sparse update's energy)",
             self.params.lora.r,
             100 * self.svd_energy,
         )
@@ -391,7 +448,8 @@ class SloraServer:
         if shapes is not None:
             self.shapes = shapes
         self._counts = None
-        self.stage = stage
+        self._job = None
+        self._stage = stage
         copied = {k: v.clone() for k, v in tensors.items()}
         self.values, self.lora = (copied, {}) if stage == 1 else ({}, copied)
         self.svd_energy = float(meta["svd_energy"]) if "svd_energy" in meta else None
