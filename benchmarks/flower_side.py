@@ -17,6 +17,10 @@ SuperExec -> a fresh ClientApp per message), and the peak of each tree's summed 
 ``--count-internal`` the SuperExecs are started by this script (``--isolation process``) and
 reach their Runtime APIs through proxies too, which counts the hops inside each host. Prints
 one JSON object on stdout; progress goes to stderr.
+
+This module holds the command line, the payload's shapes and the measurement; the venv and
+the Flower processes are in ``benchmarks/_flower_cluster.py``, the memory polling in
+``benchmarks/_proc_memory.py``.
 """
 
 from __future__ import annotations
@@ -27,20 +31,18 @@ import json
 import logging
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._flower_cluster import Cluster, ensure_venv, free_port
+from benchmarks._proc_memory import MB
 from benchmarks._tcp_count import CountingProxy
 
 log = logging.getLogger("flower_side")
@@ -50,9 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "benchmarks" / "flower_app"
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ",".join(MODULE_ORDER)
-MB = 1e6
-# What the Flower venv gets: flwr 1.42 needs a newer certifi than the registry here serves.
-FLWR_PINS = ("flwr==1.41.0", "numpy==2.4.6")
 
 
 def lora_shapes(
@@ -130,337 +129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 64, 128, 2, 4, 2
         args.rank = 4
     return args
-
-
-# -- the Flower venv and processes --------------------------------------------------------
-
-
-def ensure_venv(venv: Path) -> Path:
-    """Create ``venv`` with :data:`FLWR_PINS` unless it already holds them; returns its bin/."""
-    stamp = venv / ".flwrbench-pins"
-    want = "\n".join(FLWR_PINS)
-    if stamp.exists() and stamp.read_text() == want and (venv / "bin" / "flwr").exists():
-        return venv / "bin"
-    log.info("creating %s with %s (once)", venv, " ".join(FLWR_PINS))
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    proc = subprocess.run([*pip, *FLWR_PINS], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"pip install {' '.join(FLWR_PINS)} failed:\n{proc.stdout}{proc.stderr}")
-    stamp.write_text(want)
-    return venv / "bin"
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
-
-
-@dataclass
-class _Proc:
-    name: str
-    group: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-
-@dataclass
-class Monitor:
-    """Polls the process trees under the roots: peak VmHWM per process, peak summed RSS per tree."""
-
-    roots: dict[str, list[int]] = field(default_factory=dict)  # group -> root pids
-    hwm_kb: dict[int, int] = field(default_factory=dict)
-    role: dict[int, tuple[str, str]] = field(default_factory=dict)  # pid -> (group, role)
-    tree_peak_kb: dict[str, int] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self, interval: float) -> None:
-        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self, interval: float) -> None:
-        while not self._stop.is_set():
-            self.poll()
-            self._stop.wait(interval)
-
-    def poll(self) -> None:
-        for group, roots in self.roots.items():
-            total = 0
-            for pid in _tree(roots):
-                status = _status_kb(pid)
-                if status is None:
-                    continue
-                rss, hwm = status
-                total += rss
-                self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), hwm)
-                if pid not in self.role:
-                    self.role[pid] = (group, _role(pid))
-            self.tree_peak_kb[group] = max(self.tree_peak_kb.get(group, 0), total)
-
-    def report(self) -> dict[str, Any]:
-        """Peaks in MB: the server's roles, the clients' roles (max over clients), per client."""
-        per_group: dict[str, dict[str, Any]] = {}
-        for pid, (group, role) in self.role.items():
-            g = per_group.setdefault(group, {"processes": {}})
-            g[role] = max(g.get(role, 0.0), self.hwm_kb.get(pid, 0) * 1024 / MB)
-            g["processes"][role] = g["processes"].get(role, 0) + 1
-        for group, g in per_group.items():
-            g["tree_peak"] = self.tree_peak_kb.get(group, 0) * 1024 / MB
-        clients = [g for name, g in sorted(per_group.items()) if name != "server"]
-        roles = sorted({k for g in clients for k in g if k != "processes"})
-        return _rounded(
-            {
-                "server": per_group.get("server", {}),
-                "client_max": {r: max(g.get(r, 0.0) for g in clients) for r in roles},
-                "client_tree_peaks": [g.get("tree_peak", 0.0) for g in clients],
-                "client_processes": clients[0]["processes"] if clients else {},
-            }
-        )
-
-
-def _tree(roots: list[int]) -> list[int]:
-    out, todo = [], list(roots)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo.extend(int(c) for c in task.read_text().split())
-    return out
-
-
-def _status_kb(pid: int) -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) in kB, or None for a process gone or a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    if "VmHWM" not in fields:
-        return None
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-def _role(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "unknown"
-    for arg in argv:
-        base = os.path.basename(arg.decode(errors="replace"))
-        if base.startswith(("flower-", "flwr-")):
-            return base.removeprefix("flower-").removeprefix("flwr-")
-    return "other"  # a helper some Flower process started for a moment
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 1)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
-class Cluster:
-    """The Flower processes of one benchmark run, their homes, logs and (optional) proxies."""
-
-    def __init__(self, bin_dir: Path, tmp: Path, *, count_internal: bool) -> None:
-        self.bin = bin_dir
-        self.tmp = tmp
-        self.count_internal = count_internal
-        self.procs: list[_Proc] = []
-        self.monitor = Monitor()
-        self.internal: dict[str, list[CountingProxy]] = {"server": [], "nodes": []}
-        (tmp / "logs").mkdir()
-        self.server_home = tmp / "home-server"
-
-    def _env(self, home: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        env.update(
-            PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}",
-            FLWR_HOME=str(home),
-            FLWR_TELEMETRY_ENABLED="0",
-            PYTHONUNBUFFERED="1",
-        )
-        home.mkdir(exist_ok=True)
-        return env
-
-    def _spawn(self, name: str, group: str, argv: list[str], home: Path) -> None:
-        log_path = self.tmp / "logs" / f"{name}.log"
-        with log_path.open("wb") as out:
-            popen = subprocess.Popen(
-                [str(self.bin / argv[0]), *argv[1:]],
-                env=self._env(home),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.tmp,
-            )
-        self.procs.append(_Proc(name, group, popen, log_path))
-        self.monitor.roots.setdefault(group, []).append(popen.pid)
-
-    def _superexec(self, name: str, group: str, runtime_port: int, home: Path) -> None:
-        proxy = CountingProxy(target=("127.0.0.1", runtime_port), timeline=True).start()
-        self.internal["server" if group == "server" else "nodes"].append(proxy)
-        address = f"127.0.0.1:{proxy.port}"
-        self._spawn(
-            name, group, ["flower-superexec", "--insecure", "--runtime-api-address", address], home
-        )
-
-    def start_superlink(self, port: int) -> None:
-        self.server_home.mkdir(exist_ok=True)
-        (self.server_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        )
-        argv = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
-        argv += ["--port", str(port)]
-        if self.count_internal:
-            argv += ["--isolation", "process"]
-        self._spawn("superlink", "server", argv, self.server_home)
-        _wait_port(port, timeout=120.0)
-        if self.count_internal:
-            self._superexec("superlink-superexec", "server", port, self.server_home)
-
-    def start_supernode(self, index: int, fleet_port: int) -> None:
-        home, runtime_port = self.tmp / f"home-node{index}", free_port()
-        argv = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet_port}"]
-        argv += ["--port", str(runtime_port)]
-        if self.count_internal:
-            argv += ["--isolation", "process"]
-        group = f"client{index:02d}"
-        self._spawn(f"supernode{index}", group, argv, home)
-        if self.count_internal:
-            _wait_port(runtime_port, timeout=120.0)
-            self._superexec(f"supernode{index}-superexec", group, runtime_port, home)
-
-    def wait_ready(self, clients: int, timeout: float) -> None:
-        """Every SuperNode is registered: the SuperLink logs ``[Fleet.ActivateNode]`` per node."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            self.check_alive()
-            text = (self.tmp / "logs" / "superlink.log").read_text(errors="replace")
-            if text.count("[Fleet.ActivateNode] Activated") >= clients:
-                time.sleep(2.0)
-                return
-            time.sleep(0.5)
-        raise SystemExit(f"{clients} SuperNodes did not register in {timeout:.0f} s")
-
-    def flwr(self, *args: str, timeout: float = 300.0) -> dict[str, Any]:
-        """Run the ``flwr`` CLI with ``--format json`` against the bench SuperLink."""
-        proc = subprocess.run(
-            [str(self.bin / "flwr"), *args, "--format", "json"],
-            env=self._env(self.server_home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        out = proc.stdout
-        try:
-            data: dict[str, Any] = json.loads(out[out.index("{") :])
-        except ValueError:
-            data = {}
-        if proc.returncode != 0 or not data.get("success"):
-            raise SystemExit(
-                f"flwr {' '.join(args)} failed ({proc.returncode}): {out}{proc.stderr}"
-            )
-        return data
-
-    def flwr_run(self, app_dir: Path, run_config: str) -> str:
-        return str(self.flwr("run", str(app_dir), "bench", "--run-config", run_config)["run-id"])
-
-    def run_status(self, run_id: str) -> dict[str, Any]:
-        runs = self.flwr("ls", "bench", "--run-id", run_id).get("runs") or [{}]
-        return dict(runs[0])
-
-    def flwr_version(self) -> str:
-        return (self.bin.parent / ".flwrbench-pins").read_text().split()[0].split("==")[1]
-
-    def check_alive(self) -> None:
-        for p in self.procs:
-            if p.popen.poll() is not None:
-                raise SystemExit(f"{p.name} exited with {p.popen.returncode}; log: {p.log_path}")
-
-    def internal_bytes(self) -> dict[str, dict[str, int]] | None:
-        """Totals through the Runtime-API proxies (``--count-internal``), else None."""
-        if not self.count_internal:
-            return None
-        return {
-            side: {
-                "bytes_up": sum(p.bytes_up for p in proxies),
-                "bytes_down": sum(p.bytes_down for p in proxies),
-            }
-            for side, proxies in self.internal.items()
-        }
-
-    def internal_between(self, start: float, end: float) -> dict[str, int] | None:
-        if not self.count_internal:
-            return None
-        out: dict[str, int] = {}
-        for side, proxies in self.internal.items():
-            windows = [p.bytes_between(start, end) for p in proxies]
-            out[f"{side}_up"] = sum(w[0] for w in windows)
-            out[f"{side}_down"] = sum(w[1] for w in windows)
-        return out
-
-    def stop(self) -> None:
-        """SIGTERM the processes we started (SuperNodes first), then SIGKILL stragglers by pid."""
-        self.monitor.stop()
-        pids = {p.popen.pid: p for p in self.procs}
-        tree = _tree(list(pids))
-        for p in sorted(self.procs, key=lambda p: p.group == "server"):
-            if p.popen.poll() is None:
-                p.popen.terminate()
-        deadline = time.time() + 15
-        for p in self.procs:
-            try:
-                p.popen.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
-        for pid in tree:
-            if pid not in pids and _status_kb(pid) is not None:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, 9)
-        for proxies in self.internal.values():
-            for proxy in proxies:
-                proxy.close()
-
-    def dump_logs(self, stream: IO[str], lines: int = 25) -> None:
-        for p in self.procs:
-            tail = p.log_path.read_text(errors="replace").splitlines()[-lines:]
-            stream.write(f"--- {p.name} ({p.log_path.name}) ---\n" + "\n".join(tail) + "\n")
-
-    def copy_logs(self, dest: Path) -> None:
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in (self.tmp / "logs").glob("*.log"):
-            shutil.copy(path, dest / path.name)
-
-
-# -- the benchmark ------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
