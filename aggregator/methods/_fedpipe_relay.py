@@ -46,8 +46,7 @@ from protocol.methods import parse_params
 class FedpipeRelay(FedpipeServer):
     def __init__(self, params: Mapping[str, Any], context: MethodContext) -> None:
         self.answers = Answers()
-        super().__init__(params, context)
-        self.selected = []  # only ever the upstream's
+        super().__init__(params, context)  # selects nothing: only ever the upstream's
 
     def _load_selection(self) -> None:
         """A region never selects: the upstream's task names the selection."""
@@ -66,7 +65,7 @@ class FedpipeRelay(FedpipeServer):
                 f"fedpipe: the upstream's {kind} task names no usable selection "
                 f"(unknown: {unknown[:3]}); is the upstream older than this region?"
             )
-        self.selected = list(parsed.selected)
+        self.selection.selected = list(parsed.selected)
         raw = assignment.blobs.get(spec.GLOBAL_BLOB)
         if raw is None:
             self.global_ab = {}
@@ -85,16 +84,14 @@ class FedpipeRelay(FedpipeServer):
         return False  # only when the upstream asks
 
     def finish_score(self, round: int) -> dict[str, float]:
-        weight, sums = self._score_weight, self._score_sum
-        scored = float(len(self._scored))
-        self._score_weight, self._score_sum, self._scored = 0, {}, set()
+        weight, sums, scored = self.selection.take()
         if weight == 0:
             self.answers.drop("score", round)
             return {"scored_agents": 0.0}
         means = {m: torch.tensor([sums[m] / weight], dtype=torch.float32) for m in sums}
         data = payloads.encode_dense(means, method=self.name, round=round)
         self.answers.put("score", round, {spec.SCORE_BLOB: data}, weight)
-        return {"scored_agents": scored}
+        return {"scored_agents": float(scored)}
 
     def begin_round(self, round: int) -> None:
         super().begin_round(round)

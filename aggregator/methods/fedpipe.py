@@ -3,15 +3,13 @@
 Phases (driven by the engine's optional hooks):
 
 - **score** (before round 1, until a selection exists): every agent scores every candidate
-  matrix; :meth:`add_score` checks and accumulates the scores weighted by examples,
-  :meth:`finish_score` keeps the top matrices. The selection is written to
-  ``<state_dir>/fedpipe/selection.json`` at once (a restart does not rescore) and to the
-  checkpoint's metadata (``edgefed-aggregator status`` shows it).
+  matrix and the top ones are kept (:mod:`aggregator.methods._fedpipe_select`; the selection is
+  also in the checkpoint's metadata, which ``edgefed-aggregator status`` shows).
 - **train**: :meth:`plan` solves each agent's ranks, batch and precision
-  (:mod:`aggregator.methods._fedpipe_plan`), saved as ``plan-<round>.json`` so that a restart
-  validates the open round's stored updates against the same plan. Each agent is sent the
-  global ``ΔW`` truncated at its ranks; its update is checked against exactly those shapes and
-  folded into a low-rank running sum (:mod:`protocol.methods._fedpipe_math`).
+  (:mod:`aggregator.methods._fedpipe_planner`, saved so that a restart validates the open
+  round's stored updates against the same plan). Each agent is sent the global ``ΔW``
+  truncated at its ranks; its update is checked against exactly those shapes and folded into a
+  low-rank running sum (:mod:`protocol.methods._fedpipe_math`).
 - **eval**: the global ``ΔW`` as exact factors (the global's own rank per module).
 
 The checkpoint holds the global as peft factors (``(alpha/R)·B·A = ΔW``, rank ``R`` per module),
@@ -23,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,9 @@ from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.export import merge_into_base
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods import _fedpipe_plan as fp
+from aggregator.methods._fedpipe_plan import natural
+from aggregator.methods._fedpipe_planner import Planner
+from aggregator.methods._fedpipe_select import Selection, check_examples
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
@@ -43,9 +43,6 @@ from protocol.methods import fedpipe as spec
 from protocol.methods import parse_params
 
 log = logging.getLogger(__name__)
-
-MAX_SCORE_ATTEMPTS = 2
-"""Score phases without one valid score before the selection falls back to layer order."""
 
 
 class FedpipeServer:
@@ -67,33 +64,45 @@ class FedpipeServer:
         self.candidates: dict[str, fp.Module] = {}
         self._set_candidates(parsed.lora.target_modules)
         self.dir = Path(context.state_dir) / "fedpipe" if context.state_dir else None
-        self.selected: list[str] = []  # in decreasing importance
-        self.scores: dict[str, float] = {}
-        self.tokens: dict[str, float] = {}
-        self.speed: dict[str, float] = {}  # measured step time over the model's, per agent
-        self._took: dict[int, dict[str, float]] = {}
+        self.selection = Selection(self.dir)
+        self.planner = Planner(self.shape, self.dir)
         self.global_ab: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.plans: dict[int, dict[str, fp.AgentPlan]] = {}
-        self._score_sum: dict[str, float] = {}
-        self._score_weight = 0
-        self._score_attempts = 0
-        self._scored: set[str] = set()
         self._profiles: dict[str, Profile] = {}
         self._regions: set[str] = set()
         self._payloads: dict[tuple[Any, ...], bytes] = {}
-        self._metrics: dict[int, dict[str, float]] = {}
         self.begin_round(1)
         self._load_selection()
 
     def _set_candidates(self, target_modules: tuple[str, ...]) -> None:
         targets = set(target_modules)
         self.candidates = {}
-        for weight, (out_f, in_f) in sorted(self._linears.items(), key=lambda kv: _natural(kv[0])):
+        for weight, (out_f, in_f) in sorted(self._linears.items(), key=lambda kv: natural(kv[0])):
             module = weight.removesuffix(".weight")
             if module.rsplit(".", 1)[-1] in targets:
                 self.candidates[module] = fp.Module(module, in_f, out_f)
         if not self.candidates:
             raise ConfigError(f"fedpipe: no decoder linear matches {sorted(targets)}")
+
+    @property
+    def selected(self) -> list[str]:
+        """The selected matrices, in decreasing importance (none before the score phase)."""
+        return self.selection.selected
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return self.selection.scores
+
+    @property
+    def tokens(self) -> dict[str, float]:
+        return self.selection.tokens
+
+    @property
+    def plans(self) -> dict[int, dict[str, fp.AgentPlan]]:
+        return self.planner.plans
+
+    @property
+    def speed(self) -> dict[str, float]:
+        return self.planner.speed
 
     # --- selection --------------------------------------------------------------------------
 
@@ -101,125 +110,25 @@ class FedpipeServer:
         return not self.selected
 
     def add_score(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> None:
-        expect = payloads.Expect(
-            kind=payloads.PayloadKind.DENSE,
-            method=self.name,
-            round=round,
-            tensors={m: payloads.TensorSpec((1,), torch.float32) for m in self.candidates},
-        )
-        payload = decode_update(blobs, spec.SCORE_BLOB, expect)
-        self._check_examples(result.num_examples)
-        values = {m: float(t[0]) for m, t in payload.tensors.items()}
-        negative = [m for m, v in values.items() if v < 0]
-        if negative:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH, f"negative importance for {negative[0]}"
-            )
-        mean = result.metrics.get(spec.TOKENS_MEAN)
-        if mean is not None:
-            limit = self.params.score.max_len
-            if not 1 <= mean <= limit:
-                raise UpdateRejected(
-                    ErrorCode.PAYLOAD_MISMATCH, f"{spec.TOKENS_MEAN} {mean} outside [1, {limit}]"
-                )
-            self.tokens[result.agent_id] = mean
-        for m, v in values.items():
-            self._score_sum[m] = self._score_sum.get(m, 0.0) + v * result.num_examples
-        self._score_weight += result.num_examples
-        self._scored.add(result.agent_id)
+        self.selection.add(round, result, blobs, self.params, self.candidates)
 
     def finish_score(self, round: int) -> dict[str, float]:
-        self._score_attempts += 1
-        fallback = 0.0
-        if self._score_weight == 0:
-            if self._score_attempts < MAX_SCORE_ATTEMPTS:
-                log.warning("fedpipe: no valid importance scores; scoring again")
-                return {"scored_agents": 0.0}
-            log.warning(
-                "fedpipe: no valid scores after %d tries: selecting in layer order",
-                self._score_attempts,
-            )
-            self._score_sum, self._score_weight, fallback = (
-                {m: 0.0 for m in self.candidates},
-                1,
-                1.0,
-            )
-        self.scores = {m: self._score_sum[m] / self._score_weight for m in self.candidates}
-        order = sorted(self.candidates, key=lambda m: (-self.scores[m], _natural(m)))
-        s = self.params.select
-        count = s.count if s.count is not None else max(1, round_half_up(s.fraction * len(order)))
-        self.selected = order[: min(count, len(order))]
-        self._save(
-            "selection.json",
-            {"selected": self.selected, "scores": self.scores, "tokens": self.tokens},
-        )
-        log.info("fedpipe: selected %s", self.selection_summary())
-        return {
-            "selected": float(len(self.selected)),
-            "scored_agents": float(len(self._scored)),
-            "score_fallback": fallback,
-        }
+        return self.selection.finish(self.params, self.candidates)
 
     def selection_summary(self) -> str:
-        kinds: dict[str, int] = {}
-        for m in self.selected:
-            kind = m.rsplit(".", 1)[-1]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        parts = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
-        return f"{len(self.selected)} of {len(self.candidates)} matrices ({parts})"
+        return self.selection.summary(len(self.candidates))
 
     def _load_selection(self) -> None:
-        if self.dir is None or not (self.dir / "selection.json").exists():
-            return
-        data = json.loads((self.dir / "selection.json").read_text("utf-8"))
-        self._set_selection(data["selected"], data.get("scores", {}), data.get("tokens", {}))
-        log.info("fedpipe: selection read from %s", self.dir / "selection.json")
-
-    def _set_selection(
-        self, selected: list[str], scores: dict[str, float], tokens: Mapping[str, Any]
-    ) -> None:
-        unknown = [m for m in selected if m not in self.candidates]
-        if unknown or not selected:
-            raise StateError(f"fedpipe: the stored selection names unknown matrices {unknown[:3]}")
-        self.selected, self.scores = list(selected), dict(scores)
-        self.tokens = {a: float(t) for a, t in tokens.items()}
-
-    def _save(self, name: str, data: object) -> None:
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.dir / name, json.dumps(data, indent=1).encode())
+        self.selection.load(self.candidates)
 
     # --- planning ---------------------------------------------------------------------------
 
     def _problem(self, agents: Mapping[str, fp.Resources], max_len: int = 0) -> fp.Problem:
-        p, t = self.params.plan, self.params.train
         modules = [self.candidates[m] for m in (self.selected or list(self.candidates))]
-        return fp.Problem(
-            tiers=fp.split_tiers(modules, p.tiers),
-            shape=self.shape,
-            agents=agents,
-            options=fp.Options(
-                ranks=p.ranks,
-                batch_sizes=p.batch_sizes,
-                quants=p.quants,
-                examples_per_round=p.examples_per_round or t.steps * t.batch_size,
-                max_len=max_len or t.max_len,
-                capacity_floor=p.capacity * len(agents) * len(modules) * self.params.lora.r,
-                memory_fraction=p.memory_fraction,
-            ),
-        )
+        return self.planner.problem(self.params, modules, agents, max_len)
 
     def _resources(self, profile: Profile, view: AgentView | None = None) -> fp.Resources:
-        limit = float(self.params.train.max_len)
-        return fp.resources(
-            profile,
-            rtt_ms=view.rtt_ms if view else None,
-            bandwidth_mbps=view.bandwidth_mbps if view else None,
-            default_bandwidth_mbps=self.params.plan.default_bandwidth_mbps,
-            tokens=min(self.tokens.get(view.agent_id, limit), limit) if view else limit,
-            speed=self.speed.get(view.agent_id, 1.0) if view else 1.0,
-        )
+        return self.planner.resources(self.params, profile, view, self.tokens)
 
     def on_hello(self, view: AgentView) -> None:
         if view.role == "region":
@@ -242,51 +151,16 @@ class FedpipeServer:
             return
         # agents that already have this round's plan (saved before a restart) keep it: their
         # task may be running, and their stored update is checked against it
-        stored = self.plans.get(round) or self._read_plan(round) or {}
+        stored = self.planner.stored(round)
         todo = {
             a: self._resources(v.profile, v)
             for a, v in views.items()
             if a not in stored and a not in self._regions
         }
-        self.plans[round] = {**stored, **(self._solve(round, todo) if todo else {})}
-        if todo:
-            self._save(f"plan-{round}.json", {a: p.to_json() for a, p in self.plans[round].items()})
-
-    def _solve(self, round: int, agents: Mapping[str, fp.Resources]) -> dict[str, fp.AgentPlan]:
-        problem = self._problem(agents)
-        try:
-            solution = fp.solve_milp(problem)
-        except fp.PlanError as exc:
-            log.warning("fedpipe: round %d: %s; agents get the smallest configuration", round, exc)
-            solution = fp.smallest(problem)
-        if solution.capacity_relaxed:
-            log.warning("fedpipe: round %d: the capacity floor cannot be met; relaxed", round)
-        known = self._metrics.setdefault(round, {"est_max_s": 0.0, "capacity_relaxed": 0.0})
-        known["est_max_s"] = max(known["est_max_s"], solution.t_max)
-        known["capacity_relaxed"] = max(known["capacity_relaxed"], solution.capacity_relaxed)
-        plans = fp.agent_plans(problem, solution)
-        for a, ap in sorted(plans.items()):
-            log.info("fedpipe: round %d: %s gets %s", round, a, ap.describe())
-        return plans
+        self.planner.extend(round, stored, self._problem(todo) if todo else None)
 
     def agent_details(self, round: int) -> dict[str, dict[str, str]]:
-        took = self._took.get(round, {})
-        return {
-            a: p.details() | ({"train_s": f"{took[a]:.1f}"} if a in took else {})
-            for a, p in self.plans.get(round, {}).items()
-        }
-
-    def _learn_speed(self, round: int) -> None:
-        """Scale each agent's throughput by its modelled over its measured training time
-        (geometric mean with what was learnt before): the profile's one quick matmul at
-        start-up misjudges a busy machine."""
-        for agent, seconds in self._took.get(round, {}).items():
-            plan = self.plans.get(round, {}).get(agent)
-            if plan is None or seconds <= 0 or plan.compute_s <= 0:
-                continue
-            observed = min(max(plan.speed * plan.compute_s / seconds, 1e-3), 1e3)
-            previous = self.speed.get(agent)
-            self.speed[agent] = observed if previous is None else math.sqrt(previous * observed)
+        return self.planner.details(round)
 
     def _plan_for(self, round: int, agent_id: str) -> fp.AgentPlan:
         plan = self.plans.get(round, {}).get(agent_id)
@@ -295,14 +169,6 @@ class FedpipeServer:
             self.plan(round, "train", {agent_id: view})
             plan = self.plans[round][agent_id]
         return plan
-
-    def _read_plan(self, round: int) -> dict[str, fp.AgentPlan] | None:
-        if self.dir is None or not (self.dir / f"plan-{round}.json").exists():
-            return None
-        data = json.loads((self.dir / f"plan-{round}.json").read_text("utf-8"))
-        plans = {a: fp.AgentPlan.from_json(p) for a, p in data.items()}
-        self.plans[round] = plans
-        return plans
 
     # --- what agents are sent ---------------------------------------------------------------
 
@@ -354,7 +220,7 @@ class FedpipeServer:
         key = ("train", round, tuple(sorted(ranks.items())))
         if key not in self._payloads:
             state: dict[str, torch.Tensor] = {}
-            for module in sorted(ranks, key=_natural):  # layer order: compact stacking
+            for module in sorted(ranks, key=natural):  # layer order: compact stacking
                 r = ranks[module]
                 a_key, b_key = fm.keys(module)
                 a_glob, b_glob = self.global_ab[module]
@@ -379,20 +245,12 @@ class FedpipeServer:
 
     # --- what comes back --------------------------------------------------------------------
 
-    def _check_examples(self, n: int) -> None:
-        if not 1 <= n <= self.params.max_examples:
-            raise UpdateRejected(
-                ErrorCode.REJECTED_UPDATE,
-                f"example count {n} outside [1, {self.params.max_examples}]",
-            )
-
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         ranks: Mapping[str, int | None]
         if result.agent_id in self._regions:  # its aggregate: any rank a ΔW can have
             ranks = dict.fromkeys(self.selected)
         else:
-            plans = self.plans.get(round) or self._read_plan(round) or {}
-            plan = plans.get(result.agent_id)
+            plan = self.planner.stored(round).get(result.agent_id)
             if plan is None:
                 raise UpdateRejected(
                     ErrorCode.PAYLOAD_MISMATCH, f"no plan for {result.agent_id} in round {round}"
@@ -414,7 +272,7 @@ class FedpipeServer:
                 raise UpdateRejected(
                     ErrorCode.PAYLOAD_MISMATCH, f"{module}: rank {r} exceeds min(out, in)"
                 )
-        self._check_examples(result.num_examples)
+        check_examples(result.num_examples, self.params.max_examples)
         return Update(
             result.agent_id,
             result.task_id,
@@ -439,14 +297,12 @@ class FedpipeServer:
             b = update.tensors[fm.keys(module)[1]]
             self._sums.setdefault(module, fm.LowRankSum()).add(a, b, update.num_examples, alpha)
         self._weight += update.num_examples
-        seconds = update.metrics.get("seconds")
-        if seconds is not None and math.isfinite(seconds) and seconds > 0:
-            self._took.setdefault(self._round, {})[update.agent_id] = seconds
+        self.planner.record(self._round, update.agent_id, update.metrics.get("seconds"))
 
     def finish_round(self, round: int) -> dict[str, float]:
         metrics = {"selected": float(len(self.selected)), "examples": float(self._weight)}
-        metrics.update(self._metrics.get(round, {}))
-        self._learn_speed(round)
+        metrics.update(self.planner.metrics.get(round, {}))
+        self.planner.learn_speed(round)
         if self._weight == 0:
             return metrics
         alpha = self.params.lora.alpha
@@ -463,7 +319,7 @@ class FedpipeServer:
     def global_state(self) -> dict[str, torch.Tensor]:
         """The global ΔW as a peft adapter state (rank ``R`` per module)."""
         state: dict[str, torch.Tensor] = {}
-        for module in sorted(self.global_ab, key=_natural):
+        for module in sorted(self.global_ab, key=natural):
             a, b = self.global_ab[module]
             a_key, b_key = fm.keys(module)
             state[a_key], state[b_key] = a, b
@@ -482,12 +338,13 @@ class FedpipeServer:
 
     def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
         if "selected" in meta:
-            self._set_selection(
+            self.selection.restore(
                 json.loads(meta["selected"]),
                 json.loads(meta.get("scores", "{}")),
                 json.loads(meta.get("tokens", "{}")),
+                self.candidates,
             )
-        self.speed = {a: float(v) for a, v in json.loads(meta.get("speed", "{}")).items()}
+        self.planner.speed = {a: float(v) for a, v in json.loads(meta.get("speed", "{}")).items()}
         self._set_global(tensors, "the checkpoint")
 
     def _set_global(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
@@ -516,16 +373,6 @@ class FedpipeServer:
         info = {"method": self.name, "base_model": base_model_name, "selected": self.selected}
         atomic_write_bytes(out_dir / "fedpipe.json", (json.dumps(info, indent=2) + "\n").encode())
         return {"model": out_dir, "weights": out_dir / "model.safetensors", "adapter": out_dir}
-
-
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
-def _natural(name: str) -> list[tuple[int, int | str]]:
-    import re
-
-    return [(0, int(p)) if p.isdecimal() else (1, p) for p in re.split(r"([0-9]+)", name) if p]
 
 
 Server = FedpipeServer

@@ -12,7 +12,8 @@ Language Models" (2024). Four parts, all server-driven:
 2. **Per-agent configuration.** For each training round the server solves, from each agent's
    profile, the LoRA rank of every selected matrix (one rank per importance tier), the batch
    size and the base precision that minimise the slowest agent's estimated round time under
-   its memory and a total-rank floor (``aggregator/methods/_fedpipe_plan.py``).
+   its memory and a total-rank floor (``aggregator/methods/_fedpipe_plan.py`` and
+   ``_fedpipe_solve.py``).
 3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples; each
    agent is then sent the truncated SVD of the global ``ΔW`` at its own ranks.
 4. **Precision by memory**: the planner's choice travels as ``TaskAssign.quant``.

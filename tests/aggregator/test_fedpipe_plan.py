@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.methods import _fedpipe_plan as fp
+from aggregator.methods import _fedpipe_solve as fs
 from protocol.messages import GpuInfo, Profile
 
 # SmolLM2-135M: 30 layers of q,k,v,o (576x576, 192x576 k/v), gate/up (1536x576), down (576x1536)
@@ -152,12 +153,12 @@ def test_milp_matches_exhaustive_search_on_random_profiles() -> None:
     while solved < 60:
         p = random_problem(rng)
         try:
-            brute = fp.solve_exhaustive(p)
+            brute = fs.solve_exhaustive(p)
         except fp.PlanError:  # some agent fits no configuration: both must say so
             with pytest.raises(fp.PlanError):
-                fp.solve_milp(p)
+                fs.solve_milp(p)
             continue
-        milp = fp.solve_milp(p)
+        milp = fs.solve_milp(p)
         assert milp.t_max == pytest.approx(brute.t_max, rel=1e-9)
         assert milp.value == brute.value  # integer: capacity first, then precision
         assert milp.capacity_relaxed == brute.capacity_relaxed
@@ -170,11 +171,11 @@ def test_milp_matches_exhaustive_search_on_random_profiles() -> None:
 
 def test_capacity_floor_moves_rank_to_the_fast_agent() -> None:
     agents = {"fast": cpu(bandwidth=1000.0), "slow": cpu(bandwidth=2.0)}
-    free = fp.solve_milp(smol_problem(agents))
+    free = fs.solve_milp(smol_problem(agents))
     modules = sum(len(t) for t in smol_problem(agents).tiers)
     # without a floor the slow link takes the smallest rank; a floor of 2 agents x 9 ranks per
     # module average cannot be met by the fast agent's 16 alone: the slow one must carry more
-    floored = fp.solve_milp(smol_problem(agents, capacity_floor=2 * modules * 10))
+    floored = fs.solve_milp(smol_problem(agents, capacity_floor=2 * modules * 10))
     assert free.estimates["slow"].capacity == 2 * modules
     assert floored.estimates["slow"].capacity > free.estimates["slow"].capacity
     assert floored.t_max > free.t_max
@@ -196,7 +197,7 @@ def test_a_slower_or_smaller_agent_gets_a_smaller_configuration(
     small: fp.Resources, what: str
 ) -> None:
     p = smol_problem({"big": cpu(), "small": small}, capacity_floor=0.0)
-    s = fp.solve_milp(p)
+    s = fs.solve_milp(p)
     big, little = s.estimates["big"], s.estimates["small"]
     if what == "memory":
         assert little.memory_bytes < big.memory_bytes
@@ -218,7 +219,7 @@ def test_gpu_memory_picks_nf4_int8_bf16_for_a_7b_model() -> None:
     p = fp.Problem(tiers, LLAMA7B, agents, options(quants=("bf16", "int8", "nf4")))
     picks = {a: fp.memory_quant(p, a, batch=1) for a in agents}
     assert picks == {"g8": "nf4", "g16": "int8", "g24": "bf16", "g80": "bf16"}
-    s = fp.solve_milp(p)
+    s = fs.solve_milp(p)
     assert {a: c.quant for a, c in s.choice.items()} == picks
     assert s.choice["g80"].batch > s.choice["g8"].batch
     assert s.estimates["g8"].capacity < s.estimates["g80"].capacity
@@ -238,14 +239,14 @@ def test_refusal_names_the_need_and_what_the_agent_has() -> None:
     )
     assert f"about {need / 2**20:.0f} MiB" in reason and "763 MiB RAM" in reason
     with pytest.raises(fp.PlanError, match="tiny"):
-        fp.solve_milp(p)
-    fallback = fp.smallest(p)
+        fs.solve_milp(p)
+    fallback = fs.smallest(p)
     assert fallback.choice["tiny"].batch == 1 and fallback.capacity_relaxed
 
 
 def test_agent_plan_round_trip_and_module_ranks() -> None:
     p = smol_problem({"a": cpu(bandwidth=30.0)})
-    s = fp.solve_milp(p)
+    s = fs.solve_milp(p)
     plan = fp.agent_plans(p, s)["a"]
     assert fp.AgentPlan.from_json(plan.to_json()) == plan
     tiers = [[m.name for m in t] for t in p.tiers]

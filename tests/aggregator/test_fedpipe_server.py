@@ -138,7 +138,7 @@ def test_bad_scores_are_rejected(tiny_model_dir: Path, problem: str) -> None:
         data = data.replace(struct.pack("<f", 12345.0), struct.pack("<f", float("nan")))
     with pytest.raises(UpdateRejected):
         s.add_score(1, result("a", 2, "score", **metrics), {"scores": memoryview(data)})
-    assert s._score_weight == 0
+    assert s.selection._weight == 0
 
 
 def test_no_valid_scores_rescore_once_then_fall_back_to_layer_order(tiny_model_dir: Path) -> None:
@@ -299,7 +299,9 @@ def test_measured_training_times_correct_the_next_estimates(tiny_model_dir: Path
     s.plan(2, "train", views)
     a2, b2 = s.plans[2]["a"], s.plans[2]["b"]
     assert b2.speed == pytest.approx(0.25)
-    assert sum(b2.tier_ranks) <= sum(a2.tier_ranks) and b2.seconds <= s._metrics[2]["est_max_s"]
+    assert (
+        sum(b2.tier_ranks) <= sum(a2.tier_ranks) and b2.seconds <= s.planner.metrics[2]["est_max_s"]
+    )
     tensors, meta = s.state()
     other = server(tiny_model_dir, None)
     other.restore(tensors, meta)
