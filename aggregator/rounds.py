@@ -1,14 +1,21 @@
-"""The round engine's plain data: what it sends, a round's summary, an open phase, task ids."""
+"""The round engine's data: what it sends, an open phase, a round's summary, task ids.
+
+A :class:`RoundSummary` is one row of the per-round table; it is filled from each phase of
+its round as that phase closes (:meth:`RoundSummary.record_train`,
+:meth:`RoundSummary.record_eval`, and what the method reports, :meth:`RoundSummary.record_method`).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from protocol.frames import Buffer
 from protocol.messages import TaskResult
 
 
@@ -16,7 +23,7 @@ from protocol.messages import TaskResult
 class Outgoing:
     agent_id: str
     header: BaseModel
-    blobs: Mapping[str, bytes] = field(default_factory=dict)
+    blobs: Mapping[str, Buffer] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,6 +46,42 @@ class RoundSummary:
     """What the method reports of the round (e.g. SLoRA's stage and density)."""
     per_agent: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per agent of the round: bytes up and down, and what the method chose for it."""
+
+    def record_method(self, metrics: Mapping[str, float]) -> None:
+        """Keep the finite values of what the method reports of the round."""
+        self.method.update({k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+
+    def record_train(
+        self, phase: Phase, now: float, details: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        """Fill in the closed training ``phase``: agents counted, loss, bytes per agent, time,
+        rejections; ``details``: what the method chose per agent, for :attr:`per_agent`."""
+        results = list(phase.done.values())
+        self.agents = len(results) - phase.rejected
+        self.train_loss = weighted(results, "train_loss")
+        self.bytes_up = sum(phase.bytes_up.values()) / max(len(phase.bytes_up), 1)
+        self.bytes_down = sum(phase.bytes_down.values()) / max(len(phase.assigned), 1)
+        self.seconds = now - phase.started
+        self.rejected = phase.rejected
+        self.per_agent = {
+            agent_id: {
+                "up": str(phase.bytes_up.get(agent_id, 0)),
+                "down": str(phase.bytes_down.get(agent_id, 0)),
+                **details.get(agent_id, {}),
+            }
+            for agent_id in sorted(phase.assigned)
+        }
+
+    def record_eval(self, phase: Phase) -> None:
+        """Fill in the closed evaluation ``phase`` of this round's global."""
+        results = list(phase.done.values())
+        n = max(len(phase.assigned), 1)
+        self.eval_loss = weighted(results, "eval_loss")
+        self.eval_em = weighted(results, "eval_em")
+        # what evaluating this round's global cost on the wire (it may carry state the next
+        # round needs: Ferret's step, FedBiOT's emulator with the round-0 evaluation)
+        self.eval_bytes_up = sum(phase.bytes_up.values()) / n
+        self.eval_bytes_down = sum(phase.bytes_down.values()) / n
 
     def as_metrics(self) -> dict[str, float]:
         out = {
@@ -72,6 +115,15 @@ class Phase:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """What a status report shows of the open phase."""
+        return {
+            "kind": self.kind,
+            "round": self.round,
+            "assigned": len(self.assigned),
+            "done": len(self.done),
+        }
 
 
 def task_id_for(run_id: str, round: int, kind: str, agent_id: str) -> str:
