@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from protocol.frames import Buffer
 from protocol.messages import Profile, TaskResult
 
 
@@ -37,7 +38,7 @@ class Assignment:
     """
 
     params: dict[str, Any]
-    blobs: Mapping[str, bytes] = field(default_factory=dict)
+    blobs: Mapping[str, Buffer] = field(default_factory=dict)
     quant: str | None = None
 
 

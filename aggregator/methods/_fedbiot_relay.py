@@ -32,6 +32,7 @@ from aggregator.methods._fedbiot_serve import EmulatorCopies, State
 from aggregator.relay import UPDATE_BLOB, UPSTREAM_OBJECTS, Answers, MeanRelay, NoGlobalState
 from edge_agent.objects import ObjectStore
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.frames import Buffer
 from protocol.messages import TaskResult
 from protocol.methods import _fedbiot_emulator as emu
 from protocol.methods import fedbiot as spec
@@ -53,7 +54,7 @@ class FedbiotRelay:
         self.copies = EmulatorCopies(parsed.align.history)
         self.mean = MeanRelay(spec.NAME)
         self.answers = Answers()
-        self.task: dict[tuple[str, int], tuple[Assignment, bytes | None]] = {}
+        self.task: dict[tuple[str, int], tuple[Assignment, Buffer | None]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
 
     # --- what the upstream sends --------------------------------------------------------------
@@ -66,17 +67,23 @@ class FedbiotRelay:
             raise StateError("fedbiot: the upstream's task names no emulator")
         self.params = parsed
         self.copies.history = parsed.align.history
-        self._take_bundle(info, assignment.blobs.get(spec.EMULATOR_BLOB))
+        self.copies.part_bytes = parsed.emulator.part_mb << 20
+        try:
+            bundle = spec.bundle_of(assignment.blobs)
+        except ProtocolError as exc:
+            raise StateError(f"fedbiot: the upstream's emulator parts: {exc}") from None
+        self._take_bundle(info, bundle)
         self._take_alignment(info, assignment.blobs.get(spec.ALIGN_BLOB))
         self.task = {k: v for k, v in self.task.items() if k[1] >= round - 1}
         plain = Assignment(params=assignment.params, quant=assignment.quant)
         self.task[(kind, round)] = (plain, assignment.blobs.get(spec.GLOBAL_BLOB))
 
-    def _take_bundle(self, info: spec.TaskInfo, data: bytes | None) -> None:
+    def _take_bundle(self, info: spec.TaskInfo, data: Buffer | None) -> None:
         sha = info.emulator_sha256
         if sha == self.copies.bundle_sha:
             return
         if data is not None:
+            data = bytes(data)
             got = self.objects.put(data)
             if got != sha:
                 self.objects.discard(got)
@@ -103,7 +110,7 @@ class FedbiotRelay:
         self._targets = targets
         log.info("fedbiot: region holds emulator %s… (%.1f MB)", sha[:12], len(data) / 1e6)
 
-    def _take_alignment(self, info: spec.TaskInfo, raw: bytes | None) -> None:
+    def _take_alignment(self, info: spec.TaskInfo, raw: Buffer | None) -> None:
         """Bring the region's chain to the task's version; keep the deltas it was sent."""
         c, a = self.copies, self.params.align
         held_sha = c.shas.get(c.version) if c.state is not None else None

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from aggregator.methods import AgentView
+from protocol.frames import Buffer
 from protocol.methods import _fedbiot_emulator as emu
 from protocol.methods import fedbiot as spec
 
@@ -25,9 +26,11 @@ class EmulatorCopies:
     """The bundle, the alignment chain (version, state, recent shas and deltas) and, per agent,
     what it holds; :meth:`blobs_for` gives an agent what it lacks. Thread-safe."""
 
-    def __init__(self, history: int) -> None:
+    def __init__(self, history: int, part_bytes: int = 512 << 20) -> None:
         self.lock = threading.Lock()
         self.history = history
+        self.part_bytes = part_bytes
+        """A bundle larger than this travels in parts (``spec.bundle_blobs``)."""
         self.bundle = b""
         self.bundle_sha = ""
         self.version = 0
@@ -134,14 +137,14 @@ class EmulatorCopies:
             self._blobs[key] = whole
         return self._blobs[key]
 
-    def blobs_for(self, agent_id: str) -> dict[str, bytes]:
+    def blobs_for(self, agent_id: str) -> dict[str, Buffer]:
         """The bundle if the agent lacks it, the alignment blob if it is behind; noted as sent."""
         with self.lock:
             self._known(agent_id)
-            blobs: dict[str, bytes] = {}
+            blobs: dict[str, Buffer] = {}
             notes = self._sent.setdefault(agent_id, {})
             if agent_id not in self._has_bundle:
-                blobs[spec.EMULATOR_BLOB] = self.bundle
+                blobs.update(spec.bundle_blobs(self.bundle, self.part_bytes))
                 self._has_bundle.add(agent_id)
                 self.sent_bundles += 1
                 notes["emulator"] = f"sent ({len(self.bundle) / 1e6:.1f} MB)"

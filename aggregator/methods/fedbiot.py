@@ -69,7 +69,7 @@ class FedbiotServer:
         self.aligner: align.Aligner | None = None
         self.emu_plan: emu.EmulatorPlan | None = None
         self.ratio = 0.0
-        self.copies = EmulatorCopies(parsed.align.history)
+        self.copies = EmulatorCopies(parsed.align.history, parsed.emulator.part_mb << 20)
         """The bundle, the alignment chain and what each agent holds of them."""
         self.moments: align.Moments | None = None
         self.pending = 0

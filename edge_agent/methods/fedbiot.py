@@ -133,7 +133,10 @@ def emulator_for(task: TaskInput, ws: Workspace, params: spec.Params) -> Emulato
     if isinstance(cached, EmulatorModel) and cached.key == key:
         return cached
     ws.cache.pop(CACHE_KEY, None)
-    data: Any = task.blobs.get(spec.EMULATOR_BLOB)
+    try:
+        data: Any = spec.bundle_of(task.blobs)
+    except ProtocolError as exc:
+        raise _Rejected(str(exc)) from None
     if data is not None:
         sha = ws.objects.put(data)
         if sha != info.emulator_sha256:

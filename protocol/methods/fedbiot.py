@@ -16,7 +16,10 @@ Wire (blob names, all payloads of :mod:`protocol.payloads`; layouts in
 
   ``"emulator"``  the bundle (``dense``, round 0), only to an agent that does not hold it (by
                   ``Hello.holds``, or because it was sent it before); the agent keeps it in its
-                  object store, so its Hello lists it after a restart.
+                  object store, so its Hello lists it after a restart. A bundle larger than
+                  ``emulator.part_mb`` MiB travels as blobs ``"emulator.0"``, ``"emulator.1"``,
+                  … (consecutive byte ranges of it, in one message): a ZeroMQ peer caps each
+                  *frame* (an agent at 2 GiB), and a 7B model's emulator is ~7.4 GB.
   ``"align"``     the alignment state from the agent's version to the current one (``dense``):
                   the bf16 deltas of the missing versions, or the whole fp32 state when that is
                   smaller or the deltas are no longer kept. Absent when the agent is current.
@@ -30,10 +33,13 @@ Wire (blob names, all payloads of :mod:`protocol.payloads`; layouts in
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field
 
+from protocol.errors import PayloadError
 from protocol.methods._common import (
     EvalParams,
     LoraParams,
@@ -60,6 +66,8 @@ class EmulatorParams(StrictParams):
     """Fraction of the bottom layers dropped (uniform stride; first and last bottom kept)."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the bundle's weights on the wire (agents compute in fp32 unless bf16)."""
+    part_mb: Annotated[int, Field(ge=1, le=1536)] = 512
+    """A bundle larger than this many MiB travels in parts of at most this size."""
 
 
 class AlignParams(StrictParams):
@@ -112,3 +120,30 @@ class Params(StrictParams):
     prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01
     """λ of the agents' proximal term λ‖adapter − adapter at round start‖² (LoRA factors)."""
     task: TaskInfo | None = None
+
+
+_PART = re.compile(r"^emulator\.([0-9]+)$")
+Buffer = bytes | bytearray | memoryview
+
+
+def bundle_blobs(data: bytes, part_bytes: int) -> dict[str, Buffer]:
+    """The blobs that carry the bundle: one, or its byte ranges of at most ``part_bytes``."""
+    if len(data) <= part_bytes:
+        return {EMULATOR_BLOB: data}
+    view = memoryview(data)
+    return {
+        f"{EMULATOR_BLOB}.{i}": view[start : start + part_bytes]
+        for i, start in enumerate(range(0, len(data), part_bytes))
+    }
+
+
+def bundle_of(blobs: Mapping[str, Buffer]) -> Buffer | None:
+    """The bundle a message carries (whole, or joined from its parts), or None."""
+    if EMULATOR_BLOB in blobs:
+        return blobs[EMULATOR_BLOB]
+    parts = {int(m.group(1)): data for name, data in blobs.items() if (m := _PART.match(name))}
+    if not parts:
+        return None
+    if sorted(parts) != list(range(len(parts))):
+        raise PayloadError(f"emulator parts {sorted(parts)} are not 0..{len(parts) - 1}")
+    return b"".join(parts[i] for i in range(len(parts)))

@@ -376,3 +376,20 @@ def test_a_driven_engine_relays_fedpipe_scores_and_plans_its_agents(
     assert {t.kind for t in tasks.values()} == {"train"} and sorted(tasks) == ["a", "b"]
     assert all(t.params["ranks"] == dict.fromkeys(up.selected, 4) for t in tasks.values())
     ledger.close()
+
+
+def test_fedbiot_relay_takes_and_serves_the_bundle_in_parts(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    params = {**FEDBIOT_PARAMS, "emulator": {"part_mb": 1}}
+    up = FedbiotServer(params, MethodContext(model_dir=tiny[0], public_data=tiny[1]))
+    up.prepare()
+    up.on_hello(region_view("east"))
+    task = up.assign(1, "east", "train")
+    assert fb_spec.EMULATOR_BLOB not in task.blobs and f"{fb_spec.EMULATOR_BLOB}.1" in task.blobs
+    relay = FedbiotRelay(FEDBIOT_PARAMS, MethodContext(state_dir=tmp_path))
+    relay.set_task("train", 1, task)
+    assert relay.copies.bundle == up.copies.bundle
+    assert relay.objects.has(up.copies.bundle_sha)
+    sent = relay.assign(1, "a", "train").blobs
+    assert fb_spec.bundle_of(sent) == up.copies.bundle and len(sent) == len(task.blobs)

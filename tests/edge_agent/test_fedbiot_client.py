@@ -12,6 +12,7 @@ import torch
 from aggregator.methods import AgentView
 from aggregator.methods.fedbiot import FedbiotServer
 from edge_agent.data import Example, load_jsonl
+from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput
 from edge_agent.methods.fedbiot import EmulatorModel, FedbiotClient, proximal
 from edge_agent.model_store import ResolvedModel, resolve_model
@@ -215,3 +216,25 @@ def test_the_proximal_term_keeps_the_adapter_near_its_round_start(setup: Any) ->
         )
     assert proximal(em.model, 0.0) is None
     assert drift[50.0] < 0.5 * drift[0.0], drift
+
+
+def test_a_bundle_larger_than_a_part_travels_in_parts(setup: Any) -> None:
+    """With emulator.part_mb = 1 the tiny bundle (~6 MB) travels as byte ranges; the agent joins
+    them into the same bundle (its sha256 is checked) and builds the server's emulator."""
+    s, resolved, files, root = setup
+    size, s.copies.part_bytes = len(s.copies.bundle), 1 << 20
+    try:
+        a = s.assign(s.copies.version, "p", "eval")
+    finally:
+        s.copies.part_bytes = 512 << 20
+    parts = sorted(k for k in a.blobs if k.startswith(spec.EMULATOR_BLOB))
+    assert spec.EMULATOR_BLOB not in a.blobs and len(parts) == -(-size // (1 << 20)) > 1
+    assert all(len(a.blobs[k]) <= 1 << 20 for k in parts)
+    ws = Workspace(resolved, root / "agent-p", files["agent-0"])
+    run(ws, a.params, a.blobs, s.copies.version, "eval")
+    assert_same_emulator(ws.cache["fedbiot"], s)
+    assert s.copies.bundle_sha in ws.objects.holdings()
+    gap = {k: v for k, v in a.blobs.items() if k != f"{spec.EMULATOR_BLOB}.1"}
+    with pytest.raises(TaskError, match="not 0.."):  # a part missing: refused, nothing built
+        run(Workspace(resolved, root / "agent-q", files["agent-0"]), a.params, gap,
+            s.copies.version, "eval")  # fmt: skip
