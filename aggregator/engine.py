@@ -322,9 +322,10 @@ class RoundEngine:
             params=spec.params,
             deadline_s=max(1.0, phase.deadline - self.clock()),
         )
-        phase.bytes_down[agent_id] = frames_nbytes(encode(header, spec.blobs))
+        frames = encode(header, spec.blobs)  # once: the service sends these very frames
+        phase.bytes_down[agent_id] = frames_nbytes(frames)
         self.registry.assigned(agent_id, phase.assigned[agent_id])
-        return Outgoing(agent_id, header, spec.blobs)
+        return Outgoing(agent_id, header, spec.blobs, encoded=frames)
 
     def _close_phase(self, phase: Phase, now: float) -> list[Outgoing]:
         self.phase = None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from protocol.frames import Buffer
+from protocol.frames import Buffer, encode
 from protocol.messages import TaskResult
 
 
@@ -24,6 +24,12 @@ class Outgoing:
     agent_id: str
     header: BaseModel
     blobs: Mapping[str, Buffer] = field(default_factory=dict)
+    encoded: list[Buffer] | None = None
+    """The frames, when the engine has already encoded them (hashing a large blob is costly:
+    a 7B model's FedBiOT emulator takes seconds)."""
+
+    def frames(self) -> list[Buffer]:
+        return self.encoded if self.encoded is not None else encode(self.header, self.blobs)
 
 
 @dataclass

@@ -113,7 +113,7 @@ class AggregatorService:
         return sock
 
     def _send(self, sock: zmq.Socket[bytes], out: Outgoing) -> None:
-        frames = encode(out.header, out.blobs)
+        frames = out.frames()
         try:
             sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:

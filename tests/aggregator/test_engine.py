@@ -158,3 +158,24 @@ def test_agent_with_another_model_is_refused_with_both_hashes(h: Harness) -> Non
     assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.MODEL_MISMATCH
     assert SHA in reply.reason and other in reply.reason
     assert not h.engine.registry.known("a1")
+
+
+def test_an_assignment_is_encoded_once_and_its_bytes_counted(h: Harness) -> None:
+    """The engine encodes a task's frames once (a large blob's sha256 is costly); the service
+    sends those very frames, and the phase counts their size as the agent's bytes down."""
+    from protocol.frames import decode, frames_nbytes
+    from protocol.messages import TaskAssign
+
+    tasks = start_round(h, ["a1", "a2"])
+    for agent in tasks:
+        h.result(tasks[agent], agent, 10, lora_state(1.0))
+    h.tick()  # round 1 commits
+    out = [o for o in h.tick() if isinstance(o.header, TaskAssign)]  # round 2, with the global
+    out.sort(key=lambda o: o.agent_id)
+    assert [o.agent_id for o in out] == ["a1", "a2"] and out[0].encoded is not None
+    assert out[0].frames() is out[0].encoded
+    sent = decode(out[0].frames())
+    assert isinstance(sent.header, TaskAssign) and sent.header.round == 2
+    assert bytes(sent.blobs["global"]) == bytes(out[0].blobs["global"])
+    assert h.engine.phase is not None
+    assert h.engine.phase.bytes_down["a1"] == frames_nbytes(out[0].encoded)
