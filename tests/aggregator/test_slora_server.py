@@ -16,7 +16,8 @@ from aggregator.engine import RoundEngine, RoundSummary
 from aggregator.errors import UpdateRejected
 from aggregator.ledger import Ledger
 from aggregator.methods import MethodContext
-from aggregator.methods.slora import SloraServer, svd_init, target_shapes
+from aggregator.methods._slora_math import svd_init, target_shapes
+from aggregator.methods.slora import SloraServer
 from protocol import payloads, randomness
 from protocol.frames import decode, encode
 from protocol.messages import Hello, TaskAssign, TaskResult
@@ -152,7 +153,7 @@ def test_svd_init_is_the_best_rank_r_approximation() -> None:
 
 
 def test_large_targets_take_the_sparse_top_r_svd(monkeypatch: pytest.MonkeyPatch) -> None:
-    import aggregator.methods.slora as slora
+    import aggregator.methods._slora_math as slora
 
     torch.manual_seed(4)
     delta = torch.randn(48, 40) * (torch.rand(48, 40) < 0.2)
