@@ -78,6 +78,27 @@ def clip_lora(
     return out, s
 
 
+def clip_values(
+    update: Tensors, base: Tensors | None, max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Dense (or masked-value) tensors pulled toward ``base`` (zero when None) until
+    ``‖update − base‖₂`` over all of them is at most ``max_norm``; and the scale s (exact: the
+    change is linear in s, so s = max_norm / norm)."""
+    diffs = {
+        k: v.to(torch.float64) - (base[k].to(torch.float64) if base and k in base else 0.0)
+        for k, v in update.items()
+    }
+    norm = sum(float(d.square().sum()) for d in diffs.values()) ** 0.5
+    if norm <= max_norm:
+        return dict(update), 1.0
+    s = max_norm / norm
+    out = {
+        k: ((base[k].to(torch.float64) if base and k in base else 0.0) + s * d).to(update[k].dtype)
+        for k, d in diffs.items()
+    }
+    return out, s
+
+
 class Aggregator:
     """One round's combination of updates under ``params``'s rule."""
 

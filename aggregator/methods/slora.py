@@ -42,7 +42,7 @@ from aggregator.methods._slora_math import (
     svd_init,
     target_shapes,
 )
-from aggregator.methods.fedit import FedAvg
+from aggregator.robust import Aggregator, check_examples, clip_lora, clip_values
 from protocol import payloads, randomness
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
@@ -84,7 +84,7 @@ class SloraServer:
         self.svd_energy: float | None = None
         self._counts: dict[str, int] | None = None
         self._payload: tuple[int, int, bytes] | None = None
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
         self._switched = False
 
     @property
@@ -170,14 +170,23 @@ class SloraServer:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
-        if self.stage == 1 and self.shapes is None:
+        check_examples(result.num_examples, self.params.aggregation)
+        stage = self.stage
+        if stage == 1 and self.shapes is None:
             self._learn_shapes(payload)
+        tensors, metrics = payload.tensors, dict(result.metrics)
+        clip = self.params.aggregation.clip_norm
+        if clip is not None:
+            if stage == 1:
+                tensors, metrics["clip_scale"] = clip_values(tensors, self.values or None, clip)
+            else:
+                tensors, metrics["clip_scale"] = clip_lora(tensors, self.lora or None, clip)
         return Update(
             agent_id=result.agent_id,
             task_id=result.task_id,
             num_examples=result.num_examples,
-            tensors=payload.tensors,
-            metrics=dict(result.metrics),
+            tensors=tensors,
+            metrics=metrics,
         )
 
     def _learn_shapes(self, payload: payloads.Payload) -> None:
@@ -192,7 +201,7 @@ class SloraServer:
     # --- aggregation --------------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
         self._switched = False
         if self.stage == 1 and round > self.params.sparse.stage1_rounds:
             self._start_switch(round)
@@ -255,7 +264,7 @@ class SloraServer:
         self._acc.add(update.tensors, update.num_examples)
 
     def finish_round(self, round: int) -> dict[str, float]:
-        mean = self._acc.mean()
+        mean = self._acc.result()
         metrics = {"examples": float(self._acc.weight), "stage": float(self.stage)}
         self._payload = None
         if self.stage == 1:

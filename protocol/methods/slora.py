@@ -36,6 +36,14 @@ is quantized per the task's ``quant``.
 
 Eval tasks evaluate the global model of the round (stage 1: base + sparse update; stage 2:
 base + adapter) and return ``eval_loss``/``eval_em``, no blob.
+
+Aggregation (``aggregation``, as FedIT's): ``fedavg`` (default), or the coordinate-wise
+``median`` / ``trimmed_mean`` over the round's updates, in stage 1 over the masked values (the
+masks are shared, so coordinate i is the same weight entry in every update), in stage 2 over
+the LoRA factors. ``clip_norm`` bounds each update's change of the model before it is
+combined: in stage 1 ``‖ΔW_agent − ΔW_global‖_F``, which is exactly the L2 norm of the
+values' difference (an update beyond it is pulled toward the global along the straight line);
+in stage 2 the norm of ``B·A − B₀·A₀`` as in FedIT.
 """
 
 from __future__ import annotations
@@ -44,7 +52,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from protocol.methods._common import EvalParams, LoraParams, StrictParams, TrainParams
+from protocol.methods._common import (
+    AggregationParams,
+    EvalParams,
+    LoraParams,
+    StrictParams,
+    TrainParams,
+)
 
 NAME = "slora"
 GLOBAL_BLOB = "global"
@@ -75,6 +89,7 @@ class Params(StrictParams):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     sparse: SparseParams = SparseParams()
+    aggregation: AggregationParams = AggregationParams()
     stage: Literal[1, 2] = 1
     """Set by the server on every task: the stage the global model is in."""
 

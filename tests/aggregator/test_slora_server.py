@@ -383,3 +383,49 @@ def test_the_switch_runs_beside_the_engine_loop(
     assert sorted(tasks) == ["a", "b"] and {t.params["stage"] for t in tasks.values()} == {2}
     assert h.method.svd_energy is not None and h.method.admit("a", PROFILE) is None
     h.close()
+
+
+def robust_server(model_dir: Path, **aggregation: Any) -> SloraServer:
+    return SloraServer({**PARAMS, "sparse": {"stage1_rounds": 1, "density": 0.01},
+                        "aggregation": aggregation}, MethodContext(model_dir=model_dir, seed=0))  # fmt: skip
+
+
+def test_stage1_median_ignores_a_poisoned_agent(tiny_model_dir: Path) -> None:
+    s = robust_server(tiny_model_dir, rule="median")
+    s.begin_round(1)
+    for agent, fill in (("a", 1.0), ("b", 1.2), ("c", 1e6)):
+        blob = masked_update(s, 1, fill)
+        s.add(s.validate(1, result(1, agent, 5), {"update": memoryview(blob)}))
+    s.finish_round(1)
+    for name, count in s.mask_counts().items():  # the middle of 1.0, 1.2 and 1e6 per entry
+        want = torch.arange(count, dtype=torch.float32) / 100 + 1.2
+        torch.testing.assert_close(s.values[name], want)
+
+
+def test_stage1_clip_bounds_the_sparse_update_exactly(tiny_model_dir: Path) -> None:
+    s = robust_server(tiny_model_dir, clip_norm=0.5)
+    s.begin_round(1)
+    update = s.validate(1, result(1, "a", 5), {"update": memoryview(masked_update(s, 1, 3.0))})
+    norm = sum(float(t.double().square().sum()) for t in update.tensors.values()) ** 0.5
+    assert norm == pytest.approx(0.5, rel=1e-6) and 0 < update.metrics["clip_scale"] < 0.1
+    small = robust_server(tiny_model_dir, clip_norm=1e6)
+    small.begin_round(1)
+    kept = small.validate(1, result(1, "a", 5), {"update": memoryview(masked_update(s, 1, 3.0))})
+    assert kept.metrics["clip_scale"] == 1.0
+
+
+def test_stage2_trimmed_mean_ignores_a_poisoned_agent(tiny_model_dir: Path) -> None:
+    s = robust_server(tiny_model_dir, rule="trimmed_mean", trim=0.25)
+    s.begin_round(1)
+    s.add(s.validate(1, result(1, "a", 5), {"update": memoryview(masked_update(s, 1, 1.0))}))
+    s.finish_round(1)
+    s.begin_round(2)
+    assert s.stage == 2
+    start = {k: v.clone() for k, v in s.lora.items()}
+    for agent, shift in (("a", 0.1), ("b", 0.2), ("c", 0.3), ("d", 1e6)):
+        lora = {k: v + shift for k, v in start.items()}
+        blob = payloads.encode_lora(lora, method="slora", round=2)
+        s.add(s.validate(2, result(2, agent, 5), {"update": memoryview(blob)}))
+    s.finish_round(2)
+    for k, v in start.items():  # 0.1 and 1e6 trimmed: the mean of 0.2 and 0.3
+        torch.testing.assert_close(s.lora[k], v + 0.25, rtol=0, atol=1e-5)
