@@ -12,43 +12,36 @@ stored result is resent (task already done), ignored (queued or running) or queu
 worker; ``Ack`` → the result leaves the outbox; ``ErrorReply`` STALE_TASK/REJECTED_UPDATE for a
 task → the result leaves the outbox with a warning. SIGTERM/SIGINT: the worker stops at its next
 step, ``Bye`` goes out, the socket closes, exit code 0; the outbox stays on disk.
+
+Collaborators: :mod:`edge_agent.handshake` says what the Hello holds and which answers are
+refusals; :class:`~edge_agent.heartbeats.Heartbeats` keeps the session's timing (heartbeats,
+liveness, link probes); :class:`~edge_agent.uploads.Uploads` sends results (outbox resends,
+grants, acks).
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import queue
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import metadata
-from typing import Any, Literal, cast
-
-from pydantic import ValidationError
+from typing import Literal
 
 from edge_agent.config import AgentConfig
-from edge_agent.errors import EdgeAgentError
-from edge_agent.link import Backoff, CurveKeys, Link, LinkMeter, LinkSettings, agent_log
+from edge_agent.handshake import agent_profile, is_refusal, make_hello, no_answer_hint
+from edge_agent.heartbeats import Heartbeats
+from edge_agent.link import Backoff, CurveKeys, Link, LinkSettings, agent_log
 from edge_agent.methods import MethodFactory
 from edge_agent.outbox import Outbox
+from edge_agent.uploads import Uploads
 from edge_agent.worker import Job, Outgoing, Worker, error_reply, task_tag
 from edge_agent.workspace import AgentWorkspace, WorkspaceSettings
 from protocol import PROTOCOL_VERSIONS
 from protocol.errors import ErrorCode, FrameError, ProtocolError
-from protocol.frames import Decoded, encode, frames_nbytes
-from protocol.messages import (
-    Ack,
-    Bye,
-    ErrorReply,
-    Grant,
-    Heartbeat,
-    Hello,
-    Profile,
-    TaskAssign,
-    Welcome,
-)
+from protocol.frames import Decoded, encode
+from protocol.messages import Ack, Bye, ErrorReply, Grant, Heartbeat, Profile, TaskAssign, Welcome
 from protocol.methods import parse_params
 
 logger = logging.getLogger(__name__)
@@ -57,18 +50,6 @@ EXIT_OK = 0
 EXIT_REFUSED = 2
 MAX_POLL_S = 0.05
 """Longest the link thread blocks: bounds how late a finished result or a stop is noticed."""
-PROBE_TIMEOUT_S = 60.0
-"""A link probe not echoed within this (1 MiB on a slow uplink takes a while) is abandoned."""
-REFUSALS = frozenset(
-    {
-        ErrorCode.VERSION_MISMATCH,
-        ErrorCode.UNKNOWN_AGENT,
-        ErrorCode.IDENTITY_MISMATCH,
-        ErrorCode.MODEL_MISMATCH,
-        ErrorCode.UNSUPPORTED_METHOD,
-    }
-)
-"""Answers to Hello that retrying cannot fix: the daemon exits with code 2."""
 DROPS = frozenset({ErrorCode.STALE_TASK, ErrorCode.REJECTED_UPDATE})
 
 
@@ -120,26 +101,32 @@ class Daemon:
         self._force = False
         self.link = Link(settings.link)
         self.backoff = Backoff(settings.link.reconnect_min, settings.link.reconnect_max)
-        self.meter = LinkMeter()
-        self._outgoing: queue.Queue[Outgoing] = queue.Queue()
+        self.beats = Heartbeats(
+            agent_id=self.agent_id,
+            interval=settings.heartbeat_interval,
+            liveness=settings.liveness,
+            bandwidth_limit_mbps=settings.bandwidth_limit_mbps,
+            clock=clock,
+        )
+        outgoing: queue.Queue[Outgoing] = queue.Queue()
+        self.uploads = Uploads(
+            agent_id=self.agent_id,
+            link=self.link,
+            outbox=outbox,
+            outgoing=outgoing,
+            announce=self.beats.beat_now,
+        )
         self.worker = Worker(
             agent_id=self.agent_id,
             methods=self.methods,
             workspace=workspace,
             outbox=outbox,
-            outgoing=self._outgoing,
+            outgoing=outgoing,
             stop=self._stop,
             bandwidth_limit_mbps=settings.bandwidth_limit_mbps,
         )
         self._welcomed = False
-        self._interval = settings.heartbeat_interval
-        self._liveness = settings.liveness
-        self._last_recv = 0.0
-        self._next_beat = 0.0
-        self._sent_this_session: set[str] = set()
         self._hello_id = ""
-        self._grant_above: int | None = None
-        self._awaiting: dict[str, None] = {}  # large results waiting for a Grant, in order
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Daemon:
@@ -160,7 +147,7 @@ class Daemon:
         try:
             workspace = AgentWorkspace(WorkspaceSettings.from_config(config))
             workspace.prepare()
-            profile = _collect_profile(config)
+            profile = agent_profile(config)
             from edge_agent.methods import client_methods
 
             link = LinkSettings(a.id, a.aggregator, curve, a.reconnect_min, a.reconnect_max)
@@ -197,19 +184,6 @@ class Daemon:
         finally:
             self._shutdown()
 
-    def _no_answer_hint(self) -> str:
-        where = self.link.settings.endpoint
-        if self.link.settings.curve is None:
-            return (
-                f"no answer from the aggregator at {where}: check that it runs, that the address "
-                "is right and reachable, and that it also runs with insecure = true"
-            )
-        return (
-            f"no answer from the aggregator at {where}: check that it runs and is reachable, "
-            "that security.server_public_key is the aggregator's public key, and that this "
-            "agent's public key file is in the aggregator's allow-list directory"
-        )
-
     def _serve(self) -> int:
         while not self._stop.is_set():
             end = self._session()
@@ -244,38 +218,38 @@ class Daemon:
     def _session(self) -> _End:
         self.link.open()
         self._welcomed = False
-        self._interval, self._liveness = self.settings.heartbeat_interval, self.settings.liveness
-        self._last_recv = self.clock()
+        beats = self.beats
+        beats.start_session(self.clock())
         self._send_hello()
         while not self._stop.is_set():
             now = self.clock()
-            window = self._interval * self._liveness
-            if now - self._last_recv > window:
+            if beats.lost(now):
                 if not self._welcomed:
-                    self.log.error("%s", self._no_answer_hint())
+                    self.log.error("%s", no_answer_hint(self.link.settings))
                 else:
                     self.log.warning(
                         "aggregator silent for %.2f s (%d × %.2f s); reconnecting",
-                        now - self._last_recv,
-                        self._liveness,
-                        self._interval,
+                        beats.silence(now),
+                        beats.liveness,
+                        beats.interval,
                     )
                 return _End.LOST
-            wait = min(MAX_POLL_S, self._last_recv + window - now)
+            wait = min(MAX_POLL_S, beats.until_lost(now))
             if self._welcomed:
-                if now >= self._next_beat:
-                    self._heartbeat(now)
-                self._flush_outgoing()
-                self.meter.expire(now, max(window, PROBE_TIMEOUT_S))
-                wait = min(wait, self._next_beat - now)
+                if beats.due(now):
+                    beat = beats.beat(now, self.worker.current(), self.uploads.ready())
+                    self.link.send(encode(beat))
+                self.uploads.flush()
+                beats.expire_probes(now)
+                wait = min(wait, beats.until_due(now))
             try:
                 message = self.link.recv(max(wait, 0.0))
             except FrameError as exc:
-                self._last_recv = self.clock()
+                beats.heard(self.clock())
                 self.log.warning("malformed message from the aggregator dropped: %s", exc)
                 continue
             if message is not None:
-                self._last_recv = self.clock()
+                beats.heard(self.clock())
                 try:
                     end = self._handle(message)
                 except Exception:  # a bug or a disk fault must not end the daemon
@@ -286,93 +260,17 @@ class Daemon:
         return _End.STOP
 
     def _send_hello(self) -> None:
-        hello = Hello(
+        hello = make_hello(
             agent_id=self.agent_id,
-            versions=list(PROTOCOL_VERSIONS),
-            software=f"edgefed-agent {_version()}",
             profile=self.profile,
-            methods=sorted(self.methods)[:32],
-            models=[self.model_sha256],
+            methods=self.methods,
+            model_sha256=self.model_sha256,
             holds=self.workspace.objects.holdings(),
             role=self.settings.role,
         )
         self._hello_id = hello.msg_id
         self.link.send(encode(hello))
         self.log.info("hello sent to %s", self.settings.link.endpoint)
-
-    def _heartbeat(self, now: float) -> None:
-        rtt_ms, mbps = self.meter.report()
-        limit = self.settings.bandwidth_limit_mbps
-        if limit is not None and mbps is not None:
-            mbps = min(mbps, limit)
-        if rtt_ms is not None:
-            self.log.info(
-                "link: rtt %.2f ms, upload %s Mbit/s",
-                rtt_ms,
-                "?" if mbps is None else f"{mbps:.1f}",
-            )
-        for task_id in [t for t in self._awaiting if not self.outbox.has(t)]:
-            del self._awaiting[task_id]
-        ready = list(self._awaiting)[:64]
-        current = self.worker.current()
-        if current is None:
-            beat = Heartbeat(state="idle", rtt_ms=rtt_ms, bandwidth_mbps=mbps, ready=ready)
-        else:
-            assign, progress = current
-            beat = Heartbeat(
-                run_id=assign.run_id,
-                round=assign.round,
-                state="busy",
-                task_id=assign.task_id,
-                progress=progress,
-                rtt_ms=rtt_ms,
-                bandwidth_mbps=mbps,
-                ready=ready,
-            )
-        self.link.send(encode(beat))
-        self._next_beat = now + self._interval
-
-    def _flush_outgoing(self) -> None:
-        while True:
-            try:
-                item = self._outgoing.get_nowait()
-            except queue.Empty:
-                return
-            if item.stored and (
-                item.task_id in self._sent_this_session or not self.outbox.has(item.task_id)
-            ):
-                continue  # already resent from the outbox after Welcome, or already acked
-            if item.stored and self._needs_grant(item.frames):
-                self._await_grant(item.task_id)
-                continue
-            if not self.link.send(item.frames):
-                what = "result stays in the outbox" if item.stored else "error reply dropped"
-                self.log.warning("task %s: send queue full; %s", item.task_id, what)
-                continue
-            if item.stored:
-                self._sent_this_session.add(item.task_id)
-            self.log.debug("task %s: %s sent", item.task_id, "result" if item.stored else "error")
-
-    def _needs_grant(self, frames: Sequence[Any]) -> bool:
-        return self._grant_above is not None and frames_nbytes(frames) > self._grant_above
-
-    def _await_grant(self, task_id: str) -> None:
-        """Announce a large result in the next heartbeat (now) and send it when granted."""
-        if task_id not in self._awaiting:
-            self._awaiting[task_id] = None
-            self._next_beat = self.clock()
-            self.log.info("task %s: result ready; waiting for the aggregator's grant", task_id)
-
-    def _on_grant(self, h: Grant) -> None:
-        frames = self.outbox.get(h.task_id)
-        self._awaiting.pop(h.task_id, None)
-        if frames is None:
-            return  # acked meanwhile
-        if self.link.send(frames):
-            self._sent_this_session.add(h.task_id)
-            self.log.debug("task %s: granted result sent", h.task_id)
-        else:
-            self._await_grant(h.task_id)
 
     # ------------------------------------------------------------------------------ messages
 
@@ -382,7 +280,7 @@ class Daemon:
             return self._on_welcome(h)
         if isinstance(h, Heartbeat):
             if h.echo:
-                probe = self.meter.on_echo(h.echo, self.clock())
+                probe = self.beats.on_echo(h.echo, self.clock())
                 if probe is not None:
                     self.link.send(probe)
         elif isinstance(h, TaskAssign):
@@ -391,12 +289,9 @@ class Daemon:
             else:
                 self.log.warning("%s: assigned before Welcome; ignored", task_tag(h))
         elif isinstance(h, Grant):
-            self._on_grant(h)
+            self.uploads.on_grant(h)
         elif isinstance(h, Ack):
-            self._awaiting.pop(h.task_id, None)
-            if self.outbox.remove(h.task_id):
-                how = "acknowledged" if h.accepted else "recorded but not accepted"
-                self.log.info("task %s round %d: result %s", h.task_id, h.round, how)
+            self.uploads.on_ack(h)
         elif isinstance(h, ErrorReply):
             return self._on_error(h)
         elif isinstance(h, Bye):
@@ -415,8 +310,7 @@ class Daemon:
             return _End.REFUSED
         now = self.clock()
         self._welcomed = True
-        self._interval, self._liveness = h.heartbeat_interval, h.liveness
-        self._next_beat = now + self._interval
+        self.beats.welcome(h.heartbeat_interval, h.liveness, now)
         self.backoff.reset()
         self.log.info(
             "welcomed: protocol v%d, heartbeat %.2f s, liveness %d",
@@ -424,36 +318,13 @@ class Daemon:
             h.heartbeat_interval,
             h.liveness,
         )
-        self._sent_this_session.clear()
-        self._grant_above = h.grant_above
-        self._awaiting.clear()
-        pending = self.outbox.pending()
-        for task_id, frames in pending:
-            if self._needs_grant(frames):
-                self._await_grant(task_id)
-            elif self.link.send(frames):
-                self._sent_this_session.add(task_id)
-        if pending:
-            unsent = len(pending) - len(self._sent_this_session) - len(self._awaiting)
-            self.log.info(
-                "resent %d results from the outbox (%d wait for a grant)",
-                len(self._sent_this_session),
-                len(self._awaiting),
-            )
-            if unsent:
-                self.log.warning(
-                    "%d results wait for the next connection (send queue full)", unsent
-                )
-        self.link.send(self.meter.start(now))
+        self.uploads.start_session(h.grant_above)
+        self.link.send(self.beats.start_probes(now))
         return None
 
     def _on_assign(self, h: TaskAssign, blobs: Mapping[str, memoryview]) -> None:
         tag = task_tag(h)
-        stored = self.outbox.get(h.task_id)
-        if stored is not None:
-            self.log.info("%s: already done; resending the stored result", tag)
-            if self.link.send(stored):
-                self._sent_this_session.add(h.task_id)
+        if self.uploads.resend_stored(h):
             return
         if self.worker.knows(h.task_id):
             self.log.debug("%s: already queued or running; assignment ignored", tag)
@@ -473,22 +344,11 @@ class Daemon:
         self.log.info("%s: %s %s queued", tag, h.method, h.kind)
 
     def _on_error(self, h: ErrorReply) -> _End | None:
-        # An answer to our Hello (by ref, or with no ref at all): not to a heartbeat still in
-        # flight from before, which a restarted aggregator answers with UNKNOWN_AGENT too.
-        answers_hello = h.ref == self._hello_id or (not h.ref and not h.task_id)
-        if not self._welcomed and answers_hello and h.code in REFUSALS:
+        if not self._welcomed and is_refusal(h, self._hello_id):
             self.log.error("aggregator refused this agent: %s: %s", h.code.value, h.reason)
             return _End.REFUSED
         if h.task_id and h.code in DROPS:
-            dropped = self.outbox.remove(h.task_id)
-            self.log.warning(
-                "task %s round %d: %s: %s%s",
-                h.task_id,
-                h.round,
-                h.code.value,
-                h.reason,
-                "; result removed from the outbox" if dropped else "",
-            )
+            self.uploads.drop(h)
             return None
         if h.code is ErrorCode.UNKNOWN_AGENT and self._welcomed:
             self.log.warning("aggregator no longer knows this agent; saying hello again")
@@ -497,26 +357,3 @@ class Daemon:
             return None
         self.log.warning("aggregator error %s: %s", h.code.value, h.reason)
         return None
-
-
-def _collect_profile(config: AgentConfig) -> Profile:
-    from edge_agent.profile import collect_profile
-
-    data = collect_profile(measure=True, disk_path=config.agent.state_dir)
-    a = config.agent
-    if a.memory_limit is not None:
-        for key in ("ram_total", "ram_available"):
-            data[key] = min(cast(int, data[key]), a.memory_limit)
-    if a.bandwidth_limit_mbps is not None:
-        data["bandwidth_mbps"] = a.bandwidth_limit_mbps
-    try:
-        return Profile.model_validate_json(json.dumps(data))
-    except ValidationError as exc:
-        raise EdgeAgentError(f"machine profile is invalid: {exc.errors()[0]['msg']}") from None
-
-
-def _version() -> str:
-    try:
-        return metadata.version("edgefed")
-    except metadata.PackageNotFoundError:
-        return "dev"

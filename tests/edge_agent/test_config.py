@@ -149,12 +149,12 @@ def test_toml_syntax_and_missing_file_are_one_line_errors(tmp_path: Path) -> Non
 
 
 def test_simulated_limits_cap_the_profile(tmp_path: Path) -> None:
-    from edge_agent.daemon import _collect_profile
+    from edge_agent.handshake import agent_profile
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "q", "output": "a"}\n')
     agent = {"id": "a", "data": str(data), "memory_limit": 123_456_789, "bandwidth_limit_mbps": 7.5}
     cfg = parse_config({"agent": agent, "security": {"insecure": True}}, tmp_path / "agent.toml")
-    profile = _collect_profile(cfg)
+    profile = agent_profile(cfg)
     assert profile.ram_total == 123_456_789 and profile.ram_available <= 123_456_789
     assert profile.bandwidth_mbps == 7.5

@@ -14,17 +14,18 @@ from typing import Any
 import pytest
 import torch
 
+from edge_agent import gguf_cache, model_files
 from edge_agent import model_store as ms
 from edge_agent.errors import ModelError
+from edge_agent.gguf_cache import MARKER
+from edge_agent.model_files import weights_sha256
 from edge_agent.model_store import (
     DEFAULT_MODEL,
-    MARKER,
     ResolvedModel,
     base_param_bytes,
     default_cache_dir,
     load_base,
     resolve_model,
-    weights_sha256,
 )
 
 # Parameter counts of the tiny model (conftest.TINY_CONFIG, vocab 49152, tied embeddings).
@@ -63,13 +64,13 @@ def test_hf_dir_hash_is_cached_until_the_weights_change(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     model_dir = copy_dir(tiny_model_dir, tmp_path / "m")
-    (model_dir / ms.HASH_SIDECAR).unlink(missing_ok=True)
+    (model_dir / model_files.HASH_SIDECAR).unlink(missing_ok=True)
     real = resolve_model(str(model_dir)).sha256
-    sidecar = json.loads((model_dir / ms.HASH_SIDECAR).read_text())
+    sidecar = json.loads((model_dir / model_files.HASH_SIDECAR).read_text())
     assert sidecar["sha256"] == real
     # The sidecar is trusted while sizes and mtimes match: a planted value proves it is read.
     sidecar["sha256"] = "0" * 64
-    (model_dir / ms.HASH_SIDECAR).write_text(json.dumps(sidecar))
+    (model_dir / model_files.HASH_SIDECAR).write_text(json.dumps(sidecar))
     assert resolve_model(str(model_dir)).sha256 == "0" * 64
     weights = model_dir / "model.safetensors"
     st = weights.stat()
@@ -164,7 +165,7 @@ def test_gguf_is_converted_once_then_a_cache_hit(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, fake_gguf: Path, tmp_path: Path
 ) -> None:
     convert = FakeConverter(tiny_model_dir)
-    monkeypatch.setattr(ms, "_gguf_to_hf_dir", convert)
+    monkeypatch.setattr(gguf_cache, "_gguf_to_hf_dir", convert)
     cache = tmp_path / "cache"
     first = resolve_model(str(fake_gguf), cache)
     second = resolve_model(str(fake_gguf), cache)
@@ -185,7 +186,7 @@ def test_crash_mid_conversion_is_redone_never_half_used(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, fake_gguf: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    monkeypatch.setattr(ms, "_gguf_to_hf_dir", FakeConverter(tiny_model_dir, fail=True))
+    monkeypatch.setattr(gguf_cache, "_gguf_to_hf_dir", FakeConverter(tiny_model_dir, fail=True))
     with pytest.raises(ModelError, match="No space left on device"):
         resolve_model(str(fake_gguf), cache)
     assert not (cache / cache_key(fake_gguf)).exists()
@@ -195,7 +196,7 @@ def test_crash_mid_conversion_is_redone_never_half_used(
     (cache / cache_key(fake_gguf)).mkdir()
     (cache / cache_key(fake_gguf) / "model.safetensors").write_bytes(b"junk")
     convert = FakeConverter(tiny_model_dir)
-    monkeypatch.setattr(ms, "_gguf_to_hf_dir", convert)
+    monkeypatch.setattr(gguf_cache, "_gguf_to_hf_dir", convert)
     resolved = resolve_model(str(fake_gguf), cache)
     assert convert.calls == 1
     assert resolved.sha256 == weights_sha256(tiny_model_dir)
@@ -208,7 +209,7 @@ def test_truncated_cached_weights_are_converted_again(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, fake_gguf: Path, tmp_path: Path
 ) -> None:
     convert = FakeConverter(tiny_model_dir)
-    monkeypatch.setattr(ms, "_gguf_to_hf_dir", convert)
+    monkeypatch.setattr(gguf_cache, "_gguf_to_hf_dir", convert)
     first = resolve_model(str(fake_gguf), tmp_path)
     weights = first.path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -221,7 +222,7 @@ def test_concurrent_resolves_convert_once(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, fake_gguf: Path, tmp_path: Path
 ) -> None:
     convert = FakeConverter(tiny_model_dir, delay=0.3)
-    monkeypatch.setattr(ms, "_gguf_to_hf_dir", convert)
+    monkeypatch.setattr(gguf_cache, "_gguf_to_hf_dir", convert)
     results: list[ResolvedModel] = []
     errors: list[BaseException] = []
 
