@@ -1,8 +1,8 @@
 """Many agents against one aggregator: round time, updates/s, aggregator peak memory, losses.
 
 Run: ``python benchmarks/load_harness.py [--agents 10,100,500] [--rounds 2] [--workload lora]
-[--quick]``. For each size it starts the real aggregator (``edgefed-aggregator serve``, its own
-process, loopback, insecure) and the agents as a few processes of lightweight agents
+[--regions 0,5] [--quick]``. For each size it starts the real aggregator
+(``edgefed-aggregator serve``, its own process, loopback, insecure) and the agents as a few processes of lightweight agents
 (``benchmarks/_light_agents.py``: one DEALER per agent speaking the real protocol, no training,
 each train task answered at once with an update of the workload's real size and kind: fedit's
 default LoRA of SmolLM2-135M, r=8 on q,k,v,o, 3.69 MB; or Ferret triples). It samples the
@@ -14,6 +14,10 @@ Per size: ``round_s`` (mean over rounds, from assignment to commit: receiving, v
 fsyncing, summing and checkpointing every update), ``updates_per_s`` (agents / round_s),
 ``agg_peak_rss_mb`` and the bytes of one update (``update_mb``); the aggregator's peak must not
 grow with agents x update size (it aggregates into a running sum as updates arrive).
+
+``--regions 0,5`` runs each size flat (0) and behind 5 regional tiers (``_tiered_load.py``), side
+by side: the upstream's round time and peak memory, the largest region's, and the updates the
+upstream takes in (one per region).
 """
 
 from __future__ import annotations
@@ -163,39 +167,62 @@ def run_size(
     }
 
 
+def line(r: dict[str, Any]) -> str:
+    tier = f"{r['regions']} regions" if r.get("regions") else "flat"
+    region = (
+        f"  largest region peak RSS {r['region_peak_rss_mb']:7.1f} MiB"
+        f"  upstream took {r['upstream_updates']} updates"
+        if r.get("regions")
+        else ""
+    )
+    return (
+        f"{r['agents']:>5} agents  {tier:<10}  window {r['upload_window']:>3}  "
+        f"{r['rounds']} rounds  update {r['update_mb']:.3f} MB  round {r['round_s']:7.2f} s  "
+        f"{r['updates_per_s']:6.1f} updates/s  aggregator peak RSS {r['agg_peak_rss_mb']:7.1f} MiB"
+        f"{region}  sent {r['updates_sent']} recorded {r['updates_recorded']} lost {r['lost']}"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", default="10,100,500")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workload", choices=["lora", "ferret"], default="lora")
     ap.add_argument("--procs", type=int, default=4, help="Processes the agents are spread over.")
-    ap.add_argument("--quick", action="store_true", help="10 agents, 1 round (CI).")
+    ap.add_argument(
+        "--quick", action="store_true", help="10 agents, 1 round, flat and 2 regions (CI)."
+    )
     ap.add_argument(
         "--windows",
         default="8",
         help="server.upload_window values to compare, e.g. 8,0 (0: no upload flow control).",
+    )
+    ap.add_argument(
+        "--regions",
+        default="0",
+        help="Regional tiers to put the agents behind, e.g. 0,5 (0: flat; lora workload only).",
     )
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = ap.parse_args()
     sizes = [10] if args.quick else [int(x) for x in args.agents.split(",")]
     rounds = 1 if args.quick else args.rounds
     windows = [int(x) for x in args.windows.split(",")]
+    tiers = [0, 2] if args.quick else [int(x) for x in args.regions.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefed-load-") as tmp:
         for n in sizes:
             for window in windows:
-                work = Path(tmp) / f"w{window}"
-                work.mkdir(exist_ok=True)
-                r = run_size(n, rounds, args.workload, min(args.procs, n), work, window)
-                results.append(r)
-                print(
-                    f"{n:>5} agents  window {window:>3}  {r['rounds']} rounds  "
-                    f"update {r['update_mb']:.3f} MB  round {r['round_s']:7.2f} s  "
-                    f"{r['updates_per_s']:6.1f} updates/s  "
-                    f"aggregator peak RSS {r['agg_peak_rss_mb']:7.1f} MiB  "
-                    f"sent {r['updates_sent']} recorded {r['updates_recorded']} lost {r['lost']}",
-                    flush=True,
-                )
+                for regions in tiers:
+                    work = Path(tmp) / f"w{window}-r{regions}-{n}"
+                    work.mkdir(exist_ok=True)
+                    if regions:
+                        from _tiered_load import run_tiered
+
+                        r = run_tiered(n, rounds, work, regions, window)
+                    else:
+                        r = run_size(n, rounds, args.workload, min(args.procs, n), work, window)
+                    results.append(r)
+                    print(line(r), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     bad = [r for r in results if r["lost"] or r["updates_recorded"] != r["expected"]]

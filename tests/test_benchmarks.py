@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("randomness_rate.py", "rademacher numpy"),
         ("aggregator_throughput.py", "edgefed / pickle updates/s"),
         ("bytes_per_round.py", "up = TaskResult + update blob"),
-        ("load_harness.py", "recorded 10 lost 0"),
+        ("load_harness.py", "upstream took 2 updates  sent 10 recorded 10 lost 0"),
         ("convergence.py", "centralised      1"),
         ("against_flower.py", "      2 edgefed"),
         ("agent_memory.py", "nf4 "),
