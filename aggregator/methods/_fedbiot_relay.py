@@ -28,13 +28,14 @@ import torch
 
 from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import AgentView, Assignment, MethodContext, Update
-from aggregator.methods._fedbiot_serve import EmulatorCopies, State
+from aggregator.methods._fedbiot_serve import EmulatorCopies
 from aggregator.relay import UPDATE_BLOB, UPSTREAM_OBJECTS, Answers, MeanRelay, NoGlobalState
 from edge_agent.objects import ObjectStore
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import Buffer
 from protocol.messages import TaskResult
 from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 from protocol.methods import parse_params
 
@@ -100,9 +101,7 @@ class FedbiotRelay:
         except ProtocolError as exc:
             raise StateError(f"fedbiot: the upstream's emulator is not valid: {exc}") from None
         shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
-        targets = emu.align_targets(
-            shapes, bundle.plan.n_emulator, self.params.align.target_modules
-        )
+        targets = st.align_targets(shapes, bundle.plan.n_emulator, self.params.align.target_modules)
         if self.copies.bundle_sha:
             self.objects.discard(self.copies.bundle_sha)  # a new run's emulator replaces it
         self.copies.set_bundle(data, sha)
@@ -116,44 +115,29 @@ class FedbiotRelay:
         held_sha = c.shas.get(c.version) if c.state is not None else None
         if c.version == info.align_version and held_sha == info.align_sha256:
             return
-        specs = emu.state_specs(self._targets, a.r)
-
-        def held(sha: str) -> State | None:
-            data = self.objects.get(sha)
-            if data is None:
-                return None
-            try:
-                blob = emu.decode_align(data, specs)
-            except ProtocolError:
-                return None
-            return blob.state if blob.kind == "state" else None
-
-        def init() -> State:
-            return emu.init_state(self._targets, a.r, a.seed)
-
         shas, deltas = dict(c.shas), dict(c.deltas)
+        current = (c.version, c.state) if c.state is not None else None
         try:
-            if raw is not None:
-                blob = emu.decode_align(raw, specs)
-                current = (c.version, c.state) if c.state is not None else None
-                version, state = emu.advance(current, blob, held, init)
-                sent = dict(zip(blob.versions, blob.shas, strict=True))
-                if blob.kind != "deltas" or any(shas.get(v, s) != s for v, s in sent.items()):
-                    shas, deltas = {}, {}
-                if blob.kind == "deltas":
-                    shas.update(sent)
-                    deltas.update(blob.deltas)
-            else:
-                version, stored = info.align_version, held(info.align_sha256)
-                if stored is None and version != 0:
-                    raise StateError(
-                        f"fedbiot: alignment version {version} was not sent and is not held here"
-                    )
-                state = stored if stored is not None else init()
+            version, state, blob = st.reach(
+                info.align_version,
+                info.align_sha256,
+                raw,
+                self._targets,
+                (a.r, a.seed),
+                current,
+                self.objects.get,
+            )
+        except (st.NotHeld, ProtocolError) as exc:
+            raise StateError(f"fedbiot: the upstream's alignment: {exc}") from None
+        if blob is None or blob.kind != "deltas":
+            shas, deltas = {}, {}  # a whole state (or one held): no chain to serve from
+        else:
+            sent = dict(zip(blob.versions, blob.shas, strict=True))
+            if any(shas.get(v, s) != s for v, s in sent.items()):
                 shas, deltas = {}, {}
-        except ProtocolError as exc:
-            raise StateError(f"fedbiot: the upstream's alignment is not valid: {exc}") from None
-        data = emu.state_bytes(state, version)
+            shas.update(sent)
+            deltas.update(blob.deltas)
+        data = st.state_bytes(state, version)
         sha = self.objects.put(data)
         if version != info.align_version or sha != info.align_sha256:
             self.objects.discard(sha)

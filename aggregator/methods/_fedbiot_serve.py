@@ -16,7 +16,7 @@ import torch
 
 from aggregator.methods import AgentView
 from protocol.frames import Buffer
-from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 
 State = dict[str, torch.Tensor]
@@ -128,11 +128,11 @@ class EmulatorCopies:
         key = (base, t)
         if key not in self._blobs:
             assert self.state is not None
-            whole = emu.state_bytes(self.state, t)
+            whole = st.state_bytes(self.state, t)
             chain = range(base + 1, t + 1)
             if all(v in self.deltas for v in chain) and all(v in self.shas for v in (base, *chain)):
                 parts = {v: self.deltas[v] for v in chain}
-                deltas = emu.encode_deltas(parts, base, [self.shas[v] for v in (base, *chain)])
+                deltas = st.encode_deltas(parts, base, [self.shas[v] for v in (base, *chain)])
                 whole = min(whole, deltas, key=len)
             self._blobs[key] = whole
         return self._blobs[key]

@@ -35,6 +35,7 @@ from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
 from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 from protocol.methods import parse_params
 from protocol.methods._common import AggregationParams
@@ -138,7 +139,7 @@ class FedbiotServer:
         )
         bundle = emu.decode_bundle(data)
         shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
-        targets = emu.align_targets(shapes, plan.n_emulator, p.align.target_modules)
+        targets = st.align_targets(shapes, plan.n_emulator, p.align.target_modules)
         aligner = align.Aligner(
             align.load_full(model_dir),
             align.build_small(bundle),
@@ -150,10 +151,10 @@ class FedbiotServer:
             scaling=p.align.scaling,
             pad_id=int(tokenizer.pad_token_id),
         )
-        start = emu.init_state(targets, p.align.r, p.align.seed)
+        start = st.init_state(targets, p.align.r, p.align.seed)
         restored = self.copies.state
         if restored is not None:  # restored from a checkpoint
-            want = emu.state_specs(targets, p.align.r)
+            want = st.state_specs(targets, p.align.r)
             if {n: tuple(t.shape) for n, t in restored.items()} != want:
                 raise StateError("the checkpoint's alignment state does not fit this emulator")
         base_loss = aligner.full_eval()  # the full model without any adapter
@@ -162,7 +163,7 @@ class FedbiotServer:
         raw = aligner.held_loss(start)
         self.copies.set_bundle(data, hashlib.sha256(data).hexdigest())
         if restored is None:
-            self.copies.set_chain(0, start, {0: emu.state_sha(start, 0)}, {})
+            self.copies.set_chain(0, start, {0: st.state_sha(start, 0)}, {})
         with self._lock:
             self.ratio = small_n / full_n
             self.aligner = aligner
@@ -191,11 +192,11 @@ class FedbiotServer:
             seed=(a.seed * 1_000_003 + v + 1) % 2**63,
             kl_weight=a.kl_weight,
         )
-        delta = emu.make_delta(trained, current)
-        state = emu.apply_delta(current, delta)
-        sha = emu.state_sha(state, v + 1)
+        delta = st.make_delta(trained, current)
+        state = st.apply_delta(current, delta)
+        sha = st.state_sha(state, v + 1)
         loss = self.aligner.held_loss(state)
-        one = emu.encode_deltas({v + 1: delta}, v, [self.copies.shas.get(v, ""), sha])
+        one = st.encode_deltas({v + 1: delta}, v, [self.copies.shas.get(v, ""), sha])
         self.copies.add_version(v + 1, state, sha, delta)
         with self._lock:
             self.moments = moments

@@ -36,6 +36,7 @@ from protocol import payloads
 from protocol.errors import ErrorCode, PayloadMismatch, ProtocolError
 from protocol.messages import BaseModelRef
 from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def emulator_for(task: TaskInput, ws: Workspace, params: spec.Params) -> Emulato
         raise _Rejected("the emulator was not cut from the task's base model")
     model = build_small(bundle, dtype)
     shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
-    targets = emu.align_targets(shapes, bundle.plan.n_emulator, params.align.target_modules)
+    targets = st.align_targets(shapes, bundle.plan.n_emulator, params.align.target_modules)
     base = {f"{m}.weight": bundle.tensors[f"{m}.weight"].to(torch.float32) for m in targets}
     lora = _adapter_spec(model, bundle.plan, params)
     peft_model = attach_lora(model, lora, init_seed=params.lora.init_seed)
@@ -180,41 +181,25 @@ def sync_alignment(em: EmulatorModel, task: TaskInput, ws: Workspace, params: sp
     if em.align_sha == info.align_sha256:
         return
     a = params.align
-    specs = emu.state_specs(em.targets, a.r)
-
-    def held(sha: str) -> dict[str, torch.Tensor] | None:
-        data = ws.objects.get(sha)
-        if data is None:
-            return None
-        try:
-            blob = emu.decode_align(data, specs)
-        except ProtocolError:
-            return None
-        return blob.state if blob.kind == "state" else None
-
-    def init() -> dict[str, torch.Tensor]:
-        return emu.init_state(em.targets, a.r, a.seed)
-
-    chain: list[str] = []
+    current = (em.version, em.align) if em.version is not None and em.align else None
     try:
-        raw = task.blobs.get(spec.ALIGN_BLOB)
-        if raw is not None:
-            blob = emu.decode_align(raw, specs)
-            chain = blob.shas
-            current = (em.version, em.align) if em.version is not None and em.align else None
-            version, state = emu.advance(current, blob, held, init)
-        else:
-            stored = held(info.align_sha256)
-            version = info.align_version
-            state = stored if stored is not None else init()
-            if stored is None and version != 0:
-                raise TaskError(
-                    f"alignment version {version} was not sent and is not held here; restart "
-                    "the agent so that its Hello tells the aggregator what it holds"
-                )
+        version, state, blob = st.reach(
+            info.align_version,
+            info.align_sha256,
+            task.blobs.get(spec.ALIGN_BLOB),
+            em.targets,
+            (a.r, a.seed),
+            current,
+            ws.objects.get,
+        )
+    except st.NotHeld as exc:
+        raise TaskError(
+            f"{exc}; restart the agent so that its Hello tells the aggregator what it holds"
+        ) from None
     except ProtocolError as exc:
         raise _Rejected(f"alignment rejected: {exc}") from None
-    data = emu.state_bytes(state, version)
+    chain = blob.shas if blob is not None else []
+    data = st.state_bytes(state, version)
     sha = ws.objects.put(data)
     if version != info.align_version or sha != info.align_sha256:
         ws.objects.discard(sha)
@@ -223,7 +208,7 @@ def sync_alignment(em: EmulatorModel, task: TaskInput, ws: Workspace, params: sp
         ws.objects.discard(old)
     body = em.model.get_base_model()
     with torch.no_grad():
-        for name, weight in emu.merged_weights(em.base, state, a.scaling).items():
+        for name, weight in st.merged_weights(em.base, state, a.scaling).items():
             target = body.get_parameter(name)
             target.copy_(weight.to(target.dtype))
     em.version, em.align, em.align_sha = version, state, sha

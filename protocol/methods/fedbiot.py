@@ -9,7 +9,7 @@ full bottom part on public data (LoRA on the emulator layers, "alignment state")
 change of that state travels as a small delta.
 
 Wire (blob names, all payloads of :mod:`protocol.payloads`; layouts in
-:mod:`protocol.methods._fedbiot_emulator`):
+:mod:`protocol.methods._fedbiot_emulator` and :mod:`protocol.methods._fedbiot_state`):
 
 - TaskAssign (``train`` and ``eval``) carries :class:`Params` with ``task`` set (:class:`TaskInfo`:
   the bundle's sha256, the alignment version and its state's sha256) and, as needed:

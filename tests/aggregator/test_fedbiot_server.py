@@ -24,6 +24,7 @@ from protocol import payloads
 from protocol.frames import decode, encode
 from protocol.messages import Hello, TaskAssign, TaskResult
 from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 from tests.helpers.engine_harness import MODEL, PROFILE, SHA, Clock, assigns
 
@@ -211,12 +212,12 @@ def test_deltas_chain_and_the_whole_state_for_agents_far_behind(
     specs = {name: tuple(t.shape) for name, t in s.copies.state.items()}
     behind_one = s.copies._align_blob(3)
     assert behind_one is not None
-    deltas = emu.decode_align(behind_one, specs)
+    deltas = st.decode_align(behind_one, specs)
     assert deltas.kind == "deltas" and deltas.versions == [3, 4]
     assert deltas.shas == [s.copies.shas[3], s.copies.shas[4]]
     behind_three = s.copies._align_blob(1)  # delta 2 is no longer kept: the whole state
     assert behind_three is not None
-    whole = emu.decode_align(behind_three, specs)
+    whole = st.decode_align(behind_three, specs)
     assert whole.kind == "state" and whole.versions == [4]
     assert all(torch.equal(whole.state[n], s.copies.state[n]) for n in specs)
     assert len(behind_one) < 0.6 * len(behind_three)  # one bf16 delta vs the fp32 state

@@ -24,7 +24,7 @@ from aggregator.methods.fedbiot import FedbiotServer
 from aggregator.methods.fedpipe import FedpipeServer
 from aggregator.relay import relay_for
 from protocol import payloads
-from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import _fedpipe_math as fm
 from protocol.methods import fedbiot as fb_spec
 from protocol.methods import fedpipe as fp_spec
@@ -204,19 +204,19 @@ class Agent:
             self.bundle = hashlib.sha256(blobs[fb_spec.EMULATOR_BLOB]).hexdigest()
         assert self.bundle == info.emulator_sha256
         if fb_spec.ALIGN_BLOB in blobs:
-            specs = emu.state_specs(targets, r)
-            parsed = emu.decode_align(blobs[fb_spec.ALIGN_BLOB], specs)
+            specs = st.state_specs(targets, r)
+            parsed = st.decode_align(blobs[fb_spec.ALIGN_BLOB], specs)
             current = (self.version, self.state) if self.state is not None else None
             assert current is None or current[0] is not None
-            self.version, self.state = emu.advance(
+            self.version, self.state = st.advance(
                 current,  # type: ignore[arg-type]
                 parsed,
                 lambda sha: None,
-                lambda: emu.init_state(targets, r, seed),
+                lambda: st.init_state(targets, r, seed),
             )
         assert self.version == info.align_version
         assert self.state is not None
-        assert emu.state_sha(self.state, self.version) == info.align_sha256
+        assert st.state_sha(self.state, self.version) == info.align_sha256
 
 
 def test_fedbiot_two_tier_equals_flat_and_agents_hold_the_upstreams_emulator(
@@ -244,7 +244,7 @@ def test_fedbiot_two_tier_equals_flat_and_agents_hold_the_upstreams_emulator(
             assert holds == {west.copies.bundle_sha, west.copies.shas[west.copies.version]}
             up.on_hello(region_view("west", holds=holds))
             for a, _ in REGIONS["west"]:
-                held = {west.copies.bundle_sha, emu.state_sha(agents[a].state, agents[a].version)}
+                held = {west.copies.bundle_sha, st.state_sha(agents[a].state, agents[a].version)}
                 relays["west"].on_hello(AgentView(a, profile(), holds=frozenset(held)))
         flat.begin_round(rnd)
         up.begin_round(rnd)

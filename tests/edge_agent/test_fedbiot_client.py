@@ -22,6 +22,7 @@ from edge_agent.workspace import ModelMismatch
 from protocol import payloads
 from protocol.messages import BaseModelRef, TaskAssign
 from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 from protocol.methods import parse_params
 from tests.aggregator.test_fedbiot_server import make_tiny, result, server
@@ -86,7 +87,7 @@ def assert_same_emulator(em: EmulatorModel, s: FedbiotServer) -> None:
     assert all(torch.equal(em.align[n], s.copies.state[n]) for n in s.copies.state)
     bundle = emu.decode_bundle(s.copies.bundle)
     expected = {n: t.to(torch.float32) for n, t in bundle.tensors.items()}
-    expected |= emu.merged_weights(expected, s.copies.state, s.params.align.scaling)
+    expected |= st.merged_weights(expected, s.copies.state, s.params.align.scaling)
     weights = dict(em.model.get_base_model().named_parameters())
     for name, want in expected.items():  # LoRA-wrapped linears keep theirs as base_layer
         got = weights.get(name, weights.get(name.replace(".weight", ".base_layer.weight")))
@@ -131,7 +132,7 @@ def test_agent_emulator_is_the_servers_bit_for_bit_round_after_round(setup: Any)
     second, _ = task(s, ws, "a", 2)  # after the alignment of round 1: one small delta
     assert set(second.blobs) == {spec.GLOBAL_BLOB, spec.ALIGN_BLOB}
     assert len(second.blobs[spec.ALIGN_BLOB]) < len(s.copies.bundle) / 100
-    assert emu.decode_align(second.blobs[spec.ALIGN_BLOB], align_specs(s)).versions == [1, 2]
+    assert st.decode_align(second.blobs[spec.ALIGN_BLOB], align_specs(s)).versions == [1, 2]
     assert_same_emulator(ws.cache["fedbiot"], s)
     assert set(ws.objects.holdings()) == {s.copies.bundle_sha, s.copies.shas[2]}  # v1 was replaced
 
@@ -164,7 +165,7 @@ def test_an_agent_rounds_behind_catches_up_exactly(setup: Any) -> None:
     ws = Workspace(resolved, root / "agent-b", files["agent-1"])
     s.on_hello(AgentView("b", PROFILE, holds=frozenset(ws.objects.holdings())))
     one_behind, _ = task(s, ws, "b", 11)
-    blob = emu.decode_align(one_behind.blobs[spec.ALIGN_BLOB], align_specs(s))
+    blob = st.decode_align(one_behind.blobs[spec.ALIGN_BLOB], align_specs(s))
     assert blob.kind == "deltas" and blob.versions == [behind, behind + 1]
     assert_same_emulator(ws.cache["fedbiot"], s)
     advance_server(s, [11, 12])
@@ -172,9 +173,9 @@ def test_an_agent_rounds_behind_catches_up_exactly(setup: Any) -> None:
     raw = two_behind.blobs[spec.ALIGN_BLOB]
     assert s.copies.state is not None
     assert len(raw) == min(
-        len(emu.state_bytes(s.copies.state, s.copies.version)),
+        len(st.state_bytes(s.copies.state, s.copies.version)),
         len(
-            emu.encode_deltas(
+            st.encode_deltas(
                 {v: s.copies.deltas[v] for v in (behind + 2, behind + 3)},
                 behind + 1,
                 [s.copies.shas[v] for v in range(behind + 1, behind + 4)],

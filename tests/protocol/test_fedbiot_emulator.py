@@ -10,6 +10,7 @@ import torch
 
 from protocol.errors import PayloadError, PayloadMismatch
 from protocol.methods import _fedbiot_emulator as emu
+from protocol.methods import _fedbiot_state as st
 from protocol.methods import parse_params
 
 H, KV, FF = 8, 4, 16
@@ -112,7 +113,7 @@ def test_a_bundle_whose_map_disagrees_with_its_config_is_refused() -> None:
 
 def targets() -> dict[str, tuple[int, int]]:
     shapes = {n: tuple(t.shape) for n, t in fake_model(4).items()}
-    return emu.align_targets(shapes, 2, ("o_proj", "down_proj"))
+    return st.align_targets(shapes, 2, ("o_proj", "down_proj"))
 
 
 def test_alignment_targets_and_the_seeded_start() -> None:
@@ -123,76 +124,74 @@ def test_alignment_targets_and_the_seeded_start() -> None:
         "model.layers.1.mlp.down_proj",
         "model.layers.1.self_attn.o_proj",
     ]
-    state = emu.init_state(t, 3, seed=5)
-    again = emu.init_state(t, 3, seed=5)
+    state = st.init_state(t, 3, seed=5)
+    again = st.init_state(t, 3, seed=5)
     assert all(torch.equal(state[n], again[n]) for n in state)
     a = state["model.layers.0.mlp.down_proj.A"]
     assert a.shape == (3, FF) and a.dtype == torch.float32
     assert 0 < float(a.abs().max()) <= 1 / math.sqrt(FF)
     assert not state["model.layers.0.mlp.down_proj.B"].any()
-    other = emu.init_state(t, 3, seed=6)
+    other = st.init_state(t, 3, seed=6)
     assert not torch.equal(other["model.layers.0.mlp.down_proj.A"], a)
-    assert emu.state_sha(state, 0) == emu.state_sha(again, 0) != emu.state_sha(other, 0)
+    assert st.state_sha(state, 0) == st.state_sha(again, 0) != st.state_sha(other, 0)
 
 
 def chain(versions: int) -> tuple[list[dict[str, torch.Tensor]], dict[int, Any], list[str]]:
     """The server's side: states 0..versions, bf16 deltas, and the state sha256s."""
     gen = torch.Generator().manual_seed(1)
-    states = [emu.init_state(targets(), 3, seed=5)]
+    states = [st.init_state(targets(), 3, seed=5)]
     deltas = {}
     for v in range(1, versions + 1):
         trained = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in states[-1].items()}
-        deltas[v] = emu.make_delta(trained, states[-1])
-        states.append(emu.apply_delta(states[-1], deltas[v]))
-    return states, deltas, [emu.state_sha(s, v) for v, s in enumerate(states)]
+        deltas[v] = st.make_delta(trained, states[-1])
+        states.append(st.apply_delta(states[-1], deltas[v]))
+    return states, deltas, [st.state_sha(s, v) for v, s in enumerate(states)]
 
 
 def test_deltas_reproduce_the_servers_state_bit_for_bit_from_any_start() -> None:
     states, deltas, shas = chain(3)
     specs = {n: tuple(t.shape) for n, t in states[0].items()}
     assert all(d.dtype == torch.bfloat16 for d in deltas[1].values())
-    blob = emu.decode_align(emu.encode_deltas(deltas, 0, shas), specs)
+    blob = st.decode_align(st.encode_deltas(deltas, 0, shas), specs)
     assert blob.versions == [0, 1, 2, 3]
 
     def init() -> dict[str, torch.Tensor]:
-        return emu.init_state(targets(), 3, seed=5)
+        return st.init_state(targets(), 3, seed=5)
 
     def nothing(sha: str) -> None:
         return None
 
     for start in (None, (1, states[1]), (2, states[2])):  # fresh, or a round or two behind
-        version, state = emu.advance(start, blob, nothing, init)
+        version, state = st.advance(start, blob, nothing, init)
         assert version == 3 and all(torch.equal(state[n], states[3][n]) for n in state)
     # a restarted receiver finds its stored state by sha256
-    version, state = emu.advance(
-        None, blob, lambda sha: states[2] if sha == shas[2] else None, init
-    )
-    assert version == 3 and emu.state_sha(state, 3) == shas[3]
+    version, state = st.advance(None, blob, lambda sha: states[2] if sha == shas[2] else None, init)
+    assert version == 3 and st.state_sha(state, 3) == shas[3]
     # deltas that start past what the receiver has cannot be applied
-    later = emu.decode_align(emu.encode_deltas({3: deltas[3]}, 2, shas[2:]), specs)
+    later = st.decode_align(st.encode_deltas({3: deltas[3]}, 2, shas[2:]), specs)
     with pytest.raises(PayloadMismatch, match="no state of versions 2..3"):
-        emu.advance((1, states[1]), later, nothing, init)
+        st.advance((1, states[1]), later, nothing, init)
     # a wrong result is caught by the target's sha256
-    forged = emu.encode_deltas(deltas, 0, [*shas[:3], "0" * 64])
+    forged = st.encode_deltas(deltas, 0, [*shas[:3], "0" * 64])
     with pytest.raises(PayloadMismatch, match="another sha256"):
-        emu.advance(None, emu.decode_align(forged, specs), nothing, init)
+        st.advance(None, st.decode_align(forged, specs), nothing, init)
 
 
 def test_a_whole_state_replaces_anything_and_shapes_are_checked() -> None:
     states, _, _ = chain(2)
     specs = {n: tuple(t.shape) for n, t in states[0].items()}
-    blob = emu.decode_align(emu.state_bytes(states[2], 2), specs)
-    version, state = emu.advance((1, states[1]), blob, lambda sha: None, dict)
+    blob = st.decode_align(st.state_bytes(states[2], 2), specs)
+    version, state = st.advance((1, states[1]), blob, lambda sha: None, dict)
     assert version == 2 and all(torch.equal(state[n], states[2][n]) for n in state)
     wrong = {**specs, "model.layers.0.mlp.down_proj.A": (4, FF)}
     with pytest.raises(PayloadMismatch):
-        emu.decode_align(emu.state_bytes(states[2], 2), wrong)
+        st.decode_align(st.state_bytes(states[2], 2), wrong)
 
 
 def test_merged_weights_are_w_plus_scaled_ba_rounded_once() -> None:
     states, _, _ = chain(1)
     base = {f"{m}.weight": torch.randn(*s) for m, s in targets().items()}
-    merged = emu.merged_weights(base, states[1], 2.0)
+    merged = st.merged_weights(base, states[1], 2.0)
     assert set(merged) == set(base)
     m = "model.layers.1.self_attn.o_proj"
     b, a = states[1][f"{m}.B"].double(), states[1][f"{m}.A"].double()
