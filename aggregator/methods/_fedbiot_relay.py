@@ -24,14 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from aggregator.errors import ConfigError, StateError, UpdateRejected
+from aggregator.errors import ConfigError, StateError
 from aggregator.methods import AgentView, Assignment, MethodContext, Update
 from aggregator.methods._fedbiot_serve import EmulatorCopies
-from aggregator.relay import UPDATE_BLOB, UPSTREAM_OBJECTS, Answers, MeanRelay, NoGlobalState
+from aggregator.relay import UPSTREAM_OBJECTS, RelayMethod
 from edge_agent.objects import ObjectStore
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.frames import Buffer
 from protocol.messages import TaskResult
 from protocol.methods import _fedbiot_emulator as emu
@@ -42,10 +40,11 @@ from protocol.methods import parse_params
 log = logging.getLogger(__name__)
 
 
-class FedbiotRelay:
-    name = spec.NAME
+class FedbiotRelay(RelayMethod):
+    """The mean relay, plus the emulator and alignment chain it serves per agent."""
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext) -> None:
+        super().__init__(spec.NAME)
         parsed = parse_params(spec.NAME, params)
         assert isinstance(parsed, spec.Params)
         if context.state_dir is None:
@@ -53,9 +52,6 @@ class FedbiotRelay:
         self.params: spec.Params = parsed
         self.objects = ObjectStore(Path(context.state_dir) / UPSTREAM_OBJECTS)
         self.copies = EmulatorCopies(parsed.align.history)
-        self.mean = MeanRelay(spec.NAME)
-        self.answers = Answers()
-        self.task: dict[tuple[str, int], tuple[Assignment, Buffer | None]] = {}
         self._targets: dict[str, tuple[int, int]] = {}
 
     # --- what the upstream sends --------------------------------------------------------------
@@ -75,9 +71,9 @@ class FedbiotRelay:
             raise StateError(f"fedbiot: the upstream's emulator parts: {exc}") from None
         self._take_bundle(info, bundle)
         self._take_alignment(info, assignment.blobs.get(spec.ALIGN_BLOB))
-        self.task = {k: v for k, v in self.task.items() if k[1] >= round - 1}
-        plain = Assignment(params=assignment.params, quant=assignment.quant)
-        self.task[(kind, round)] = (plain, assignment.blobs.get(spec.GLOBAL_BLOB))
+        shared = {k: v for k, v in assignment.blobs.items() if k == spec.GLOBAL_BLOB}
+        plain = Assignment(params=assignment.params, blobs=shared, quant=assignment.quant)
+        super().set_task(kind, round, plain)  # the emulator and alignment go per agent
 
     def _take_bundle(self, info: spec.TaskInfo, data: Buffer | None) -> None:
         sha = info.emulator_sha256
@@ -153,16 +149,9 @@ class FedbiotRelay:
         self.copies.on_hello(view)
 
     def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
-        try:
-            plain, global_blob = self.task[(kind, round)]
-        except KeyError:
-            raise UpdateRejected(
-                ErrorCode.STALE_TASK, f"no upstream {kind} task for round {round}"
-            ) from None
-        blobs = self.copies.blobs_for(agent_id)
-        if global_blob is not None:
-            blobs[spec.GLOBAL_BLOB] = global_blob
-        return Assignment(params=plain.params, blobs=blobs, quant=plain.quant)
+        shared = super().assign(round, agent_id, kind)
+        blobs = {**self.copies.blobs_for(agent_id), **shared.blobs}
+        return Assignment(params=shared.params, blobs=blobs, quant=shared.quant)
 
     def agent_details(self, round: int) -> dict[str, dict[str, str]]:
         return self.copies.take_notes()
@@ -174,33 +163,12 @@ class FedbiotRelay:
         c.saw_update(result.agent_id, want)
         return update
 
-    # --- aggregation --------------------------------------------------------------------------
-
-    def begin_round(self, round: int) -> None:
-        self.mean.begin()
-        self.answers.drop("train", round)
-
-    def add(self, update: Update) -> None:
-        self.mean.add(update)
+    # --- aggregation: the mean relay's, with what was sent per agent -----------------------
 
     def finish_round(self, round: int) -> dict[str, float]:
         bundles, align_bytes = self.copies.take_counts()
-        metrics = {"bundle_sent": float(bundles), "align_KB_sent": round_kb(align_bytes)}
-        done = self.mean.encode(round)
-        if done is None:
-            return {"examples": 0.0, **metrics}
-        self.answers.put("train", round, {UPDATE_BLOB: done[0]}, done[1])
-        return {"examples": float(done[1]), **metrics}
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors, meta = self.answers.state()
-        return tensors, {"relay": self.name, **meta}
-
-    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
-        self.answers.restore(tensors, meta)
-
-    def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
-        raise NoGlobalState()
+        sent = {"bundle_sent": float(bundles), "align_KB_sent": round_kb(align_bytes)}
+        return {**super().finish_round(round), **sent}
 
 
 def round_kb(n: int) -> float:
