@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_throughput import SHA, lora_workload
-from load_harness import ROOT, PeakRss, aggregator_cmd, free_port, toml
-
-from aggregator.ledger import Ledger
+from load_harness import ROOT, PeakRss, aggregator_cmd, figures, free_port, ledger_figures, toml
 
 
 def _server(port: int, state: Path, window: int) -> dict[str, Any]:
@@ -82,34 +80,16 @@ def run_tiered(n: int, rounds: int, work: Path, regions: int, window: int) -> di
         log.close()
     if any(codes):
         raise SystemExit(f"exit codes {codes}; see the logs in {work}")
-    ledger = Ledger(up_state / "ledger.sqlite")
-    rows = ledger.rounds(f"tiered-{n}")
-    up_recorded = sum(len(ledger.updates(f"tiered-{n}", row.round)) for row in rows)
-    ledger.close()
-    recorded = 0
-    for r in range(regions):
-        region = Ledger(work / f"region-{r}-{n}" / "ledger.sqlite")
-        recorded += sum(len(region.updates(f"region-{r}", row.round))
-                        for row in region.rounds(f"region-{r}"))  # fmt: skip
-        region.close()
-    times = [row.committed_at - row.started_at for row in rows if row.committed_at is not None]
-    sent = sum(c.get("updates_sent", 0) for c in counts)
-    round_s = sum(times) / max(len(times), 1)
+    times, up_recorded = ledger_figures(up_state / "ledger.sqlite", f"tiered-{n}")
+    recorded = sum(
+        ledger_figures(work / f"region-{r}-{n}" / "ledger.sqlite", f"region-{r}")[1]
+        for r in range(regions)
+    )
     return {
-        "agents": n,
+        **figures(n, rounds, window, update_bytes, times, counts, recorded),
         "regions": regions,
-        "upload_window": window,
-        "rounds": len(times),
-        "update_mb": update_bytes / 1e6,
-        "round_s": round_s,
-        "updates_per_s": n / round_s if round_s else 0.0,
         "agg_peak_rss_mb": up_rss.peak / 2**20,
         "region_peak_rss_mb": max(p.peak for p in peaks) / 2**20,
         "upstream_updates": up_recorded,
-        "updates_sent": sent,
-        "updates_recorded": recorded,
-        "updates_acked": sum(c.get("updates_acked", 0) for c in counts),
-        "lost": sent - recorded,
-        "expected": n * rounds,
         "wall_s": time.monotonic() - started,
     }

@@ -142,11 +142,33 @@ def run_size(
     total = time.monotonic() - started
     if code != 0:
         raise SystemExit(f"aggregator exited with {code}; see {work / f'aggregator-{n}.log'}")
-    ledger = Ledger(state / "ledger.sqlite")
-    rows = ledger.rounds(f"load-{n}")
-    recorded = sum(len(ledger.updates(f"load-{n}", r.round)) for r in rows)
+    times, recorded = ledger_figures(state / "ledger.sqlite", f"load-{n}")
+    return {
+        **figures(n, rounds, window, update_bytes, times, counts, recorded),
+        "agg_peak_rss_mb": rss.peak / 2**20,
+        "wall_s": total,
+    }
+
+
+def ledger_figures(db: Path, run_id: str) -> tuple[list[float], int]:
+    """A run's committed round times (start to commit) and the updates its ledger recorded."""
+    ledger = Ledger(db)
+    rows = ledger.rounds(run_id)
+    recorded = sum(len(ledger.updates(run_id, r.round)) for r in rows)
     ledger.close()
-    times = [r.committed_at - r.started_at for r in rows if r.committed_at is not None]
+    return [r.committed_at - r.started_at for r in rows if r.committed_at is not None], recorded
+
+
+def figures(
+    n: int,
+    rounds: int,
+    window: int,
+    update_bytes: int,
+    times: list[float],
+    counts: list[dict[str, Any]],
+    recorded: int,
+) -> dict[str, Any]:
+    """The row both harness variants report: rates from round times, losses from counts."""
     sent = sum(c.get("updates_sent", 0) for c in counts)
     round_s = sum(times) / max(len(times), 1)
     return {
@@ -156,14 +178,12 @@ def run_size(
         "update_mb": update_bytes / 1e6,
         "round_s": round_s,
         "updates_per_s": n / round_s if round_s else 0.0,
-        "agg_peak_rss_mb": rss.peak / 2**20,
         "updates_sent": sent,
         "updates_recorded": recorded,
         "updates_acked": sum(c.get("updates_acked", 0) for c in counts),
         "lost": sent - recorded,
         "expected": n * rounds,
         "agent_errors": [e for c in counts for e in c.get("errors", [])][:5],
-        "wall_s": total,
     }
 
 
