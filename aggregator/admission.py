@@ -1,8 +1,9 @@
 """Admission: which agents may join a run, and which of them the run's method can use.
 
 :class:`Admission` answers an agent's Hello: the connection must be the agent it claims to be,
-the two sides must share a protocol version, and the agent must hold the run's base model (when
-it lists what it holds). An admitted agent is entered in the registry and the ledger, and the
+the two sides must share a protocol version, the agent must hold the run's base model (when
+it lists what it holds), and one that says it is a regional tier must be listed as one
+(``security.regions``). An admitted agent is entered in the registry and the ledger, and the
 method is told through its optional ``on_hello`` hook. Before a phase is assigned, the method's
 optional ``admit`` hook may refuse an agent whose hardware cannot run it; each refusal is logged
 once per agent, with its reason. :meth:`Admission.view` is what a method may know of an agent.
@@ -30,9 +31,16 @@ class Admission:
     """Checks Hellos and filters agents by what the method can run on."""
 
     def __init__(
-        self, registry: Registry, ledger: Ledger, model: BaseModelRef, method_name: str
+        self,
+        registry: Registry,
+        ledger: Ledger,
+        model: BaseModelRef,
+        method_name: str,
+        regions: frozenset[str] = frozenset(),
     ) -> None:
         self.registry = registry
+        self.regions = regions
+        """Ids allowed to join as a regional tier (``security.regions``)."""
         self.ledger = ledger
         self.model = model
         self.method_name = method_name
@@ -49,6 +57,13 @@ class Admission:
                 reason=f"connection is {agent_id!r} but Hello claims {hello.agent_id!r}",
                 ref=hello.msg_id,
             )
+        if hello.role == "region" and agent_id not in self.regions:
+            reason = (
+                f"{agent_id} is not allowed to join as a regional tier (its update would stand "
+                "for many agents): list it in [security] regions of this aggregator"
+            )
+            log.warning("agent %s refused: %s", agent_id, reason)
+            return ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason=reason, ref=hello.msg_id)
         try:
             version = negotiate(hello.versions, PROTOCOL_VERSIONS)
         except VersionMismatch as exc:

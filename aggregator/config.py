@@ -48,6 +48,9 @@ class SecuritySection(_Section):
     """The aggregator's CURVE secret key file (``edgefed-aggregator keygen``)."""
     allow_dir: Path | None = None
     """Directory of allowed agents' public key files; the file stem is the agent id."""
+    regions: list[Annotated[str, Field(min_length=1, max_length=128)]] = []
+    """Ids that may join as a regional tier (``Hello.role = "region"``, whose update stands for
+    many agents); a region Hello from any other id is refused."""
 
 
 class RunSection(_Section):

@@ -96,7 +96,9 @@ class RoundEngine:
         self.phase: Phase | None = None
         self.finished = False
         self.summaries: dict[int, RoundSummary] = {}
-        self.admission = Admission(self.registry, ledger, model, self.run.method)
+        self.admission = Admission(
+            self.registry, ledger, model, self.run.method, frozenset(config.security.regions)
+        )
         self.uploads = UploadWindow(self.registry.is_live)
         self.rules = PhaseRules(self.run, self.registry)
         self.commits = RoundCommits(ledger, store)

@@ -37,7 +37,7 @@ def run_tiered(n: int, rounds: int, work: Path, regions: int, window: int) -> di
     up_port, up_state = free_port(), work / f"up-{n}-{regions}"
     (work / "up.toml").write_text(toml({
         "server": _server(up_port, up_state, window),
-        "security": {"insecure": True},
+        "security": {"insecure": True, "regions": [f"region-{r}" for r in range(regions)]},
         "run": {"run_id": f"tiered-{n}", "rounds": rounds, "min_agents": regions, **run},
         "method": w.method_cfg,
     }))  # fmt: skip

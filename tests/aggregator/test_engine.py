@@ -179,3 +179,28 @@ def test_an_assignment_is_encoded_once_and_its_bytes_counted(h: Harness) -> None
     assert bytes(sent.blobs["global"]) == bytes(out[0].blobs["global"])
     assert h.engine.phase is not None
     assert h.engine.phase.bytes_down["a1"] == frames_nbytes(out[0].encoded)
+
+
+def test_only_listed_ids_may_join_as_a_regional_tier(tmp_path: Path) -> None:
+    """A region's update stands for many agents: a Hello claiming role "region" is refused
+    unless [security] regions lists the id; listed, it joins and is seen as a region."""
+    from engine_harness import Harness as H
+
+    h = H(tmp_path, regions=("east",))
+    try:
+        for agent in ("east", "west"):
+            hello = Hello(
+                agent_id=agent, versions=[1], profile=PROFILE, models=[SHA], role="region"
+            )
+            out = h.send(agent, hello)
+            if agent == "east":
+                assert out[0].header.type == "welcome"
+                assert h.engine.admission.view("east").role == "region"
+            else:
+                assert isinstance(out[0].header, ErrorReply)
+                assert out[0].header.code == ErrorCode.UNKNOWN_AGENT
+                assert "[security] regions" in out[0].header.reason
+                assert "west" not in h.engine.registry.agents
+        assert h.hello("west")[0].header.type == "welcome"  # as a plain agent it may join
+    finally:
+        h.close()

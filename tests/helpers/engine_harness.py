@@ -54,10 +54,16 @@ class Clock:
 
 
 class Harness:
-    def __init__(self, state_dir: Path, method: dict[str, Any] | None = None, **run: Any) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        method: dict[str, Any] | None = None,
+        regions: tuple[str, ...] = (),
+        **run: Any,
+    ) -> None:
         raw = {
             "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
-            "security": {"insecure": True},
+            "security": {"insecure": True, "regions": list(regions)},
             "run": {
                 "run_id": "run-t",
                 "rounds": 2,

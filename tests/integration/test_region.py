@@ -38,7 +38,7 @@ def test_two_tier_processes_commit_the_flat_mean(tmp_path: Path) -> None:
     run = {"model_sha256": SHA, "eval": False, "round_deadline_s": 120.0}
     (tmp_path / "up.toml").write_text(toml({
         "server": {"bind": f"tcp://127.0.0.1:{up_port}", "state_dir": str(tmp_path / "up"), **fast},
-        "security": {"insecure": True},
+        "security": {"insecure": True, "regions": list(REGIONS)},
         "run": {"run_id": "up", "rounds": 2, "min_agents": 2, **run},
         "method": {"lora": lora},
     }))  # fmt: skip

@@ -70,7 +70,7 @@ def test_a_region_runs_the_method_end_to_end(
     up = toml(tmp_path / "up.toml", {
         "server": {"bind": f"tcp://127.0.0.1:{ports['up']}", "state_dir": str(tmp_path / "up"),
                    "keep_updates": True, **FAST},
-        "security": {"insecure": True},
+        "security": {"insecure": True, "regions": ["east"]},
         "run": {"run_id": "up", "rounds": 2, "min_agents": 2, "model_dir": str(model),
                 "public_data": str(tiny["public"]), **run},
         "method": params,
