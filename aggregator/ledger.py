@@ -10,7 +10,8 @@ behind a lock. Other processes (``edgefed-aggregator status``) may open the same
 while the service writes; WAL lets them.
 
 Tables (schema version :data:`SCHEMA_VERSION` in ``PRAGMA user_version``; the file is marked
-with ``PRAGMA application_id``)::
+with ``PRAGMA application_id``; DDL, checks on open and row classes in
+:mod:`aggregator._ledger_schema`)::
 
     runs(run_id PK, method, config JSON, created_at)
     agents(agent_id PK, profile JSON, first_seen, last_seen)
@@ -33,105 +34,33 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aggregator._ledger_schema import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    AgentRow,
+    RejectionRow,
+    RoundRow,
+    UpdateRow,
+    prepare,
+)
+from aggregator._ledger_schema import decode_row as _decode
+from aggregator._ledger_schema import dumps as _dumps
 from aggregator.errors import StateError
 
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "AgentRow",
+    "Ledger",
+    "RejectionRow",
+    "RoundRow",
+    "UpdateRow",
+]
+
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-APPLICATION_ID = 0x45464544  # "EFED"
-
-_SCHEMA = """
-CREATE TABLE runs (
-    run_id TEXT PRIMARY KEY, method TEXT NOT NULL, config TEXT NOT NULL, created_at REAL NOT NULL
-);
-CREATE TABLE agents (
-    agent_id TEXT PRIMARY KEY, profile TEXT NOT NULL,
-    first_seen REAL NOT NULL, last_seen REAL NOT NULL
-);
-CREATE TABLE rounds (
-    run_id TEXT NOT NULL REFERENCES runs(run_id), round INTEGER NOT NULL, method TEXT NOT NULL,
-    started_at REAL NOT NULL, committed_at REAL, checkpoint_sha256 TEXT,
-    metrics TEXT NOT NULL, assigned TEXT NOT NULL, PRIMARY KEY (run_id, round)
-);
-CREATE TABLE updates (
-    run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL, sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL,
-    metrics TEXT NOT NULL, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL,
-    received_at REAL NOT NULL, blob_path TEXT,
-    FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round)
-);
-CREATE INDEX updates_by_round ON updates(run_id, round);
-CREATE TABLE rejections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, round INTEGER NOT NULL,
-    task_id TEXT NOT NULL, agent_id TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX rejections_by_round ON rejections(run_id, round);
-CREATE TABLE state (
-    run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run_id, key)
-);
-"""
-
-
-@dataclass(frozen=True)
-class AgentRow:
-    agent_id: str
-    profile: dict[str, Any]
-    first_seen: float
-    last_seen: float
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    run_id: str
-    round: int
-    task_id: str
-    agent_id: str
-    sha256: str
-    num_examples: int
-    metrics: dict[str, Any]
-    bytes_up: int
-    bytes_down: int
-    received_at: float
-    blob_path: str | None = None
-
-
-@dataclass(frozen=True)
-class RejectionRow:
-    run_id: str
-    round: int
-    task_id: str
-    agent_id: str
-    code: str
-    reason: str
-    at: float
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    run_id: str
-    round: int
-    method: str
-    started_at: float
-    committed_at: float | None
-    checkpoint_sha256: str | None
-    metrics: dict[str, Any]
-    assigned: list[str]
-
-
-def _decode(row: sqlite3.Row, *json_columns: str) -> dict[str, Any]:
-    return {k: json.loads(row[k]) if k in json_columns else row[k] for k in row.keys()}  # noqa: SIM118
-
-
-def _dumps(value: object, what: str) -> str:
-    try:
-        return json.dumps(value, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError) as e:
-        raise StateError(f"cannot store {what} in the ledger: {e}") from e
 
 
 class Ledger:
@@ -158,39 +87,10 @@ class Ledger:
     # ------------------------------------------------------------------ plumbing
 
     def _open(self) -> None:
-        conn = self._c()
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if version == 0 and tables == 0:
-                # one transaction: a failure leaves it open and closing the connection undoes it
-                pragmas = (
-                    f"PRAGMA application_id={APPLICATION_ID};PRAGMA user_version={SCHEMA_VERSION};"
-                )
-                conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{pragmas}COMMIT;")
-                logger.info("created ledger %s (schema %d)", self.path, SCHEMA_VERSION)
-            elif app_id != APPLICATION_ID:
-                raise StateError(f"{self.path} is an SQLite file but not an edgefed ledger")
-            elif version > SCHEMA_VERSION:
-                raise StateError(
-                    f"the ledger {self.path} has schema version {version}, newer than this "
-                    f"edgefed supports ({SCHEMA_VERSION}); upgrade edgefed to open it"
-                )
-            elif version < SCHEMA_VERSION:
-                raise StateError(f"the ledger {self.path} has unknown schema version {version}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise StateError(f"the ledger {self.path} is corrupt: {check}")
-        except sqlite3.DatabaseError as e:
-            raise StateError(
-                f"the ledger {self.path} is corrupt or not an SQLite database ({e}); "
-                "move it aside or restore a backup"
-            ) from e
-        if str(mode).lower() != "wal":
+        mode, created = prepare(self._c(), self.path)
+        if created:
+            logger.info("created ledger %s (schema %d)", self.path, SCHEMA_VERSION)
+        if mode.lower() != "wal":
             logger.warning("ledger %s: no WAL mode here, journal mode is %s", self.path, mode)
 
     def _c(self) -> sqlite3.Connection:

@@ -31,18 +31,15 @@ Kinds and their tensors:
 
 :func:`decode` reads the 8-byte header length and refuses it above the cap before parsing,
 checks the header (:mod:`protocol._safetensors_io`), then the kind's structure, the receiver's
-:class:`Expect`, and that every floating value is finite. :func:`encode` runs the same checks,
-so a sender learns of a bad update before it travels.
+:class:`Expect` (:mod:`protocol._payload_kinds`), and that every floating value is finite.
+:func:`encode` runs the same checks, so a sender learns of a bad update before it travels.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -63,6 +60,17 @@ from protocol._payload_checks import (
     TensorSpec,
     lora_rank_of,
 )
+from protocol._payload_kinds import (
+    KIND_NAMES,
+    SEEDED_KINDS,
+    STACKED_KINDS,
+    Expect,
+    Payload,
+    PayloadKind,
+    check_expect,
+    check_identity,
+    check_structure,
+)
 from protocol._safetensors_io import (
     DTYPE_CODES,
     METADATA_KEY,
@@ -77,10 +85,12 @@ from protocol.errors import PayloadError, PayloadHeaderTooLarge, PayloadMismatch
 
 __all__ = [
     "MAX_PAYLOAD_HEADER",
+    "Buffer",
     "Expect",
     "Payload",
     "PayloadKind",
     "TensorSpec",
+    "caller_meta",
     "decode",
     "encode",
     "encode_dense",
@@ -98,93 +108,7 @@ MAX_PAYLOAD_HEADER = 256 * 1024
 """Cap on the safetensors JSON header of a payload, in bytes."""
 
 _SET_BY_ENCODE = frozenset({KIND_KEY, METHOD_KEY, ROUND_KEY, RANDOMNESS_KEY, STACKED_KEY})
-
-
-class PayloadKind(StrEnum):
-    LORA = "lora"
-    MASKED = "masked"
-    SPARSE = "sparse"
-    SEEDCOEF = "seedcoef"
-    DENSE = "dense"
-
-
 _DIGITS = re.compile(r"([0-9]+)")
-_KIND_NAMES = frozenset(k.value for k in PayloadKind)
-_STACKED_KINDS = frozenset({PayloadKind.LORA, PayloadKind.DENSE})
-_SEEDED_KINDS = frozenset({PayloadKind.MASKED, PayloadKind.SEEDCOEF})
-
-
-@dataclass(frozen=True)
-class Expect:
-    """What a receiver expects of a payload; every field left ``None`` is not checked.
-
-    ``tensors`` gives the exact set of tensor names as decoded, with shapes (``None`` = free,
-    e.g. a LoRA rank) and dtypes; for ``masked`` those are the 1-D value vectors, for
-    ``sparse`` the ``.indices``/``.values`` entries. ``shapes`` gives the full shapes of a
-    ``masked`` or ``sparse`` payload (exact name set). Given any ``Expect``, a ``masked``
-    payload's value counts are checked against the regenerated masks; pass ``shapes`` for
-    payloads from untrusted senders, otherwise the masks are regenerated over whatever sizes
-    the payload claims (up to 2^40 elements per tensor).
-    """
-
-    kind: PayloadKind | None = None
-    method: str | None = None
-    round: int | None = None
-    tensors: Mapping[str, TensorSpec] | None = None
-    max_rank: int | None = None
-    shapes: Mapping[str, tuple[int, ...]] | None = None
-    seed: int | None = None
-    density: float | None = None
-    base_seed: int | None = None
-    k: int | None = None
-    n_groups: int | None = None
-
-
-@dataclass
-class Payload:
-    """A decoded, checked payload."""
-
-    kind: PayloadKind
-    method: str
-    round: int
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, str]
-    raw_nbytes: int
-    """Sum of the tensor data bytes."""
-    wire_nbytes: int
-    """Length of the encoded bytes."""
-    header_nbytes: int = 0
-    """Bytes before the tensor data: 8 + the JSON header."""
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    """Full tensor shapes of a ``masked`` or ``sparse`` payload."""
-
-    @property
-    def overhead_nbytes(self) -> int:
-        return self.wire_nbytes - self.raw_nbytes
-
-    def _int(self, key: str) -> int | None:
-        return int(self.meta[key]) if key in self.meta else None
-
-    @property
-    def seed(self) -> int | None:
-        """The mask seed of a ``masked`` payload."""
-        return self._int(SEED_KEY)
-
-    @property
-    def density(self) -> float | None:
-        return float(self.meta[DENSITY_KEY]) if DENSITY_KEY in self.meta else None
-
-    @property
-    def base_seed(self) -> int | None:
-        return self._int(BASE_SEED_KEY)
-
-    @property
-    def k(self) -> int | None:
-        return self._int(K_KEY)
-
-    @property
-    def n_groups(self) -> int | None:
-        return self._int(N_GROUPS_KEY)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -216,7 +140,7 @@ def encode(
             raise PayloadError(f"metadata key {key!r} is set by encode")
         full[key] = value
     full |= {KIND_KEY: kind.value, METHOD_KEY: method, ROUND_KEY: str(round)}
-    if kind in _SEEDED_KINDS:
+    if kind in SEEDED_KINDS:
         full[RANDOMNESS_KEY] = str(randomness.VERSION)
     ready: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -227,10 +151,10 @@ def encode(
         if t.dtype not in DTYPE_CODES:
             raise PayloadError(f"{name!r}: dtype {t.dtype} cannot travel in a payload")
         ready[name] = t.detach().to("cpu")
-    _check_structure(kind, ready, full)
+    check_structure(kind, ready, full)
     checks.check_finite(ready)
     entries = ready
-    if kind in _STACKED_KINDS:
+    if kind in STACKED_KINDS:
         entries, spec = stack(ready)
         if spec is not None:
             full[STACKED_KEY] = spec
@@ -342,15 +266,15 @@ def decode(
     """Parse and check a payload; raises a :class:`~protocol.errors.PayloadError` subclass."""
     header = parse_header(data, max_header=max_header)
     meta = header.metadata
-    kind_name, method, round_ = checks.identity(meta, _KIND_NAMES)
+    kind_name, method, round_ = checks.identity(meta, KIND_NAMES)
     kind = PayloadKind(kind_name)
     if expect is not None:
-        _check_identity(expect, kind, method, round_)
+        check_identity(expect, kind, method, round_)
     entries = unstack(_load_tensors(data, header), meta.get(STACKED_KEY))
     tensors = {name: entries[name] for name in sorted(entries, key=_natural)}
-    shapes = _check_structure(kind, tensors, meta)
+    shapes = check_structure(kind, tensors, meta)
     if expect is not None:
-        _check_expect(expect, kind, tensors, meta, shapes)
+        check_expect(expect, kind, tensors, meta, shapes)
     checks.check_finite(tensors)
     logger.debug(
         "decoded %s payload: %d tensors, %d bytes", kind, len(tensors), header.total_nbytes
@@ -371,68 +295,3 @@ def decode(
 def _natural(name: str) -> list[tuple[int, int | str]]:
     """Sort key putting ``layers.2`` before ``layers.10``."""
     return [(0, int(p)) if p.isdecimal() else (1, p) for p in _DIGITS.split(name) if p]
-
-
-def _check_structure(
-    kind: PayloadKind, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
-) -> dict[str, tuple[int, ...]]:
-    if kind in _SEEDED_KINDS:
-        checks.check_randomness_version(meta)
-    if kind is PayloadKind.LORA:
-        lora_rank_of(tensors)
-    elif kind is PayloadKind.MASKED:
-        return checks.check_masked(tensors, meta)
-    elif kind is PayloadKind.SPARSE:
-        return checks.check_sparse(tensors, meta)
-    elif kind is PayloadKind.SEEDCOEF:
-        checks.check_seedcoef(tensors, meta)
-    return {}
-
-
-def _check_identity(expect: Expect, kind: PayloadKind, method: str, round_: int) -> None:
-    if expect.kind is not None and kind != expect.kind:
-        raise PayloadMismatch(f"payload kind {kind.value!r}, expected {str(expect.kind)!r}")
-    if expect.method is not None and method != expect.method:
-        raise PayloadMismatch(f"payload method {method!r}, expected {expect.method!r}")
-    if expect.round is not None and round_ != expect.round:
-        raise PayloadMismatch(f"payload round {round_}, expected {expect.round}")
-
-
-def _check_expect(
-    expect: Expect,
-    kind: PayloadKind,
-    tensors: Mapping[str, torch.Tensor],
-    meta: Mapping[str, str],
-    shapes: Mapping[str, tuple[int, ...]],
-) -> None:
-    if expect.tensors is not None:
-        checks.check_specs(tensors, expect.tensors)
-    if expect.max_rank is not None and kind is PayloadKind.LORA:
-        for module, rank in lora_rank_of(tensors).items():
-            if rank > expect.max_rank:
-                raise PayloadMismatch(f"{module}: rank {rank} exceeds {expect.max_rank}")
-    if expect.shapes is not None and kind in (PayloadKind.MASKED, PayloadKind.SPARSE):
-        want = {name: tuple(shape) for name, shape in expect.shapes.items()}
-        if dict(shapes) != want:
-            raise PayloadMismatch(checks.describe_difference("full shapes", shapes, want))
-    for key, wanted, kinds in (
-        (SEED_KEY, expect.seed, {PayloadKind.MASKED}),
-        (DENSITY_KEY, expect.density, {PayloadKind.MASKED}),
-        (BASE_SEED_KEY, expect.base_seed, {PayloadKind.SEEDCOEF}),
-        (K_KEY, expect.k, {PayloadKind.SEEDCOEF}),
-        (N_GROUPS_KEY, expect.n_groups, {PayloadKind.SEEDCOEF}),
-    ):
-        if wanted is not None and kind in kinds:
-            got = float(meta[key]) if key == DENSITY_KEY else int(meta[key])
-            if got != wanted:
-                raise PayloadMismatch(f"{key} is {meta[key]}, expected {wanted}")
-    if kind is PayloadKind.MASKED:
-        seed, density = int(meta[SEED_KEY]), float(meta[DENSITY_KEY])
-        for name, shape in shapes.items():
-            stream = randomness.stream_key(seed, name)
-            want_count = randomness.mask_count(stream, math.prod(shape), density)
-            got_count = tensors[name].numel()
-            if got_count != want_count:
-                raise PayloadMismatch(
-                    f"{name!r}: {got_count} masked values, the mask selects {want_count}"
-                )
