@@ -168,7 +168,8 @@ def local(
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
     _logging(verbose)
-    from aggregator.local import LocalOptions, parse_agent_limits, parse_params, run_local
+    from aggregator.local import run_local
+    from aggregator.local_options import LocalOptions, parse_agent_limits, parse_params
 
     try:
         limits = parse_agent_limits(agent_limits)

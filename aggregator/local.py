@@ -3,7 +3,8 @@
 It prepares the embedded default model (by running ``edgefed-agent model prepare``), writes the
 demo data split non-IID across agents, makes throw-away CURVE keys, starts the aggregator
 service in this process and N agent daemons as separate processes (by command, on loopback),
-prints a row per round, and ends by exporting the result.
+prints a row per round (:mod:`aggregator.round_table`), and ends by exporting the result. Its
+options and their parsers: :mod:`aggregator.local_options`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,91 +25,14 @@ import zmq.auth
 
 from aggregator.config import AggregatorConfig, build_config
 from aggregator.demo_data import make_demo_split, write_demo
-from aggregator.engine import RoundSummary
 from aggregator.errors import AggregatorError
 from aggregator.export import merge_into_base
+from aggregator.local_options import LocalOptions
+from aggregator.round_table import RoundTable
 from aggregator.service import AggregatorService
 from protocol.messages import BaseModelRef
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalOptions:
-    method: str
-    agents: int
-    rounds: int
-    workdir: Path
-    model: str
-    alpha: float
-    per_agent: int
-    steps: int
-    batch_size: int
-    lr: float
-    rank: int
-    quant: str
-    insecure: bool
-    merge: bool
-    seed: int
-    eval_examples: int
-    method_params: dict[str, Any] | None = None
-    agent_limits: dict[str, dict[str, float]] | None = None
-    """Per agent id, simulated limits: ``memory`` (bytes) and ``bandwidth`` (Mbit/s)."""
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-               "GIB": 2**30}  # fmt: skip
-
-
-def parse_size(text: str) -> int:
-    """``"600MB"`` → 600000000; ``"1.5GiB"``; a bare number is bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if match is None or match.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (e.g. 600MB, 1.5GiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
-
-
-def parse_agent_limits(specs: Sequence[str]) -> dict[str, dict[str, float]]:
-    """``["agent-2:memory=600MB,bandwidth=20"]`` → ``{"agent-2": {"memory": 6e8, ...}}``."""
-    out: dict[str, dict[str, float]] = {}
-    for spec in specs:
-        agent, sep, rest = spec.partition(":")
-        if not sep or not agent:
-            raise ValueError(f"{spec!r}: expected AGENT:memory=SIZE,bandwidth=MBPS")
-        limits = out.setdefault(agent, {})
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or key not in ("memory", "bandwidth"):
-                raise ValueError(f"{spec!r}: {item!r} is not memory=SIZE or bandwidth=MBPS")
-            try:
-                limits[key] = float(parse_size(value)) if key == "memory" else float(value)
-            except ValueError:
-                raise ValueError(f"{spec!r}: bad value {value!r} for {key}") from None
-            if limits[key] <= 0:
-                raise ValueError(f"{spec!r}: {key} must be positive")
-    return out
-
-
-def parse_params(specs: Sequence[str]) -> dict[str, Any]:
-    """``["train.steps=4", "emulator.drop=0.5"]`` → nested dict (values as JSON when they parse)."""
-    out: dict[str, Any] = {}
-    for spec in specs:
-        key, eq, raw = spec.partition("=")
-        if not eq or not key:
-            raise ValueError(f"{spec!r}: expected KEY=VALUE")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{spec!r}: {part} is already a value")
-        node[parts[-1]] = value
-    return out
 
 
 def agent_command() -> list[str]:
@@ -161,54 +82,6 @@ def write_agent_config(path: Path, values: dict[str, dict[str, object]]) -> None
         lines += [f"{k} = {_toml_value(v)}" for k, v in items.items() if v is not None]
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
-
-
-class RoundTable:
-    """Prints one row per round as rounds finish."""
-
-    HEADER = (
-        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'eval EM':>7} "
-        f"{'up/agent':>10} {'down/agent':>10} {'time s':>7}"
-    )
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.rows: list[RoundSummary] = []
-        print(self.HEADER, file=out, flush=True)
-
-    @staticmethod
-    def _fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    def __call__(self, s: RoundSummary) -> None:
-        self.rows.append(s)
-        up = _human(s.bytes_up) if s.round > 0 else "-"
-        down = _human(s.bytes_down) if s.round > 0 else "-"
-        print(
-            f"{s.round:>5} {s.agents if s.round else '-':>6} {self._fmt(s.train_loss, '.4f'):>10} "
-            f"{self._fmt(s.eval_loss, '.4f'):>9} {self._fmt(s.eval_em, '.3f'):>7} "
-            f"{up:>10} {down:>10} {s.seconds if s.round else 0:>7.1f}"
-            + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples"),
-            file=self.out,
-            flush=True,
-        )
-        if any(set(row) - {"up", "down"} for row in s.per_agent.values()):
-            for agent_id, row in s.per_agent.items():
-                extra = "".join(f"  {k}={v}" for k, v in row.items() if k not in ("up", "down"))
-                print(
-                    f"{'':>5} {agent_id:>12}  up {_human(float(row.get('up', 0))):>9}  "
-                    f"down {_human(float(row.get('down', 0))):>9}{extra}",
-                    file=self.out,
-                    flush=True,
-                )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:

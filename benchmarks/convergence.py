@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def run_method(method: str, args: argparse.Namespace, work: Path) -> list[dict[str, float]]:
     import io
 
-    from aggregator.local import LocalOptions, run_local
+    from aggregator.local import run_local
+    from aggregator.local_options import LocalOptions
 
     opts = LocalOptions(
         method=method, agents=args.agents, rounds=args.rounds, workdir=work / method,

@@ -1,16 +1,17 @@
-"""Local LoRA training and evaluation on the agent's private examples.
+"""Local LoRA training on the agent's private examples.
 
 The loop reads top to bottom: tokenize once, draw a deterministic batch order from
 ``cfg.seed``, then for each step pad a batch, compute the mean cross-entropy over response tokens
 (fp32, whatever the compute dtype), add the caller's ``extra_loss`` (FedBiOT's proximal term),
 clip and step AdamW over the trainable parameters only. The base model may be quantized
 (bitsandbytes NF4/int8); a bf16/fp16 compute dtype runs under autocast.
+
+Evaluation lives in :mod:`edge_agent.evaluate`; ``evaluate``, ``EvalResult`` and
+``greedy_continuations`` are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import math
 import sys
@@ -20,19 +21,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from edge_agent.data import (
-    IGNORE_INDEX,
-    Example,
-    TokenizedExample,
-    collate,
-    normalize_answer,
-    prompt_ids,
-    tokenize,
+from edge_agent._forward import (
+    accepts_logits_to_keep,
+    autocast,
+    compute_dtype,
+    device_of,
+    forward_ce,
+    pad_token_id,
 )
+from edge_agent.data import Example, collate, tokenize
 from edge_agent.errors import ConfigError, DataError, TaskError
+from edge_agent.evaluate import EvalResult, evaluate, greedy_continuations
+
+__all__ = [
+    "EvalResult",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "greedy_continuations",
+    "train_lora",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +96,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-@dataclass
-class EvalResult:
-    """Token-weighted response CE over ``n`` examples, and exact match when it was asked for."""
-
-    loss: float
-    exact_match: float | None
-    n: int
-    seconds: float
-
-
-# ------------------------------------------------------------------------------------- training
-
-
 def train_lora(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -121,16 +118,16 @@ def train_lora(
     if not params:
         raise TaskError("the model has no trainable parameters (is a LoRA adapter attached?)")
     data = tokenize(examples, tokenizer, cfg.max_len)
-    device = _device_of(model)
-    amp_dtype = _compute_dtype(model)
+    device = device_of(model)
+    amp_dtype = compute_dtype(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / (cfg.warmup_steps + 1))
     )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     order = _batch_order(len(data), cfg.batch_size, cfg.seed)
-    pad_id = _pad_id(tokenizer)
-    slim = _accepts_logits_to_keep(model)
+    pad_id = pad_token_id(tokenizer)
+    slim = accepts_logits_to_keep(model)
     losses: list[float] = []
     was_training = model.training
     model.train()
@@ -148,8 +145,8 @@ def train_lora(
                     [data[i] for i in next(order)], pad_id, device, left=False
                 )
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, amp_dtype):
-                    loss_sum, count = _forward_ce(model, input_ids, attention, labels, slim)
+                with autocast(device, amp_dtype):
+                    loss_sum, count = forward_ce(model, input_ids, attention, labels, slim)
                 loss = loss_sum / count.clamp(min=1)
                 total = loss if extra_loss is None else loss + extra_loss(model)
                 if not torch.isfinite(total):
@@ -208,208 +205,3 @@ def _batch_order(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     stream = indices()
     while True:
         yield [next(stream) for _ in range(batch_size)]
-
-
-# ----------------------------------------------------------------------------------- evaluation
-
-
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    max_len: int = 128,
-    batch_size: int = 8,
-    exact_match: bool = False,
-    max_new_tokens: int = 16,
-    progress: bool = False,
-) -> EvalResult:
-    """Response CE (token-weighted mean) and, if asked, greedy-decoding exact match.
-
-    Exact match counts only examples with a non-empty response (plain text records have none);
-    it is ``None`` when not asked for or when no example has a response.
-    """
-    if not examples:
-        raise DataError("no evaluation examples")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    start = time.perf_counter()
-    data = tokenize(examples, tokenizer, max_len)
-    device = _device_of(model)
-    amp_dtype = _compute_dtype(model)
-    pad_id = _pad_id(tokenizer)
-    slim = _accepts_logits_to_keep(model)
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = 0
-    try:
-        with torch.no_grad():
-            batches = range(0, len(data), batch_size)
-            for i in tqdm(batches, disable=not progress, file=sys.stderr, desc="eval loss"):
-                input_ids, attention, labels = collate(
-                    data[i : i + batch_size], pad_id, device, left=False
-                )
-                with _autocast(device, amp_dtype):
-                    batch_sum, batch_count = _forward_ce(model, input_ids, attention, labels, slim)
-                loss_sum += batch_sum.double().cpu()
-                count += int(batch_count)
-            em: float | None = None
-            if exact_match:
-                targets = [ex for ex in examples if ex.text is None and ex.response.strip()]
-                if targets:
-                    outputs = greedy_continuations(
-                        model,
-                        tokenizer,
-                        targets,
-                        max_len=max_len,
-                        batch_size=batch_size,
-                        max_new_tokens=max_new_tokens,
-                        progress=progress,
-                    )
-                    hits = sum(
-                        normalize_answer(out) == normalize_answer(ex.response)
-                        for out, ex in zip(outputs, targets, strict=True)
-                    )
-                    em = hits / len(targets)
-    finally:
-        model.train(was_training)
-    loss = float(loss_sum / count) if count else float("nan")
-    return EvalResult(
-        loss=loss, exact_match=em, n=len(examples), seconds=time.perf_counter() - start
-    )
-
-
-def greedy_continuations(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    max_len: int = 128,
-    batch_size: int = 8,
-    max_new_tokens: int = 16,
-    progress: bool = False,
-) -> list[str]:
-    """Greedy-decode each example's prompt (left-padded batches); decoded continuations."""
-    from transformers import GenerationConfig
-
-    device = _device_of(model)
-    amp_dtype = _compute_dtype(model)
-    pad_id = _pad_id(tokenizer)
-    eos_ids = _eos_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids or None,
-    )
-    prompts = [prompt_ids(ex, tokenizer, max_len) for ex in examples]
-    texts: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            batches = range(0, len(prompts), batch_size)
-            for i in tqdm(batches, disable=not progress, file=sys.stderr, desc="generate"):
-                chunk = [TokenizedExample(ids, ids) for ids in prompts[i : i + batch_size]]
-                input_ids, attention, _ = collate(chunk, pad_id, device, left=True)
-                with _autocast(device, amp_dtype):
-                    out = model.generate(  # type: ignore[operator]
-                        input_ids=input_ids, attention_mask=attention, generation_config=config
-                    )
-                new = out[:, input_ids.shape[1] :]
-                for row in new.tolist():
-                    cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
-                    texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return texts
-
-
-# -------------------------------------------------------------------------------------- helpers
-
-
-def _forward_ce(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention: torch.Tensor,
-    labels: torch.Tensor,
-    slim: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token CE (fp32) over positions whose label is not -100, and their count.
-
-    With ``slim`` only the positions that predict a response token (in any row) go through the
-    LM head (``logits_to_keep``), which spares the vocabulary-sized logits of the prompt.
-    """
-    targets = labels[:, 1:]
-    if slim:
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            keep = keep.new_zeros(1)
-        logits = model(
-            input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=keep
-        ).logits
-        targets = targets[:, keep]
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-        logits = logits[:, :-1, :]
-    total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total, (targets != IGNORE_INDEX).sum()
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the (unwrapped) model's forward takes ``logits_to_keep`` (transformers >= 4.50)."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """bf16/fp16 if the model computes in it (quantized base or half weights), else None."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get_embeddings(), "weight", None) if callable(get_embeddings) else None
-    dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
-
-
-def _autocast(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0  # padded positions are masked out of attention and labels, any id will do
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    generation_config = getattr(model, "generation_config", None)
-    configured = getattr(generation_config, "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, configured):
-        if isinstance(value, int):
-            ids.append(value)
-        elif isinstance(value, list):
-            ids.extend(int(v) for v in value)
-    return list(dict.fromkeys(ids))

@@ -28,6 +28,7 @@ from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.export import ADAPTER_CONFIG, write_peft_adapter
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods import _fedbiot_align as align
+from aggregator.methods import _fedbiot_bundle as bundle_io
 from aggregator.methods._fedbiot_serve import EmulatorCopies
 from aggregator.methods.fedit import FedAvg
 from aggregator.robust import check_examples
@@ -132,17 +133,17 @@ class FedbiotServer:
         model_dir, p = self.context.model_dir, self.params
         assert model_dir is not None and self.context.public_data is not None
         plan = self._plan()
-        tokenizer = align.load_tokenizer(model_dir)
+        tokenizer = bundle_io.load_tokenizer(model_dir)
         samples = align.read_public(self.context.public_data, tokenizer, p.align.max_len)
-        data, full_n, small_n = align.build_bundle(
+        data, full_n, small_n = bundle_io.build_bundle(
             model_dir, plan, p.emulator.dtype, weights_sha256(model_dir)
         )
         bundle = emu.decode_bundle(data)
         shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
         targets = st.align_targets(shapes, plan.n_emulator, p.align.target_modules)
         aligner = align.Aligner(
-            align.load_full(model_dir),
-            align.build_small(bundle),
+            bundle_io.load_full(model_dir),
+            bundle_io.build_small(bundle),
             plan,
             samples,
             holdout=p.align.holdout,
@@ -210,7 +211,7 @@ class FedbiotServer:
     def _plan(self) -> emu.EmulatorPlan:
         if self.emu_plan is None:
             assert self.context.model_dir is not None
-            config = align.read_config(self.context.model_dir)
+            config = bundle_io.read_config(self.context.model_dir)
             e = self.params.emulator
             try:
                 self.emu_plan = emu.plan_emulator(
@@ -256,7 +257,7 @@ class FedbiotServer:
             specs: dict[str, payloads.TensorSpec] = {}
             plan, targets = self._plan(), self.params.lora.target_modules
             assert self.context.model_dir is not None
-            for name, shape in align.full_shapes(self.context.model_dir).items():
+            for name, shape in bundle_io.full_shapes(self.context.model_dir).items():
                 layer, module = emu.layer_of(name), name.removesuffix(".weight")
                 if layer not in plan.adapter or module == name or len(shape) != 2:
                     continue

@@ -19,6 +19,7 @@ from aggregator.errors import ConfigError
 from aggregator.ledger import Ledger
 from aggregator.methods import AgentView, MethodContext
 from aggregator.methods import _fedbiot_align as align
+from aggregator.methods import _fedbiot_bundle as bundle_io
 from aggregator.methods.fedbiot import FedbiotServer
 from protocol import payloads
 from protocol.frames import decode, encode
@@ -148,9 +149,9 @@ def test_an_emulator_that_drops_nothing_computes_what_the_full_model_computes(
 ) -> None:
     model_dir, _ = tiny
     plan = emu.plan_emulator(6, 2, 0.0)
-    data, full_n, small_n = align.build_bundle(model_dir, plan, "fp32", "ab" * 32)
+    data, full_n, small_n = bundle_io.build_bundle(model_dir, plan, "fp32", "ab" * 32)
     assert plan.emulator == (0, 1, 2, 3) and full_n == small_n
-    small, full = align.build_small(emu.decode_bundle(data)), align.load_full(model_dir)
+    small, full = bundle_io.build_small(emu.decode_bundle(data)), bundle_io.load_full(model_dir)
     ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
     with torch.no_grad():
         assert torch.equal(small(input_ids=ids).logits, full(input_ids=ids).logits)
@@ -254,7 +255,7 @@ def test_full_eval_and_export_plug_the_adapter_into_the_full_model(
     written = s.export(tmp_path / "adapter", base_model_name="tiny")
     config = json.loads(written["config"].read_text())
     assert config["layers_to_transform"] == [4, 5] and config["layers_pattern"] == "layers"
-    peft_model = PeftModel.from_pretrained(align.load_full(tiny[0]), tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(bundle_io.load_full(tiny[0]), tmp_path / "adapter")
     adapted = {
         emu.layer_of(n + ".") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
     }

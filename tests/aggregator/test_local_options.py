@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.local import parse_agent_limits, parse_params, parse_size
+from aggregator.local_options import parse_agent_limits, parse_params, parse_size
 
 
 def test_sizes() -> None:
