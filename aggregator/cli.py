@@ -144,6 +144,13 @@ def region(config_path: Path, verbose: int) -> None:
     metavar="KEY=VALUE",
     help="A method parameter, dotted, e.g. --param train.steps=4 (value read as JSON if it can).",
 )
+@click.option(
+    "--regions",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Put the agents behind this many regional tiers (their own processes; 0: none).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -164,6 +171,7 @@ def local(
     seed: int,
     agent_limits: tuple[str, ...],
     params: tuple[str, ...],
+    regions: int,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
@@ -196,6 +204,7 @@ def local(
         eval_examples=eval_examples,
         method_params=method_params,
         agent_limits=limits,
+        regions=regions,
     )
     try:
         run_local(opts)

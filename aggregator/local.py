@@ -28,6 +28,7 @@ from aggregator.demo_data import make_demo_split, write_demo
 from aggregator.errors import AggregatorError
 from aggregator.export import merge_into_base
 from aggregator.local_options import LocalOptions
+from aggregator.local_regions import AgentLink, deal, start_regions
 from aggregator.round_table import RoundTable
 from aggregator.service import AggregatorService
 from protocol.messages import BaseModelRef
@@ -90,8 +91,10 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / "logs").mkdir()
+    tiers = f" behind {opts.regions} regions" if opts.regions else ""
     print(
-        f"edgefed local: {opts.method}, {opts.agents} agents, {opts.rounds} rounds in {workdir}",
+        f"edgefed local: {opts.method}, {opts.agents} agents{tiers}, {opts.rounds} rounds in "
+        f"{workdir}",
         file=out,
         flush=True,
     )
@@ -117,7 +120,9 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         (workdir / "data" / f"eval-{i + 1}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8"
         )
-    keys = None if opts.insecure else make_keys(workdir, agent_ids)
+    members = deal(agent_ids, opts.regions) if opts.regions else {}
+    participants = list(members) or agent_ids  # who joins this aggregator
+    keys = None if opts.insecure else make_keys(workdir, participants)
 
     method_params: dict[str, Any] = {
         "lora": {"r": opts.rank, "alpha": 2.0 * opts.rank},
@@ -145,13 +150,16 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "heartbeat_interval": 1.0,
             "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
         },
-        "security": {"insecure": True}
-        if keys is None
-        else {"secret_key": str(keys["server_secret"]), "allow_dir": str(keys["allow"])},
+        "security": {"regions": list(members)}
+        | (
+            {"insecure": True}
+            if keys is None
+            else {"secret_key": str(keys["server_secret"]), "allow_dir": str(keys["allow"])}
+        ),
         "run": {
             "method": opts.method,
             "rounds": opts.rounds,
-            "min_agents": opts.agents,
+            "min_agents": len(participants),
             "model": opts.model,
             "model_sha256": info["sha256"],
             "model_dir": info["path"],
@@ -183,16 +191,31 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         raise errors[0]
     threads = max(1, (os.cpu_count() or 1) // opts.agents)
     procs: list[subprocess.Popen[bytes]] = []
-    logs = []
+    logs: list[Any] = []
     try:
+        links = {
+            a: AgentLink(
+                service.endpoint,
+                keys["dir"] / f"{a}.key_secret" if keys else None,
+                keys["server_public"] if keys else None,
+            )
+            for a in agent_ids
+        }
+        if members:
+            region_run = {k: raw["run"][k] for k in ("method", "model", "model_sha256",
+                                                     "model_dir", "quant", "seed")}  # fmt: skip
+            links, procs, logs = start_regions(
+                workdir, members, service.endpoint, keys, region_run, secure=keys is not None
+            )
         for i, agent_id in enumerate(agent_ids):
             cfg_path = workdir / f"{agent_id}.toml"
+            link = links[agent_id]
             security: dict[str, object] = (
                 {"insecure": True}
-                if keys is None
+                if link.secret_key is None
                 else {
-                    "secret_key": str(keys["dir"] / f"{agent_id}.key_secret"),
-                    "server_public_key": str(keys["server_public"]),
+                    "secret_key": str(link.secret_key),
+                    "server_public_key": str(link.server_public_key),
                 }
             )
             write_agent_config(
@@ -200,7 +223,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                 {
                     "agent": {
                         "id": agent_id,
-                        "aggregator": service.endpoint,
+                        "aggregator": link.endpoint,
                         "state_dir": str(workdir / agent_id),
                         "model": opts.model,
                         "data": str(files[f"agent-{i}"]),

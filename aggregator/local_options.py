@@ -37,6 +37,8 @@ class LocalOptions:
     method_params: dict[str, Any] | None = None
     agent_limits: dict[str, dict[str, float]] | None = None
     """Per agent id, simulated limits: ``memory`` (bytes) and ``bandwidth`` (Mbit/s)."""
+    regions: int = 0
+    """Regional tiers to put the agents behind (0: they join the aggregator directly)."""
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
