@@ -60,11 +60,12 @@ class FedpipeRelay(FedpipeServer):
         if kind == "score":
             return
         unknown = [m for m in parsed.selected if m not in self.candidates]
-        if not parsed.selected or unknown:
+        if unknown or (kind == "train" and not parsed.selected):
             raise StateError(
                 f"fedpipe: the upstream's {kind} task names no usable selection "
                 f"(unknown: {unknown[:3]}); is the upstream older than this region?"
             )
+        # an evaluation before any selection (round 0) evaluates the base model
         self.selection.selected = list(parsed.selected)
         raw = assignment.blobs.get(spec.GLOBAL_BLOB)
         if raw is None:

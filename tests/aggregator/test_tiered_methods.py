@@ -185,6 +185,13 @@ def test_fedpipe_relay_refuses_a_train_task_without_a_selection(
 
     with pytest.raises(StateError, match="no usable selection"):
         relay.set_task("train", 1, Assignment(params=fedpipe_params()))
+    # the evaluation before round 1 (no selection, no global yet) is relayed: the base model
+    up = FedpipeServer(fedpipe_params(), MethodContext(model_dir=tiny_model_dir))
+    up.on_hello(region_view("east"))
+    relay.set_task("eval", 0, up.assign(0, "east", "eval"))
+    relay.plan(0, "eval", {"a": AgentView("a", profile())})
+    task = relay.assign(0, "a", "eval")
+    assert task.blobs == {} and task.quant is not None
 
 
 # --- FedBiOT ------------------------------------------------------------------------------------
