@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +65,45 @@ def _view(frame: FrameLike) -> memoryview:
     return frame.buffer  # zmq.Frame
 
 
-def blob_ref(name: str, data: Buffer) -> BlobRef:
+HASH_ONCE_BYTES = 1 << 20
+"""Immutable blobs at least this large are hashed once per object (:func:`blob_sha256`)."""
+_HASH_SLOTS = 64
+_hashes: OrderedDict[int, tuple[Buffer, str]] = OrderedDict()
+_hash_lock = threading.Lock()
+
+
+def _immutable(data: Buffer) -> bool:
+    return isinstance(data, bytes) or (
+        isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes)
+    )
+
+
+def blob_sha256(data: Buffer) -> str:
+    """The sha256 of a blob. An immutable one (``bytes``, or a read-only view of ``bytes``) of
+    :data:`HASH_ONCE_BYTES` or more is hashed once per object while that object lives: the same
+    emulator bundle sent to a hundred agents is hashed once, not per send (a 7B model's is
+    7.4 GB). Entries whose object nobody else holds any more are dropped as others are added."""
     view = memoryview(data)
-    return BlobRef(name=name, nbytes=view.nbytes, sha256=hashlib.sha256(view).hexdigest())
+    if view.nbytes < HASH_ONCE_BYTES or not _immutable(data):
+        return hashlib.sha256(view).hexdigest()
+    key = id(data)
+    with _hash_lock:
+        hit = _hashes.get(key)
+        if hit is not None and hit[0] is data:
+            _hashes.move_to_end(key)
+            return hit[1]
+    sha = hashlib.sha256(view).hexdigest()
+    with _hash_lock:
+        for old in [k for k, (obj, _) in _hashes.items() if sys.getrefcount(obj) <= 3]:
+            del _hashes[old]  # held only by this cache (and this loop): let it go
+        _hashes[key] = (data, sha)
+        while len(_hashes) > _HASH_SLOTS:
+            _hashes.popitem(last=False)
+    return sha
+
+
+def blob_ref(name: str, data: Buffer) -> BlobRef:
+    return BlobRef(name=name, nbytes=memoryview(data).nbytes, sha256=blob_sha256(data))
 
 
 def encode(header: BaseModel, blobs: Mapping[str, Buffer] | None = None) -> list[Buffer]:

@@ -33,6 +33,8 @@ class EmulatorCopies:
         """A bundle larger than this travels in parts (``spec.bundle_blobs``)."""
         self.bundle = b""
         self.bundle_sha = ""
+        self._parts: tuple[int, dict[str, Buffer]] | None = None
+        """The bundle's blobs at a part size: the same objects every send (hashed once)."""
         self.version = 0
         self.state: State | None = None
         self.shas: dict[int, str] = {}
@@ -51,7 +53,7 @@ class EmulatorCopies:
         with self.lock:
             if sha != self.bundle_sha:
                 self._has_bundle.clear()
-            self.bundle, self.bundle_sha = data, sha
+            self.bundle, self.bundle_sha, self._parts = data, sha, None
 
     def set_chain(
         self,
@@ -144,7 +146,9 @@ class EmulatorCopies:
             blobs: dict[str, Buffer] = {}
             notes = self._sent.setdefault(agent_id, {})
             if agent_id not in self._has_bundle:
-                blobs.update(spec.bundle_blobs(self.bundle, self.part_bytes))
+                if self._parts is None or self._parts[0] != self.part_bytes:
+                    self._parts = (self.part_bytes, spec.bundle_blobs(self.bundle, self.part_bytes))
+                blobs.update(self._parts[1])
                 self._has_bundle.add(agent_id)
                 self.sent_bundles += 1
                 notes["emulator"] = f"sent ({len(self.bundle) / 1e6:.1f} MB)"

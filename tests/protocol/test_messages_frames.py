@@ -203,3 +203,41 @@ def test_header_is_compact_json() -> None:
     head = dump_header(ALL[2])
     assert b" " not in head
     assert json.loads(head)["type"] == "heartbeat"
+
+
+def test_a_large_immutable_blob_is_hashed_once_per_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same emulator bundle sent to many agents is hashed once; equal bytes in another
+    object, a mutable buffer, or a small blob are hashed each time; and an object nobody holds
+    any more leaves the cache."""
+    import hashlib
+    import types
+
+    import protocol.frames as frames
+
+    calls: list[int] = []
+
+    def sha256(data: object) -> object:
+        calls.append(memoryview(data).nbytes)  # type: ignore[arg-type]
+        return hashlib.sha256(data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(frames, "hashlib", types.SimpleNamespace(sha256=sha256))
+    big = bytes(range(256)) * (2 * frames.HASH_ONCE_BYTES // 256)
+    want = hashlib.sha256(big).hexdigest()
+    assert frames.blob_sha256(big) == frames.blob_sha256(big) == want and len(calls) == 1
+    part = memoryview(big)[: frames.HASH_ONCE_BYTES]  # a bundle part: a view of the bundle
+    assert frames.blob_sha256(part) == frames.blob_sha256(part) and len(calls) == 2
+    assert frames.blob_sha256(bytes(bytearray(big))) == want and len(calls) == 3  # another object
+    mutable = bytearray(big)
+    frames.blob_sha256(mutable)
+    mutable[0] ^= 1  # a mutable buffer may change between sends: never cached
+    assert frames.blob_sha256(mutable) != want and len(calls) == 5
+    frames.blob_sha256(b"small")
+    frames.blob_sha256(b"small")
+    assert len(calls) == 7
+    gone = bytes(bytearray(big))
+    frames.blob_sha256(gone)
+    key = id(gone)
+    assert key in frames._hashes
+    del gone  # now only the cache holds it
+    frames.blob_sha256(bytes(bytearray(big)))  # adding another prunes what only the cache held
+    assert key not in frames._hashes and id(big) in frames._hashes
