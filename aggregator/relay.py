@@ -19,8 +19,11 @@ weighted by regional totals is the flat weighted mean of every agent:
 are merged by (group, seed): an agent that did not pick a pair adds 0, as on the upstream.
 
 FedPipe and FedBiOT send each agent something of its own (ranks and a truncated ΔW; the
-emulator and alignment deltas from the version it holds), so their relays are server methods of
-their own: :mod:`aggregator.methods._fedpipe_relay`, :mod:`aggregator.methods._fedbiot_relay`.
+emulator and alignment deltas from the version it holds), so they have relays of their own:
+:mod:`aggregator.methods._fedpipe_relay` (FedPipe's server, planning the region's agents and
+answering with its mean ΔW) and :mod:`aggregator.methods._fedbiot_relay` (this mean relay plus
+the emulator and alignment chain served per agent). A region may also apply its own robust
+rule (``[method.aggregation]``) over its agents: :class:`MeanRelay`.
 """
 
 from __future__ import annotations
