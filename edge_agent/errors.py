@@ -1,5 +1,7 @@
 """Root exception of the agent package."""
 
+from protocol.errors import ErrorCode
+
 
 class EdgeAgentError(Exception):
     """Root of every error raised by :mod:`edge_agent`; its message is shown to the user as is."""
@@ -19,3 +21,10 @@ class DataError(EdgeAgentError):
 
 class TaskError(EdgeAgentError):
     """A task cannot be run here (wrong model, unsupported method, not enough memory...)."""
+
+
+class PayloadRejected(TaskError):
+    """A blob of the task (a global state, an emulator, an alignment) is malformed or does not
+    fit what the task says; answered with ``BAD_PAYLOAD``."""
+
+    code = ErrorCode.BAD_PAYLOAD

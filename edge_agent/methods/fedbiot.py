@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from edge_agent.errors import TaskError
+from edge_agent.errors import PayloadRejected, TaskError
 from edge_agent.lora import (
     LoraSpec,
     attach_lora,
@@ -33,7 +33,7 @@ from edge_agent.lora import (
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
-from protocol.errors import ErrorCode, PayloadMismatch, ProtocolError
+from protocol.errors import PayloadMismatch, ProtocolError
 from protocol.messages import BaseModelRef
 from protocol.methods import _fedbiot_emulator as emu
 from protocol.methods import _fedbiot_state as st
@@ -42,10 +42,6 @@ from protocol.methods import fedbiot as spec
 log = logging.getLogger(__name__)
 
 CACHE_KEY = "fedbiot"
-
-
-class _Rejected(TaskError):
-    code = ErrorCode.BAD_PAYLOAD
 
 
 @dataclass
@@ -100,7 +96,7 @@ def build_small(bundle: emu.Bundle, dtype: torch.dtype) -> Any:
     try:
         return emu.build_small(bundle, dtype)
     except PayloadMismatch as exc:
-        raise _Rejected(str(exc)) from None
+        raise PayloadRejected(str(exc)) from None
 
 
 def _adapter_spec(model: Any, plan: emu.EmulatorPlan, params: spec.Params) -> LoraSpec:
@@ -127,7 +123,7 @@ def emulator_for(task: TaskInput, ws: Workspace, params: spec.Params) -> Emulato
     """The cached emulator model of the task's bundle, built from the blob or the object store."""
     info = params.task
     if info is None:
-        raise _Rejected("the task names no emulator (params.task is missing)")
+        raise PayloadRejected("the task names no emulator (params.task is missing)")
     dtype = torch.bfloat16 if task.assign.quant == "bf16" else torch.float32
     key = f"{info.emulator_sha256}:{dtype}:{params.lora.model_dump_json()}"
     cached = ws.cache.get(CACHE_KEY)
@@ -137,12 +133,12 @@ def emulator_for(task: TaskInput, ws: Workspace, params: spec.Params) -> Emulato
     try:
         data: Any = spec.bundle_of(task.blobs)
     except ProtocolError as exc:
-        raise _Rejected(str(exc)) from None
+        raise PayloadRejected(str(exc)) from None
     if data is not None:
         sha = ws.objects.put(data)
         if sha != info.emulator_sha256:
             ws.objects.discard(sha)
-            raise _Rejected(f"the emulator blob has sha256 {sha}, the task names another")
+            raise PayloadRejected(f"the emulator blob has sha256 {sha}, the task names another")
     else:
         data = ws.objects.get(info.emulator_sha256)
         if data is None:
@@ -153,9 +149,9 @@ def emulator_for(task: TaskInput, ws: Workspace, params: spec.Params) -> Emulato
     try:
         bundle = emu.decode_bundle(data)
     except ProtocolError as exc:
-        raise _Rejected(f"emulator bundle rejected: {exc}") from None
+        raise PayloadRejected(f"emulator bundle rejected: {exc}") from None
     if bundle.base_sha256 != task.assign.model.sha256:
-        raise _Rejected("the emulator was not cut from the task's base model")
+        raise PayloadRejected("the emulator was not cut from the task's base model")
     model = build_small(bundle, dtype)
     shapes = {n: tuple(t.shape) for n, t in bundle.tensors.items()}
     targets = st.align_targets(shapes, bundle.plan.n_emulator, params.align.target_modules)
@@ -197,13 +193,13 @@ def sync_alignment(em: EmulatorModel, task: TaskInput, ws: Workspace, params: sp
             f"{exc}; restart the agent so that its Hello tells the aggregator what it holds"
         ) from None
     except ProtocolError as exc:
-        raise _Rejected(f"alignment rejected: {exc}") from None
+        raise PayloadRejected(f"alignment rejected: {exc}") from None
     chain = blob.shas if blob is not None else []
     data = st.state_bytes(state, version)
     sha = ws.objects.put(data)
     if version != info.align_version or sha != info.align_sha256:
         ws.objects.discard(sha)
-        raise _Rejected(f"alignment state of version {version} does not match the task's")
+        raise PayloadRejected(f"alignment state of version {version} does not match the task's")
     for old in {em.align_sha, *chain} - {sha, ""}:
         ws.objects.discard(old)
     body = em.model.get_base_model()
@@ -228,7 +224,7 @@ def load_global(em: EmulatorModel, task: TaskInput, params: spec.Params) -> None
         tensors = payloads.decode(raw, expect).tensors
         set_adapter_state(em.model, emu.rename_layers(tensors, em.plan.full_to_adapter()))
     except ProtocolError as exc:
-        raise _Rejected(f"global adapter rejected: {exc}") from None
+        raise PayloadRejected(f"global adapter rejected: {exc}") from None
 
 
 def proximal(model: Any, weight: float) -> Callable[[torch.nn.Module], torch.Tensor] | None:

@@ -11,20 +11,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from edge_agent.errors import TaskError
+from edge_agent.errors import PayloadRejected
 from edge_agent.lora import LoraSpec, attach_lora, get_adapter_state, set_adapter_state
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.methods import fedit as spec
 from protocol.methods._common import LoraParams
 
 log = logging.getLogger(__name__)
-
-
-class _PayloadRejected(TaskError):
-    code = ErrorCode.BAD_PAYLOAD
 
 
 def lora_spec(lora: LoraParams) -> LoraSpec:
@@ -65,7 +61,7 @@ def load_global(
                 payloads.Expect(kind=payloads.PayloadKind.LORA, round=round, max_rank=lora.r),
             )
         except ProtocolError as exc:
-            raise _PayloadRejected(f"global adapter rejected: {exc}") from None
+            raise PayloadRejected(f"global adapter rejected: {exc}") from None
         set_adapter_state(peft_model, payload.tensors)
     else:
         set_adapter_state(peft_model, init_lora_state(peft_model, lora_spec(lora), lora.init_seed))

@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from edge_agent.data import IGNORE_INDEX, Example, collate, tokenize
-from edge_agent.errors import ModelError, TaskError
+from edge_agent.errors import ModelError, PayloadRejected, TaskError
 from edge_agent.lora import (
     LoraSpec,
     attach_lora,
@@ -39,17 +39,13 @@ from edge_agent.lora import (
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, train_task, training_output
 from protocol import payloads
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.methods import _fedpipe_math as fm
 from protocol.methods import fedpipe as spec
 
 log = logging.getLogger(__name__)
 
 CACHE_KEY = "fedpipe:adapter"
-
-
-class _PayloadRejected(TaskError):
-    code = ErrorCode.BAD_PAYLOAD
 
 
 # --- importance ---------------------------------------------------------------------------------
@@ -230,7 +226,7 @@ def _decode_global(blob: memoryview, round: int, expect: Mapping[str, Any] | Non
             blob, payloads.Expect(kind=payloads.PayloadKind.LORA, round=round, tensors=specs)
         )
     except ProtocolError as exc:
-        raise _PayloadRejected(f"global adapter rejected: {exc}") from None
+        raise PayloadRejected(f"global adapter rejected: {exc}") from None
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -305,12 +301,12 @@ class FedpipeClient:
         payload = _decode_global(blob, task.assign.round, None)
         ranks = fm.ranks_of(payload.tensors)
         if not ranks or len(payload.tensors) != 2 * len(ranks):
-            raise _PayloadRejected("the global adapter is not pairs of lora_A and lora_B")
+            raise PayloadRejected("the global adapter is not pairs of lora_A and lora_B")
         peft_model, tokenizer = adapter_for(task, ws, ranks, params.lora)
         try:
             set_adapter_state(peft_model, payload.tensors)
         except ModelError as exc:
-            raise _PayloadRejected(f"global adapter does not fit the model: {exc}") from None
+            raise PayloadRejected(f"global adapter does not fit the model: {exc}") from None
         return evaluation_task(peft_model, tokenizer, params.eval, ws)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edge_agent.data import Example, TokenizedExample, collate, tokenize
-from edge_agent.errors import DataError, TaskError
+from edge_agent.errors import DataError, PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task
 from protocol import payloads
@@ -35,10 +35,6 @@ from protocol.methods._common import TrainParams
 log = logging.getLogger(__name__)
 
 CACHE_KEY = "ferret"
-
-
-class _PayloadRejected(TaskError):
-    code = ErrorCode.BAD_PAYLOAD
 
 
 class _LayoutMismatch(TaskError):
@@ -105,7 +101,7 @@ def sync(
         if rr is not None and 1 <= rr <= target:
             steps.append((rr, name))
         elif name != spec.GLOBAL_BLOB:
-            raise _PayloadRejected(f"unexpected blob {name!r} in a ferret task for round {target}")
+            raise PayloadRejected(f"unexpected blob {name!r} in a ferret task for round {target}")
     if spec.GLOBAL_BLOB in blobs:
         _load_dense(held, blobs[spec.GLOBAL_BLOB], target)
     for rr, name in sorted(steps):
@@ -125,7 +121,7 @@ def sync(
         try:
             payload = payloads.decode(blobs[name], expect)
         except ProtocolError as exc:
-            raise _PayloadRejected(f"step of round {rr} rejected: {exc}") from None
+            raise PayloadRejected(f"step of round {rr} rejected: {exc}") from None
         t = payload.tensors
         fm.apply_step(
             held.tensors,
@@ -149,7 +145,7 @@ def _load_dense(held: HeldModel, blob: memoryview, target: int) -> None:
     try:
         payload = payloads.decode(blob, expect)
     except ProtocolError as exc:
-        raise _PayloadRejected(f"global weights rejected: {exc}") from None
+        raise PayloadRejected(f"global weights rejected: {exc}") from None
     with torch.no_grad():
         for name, tensor in held.tensors.items():
             tensor.copy_(payload.tensors[name])

@@ -26,19 +26,15 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
-from edge_agent.errors import TaskError
+from edge_agent.errors import PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, train_task, training_output
 from edge_agent.methods.fedit import load_global, peft_model_for
 from protocol import payloads, randomness
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.methods import slora as spec
 
 log = logging.getLogger(__name__)
-
-
-class _PayloadRejected(TaskError):
-    code = ErrorCode.BAD_PAYLOAD
 
 
 # --- stage-1 building blocks ------------------------------------------------------------------
@@ -122,7 +118,7 @@ def sparse_deltas(
             start = init.get(name) if init is not None else None
             values = torch.zeros(mask.numel()) if start is None else start
             if values.shape != (mask.numel(),):
-                raise _PayloadRejected(f"{name}: {values.numel()} values for {mask.numel()}")
+                raise PayloadRejected(f"{name}: {values.numel()} values for {mask.numel()}")
             param = MaskedDelta(linear.weight, mask, values)
             parametrize.register_parametrization(linear, "weight", param)
             done.append(linear)
@@ -161,7 +157,7 @@ def decode_global_values(
     try:
         return payloads.decode(blobs[spec.GLOBAL_BLOB], expect).tensors
     except ProtocolError as exc:
-        raise _PayloadRejected(f"global sparse update rejected: {exc}") from None
+        raise PayloadRejected(f"global sparse update rejected: {exc}") from None
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ class SloraClient:
 
     def _stage2(self, task: TaskInput, ws: Workspace, params: spec.Params) -> TaskOutput:
         if spec.GLOBAL_BLOB not in task.blobs:
-            raise _PayloadRejected("a stage-2 task must carry the global adapter")
+            raise PayloadRejected("a stage-2 task must carry the global adapter")
         peft_model, tokenizer = peft_model_for(task, ws, params.lora)
         load_global(peft_model, task.blobs, task.assign.round, params.lora)
         if task.assign.kind == "eval":
