@@ -103,7 +103,7 @@ def svd_init(
     """LoRA factors ``(A [r, in], B [out, r])`` with ``scaling·B·A`` = the rank-r SVD of ``delta``.
 
     ``B = U_r·sqrt(S_r)/sqrt(scaling)``, ``A = sqrt(S_r)·V_rᵀ/sqrt(scaling)``, float32 (the SVD
-    too: half the time of float64, and the switch runs inside the round engine's loop).
+    too: half the time of float64; the switch is still seconds on a real model).
     Components with a zero singular value (or beyond ``min(out, in)``) would never train (both
     factors zero), so their ``A`` rows get the seeded LoRA init of ``edge_agent.lora`` and their
     ``B`` columns stay zero, which leaves ``scaling·B·A`` as it is. Also returns the share of

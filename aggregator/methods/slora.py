@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 ADMIT_WAIT_S = 0.5
-"""How long ``admit`` waits for a switch under way before it answers "not yet" (a small
-model's switch takes milliseconds: its rounds go on without a tick's delay)."""
+"""How long starting the switch waits for it, once (a small model's switch takes milliseconds:
+its next round opens at once); after that ``admit`` answers "not yet" without waiting."""
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -206,11 +206,6 @@ class SloraServer:
         if self.stage == 1 and round > self.params.sparse.stage1_rounds:
             self._start_switch(round)
 
-    def switch(self, round: int) -> None:
-        """Stage 1 → 2 now: the adapter becomes the rank-r SVD of the accumulated update."""
-        self._start_switch(round)
-        self._settle()
-
     def _start_switch(self, round: int) -> None:
         if self.shapes is None:
             log.warning("round %d: no stage-1 update yet, the switch to LoRA waits", round)
@@ -222,6 +217,7 @@ class SloraServer:
             target=self._switch_job, args=(round,), name="slora-switch", daemon=True
         )
         self._job.start()
+        self._job.join(ADMIT_WAIT_S)  # a small model's switch is done by now: no round is lost
 
     def _switch_job(self, round: int) -> None:
         try:
@@ -235,11 +231,9 @@ class SloraServer:
     def admit(self, agent_id: str, profile: Profile) -> str | None:
         """None unless the switch to LoRA is still being computed (then why the engine waits)."""
         job = self._job
-        if job is not None:
-            job.join(ADMIT_WAIT_S)
-            if job.is_alive():
-                waited = time.monotonic() - self._job_since
-                return f"switching to LoRA: the SVDs of the sparse update ({waited:.0f} s so far)"
+        if job is not None and job.is_alive():  # never waits: the engine asks for every agent
+            waited = time.monotonic() - self._job_since
+            return f"switching to LoRA: the SVDs of the sparse update ({waited:.0f} s so far)"
         return None
 
     def _settle(self) -> None:

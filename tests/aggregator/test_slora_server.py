@@ -354,6 +354,7 @@ def test_the_switch_runs_beside_the_engine_loop(
     """A slow switch (a real model's SVDs) holds the next round back, not the engine's loop:
     heartbeats are answered while it runs, and the round opens in stage 2 once it is done."""
     import threading
+    import time
 
     import aggregator.methods.slora as slora
     from protocol.messages import Heartbeat
@@ -368,21 +369,28 @@ def test_the_switch_runs_beside_the_engine_loop(
     monkeypatch.setattr(slora, "ADMIT_WAIT_S", 0.05)
     monkeypatch.setattr(SloraServer, "lora_from_sparse", slow)
     h = SloraHarness(tmp_path / "state", tiny_model_dir, rounds=3)
-    tasks = h.round(h.join(), 1.0)
-    assert {t.params["stage"] for t in tasks.values()} == {1}
-    assert h.round(tasks, 2.0) == {}  # round 2 committed; round 3 waits for the switch
-    reason = h.method.admit("a", PROFILE)
-    assert reason is not None and reason.startswith("switching to LoRA")
-    out = h.send("a", Heartbeat(probe=True))
-    assert [o.header.type for o in out] == ["heartbeat"]  # the loop answers meanwhile
-    h.clock.now += 0.1
-    assert assigns(h.engine.tick(h.clock.now)) == {}
-    release.set()
-    h.clock.now += 0.1
-    tasks = assigns(h.engine.tick(h.clock.now))
-    assert sorted(tasks) == ["a", "b"] and {t.params["stage"] for t in tasks.values()} == {2}
-    assert h.method.svd_energy is not None and h.method.admit("a", PROFILE) is None
-    h.close()
+    try:
+        tasks = h.round(h.join(), 1.0)
+        assert {t.params["stage"] for t in tasks.values()} == {1}
+        assert h.round(tasks, 2.0) == {}  # round 2 committed; round 3 waits for the switch
+        reason = h.method.admit("a", PROFILE)
+        assert reason is not None and reason.startswith("switching to LoRA")
+        out = h.send("a", Heartbeat(probe=True))
+        assert [o.header.type for o in out] == ["heartbeat"]  # the loop answers meanwhile
+        h.clock.now += 0.1
+        assert assigns(h.engine.tick(h.clock.now)) == {}
+        release.set()
+        deadline = time.monotonic() + 10
+        tasks = {}
+        while not tasks and time.monotonic() < deadline:  # admit never waits: tick until done
+            time.sleep(0.02)
+            h.clock.now += 0.1
+            tasks = assigns(h.engine.tick(h.clock.now))
+        assert sorted(tasks) == ["a", "b"] and {t.params["stage"] for t in tasks.values()} == {2}
+        assert h.method.svd_energy is not None and h.method.admit("a", PROFILE) is None
+    finally:
+        release.set()
+        h.close()
 
 
 def robust_server(model_dir: Path, **aggregation: Any) -> SloraServer:
