@@ -1,4 +1,5 @@
-"""What several client halves share: a round of local training, and evaluating as an eval task asks."""
+"""What several client halves share: the one LoRA adapter on a cached base, a round of local
+training, and evaluating as an eval task asks."""
 
 from __future__ import annotations
 
@@ -6,8 +7,36 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_agent.errors import TaskError
+from edge_agent.lora import LoraSpec, attach_lora
 from edge_agent.methods import TaskOutput, Workspace
+from protocol.messages import TaskAssign
 from protocol.methods._common import EvalParams, TrainParams
+
+ADAPTER = "adapter"
+"""``ws.cache`` key of the LoRA adapter attached to a cached base: ``(key, peft_model, tokenizer)``."""
+
+
+def attached_adapter(
+    ws: Workspace, assign: TaskAssign, shape: LoraSpec, init_seed: int, key: object
+) -> tuple[Any, Any]:
+    """A peft model with an adapter of ``shape`` on the task's base, reused while ``key`` is the
+    same. A base carries one adapter at a time, whichever method attached it (FedIT, SLoRA's
+    stage 2, FedPipe): any other is unloaded first, so an agent can run their tasks in turn."""
+    cached = ws.cache.get(ADAPTER)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    release_adapter(ws)
+    base, tokenizer = ws.base(assign.model, assign.quant)
+    peft_model = attach_lora(base, shape, init_seed=init_seed)
+    ws.cache[ADAPTER] = (key, peft_model, tokenizer)
+    return peft_model, tokenizer
+
+
+def release_adapter(ws: Workspace) -> None:
+    """Unload the attached adapter, if any: the cached base gets its plain modules back."""
+    cached = ws.cache.pop(ADAPTER, None)
+    if cached is not None:
+        cached[1].unload()
 
 
 def evaluation_task(model: Any, tokenizer: Any, e: EvalParams, ws: Workspace) -> TaskOutput:

@@ -12,9 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from edge_agent.errors import PayloadRejected
-from edge_agent.lora import LoraSpec, attach_lora, get_adapter_state, set_adapter_state
+from edge_agent.lora import LoraSpec, get_adapter_state, set_adapter_state
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task, train_task, training_output
+from edge_agent.methods._common import (
+    attached_adapter,
+    evaluation_task,
+    train_task,
+    training_output,
+)
 from protocol import payloads
 from protocol.errors import ProtocolError
 from protocol.methods import fedit as spec
@@ -35,17 +40,9 @@ def lora_spec(lora: LoraParams) -> LoraSpec:
 
 def peft_model_for(task: TaskInput, ws: Workspace, lora: LoraParams) -> tuple[Any, Any]:
     """The agent's peft model for this task's base and adapter shape, built once and reused."""
-    assign = task.assign
-    key = f"lora:{assign.model.sha256}:{assign.quant}:{lora.model_dump_json()}"
-    cached = ws.cache.get(key)
-    if cached is None:
-        for old in [k for k in ws.cache if k.startswith("lora:")]:
-            del ws.cache[old]  # one peft model at a time: memory is the scarce thing here
-        base, tokenizer = ws.base(assign.model, assign.quant)
-        peft_model = attach_lora(base, lora_spec(lora), init_seed=lora.init_seed)
-        cached = (peft_model, tokenizer)
-        ws.cache[key] = cached
-    return cached
+    a = task.assign
+    key = ("lora", a.model.sha256, a.quant, lora.model_dump_json())
+    return attached_adapter(ws, a, lora_spec(lora), lora.init_seed, key)
 
 
 def load_global(

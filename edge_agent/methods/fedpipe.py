@@ -31,21 +31,24 @@ from edge_agent.data import IGNORE_INDEX, Example, collate, tokenize
 from edge_agent.errors import ModelError, PayloadRejected, TaskError
 from edge_agent.lora import (
     LoraSpec,
-    attach_lora,
     get_adapter_state,
     init_lora_state,
     set_adapter_state,
 )
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task, train_task, training_output
+from edge_agent.methods._common import (
+    attached_adapter,
+    evaluation_task,
+    release_adapter,
+    train_task,
+    training_output,
+)
 from protocol import payloads
 from protocol.errors import ProtocolError
 from protocol.methods import _fedpipe_math as fm
 from protocol.methods import fedpipe as spec
 
 log = logging.getLogger(__name__)
-
-CACHE_KEY = "fedpipe:adapter"
 
 
 # --- importance ---------------------------------------------------------------------------------
@@ -171,13 +174,6 @@ def importance(
 # --- the adapter --------------------------------------------------------------------------------
 
 
-def _release(ws: Workspace) -> None:
-    """Unload the attached adapter, if any: the cached base gets its plain modules back."""
-    cached = ws.cache.pop(CACHE_KEY, None)
-    if cached is not None:
-        cached[1].unload()
-
-
 def lora_spec(ranks: Mapping[str, int], lora: spec.FedpipeLora) -> LoraSpec:
     """peft's shape for ``ranks`` (full module names, so a name matches that module only)."""
     return LoraSpec(
@@ -194,26 +190,15 @@ def adapter_for(
 ) -> tuple[Any, Any]:
     """A peft model with an adapter on exactly ``ranks``' modules at those ranks (reused while
     the shape stays the same)."""
-    assign = task.assign
-    key = (
-        assign.model.sha256,
-        assign.quant,
-        tuple(sorted(ranks.items())),
-        lora.alpha,
-        lora.dropout,
-    )
-    cached = ws.cache.get(CACHE_KEY)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    _release(ws)
-    base, tokenizer = ws.base(assign.model, assign.quant)
-    peft_model = attach_lora(base, lora_spec(ranks, lora), init_seed=lora.init_seed)
+    a = task.assign
+    key = ("fedpipe", a.model.sha256, a.quant, tuple(sorted(ranks.items())), lora.alpha,
+           lora.dropout)  # fmt: skip
+    peft_model, tokenizer = attached_adapter(ws, a, lora_spec(ranks, lora), lora.init_seed, key)
     got = fm.ranks_of(get_adapter_state(peft_model))
     if got != dict(ranks):
-        peft_model.unload()
+        release_adapter(ws)
         missing = sorted(set(ranks) - set(got))
         raise TaskError(f"the adapter does not have the assigned ranks (missing {missing[:3]})")
-    ws.cache[CACHE_KEY] = (key, peft_model, tokenizer)
     return peft_model, tokenizer
 
 
@@ -246,7 +231,7 @@ class FedpipeClient:
         return self._train(task, ws, params)
 
     def _score(self, task: TaskInput, ws: Workspace, params: spec.Params) -> TaskOutput:
-        _release(ws)
+        release_adapter(ws)
         base, tokenizer = ws.base(task.assign.model, task.assign.quant)
         started = time.perf_counter()
         scores = importance(
@@ -295,7 +280,7 @@ class FedpipeClient:
     def _evaluate(self, task: TaskInput, ws: Workspace, params: spec.Params) -> TaskOutput:
         blob = task.blobs.get(spec.GLOBAL_BLOB)
         if blob is None:  # before round 1: the base model itself
-            _release(ws)
+            release_adapter(ws)
             model, tokenizer = ws.base(task.assign.model, task.assign.quant)
             return evaluation_task(model, tokenizer, params.eval, ws)
         payload = _decode_global(blob, task.assign.round, None)

@@ -25,7 +25,7 @@ import torch
 from edge_agent.data import Example, TokenizedExample, collate, tokenize
 from edge_agent.errors import DataError, PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.methods._common import evaluation_task
+from edge_agent.methods._common import evaluation_task, release_adapter
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.methods import _ferret_math as fm
@@ -72,6 +72,7 @@ def held_model(task: TaskInput, ws: Workspace, p: spec.FerretParams) -> HeldMode
             p.dtype,
             assign.quant,
         )
+    release_adapter(ws)  # the copy must be the plain base, not one wrapped with LoRA
     base, tokenizer = ws.base(assign.model, p.dtype)
     model = copy.deepcopy(base)
     model.requires_grad_(True)

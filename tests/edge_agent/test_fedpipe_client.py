@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from edge_agent.data import IGNORE_INDEX, Example, collate, tokenize
 from edge_agent.methods import TaskInput, TaskOutput
+from edge_agent.methods._common import ADAPTER
 from edge_agent.methods.fedpipe import FedpipeClient, _batches, dense_weight, importance
 from edge_agent.model_store import ResolvedModel, load_base
 from edge_agent.train import evaluate
@@ -179,7 +180,7 @@ def test_round_one_trains_exactly_the_assigned_modules_at_their_ranks(
     assert fm.ranks_of(state) == ranks and len(state) == 6
     assert state[fm.keys(UP0)[1]].shape == (128, 2) and state[fm.keys(V1)[0]].shape == (1, 64)
     assert all(float(state[fm.keys(m)[1]].abs().max()) > 0 for m in ranks)  # B left zero: trained
-    peft_model = ws.cache["fedpipe:adapter"][1]
+    peft_model = ws.cache[ADAPTER][1]
     layer = peft_model.get_submodule("base_model.model." + UP0)
     assert layer.scaling["default"] == pytest.approx(ALPHA / 2)  # alpha / its own rank
     assert out.metrics["steps"] == 2.0
@@ -222,7 +223,7 @@ def test_eval_uses_the_exact_global_delta_w(tiny_resolved: ResolvedModel) -> Non
         )
     blob = payloads.encode_lora(glob, method="fedpipe", round=1)
     out = run_task(ws, method_params(), {"global": blob}, round=1, kind="eval")
-    peft_model = ws.cache["fedpipe:adapter"][1]
+    peft_model = ws.cache[ADAPTER][1]
     lora_layers = {
         n for n, mod in peft_model.named_modules() if "default" in getattr(mod, "lora_A", {})
     }
@@ -241,4 +242,31 @@ def test_eval_uses_the_exact_global_delta_w(tiny_resolved: ResolvedModel) -> Non
     assert out.num_examples == 2
     base_eval = run_task(ws, method_params(), {}, round=0, kind="eval")
     assert base_eval.metrics["eval_loss"] != pytest.approx(ref.loss, rel=1e-3)
-    assert "fedpipe:adapter" not in ws.cache  # no adapter on the base for the round-0 eval
+    assert ADAPTER not in ws.cache  # no adapter on the base for the round-0 eval
+
+
+def test_an_agent_runs_fedit_then_fedpipe_then_fedit_on_one_base(
+    tiny_resolved: ResolvedModel,
+) -> None:
+    """A base carries one adapter at a time, whichever method attached it: an agent that moves
+    from one run to the next (another method) unloads the old adapter instead of failing."""
+    from edge_agent.methods.fedit import FeditClient
+
+    ws = TinyWorkspace(tiny_resolved)
+    fedit = {"lora": {"r": 4, "alpha": 8.0},
+             "train": {"steps": 1, "batch_size": 2, "lr": 1e-2, "max_len": 32}}  # fmt: skip
+
+    def run_fedit() -> TaskOutput:
+        assign = TaskAssign(run_id="f", round=1, task_id="f1", kind="train", method="fedit",
+                            model=BaseModelRef(name="tiny", sha256=ws.resolved.sha256),
+                            quant="fp32", params=fedit)  # fmt: skip
+        return FeditClient().run(TaskInput(assign, parse_params("fedit", fedit), {}), ws)
+
+    assert run_fedit().num_examples > 0
+    out = run_task(ws, method_params({Q0: 2}, steps=1), {}, round=1)
+    update = payloads.decode(out.blobs["update"]).tensors
+    assert fm.ranks_of(update) == {Q0: 2}  # only FedPipe's adapter, not FedIT's as well
+    assert run_fedit().num_examples > 0
+    base = ws.base(BaseModelRef(name="tiny", sha256=ws.resolved.sha256), "fp32")[0]
+    wrapped = {n.split(".")[-2] for n, _ in base.named_modules() if n.endswith("lora_A")}
+    assert wrapped == set(parse_params("fedit", fedit).lora.target_modules)  # FedIT's alone
