@@ -298,10 +298,8 @@ def test_measured_training_times_correct_the_next_estimates(tiny_model_dir: Path
     )
     s.plan(2, "train", views)
     a2, b2 = s.plans[2]["a"], s.plans[2]["b"]
-    assert b2.speed == pytest.approx(0.25)
-    assert (
-        sum(b2.tier_ranks) <= sum(a2.tier_ranks) and b2.seconds <= s.planner.metrics[2]["est_max_s"]
-    )
+    assert b2.speed == pytest.approx(0.25)  # round 2's plan of b is made at its learnt speed
+    assert sum(b2.tier_ranks) <= sum(a2.tier_ranks)
     tensors, meta = s.state()
     other = server(tiny_model_dir, None)
     other.restore(tensors, meta)

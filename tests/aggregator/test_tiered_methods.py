@@ -88,7 +88,8 @@ def test_fedpipe_two_tier_equals_flat_in_delta_w_space(
     }  # fmt: skip
     for r in REGIONS:
         up.on_hello(region_view(r))
-        assert up.admit(r, profile(memory_available=1)) is None  # a region is not planned
+        assert up.admit(r, profile(ram_available=1)) is None  # a region is not planned
+    assert up.admit("plain", profile(ram_available=1)) is not None  # an agent that small is
     # the score phase: relayed, each region answers its agents' mean and total
     values = lambda agent: {m: (ord(agent) * 7 + i * 13) % 17 + 0.5  # noqa: E731
                             for i, m in enumerate(flat.candidates)}  # fmt: skip

@@ -223,11 +223,12 @@ def test_a_bundle_larger_than_a_part_travels_in_parts(setup: Any) -> None:
     """With emulator.part_mb = 1 the tiny bundle (~6 MB) travels as byte ranges; the agent joins
     them into the same bundle (its sha256 is checked) and builds the server's emulator."""
     s, resolved, files, root = setup
-    size, s.copies.part_bytes = len(s.copies.bundle), 1 << 20
+    size, kept = len(s.copies.bundle), s.copies.part_bytes
+    s.copies.part_bytes = 1 << 20
     try:
         a = s.assign(s.copies.version, "p", "eval")
     finally:
-        s.copies.part_bytes = 512 << 20
+        s.copies.part_bytes = kept
     parts = sorted(k for k in a.blobs if k.startswith(spec.EMULATOR_BLOB))
     assert spec.EMULATOR_BLOB not in a.blobs and len(parts) == -(-size // (1 << 20)) > 1
     assert all(len(a.blobs[k]) <= 1 << 20 for k in parts)
