@@ -44,6 +44,8 @@ FORMAT = "edgefed-checkpoint/1"
 MANIFEST = "manifest.json"
 GLOBAL = "global"
 _SUFFIX = ".safetensors"
+GLOBAL_FILE = f"{GLOBAL}{_SUFFIX}"
+"""The global state's file in a round's checkpoint directory (``manifest.files`` key)."""
 _ROUND_DIR = re.compile(r"^round-(\d{6,})$")
 _EXTRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from aggregator.checkpoint import CheckpointStore
+from aggregator.checkpoint import GLOBAL_FILE, CheckpointStore
 from aggregator.config import RunSection
 from aggregator.errors import StateError
 from aggregator.ledger import Ledger
@@ -23,7 +23,6 @@ from aggregator.rounds import RoundSummary
 
 log = logging.getLogger(__name__)
 
-GLOBAL = "global.safetensors"
 """The checkpoint file whose sha256 the ledger's commit records."""
 
 
@@ -58,7 +57,7 @@ class RoundCommits:
         method.restore(tensors, manifest.meta)
         if self.ledger.last_committed_round(run_id) != latest:
             # crashed between the checkpoint and the ledger commit: finish the commit
-            sha = manifest.files.get(GLOBAL, "")
+            sha = manifest.files.get(GLOBAL_FILE, "")
             self.ledger.commit_round(run_id, latest, sha, {}, time.time())
         log.info("run %s resumes after committed round %d", run_id, latest)
         return latest
@@ -75,7 +74,7 @@ class RoundCommits:
         self.ledger.commit_round(
             run_id,
             summary.round,
-            manifest.files.get(GLOBAL, ""),
+            manifest.files.get(GLOBAL_FILE, ""),
             {**summary.as_metrics(), **summary.method},
             time.time(),
         )

@@ -85,7 +85,6 @@ class RoundEngine:
         self.method = method
         self.model = model
         self.ledger = ledger
-        self.store = store
         self.clock = clock
         self.on_round = on_round or (lambda _s: None)
         self.registry = Registry(

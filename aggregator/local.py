@@ -193,20 +193,19 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Any] = []
     try:
-        links = {
-            a: AgentLink(
-                service.endpoint,
-                keys["dir"] / f"{a}.key_secret" if keys else None,
-                keys["server_public"] if keys else None,
-            )
-            for a in agent_ids
-        }
         if members:
             region_run = {k: raw["run"][k] for k in ("method", "model", "model_sha256",
                                                      "model_dir", "quant", "seed")}  # fmt: skip
-            links, procs, logs = start_regions(
-                workdir, members, service.endpoint, keys, region_run, secure=keys is not None
-            )
+            links, procs, logs = start_regions(workdir, members, service.endpoint, keys, region_run)
+        else:
+            links = {
+                a: AgentLink(
+                    service.endpoint,
+                    keys["dir"] / f"{a}.key_secret" if keys else None,
+                    keys["server_public"] if keys else None,
+                )
+                for a in agent_ids
+            }
         for i, agent_id in enumerate(agent_ids):
             cfg_path = workdir / f"{agent_id}.toml"
             link = links[agent_id]

@@ -64,11 +64,10 @@ def start_regions(
     upstream: str,
     upstream_keys: dict[str, Path] | None,
     run: dict[str, Any],
-    *,
-    secure: bool,
 ) -> tuple[dict[str, AgentLink], list[subprocess.Popen[bytes]], list[Any]]:
     """Start one region process per entry of ``members``; where each agent connects, the
-    processes and their open log files. ``run``: the region's ``[run]`` values."""
+    processes and their open log files. ``run``: the region's ``[run]`` values. With
+    ``upstream_keys`` (CURVE toward the upstream) each region also gets keys toward its agents."""
     from aggregator.local import make_keys, write_agent_config
 
     links: dict[str, AgentLink] = {}
@@ -77,7 +76,7 @@ def start_regions(
     for region, agents in members.items():
         port, base = _free_port(), workdir / region
         base.mkdir(parents=True, exist_ok=True)
-        keys = make_keys(base, agents) if secure else None
+        keys = make_keys(base, agents) if upstream_keys is not None else None
         security: dict[str, object] = (
             {"insecure": True}
             if keys is None

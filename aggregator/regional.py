@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import ConfigError
-from aggregator.methods import Assignment, MethodContext
+from aggregator.methods import Assignment, context_of
 from aggregator.relay import UPSTREAM_OBJECTS, relay_for, weighted_metrics
 from edge_agent.errors import EdgeAgentError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
@@ -56,14 +56,7 @@ class Region:
     def __init__(self, config: AggregatorConfig, model: BaseModelRef) -> None:
         from aggregator.service import AggregatorService
 
-        context = MethodContext(
-            model_name=config.run.model,
-            model_dir=config.run.model_dir,
-            state_dir=config.server.state_dir,
-            seed=config.run.seed,
-            public_data=config.run.public_data,
-        )
-        self.relay = relay_for(config.run.method, config.method, context)
+        self.relay = relay_for(config.run.method, config.method, context_of(config))
         self.service = AggregatorService(
             config, model, method=self.relay, driven=True, on_phase=self._phase_closed
         )

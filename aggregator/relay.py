@@ -38,7 +38,8 @@ from pydantic import ValidationError
 
 from aggregator.errors import ConfigError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, ServerMethod, Update
-from aggregator.robust import Aggregator
+from aggregator.robust import Aggregator, check_examples
+from aggregator.rounds import weighted
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import TaskResult
@@ -104,9 +105,8 @@ class RegionRound:
     meta: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    robust: Aggregator | None = None
-    """The region's own robust rule (median, trimmed mean) over its agents' tensors."""
+    tensors: Aggregator | None = None
+    """Tensor payloads: the example-weighted running sum, or the region's own robust rule."""
     pairs: dict[tuple[int, int], float] = field(default_factory=dict)
     """Ferret: (group, seed) -> weighted sum of coefficients."""
     weight: int = 0
@@ -120,7 +120,12 @@ class MeanRelay:
 
     def __init__(self, method: str, rule: AggregationParams | None = None) -> None:
         self.method = method
-        self.rule = rule if rule is not None and rule.rule != "fedavg" else None
+        self.rule = rule or AggregationParams()
+        if self.rule.clip_norm is not None:
+            raise ConfigError(
+                "[method.aggregation] clip_norm: a region does not clip (the upstream clips what "
+                "it receives); set it on the upstream"
+            )
         self.open: RegionRound | None = None
 
     def begin(self) -> None:
@@ -137,8 +142,7 @@ class MeanRelay:
         ``want_meta``, its metadata against those entries)."""
         if set(blobs) != {UPDATE_BLOB}:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"expected one blob {UPDATE_BLOB!r}")
-        if result.num_examples < 1:
-            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "an update needs num_examples >= 1")
+        check_examples(result.num_examples, self.rule.max_examples)
         try:
             p = payloads.decode(
                 blobs[UPDATE_BLOB], payloads.Expect(method=self.method, round=round)
@@ -155,8 +159,8 @@ class MeanRelay:
         if self.open is None:
             dtypes = {k: v.dtype for k, v in p.tensors.items()}
             self.open = RegionRound(p.kind, p.method, meta, shapes, dtypes)
-            if self.rule is not None and p.kind is not payloads.PayloadKind.SEEDCOEF:
-                self.open.robust = Aggregator(self.rule)
+            if p.kind is not payloads.PayloadKind.SEEDCOEF:
+                self.open.tensors = Aggregator(self.rule)
         elif (
             p.kind != self.open.kind
             or meta != self.open.meta
@@ -183,12 +187,9 @@ class MeanRelay:
             for g, s, v in zip(t["group"].tolist(), t["seed"].tolist(), t["value"].double().tolist(),
                                strict=True):  # fmt: skip
                 acc.pairs[(g, s)] = acc.pairs.get((g, s), 0.0) + w * v
-        elif acc.robust is not None:
-            acc.robust.add(update.tensors, w)
         else:
-            for name, value in update.tensors.items():
-                term = value.detach().to(torch.float64) * w
-                acc.sums[name] = acc.sums[name] + term if name in acc.sums else term
+            assert acc.tensors is not None
+            acc.tensors.add(update.tensors, w)
         acc.weight += w
 
     def encode(self, round: int) -> tuple[bytes, int] | None:
@@ -203,11 +204,10 @@ class MeanRelay:
                 "seed": torch.tensor([k[1] for k in keys], dtype=torch.int32),
                 "value": torch.tensor([acc.pairs[k] / acc.weight for k in keys]).float(),
             }
-        elif acc.robust is not None:
-            combined = acc.robust.result()
-            tensors = {n: combined[n].to(acc.dtypes[n]) for n in sorted(combined)}
         else:
-            tensors = {n: (s / acc.weight).to(acc.dtypes[n]) for n, s in sorted(acc.sums.items())}
+            assert acc.tensors is not None
+            combined = acc.tensors.result()
+            tensors = {n: combined[n].to(acc.dtypes[n]) for n in sorted(combined)}
         data = payloads.encode(acc.kind, tensors, method=acc.method, round=round, meta=acc.meta)
         return data, acc.weight
 
@@ -299,8 +299,4 @@ def weighted_metrics(results: list[TaskResult]) -> tuple[int, dict[str, float]]:
     """The region's num_examples and example-weighted metrics of its agents' results."""
     total = sum(r.num_examples for r in results)
     keys = sorted({k for r in results for k in r.metrics})
-    out = {}
-    for key in keys:
-        pairs = [(r.metrics[key], max(r.num_examples, 1)) for r in results if key in r.metrics]
-        out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-    return total, out
+    return total, {k: v for k in keys if (v := weighted(results, k)) is not None}

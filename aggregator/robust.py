@@ -143,9 +143,9 @@ class Aggregator:
         return out
 
 
-def check_examples(num_examples: int, params: AggregationParams) -> None:
-    if num_examples < 1 or num_examples > params.max_examples:
+def check_examples(num_examples: int, limit: int) -> None:
+    """Raises :class:`UpdateRejected` unless an update's example count is in ``[1, limit]``."""
+    if num_examples < 1 or num_examples > limit:
         raise UpdateRejected(
-            ErrorCode.REJECTED_UPDATE,
-            f"example count {num_examples} outside [1, {params.max_examples}]",
+            ErrorCode.REJECTED_UPDATE, f"example count {num_examples} outside [1, {limit}]"
         )

@@ -25,7 +25,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.ledger import Ledger
-from aggregator.methods import MethodContext, ServerMethod, server_methods
+from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import decode, encode
@@ -56,14 +56,7 @@ class AggregatorService:
                 raise ConfigError(
                     f"unknown method {config.run.method!r}; known: {sorted(factories)}"
                 )
-            context = MethodContext(
-                model_name=config.run.model,
-                model_dir=config.run.model_dir,
-                state_dir=state,
-                seed=config.run.seed,
-                public_data=config.run.public_data,
-            )
-            method = factories[config.run.method](config.method, context)
+            method = factories[config.run.method](config.method, context_of(config))
         self.method = method
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)

@@ -11,12 +11,15 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from protocol.frames import Buffer
 from protocol.messages import Profile, TaskResult
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
 
 
 @dataclass
@@ -137,6 +140,17 @@ class MethodContext:
     seed: int = 0
     public_data: Path | None = None
     """A public JSONL the aggregator itself may train on (run.public_data)."""
+
+
+def context_of(config: AggregatorConfig) -> MethodContext:
+    """What a run's server method (or a region's relay) may know of the run."""
+    return MethodContext(
+        model_name=config.run.model,
+        model_dir=config.run.model_dir,
+        state_dir=config.server.state_dir,
+        seed=config.run.seed,
+        public_data=config.run.public_data,
+    )
 
 
 MethodFactory = Callable[[Mapping[str, Any], MethodContext], ServerMethod]

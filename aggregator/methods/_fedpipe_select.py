@@ -27,6 +27,7 @@ from aggregator.checkpoint import atomic_write_bytes
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import decode_update
 from aggregator.methods._fedpipe_plan import natural
+from aggregator.robust import check_examples
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import TaskResult
@@ -158,12 +159,6 @@ class Selection:
             raise StateError(f"fedpipe: the stored selection names unknown matrices {unknown[:3]}")
         self.selected, self.scores = list(selected), dict(scores)
         self.tokens = {a: float(t) for a, t in tokens.items()}
-
-
-def check_examples(n: int, limit: int) -> None:
-    """Raises :class:`UpdateRejected` unless an agent's example count is in ``[1, limit]``."""
-    if not 1 <= n <= limit:
-        raise UpdateRejected(ErrorCode.REJECTED_UPDATE, f"example count {n} outside [1, {limit}]")
 
 
 def save_json(store: Path | None, name: str, data: object) -> None:

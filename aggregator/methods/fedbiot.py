@@ -279,7 +279,7 @@ class FedbiotServer:
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
-        check_examples(result.num_examples, AggregationParams())
+        check_examples(result.num_examples, AggregationParams().max_examples)
         shapes = {k: tuple(v.shape) for k, v in payload.tensors.items()}
         fixed = self.global_state or self._acc.sums
         if fixed and shapes != {k: tuple(v.shape) for k, v in fixed.items()}:

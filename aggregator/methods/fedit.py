@@ -81,7 +81,7 @@ class FeditServer:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
-        check_examples(result.num_examples, self.params.aggregation)
+        check_examples(result.num_examples, self.params.aggregation.max_examples)
         shapes = {k: tuple(v.shape) for k, v in payload.tensors.items()}
         if self._round_shapes is None:
             self._round_shapes = shapes  # round 1: the first valid update fixes the layout

@@ -34,7 +34,8 @@ from aggregator.methods import AgentView, Assignment, MethodContext, Update, dec
 from aggregator.methods import _fedpipe_plan as fp
 from aggregator.methods._fedpipe_plan import natural
 from aggregator.methods._fedpipe_planner import Planner
-from aggregator.methods._fedpipe_select import Selection, check_examples
+from aggregator.methods._fedpipe_select import Selection
+from aggregator.robust import check_examples
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult

@@ -170,7 +170,7 @@ class SloraServer:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
-        check_examples(result.num_examples, self.params.aggregation)
+        check_examples(result.num_examples, self.params.aggregation.max_examples)
         stage = self.stage
         if stage == 1 and self.shapes is None:
             self._learn_shapes(payload)

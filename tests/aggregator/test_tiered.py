@@ -251,3 +251,5 @@ def test_a_region_applies_its_own_robust_rule_to_its_agents(tmp_path: Path) -> N
     assert max(float(v.abs().max()) for v in averaged.values()) > 1e5
     with pytest.raises(ConfigError, match="aggregation"):
         relay_for("fedit", {"aggregation": {"rule": "mode"}}, MethodContext())
+    with pytest.raises(ConfigError, match="a region does not clip"):
+        relay_for("fedit", {"aggregation": {"clip_norm": 1.0}}, MethodContext())
