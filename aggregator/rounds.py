@@ -25,8 +25,8 @@ class Outgoing:
     header: BaseModel
     blobs: Mapping[str, Buffer] = field(default_factory=dict)
     encoded: list[Buffer] | None = None
-    """The frames, when the engine has already encoded them (hashing a large blob is costly:
-    a 7B model's FedBiOT emulator takes seconds)."""
+    """The frames, when the engine has already encoded them to count the task's bytes (the
+    service sends those instead of encoding the header and hashing the blobs again)."""
 
     def frames(self) -> list[Buffer]:
         return self.encoded if self.encoded is not None else encode(self.header, self.blobs)

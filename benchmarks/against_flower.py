@@ -141,11 +141,9 @@ def edgefed_side(clients: int, rounds: int, work: Path) -> dict[str, Any]:
     }
 
 
-def flower_side(clients: int, rounds: int, quick: bool) -> dict[str, Any]:
+def flower_side(clients: int, rounds: int) -> dict[str, Any]:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "flower_side.py"), "--clients", str(clients),
            "--rounds", str(rounds), "--targets", TARGETS]  # fmt: skip
-    if quick:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "flower_side.py"), "--quick"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"flower_side.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -181,7 +179,7 @@ def main() -> int:
             row: dict[str, Any] = {"clients": n, "payload_bytes": payload}
             row["edgefed"] = edgefed_side(n, rounds, Path(tmp))
             if not (args.skip_flower or args.quick):
-                row["flower"] = flower_side(n, rounds, quick=False)
+                row["flower"] = flower_side(n, rounds)
             results.append(row)
     ideal = lambda n: 2 * n * payload  # noqa: E731
     print(f"payload {payload / 1e6:.2f} MB per client per direction; {rounds} rounds; loopback")

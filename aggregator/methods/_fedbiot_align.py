@@ -9,9 +9,9 @@ when asked. The full model's eval loss with the plugged-in adapter runs only its
 final norm and LM head over the cached hidden states (exactly the full forward, at the cost of k
 layers).
 
-Public data is read and tokenized the way agents format training data (``edge_agent.data``: chat
-template when the tokenizer has one, else ``### Instruction``/``### Response``; prompt and response
-tokenized apart, labels -100 on the prompt); a test checks that both give the same ids.
+Public data is read and tokenized with the agents' own reader (``edge_agent.data``: chat template
+when the tokenizer has one, else ``### Instruction``/``### Response``; prompt and response
+tokenized apart, labels ``IGNORE_INDEX`` on the prompt).
 
 The bundle and the models it is built from: :mod:`aggregator.methods._fedbiot_bundle`.
 """
@@ -31,13 +31,12 @@ from torch.nn import functional as F
 
 from aggregator.errors import ConfigError
 from aggregator.methods._fedbiot_bundle import quiet
-from edge_agent.data import TokenizedExample, load_jsonl, tokenize
+from edge_agent.data import IGNORE_INDEX, TokenizedExample, load_jsonl, tokenize
 from edge_agent.errors import DataError
 from protocol.methods import _fedbiot_emulator as emu
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 PEFT_PREFIX = "base_model.model."
 
 
@@ -332,10 +331,10 @@ class Aligner:
         for i in range(0, len(self.held_rows), batch_size):
             rows = self.held_rows[i : i + batch_size]
             h, mask = _pad_hidden([self.teacher[r] for r in rows])
-            labels = _pad([self.samples[r].labels for r in rows], IGNORE)
+            labels = _pad([self.samples[r].labels for r in rows], IGNORE_INDEX)
             out = self.tail.model(inputs_embeds=h, attention_mask=mask, use_cache=False)
             targets = labels[:, 1:]
-            keep = targets != IGNORE
+            keep = targets != IGNORE_INDEX
             if not keep.any():
                 continue
             logits = self.tail.lm_head(out.last_hidden_state[:, :-1][keep])

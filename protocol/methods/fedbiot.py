@@ -40,6 +40,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from protocol.errors import PayloadError
+from protocol.frames import Buffer
 from protocol.methods._common import (
     EvalParams,
     LoraParams,
@@ -123,7 +124,6 @@ class Params(StrictParams):
 
 
 _PART = re.compile(r"^emulator\.([0-9]+)$")
-Buffer = bytes | bytearray | memoryview
 
 
 def bundle_blobs(data: bytes, part_bytes: int) -> dict[str, Buffer]:
