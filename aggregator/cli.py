@@ -151,6 +151,23 @@ def region(config_path: Path, verbose: int) -> None:
     type=click.IntRange(0, 64),
     help="Put the agents behind this many regional tiers (their own processes; 0: none).",
 )
+@click.option(
+    "--secagg", is_flag=True, help="Secure aggregation: the aggregator sees only each round's sum."
+)
+@click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Client-level DP: noise calibrated to reach this ε at the run's δ; stops there.",
+)
+@click.option(
+    "--dp",
+    "dp_mode",
+    type=click.Choice(["central", "local"]),
+    default="central",
+    show_default=True,
+    help="Where DP noise is added (with --dp-epsilon).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -172,12 +189,20 @@ def local(
     agent_limits: tuple[str, ...],
     params: tuple[str, ...],
     regions: int,
+    secagg: bool,
+    dp_epsilon: float | None,
+    dp_mode: str,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
     _logging(verbose)
     from aggregator.local import run_local
-    from aggregator.local_options import LocalOptions, parse_agent_limits, parse_params
+    from aggregator.local_options import (
+        LocalOptions,
+        local_privacy,
+        parse_agent_limits,
+        parse_params,
+    )
 
     try:
         limits = parse_agent_limits(agent_limits)
@@ -205,6 +230,7 @@ def local(
         method_params=method_params,
         agent_limits=limits,
         regions=regions,
+        privacy=local_privacy(secagg=secagg, dp_epsilon=dp_epsilon, dp_mode=dp_mode),
     )
     try:
         run_local(opts)

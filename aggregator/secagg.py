@@ -27,9 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class SecAggServer:
-    """One round of secure aggregation over vectors of ``length`` ring elements."""
+    """One round of secure aggregation over vectors of ``length`` ring elements (None: the
+    first masked vector fixes it)."""
 
-    def __init__(self, context: str, config: SecAggConfig, graph_seed: int, length: int) -> None:
+    def __init__(
+        self, context: str, config: SecAggConfig, graph_seed: int, length: int | None = None
+    ) -> None:
         self.context = context
         self.config = config
         self.graph_seed = graph_seed
@@ -37,7 +40,7 @@ class SecAggServer:
         self._adverts: dict[str, KeyAdvert] = {}
         self._graph: dict[str, list[str]] = {}
         self._sealed: dict[str, dict[str, bytes]] = {}  # sender -> receiver -> sealed share
-        self._sum = np.zeros(length, dtype=np.uint64)
+        self._sum = np.zeros(length or 0, dtype=np.uint64)
         self._masked: set[str] = set()
         self._request: UnmaskRequest | None = None
         self._revealed: dict[str, dict[str, bytes]] = {}  # owner -> holder -> tagged share
@@ -85,6 +88,9 @@ class SecAggServer:
     def on_masked(self, agent: str, masked: npt.NDArray[np.uint64]) -> None:
         if agent not in self._sealed or agent in self._masked or self._request is not None:
             raise SecAggError(f"{agent} sent a masked vector out of turn")
+        if self.length is None and masked.ndim == 1 and not self._masked:
+            self.length = masked.size
+            self._sum = np.zeros(self.length, dtype=np.uint64)
         if masked.dtype != np.uint64 or masked.shape != (self.length,):
             raise SecAggError(f"{agent}'s masked vector is not {self.length} uint64 values")
         self._sum += masked  # wraps modulo 2**64, as the masks do
@@ -121,10 +127,12 @@ class SecAggServer:
         request = self._request
         if request is None:
             raise SecAggError("finish() before the unmask stage")
+        length = self.length
+        assert length is not None  # _need() saw at least one masked vector
         total = self._sum.copy()
         for owner in request.survivors:
             b = self._recover(owner, crypto.KEY_BYTES)
-            total -= crypto.prg(b, self.length)
+            total -= crypto.prg(b, length)
         survivors = set(request.survivors)
         for owner in request.dropped:
             key = crypto.private_from_bytes(self._recover(owner, crypto.KEY_BYTES))
@@ -132,7 +140,7 @@ class SecAggServer:
                 if peer not in survivors:
                     continue
                 seed = crypto.derive(key, self._adverts[peer].pk_s, "mask", self.context)
-                pairwise = crypto.prg(seed, self.length)
+                pairwise = crypto.prg(seed, length)
                 # the survivor added +PRG when its id sorts first, -PRG otherwise
                 total = total - pairwise if peer < owner else total + pairwise
         self._revealed.clear()

@@ -26,6 +26,7 @@ from aggregator.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.ledger import Ledger
 from aggregator.methods import ServerMethod, context_of, server_methods
+from aggregator.privacy import private_method
 from aggregator.security import AllowListAuthenticator, start_curve_server
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import decode, encode
@@ -57,6 +58,7 @@ class AggregatorService:
                     f"unknown method {config.run.method!r}; known: {sorted(factories)}"
                 )
             method = factories[config.run.method](config.method, context_of(config))
+            method = private_method(method, config)
         self.method = method
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)

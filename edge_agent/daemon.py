@@ -35,6 +35,7 @@ from edge_agent.heartbeats import Heartbeats
 from edge_agent.link import Backoff, CurveKeys, Link, LinkSettings, agent_log
 from edge_agent.methods import MethodFactory
 from edge_agent.outbox import Outbox
+from edge_agent.secagg_method import secure_methods
 from edge_agent.uploads import Uploads
 from edge_agent.worker import Job, Outgoing, Worker, error_reply, task_tag
 from edge_agent.workspace import AgentWorkspace, WorkspaceSettings
@@ -43,6 +44,7 @@ from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import Decoded, encode
 from protocol.messages import Ack, Bye, ErrorReply, Grant, Heartbeat, Profile, TaskAssign, Welcome
 from protocol.methods import parse_params
+from protocol.secagg import wire
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class Daemon:
         )
         self.worker = Worker(
             agent_id=self.agent_id,
-            methods=self.methods,
+            methods=secure_methods(self.methods),
             workspace=workspace,
             outbox=outbox,
             outgoing=outgoing,
@@ -335,7 +337,7 @@ class Daemon:
             self.link.send(error_reply(h, ErrorCode.UNSUPPORTED_METHOD, reason))
             return
         try:
-            params = parse_params(h.method, h.params)
+            params = parse_params(h.method, wire.split_params(h.params)[0])
         except ProtocolError as exc:
             self.log.warning("%s: rejected: %s", tag, exc)
             self.link.send(error_reply(h, exc.code, str(exc)))

@@ -82,9 +82,10 @@ class SecAggClient:
         return sealed
 
     def mask(
-        self, inbox: dict[str, bytes], update: npt.NDArray[np.floating]
+        self, inbox: dict[str, bytes], update: npt.NDArray[np.floating], weight: int = 1
     ) -> npt.NDArray[np.uint64]:
-        """The masked fixed-point update, given the sealed shares the neighbours sent it."""
+        """The masked fixed-point ``weight × update``, given the sealed shares the neighbours
+        sent it; every value of ``update`` must lie within ``±clip_range``."""
         self._enter("mask")
         strangers = set(inbox) - set(self._neighbours)
         if strangers:
@@ -99,7 +100,10 @@ class SecAggClient:
             if len(plain) != 2 * size:
                 raise SecAggError(f"a share from {peer} has the wrong length")
             self._held[peer] = (plain[:size], plain[size:])
-        masked = fixedpoint.encode(update, self.config.clip_range, self.config.fraction_bits)
+        values = np.asarray(update, dtype=np.float64)
+        fixedpoint.encode(values, self.config.clip_range, 0)  # the range check, unweighted
+        bound = self.config.clip_range * weight
+        masked = fixedpoint.encode(values * weight, bound, self.config.fraction_bits)
         masked = masked + crypto.prg(self._b, masked.size)
         for peer in sorted(inbox):
             seed = crypto.derive(self._s, self._keys[peer].pk_s, "mask", self.context)

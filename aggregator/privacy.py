@@ -1,0 +1,19 @@
+"""A run's server method with its ``[privacy]`` settings applied (secure aggregation, DP)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aggregator.methods import ServerMethod
+from aggregator.secagg_method import SecureServer
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+
+
+def private_method(method: ServerMethod, config: AggregatorConfig) -> ServerMethod:
+    """``method`` wrapped as ``config.privacy`` asks (``config check`` has vetted the pair)."""
+    p = config.privacy
+    if p.secure_aggregation:
+        method = SecureServer(method, p.secagg, max_weight=p.max_weight)
+    return method
