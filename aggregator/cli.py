@@ -306,6 +306,11 @@ def status(state_dir: Path, as_json: bool) -> None:
             f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_em', '.3f'):>7} "
             f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
             f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
+            + (
+                f"  ε={r['dp_epsilon']:.3f} (δ={r.get('dp_delta', 0):g})"
+                if "dp_epsilon" in r
+                else ""
+            )
         )
 
 

@@ -120,7 +120,8 @@ class RoundEngine:
         latest = self.commits.restore(self.method, self.run_id)
         if latest is not None:
             self.round = latest
-        if self.round >= self.run.rounds:
+        stop = getattr(self.method, "should_stop", None)
+        if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
             self.finished = True
             return
         self.method.begin_round(self.round + 1)
@@ -391,7 +392,8 @@ class RoundEngine:
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)
         if summary.round > 0:
-            if self.round >= self.run.rounds:
+            stop = getattr(self.method, "should_stop", None)  # e.g. DP's target ε
+            if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
                 self.finished = True
                 log.info("run %s finished after %d rounds", self.run_id, self.round)
             else:

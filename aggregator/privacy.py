@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aggregator.dp_method import DpServer
 from aggregator.methods import ServerMethod
 from aggregator.secagg_method import SecureServer
 
@@ -16,4 +17,6 @@ def private_method(method: ServerMethod, config: AggregatorConfig) -> ServerMeth
     p = config.privacy
     if p.secure_aggregation:
         method = SecureServer(method, p.secagg, max_weight=p.max_weight)
+    if p.dp != "off":
+        method = DpServer(method, p, rounds=config.run.rounds, fraction=config.run.fraction)
     return method

@@ -44,7 +44,7 @@ from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import Decoded, encode
 from protocol.messages import Ack, Bye, ErrorReply, Grant, Heartbeat, Profile, TaskAssign, Welcome
 from protocol.methods import parse_params
-from protocol.secagg import wire
+from protocol.privacy import method_params
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class Daemon:
             self.link.send(error_reply(h, ErrorCode.UNSUPPORTED_METHOD, reason))
             return
         try:
-            params = parse_params(h.method, wire.split_params(h.params)[0])
+            params = parse_params(h.method, method_params(h.params))
         except ProtocolError as exc:
             self.log.warning("%s: rejected: %s", tag, exc)
             self.link.send(error_reply(h, exc.code, str(exc)))

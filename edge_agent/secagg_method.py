@@ -1,4 +1,4 @@
-"""Secure aggregation around a client method: the agent's half of the stages.
+"""Secure aggregation and DP around a client method: the agent's half of both.
 
 :class:`SecureClient` wraps any client method. A task without ``params["secagg"]`` goes to the
 wrapped method untouched. With it (see :mod:`protocol.secagg.wire`):
@@ -8,6 +8,9 @@ wrapped method untouched. With it (see :mod:`protocol.secagg.wire`):
 * the ``train`` task runs the wrapped method, flattens the LoRA factors it would have sent
   (sorted by name), and sends them masked: blobs ``masked`` and ``layout``, no ``update``;
 * ``excluded`` (the agent joined after the keys were agreed) fails the task with a reason.
+
+With ``params["dp"]`` (:mod:`protocol.privacy`) the train task's adapter is clipped and noised
+(:mod:`edge_agent.dp`) before it is masked or sent.
 
 The round's secrets live in this object only (one round at a time), never on disk: an agent
 that restarts mid-round counts as dropped for that round.
@@ -19,12 +22,15 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
+from edge_agent.dp import clip_and_noise
 from edge_agent.errors import TaskError
 from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutput, Workspace
 from edge_agent.secagg import SecAggClient
 from protocol import payloads
 from protocol.errors import ProtocolError
+from protocol.privacy import dp_entry
 from protocol.secagg import wire
 from protocol.secagg.errors import SecAggError
 from protocol.secagg.shapes import (
@@ -49,10 +55,17 @@ class SecureClient:
 
     def run(self, task: TaskInput, ws: Workspace) -> TaskOutput:
         _, entry = wire.split_params(task.assign.params)
-        if entry is None:
+        dp = dp_entry(task.assign.params)
+        if entry is None and dp is None:
             return self.inner.run(task, ws)
         try:
-            return self._stage(task, ws, entry)
+            if entry is not None and (
+                task.assign.kind == "score" or entry.get("stage") == "excluded"
+            ):
+                return self._stage(task, entry)
+            if task.assign.kind != "train":
+                return self.inner.run(task, ws)
+            return self._train(task, ws, entry, dp)
         except SecAggError as exc:
             raise TaskError(f"secure aggregation: {exc}") from None
 
@@ -66,43 +79,61 @@ class SecureClient:
             raise SecAggError("no keys for this round (the agent restarted, or joined late)")
         return session
 
-    def _stage(self, task: TaskInput, ws: Workspace, entry: dict[str, object]) -> TaskOutput:
+    def _stage(self, task: TaskInput, entry: dict[str, object]) -> TaskOutput:
         stage = entry.get("stage")
         if stage == "excluded":
             raise SecAggError("this agent is not in the round's key agreement")
-        if task.assign.kind == "score":
-            if stage == "advertise":
-                body: object = advert_to_params(self._client(entry, new=True).advertise())
-            elif stage == "share":
-                roster = roster_from_params(entry.get("roster", {}))  # type: ignore[arg-type]
-                body = {"sealed": sealed_to_params(self._client(entry).share(roster))}
-            elif stage == "unmask":
-                request = request_from_params(entry.get("request", {}))  # type: ignore[arg-type]
-                body = {"revealed": sealed_to_params(self._client(entry).unmask(request))}
-                self._session = None
-            else:
-                raise SecAggError(f"unknown stage {stage!r}")
-            return TaskOutput(num_examples=0, blobs={wire.BLOB: wire.dump_json(body)})
-        if task.assign.kind != "train" or stage != "mask":
-            raise SecAggError(f"a {task.assign.kind} task cannot carry stage {stage!r}")
-        session = self._client(entry)
-        inbox = sealed_from_params(entry.get("inbox"))
+        if stage == "advertise":
+            body: object = advert_to_params(self._client(entry, new=True).advertise())
+        elif stage == "share":
+            roster = roster_from_params(entry.get("roster", {}))  # type: ignore[arg-type]
+            body = {"sealed": sealed_to_params(self._client(entry).share(roster))}
+        elif stage == "unmask":
+            request = request_from_params(entry.get("request", {}))  # type: ignore[arg-type]
+            body = {"revealed": sealed_to_params(self._client(entry).unmask(request))}
+            self._session = None
+        else:
+            raise SecAggError(f"unknown stage {stage!r} for a {task.assign.kind} task")
+        return TaskOutput(num_examples=0, blobs={wire.BLOB: wire.dump_json(body)})
+
+    def _train(
+        self,
+        task: TaskInput,
+        ws: Workspace,
+        entry: dict[str, object] | None,
+        dp: tuple[float, float] | None,
+    ) -> TaskOutput:
+        if entry is not None and entry.get("stage") != "mask":
+            raise SecAggError(f"a train task cannot carry stage {entry.get('stage')!r}")
+        session = self._client(entry) if entry is not None else None
+        reference = reference_adapter(task, ws) if dp is not None else None
         output = self.inner.run(task, ws)
         if len(output.blobs) != 1:
             raise SecAggError(f"the method sent {sorted(output.blobs)}, one LoRA payload expected")
+        blob_name, blob = next(iter(output.blobs.items()))
         try:
-            payload = payloads.decode(next(iter(output.blobs.values())))
+            tensors = dict(payloads.decode(blob).tensors)
         except ProtocolError as exc:
             raise SecAggError(f"the method's own payload does not decode: {exc}") from None
-        layout = sorted((k, tuple(v.shape)) for k, v in payload.tensors.items())
+        metrics = dict(output.metrics)
+        if dp is not None and reference is not None:
+            tensors, scale = clip_and_noise(tensors, reference, *dp)
+            metrics["dp_clip_scale"] = scale
+        if session is None or entry is None:  # DP alone: the same payload, clipped and noised
+            data = payloads.encode_lora(tensors, method=self.name, round=task.assign.round)
+            return TaskOutput(output.num_examples, metrics, {blob_name: data})
+        inbox = sealed_from_params(entry.get("inbox"))
+        layout = sorted((k, tuple(v.shape)) for k, v in tensors.items())
         vector = np.concatenate(
-            [payload.tensors[k].detach().to("cpu").double().numpy().reshape(-1) for k, _ in layout]
+            [tensors[k].detach().to("cpu").double().numpy().reshape(-1) for k, _ in layout]
         )
-        masked = session.mask(inbox, vector, weight=max(int(output.num_examples), 1))
+        # DP-FedAvg weighs every agent alike; plain FedAvg by examples
+        weight = 1 if dp is not None else max(int(output.num_examples), 1)
+        masked = session.mask(inbox, vector, weight=weight)
         log.info("round %d: update masked (%d values)", task.assign.round, vector.size)
         return TaskOutput(
             num_examples=output.num_examples,
-            metrics=output.metrics,
+            metrics=metrics,
             blobs={
                 wire.MASKED_BLOB: wire.vector_bytes(masked),
                 wire.LAYOUT_BLOB: wire.layout_blob(layout),
@@ -110,8 +141,26 @@ class SecureClient:
         )
 
 
+def reference_adapter(task: TaskInput, ws: Workspace) -> dict[str, torch.Tensor]:
+    """The adapter this training task starts from: the global one it carries, or (round 1)
+    the seeded initial adapter every agent builds alike. DP clips the change from it."""
+    from edge_agent.lora import init_lora_state
+    from edge_agent.methods.fedit import lora_spec, peft_model_for
+
+    if "global" in task.blobs:
+        try:
+            return dict(payloads.decode(task.blobs["global"]).tensors)
+        except ProtocolError as exc:
+            raise SecAggError(f"the global adapter does not decode: {exc}") from None
+    lora = getattr(task.params, "lora", None)
+    if lora is None:
+        raise SecAggError(f"differential privacy needs a LoRA method, not {task.assign.method}")
+    model, _ = peft_model_for(task, ws, lora)
+    return init_lora_state(model, lora_spec(lora), lora.init_seed)
+
+
 def secure_methods(methods: Mapping[str, MethodFactory]) -> dict[str, MethodFactory]:
-    """Every method factory wrapped so its tasks may take part in secure aggregation."""
+    """Every method factory wrapped so its tasks may take part in secure aggregation and DP."""
 
     def wrap(factory: MethodFactory) -> MethodFactory:
         return lambda: SecureClient(factory())

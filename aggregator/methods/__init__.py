@@ -112,6 +112,9 @@ class OptionalHooks(Protocol):
         Asked as a training phase closes: agents to run one more ``score`` phase with before
         ``finish_round`` (secure aggregation's unmask stage); None: finish at once. Asked
         again after that phase, so return None then.
+    ``should_stop(round) -> bool``
+        Asked after each round commits: True ends the run before training round ``round``
+        (differential privacy's target ε).
     ``agent_details(round) -> dict[str, dict[str, str]]``
         Per agent, what the method chose for it this round (rank, precision…), for the table.
     """

@@ -58,3 +58,12 @@ def test_dp_needs_a_noise_level_or_a_target() -> None:
         _config({"dp": "central"})
     with pytest.raises(ConfigError, match="need dp = central or local"):
         _config({"target_epsilon": 8.0})
+
+
+def test_local_flags_make_a_valid_privacy_section() -> None:
+    from aggregator.local_options import local_privacy
+
+    assert local_privacy(secagg=False, dp_epsilon=None, dp_mode="central") == {}
+    section = local_privacy(secagg=True, dp_epsilon=8.0, dp_mode="local")
+    assert section == {"secure_aggregation": True, "dp": "local", "target_epsilon": 8.0}
+    assert _config(section).privacy.target_epsilon == 8.0

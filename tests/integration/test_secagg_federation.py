@@ -142,3 +142,27 @@ def test_secure_rounds_give_the_plain_global_and_store_no_update(
     }
     for name, value in last["plain"].items():
         torch.testing.assert_close(last["secure"][name], value, rtol=0, atol=1e-5)
+
+
+def test_distributed_dp_with_secure_aggregation_reports_epsilon_per_round(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from aggregator import dp
+    from aggregator.cli import main
+
+    privacy = {"secure_aggregation": True, "dp": "central", "dp_clip": 0.05,
+               "noise_multiplier": 1.2, "delta": 1e-5}  # fmt: skip
+    state = _run(tmp_path, tiny_model_dir, privacy)
+    with Ledger(state / "ledger.sqlite") as ledger:
+        rounds = ledger.rounds("sa")
+        eps = [r.metrics["dp_epsilon"] for r in rounds]
+        assert eps == pytest.approx([dp.epsilon("central", 1.2, 1.0, r, 1e-5) for r in (1, 2)])
+        assert eps[0] < eps[1]
+        # every agent clipped its change to 0.05 (a LoRA round moves it more than that)
+        scales = [u.metrics["dp_clip_scale"] for r in (1, 2) for u in ledger.updates("sa", r)]
+        assert len(scales) == 2 * AGENTS and all(0 < s < 1 for s in scales)
+    shown = CliRunner().invoke(main, ["status", "--state-dir", str(state)])
+    assert shown.exit_code == 0, shown.output
+    assert f"ε={eps[1]:.3f} (δ=1e-05)" in shown.output
