@@ -290,6 +290,9 @@ class RoundEngine:
             seq = self._score_phases.get(round, 0)
             self._score_phases[round] = seq + 1
             label = f"score{seq}" if seq else kind
+        relabel = getattr(self.method, "task_label", None)  # secure aggregation: per attempt
+        if relabel is not None:
+            label = relabel(kind, label)
         assigned = {a: task_id_for(self.run_id, round, label, a) for a in agents}
         self.phase = Phase(
             kind=kind,

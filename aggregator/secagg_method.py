@@ -79,6 +79,11 @@ class SecureServer:
         self._rosters, self._inboxes, self._request = {}, {}, None
         self._pending, self._layout, self._examples = {}, None, 0
 
+    def task_label(self, kind: str, label: str) -> str:
+        """Task ids of this round attempt's phases: a result from before a restart (whose
+        keys are gone) is then stale, not a duplicate that would never be counted."""
+        return f"{label}.{self._context[-8:]}" if self._context else label
+
     def wants_score(self, round: int) -> bool:
         return round == self._round and self._stage in ("advertise", "share")
 

@@ -112,6 +112,10 @@ class OptionalHooks(Protocol):
         Asked as a training phase closes: agents to run one more ``score`` phase with before
         ``finish_round`` (secure aggregation's unmask stage); None: finish at once. Asked
         again after that phase, so return None then.
+    ``task_label(kind, label) -> str``
+        The label a phase's task ids are made from (default ``label``, e.g. "train"). Secure
+        aggregation makes it unique per round attempt: after a restart the round's keys are
+        gone, so a result sent before it must not pass for one of the new attempt.
     ``should_stop(round) -> bool``
         Asked after each round commits: True ends the run before training round ``round``
         (differential privacy's target ε).

@@ -41,7 +41,9 @@ class FakeFedit:
         return TaskOutput(num_examples=self.n, metrics={"train_loss": 1.0}, blobs={"update": blob})
 
 
-def _engine(tmp_path: Path) -> tuple[RoundEngine, Clock, list[RoundSummary]]:
+def _engine(
+    tmp_path: Path, clock: Clock | None = None
+) -> tuple[RoundEngine, Clock, list[RoundSummary]]:
     raw: dict[str, Any] = {
         "server": {"state_dir": str(tmp_path), "heartbeat_interval": 1.0, "liveness": 3},
         "security": {"insecure": True},
@@ -51,7 +53,7 @@ def _engine(tmp_path: Path) -> tuple[RoundEngine, Clock, list[RoundSummary]]:
     }
     config = build_config(raw)
     summaries: list[RoundSummary] = []
-    clock = Clock()
+    clock = clock or Clock()
     engine = RoundEngine(
         config,
         private_method(FeditServer(config.method), config),
@@ -66,7 +68,11 @@ def _engine(tmp_path: Path) -> tuple[RoundEngine, Clock, list[RoundSummary]]:
 
 
 def _drive(
-    engine: RoundEngine, clock: Clock, agents: dict[str, SecureClient], fail: dict[str, str]
+    engine: RoundEngine,
+    clock: Clock,
+    agents: dict[str, SecureClient],
+    fail: dict[str, str],
+    stop_after: str = "",
 ) -> list[str]:
     """Run until the engine finishes round 1; ``fail[agent] = stage`` makes that agent fail
     its task at that stage (``mask`` or ``unmask``) and every later one. Returns the stages."""
@@ -102,7 +108,7 @@ def _drive(
                 metrics=output.metrics,
             )  # fmt: skip
             engine.on_message(a, decode(encode(result, output.blobs)), clock.now)
-        if engine.round >= 1:
+        if engine.round >= 1 or (stop_after and stop_after in seen):
             return seen
     raise AssertionError(f"round 1 never committed; stages {seen}")
 
@@ -145,3 +151,21 @@ def test_too_many_dropouts_fail_the_round_cleanly(tmp_path: Path) -> None:
     state, _ = engine.method.state()
     assert state == {}  # the global stays as it was (none yet), nothing half-unmasked
     assert engine.round == 1 and not engine.finished  # and the run goes on
+
+
+def test_a_restart_mid_round_starts_the_round_again_with_fresh_keys(tmp_path: Path) -> None:
+    states = {a: lora_state(float(i)) for i, a in enumerate(AGENTS)}
+    agents = {a: SecureClient(FakeFedit(states[a], 2)) for a in AGENTS}
+    first, clock, _ = _engine(tmp_path)
+    _drive(first, clock, agents, {}, stop_after="mask")  # every masked vector is in
+    assert len(first.ledger.updates("s", 1)) == len(AGENTS) and first.round == 0
+    first.ledger.close()  # the aggregator dies before unmasking
+
+    again, clock, summaries = _engine(tmp_path, clock)
+    stages = _drive(again, clock, agents, {})
+    assert stages == ["advertise", "share", "mask", "unmask"]
+    assert summaries[-1].method["secagg_survivors"] == len(AGENTS)
+    state, _ = again.method.state()
+    for name in states["a"]:
+        mean = sum(states[a][name].double() for a in AGENTS) / len(AGENTS)
+        assert (state[name].double() - mean).abs().max().item() <= 1e-6
