@@ -100,3 +100,24 @@ def test_graph_is_regular_and_symmetric(n: int, k: int) -> None:
     assert all(a in graph[p] for a, peers in graph.items() for p in peers)
     assert graph == neighbours(reversed(ids), k, seed=7)
     assert graph != neighbours(ids, k, seed=8) or n - 1 <= k
+
+
+def test_wire_checks_what_arrives() -> None:
+    from protocol.privacy import BadPrivacyEntry, dp_entry, method_params
+    from protocol.secagg import wire
+
+    vector = np.arange(5, dtype=np.uint64)
+    assert wire.vector_from(wire.vector_bytes(vector), 5).tolist() == list(range(5))
+    with pytest.raises(SecAggError, match="expected 6"):
+        wire.vector_from(wire.vector_bytes(vector), 6)
+    layout = [("a", (2, 3)), ("b", (4,))]
+    assert wire.layout_from(wire.layout_blob(layout)) == layout
+    with pytest.raises(SecAggError, match="repeated names"):
+        wire.layout_from(wire.layout_blob([("a", (1,)), ("a", (2,))]))
+    with pytest.raises(SecAggError, match="not JSON"):
+        wire.load_json(b"\xff")
+    params = {"lora": {"r": 4}, "secagg": {"stage": "mask"}, "dp": {"clip": 1, "noise_std": 0.5}}
+    assert method_params(params) == {"lora": {"r": 4}}
+    assert dp_entry(params) == (1.0, 0.5)
+    with pytest.raises(BadPrivacyEntry):
+        dp_entry({"dp": {"clip": 0, "noise_std": 1}})
