@@ -8,8 +8,8 @@ What secure aggregation covers, per method (see docs/security.md):
 
 ========  ============================================================================
 fedit     yes: the LoRA factors, example-weighted FedAvg (rule ``fedavg``, no ``clip_norm``)
-slora     not yet: its stage-1 masked values are a sum too (same mask seed everywhere), but
-          the wire adapter is not written; refused
+slora     yes: stage 1's masked values (the seeded mask puts every agent's values in the same
+          layout) and stage 2's LoRA factors; the server's SVD switch works on the sum
 ferret    not yet: its coefficients are a sum per (group, seed) once the pool is fixed;
           refused
 fedpipe   no: agents send LoRA factors of different ranks, aggregated in ΔW space as
@@ -34,12 +34,11 @@ from protocol.secagg.shapes import SecAggConfig
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
 
-SECAGG_METHODS = frozenset({"fedit"})
+SECAGG_METHODS = frozenset({"fedit", "slora"})
+DP_METHODS = frozenset({"fedit"})
 _WHY_NOT = {
     "fedpipe": "FedPipe aggregates LoRA factors of mixed ranks in ΔW space (B·A products), "
     "which is not a sum of what agents send",
-    "slora": "SLoRA's masked values are a sum, but their secure-aggregation adapter is not "
-    "written yet",
     "ferret": "Ferret's coefficients are a sum per seed, but their secure-aggregation adapter "
     "is not written yet",
     "fedbiot": "FedBiOT is not wired for secure aggregation",
@@ -97,7 +96,7 @@ def privacy_problems(config: AggregatorConfig) -> list[str]:
         except SecAggError as exc:
             problems.append(f"privacy: {exc}")
     if p.dp != "off":
-        if method not in SECAGG_METHODS:
+        if method not in DP_METHODS:
             problems.append(f"privacy: differential privacy is wired for fedit only, not {method}")
         if p.noise_multiplier is None and p.target_epsilon is None:
             problems.append("privacy: dp needs noise_multiplier or target_epsilon")

@@ -30,7 +30,8 @@ from aggregator.errors import UpdateRejected
 from aggregator.methods import Assignment, ServerMethod, Update
 from aggregator.robust import check_examples
 from aggregator.secagg import SecAggServer
-from protocol.errors import ErrorCode
+from protocol import payloads
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import TaskResult
 from protocol.secagg import wire
 from protocol.secagg.errors import SecAggError
@@ -64,7 +65,7 @@ class SecureServer:
         self._inboxes: dict[str, dict[str, bytes]] = {}
         self._request: UnmaskRequest | None = None
         self._pending: dict[str, npt.NDArray[np.uint64]] = {}
-        self._layout: list[tuple[str, tuple[int, ...]]] | None = None
+        self._layout: wire.Layout | None = None
         self._examples = 0
         self.failures = 0
 
@@ -188,8 +189,7 @@ class SecureServer:
                 raise SecAggError(f"a masked result holds {sorted(blobs)}, not masked + layout")
             layout = wire.layout_from(blobs[wire.LAYOUT_BLOB])
             self._check_layout(layout)
-            length = sum(int(np.prod(s)) for _, s in layout)
-            vector = wire.vector_from(blobs[wire.MASKED_BLOB], length)
+            vector = wire.vector_from(blobs[wire.MASKED_BLOB], layout.length)
         except SecAggError as exc:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, str(exc)) from None
         check_examples(result.num_examples, self.max_weight)
@@ -198,10 +198,11 @@ class SecureServer:
             result.agent_id, result.task_id, result.num_examples, {}, dict(result.metrics)
         )
 
-    def _check_layout(self, layout: list[tuple[str, tuple[int, ...]]]) -> None:
+    def _check_layout(self, layout: wire.Layout) -> None:
         if self._layout is None:
             current: dict[str, torch.Tensor] = getattr(self.inner, "global_state", {})
-            if current and layout != sorted((k, tuple(v.shape)) for k, v in current.items()):
+            ours = sorted((k, tuple(v.shape)) for k, v in current.items())
+            if current and layout.entries != ours:
                 raise SecAggError("the masked layout differs from the global adapter's")
             self._layout = layout
         elif layout != self._layout:
@@ -216,17 +217,39 @@ class SecureServer:
         self._examples += max(update.num_examples, 1)  # the agent weighs by at least 1
 
     def _feed(self, total: npt.NDArray[np.float64]) -> None:
-        """Hand the wrapped method the survivors' example-weighted mean, as one update."""
-        assert self._layout is not None
+        """Hand the wrapped method the survivors' example-weighted mean as one update, encoded
+        as the agents' own payloads were and checked by the method's own ``validate``."""
+        layout = self._layout
+        assert layout is not None
         if self._examples <= 0:
             return
         tensors, offset = {}, 0
-        for name, shape in self._layout:
+        for name, shape in layout.entries:
             size = int(np.prod(shape))
             mean = total[offset : offset + size] / self._examples
             tensors[name] = torch.from_numpy(mean.reshape(shape)).to(torch.float32)
             offset += size
-        self.inner.add(Update("secagg", f"secagg-{self._round}", self._examples, tensors))
+        try:
+            blob = payloads.encode(
+                layout.kind, tensors, method=self.name, round=self._round, meta=layout.meta
+            )
+        except ProtocolError as exc:
+            raise SecAggError(f"the unmasked aggregate is not a valid payload: {exc}") from None
+        cap = getattr(
+            getattr(getattr(self.inner, "params", None), "aggregation", None), "max_examples", None
+        )
+        result = TaskResult(
+            round=self._round,
+            task_id=f"secagg-r{self._round}",
+            agent_id="secagg",
+            method=self.name,
+            num_examples=min(self._examples, cap or self._examples),
+        )
+        try:
+            update = self.inner.validate(self._round, result, {"update": memoryview(blob)})
+        except UpdateRejected as exc:
+            raise SecAggError(f"the method refused the unmasked aggregate: {exc.reason}") from None
+        self.inner.add(update)
 
     def finish_round(self, round: int) -> dict[str, float]:
         return {**self.inner.finish_round(round), "secagg_failures": float(self.failures)}

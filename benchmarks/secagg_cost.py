@@ -142,7 +142,7 @@ def secure_round(n: int, state: dict[str, torch.Tensor], drop: float = 0.0) -> d
             a,
             {
                 wire.MASKED_BLOB: wire.vector_bytes(masked),
-                wire.LAYOUT_BLOB: wire.layout_blob(layout),
+                wire.LAYOUT_BLOB: wire.layout_blob(wire.Layout(layout)),
             },
         )
         t0 = time.process_time()

@@ -112,9 +112,10 @@ class SecureClient:
             raise SecAggError(f"the method sent {sorted(output.blobs)}, one LoRA payload expected")
         blob_name, blob = next(iter(output.blobs.items()))
         try:
-            tensors = dict(payloads.decode(blob).tensors)
+            payload = payloads.decode(blob)
         except ProtocolError as exc:
             raise SecAggError(f"the method's own payload does not decode: {exc}") from None
+        tensors = dict(payload.tensors)
         metrics = dict(output.metrics)
         if dp is not None and reference is not None:
             tensors, scale = clip_and_noise(tensors, reference, *dp)
@@ -123,9 +124,10 @@ class SecureClient:
             data = payloads.encode_lora(tensors, method=self.name, round=task.assign.round)
             return TaskOutput(output.num_examples, metrics, {blob_name: data})
         inbox = sealed_from_params(entry.get("inbox"))
-        layout = sorted((k, tuple(v.shape)) for k, v in tensors.items())
+        entries = sorted((k, tuple(v.shape)) for k, v in tensors.items())
+        layout = wire.Layout(entries, payload.kind.value, payloads.caller_meta(payload.meta))
         vector = np.concatenate(
-            [tensors[k].detach().to("cpu").double().numpy().reshape(-1) for k, _ in layout]
+            [tensors[k].detach().to("cpu").double().numpy().reshape(-1) for k, _ in entries]
         )
         # DP-FedAvg weighs every agent alike; plain FedAvg by examples
         weight = 1 if dp is not None else max(int(output.num_examples), 1)

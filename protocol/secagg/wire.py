@@ -7,7 +7,8 @@ The stages ride on the engine's existing exchanges, so no new message type is ne
 * mask is the ``train`` task itself: ``params["secagg"]`` carries the sealed shares addressed
   to the agent, and its result holds the blobs ``masked`` (the ring elements as little-endian
   uint64, exactly ``8 × length`` bytes) and ``layout`` (JSON: tensor names and shapes, in the
-  order the vector concatenates them), instead of the plain ``update``.
+  order the vector concatenates them, and the payload kind and metadata), instead of the plain
+  ``update``.
 
 ``params["secagg"]`` always holds ``stage``, ``agent`` (the id the agent masks as),
 ``context`` (binds keys and shares to this round) and ``config`` (:class:`SecAggConfig`).
@@ -63,20 +64,63 @@ def vector_from(blob: bytes | memoryview, length: int | None) -> npt.NDArray[np.
     return np.frombuffer(bytes(blob), dtype="<u8").astype(np.uint64)
 
 
-def layout_from(blob: bytes | memoryview) -> list[tuple[str, tuple[int, ...]]]:
-    """The (name, shape) list of a ``layout`` blob, checked for shape."""
+class Layout:
+    """How a masked vector unpacks: tensor names and shapes in order, and the payload kind and
+    caller metadata (e.g. SLoRA's mask seed and density) the aggregate is re-encoded with, so
+    the method checks the unmasked aggregate as it checks any update. None of it is private:
+    it is what the task fixed."""
+
+    def __init__(
+        self,
+        entries: list[tuple[str, tuple[int, ...]]],
+        kind: str = "lora",
+        meta: dict[str, str] | None = None,
+    ) -> None:
+        self.entries = entries
+        self.kind = kind
+        self.meta = dict(meta or {})
+
+    @property
+    def length(self) -> int:
+        total = 0
+        for _, shape in self.entries:
+            size = 1
+            for d in shape:
+                size *= d
+            total += size
+        return total
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and (self.entries, self.kind, self.meta) == (
+            other.entries, other.kind, other.meta,
+        )  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def layout_from(blob: bytes | memoryview) -> Layout:
+    """The :class:`Layout` of a ``layout`` blob, checked for shape."""
     raw = load_json(blob)
     try:
-        layout = [
+        entries = [
             (str(n), tuple(int(d) for d in s))
             for n, s in zip(raw["names"], raw["shapes"], strict=True)
         ]
-    except (KeyError, TypeError, ValueError) as exc:
+        kind = str(raw.get("kind", "lora"))
+        meta = {str(k): str(v) for k, v in dict(raw.get("meta", {})).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SecAggError(f"malformed layout: {exc}") from None
-    if any(d < 0 for _, s in layout for d in s) or len({n for n, _ in layout}) != len(layout):
+    if any(d < 0 for _, s in entries for d in s) or len({n for n, _ in entries}) != len(entries):
         raise SecAggError("malformed layout: negative sizes or repeated names")
-    return layout
+    return Layout(entries, kind, meta)
 
 
-def layout_blob(layout: list[tuple[str, tuple[int, ...]]]) -> bytes:
-    return dump_json({"names": [n for n, _ in layout], "shapes": [list(s) for _, s in layout]})
+def layout_blob(layout: Layout) -> bytes:
+    return dump_json(
+        {
+            "names": [n for n, _ in layout.entries],
+            "shapes": [list(s) for _, s in layout.entries],
+            "kind": layout.kind,
+            "meta": layout.meta,
+        }
+    )

@@ -21,14 +21,17 @@ def _config(privacy: dict[str, Any], method: str = "fedit", **params: Any) -> An
     )
 
 
-def test_off_by_default_and_fedit_takes_secure_aggregation() -> None:
+def test_off_by_default_and_fedit_and_slora_take_secure_aggregation() -> None:
     assert not _config({}).privacy.secure_aggregation
     assert _config({"secure_aggregation": True}).privacy.secagg.degree == 8
+    assert _config({"secure_aggregation": True}, "slora").privacy.secure_aggregation
+    with pytest.raises(ConfigError, match="differential privacy is wired for fedit only"):
+        _config({"dp": "local", "noise_multiplier": 1.0}, "slora")
 
 
 @pytest.mark.parametrize(
     ("method", "why"),
-    [("fedpipe", "mixed ranks"), ("slora", "not written yet"), ("ferret", "not written yet")],
+    [("fedpipe", "mixed ranks"), ("ferret", "not written yet"), ("fedbiot", "not wired")],
 )
 def test_methods_it_cannot_cover_are_refused_with_the_reason(method: str, why: str) -> None:
     with pytest.raises(ConfigError, match=f"secure aggregation cannot run {method}: .*{why}"):

@@ -110,10 +110,12 @@ def test_wire_checks_what_arrives() -> None:
     assert wire.vector_from(wire.vector_bytes(vector), 5).tolist() == list(range(5))
     with pytest.raises(SecAggError, match="expected 6"):
         wire.vector_from(wire.vector_bytes(vector), 6)
-    layout = [("a", (2, 3)), ("b", (4,))]
-    assert wire.layout_from(wire.layout_blob(layout)) == layout
+    layout = wire.Layout([("a", (2, 3)), ("b", (4,))], "masked", {"edgefed.seed": "7"})
+    back = wire.layout_from(wire.layout_blob(layout))
+    assert back == layout and back.length == 10
+    assert back != wire.Layout(layout.entries, "lora", layout.meta)
     with pytest.raises(SecAggError, match="repeated names"):
-        wire.layout_from(wire.layout_blob([("a", (1,)), ("a", (2,))]))
+        wire.layout_from(wire.layout_blob(wire.Layout([("a", (1,)), ("a", (2,))])))
     with pytest.raises(SecAggError, match="not JSON"):
         wire.load_json(b"\xff")
     params = {"lora": {"r": 4}, "secagg": {"stage": "mask"}, "dp": {"clip": 1, "noise_std": 0.5}}
