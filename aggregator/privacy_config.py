@@ -10,8 +10,8 @@ What secure aggregation covers, per method (see docs/security.md):
 fedit     yes: the LoRA factors, example-weighted FedAvg (rule ``fedavg``, no ``clip_norm``)
 slora     yes: stage 1's masked values (the seeded mask puts every agent's values in the same
           layout) and stage 2's LoRA factors; the server's SVD switch works on the sum
-ferret    not yet: its coefficients are a sum per (group, seed) once the pool is fixed;
-          refused
+ferret    no: agents send coefficients for their own draws of seeds only (the server's sum
+          is over the dense (group, seed) grid), so masking needs the dense vector
 fedpipe   no: agents send LoRA factors of different ranks, aggregated in ΔW space as
           products of each agent's own factors, which is not a sum of what they send
 fedbiot   no: refused (its server aligns an emulator; not wired)
@@ -39,8 +39,9 @@ DP_METHODS = frozenset({"fedit"})
 _WHY_NOT = {
     "fedpipe": "FedPipe aggregates LoRA factors of mixed ranks in ΔW space (B·A products), "
     "which is not a sum of what agents send",
-    "ferret": "Ferret's coefficients are a sum per seed, but their secure-aggregation adapter "
-    "is not written yet",
+    "ferret": "each agent sends coefficients only for its own draw of n_g seeds per group, so "
+    "the agents' vectors do not line up; a masked sum needs every agent's dense K x groups "
+    "coefficient vector (zeros included, K/n_g times the upload, which DESIGN keeps off the wire)",
     "fedbiot": "FedBiOT is not wired for secure aggregation",
 }
 

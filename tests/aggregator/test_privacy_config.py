@@ -31,7 +31,7 @@ def test_off_by_default_and_fedit_and_slora_take_secure_aggregation() -> None:
 
 @pytest.mark.parametrize(
     ("method", "why"),
-    [("fedpipe", "mixed ranks"), ("ferret", "not written yet"), ("fedbiot", "not wired")],
+    [("fedpipe", "mixed ranks"), ("ferret", "do not line up"), ("fedbiot", "not wired")],
 )
 def test_methods_it_cannot_cover_are_refused_with_the_reason(method: str, why: str) -> None:
     with pytest.raises(ConfigError, match=f"secure aggregation cannot run {method}: .*{why}"):
