@@ -9,7 +9,7 @@ from aggregator.methods import ServerMethod
 from aggregator.secagg_method import SecureServer
 
 if TYPE_CHECKING:
-    from aggregator.config import AggregatorConfig
+    from aggregator.ops.config import AggregatorConfig
 
 
 def private_method(method: ServerMethod, config: AggregatorConfig) -> ServerMethod:

@@ -32,7 +32,7 @@ from protocol.secagg.fixedpoint import check_capacity
 from protocol.secagg.shapes import SecAggConfig
 
 if TYPE_CHECKING:
-    from aggregator.config import AggregatorConfig
+    from aggregator.ops.config import AggregatorConfig
 
 SECAGG_METHODS = frozenset({"fedit", "slora"})
 DP_METHODS = frozenset({"fedit"})

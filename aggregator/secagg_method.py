@@ -28,7 +28,7 @@ import torch
 
 from aggregator.errors import UpdateRejected
 from aggregator.methods import Assignment, ServerMethod, Update
-from aggregator.robust import check_examples
+from aggregator.methods.robust import check_examples
 from aggregator.secagg import SecAggServer
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError

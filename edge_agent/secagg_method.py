@@ -146,8 +146,8 @@ class SecureClient:
 def reference_adapter(task: TaskInput, ws: Workspace) -> dict[str, torch.Tensor]:
     """The adapter this training task starts from: the global one it carries, or (round 1)
     the seeded initial adapter every agent builds alike. DP clips the change from it."""
-    from edge_agent.lora import init_lora_state
-    from edge_agent.methods.fedit import lora_spec, peft_model_for
+    from edge_agent.methods.fedit.client import lora_spec, peft_model_for
+    from edge_agent.training.lora import init_lora_state
 
     if "global" in task.blobs:
         try:

@@ -13,7 +13,7 @@ from engine_harness import Harness, assigns, lora_state, start_round
 from aggregator import dp
 from aggregator.dp_method import DpServer
 from aggregator.methods import Update
-from aggregator.methods.fedit import FeditServer
+from aggregator.methods.fedit.server import FeditServer
 from aggregator.privacy_config import PrivacySection
 from edge_agent.dp import clip_and_noise
 

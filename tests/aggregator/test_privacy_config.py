@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from aggregator.config import build_config
 from aggregator.errors import ConfigError
+from aggregator.ops.config import build_config
 
 
 def _config(privacy: dict[str, Any], method: str = "fedit", **params: Any) -> Any:
@@ -64,7 +64,7 @@ def test_dp_needs_a_noise_level_or_a_target() -> None:
 
 
 def test_local_flags_make_a_valid_privacy_section() -> None:
-    from aggregator.local_options import local_privacy
+    from aggregator.local.options import local_privacy
 
     assert local_privacy(secagg=False, dp_epsilon=None, dp_mode="central") == {}
     section = local_privacy(secagg=True, dp_epsilon=8.0, dp_mode="local")

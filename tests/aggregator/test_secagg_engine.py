@@ -11,12 +11,12 @@ import pytest
 import torch
 from engine_harness import MODEL, PROFILE, SHA, Clock, lora_state
 
-from aggregator.checkpoint import CheckpointStore
-from aggregator.config import build_config
-from aggregator.engine import RoundEngine, RoundSummary
-from aggregator.ledger import Ledger
-from aggregator.methods.fedit import FeditServer
+from aggregator.engine.engine import RoundEngine, RoundSummary
+from aggregator.methods.fedit.server import FeditServer
+from aggregator.ops.config import build_config
 from aggregator.privacy import private_method
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.secagg_method import SecureClient
 from protocol import payloads
