@@ -1,7 +1,7 @@
 """What secure aggregation costs per round, against the plain protocol, at 3, 10 and 100 agents.
 
 Run: ``python benchmarks/secagg_cost.py [--quick]``. In-process light agents: every agent and
-the aggregator run the real halves (:mod:`edge_agent.secagg`, :mod:`aggregator.secagg`) on a
+the aggregator run the real halves (:mod:`edge_agent.privacy.secagg`, :mod:`aggregator.privacy.secagg`) on a
 LoRA-sized update, and every message is encoded with :func:`protocol.frames.encode` exactly as
 the wrappers build it (the same ``params["secagg"]`` entries and blobs), so the byte counts are
 those on the wire (before CURVE's 16-byte box per frame). Times are CPU seconds of the work
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.secagg import SecAggServer
-from edge_agent.secagg import SecAggClient
+from aggregator.privacy.secagg import SecAggServer
+from edge_agent.privacy.secagg import SecAggClient
 from protocol.frames import encode, frames_nbytes
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.payloads import decode, encode_lora

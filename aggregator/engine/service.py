@@ -25,7 +25,7 @@ from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
-from aggregator.privacy import private_method
+from aggregator.privacy.wrap import private_method
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from protocol.errors import ErrorCode, FrameError, ProtocolError

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aggregator.errors import ConfigError
-from aggregator.privacy_config import PrivacySection, privacy_problems
+from aggregator.privacy.config import PrivacySection, privacy_problems
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 

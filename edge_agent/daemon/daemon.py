@@ -38,7 +38,7 @@ from edge_agent.daemon.uploads import Uploads
 from edge_agent.daemon.worker import Job, Outgoing, Worker, error_reply, task_tag
 from edge_agent.daemon.workspace import AgentWorkspace, WorkspaceSettings
 from edge_agent.methods import MethodFactory
-from edge_agent.secagg_method import secure_methods
+from edge_agent.privacy.secagg_method import secure_methods
 from protocol import PROTOCOL_VERSIONS
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import Decoded, encode

@@ -1,6 +1,6 @@
 """Secure aggregation (SecAgg+) shared by both sides: the math, the crypto calls, the shapes.
 
-The agent half is :mod:`edge_agent.secagg`, the aggregator half :mod:`aggregator.secagg`; both
+The agent half is :mod:`edge_agent.privacy.secagg`, the aggregator half :mod:`aggregator.privacy.secagg`; both
 are sans-IO state machines. See ``docs/security.md`` for the threat model.
 """
 

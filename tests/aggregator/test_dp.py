@@ -10,12 +10,12 @@ import torch
 from dp_accounting import dp_event, rdp
 from engine_harness import Harness, assigns, lora_state, start_round
 
-from aggregator import dp
-from aggregator.dp_method import DpServer
+from aggregator.privacy import dp
+from aggregator.privacy.dp_method import DpServer
 from aggregator.methods import Update
 from aggregator.methods.fedit.server import FeditServer
-from aggregator.privacy_config import PrivacySection
-from edge_agent.dp import clip_and_noise
+from aggregator.privacy.config import PrivacySection
+from edge_agent.privacy.dp import clip_and_noise
 
 
 def _independent(event: dp_event.DpEvent, delta: float) -> float:
@@ -123,7 +123,7 @@ def test_the_agent_wrapper_sends_its_adapter_clipped_and_noised() -> None:
     from engine_harness import MODEL
 
     from edge_agent.methods import TaskInput, TaskOutput
-    from edge_agent.secagg_method import SecureClient
+    from edge_agent.privacy.secagg_method import SecureClient
     from protocol import payloads
     from protocol.frames import decode, encode
     from protocol.messages import TaskAssign

@@ -14,11 +14,11 @@ from engine_harness import MODEL, PROFILE, SHA, Clock, lora_state
 from aggregator.engine.engine import RoundEngine, RoundSummary
 from aggregator.methods.fedit.server import FeditServer
 from aggregator.ops.config import build_config
-from aggregator.privacy import private_method
+from aggregator.privacy.wrap import private_method
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
-from edge_agent.secagg_method import SecureClient
+from edge_agent.privacy.secagg_method import SecureClient
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.frames import decode, encode

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 
-from aggregator.secagg import SecAggServer
-from edge_agent.secagg import SecAggClient
+from aggregator.privacy.secagg import SecAggServer
+from edge_agent.privacy.secagg import SecAggClient
 from protocol.secagg import fixedpoint
 from protocol.secagg.errors import SecAggError
 from protocol.secagg.shapes import SecAggConfig, UnmaskRequest

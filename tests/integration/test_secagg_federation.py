@@ -163,7 +163,7 @@ def test_distributed_dp_with_secure_aggregation_reports_epsilon_per_round(
 ) -> None:
     from click.testing import CliRunner
 
-    from aggregator import dp
+    from aggregator.privacy import dp
     from aggregator.cli import main
 
     privacy = {"secure_aggregation": True, "dp": "central", "dp_clip": 0.05,

@@ -3,14 +3,14 @@
 :class:`SecureClient` wraps any client method. A task without ``params["secagg"]`` goes to the
 wrapped method untouched. With it (see :mod:`protocol.secagg.wire`):
 
-* ``score`` tasks run a stage of :class:`~edge_agent.secagg.SecAggClient` (advertise keys,
+* ``score`` tasks run a stage of :class:`~edge_agent.privacy.secagg.SecAggClient` (advertise keys,
   share, unmask) and answer with one JSON blob;
 * the ``train`` task runs the wrapped method, flattens the LoRA factors it would have sent
   (sorted by name), and sends them masked: blobs ``masked`` and ``layout``, no ``update``;
 * ``excluded`` (the agent joined after the keys were agreed) fails the task with a reason.
 
 With ``params["dp"]`` (:mod:`protocol.privacy`) the train task's adapter is clipped and noised
-(:mod:`edge_agent.dp`) before it is masked or sent.
+(:mod:`edge_agent.privacy.dp`) before it is masked or sent.
 
 The round's secrets live in this object only (one round at a time), never on disk: an agent
 that restarts mid-round counts as dropped for that round.
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from edge_agent.dp import clip_and_noise
+from edge_agent.privacy.dp import clip_and_noise
 from edge_agent.errors import TaskError
 from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutput, Workspace
-from edge_agent.secagg import SecAggClient
+from edge_agent.privacy.secagg import SecAggClient
 from protocol import payloads
 from protocol.errors import ProtocolError
 from protocol.privacy import dp_entry

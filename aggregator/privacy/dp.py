@@ -1,7 +1,7 @@
 """Client-level DP-FedAvg on the aggregator: noise levels, central noise and ε accounting.
 
 DP-FedAvg (McMahan et al. 2018) with the adjacency "one agent's whole data": each agent's
-update is clipped to ‖Δ‖₂ ≤ C (by the agent, :mod:`edge_agent.dp`), updates are averaged with
+update is clipped to ‖Δ‖₂ ≤ C (by the agent, :mod:`edge_agent.privacy.dp`), updates are averaged with
 equal weights, and Gaussian noise of standard deviation σ·C is added to their sum:
 
 * ``central``: the aggregator adds it to the sum (without secure aggregation), or each of the

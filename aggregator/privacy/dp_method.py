@@ -5,7 +5,7 @@
 equal weights, so one agent's influence is bounded by the clip), adds the central noise to the
 new global when no agent did, and reports ``dp_epsilon`` (at the run's δ) after every round.
 :meth:`DpServer.should_stop` ends the run before a round that would take ε past the target.
-The math and the accountant are in :mod:`aggregator.dp`.
+The math and the accountant are in :mod:`aggregator.privacy.dp`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from aggregator import dp
+from aggregator.privacy import dp
 from aggregator.methods import AgentView, Assignment, ServerMethod, Update
-from aggregator.privacy_config import PrivacySection
+from aggregator.privacy.config import PrivacySection
 from protocol.messages import TaskResult
 
 log = logging.getLogger(__name__)

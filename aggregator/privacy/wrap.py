@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aggregator.dp_method import DpServer
+from aggregator.privacy.dp_method import DpServer
 from aggregator.methods import ServerMethod
-from aggregator.secagg_method import SecureServer
+from aggregator.privacy.secagg_method import SecureServer
 
 if TYPE_CHECKING:
     from aggregator.ops.config import AggregatorConfig

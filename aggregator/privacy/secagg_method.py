@@ -4,7 +4,7 @@
 runs the SecAgg+ stages of each training round through the engine's ordinary phases
 (:mod:`protocol.secagg.wire`): two ``score`` phases before training (advertise keys, share),
 the training phase (masked vectors, summed as they arrive by
-:class:`~aggregator.secagg.SecAggServer`), and one ``score`` phase after it (unmask), which the
+:class:`~aggregator.privacy.secagg.SecAggServer`), and one ``score`` phase after it (unmask), which the
 engine opens when :meth:`SecureServer.reveal_agents` names the survivors. Only then does the
 wrapped method get one update: the unmasked weighted sum divided by the survivors' examples.
 
@@ -29,7 +29,7 @@ import torch
 from aggregator.errors import UpdateRejected
 from aggregator.methods import Assignment, ServerMethod, Update
 from aggregator.methods.robust import check_examples
-from aggregator.secagg import SecAggServer
+from aggregator.privacy.secagg import SecAggServer
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import TaskResult
