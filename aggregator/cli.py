@@ -151,6 +151,23 @@ def region(config_path: Path, verbose: int) -> None:
     type=click.IntRange(0, 64),
     help="Put the agents behind this many regional tiers (their own processes; 0: none).",
 )
+@click.option(
+    "--secagg", is_flag=True, help="Secure aggregation: the aggregator sees only each round's sum."
+)
+@click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Client-level DP: noise calibrated to reach this ε at the run's δ; stops there.",
+)
+@click.option(
+    "--dp",
+    "dp_mode",
+    type=click.Choice(["central", "local"]),
+    default="central",
+    show_default=True,
+    help="Where DP noise is added (with --dp-epsilon).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -172,11 +189,19 @@ def local(
     agent_limits: tuple[str, ...],
     params: tuple[str, ...],
     regions: int,
+    secagg: bool,
+    dp_epsilon: float | None,
+    dp_mode: str,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
     _logging(verbose)
-    from aggregator.local.options import LocalOptions, parse_agent_limits, parse_params
+    from aggregator.local.options import (
+        LocalOptions,
+        local_privacy,
+        parse_agent_limits,
+        parse_params,
+    )
     from aggregator.local.run import run_local
 
     try:
@@ -205,6 +230,7 @@ def local(
         method_params=method_params,
         agent_limits=limits,
         regions=regions,
+        privacy=local_privacy(secagg=secagg, dp_epsilon=dp_epsilon, dp_mode=dp_mode),
     )
     try:
         run_local(opts)
@@ -280,6 +306,11 @@ def status(state_dir: Path, as_json: bool) -> None:
             f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_em', '.3f'):>7} "
             f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
             f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
+            + (
+                f"  ε={r['dp_epsilon']:.3f} (δ={r.get('dp_delta', 0):g})"
+                if "dp_epsilon" in r
+                else ""
+            )
         )
 
 

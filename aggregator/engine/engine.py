@@ -109,6 +109,9 @@ class RoundEngine:
         self.on_phase = on_phase or (lambda _k, _r, _res: None)
         self._driven_task: tuple[Kind, int] | None = None
         self._begun_round = 0
+        self._score_phases: dict[int, int] = {}
+        self._held_train: Phase | None = None
+        """A closed training phase waiting for the reveal phase after it (``reveal_agents``)."""
 
     # --- start-up and resume ----------------------------------------------------------------
 
@@ -117,7 +120,8 @@ class RoundEngine:
         latest = self.commits.restore(self.method, self.run_id)
         if latest is not None:
             self.round = latest
-        if self.round >= self.run.rounds:
+        stop = getattr(self.method, "should_stop", None)
+        if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
             self.finished = True
             return
         self.method.begin_round(self.round + 1)
@@ -281,7 +285,15 @@ class RoundEngine:
         return self._open_phase("train", self.round + 1, chosen, now)
 
     def _open_phase(self, kind: Kind, round: int, agents: list[str], now: float) -> list[Outgoing]:
-        assigned = {a: task_id_for(self.run_id, round, kind, a) for a in agents}
+        label: str = kind
+        if kind == "score":  # a round may hold several score phases (secure aggregation)
+            seq = self._score_phases.get(round, 0)
+            self._score_phases[round] = seq + 1
+            label = f"score{seq}" if seq else kind
+        relabel = getattr(self.method, "task_label", None)  # secure aggregation: per attempt
+        if relabel is not None:
+            label = relabel(kind, label)
+        assigned = {a: task_id_for(self.run_id, round, label, a) for a in agents}
         self.phase = Phase(
             kind=kind,
             round=round,
@@ -336,11 +348,22 @@ class RoundEngine:
             metrics = self.method.finish_score(phase.round)  # type: ignore[attr-defined]
             summary.record_method(metrics)
             log.info("round %d scores in from %d agents", phase.round, len(results))
+            if self._held_train is not None:  # a reveal phase closed: now the round's train
+                held, self._held_train = self._held_train, None
+                return self._close_phase(held, now)
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
             return self._maybe_start(now)
         if phase.kind == "train":
+            reveal = getattr(self.method, "reveal_agents", None)  # secure aggregation: unmask
+            agents = reveal(phase.round) if reveal is not None else None
+            if agents is not None:
+                self._held_train = phase
+                alive = set(self.registry.live())
+                return self._open_phase(
+                    "score", phase.round, [a for a in agents if a in alive], now
+                )
             summary.record_method(self.method.finish_round(phase.round))
             details = getattr(self.method, "agent_details", None)
             summary.record_train(phase, now, details(phase.round) if details is not None else {})
@@ -372,7 +395,8 @@ class RoundEngine:
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)
         if summary.round > 0:
-            if self.round >= self.run.rounds:
+            stop = getattr(self.method, "should_stop", None)  # e.g. DP's target ε
+            if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
                 self.finished = True
                 log.info("run %s finished after %d rounds", self.run_id, self.round)
             else:

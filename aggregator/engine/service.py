@@ -25,6 +25,7 @@ from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
+from aggregator.privacy.wrap import private_method
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from protocol.errors import ErrorCode, FrameError, ProtocolError
@@ -57,6 +58,7 @@ class AggregatorService:
                     f"unknown method {config.run.method!r}; known: {sorted(factories)}"
                 )
             method = factories[config.run.method](config.method, context_of(config))
+            method = private_method(method, config)
         self.method = method
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)

@@ -39,6 +39,8 @@ class LocalOptions:
     """Per agent id, simulated limits: ``memory`` (bytes) and ``bandwidth`` (Mbit/s)."""
     regions: int = 0
     """Regional tiers to put the agents behind (0: they join the aggregator directly)."""
+    privacy: dict[str, Any] | None = None
+    """The run's ``[privacy]`` section (``--secagg``, ``--dp-epsilon``)."""
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
@@ -94,3 +96,13 @@ def parse_params(specs: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"{spec!r}: {part} is already a value")
         node[parts[-1]] = value
     return out
+
+
+def local_privacy(*, secagg: bool, dp_epsilon: float | None, dp_mode: str) -> dict[str, Any]:
+    """The ``[privacy]`` section ``local --secagg --dp-epsilon E --dp MODE`` asks for."""
+    privacy: dict[str, Any] = {}
+    if secagg:
+        privacy["secure_aggregation"] = True
+    if dp_epsilon is not None:
+        privacy |= {"dp": dp_mode, "target_epsilon": dp_epsilon}
+    return privacy

@@ -169,6 +169,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "round_deadline_s": 1800.0,
         },
         "method": method_params,
+        "privacy": opts.privacy or {},
     }
     config: AggregatorConfig = build_config(raw, source="local")
     table = RoundTable(out)

@@ -108,6 +108,17 @@ class OptionalHooks(Protocol):
         The method keeps what it needs to survive a restart (e.g. under ``context.state_dir``).
     ``finish_score(round) -> dict[str, float]``
         The score phase closed; the returned metrics join the round's table row.
+    ``reveal_agents(round) -> list[str] | None``
+        Asked as a training phase closes: agents to run one more ``score`` phase with before
+        ``finish_round`` (secure aggregation's unmask stage); None: finish at once. Asked
+        again after that phase, so return None then.
+    ``task_label(kind, label) -> str``
+        The label a phase's task ids are made from (default ``label``, e.g. "train"). Secure
+        aggregation makes it unique per round attempt: after a restart the round's keys are
+        gone, so a result sent before it must not pass for one of the new attempt.
+    ``should_stop(round) -> bool``
+        Asked after each round commits: True ends the run before training round ``round``
+        (differential privacy's target ε).
     ``agent_details(round) -> dict[str, dict[str, str]]``
         Per agent, what the method chose for it this round (rank, precision…), for the table.
     """

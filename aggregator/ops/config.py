@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aggregator.errors import ConfigError
+from aggregator.privacy.config import PrivacySection, privacy_problems
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -98,6 +99,7 @@ class AggregatorConfig(_Section):
     method: dict[str, Any] = {}
     upstream: UpstreamSection | None = None
     """Parameters of the run's method (``protocol.methods.<method>.Params``)."""
+    privacy: PrivacySection = PrivacySection()
 
 
 def _problems(exc: ValidationError) -> list[str]:
@@ -129,6 +131,7 @@ def build_config(
                 "security: CURVE is on by default and needs secret_key and allow_dir "
                 "(or set insecure = true, knowingly)"
             )
+        problems += privacy_problems(config)
         up = config.upstream
         if (
             up is not None

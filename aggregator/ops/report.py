@@ -288,6 +288,7 @@ def render_html(report: RunReport, images: dict[str, bytes]) -> str:
             f"<td>{e(human_bytes(m['bytes_up_per_agent'])) if 'bytes_up_per_agent' in m else '–'}</td>"
             f"<td>{e(human_bytes(m['bytes_down_per_agent'])) if 'bytes_down_per_agent' in m else '–'}</td>"
             f"<td>{_cell(m.get('seconds'), '.1f')}</td>"
+            f"<td>{_cell(m.get('dp_epsilon'), '.3f')}</td>"
             f'<td class="text">{e(_when(r.committed_at))}</td></tr>'
         )
     updates = [
@@ -315,6 +316,7 @@ def render_html(report: RunReport, images: dict[str, bytes]) -> str:
 <table>
 <tr><th>round</th><th>assigned</th><th>accepted</th><th>rejected</th><th>train loss</th>
 <th>eval loss</th><th>eval EM</th><th>up/agent</th><th>down/agent</th><th>seconds</th>
+<th>DP ε</th>
 <th class="text">committed</th></tr>
 {chr(10).join(rows)}
 </table>

@@ -38,11 +38,13 @@ from edge_agent.daemon.uploads import Uploads
 from edge_agent.daemon.worker import Job, Outgoing, Worker, error_reply, task_tag
 from edge_agent.daemon.workspace import AgentWorkspace, WorkspaceSettings
 from edge_agent.methods import MethodFactory
+from edge_agent.privacy.secagg_method import secure_methods
 from protocol import PROTOCOL_VERSIONS
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import Decoded, encode
 from protocol.messages import Ack, Bye, ErrorReply, Grant, Heartbeat, Profile, TaskAssign, Welcome
 from protocol.methods import parse_params
+from protocol.privacy import method_params
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class Daemon:
         )
         self.worker = Worker(
             agent_id=self.agent_id,
-            methods=self.methods,
+            methods=secure_methods(self.methods),
             workspace=workspace,
             outbox=outbox,
             outgoing=outgoing,
@@ -335,7 +337,7 @@ class Daemon:
             self.link.send(error_reply(h, ErrorCode.UNSUPPORTED_METHOD, reason))
             return
         try:
-            params = parse_params(h.method, h.params)
+            params = parse_params(h.method, method_params(h.params))
         except ProtocolError as exc:
             self.log.warning("%s: rejected: %s", tag, exc)
             self.link.send(error_reply(h, exc.code, str(exc)))

@@ -1,0 +1,106 @@
+"""The ``[privacy]`` section of a run: secure aggregation and client-level differential privacy.
+
+Both are off by default. :func:`privacy_problems` lists, for ``config check``, every reason a
+run's privacy settings cannot work with its method and topology, so a run never starts with a
+mode that would silently not apply.
+
+What secure aggregation covers, per method (see docs/security.md):
+
+========  ============================================================================
+fedit     yes: the LoRA factors, example-weighted FedAvg (rule ``fedavg``, no ``clip_norm``)
+slora     yes: stage 1's masked values (the seeded mask puts every agent's values in the same
+          layout) and stage 2's LoRA factors; the server's SVD switch works on the sum
+ferret    no: agents send coefficients for their own draws of seeds only (the server's sum
+          is over the dense (group, seed) grid), so masking needs the dense vector
+fedpipe   no: agents send LoRA factors of different ranks, aggregated in ΔW space as
+          products of each agent's own factors, which is not a sum of what they send
+fedbiot   no: refused (its server aligns an emulator; not wired)
+========  ============================================================================
+
+Robust rules (``trimmed_mean``, ``median``) and ``clip_norm`` need every individual update, which
+secure aggregation hides: refused. Agent-side clipping of differential privacy works instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.secagg.errors import SecAggError
+from protocol.secagg.fixedpoint import check_capacity
+from protocol.secagg.shapes import SecAggConfig
+
+if TYPE_CHECKING:
+    from aggregator.ops.config import AggregatorConfig
+
+SECAGG_METHODS = frozenset({"fedit", "slora"})
+DP_METHODS = frozenset({"fedit"})
+_WHY_NOT = {
+    "fedpipe": "FedPipe aggregates LoRA factors of mixed ranks in ΔW space (B·A products), "
+    "which is not a sum of what agents send",
+    "ferret": "each agent sends coefficients only for its own draw of n_g seeds per group, so "
+    "the agents' vectors do not line up; a masked sum needs every agent's dense K x groups "
+    "coefficient vector (zeros included, K/n_g times the upload, which DESIGN keeps off the wire)",
+    "fedbiot": "FedBiOT is not wired for secure aggregation",
+}
+
+
+class PrivacySection(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    secure_aggregation: bool = False
+    """SecAgg+: the aggregator learns only the sum of each round's updates."""
+    secagg: SecAggConfig = SecAggConfig()
+    max_weight: Annotated[int, Field(ge=1, le=10**9)] = 100_000
+    """Largest example count an agent may weight its update by under secure aggregation."""
+    max_agents: Annotated[int, Field(ge=2, le=10**6)] = 1000
+    """Most agents one secure round may sum (sizes the fixed-point overflow check)."""
+    dp: Literal["off", "central", "local"] = "off"
+    """Client-level DP-FedAvg: ``central`` (the aggregator adds the noise to the sum) or
+    ``local`` (each agent adds noise to its own clipped update)."""
+    dp_clip: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    """L2 bound on each agent's update (ΔW of the LoRA factors) before noise."""
+    noise_multiplier: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    """σ / clip. None with ``target_epsilon``: calibrated so the run's rounds reach it."""
+    target_epsilon: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    """Stop the run before a round would take ε past this."""
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+
+
+def privacy_problems(config: AggregatorConfig) -> list[str]:
+    """Every reason this run's ``[privacy]`` settings cannot apply, for ``config check``."""
+    p = config.privacy
+    method = config.run.method
+    problems: list[str] = []
+    if p.secure_aggregation:
+        if method not in SECAGG_METHODS:
+            why = _WHY_NOT.get(method, "not supported")
+            problems.append(f"privacy: secure aggregation cannot run {method}: {why}")
+        aggregation = config.method.get("aggregation", {})
+        rule = aggregation.get("rule", "fedavg") if isinstance(aggregation, dict) else "fedavg"
+        if rule != "fedavg":
+            problems.append(
+                f"privacy: the {rule} rule needs every individual update, which secure "
+                "aggregation hides; use rule = fedavg"
+            )
+        if isinstance(aggregation, dict) and aggregation.get("clip_norm") is not None:
+            problems.append(
+                "privacy: aggregation.clip_norm clips individual updates at the aggregator, "
+                "which secure aggregation hides; use [privacy] dp_clip (clipped by each agent)"
+            )
+        if config.upstream is not None or config.security.regions:
+            problems.append("privacy: secure aggregation does not run through regional tiers")
+        s = p.secagg
+        try:
+            check_capacity(p.max_agents, s.clip_range * p.max_weight, s.fraction_bits)
+        except SecAggError as exc:
+            problems.append(f"privacy: {exc}")
+    if p.dp != "off":
+        if method not in DP_METHODS:
+            problems.append(f"privacy: differential privacy is wired for fedit only, not {method}")
+        if p.noise_multiplier is None and p.target_epsilon is None:
+            problems.append("privacy: dp needs noise_multiplier or target_epsilon")
+    elif p.target_epsilon is not None or p.noise_multiplier is not None:
+        problems.append("privacy: target_epsilon / noise_multiplier need dp = central or local")
+    return problems
