@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def test_keygen_writes_secret_0600(tmp_path: Path) -> None:
     secret = tmp_path / "agg.key_secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert (tmp_path / "agg.key").read_text().count("public-key") == 1
+
+
+def test_keygen_creates_a_missing_directory_0700(tmp_path: Path) -> None:
+    keys = tmp_path / "etc" / "keys"  # neither exists yet
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, ["keygen", "--dir", str(keys), "--name", "agg"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert stat.S_IMODE((keys / "agg.key_secret").stat().st_mode) == 0o600
 
 
 def test_status_and_export_on_a_finished_round(tmp_path: Path) -> None:
