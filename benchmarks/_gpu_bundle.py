@@ -48,7 +48,7 @@ LIMIT = 64 * 2**20
 
 def prepare(bundle: Path, *, python_version: str = "3.12") -> int:
     """Download the wheels and copy the tokenizer into ``bundle``; print the sizes."""
-    from edge_agent.model_store import DEFAULT_MODEL, resolve_model
+    from edge_agent.model.store import DEFAULT_MODEL, resolve_model
 
     wheels = bundle / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)

@@ -76,8 +76,8 @@ def _sync(device: str) -> None:
 
 
 def _examples() -> list[Any]:
-    from aggregator.demo_data import make_demo_split
-    from edge_agent.data import Example
+    from aggregator.local.demo_data import make_demo_split
+    from edge_agent.training.data import Example
 
     records = make_demo_split(1, per_agent=64, seed=0).agents[0]
     return [Example(r["instruction"] + "\n\n" + r["input"], r["output"]) for r in records]
@@ -89,11 +89,11 @@ def _examples() -> list[Any]:
 def load_and_step(ctx: Ctx, part: Part) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from edge_agent.data import tokenize
-    from edge_agent.lora import LoraSpec, attach_lora
-    from edge_agent.model_loader import base_param_bytes, load_base
-    from edge_agent.model_store import resolve_model
-    from edge_agent.train import TrainConfig, train_lora
+    from edge_agent.model.loader import base_param_bytes, load_base
+    from edge_agent.model.store import resolve_model
+    from edge_agent.training.data import tokenize
+    from edge_agent.training.lora import LoraSpec, attach_lora
+    from edge_agent.training.train import TrainConfig, train_lora
 
     part.model = ctx.model_label
     if not ctx.device.startswith("cuda"):
@@ -173,8 +173,8 @@ class _PlainLoop:
     def run(self, n: int, same_loss: bool) -> float:
         import torch
 
-        from edge_agent._forward import forward_ce
-        from edge_agent.data import collate
+        from edge_agent.training._forward import forward_ce
+        from edge_agent.training.data import collate
 
         self.model.train()
         total_s = 0.0
@@ -285,7 +285,7 @@ def ferret_cpu_vs_gpu(ctx: Ctx, part: Part) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from protocol.methods import _ferret_math as fm
+    from protocol.methods.ferret import math as fm
 
     part.model = f"tiny random Llama ({ctx.tiny_dir.name})"
     model = AutoModelForCausalLM.from_pretrained(ctx.tiny_dir, dtype=torch.float32)

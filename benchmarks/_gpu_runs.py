@@ -16,9 +16,9 @@ def fedpipe_plan(ctx: Ctx, part: Part) -> None:
     import psutil
     import torch
 
-    from aggregator.methods import _fedpipe_plan as fp
-    from aggregator.methods import _fedpipe_solve as fs
-    from edge_agent.profile import collect_profile, matmul_gflops
+    from aggregator.methods.fedpipe import plan as fp
+    from aggregator.methods.fedpipe import solve as fs
+    from edge_agent.daemon.profile import collect_profile, matmul_gflops
 
     part.model = f"{ctx.model_label} (shape only: the plan reads config and weight shapes)"
     shape, linears = fp.model_shape(ctx.model_dir)

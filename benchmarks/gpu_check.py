@@ -153,7 +153,7 @@ def _tokenizer_dir(bundle: Path | None) -> Path:
     """The embedded model's tokenizer and config: from the bundle, else the model cache."""
     if bundle is not None and (bundle / "model" / "tokenizer.json").exists():
         return bundle / "model"
-    from edge_agent.model_store import DEFAULT_MODEL, resolve_model
+    from edge_agent.model.store import DEFAULT_MODEL, resolve_model
 
     try:
         return Path(resolve_model(DEFAULT_MODEL).path)
@@ -189,7 +189,7 @@ def _pick_model(choice: str, tokenizer_dir: Path, tiny: Path, work: Path) -> tup
         return tiny, "tiny random Llama (2 layers, hidden 64, SmolLM2 tokenizer)"
     if choice in ("auto", "embedded"):
         try:
-            from edge_agent.model_store import DEFAULT_MODEL, resolve_model
+            from edge_agent.model.store import DEFAULT_MODEL, resolve_model
 
             return Path(resolve_model(DEFAULT_MODEL).path), "SmolLM2-135M-Instruct (embedded)"
         except Exception as exc:

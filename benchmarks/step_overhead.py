@@ -4,11 +4,11 @@ Run: ``python benchmarks/step_overhead.py [--quick] [--quant nf4]``. Both loops 
 LoRA (r=8 on q,k,v,o) on the embedded default model with the same batches (4 examples of the
 demo data, padded to the batch's longest), alternating, in one process:
 
-- *agent*: ``edge_agent.methods.fedit.FeditClient.run`` — what a TaskAssign of round ≥ 2 costs
+- *agent*: ``edge_agent.methods.fedit.client.FeditClient.run`` — what a TaskAssign of round ≥ 2 costs
   end to end: the global adapter decoded from its wire payload (the ``global`` blob, the
   previous round's update re-encoded for this round), training, the update encoded;
 - *plain*: a hand-written ``AdamW`` loop on a stock peft model with the agent's loss
-  (``edge_agent._forward.forward_ce``: the LM head only at positions that predict a response
+  (``edge_agent.training._forward.forward_ce``: the LM head only at positions that predict a response
   token, ``logits_to_keep``), so both loops compute the same thing;
 - *stock*: the same loop over ``model(labels=...).loss`` (logits at every position), printed
   for reference.
@@ -48,12 +48,12 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from aggregator.demo_data import make_demo_split
-    from edge_agent._forward import forward_ce
-    from edge_agent.data import Example, collate, tokenize
+    from aggregator.local.demo_data import make_demo_split
     from edge_agent.methods import TaskInput
-    from edge_agent.methods.fedit import FeditClient
-    from edge_agent.model_store import load_base, resolve_model
+    from edge_agent.methods.fedit.client import FeditClient
+    from edge_agent.model.store import load_base, resolve_model
+    from edge_agent.training._forward import forward_ce
+    from edge_agent.training.data import Example, collate, tokenize
     from protocol import payloads
     from protocol.messages import BaseModelRef, TaskAssign
     from protocol.methods import parse_params

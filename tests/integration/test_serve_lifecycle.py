@@ -22,9 +22,9 @@ import zmq
 import zmq.auth
 from engine_harness import PROFILE, SHA, lora_state
 
-from aggregator.config import build_config
-from aggregator.ledger import Ledger
-from aggregator.service import AggregatorService
+from aggregator.engine.service import AggregatorService
+from aggregator.ops.config import build_config
+from aggregator.store.ledger import Ledger
 from protocol import payloads
 from protocol.frames import decode, encode
 from protocol.messages import Ack, BaseModelRef, Hello, TaskAssign, TaskResult, Welcome
