@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefed-installed
 
-.PHONY: venv demo test lint typecheck pytest clean bench fuzz
+.PHONY: venv demo test lint typecheck pytest clean bench bench-heavy fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: venv
 	$(PY) benchmarks/aggregator_throughput.py
 	$(PY) benchmarks/agent_memory.py
 	$(PY) benchmarks/step_overhead.py
+
+# Most of an hour, best on a quiet machine; against_flower needs .venv-flower (docs/benchmarks.md).
+bench-heavy: venv
+	$(PY) benchmarks/load_harness.py --agents 10,100,500 --rounds 2 --windows 8,0
+	$(PY) benchmarks/load_harness.py --agents 100,500 --rounds 2 --regions 0,5
+	$(PY) benchmarks/against_flower.py --clients 2,8 --rounds 3
+	$(PY) benchmarks/convergence.py --methods fedit,slora,ferret,fedbiot,fedpipe --rounds 3 --steps 8
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

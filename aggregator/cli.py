@@ -384,7 +384,7 @@ def keygen(directory: Path, name: str) -> None:
     """Write a CURVE key pair (secret file mode 0600)."""
     import zmq.auth
 
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # docs/operations.md §2
     public, secret = zmq.auth.create_certificates(str(directory), name)
     os.chmod(secret, 0o600)
     click.echo(f"public: {public}\nsecret: {secret}")

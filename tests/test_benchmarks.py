@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +37,55 @@ def test_benchmark_quick_mode(script: str, expect: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert expect in proc.stdout
+
+
+GPU_CHECK = str(ROOT / "benchmarks" / "gpu_check.py")
+FAST_PARTS = "load,profile,randomness,ferret,fedpipe"  # local is what test_local_e2e runs
+
+
+def test_gpu_check_runs_on_cpu_and_names_what_it_skipped() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: test_gpu_check_on_cuda covers this machine")
+    cmd = [sys.executable, GPU_CHECK, "--quick", "--parts", FAST_PARTS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "device cpu (no CUDA device)" in out
+    assert "cpu: 16 reference vectors of randomness-v1.json regenerated, 0 differ" in out
+    assert "skipped: the CUDA half: no CUDA device" in out
+    assert "skipped: the GPU agent: no CUDA device (the CPU agent ran alone)" in out
+    assert "skipped: torch.cuda.max_memory_allocated: no CUDA device" in out
+    assert "\n  fp32 " in out and "\n  nf4 " in out  # a row per precision that ran
+    assert "summary: load ran, profile ran, randomness ran, ferret ran, fedpipe ran" in out
+    assert "CUDA parts skipped: no CUDA device here; the GPU half is unmeasured" in out
+
+
+def test_gpu_check_skips_what_the_gpu_machine_lacks() -> None:
+    # The GPU machine has no pyzmq, pydantic, click, psutil or bitsandbytes: None in
+    # sys.modules makes each import fail there as it would.
+    missing = ["zmq", "pydantic", "pydantic_core", "click", "psutil", "bitsandbytes", "scipy"]
+    code = (
+        f"import runpy, sys\nfor m in {missing!r}: sys.modules[m] = None\n"
+        f"sys.argv = [{GPU_CHECK!r}, '--quick', '--parts', 'load,randomness,ferret,local']\n"
+        f"runpy.run_path({GPU_CHECK!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=400, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "importable: zmq NO, pydantic NO, click NO, psutil NO, bitsandbytes NO" in out
+    assert "skipped: nf4: bitsandbytes not importable" in out
+    assert "== ferret: skipped" in out and "skipped: pydantic not importable" in out
+    assert "skipped: zmq, pydantic, click, psutil not importable (see --bundle)" in out
+    assert "cpu: 16 reference vectors of randomness-v1.json regenerated, 0 differ" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_check_on_cuda() -> None:
+    cmd = [sys.executable, GPU_CHECK, "--quick"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "device cuda:0" in proc.stdout
+    assert "cuda: 16 reference vectors of randomness-v1.json regenerated, 0 differ" in proc.stdout
+    assert "CPU agent vs GPU agent:" in proc.stdout

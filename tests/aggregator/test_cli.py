@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def test_keygen_writes_secret_0600(tmp_path: Path) -> None:
     assert (tmp_path / "agg.key").read_text().count("public-key") == 1
 
 
+def test_keygen_creates_a_missing_directory_0700(tmp_path: Path) -> None:
+    keys = tmp_path / "etc" / "keys"  # neither exists yet
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, ["keygen", "--dir", str(keys), "--name", "agg"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert stat.S_IMODE((keys / "agg.key_secret").stat().st_mode) == 0o600
+
+
 def test_status_and_export_on_a_finished_round(tmp_path: Path) -> None:
     # one committed round, made by the in-process engine harness
     from engine_harness import Harness, lora_state, start_round
@@ -109,3 +122,52 @@ def test_status_on_an_empty_dir_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "no ledger here" in result.output
+
+
+def test_export_merge_into_writes_base_plus_scaled_fedavg_delta(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`export --merge-into` from the command line, fedit: the merged q_proj is the base's plus
+    (alpha / r) · B·A of the example-weighted mean adapter, every other weight untouched."""
+    from engine_harness import Harness, start_round
+
+    q = "model.layers.0.self_attn.q_proj"
+    prefix = f"base_model.model.{q}"
+
+    def state(v: float) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(int(v * 10))
+        return {
+            f"{prefix}.lora_A.weight": torch.randn(4, 64, generator=g) * v,
+            f"{prefix}.lora_B.weight": torch.randn(64, 4, generator=g) * v,
+        }
+
+    h = Harness(tmp_path / "state")
+    tasks = start_round(h, ["a1", "a2"])
+    h.result(tasks["a1"], "a1", 10, state(1.0))
+    h.result(tasks["a2"], "a2", 30, state(2.0))
+    h.tick()
+    h.close()
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["export", "--state-dir", str(tmp_path / "state"),
+                                       "--out", str(out), "--merge-into", str(tiny_model_dir)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"merged: {out / 'merged'}" in result.output
+
+    a1, a2 = state(1.0), state(2.0)
+    mean = {k: (10 * a1[k] + 30 * a2[k]) / 40 for k in a1}
+    delta = 8.0 / 4 * mean[f"{prefix}.lora_B.weight"] @ mean[f"{prefix}.lora_A.weight"]
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    merged = {}
+    for f in sorted((out / "merged").glob("*.safetensors")):
+        merged.update(load_file(str(f)))
+    assert merged.keys() == base.keys()
+    torch.testing.assert_close(merged[f"{q}.weight"], base[f"{q}.weight"] + delta)
+    assert not torch.equal(merged[f"{q}.weight"], base[f"{q}.weight"])
+    for name in base:
+        if name != f"{q}.weight":
+            assert torch.equal(merged[name], base[name]), name
+    # and it loads as a model with no adapter attached
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    torch.testing.assert_close(model.state_dict()[f"{q}.weight"], base[f"{q}.weight"] + delta)

@@ -224,6 +224,18 @@ def test_keygen_writes_a_private_secret_and_refuses_to_overwrite(
     assert zmq.auth.load_certificate(secret)[1] == secret_key
 
 
+def test_keygen_creates_a_missing_directory_0700(runner: CliRunner, tmp_path: Path) -> None:
+    keys = tmp_path / "etc" / "keys"  # neither exists yet
+    old = os.umask(0o022)  # a common umask: it must not widen what keygen asks for
+    try:
+        result = runner.invoke(main, ["keygen", "--dir", str(keys), "--name", "edge-9"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert stat.S_IMODE((keys / "edge-9.key_secret").stat().st_mode) == 0o600
+
+
 def test_module_entry_point_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text("[agent]\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

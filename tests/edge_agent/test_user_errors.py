@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import zmq
@@ -22,7 +22,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, object]) -> str:
+def run_agent(
+    tmp: Path, model_dir: Path, endpoint: str, security: dict[str, object], expect: str
+) -> str:
+    """Run the agent until it has printed ``expect`` (120 s at most), then SIGTERM it."""
     data = tmp / "data.jsonl"
     data.write_text('{"instruction": "Say hi", "output": "hi"}\n' * 4, encoding="utf-8")
     cfg = tmp / "agent.toml"
@@ -37,9 +40,26 @@ def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, obj
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )  # fmt: skip
-    time.sleep(6)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if expect in "".join(lines):
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen.wait(120)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=60)
+    reader.join(30)
+    proc.stdout.close()
+    out = "".join(lines)
+    assert seen.is_set(), out
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     return out
@@ -47,7 +67,7 @@ def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, obj
 
 def test_unreachable_aggregator_says_what_to_check(tmp_path: Path, tiny_model_dir: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
-    out = run_agent(tmp_path, tiny_model_dir, endpoint, {"insecure": True})
+    out = run_agent(tmp_path, tiny_model_dir, endpoint, {"insecure": True}, "that it runs")
     assert f"no answer from the aggregator at {endpoint}" in out
     assert "that it runs" in out
 
@@ -67,7 +87,8 @@ def test_wrong_server_key_says_what_to_check(tmp_path: Path, tiny_model_dir: Pat
     port = server.bind_to_random_port("tcp://127.0.0.1")
     try:
         out = run_agent(tmp_path, tiny_model_dir, f"tcp://127.0.0.1:{port}", {
-            "secret_key": str(keys / "edge-1.key_secret"), "server_public_key": other_pub})  # fmt: skip
+            "secret_key": str(keys / "edge-1.key_secret"), "server_public_key": other_pub},
+            "allow-list")  # fmt: skip
     finally:
         server.close(linger=0)
         ctx.term()

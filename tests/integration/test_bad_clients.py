@@ -144,17 +144,28 @@ def test_revoked_key_is_cut_off_at_its_next_message(agg: Aggregator) -> None:
     sock.send_multipart(hello("revoked"))
     assert isinstance(receive(sock, 5.0), Welcome)
     (agg.allow / "revoked.key").unlink()
-    time.sleep(2.5)  # the allow-list is re-read every 2 s
-    agg.service.engine.registry.agents.clear()
-    sock.send_multipart([bytes(f) for f in encode(Heartbeat())])
-    deadline = time.monotonic() + 5
+    beat = [bytes(f) for f in encode(Heartbeat())]
+    # it keeps talking (answered) until the allow-list is re-read (every 2 s), then is refused
+    deadline = time.monotonic() + 30
     refused = None
     while time.monotonic() < deadline and refused is None:
+        sock.send_multipart(beat)
         msg = receive(sock, 0.5)
         if isinstance(msg, ErrorReply):
             refused = msg
     assert refused is not None and refused.code == ErrorCode.IDENTITY_MISMATCH
-    assert agg.service.engine.registry.agents == {}
+    # from then on nothing of it reaches the engine: the registry never sees it again
+    registry = agg.service.engine.registry
+    state = registry.agents.get("revoked")
+    seen = None if state is None else state.last_seen
+    for _ in range(3):
+        sock.send_multipart(beat)
+        msg = receive(sock, 10.0)
+        while isinstance(msg, Heartbeat):  # the service's own heartbeats to a registered agent
+            msg = receive(sock, 10.0)
+        assert isinstance(msg, ErrorReply) and msg.code == ErrorCode.IDENTITY_MISMATCH
+    after = registry.agents.get("revoked")
+    assert after is None or after.last_seen == seen
 
 
 def test_oversized_message_is_dropped_at_the_socket(tmp_path: Path) -> None:

@@ -182,6 +182,13 @@ def test_three_agents_curve_kill_one_mid_round(fed3: Federation) -> None:
     victim = fed.procs["edge-2"]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    # the premise: edge-2 died with round 1 open and nothing of it accepted (else the test
+    # would not exercise the reassignment after its return)
+    with ledger_of(fed) as ledger:
+        delivered = [u.agent_id for u in ledger.updates("it", 1)]
+    assert "edge-2" not in delivered, "edge-2 delivered before it was killed; kill it sooner"
+    phase = service.engine.phase
+    assert phase is not None and phase.round == 1
     fed.start_agent("edge-2", service.endpoint)
 
     thread.join(timeout=240)

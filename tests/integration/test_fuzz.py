@@ -178,9 +178,9 @@ def test_engine_still_works_and_memory_stayed_bounded(world: tuple[Harness, Task
     assert peak < 64 << 20  # lying length fields allocate nothing of what they claim
     # after all that, a genuine result from a1 and a2 still closes the round
     out = h.result(task, "a1", 8, lora_state(1.0))
-    assert out[0].header.type in ("ack", "error")  # an earlier fuzz case may already have landed
-    a2 = assigns(h.tick()) or {}
-    del a2
+    # a genuine update is acknowledged, never refused (if a harmless mutation of the same
+    # result landed during the fuzzing, this is a retry of a durable task: acked again)
+    assert [o.header.type for o in out] == ["ack"], [o.header for o in out]
     phase = h.engine.phase
     assert phase is not None and phase.round == task.round
     h2_task = phase.assigned["a2"]

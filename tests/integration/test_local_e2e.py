@@ -18,7 +18,7 @@ def test_local_runs_the_default_model_and_exports_a_loadable_adapter(tmp_path: P
     cmd = [
         sys.executable, "-m", "aggregator", "local",
         "--agents", "2", "--rounds", "2", "--steps", "2", "--per-agent", "12",
-        "--eval-examples", "8", "--batch-size", "2", "--workdir", str(work),
+        "--eval-examples", "8", "--batch-size", "2", "--workdir", str(work), "-v",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd,
@@ -41,7 +41,15 @@ def test_local_runs_the_default_model_and_exports_a_loadable_adapter(tmp_path: P
         # the whole adapter goes up; round 1 comes down as a bare task (seeded initial adapter)
         assert rows[r]["bytes_up_per_agent"] > 1_000_000
     assert rows[1]["bytes_down_per_agent"] < 5_000 < rows[2]["bytes_down_per_agent"]
-    # CURVE was on (keys were made) and nothing was rejected
+    # CURVE was on: the ZAP authenticator admitted the two agents' keys and refused an unknown
+    # one in the start-up self-test, and no message of the run was refused
+    log = proc.stderr
+    assert "CURVE on: 2 agents allowed from" in log
+    assert "self-test passed: an unknown CURVE key was refused" in log
+    assert "insecure" not in log.lower()
+    assert [
+        line for line in log.splitlines() if "refused" in line and "self-test" not in line
+    ] == []
     assert (work / "keys" / "allow" / "agent-1.key").exists()
 
     from peft import PeftModel

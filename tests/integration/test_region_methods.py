@@ -1,10 +1,11 @@
-"""FedPipe and FedBiOT through a real regional tier: every part its own process.
+"""FedPipe, FedBiOT and SLoRA through a real regional tier: every part its own process.
 
 An upstream aggregator (``serve``) has one agent of its own and one region (``region``) with two
 agents; the agents are real daemons training a tiny Llama. The run must finish on both tiers,
 the upstream must have taken the region's update with its agents' total, and what the region
 served must be what the method needs: FedPipe's selection and per-agent ranks planned by the
-region; FedBiOT's emulator sent to the region once and by the region to each of its agents.
+region; FedBiOT's emulator sent to the region once and by the region to each of its agents;
+SLoRA's switch from masked values (round 1) to LoRA (round 2) on both tiers.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ import pytest
 from aggregator.local.demo_data import make_demo_split, write_demo
 from aggregator.store.ledger import Ledger
 from aggregator.store.modelhash import weights_sha256
+from protocol import payloads
 from tests.aggregator.methods.test_fedbiot_server import PARAMS as FEDBIOT_PARAMS
 from tests.aggregator.methods.test_fedbiot_server import make_tiny
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = {"heartbeat_interval": 0.3, "liveness": 10}
+# Heartbeats every 0.3 s; an agent is dropped after 40 missed (12 s): generous enough that a
+# training step on a loaded 2-core box (heartbeats starved for seconds) does not drop it.
+FAST = {"heartbeat_interval": 0.3, "liveness": 40}
 FEDPIPE_PARAMS: dict[str, Any] = {
     "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
     "train": {"steps": 2, "batch_size": 2, "max_len": 48},
@@ -36,6 +40,12 @@ FEDPIPE_PARAMS: dict[str, Any] = {
     "select": {"count": 4},
     "plan": {"ranks": [2, 4], "batch_sizes": [2], "quants": ["fp32"], "capacity": 0.0},
 }
+SLORA_PARAMS: dict[str, Any] = {
+    "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
+    "train": {"steps": 2, "batch_size": 2, "max_len": 48},
+    "sparse": {"stage1_rounds": 1, "density": 0.05},
+}
+PARAMS = {"fedpipe": FEDPIPE_PARAMS, "fedbiot": FEDBIOT_PARAMS, "slora": SLORA_PARAMS}
 AGENTS = {"up": ["edge-0"], "east": ["edge-1", "edge-2"]}
 
 
@@ -55,7 +65,7 @@ def toml(path: Path, values: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["fedpipe", "fedbiot"])
+@pytest.mark.parametrize("method", ["fedpipe", "fedbiot", "slora"])
 def test_a_region_runs_the_method_end_to_end(
     method: str, tiny: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -63,7 +73,7 @@ def test_a_region_runs_the_method_end_to_end(
     from load_harness import free_port
 
     model, sha = tiny["model"], weights_sha256(tiny["model"])
-    params = FEDPIPE_PARAMS if method == "fedpipe" else FEDBIOT_PARAMS
+    params = PARAMS[method]
     ports = {"up": free_port(), "east": free_port()}
     run = {"method": method, "model": str(model), "model_sha256": sha, "eval": False,
            "round_deadline_s": 120.0, "quant": "fp32"}  # fmt: skip
@@ -120,11 +130,20 @@ def test_a_region_runs_the_method_end_to_end(
 
     ledger = Ledger(tmp_path / "up" / "ledger.sqlite")
     examples = {}
+    kinds: dict[tuple[int, str], str] = {}
     for rnd in (1, 2):
         rows = {u.agent_id: u.num_examples for u in ledger.updates("up", rnd)}
-        assert sorted(rows) == ["east", "edge-0"], rows
+        assert sorted(rows) == ["east", "edge-0"], (rnd, rows, text["up"][-3000:])
         examples[rnd] = rows
+        for u in ledger.updates("up", rnd):
+            assert u.blob_path is not None  # keep_updates
+            payload = payloads.decode(memoryview(Path(u.blob_path).read_bytes()))
+            kinds[(rnd, u.agent_id)] = payload.kind.value
     ledger.close()
+    if method == "slora":  # stage 1 in round 1, the switch, stage 2 in round 2, on both tiers
+        assert kinds == {(1, "east"): "masked", (1, "edge-0"): "masked",
+                         (2, "east"): "lora", (2, "edge-0"): "lora"}, kinds  # fmt: skip
+        assert "SVD switch computed" in text["up"]
     region = Ledger(tmp_path / "east" / "ledger.sqlite")
     for rnd in (1, 2):
         rows = {u.agent_id: u.num_examples for u in region.updates("region-east", rnd)}
@@ -135,7 +154,7 @@ def test_a_region_runs_the_method_end_to_end(
         assert "fedpipe: selected 4 of" in text["up"]  # the selection came from relayed scores
         assert "east gets" not in text["up"]  # the upstream plans no ranks for a region
         assert "edge-1 gets" in text["east"] and "edge-2 gets" in text["east"]
-    else:
+    elif method == "fedbiot":
         assert "fedbiot: region holds emulator" in text["east"]
         accepted = re.findall(
             r"round (\d+): accepted update from (\S+) \(\d+ examples, \d+ bytes up, (\d+) bytes down",

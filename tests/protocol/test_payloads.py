@@ -7,6 +7,7 @@ import struct
 from collections.abc import Callable
 
 import pytest
+import safetensors_format as st_format
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -160,9 +161,15 @@ def test_masked_round_trip_and_exact_size() -> None:
     # randomness v1 selects 210 of 2048 and 188 of 2048 elements (density 0.1)
     assert counts == {"layers.0.mlp.up_proj.weight": 210, "layers.0.mlp.down_proj.weight": 188}
     assert p.raw_nbytes == 4 * 398 == 1592
-    # no indices travel: 8 + 432 bytes of header (deterministic JSON) are all that is added
-    assert header_nbytes(data) == 440
-    assert len(data) == 4 * 398 + 440 == 2032
+    # no indices travel: the safetensors header of two F32 value vectors is all that is added
+    meta = {"edgefed.density": "0.1", "edgefed.kind": "masked", "edgefed.method": "slora",
+            "edgefed.randomness": "1", "edgefed.round": "3", "edgefed.seed": "1234",
+            "edgefed.shapes": json.dumps({n: list(s) for n, s in shapes.items()},
+                                         separators=(",", ":"))}  # fmt: skip
+    header = st_format.header_json(meta, {n: ("F32", [c], 4 * c) for n, c in counts.items()})
+    assert st_format.parse(data)[0] == header
+    assert header_nbytes(data) == st_format.header_frame_nbytes(header)
+    assert len(data) == 4 * 398 + st_format.header_frame_nbytes(header)
 
 
 def test_sparse_round_trip_int64_and_int32_indices() -> None:

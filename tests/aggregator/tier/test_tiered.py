@@ -100,6 +100,38 @@ def test_slora_stage1_two_tier_equals_flat(tiny_model_dir: Path) -> None:
     assert_same(*flat_and_tiered(make, blob, rounds=2))
 
 
+def test_slora_through_the_switch_two_tier_equals_flat(tiny_model_dir: Path) -> None:
+    """Two stage-1 rounds, the SVD switch, two stage-2 rounds: the regions relay masked values,
+    then LoRA updates of the switched adapter's shapes, and the global stays the flat one."""
+    params = {"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
+              "sparse": {"stage1_rounds": 2, "density": 0.05}}  # fmt: skip
+    stages: dict[int, int] = {}
+    switched: dict[str, torch.Tensor] = {}
+
+    def blob(s: Any, rnd: int, agent: str) -> bytes:
+        stages[rnd] = s.stage
+        if s.stage == 1:
+            values = {
+                n: torch.linspace(-1, 1, c) * agent_value(agent, rnd)
+                for n, c in s.mask_counts().items()
+            }
+            return payloads.encode_masked(values, s.shapes, seed=s.mask_seed, density=s.density,
+                                          method="slora", round=rnd)  # fmt: skip
+        if not switched:
+            switched.update({n: t.clone() for n, t in s.lora.items()})
+        # an agent's stage-2 update: the global adapter moved by an agent- and round-own step
+        state = {n: t + 0.01 * agent_value(agent, rnd) for n, t in s.lora.items()}
+        return payloads.encode_lora(state, method="slora", round=rnd)
+
+    make = lambda: SloraServer(params, MethodContext(model_dir=tiny_model_dir, seed=0))  # noqa: E731
+    flat, tiered = flat_and_tiered(make, blob, rounds=4)
+    assert stages == {1: 1, 2: 1, 3: 2, 4: 2}
+    assert switched and flat.keys() == switched.keys()
+    assert all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in flat)
+    assert any(not torch.equal(flat[n], switched[n]) for n in flat)  # stage 2 moved the adapter
+    assert_same(flat, tiered)
+
+
 def test_ferret_two_tier_equals_flat(tiny_model_dir: Path) -> None:
     params = {"ferret": {"k": 6}}
 

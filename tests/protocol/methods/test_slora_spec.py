@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors_format as st_format
 import torch
 
 from protocol import payloads, randomness
@@ -86,12 +87,20 @@ def test_stage1_payload_is_values_only_plus_a_fixed_header() -> None:
         for n, s in shapes.items()
     }
     assert sum(counts.values()) == 141
-    sizes = set()
+    # the header the safetensors format asks for: the masks' metadata, one F32 vector of
+    # values per matrix, no index anywhere
+    meta = {"edgefed.density": "0.01", "edgefed.kind": "masked", "edgefed.method": "slora",
+            "edgefed.randomness": "1", "edgefed.round": "1", "edgefed.seed": "0",
+            "edgefed.shapes": json.dumps({n: list(s) for n, s in shapes.items()},
+                                         separators=(",", ":"))}  # fmt: skip
+    header = st_format.header_json(meta, {n: ("F32", [c], 4 * c) for n, c in counts.items()})
+    header_bytes = st_format.header_frame_nbytes(header)
     for fill in (0.0, 1.5):
         values = {n: torch.full((c,), fill) for n, c in counts.items()}
         blob = payloads.encode_masked(values, shapes, seed=0, density=0.01, method="slora", round=1)
         decoded = payloads.decode(blob, payloads.Expect(shapes=shapes, seed=0, density=0.01))
         assert decoded.raw_nbytes == 4 * 141 == 564
-        assert decoded.header_nbytes == 768  # 8-byte length + JSON (names, offsets, meta)
-        sizes.add(len(blob))
-    assert sizes == {1332}  # 564 value bytes + 768 header bytes
+        parsed, parsed_bytes = st_format.parse(blob)
+        assert parsed == header
+        assert decoded.header_nbytes == parsed_bytes == header_bytes
+        assert len(blob) == header_bytes + 564  # values and header, nothing else
