@@ -154,7 +154,8 @@ class Link:
 
 
 class Backoff:
-    """Reconnect delays: ``low`` doubling up to ``high``, each with ±25% jitter."""
+    """Reconnect delays: ``low`` doubling up to ``high``, each with ±25% jitter; no delay
+    exceeds ``high`` (the cap holds with the jitter)."""
 
     def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
         self.low, self.high = low, high
@@ -162,7 +163,7 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        delay = self._current * self._rng.uniform(0.75, 1.25)
+        delay = min(self._current * self._rng.uniform(0.75, 1.25), self.high)
         self._current = min(self._current * 2, self.high)
         return delay
 

@@ -564,6 +564,8 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
     delays = [backoff.next_delay() for _ in range(8)]
     nominal = [1, 2, 4, 8, 16, 32, 32, 32]
     assert all(0.75 * n <= d <= 1.25 * n for d, n in zip(delays, nominal, strict=True))
+    assert max(delays) <= 32.0  # the cap holds with the jitter (a wait of 39.8 s was seen)
+    assert max(Backoff(32.0, 32.0, random.Random(s)).next_delay() for s in range(50)) <= 32.0
     assert len({round(d / n, 6) for d, n in zip(delays, nominal, strict=True)}) > 1  # jittered
     backoff.reset()
     assert 0.75 <= backoff.next_delay() <= 1.25
@@ -603,4 +605,25 @@ def test_a_large_result_waits_for_its_grant_and_is_resent_after_a_reconnect(
     assert [h for _, h in agg.of_type(TaskResult, since=since)] == []
     agg.send(Ack(task_id="big-1"))
     agg.expect(Heartbeat, where=lambda h: h.ready == [] and not h.probe)  # probes carry no list
+    assert harness.outbox_files() == []
+
+
+def test_a_task_reopened_after_stale_task_is_retrained_and_its_new_result_sent(
+    harness: Harness,
+) -> None:
+    """A restarted aggregator refuses a result STALE_TASK, then reopens the same task id: the
+    retrained result must go out (it used to sit in the outbox until the agent restarted)."""
+    agg = harness.agg
+    harness.connect()
+    agg.send(assign("t-1"))
+    first, _ = agg.expect(TaskResult, "t-1")
+    agg.send(
+        ErrorReply(code=ErrorCode.STALE_TASK, reason="task t-1 is not open", task_id="t-1")
+    )
+    agg.expect(Heartbeat, where=lambda _h: harness.outbox_files() == [])
+    agg.send(assign("t-1"))  # the round reopens with the same (deterministic) task id
+    second, _ = agg.expect(TaskResult, "t-1", where=lambda h: h.msg_id != first.msg_id)
+    assert RUNS == ["t-1", "t-1"]
+    agg.send(Ack(task_id="t-1"))
+    harness.wait_outbox_empty()
     assert harness.outbox_files() == []
