@@ -617,9 +617,7 @@ def test_a_task_reopened_after_stale_task_is_retrained_and_its_new_result_sent(
     harness.connect()
     agg.send(assign("t-1"))
     first, _ = agg.expect(TaskResult, "t-1")
-    agg.send(
-        ErrorReply(code=ErrorCode.STALE_TASK, reason="task t-1 is not open", task_id="t-1")
-    )
+    agg.send(ErrorReply(code=ErrorCode.STALE_TASK, reason="task t-1 is not open", task_id="t-1"))
     agg.expect(Heartbeat, where=lambda _h: harness.outbox_files() == [])
     agg.send(assign("t-1"))  # the round reopens with the same (deterministic) task id
     second, _ = agg.expect(TaskResult, "t-1", where=lambda h: h.msg_id != first.msg_id)
