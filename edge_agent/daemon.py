@@ -143,6 +143,7 @@ class Daemon:
         self._hello_id = ""
         self._run_over = ""  # the run the aggregator said is over (we wait for the next)
         self._waiting_for = ""  # why the aggregator would not take us (logged once)
+        self._unanswered = 0  # Hellos in a row that got no answer
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Daemon:
@@ -245,7 +246,7 @@ class Daemon:
             now = self.clock()
             if beats.lost(now):
                 if not self._welcomed:
-                    self.log.error("%s", no_answer_hint(self.link.settings))
+                    self._no_answer()
                 else:
                     self.log.warning(
                         "aggregator silent for %.2f s (%d × %.2f s); reconnecting",
@@ -336,8 +337,26 @@ class Daemon:
                     h.reason or "over",
                 )
             return None
-        self.log.info("aggregator said bye (%s); reconnecting", h.reason or "no reason")
+        self.log.info(
+            "aggregator said bye (%s); waiting for it to come back (retrying every %.0f s at most)",
+            h.reason or "no reason",
+            self.backoff.high,
+        )
+        self._unanswered = 1  # its absence is announced: no error when the next Hello fails
         return _End.LOST
+
+    def _no_answer(self) -> None:
+        """A Hello got no answer: the first time in a row an error with what to check (unless
+        the aggregator said it was going away), then quietly (each retry is logged)."""
+        if self._unanswered == 0:
+            self.log.error("%s", no_answer_hint(self.link.settings))
+        self._unanswered += 1
+        if self._unanswered in (10, 100, 1000):
+            self.log.warning(
+                "still no answer from %s after %d tries",
+                self.link.settings.endpoint,
+                self._unanswered,
+            )
 
     def _on_welcome(self, h: Welcome) -> _End | None:
         if h.version not in PROTOCOL_VERSIONS:
@@ -348,6 +367,7 @@ class Daemon:
         self.beats.welcome(h.heartbeat_interval, h.liveness, now)
         self.backoff.reset()
         self._waiting_for = ""
+        self._unanswered = 0
         self.log.info(
             "welcomed to run %s: protocol v%d, heartbeat %.2f s, liveness %d",
             h.run_id or "-",
