@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from aggregator.admin_client import MAX_IPC_PATH, admin_path
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Outgoing
 from aggregator.errors import AggregatorError, ConfigError
@@ -33,14 +34,7 @@ from aggregator.runs import SERVICE, submitted_config
 
 log = logging.getLogger(__name__)
 
-SOCKET = Path("admin") / "admin.sock"
 MAX_REQUEST = 1 << 20
-MAX_IPC_PATH = 107
-"""Longest Unix socket path the kernel takes (``sun_path`` less its terminating NUL)."""
-
-
-def admin_path(state_dir: Path) -> Path:
-    return Path(state_dir).resolve() / SOCKET
 
 
 class AdminServer:
@@ -149,25 +143,3 @@ def admin_request(
             ],
         }
     raise AggregatorError(f"unknown request {op!r}; known: submit, list, stop, show")
-
-
-def call(state_dir: Path, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
-    """Send one request to the service of ``state_dir``; its reply. An
-    :class:`AggregatorError` when no service answers."""
-    path = admin_path(state_dir)
-    if not path.exists():
-        raise AggregatorError(
-            f"no aggregator serves {state_dir} (no {path}); start `edgefed-aggregator serve`"
-        )
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(f"ipc://{path}")
-        sock.send(json.dumps(request).encode())
-        if not sock.poll(int(timeout_s * 1000)):
-            raise AggregatorError(f"the aggregator at {path} did not answer within {timeout_s:g} s")
-        reply: dict[str, Any] = json.loads(sock.recv())
-        return reply
-    finally:
-        sock.close(0)

@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
 
 
 def _call(state_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
-    from aggregator.admin import call
+    from aggregator.admin_client import call
 
     try:
         reply = call(state_dir, request)

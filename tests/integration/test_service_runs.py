@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from federation import Federation, free_port, ledger_of, serve, stop, toml_text, wait_for
 
-from aggregator.admin import admin_path
+from aggregator.admin_client import admin_path
 from aggregator.runs import RunBook
 
 pytestmark = pytest.mark.slow
