@@ -303,9 +303,11 @@ class AggregatorService:
                     self._send(sock, out)
                 return
         if self.lifecycle is not None:
+            active = self.lifecycle.active
             log.info(
-                "shutting down: %d agents told; the active run resumes on restart",
+                "shutting down: %d agents told; %s",
                 len(self.engine.registry.live()),
+                f"run {active} resumes on restart" if active else "no run was active",
             )
             for agent_id in self.engine.registry.live():
                 self._send(sock, Outgoing(agent_id, Bye(reason="aggregator shutting down")))
