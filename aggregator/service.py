@@ -170,7 +170,10 @@ class AggregatorService:
             self.dropped += 1
             return
         if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
-            log.warning("connection %r: User-Id does not match or key revoked; refused", agent_id)
+            assert self.auth is not None
+            self.auth.refusals.refused(
+                f"connection {agent_id!r}", "its CURVE key's agent id does not match, or revoked"
+            )
             self._send(
                 sock,
                 Outgoing(

@@ -144,6 +144,7 @@ class Daemon:
         self._run_over = ""  # the run the aggregator said is over (we wait for the next)
         self._waiting_for = ""  # why the aggregator would not take us (logged once)
         self._unanswered = 0  # Hellos in a row that got no answer
+        self._told = ""  # the handshake failure last logged
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Daemon:
@@ -348,7 +349,11 @@ class Daemon:
     def _no_answer(self) -> None:
         """A Hello got no answer: the first time in a row an error with what to check (unless
         the aggregator said it was going away), then quietly (each retry is logged)."""
-        if self._unanswered == 0:
+        problem = self.link.handshake_problem()
+        if problem is not None and problem != self._told:
+            self.log.error("%s", problem)  # the aggregator's side said why: say it once
+            self._told = problem
+        elif problem is None and self._unanswered == 0:
             self.log.error("%s", no_answer_hint(self.link.settings))
         self._unanswered += 1
         if self._unanswered in (10, 100, 1000):
@@ -368,6 +373,7 @@ class Daemon:
         self.backoff.reset()
         self._waiting_for = ""
         self._unanswered = 0
+        self._told = ""
         self.log.info(
             "welcomed to run %s: protocol v%d, heartbeat %.2f s, liveness %d",
             h.run_id or "-",
