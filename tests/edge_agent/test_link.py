@@ -4,6 +4,7 @@ Timings: heartbeat interval 0.1 s and liveness 3, so the agent gives up on a sil
 after 0.3 s; the fake training step sleeps 0.9 s, three liveness windows.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -625,3 +626,37 @@ def test_a_task_reopened_after_stale_task_is_retrained_and_its_new_result_sent(
     agg.send(Ack(task_id="t-1"))
     harness.wait_outbox_empty()
     assert harness.outbox_files() == []
+
+
+def test_between_runs_the_agent_stays_connected_and_waits_for_a_run_of_its_model(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    agg = harness.agg
+    running, first = harness.connect()
+    agg.expect(Heartbeat)
+    # the run is over: one log line, the session stays (no new Hello), heartbeats go on
+    agg.send(Bye(run_id="r1", reason="run finished"))
+    agg.send(Bye(run_id="r1", reason="run is over"))
+    since = time.monotonic()
+    agg.expect(Heartbeat, where=lambda _h: time.monotonic() - since > 2 * WINDOW)
+    assert agg.of_type(Hello, since=since) == []
+    assert caplog.text.count("run r1: run finished; staying connected") == 1
+    # the next run (its engine does not know us yet) is on another model: wait, ask again
+    beat, _ = agg.expect(Heartbeat)
+    agg.send(ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason="say Hello first", ref=beat.msg_id))
+    for _ in range(3):
+        hello, _ = agg.expect(Hello, timeout=5)
+        agg.send(
+            ErrorReply(code=ErrorCode.MODEL_MISMATCH, reason="run r2 trains m2", ref=hello.msg_id)
+        )
+    assert caplog.text.count("waiting for a run this agent can join") == 1
+    hello, _ = agg.expect(Hello, timeout=5)  # and a run of its model comes: it joins
+    agg.welcome()
+    agg.expect(Heartbeat, where=lambda h: not h.probe)
+    assert running.code == [] and running.thread.is_alive()
+    # an aggregator that goes away says so without a run id: the session ends, Hello again
+    agg.send(Bye(reason="aggregator shutting down"))
+    agg.expect(Hello, timeout=5)
+    assert "aggregator said bye (aggregator shutting down); waiting for it" in caplog.text
+    assert first.agent_id == hello.agent_id == AGENT
