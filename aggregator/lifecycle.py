@@ -88,6 +88,7 @@ class Lifecycle:
             return []
         assert self.engine is not None
         self.engine.finished = True
+        self.engine.phase = None  # results still on their way are refused STALE_TASK
         return self._end(run_id, "stopped", reason)
 
     def fail(self, exc: BaseException) -> None:
