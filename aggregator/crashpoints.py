@@ -8,7 +8,8 @@ The points, in the order a training round reaches them:
 ``training``  an assigned agent reports progress on its task (it is mid-training)
 ``upload``    a TaskResult arrived; nothing of it is stored yet
 ``stored``    the update is stored and in the ledger; its Ack is not sent yet
-``acked``     a while (one heartbeat interval) after the first Ack of the round went out
+``acked``     the first Ack of the round went out a while ago (one heartbeat interval, or
+              until the next result arrives, whichever comes first); the round is still open
 ``commit``    the round's checkpoint is written; the ledger commit is not
 
 The kill is a real ``SIGKILL``: no ``finally``, no flush, exactly what a power cut leaves.
@@ -50,11 +51,15 @@ def reached_after(point: str, round: int, delay_s: float) -> None:
         _later[f"{point}@round"] = float(round)
 
 
-def poll() -> None:
-    """Die now if a point armed by :func:`reached_after` is due."""
+def poll(open_round: int | None, *, now: bool = False) -> None:
+    """Die if a point armed by :func:`reached_after` is due (``now``: due at once) and its
+    round is still the open one."""
     for point, due in list(_later.items()):
-        if "@" not in point and time.monotonic() >= due:
-            _die(point, int(_later[f"{point}@round"]))
+        if "@" in point:
+            continue
+        round = int(_later[f"{point}@round"])
+        if round == open_round and (now or time.monotonic() >= due):
+            _die(point, round)
 
 
 def _die(point: str, round: int) -> None:

@@ -218,6 +218,7 @@ class RoundEngine:
             reason = f"task {res.task_id} is not open (round {self.round})"
             return refusal(run_id, agent_id, res, ErrorCode.STALE_TASK, reason)
         if agent_id not in phase.done:
+            crashpoints.poll(phase.round, now=True)  # "acked": before the next result counts
             crashpoints.reached("upload", phase.round)
             rejected = self.intake.take(self.method, phase, agent_id, res, msg)
             if rejected is not None:
@@ -229,7 +230,7 @@ class RoundEngine:
     # --- the clock ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Outgoing]:
-        crashpoints.poll()
+        crashpoints.poll(None if self.phase is None else self.phase.round)
         out: list[Outgoing] = []
         for agent_id in self.registry.expire(now):
             log.warning("agent %s expired (no message for %.1fs)", agent_id, self.registry.window)
