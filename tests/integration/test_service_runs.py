@@ -49,6 +49,7 @@ def test_one_serve_runs_two_submitted_runs_with_the_same_agents(
     port = free_port()
     fed.raw["server"]["bind"] = f"tcp://127.0.0.1:{port}"
     fed.raw["run"]["run_id"] = "a"
+    fed.raw["run"]["quorum"] = 1.0  # every agent's update and evaluation, however slow
     fed.raw["run"]["export_dir"] = str(tmp_path / "export-a")
     config = tmp_path / "aggregator.toml"
     config.write_text(toml_text(fed.raw), encoding="utf-8")
