@@ -41,7 +41,10 @@ _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+"""A CURVE client's handshake events: a ZAP refusal comes as FAILED_AUTH (status 400); a
+server key that is not the server's as FAILED_NO_DETAIL (the server hangs up, EPIPE)."""
 
 
 class AgentLog(logging.LoggerAdapter[logging.Logger]):
@@ -144,10 +147,14 @@ class Link:
                     f"(status {event['value']}): this agent's public key file is not in its "
                     "allow-list directory under the agent's id, or it was revoked"
                 )
-            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            elif event["event"] in (
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            ):
                 self._handshake_problem = (
-                    f"the CURVE handshake with {self.settings.endpoint} failed: "
-                    "security.server_public_key is probably not this aggregator's public key"
+                    f"the CURVE handshake with {self.settings.endpoint} failed (the other end "
+                    "could not decrypt it, or does not speak CURVE): check that "
+                    "security.server_public_key is the aggregator's public key"
                 )
         return self._handshake_problem
 
