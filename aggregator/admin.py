@@ -26,10 +26,10 @@ from typing import Any
 import zmq
 
 from aggregator.admin_client import MAX_IPC_PATH, admin_path
-from aggregator.config import AggregatorConfig
-from aggregator.engine import Outgoing
+from aggregator.engine.engine import Outgoing
 from aggregator.errors import AggregatorError, ConfigError
 from aggregator.lifecycle import Lifecycle, doing_of
+from aggregator.ops.config import AggregatorConfig
 from aggregator.runs import SERVICE, submitted_config
 
 log = logging.getLogger(__name__)

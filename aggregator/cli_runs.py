@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from aggregator.errors import AggregatorError
-from aggregator.ledger import Ledger
+from aggregator.store.ledger import Ledger
 
 
 def _fail(message: str) -> None:

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aggregator.config import AggregatorConfig
-from aggregator.engine import Outgoing, RoundEngine
+from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import AggregatorError
+from aggregator.ops.config import AggregatorConfig
 from aggregator.runs import ENDED, SERVICE, RunBook
 
 log = logging.getLogger(__name__)

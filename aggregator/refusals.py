@@ -6,7 +6,7 @@ at once and then one line per ``every_s`` with how many were refused meanwhile (
 at most ``max_peers`` peers, forgetting the least recent).
 
 :class:`RefusalLogging` is mixed into the ZAP authenticator
-(:class:`aggregator.security.AllowListAuthenticator`): a CURVE handshake refused because its key
+(:class:`aggregator.ops.security.AllowListAuthenticator`): a CURVE handshake refused because its key
 is on no allow-list (unknown, or revoked since) is logged with the peer's address and key (a
 peer is one address with one key). A message whose User-Id does not match the agent it claims
 (or whose key was revoked since it connected) is logged by the service through the same
@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 from zmq.utils import z85
 
-log = logging.getLogger("aggregator.security")
+log = logging.getLogger("aggregator.ops.security")
 
 
 class RefusalLog:

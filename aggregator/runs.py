@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from aggregator.config import AggregatorConfig, build_config
 from aggregator.errors import ConfigError, StateError
-from aggregator.ledger import Ledger
+from aggregator.ops.config import AggregatorConfig, build_config
+from aggregator.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

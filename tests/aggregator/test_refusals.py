@@ -10,9 +10,9 @@ import pytest
 import zmq
 import zmq.auth
 
+from aggregator.ops.security import start_curve_server
 from aggregator.refusals import RefusalLog
-from aggregator.security import start_curve_server
-from edge_agent.link import CurveKeys, Link, LinkSettings
+from edge_agent.daemon.link import CurveKeys, Link, LinkSettings
 from protocol.frames import encode
 from protocol.messages import Bye
 
@@ -52,7 +52,7 @@ def test_an_unknown_key_is_refused_logged_once_and_the_agent_told(
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
-    caplog.set_level(logging.WARNING, logger="aggregator.security")
+    caplog.set_level(logging.WARNING, logger="aggregator.ops.security")
     auth = start_curve_server(ctx, router, Path(server_secret), allow)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     curve = CurveKeys.load(Path(stranger_secret), Path(server_public))

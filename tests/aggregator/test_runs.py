@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from engine_harness import MODEL, Harness, lora_state
 
-from aggregator.checkpoint import CheckpointStore
-from aggregator.commits import RoundCommits
-from aggregator.config import AggregatorConfig
-from aggregator.engine import RoundEngine
+from aggregator.engine.commits import RoundCommits
+from aggregator.engine.engine import RoundEngine
 from aggregator.errors import ConfigError, StateError
-from aggregator.ledger import Ledger
 from aggregator.lifecycle import Lifecycle
-from aggregator.methods.fedit import FeditServer
+from aggregator.methods.fedit.server import FeditServer
+from aggregator.ops.config import AggregatorConfig
 from aggregator.runs import RunBook, submitted_config
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
 from protocol.messages import TaskAssign
 
 AGENTS = ("a1", "a2")

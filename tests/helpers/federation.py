@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aggregator.demo_data import make_demo_split, write_demo
-from aggregator.ledger import Ledger
-from aggregator.local import make_keys, write_agent_config
-from aggregator.modelhash import weights_sha256
+from aggregator.local.demo_data import make_demo_split, write_demo
+from aggregator.local.run import make_keys, write_agent_config
+from aggregator.store.ledger import Ledger
+from aggregator.store.modelhash import weights_sha256
 
 FAST = {"heartbeat_interval": 0.25, "liveness": 12}
 

@@ -20,8 +20,8 @@ import torch
 from federation import Federation, free_port, ledger_of, toml_text, wait_for
 from federation import serve as serve_process
 
-from aggregator.config import build_config
-from aggregator.service import AggregatorService
+from aggregator.engine.service import AggregatorService
+from aggregator.ops.config import build_config
 from protocol.messages import BaseModelRef
 
 pytestmark = pytest.mark.slow

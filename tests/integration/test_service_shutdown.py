@@ -13,8 +13,8 @@ import pytest
 from federation import Federation, free_port, ledger_of, serve, stop, toml_text, wait_for
 
 from aggregator.admin_client import admin_path
-from aggregator.ledger import UpdateRow
 from aggregator.runs import RunBook
+from aggregator.store.ledger import UpdateRow
 
 pytestmark = pytest.mark.slow
 

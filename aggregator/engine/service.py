@@ -1,0 +1,365 @@
+"""The aggregator service: a ROUTER socket around the sans-IO round engine.
+
+The loop polls the socket, decodes each message (a malformed one gets an ErrorReply and is
+otherwise ignored), checks that the connection's identity and CURVE User-Id match the agent the
+message claims to be, hands it to the engine, and sends what the engine returns. Large blobs go
+out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
+
+With ``serve_runs`` (``edgefed-aggregator serve``) the service outlives its runs: a
+:class:`~aggregator.lifecycle.Lifecycle` swaps engines as runs end and start, and the admin
+socket (:mod:`aggregator.admin`) takes ``runs submit | list | stop | show``; the loop ends only
+on ``should_exit`` (SIGTERM), after telling the agents with a ``Bye`` that carries no run id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+
+from aggregator.admin import AdminServer, admin_request
+from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.errors import ConfigError, StateError
+from aggregator.lifecycle import Lifecycle
+from aggregator.methods import ServerMethod, context_of, server_methods
+from aggregator.ops.config import AggregatorConfig
+from aggregator.ops.security import AllowListAuthenticator, start_curve_server
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
+from protocol.errors import ErrorCode, FrameError, ProtocolError
+from protocol.frames import decode, encode
+from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
+
+log = logging.getLogger(__name__)
+POLL_MS = 50
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        model: BaseModelRef,
+        *,
+        on_round: object = None,
+        method: ServerMethod | None = None,
+        driven: bool = False,
+        on_phase: Callable[[str, int, list[TaskResult]], None] | None = None,
+        serve_runs: bool = False,
+        exit_when_done: bool = False,
+    ) -> None:
+        """``method``, ``driven`` and ``on_phase`` make a regional tier (aggregator.tier.regional);
+        ``serve_runs``: stay up across runs (``serve``), see the module docstring;
+        ``exit_when_done``: with it, end once no run is active or queued (batch use)."""
+        self.config = config
+        state = config.server.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.ledger = Ledger(state / "ledger.sqlite")
+        self._on_round = on_round if callable(on_round) else None
+        self._driven, self._on_phase = driven, on_phase
+        self.lifecycle: Lifecycle | None = None
+        self.exit_when_done = exit_when_done
+        self.admin: AdminServer | None = None
+        if serve_runs:
+            from aggregator.runs import RunBook
+
+            self.lifecycle = Lifecycle(RunBook(self.ledger, state), self._build, self._export)
+            self.engine = self.lifecycle.adopt(config)
+        else:
+            self.engine = self._build(config, False, method)
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.bye_on_exit = driven
+        self.should_exit = threading.Event()
+        self.bound = threading.Event()
+        self.endpoint = ""
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth: AllowListAuthenticator | None = None
+        self.dropped = 0
+
+    def _build(
+        self, config: AggregatorConfig, start: bool, method: ServerMethod | None = None
+    ) -> RoundEngine:
+        """The engine of ``config``'s run (started if ``start``)."""
+        if method is None:
+            factories = server_methods()
+            if config.run.method not in factories:
+                raise ConfigError(
+                    f"unknown method {config.run.method!r}; known: {sorted(factories)}"
+                )
+            method = factories[config.run.method](config.method, context_of(config))
+        self.method = method
+        state = config.server.state_dir
+        self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
+        model = self.model if self.lifecycle is None else _model_of(config)
+        engine = RoundEngine(
+            config,
+            method,
+            model,
+            ledger=self.ledger,
+            store=self.store,
+            on_round=self._on_round,
+            driven=self._driven,
+            on_phase=self._on_phase,
+        )
+        if start:
+            engine.start()
+        return engine
+
+    def _export(self, engine: RoundEngine) -> None:
+        out = engine.config.run.export_dir
+        if out is not None:
+            written = engine.method.export(out, base_model_name=engine.config.run.model)
+            log.info("run %s exported: %s", engine.run_id, written["adapter"])
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        server = self.config.server
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.SNDHWM, server.hwm)
+        sock.setsockopt(zmq.RCVHWM, server.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sec = self.config.security
+        if sec.insecure:
+            log.warning(
+                "INSECURE: CURVE is off; anyone who reaches %s can join and read updates",
+                server.bind,
+            )
+        else:
+            assert sec.secret_key is not None and sec.allow_dir is not None
+            self.auth = start_curve_server(self.ctx, sock, sec.secret_key, sec.allow_dir)
+        try:
+            sock.bind(server.bind)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ConfigError(f"cannot bind {server.bind}: {exc}") from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
+
+    def _send(self, sock: zmq.Socket[bytes], out: Outgoing) -> None:
+        frames = out.frames()
+        try:
+            sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("agent %s: send queue full, message dropped", out.agent_id)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
+            log.info("agent %s unreachable: %s", out.agent_id, exc)
+
+    def _authorised(self, agent_id: str, frame: zmq.Frame) -> bool:
+        if self.auth is None:
+            return True
+        self.auth.maybe_reload()
+        user_id = frame.get("User-Id") or ""
+        return bool(user_id) and user_id == agent_id and agent_id in self.auth.allowed_ids()
+
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+        identity = bytes(frames[0].buffer)
+        try:
+            agent_id = identity.decode("ascii")
+        except UnicodeDecodeError:
+            self.dropped += 1
+            return
+        if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
+            assert self.auth is not None
+            self.auth.refusals.refused(
+                f"connection {agent_id!r}", "its CURVE key's agent id does not match, or revoked"
+            )
+            self._send(
+                sock,
+                Outgoing(
+                    agent_id,
+                    ErrorReply(
+                        code=ErrorCode.IDENTITY_MISMATCH, reason="not authorised as this agent"
+                    ),
+                ),
+            )
+            return
+        try:
+            msg = decode(frames[1:])
+        except FrameError as exc:
+            self.dropped += 1
+            log.warning("agent %s: malformed message: %s", agent_id, exc)
+            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+            return
+        try:
+            for out in self.engine.on_message(agent_id, msg, now):
+                self._send(sock, out)
+        except ProtocolError as exc:
+            log.warning("agent %s: %s", agent_id, exc)
+            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+        except StateError:
+            raise  # the ledger or checkpoints failed: stop rather than run on without durability
+        except Exception:  # the message boundary: one bad message never stops the service
+            log.exception("agent %s: internal error on %s", agent_id, msg.header.type)
+            reply = ErrorReply(
+                code=ErrorCode.INTERNAL, reason="internal error; see the aggregator log"
+            )
+            self._send(sock, Outgoing(agent_id, reply))
+
+    def _self_test(self, sock: zmq.Socket[bytes], wait_s: float = 1.0) -> list[list[zmq.Frame]]:
+        """Connect with a key that is on no allow-list; refuse to serve if it gets through.
+
+        Messages other peers send meanwhile are returned, to be handled once serving starts.
+        """
+        endpoint = re.sub(r"^tcp://(\*|0\.0\.0\.0)(?=:)", "tcp://127.0.0.1", self.endpoint)
+        probe_id = f"self-test-{os.getpid()}".encode()
+        public, secret = zmq.curve_keypair()
+        client = self.ctx.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.SNDTIMEO, 1000)
+        client.setsockopt(zmq.ROUTING_ID, probe_id)
+        client.curve_publickey = public
+        client.curve_secretkey = secret
+        assert self.config.security.secret_key is not None
+        client.curve_serverkey = zmq.auth.load_certificate(self.config.security.secret_key)[0]
+        client.connect(endpoint)
+        backlog: list[list[zmq.Frame]] = []
+        try:
+            client.send_multipart(encode(Bye(reason="self-test")))
+            deadline = time.monotonic() + wait_s
+            while (left := deadline - time.monotonic()) > 0:
+                if not sock.poll(int(left * 1000) + 1):
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                if bytes(frames[0].buffer) == probe_id:
+                    raise ConfigError(
+                        "start-up self-test failed: a client with an unknown CURVE key got a "
+                        "message through; refusing to serve"
+                    )
+                backlog.append(frames)
+        except zmq.Again:
+            pass  # the handshake was refused before the message could even be queued
+        finally:
+            client.close(linger=0)
+        log.info("self-test passed: an unknown CURVE key was refused")
+        return backlog
+
+    def run(self) -> int:
+        """Serve until the run is finished or ``should_exit``; return an exit code."""
+        if self.lifecycle is None:
+            self.engine.start()
+        sock = self._socket()
+        if self.lifecycle is not None:
+            self.admin = AdminServer(self.ctx, self.config.server.state_dir, self._admin)
+        try:
+            backlog = self._self_test(sock) if self.auth is not None else []
+            self.bound.set()
+            log.info(
+                "aggregator listening on %s (run %s, method %s)",
+                self.endpoint,
+                self.engine.run_id,
+                self.config.run.method,
+            )
+            for frames in backlog:
+                self._handle(sock, frames, time.monotonic())
+            self._loop(sock)
+        finally:
+            sock.close(linger=1000)
+            if self.admin is not None:
+                self.admin.close()
+            if self.auth is not None:
+                self.auth.stop()
+            self.ledger.close()
+            self.ctx.term()
+        return 0
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the service's loop thread (the engine is not thread-safe)."""
+        self._calls.put(fn)
+
+    def _loop(self, sock: zmq.Socket[bytes]) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self.admin is not None:
+            poller.register(self.admin.socket, zmq.POLLIN)
+        self._sock = sock
+        while not self.should_exit.is_set():
+            while not self._calls.empty():
+                self._calls.get()()
+            events = dict(poller.poll(POLL_MS))
+            if sock in events:
+                for _ in range(256):  # drain a burst, then let the clock run
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(sock, frames, time.monotonic())
+            if self.admin is not None and self.admin.socket in events:
+                self.admin.serve_one()
+            if self.lifecycle is not None:
+                self._step(sock)
+                continue
+            for out in self.engine.tick(time.monotonic()):
+                self._send(sock, out)
+            if self.engine.finished:
+                for out in self.engine.goodbye():
+                    self._send(sock, out)
+                return
+        if self.lifecycle is not None:
+            active = self.lifecycle.active
+            log.info(
+                "shutting down: %d agents told; %s",
+                len(self.engine.registry.live()),
+                f"run {active} resumes on restart" if active else "no run was active",
+            )
+            for agent_id in self.engine.registry.live():
+                self._send(sock, Outgoing(agent_id, Bye(reason="aggregator shutting down")))
+        elif self.bye_on_exit:
+            for out in self.engine.goodbye():
+                self._send(sock, out)
+
+    def _step(self, sock: zmq.Socket[bytes]) -> None:
+        """One tick of a serving aggregator: the engine's clock, then the run lifecycle."""
+        assert self.lifecycle is not None
+        now = time.monotonic()
+        try:
+            outs = self.engine.tick(now)
+        except StateError:
+            raise
+        except Exception as exc:  # the run cannot go on; the service and the next runs can
+            log.exception("run %s: round engine failed", self.engine.run_id)
+            self.lifecycle.fail(exc)
+            outs = self.engine.goodbye("run failed")
+        for out in outs + self.lifecycle.step(now):
+            self._send(sock, out)
+        self.engine = self.lifecycle.engine or self.engine
+        if self.exit_when_done and self.lifecycle.active is None:
+            log.info("no run active or queued; exiting (--exit-when-done)")
+            self.should_exit.set()
+
+    def _admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one admin request (on the loop thread)."""
+        assert self.lifecycle is not None
+        outs, reply = admin_request(self.lifecycle, self.config, request)
+        for out in outs:
+            self._send(self._sock, out)
+        self.engine = self.lifecycle.engine or self.engine
+        return reply
+
+    def export(self, out_dir: Path) -> dict[str, Path]:
+        return self.method.export(out_dir, base_model_name=self.config.run.model)
+
+
+def _model_of(config: AggregatorConfig) -> BaseModelRef:
+    """The base model a run trains: ``run.model_sha256``, else the hash of ``run.model_dir``."""
+    sha = config.run.model_sha256
+    if sha is None:
+        if config.run.model_dir is None:
+            raise ConfigError("run.model_sha256 (or run.model_dir to hash) is required")
+        from aggregator.store.modelhash import weights_sha256
+
+        sha = weights_sha256(config.run.model_dir)
+    return BaseModelRef(name=config.run.model, sha256=sha)
+
+
+__all__ = ["AggregatorService", "RoundSummary"]
