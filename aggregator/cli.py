@@ -240,7 +240,7 @@ def _open_ledger(state_dir: Path) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 def status(state_dir: Path, run: str | None, as_json: bool) -> None:
     """Service and run state, agents, rounds, metrics and bytes of a run in a state directory."""
-    from aggregator.cli_runs import describe_state, run_state
+    from aggregator.runs.cli import describe_state, run_state
 
     try:
         ledger = _open_ledger(state_dir)
@@ -316,7 +316,7 @@ def _run_dir(ledger: Any, state_dir: Path, run_id: str | None) -> Path:
     """The folder of a run's checkpoints (the state dir itself for its first run)."""
     if run_id is None:
         return state_dir
-    from aggregator.runs import DIR
+    from aggregator.runs.state import DIR
 
     return state_dir / str(ledger.get_state(run_id, DIR, "."))
 
@@ -437,7 +437,7 @@ def report(state_dir: Path, out: Path, run_id: str | None) -> None:
 
 
 def _register() -> None:
-    from aggregator.cli_runs import runs
+    from aggregator.runs.cli import runs
 
     main.add_command(runs)
 

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from aggregator import crashpoints
+from aggregator.engine import crashpoints
 from aggregator.engine.rounds import RoundSummary
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from aggregator import crashpoints
+from aggregator.engine import crashpoints
 from aggregator.engine.admission import Admission
 from aggregator.engine.commits import RoundCommits
 from aggregator.engine.intake import ResultIntake, ack, refusal

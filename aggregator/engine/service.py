@@ -6,8 +6,8 @@ message claims to be, hands it to the engine, and sends what the engine returns.
 out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
 
 With ``serve_runs`` (``edgefed-aggregator serve``) the service outlives its runs: a
-:class:`~aggregator.lifecycle.Lifecycle` swaps engines as runs end and start, and the admin
-socket (:mod:`aggregator.admin`) takes ``runs submit | list | stop | show``; the loop ends only
+:class:`~aggregator.runs.lifecycle.Lifecycle` swaps engines as runs end and start, and the admin
+socket (:mod:`aggregator.runs.admin`) takes ``runs submit | list | stop | show``; the loop ends only
 on ``should_exit`` (SIGTERM), after telling the agents with a ``Bye`` that carries no run id.
 """
 
@@ -26,13 +26,13 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from aggregator.admin import AdminServer, admin_request
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
-from aggregator.lifecycle import Lifecycle
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
+from aggregator.runs.admin import AdminServer, admin_request
+from aggregator.runs.lifecycle import Lifecycle
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from protocol.errors import ErrorCode, FrameError, ProtocolError
@@ -70,7 +70,7 @@ class AggregatorService:
         self.exit_when_done = exit_when_done
         self.admin: AdminServer | None = None
         if serve_runs:
-            from aggregator.runs import RunBook
+            from aggregator.runs.state import RunBook
 
             self.lifecycle = Lifecycle(RunBook(self.ledger, state), self._build, self._export)
             self.engine = self.lifecycle.adopt(config)

@@ -20,7 +20,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from aggregator.errors import ConfigError
-from aggregator.refusals import RefusalLog, RefusalLogging
+from aggregator.ops.refusals import RefusalLog, RefusalLogging
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def read_allow_list(allow_dir: Path) -> dict[bytes, str]:
 
 class AllowListAuthenticator(RefusalLogging, ThreadAuthenticator):
     """ZAP handler: CURVE clients whose key is in the allow-list; User-Id = agent id. Refused
-    handshakes are logged (once per peer, then once a minute; :mod:`aggregator.refusals`)."""
+    handshakes are logged (once per peer, then once a minute; :mod:`aggregator.ops.refusals`)."""
 
     def __init__(
         self, context: zmq.Context[zmq.Socket[bytes]], allow_dir: Path, refresh_s: float = 2.0

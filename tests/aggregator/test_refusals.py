@@ -10,8 +10,8 @@ import pytest
 import zmq
 import zmq.auth
 
+from aggregator.ops.refusals import RefusalLog
 from aggregator.ops.security import start_curve_server
-from aggregator.refusals import RefusalLog
 from edge_agent.daemon.link import CurveKeys, Link, LinkSettings
 from protocol.frames import encode
 from protocol.messages import Bye

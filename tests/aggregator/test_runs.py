@@ -11,10 +11,10 @@ from engine_harness import MODEL, Harness, lora_state
 from aggregator.engine.commits import RoundCommits
 from aggregator.engine.engine import RoundEngine
 from aggregator.errors import ConfigError, StateError
-from aggregator.lifecycle import Lifecycle
 from aggregator.methods.fedit.server import FeditServer
 from aggregator.ops.config import AggregatorConfig
-from aggregator.runs import RunBook, submitted_config
+from aggregator.runs.lifecycle import Lifecycle
+from aggregator.runs.state import RunBook, submitted_config
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from protocol.messages import TaskAssign

@@ -1,7 +1,7 @@
 """SIGKILL the aggregator (a real ``serve`` process) at every point of a round, restart it, and
 the run finishes with the same agent processes, no operator action, every update counted once.
 
-The kill comes from the aggregator itself (:mod:`aggregator.crashpoints`, armed by the
+The kill comes from the aggregator itself (:mod:`aggregator.engine.crashpoints`, armed by the
 ``EDGEFED_CRASH_AT`` environment variable of the first process only), so it lands exactly at the
 named point. Two agents on a tiny random Llama, two rounds, quorum 1.0 (a round closes only
 with both updates: a lost or refused-and-forgotten result would hang it, as it once did).
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from federation import Federation, free_port, ledger_of, serve, stop, toml_text, wait_for
 
-from aggregator.crashpoints import ENV, POINTS
+from aggregator.engine.crashpoints import ENV, POINTS
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from federation import Federation, free_port, ledger_of, serve, stop, toml_text, wait_for
 
-from aggregator.admin_client import admin_path
-from aggregator.runs import RunBook
+from aggregator.runs.admin_client import admin_path
+from aggregator.runs.state import RunBook
 from aggregator.store.ledger import UpdateRow
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from typing import Any
 from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import AggregatorError
 from aggregator.ops.config import AggregatorConfig
-from aggregator.runs import ENDED, SERVICE, RunBook
+from aggregator.runs.state import ENDED, SERVICE, RunBook
 
 log = logging.getLogger(__name__)
 

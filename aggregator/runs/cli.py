@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
 
 
 def _call(state_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
-    from aggregator.admin_client import call
+    from aggregator.runs.admin_client import call
 
     try:
         reply = call(state_dir, request)
@@ -121,7 +121,7 @@ def run_state(ledger: Ledger, state_dir: Path, run_id: str | None) -> dict[str, 
     baseline and each agent's latest evaluation."""
     if run_id is None:
         return {"lifecycle": None, "service": None, "baseline": None, "agent_evals": {}}
-    from aggregator.runs import SERVICE, RunBook
+    from aggregator.runs.state import SERVICE, RunBook
 
     return {
         "lifecycle": RunBook(ledger, state_dir).info(run_id).as_json(),

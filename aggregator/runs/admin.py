@@ -25,12 +25,12 @@ from typing import Any
 
 import zmq
 
-from aggregator.admin_client import MAX_IPC_PATH, admin_path
 from aggregator.engine.engine import Outgoing
 from aggregator.errors import AggregatorError, ConfigError
-from aggregator.lifecycle import Lifecycle, doing_of
 from aggregator.ops.config import AggregatorConfig
-from aggregator.runs import SERVICE, submitted_config
+from aggregator.runs.admin_client import MAX_IPC_PATH, admin_path
+from aggregator.runs.lifecycle import Lifecycle, doing_of
+from aggregator.runs.state import SERVICE, submitted_config
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The client end of the admin channel (:mod:`aggregator.admin`): where the socket of a state
+"""The client end of the admin channel (:mod:`aggregator.runs.admin`): where the socket of a state
 dir is, and one request/reply. Imports nothing heavy, so ``runs list`` starts fast."""
 
 from __future__ import annotations
