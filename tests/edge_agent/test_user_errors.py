@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, object]) -> str:
+def run_agent(
+    tmp: Path, model_dir: Path, endpoint: str, security: dict[str, object], until: str
+) -> str:
+    """Run an agent until its output shows ``until`` (or 120 s pass), then SIGTERM it."""
     data = tmp / "data.jsonl"
     data.write_text('{"instruction": "Say hi", "output": "hi"}\n' * 4, encoding="utf-8")
     cfg = tmp / "agent.toml"
@@ -37,9 +41,17 @@ def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, obj
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )  # fmt: skip
-    time.sleep(6)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    deadline = time.monotonic() + 120
+    while until not in "".join(lines) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(timeout=30)
+    proc.stdout.close()  # type: ignore[union-attr]
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     return out
@@ -47,7 +59,7 @@ def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, obj
 
 def test_unreachable_aggregator_says_what_to_check(tmp_path: Path, tiny_model_dir: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
-    out = run_agent(tmp_path, tiny_model_dir, endpoint, {"insecure": True})
+    out = run_agent(tmp_path, tiny_model_dir, endpoint, {"insecure": True}, "no answer")
     assert f"no answer from the aggregator at {endpoint}" in out
     assert "that it runs" in out
 
@@ -67,9 +79,11 @@ def test_wrong_server_key_says_what_to_check(tmp_path: Path, tiny_model_dir: Pat
     port = server.bind_to_random_port("tcp://127.0.0.1")
     try:
         out = run_agent(tmp_path, tiny_model_dir, f"tcp://127.0.0.1:{port}", {
-            "secret_key": str(keys / "edge-1.key_secret"), "server_public_key": other_pub})  # fmt: skip
+            "secret_key": str(keys / "edge-1.key_secret"), "server_public_key": other_pub},
+            "could not decrypt it")  # fmt: skip
     finally:
         server.close(linger=0)
         ctx.term()
+    # the handshake's failure event says which key is wrong (not the generic hint)
+    assert "CURVE handshake with" in out and "could not decrypt it" in out
     assert "security.server_public_key is the aggregator's public key" in out
-    assert "allow-list" in out
