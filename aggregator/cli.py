@@ -47,11 +47,24 @@ def main() -> None:
 @click.option("--bind", default=None, help="Override server.bind.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--insecure", is_flag=True, default=None, help="Disable CURVE (not for production).")
+@click.option(
+    "--exit-when-done",
+    is_flag=True,
+    help="Exit (0) once no run is active or queued, instead of waiting for the next one.",
+)
 @click.option("-v", "--verbose", count=True)
 def serve(
-    config_path: Path, bind: str | None, state_dir: Path | None, insecure: bool | None, verbose: int
+    config_path: Path,
+    bind: str | None,
+    state_dir: Path | None,
+    insecure: bool | None,
+    exit_when_done: bool,
+    verbose: int,
 ) -> None:
-    """Run the aggregator service from a TOML config."""
+    """Run the aggregator service from a TOML config, until SIGTERM.
+
+    The config's [run] is the first run; more are queued with `runs submit` and run one after
+    the other. Agents stay connected between runs."""
     _logging(max(verbose, 1))
     from aggregator.engine.service import AggregatorService
     from aggregator.ops.config import load_config
@@ -64,13 +77,13 @@ def serve(
                 "security": {"insecure": insecure},
             },
         )
-        service = AggregatorService(config, _model_ref(config))
+        service = AggregatorService(
+            config, _model_ref(config), serve_runs=True, exit_when_done=exit_when_done
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.should_exit.set())
         code = service.run()
-        if service.engine.finished and config.run.export_dir is not None:
-            exported = service.export(config.run.export_dir)
-            click.echo(f"exported: {exported['adapter']}")
+        log.info("aggregator stopped")
     except AggregatorError as exc:
         _fail(str(exc))
     sys.exit(code)
@@ -249,16 +262,20 @@ def _open_ledger(state_dir: Path) -> Any:
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--run", "run", default=None, help="A run id; default: the latest run.")
 @click.option("--json", "as_json", is_flag=True)
-def status(state_dir: Path, as_json: bool) -> None:
-    """Agents, rounds, metrics and bytes of the run in a state directory."""
+def status(state_dir: Path, run: str | None, as_json: bool) -> None:
+    """Service and run state, agents, rounds, metrics and bytes of a run in a state directory."""
+    from aggregator.runs.cli import describe_state, run_state
+
     try:
         ledger = _open_ledger(state_dir)
-        run_id = ledger.latest_run()
+        run_id = _pick_run(ledger, run)
         rounds = ledger.rounds(run_id) if run_id else []
         data = {
             "run_id": run_id,
             "run": ledger.run(run_id) if run_id else None,
+            **run_state(ledger, state_dir, run_id),
             "agents": [
                 {
                     "agent_id": a.agent_id,
@@ -269,7 +286,7 @@ def status(state_dir: Path, as_json: bool) -> None:
                 }
                 for a in ledger.agents()
             ],
-            "state": _method_state(state_dir),
+            "state": _method_state(_run_dir(ledger, state_dir, run_id)),
             "rounds": [
                 {
                     "round": r.round,
@@ -288,6 +305,8 @@ def status(state_dir: Path, as_json: bool) -> None:
         return
     method = (data["run"] or {}).get("method", "?")
     click.echo(f"run {data['run_id']}  method {method}")
+    for line in describe_state(data):
+        click.echo(line)
     for key, value in data["state"].items():
         click.echo(f"  {key}: {value if len(value) <= 300 else value[:297] + '...'}")
     click.echo(f"{'agent':<20} {'cpus':>4} {'RAM GB':>7} gpus")
@@ -314,11 +333,30 @@ def status(state_dir: Path, as_json: bool) -> None:
         )
 
 
-def _method_state(state_dir: Path) -> dict[str, str]:
+def _pick_run(ledger: Any, run: str | None) -> str | None:
+    """``run`` if the ledger has it (else a one-line error), or the latest run."""
+    if run is None:
+        return ledger.latest_run()
+    if ledger.run(run) is None:
+        known = ", ".join(ledger.run_ids()) or "none"
+        raise AggregatorError(f"no run {run!r} in this state dir (runs: {known})")
+    return run
+
+
+def _run_dir(ledger: Any, state_dir: Path, run_id: str | None) -> Path:
+    """The folder of a run's checkpoints (the state dir itself for its first run)."""
+    if run_id is None:
+        return state_dir
+    from aggregator.runs.state import DIR
+
+    return state_dir / str(ledger.get_state(run_id, DIR, "."))
+
+
+def _method_state(run_dir: Path) -> dict[str, str]:
     """The method's string metadata in the latest checkpoint (e.g. FedPipe's selection)."""
     from aggregator.store.checkpoint import CheckpointStore
 
-    manifest = CheckpointStore(state_dir / "checkpoints").manifest()
+    manifest = CheckpointStore(run_dir / "checkpoints").manifest()
     if manifest is None:
         return {}
     return {k: v for k, v in manifest.meta.items() if k != "run_id"} | {
@@ -333,6 +371,7 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--run", "run", default=None, help="A run id; default: the latest run.")
 @click.option("--round", "round_", type=int, default=None, help="Default: the latest committed.")
 @click.option(
     "--merge-into",
@@ -340,7 +379,9 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
     default=None,
     help="Base model directory: also write a merged model.",
 )
-def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | None) -> None:
+def export(
+    state_dir: Path, out: Path, run: str | None, round_: int | None, merge_into: Path | None
+) -> None:
     """Export the global result as a PEFT adapter directory (and optionally merged)."""
     from aggregator.methods import MethodContext, server_methods
     from aggregator.store.checkpoint import CheckpointStore
@@ -348,26 +389,27 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
 
     try:
         ledger = _open_ledger(state_dir)
-        run_id = ledger.latest_run()
-        run = ledger.run(run_id) if run_id else None
+        run_id = _pick_run(ledger, run)
+        record = ledger.run(run_id) if run_id else None
+        run_dir = _run_dir(ledger, state_dir, run_id)
         ledger.close()
-        if run is None:
+        if record is None:
             raise AggregatorError(f"{state_dir}: no run recorded")
-        store = CheckpointStore(state_dir / "checkpoints")
+        store = CheckpointStore(run_dir / "checkpoints")
         tensors, manifest, _ = store.load(round_)
-        cfg = run["config"]
+        cfg = record["config"]
         model_dir = cfg["run"].get("model_dir")
         context = MethodContext(
             model_name=cfg["run"]["model"],
             model_dir=Path(model_dir) if model_dir else None,
-            state_dir=state_dir,
+            state_dir=run_dir,
             seed=cfg["run"].get("seed", 0),
             public_data=Path(cfg["run"]["public_data"]) if cfg["run"].get("public_data") else None,
         )
-        method = server_methods()[run["method"]](cfg.get("method", {}), context)
+        method = server_methods()[record["method"]](cfg.get("method", {}), context)
         method.restore(tensors, manifest.meta)
         written = method.export(out / "adapter", base_model_name=cfg["run"]["model"])
-        click.echo(f"exported round {manifest.round}: {written['adapter']}")
+        click.echo(f"exported run {run_id} round {manifest.round}: {written['adapter']}")
         if merge_into is not None:
             lora = getattr(getattr(method, "params", None), "lora", None)
             if lora is None:
@@ -411,7 +453,7 @@ def config_check(config_path: Path) -> None:
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--run-id", default=None, help="Default: the latest run in the ledger.")
+@click.option("--run", "--run-id", "run_id", default=None, help="Default: the latest run.")
 def report(state_dir: Path, out: Path, run_id: str | None) -> None:
     """Plots of loss, eval score and bytes per agent per round (PNG) and an HTML page."""
     from aggregator.ops.report import write_report
@@ -424,6 +466,14 @@ def report(state_dir: Path, out: Path, run_id: str | None) -> None:
     for png in (files.loss, files.eval, files.bytes):
         click.echo(f"plot:   {png}")
 
+
+def _register() -> None:
+    from aggregator.runs.cli import runs
+
+    main.add_command(runs)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

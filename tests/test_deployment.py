@@ -539,6 +539,10 @@ def test_every_command_in_the_guide_exists_with_its_options() -> None:
         "edgefed-aggregator status",
         "edgefed-aggregator report",
         "edgefed-aggregator export",
+        "edgefed-aggregator runs submit",
+        "edgefed-aggregator runs list",
+        "edgefed-aggregator runs show",
+        "edgefed-aggregator runs stop",
     ):
         assert expected in seen, expected
 

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from aggregator.engine import crashpoints
 from aggregator.engine.rounds import RoundSummary
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
@@ -54,6 +55,12 @@ class RoundCommits:
         if latest is None:
             return None
         tensors, manifest, _extra = self.store.load(latest)
+        owner = manifest.meta.get("run_id")
+        if owner is not None and owner != run_id:
+            raise StateError(
+                f"{self.store.root}: the checkpoints there belong to run {owner}, not {run_id}; "
+                "each run keeps its own (a serving aggregator puts a new run in runs/<run_id>)"
+            )
         method.restore(tensors, manifest.meta)
         if self.ledger.last_committed_round(run_id) != latest:
             # crashed between the checkpoint and the ledger commit: finish the commit
@@ -71,6 +78,7 @@ class RoundCommits:
         manifest = self.store.save(
             summary.round, tensors, method=method_name, meta={**meta, "run_id": run_id}
         )
+        crashpoints.reached("commit", summary.round)
         self.ledger.commit_round(
             run_id,
             summary.round,

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from aggregator.engine import crashpoints
 from aggregator.engine.admission import Admission
 from aggregator.engine.commits import RoundCommits
 from aggregator.engine.intake import ResultIntake, ack, refusal
@@ -181,12 +182,17 @@ class RoundEngine:
             )
         ]
         phase = self.phase
-        if phase is not None and agent_id in phase.assigned and agent_id not in phase.done:
+        if self.finished:  # a lobby between runs: the agent learns this run is over
+            out.append(Outgoing(agent_id, Bye(run_id=self.run_id, reason="run is over")))
+        elif phase is not None and agent_id in phase.assigned and agent_id not in phase.done:
             out.append(self._assignment(phase, agent_id))  # it may have lost the task
         return out
 
     def _on_heartbeat(self, agent_id: str, beat: Heartbeat, msg: Decoded) -> list[Outgoing]:
         self.registry.beat(agent_id, beat)
+        phase = self.phase
+        if phase is not None and beat.progress > 0 and beat.task_id == phase.assigned.get(agent_id):
+            crashpoints.reached("training", phase.round)
         stored = self.uploads.announce(agent_id, beat.ready, self.ledger.has_update)
         acks = [Outgoing(agent_id, Ack(run_id=self.run_id, task_id=t)) for t in stored]
         if beat.probe:
@@ -216,14 +222,19 @@ class RoundEngine:
             reason = f"task {res.task_id} is not open (round {self.round})"
             return refusal(run_id, agent_id, res, ErrorCode.STALE_TASK, reason)
         if agent_id not in phase.done:
+            crashpoints.poll(phase.round, now=True)  # "acked": before the next result counts
+            crashpoints.reached("upload", phase.round)
             rejected = self.intake.take(self.method, phase, agent_id, res, msg)
             if rejected is not None:
                 return refusal(run_id, agent_id, res, ErrorCode.REJECTED_UPDATE, rejected)
+            crashpoints.reached("stored", phase.round)
+            crashpoints.reached_after("acked", phase.round, self.config.server.heartbeat_interval)
         return ack(run_id, agent_id, res)
 
     # --- the clock ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Outgoing]:
+        crashpoints.poll(None if self.phase is None else self.phase.round)
         out: list[Outgoing] = []
         for agent_id in self.registry.expire(now):
             log.warning("agent %s expired (no message for %.1fs)", agent_id, self.registry.window)
@@ -303,6 +314,7 @@ class RoundEngine:
         )
         if kind == "train":
             self.ledger.begin_round(self.run_id, round, self.run.method, agents, time.time())
+            crashpoints.reached("assign", round)
             for agent_id, result in self._replayed.items():
                 if assigned.get(agent_id) == result.task_id:
                     self.phase.done[agent_id] = result
@@ -384,13 +396,24 @@ class RoundEngine:
             self._round_done(summary)
         else:
             summary.record_eval(phase)
+            self._record_evals(phase)
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
             if phase.round > 0:
                 self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
+            else:
+                self.ledger.put_state(self.run_id, "baseline", summary.as_metrics())
             self._round_done(summary)
         return []
+
+    def _record_evals(self, phase: Phase) -> None:
+        """Each agent's latest evaluation, in the ledger for ``status``."""
+        evals = self.ledger.get_state(self.run_id, "agent_evals", {})
+        latest = dict(evals) if isinstance(evals, dict) else {}
+        for agent_id, result in phase.done.items():
+            latest[agent_id] = {"round": phase.round, **result.metrics}
+        self.ledger.put_state(self.run_id, "agent_evals", latest)
 
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)
@@ -403,9 +426,11 @@ class RoundEngine:
                 self.method.begin_round(self.round + 1)
                 self._begun_round = self.round + 1
 
-    def goodbye(self) -> list[Outgoing]:
+    def goodbye(self, reason: str = "run finished") -> list[Outgoing]:
+        """A Bye naming this run to every live agent: the run is over (agents of a serving
+        aggregator stay connected for the next one)."""
         return [
-            Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason="run finished"))
+            Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason=reason))
             for a in self.registry.live()
         ]
 

@@ -4,6 +4,11 @@ The loop polls the socket, decodes each message (a malformed one gets an ErrorRe
 otherwise ignored), checks that the connection's identity and CURVE User-Id match the agent the
 message claims to be, hands it to the engine, and sends what the engine returns. Large blobs go
 out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
+
+With ``serve_runs`` (``edgefed-aggregator serve``) the service outlives its runs: a
+:class:`~aggregator.runs.lifecycle.Lifecycle` swaps engines as runs end and start, and the admin
+socket (:mod:`aggregator.runs.admin`) takes ``runs submit | list | stop | show``; the loop ends only
+on ``should_exit`` (SIGTERM), after telling the agents with a ``Bye`` that carries no run id.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -26,6 +32,8 @@ from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
 from aggregator.privacy.wrap import private_method
+from aggregator.runs.admin import AdminServer, admin_request
+from aggregator.runs.lifecycle import Lifecycle
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from protocol.errors import ErrorCode, FrameError, ProtocolError
@@ -46,11 +54,42 @@ class AggregatorService:
         method: ServerMethod | None = None,
         driven: bool = False,
         on_phase: Callable[[str, int, list[TaskResult]], None] | None = None,
+        serve_runs: bool = False,
+        exit_when_done: bool = False,
     ) -> None:
-        """``method``, ``driven`` and ``on_phase`` make a regional tier (aggregator.tier.regional)."""
+        """``method``, ``driven`` and ``on_phase`` make a regional tier (aggregator.tier.regional);
+        ``serve_runs``: stay up across runs (``serve``), see the module docstring;
+        ``exit_when_done``: with it, end once no run is active or queued (batch use)."""
         self.config = config
         state = config.server.state_dir
         state.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.ledger = Ledger(state / "ledger.sqlite")
+        self._on_round = on_round if callable(on_round) else None
+        self._driven, self._on_phase = driven, on_phase
+        self.lifecycle: Lifecycle | None = None
+        self.exit_when_done = exit_when_done
+        self.admin: AdminServer | None = None
+        if serve_runs:
+            from aggregator.runs.state import RunBook
+
+            self.lifecycle = Lifecycle(RunBook(self.ledger, state), self._build, self._export)
+            self.engine = self.lifecycle.adopt(config)
+        else:
+            self.engine = self._build(config, False, method)
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.bye_on_exit = driven
+        self.should_exit = threading.Event()
+        self.bound = threading.Event()
+        self.endpoint = ""
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth: AllowListAuthenticator | None = None
+        self.dropped = 0
+
+    def _build(
+        self, config: AggregatorConfig, start: bool, method: ServerMethod | None = None
+    ) -> RoundEngine:
+        """The engine of ``config``'s run (started if ``start``)."""
         if method is None:
             factories = server_methods()
             if config.run.method not in factories:
@@ -60,26 +99,28 @@ class AggregatorService:
             method = factories[config.run.method](config.method, context_of(config))
             method = private_method(method, config)
         self.method = method
-        self.ledger = Ledger(state / "ledger.sqlite")
+        state = config.server.state_dir
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
-        self.engine = RoundEngine(
+        model = self.model if self.lifecycle is None else _model_of(config)
+        engine = RoundEngine(
             config,
-            self.method,
+            method,
             model,
             ledger=self.ledger,
             store=self.store,
-            on_round=on_round if callable(on_round) else None,
-            driven=driven,
-            on_phase=on_phase,
+            on_round=self._on_round,
+            driven=self._driven,
+            on_phase=self._on_phase,
         )
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.bye_on_exit = driven
-        self.should_exit = threading.Event()
-        self.bound = threading.Event()
-        self.endpoint = ""
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.auth: AllowListAuthenticator | None = None
-        self.dropped = 0
+        if start:
+            engine.start()
+        return engine
+
+    def _export(self, engine: RoundEngine) -> None:
+        out = engine.config.run.export_dir
+        if out is not None:
+            written = engine.method.export(out, base_model_name=engine.config.run.model)
+            log.info("run %s exported: %s", engine.run_id, written["adapter"])
 
     def _socket(self) -> zmq.Socket[bytes]:
         server = self.config.server
@@ -131,7 +172,10 @@ class AggregatorService:
             self.dropped += 1
             return
         if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
-            log.warning("connection %r: User-Id does not match or key revoked; refused", agent_id)
+            assert self.auth is not None
+            self.auth.refusals.refused(
+                f"connection {agent_id!r}", "its CURVE key's agent id does not match, or revoked"
+            )
             self._send(
                 sock,
                 Outgoing(
@@ -204,8 +248,11 @@ class AggregatorService:
 
     def run(self) -> int:
         """Serve until the run is finished or ``should_exit``; return an exit code."""
-        self.engine.start()
+        if self.lifecycle is None:
+            self.engine.start()
         sock = self._socket()
+        if self.lifecycle is not None:
+            self.admin = AdminServer(self.ctx, self.config.server.state_dir, self._admin)
         try:
             backlog = self._self_test(sock) if self.auth is not None else []
             self.bound.set()
@@ -220,6 +267,8 @@ class AggregatorService:
             self._loop(sock)
         finally:
             sock.close(linger=1000)
+            if self.admin is not None:
+                self.admin.close()
             if self.auth is not None:
                 self.auth.stop()
             self.ledger.close()
@@ -233,6 +282,9 @@ class AggregatorService:
     def _loop(self, sock: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if self.admin is not None:
+            poller.register(self.admin.socket, zmq.POLLIN)
+        self._sock = sock
         while not self.should_exit.is_set():
             while not self._calls.empty():
                 self._calls.get()()
@@ -244,18 +296,72 @@ class AggregatorService:
                     except zmq.Again:
                         break
                     self._handle(sock, frames, time.monotonic())
+            if self.admin is not None and self.admin.socket in events:
+                self.admin.serve_one()
+            if self.lifecycle is not None:
+                self._step(sock)
+                continue
             for out in self.engine.tick(time.monotonic()):
                 self._send(sock, out)
             if self.engine.finished:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
                 return
-        if self.bye_on_exit:
+        if self.lifecycle is not None:
+            active = self.lifecycle.active
+            log.info(
+                "shutting down: %d agents told; %s",
+                len(self.engine.registry.live()),
+                f"run {active} resumes on restart" if active else "no run was active",
+            )
+            for agent_id in self.engine.registry.live():
+                self._send(sock, Outgoing(agent_id, Bye(reason="aggregator shutting down")))
+        elif self.bye_on_exit:
             for out in self.engine.goodbye():
                 self._send(sock, out)
 
+    def _step(self, sock: zmq.Socket[bytes]) -> None:
+        """One tick of a serving aggregator: the engine's clock, then the run lifecycle."""
+        assert self.lifecycle is not None
+        now = time.monotonic()
+        try:
+            outs = self.engine.tick(now)
+        except StateError:
+            raise
+        except Exception as exc:  # the run cannot go on; the service and the next runs can
+            log.exception("run %s: round engine failed", self.engine.run_id)
+            self.lifecycle.fail(exc)
+            outs = self.engine.goodbye("run failed")
+        for out in outs + self.lifecycle.step(now):
+            self._send(sock, out)
+        self.engine = self.lifecycle.engine or self.engine
+        if self.exit_when_done and self.lifecycle.active is None:
+            log.info("no run active or queued; exiting (--exit-when-done)")
+            self.should_exit.set()
+
+    def _admin(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one admin request (on the loop thread)."""
+        assert self.lifecycle is not None
+        outs, reply = admin_request(self.lifecycle, self.config, request)
+        for out in outs:
+            self._send(self._sock, out)
+        self.engine = self.lifecycle.engine or self.engine
+        return reply
+
     def export(self, out_dir: Path) -> dict[str, Path]:
         return self.method.export(out_dir, base_model_name=self.config.run.model)
+
+
+def _model_of(config: AggregatorConfig) -> BaseModelRef:
+    """The base model a run trains: ``run.model_sha256``, else the hash of ``run.model_dir``."""
+    sha = config.run.model_sha256
+    if sha is None:
+        if config.run.model_dir is None:
+            raise ConfigError("run.model_sha256 (or run.model_dir to hash) is required")
+        from aggregator.store.modelhash import weights_sha256
+
+        sha = weights_sha256(config.run.model_dir)
+    return BaseModelRef(name=config.run.model, sha256=sha)
 
 
 __all__ = ["AggregatorService", "RoundSummary"]

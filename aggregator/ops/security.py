@@ -20,6 +20,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from aggregator.errors import ConfigError
+from aggregator.ops.refusals import RefusalLog, RefusalLogging
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ def read_allow_list(allow_dir: Path) -> dict[bytes, str]:
     return keys
 
 
-class AllowListAuthenticator(ThreadAuthenticator):
-    """ZAP handler: CURVE clients whose key is in the allow-list; User-Id = agent id."""
+class AllowListAuthenticator(RefusalLogging, ThreadAuthenticator):
+    """ZAP handler: CURVE clients whose key is in the allow-list; User-Id = agent id. Refused
+    handshakes are logged (once per peer, then once a minute; :mod:`aggregator.ops.refusals`)."""
 
     def __init__(
         self, context: zmq.Context[zmq.Socket[bytes]], allow_dir: Path, refresh_s: float = 2.0
@@ -50,6 +52,7 @@ class AllowListAuthenticator(ThreadAuthenticator):
         self._lock = threading.Lock()
         self._names: dict[bytes, str] = {}
         self._loaded = 0.0
+        self.refusals = RefusalLog()
 
     def reload(self) -> dict[bytes, str]:
         names = read_allow_list(self.allow_dir)

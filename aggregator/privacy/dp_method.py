@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from aggregator.privacy import dp
 from aggregator.methods import AgentView, Assignment, ServerMethod, Update
+from aggregator.privacy import dp
 from aggregator.privacy.config import PrivacySection
 from protocol.messages import TaskResult
 

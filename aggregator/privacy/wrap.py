@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aggregator.privacy.dp_method import DpServer
 from aggregator.methods import ServerMethod
+from aggregator.privacy.dp_method import DpServer
 from aggregator.privacy.secagg_method import SecureServer
 
 if TYPE_CHECKING:

@@ -162,6 +162,10 @@ class Ledger:
         row = self._one("SELECT * FROM runs WHERE run_id=?", run_id)
         return None if row is None else _decode(row, "config")
 
+    def run_ids(self) -> list[str]:
+        """Every run id, in the order the runs were created."""
+        return [str(r[0]) for r in self._all("SELECT run_id FROM runs ORDER BY rowid")]
+
     def latest_run(self) -> str | None:
         """The run id created last, or None."""
         row = self._one("SELECT run_id FROM runs ORDER BY rowid DESC LIMIT 1")

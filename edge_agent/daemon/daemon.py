@@ -7,6 +7,13 @@ busy with task and progress). Any message from the aggregator proves it alive; a
 intervals of silence the socket is closed and, after a backoff (``reconnect_min`` doubling to
 ``reconnect_max``, ±25% jitter), a new session starts with a new ``Hello``.
 
+A ``Bye`` that names a run says that run is over: the agent stays connected, says so once in
+its log, and joins the next run when the aggregator (which then no longer knows it) answers a
+heartbeat with UNKNOWN_AGENT and a new ``Hello`` is welcomed. A ``Bye`` without a run id (the
+aggregator shutting down) ends the session. MODEL_MISMATCH or UNSUPPORTED_METHOD in answer to
+the Hello mean the active run is not for this agent: it logs what it waits for once and asks
+again every ``reconnect_max`` seconds.
+
 Incoming: ``TaskAssign`` → params checked with :func:`protocol.methods.parse_params`, then the
 stored result is resent (task already done), ignored (queued or running) or queued for the
 worker; ``Ack`` → the result leaves the outbox; ``ErrorReply`` STALE_TASK/REJECTED_UPDATE for a
@@ -59,6 +66,13 @@ class _End(enum.Enum):
     STOP = "stop"
     REFUSED = "refused"
     LOST = "lost"
+    WAIT = "wait"
+    """The active run is not one this agent can join (another model): ask again later."""
+
+
+WAITS = frozenset({ErrorCode.MODEL_MISMATCH, ErrorCode.UNSUPPORTED_METHOD})
+"""Answers to Hello that the next run may not give: the agent waits (``reconnect_max``
+between tries) instead of exiting."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,10 @@ class Daemon:
         )
         self._welcomed = False
         self._hello_id = ""
+        self._run_over = ""  # the run the aggregator said is over (we wait for the next)
+        self._waiting_for = ""  # why the aggregator would not take us (logged once)
+        self._unanswered = 0  # Hellos in a row that got no answer
+        self._told = ""  # the handshake failure last logged
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Daemon:
@@ -194,8 +212,12 @@ class Daemon:
             if end is _End.STOP:
                 break
             self.link.close()
-            delay = self.backoff.next_delay()
-            self.log.info("reconnecting in %.2f s", delay)
+            if end is _End.WAIT:
+                delay = self.backoff.high
+                self.log.debug("asking again in %.0f s", delay)
+            else:
+                delay = self.backoff.next_delay()
+                self.log.info("reconnecting in %.2f s", delay)
             if self._stop.wait(delay):
                 break
         return EXIT_OK
@@ -227,7 +249,7 @@ class Daemon:
             now = self.clock()
             if beats.lost(now):
                 if not self._welcomed:
-                    self.log.error("%s", no_answer_hint(self.link.settings))
+                    self._no_answer()
                 else:
                     self.log.warning(
                         "aggregator silent for %.2f s (%d × %.2f s); reconnecting",
@@ -297,14 +319,51 @@ class Daemon:
         elif isinstance(h, ErrorReply):
             return self._on_error(h)
         elif isinstance(h, Bye):
-            self.log.info("aggregator said bye (%s)", h.reason or "no reason")
-            if self.settings.stop_on_bye:
-                self._stop.set()
-                return _End.STOP
-            return _End.LOST
+            return self._on_bye(h)
         else:
             self.log.warning("unexpected %s message from the aggregator ignored", h.type)
         return None
+
+    def _on_bye(self, h: Bye) -> _End | None:
+        """A Bye naming a run: that run is over, stay connected for the next; without one: the
+        aggregator is going away, reconnect (with backoff)."""
+        if self.settings.stop_on_bye:
+            self.log.info("aggregator said bye (%s)", h.reason or "no reason")
+            self._stop.set()
+            return _End.STOP
+        if h.run_id:
+            if h.run_id != self._run_over:
+                self._run_over = h.run_id
+                self.log.info(
+                    "run %s: %s; staying connected, waiting for the next run",
+                    h.run_id,
+                    h.reason or "over",
+                )
+            return None
+        self.log.info(
+            "aggregator said bye (%s); waiting for it to come back (retrying every %.0f s at most)",
+            h.reason or "no reason",
+            self.backoff.high,
+        )
+        self._unanswered = 1  # its absence is announced: no error when the next Hello fails
+        return _End.LOST
+
+    def _no_answer(self) -> None:
+        """A Hello got no answer: the first time in a row an error with what to check (unless
+        the aggregator said it was going away), then quietly (each retry is logged)."""
+        problem = self.link.handshake_problem()
+        if problem is not None and problem != self._told:
+            self.log.error("%s", problem)  # the aggregator's side said why: say it once
+            self._told = problem
+        elif problem is None and self._unanswered == 0:
+            self.log.error("%s", no_answer_hint(self.link.settings))
+        self._unanswered += 1
+        if self._unanswered in (10, 100, 1000):
+            self.log.warning(
+                "still no answer from %s after %d tries",
+                self.link.settings.endpoint,
+                self._unanswered,
+            )
 
     def _on_welcome(self, h: Welcome) -> _End | None:
         if h.version not in PROTOCOL_VERSIONS:
@@ -314,8 +373,12 @@ class Daemon:
         self._welcomed = True
         self.beats.welcome(h.heartbeat_interval, h.liveness, now)
         self.backoff.reset()
+        self._waiting_for = ""
+        self._unanswered = 0
+        self._told = ""
         self.log.info(
-            "welcomed: protocol v%d, heartbeat %.2f s, liveness %d",
+            "welcomed to run %s: protocol v%d, heartbeat %.2f s, liveness %d",
+            h.run_id or "-",
             h.version,
             h.heartbeat_interval,
             h.liveness,
@@ -347,13 +410,26 @@ class Daemon:
 
     def _on_error(self, h: ErrorReply) -> _End | None:
         if not self._welcomed and is_refusal(h, self._hello_id):
+            if h.code in WAITS:
+                if h.reason != self._waiting_for:
+                    self._waiting_for = h.reason
+                    self.log.warning(
+                        "waiting for a run this agent can join (asking every %.0f s): %s: %s",
+                        self.backoff.high,
+                        h.code.value,
+                        h.reason,
+                    )
+                return _End.WAIT
             self.log.error("aggregator refused this agent: %s: %s", h.code.value, h.reason)
             return _End.REFUSED
         if h.task_id and h.code in DROPS:
             self.uploads.drop(h)
             return None
         if h.code is ErrorCode.UNKNOWN_AGENT and self._welcomed:
-            self.log.warning("aggregator no longer knows this agent; saying hello again")
+            if self._run_over:  # expected: the next run has started
+                self.log.info("a new run may have started; saying hello again")
+            else:
+                self.log.warning("aggregator no longer knows this agent; saying hello again")
             self._welcomed = False
             self._send_hello()
             return None

@@ -6,7 +6,9 @@ methods it runs (at most 32), the hash of its base model, the objects it already
 role (``agent``, or ``region`` for a regional tier's upstream link).
 
 The aggregator answers with ``Welcome`` or an ``ErrorReply``. One of :data:`REFUSALS` in answer
-to the Hello cannot be fixed by retrying: the daemon exits with code 2. No answer at all is
+to the Hello cannot be fixed by retrying: the daemon exits with code 2, except MODEL_MISMATCH
+and UNSUPPORTED_METHOD, which the next run of a serving aggregator may not give (the daemon
+waits for it, see :data:`edge_agent.daemon.daemon.WAITS`). No answer at all is
 usually a wrong address or key; :func:`no_answer_hint` says what to check.
 """
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from edge_agent.errors import ConfigError
 from protocol.frames import Buffer, Decoded, decode, encode
@@ -36,6 +37,14 @@ MAX_MESSAGE_BYTES = 2 << 30
 """Largest inbound frame accepted (a FedBiOT emulator of a small model fits)."""
 PROBE_BYTES = 1 << 20
 PROBE_BLOB = "probe"
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+"""A CURVE client's handshake events: a ZAP refusal comes as FAILED_AUTH (status 400); a
+server key that is not the server's as FAILED_NO_DETAIL (the server hangs up, EPIPE)."""
 
 
 class AgentLog(logging.LoggerAdapter[logging.Logger]):
@@ -93,6 +102,8 @@ class Link:
         self.settings = settings
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
+        self._handshake_problem: str | None = None
         self._poller = zmq.Poller()
         self.log = agent_log(logger, settings.agent_id)
 
@@ -116,14 +127,44 @@ class Link:
             sock.curve_secretkey = s.curve.secret
             sock.curve_publickey = s.curve.public
             sock.curve_serverkey = s.curve.server
+            self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._handshake_problem = None
         sock.connect(s.endpoint)
         self._socket = sock
         self._poller.register(sock, zmq.POLLIN)
         self.log.debug("connecting to %s (%s)", s.endpoint, "CURVE" if s.curve else "insecure")
 
+    def handshake_problem(self) -> str | None:
+        """Why the CURVE handshake failed this session, if the aggregator's side said so
+        (ZAP status 400: key refused; a cryptographic error: the wrong server key)."""
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_problem = None
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._handshake_problem = (
+                    f"the aggregator at {self.settings.endpoint} refused this agent's CURVE key "
+                    f"(status {event['value']}): this agent's public key file is not in its "
+                    "allow-list directory under the agent's id, or it was revoked"
+                )
+            elif event["event"] in (
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            ):
+                self._handshake_problem = (
+                    f"the CURVE handshake with {self.settings.endpoint} failed (the other end "
+                    "could not decrypt it, or does not speak CURVE): check that "
+                    "security.server_public_key is the aggregator's public key"
+                )
+        return self._handshake_problem
+
     def close(self) -> None:
         if self._socket is None:
             return
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
         self._poller.unregister(self._socket)
         self._socket.close()
         self._socket = None
@@ -154,7 +195,8 @@ class Link:
 
 
 class Backoff:
-    """Reconnect delays: ``low`` doubling up to ``high``, each with ±25% jitter."""
+    """Reconnect delays: ``low`` doubling up to ``high``, each with ±25% jitter; no delay
+    exceeds ``high`` (the cap holds with the jitter)."""
 
     def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
         self.low, self.high = low, high
@@ -162,7 +204,7 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        delay = self._current * self._rng.uniform(0.75, 1.25)
+        delay = min(self._current * self._rng.uniform(0.75, 1.25), self.high)
         self._current = min(self._current * 2, self.high)
         return delay
 

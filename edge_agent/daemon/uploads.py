@@ -129,13 +129,20 @@ class Uploads:
 
     def on_ack(self, h: Ack) -> None:
         self._awaiting.pop(h.task_id, None)
+        self._sent_this_session.discard(h.task_id)
         if self.outbox.remove(h.task_id):
             how = "acknowledged" if h.accepted else "recorded but not accepted"
             self.log.info("task %s round %d: result %s", h.task_id, h.round, how)
 
     def drop(self, h: ErrorReply) -> None:
-        """The aggregator will never take this task's result: it leaves the outbox."""
+        """The aggregator will never take this task's result: it leaves the outbox.
+
+        The task id is forgotten too: a restarted aggregator may reopen the same task (ids are a
+        function of run, round and agent), and the retrained result must then be sent.
+        """
         dropped = self.outbox.remove(h.task_id)
+        self._sent_this_session.discard(h.task_id)
+        self._awaiting.pop(h.task_id, None)
         self.log.warning(
             "task %s round %d: %s: %s%s",
             h.task_id,

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from edge_agent.privacy.dp import clip_and_noise
 from edge_agent.errors import TaskError
 from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutput, Workspace
+from edge_agent.privacy.dp import clip_and_noise
 from edge_agent.privacy.secagg import SecAggClient
 from protocol import payloads
 from protocol.errors import ProtocolError

@@ -10,11 +10,11 @@ import torch
 from dp_accounting import dp_event, rdp
 from engine_harness import Harness, assigns, lora_state, start_round
 
-from aggregator.privacy import dp
-from aggregator.privacy.dp_method import DpServer
 from aggregator.methods import Update
 from aggregator.methods.fedit.server import FeditServer
+from aggregator.privacy import dp
 from aggregator.privacy.config import PrivacySection
+from aggregator.privacy.dp_method import DpServer
 from edge_agent.privacy.dp import clip_and_noise
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import zmq
@@ -23,9 +24,9 @@ def free_port() -> int:
 
 
 def run_agent(
-    tmp: Path, model_dir: Path, endpoint: str, security: dict[str, object], expect: str
+    tmp: Path, model_dir: Path, endpoint: str, security: dict[str, object], until: str
 ) -> str:
-    """Run the agent until it has printed ``expect`` (120 s at most), then SIGTERM it."""
+    """Run an agent until its output shows ``until`` (or 120 s pass), then SIGTERM it."""
     data = tmp / "data.jsonl"
     data.write_text('{"instruction": "Say hi", "output": "hi"}\n' * 4, encoding="utf-8")
     cfg = tmp / "agent.toml"
@@ -40,26 +41,17 @@ def run_agent(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )  # fmt: skip
-    assert proc.stdout is not None
     lines: list[str] = []
-    seen = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if expect in "".join(lines):
-                seen.set()
-
-    reader = threading.Thread(target=read, daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))  # type: ignore[union-attr]
     reader.start()
-    seen.wait(120)
+    deadline = time.monotonic() + 120
+    while until not in "".join(lines) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    reader.join(30)
-    proc.stdout.close()
+    proc.wait(timeout=30)
+    reader.join(timeout=30)
+    proc.stdout.close()  # type: ignore[union-attr]
     out = "".join(lines)
-    assert seen.is_set(), out
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     return out
@@ -67,7 +59,7 @@ def run_agent(
 
 def test_unreachable_aggregator_says_what_to_check(tmp_path: Path, tiny_model_dir: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
-    out = run_agent(tmp_path, tiny_model_dir, endpoint, {"insecure": True}, "that it runs")
+    out = run_agent(tmp_path, tiny_model_dir, endpoint, {"insecure": True}, "no answer")
     assert f"no answer from the aggregator at {endpoint}" in out
     assert "that it runs" in out
 
@@ -88,9 +80,10 @@ def test_wrong_server_key_says_what_to_check(tmp_path: Path, tiny_model_dir: Pat
     try:
         out = run_agent(tmp_path, tiny_model_dir, f"tcp://127.0.0.1:{port}", {
             "secret_key": str(keys / "edge-1.key_secret"), "server_public_key": other_pub},
-            "allow-list")  # fmt: skip
+            "could not decrypt it")  # fmt: skip
     finally:
         server.close(linger=0)
         ctx.term()
+    # the handshake's failure event says which key is wrong (not the generic hint)
+    assert "CURVE handshake with" in out and "could not decrypt it" in out
     assert "security.server_public_key is the aggregator's public key" in out
-    assert "allow-list" in out

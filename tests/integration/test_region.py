@@ -48,7 +48,7 @@ def test_two_tier_processes_commit_the_flat_mean(tmp_path: Path) -> None:
         files.append(open(tmp_path / f"{name}.log", "wb"))  # noqa: SIM115
         return files[-1]
 
-    procs = [subprocess.Popen(aggregator("serve", "--config", str(tmp_path / "up.toml")),
+    procs = [subprocess.Popen(aggregator("serve", "--config", str(tmp_path / "up.toml"), "--exit-when-done"),
                               stdout=subprocess.DEVNULL, stderr=log("up"))]  # fmt: skip
     lights = []
     for name, agents in REGIONS.items():

@@ -102,7 +102,7 @@ def test_a_region_runs_the_method_end_to_end(
         return subprocess.Popen([sys.executable, "-m", *args], stdout=logs[-1],
                                 stderr=subprocess.STDOUT, env=env)  # fmt: skip
 
-    servers = [start("up", "aggregator", "serve", "--config", str(up)),
+    servers = [start("up", "aggregator", "serve", "--config", str(up), "--exit-when-done"),
                start("east", "aggregator", "region", "--config", str(east))]  # fmt: skip
     agents = []
     for tier, ids in AGENTS.items():

@@ -163,8 +163,8 @@ def test_distributed_dp_with_secure_aggregation_reports_epsilon_per_round(
 ) -> None:
     from click.testing import CliRunner
 
-    from aggregator.privacy import dp
     from aggregator.cli import main
+    from aggregator.privacy import dp
 
     privacy = {"secure_aggregation": True, "dp": "central", "dp_clip": 0.05,
                "noise_multiplier": 1.2, "delta": 1e-5}  # fmt: skip

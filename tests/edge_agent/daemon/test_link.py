@@ -4,6 +4,7 @@ Timings: heartbeat interval 0.1 s and liveness 3, so the agent gives up on a sil
 after 0.3 s; the fake training step sleeps 0.9 s, three liveness windows.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -570,6 +571,8 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
     delays = [backoff.next_delay() for _ in range(8)]
     nominal = [1, 2, 4, 8, 16, 32, 32, 32]
     assert all(0.75 * n <= d <= 1.25 * n for d, n in zip(delays, nominal, strict=True))
+    assert max(delays) <= 32.0  # the cap holds with the jitter (a wait of 39.8 s was seen)
+    assert max(Backoff(32.0, 32.0, random.Random(s)).next_delay() for s in range(50)) <= 32.0
     assert len({round(d / n, 6) for d, n in zip(delays, nominal, strict=True)}) > 1  # jittered
     backoff.reset()
     assert 0.75 <= backoff.next_delay() <= 1.25
@@ -610,3 +613,56 @@ def test_a_large_result_waits_for_its_grant_and_is_resent_after_a_reconnect(
     agg.send(Ack(task_id="big-1"))
     agg.expect(Heartbeat, where=lambda h: h.ready == [] and not h.probe)  # probes carry no list
     assert harness.outbox_files() == []
+
+
+def test_a_task_reopened_after_stale_task_is_retrained_and_its_new_result_sent(
+    harness: Harness,
+) -> None:
+    """A restarted aggregator refuses a result STALE_TASK, then reopens the same task id: the
+    retrained result must go out (it used to sit in the outbox until the agent restarted)."""
+    agg = harness.agg
+    harness.connect()
+    agg.send(assign("t-1"))
+    first, _ = agg.expect(TaskResult, "t-1")
+    agg.send(ErrorReply(code=ErrorCode.STALE_TASK, reason="task t-1 is not open", task_id="t-1"))
+    agg.expect(Heartbeat, where=lambda _h: harness.outbox_files() == [])
+    agg.send(assign("t-1"))  # the round reopens with the same (deterministic) task id
+    second, _ = agg.expect(TaskResult, "t-1", where=lambda h: h.msg_id != first.msg_id)
+    assert RUNS == ["t-1", "t-1"]
+    agg.send(Ack(task_id="t-1"))
+    harness.wait_outbox_empty()
+    assert harness.outbox_files() == []
+
+
+def test_between_runs_the_agent_stays_connected_and_waits_for_a_run_of_its_model(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    agg = harness.agg
+    running, first = harness.connect()
+    agg.expect(Heartbeat)
+    # the run is over: one log line, the session stays (no new Hello), heartbeats go on
+    agg.send(Bye(run_id="r1", reason="run finished"))
+    agg.send(Bye(run_id="r1", reason="run is over"))
+    since = time.monotonic()
+    agg.expect(Heartbeat, where=lambda _h: time.monotonic() - since > 2 * WINDOW)
+    assert agg.of_type(Hello, since=since) == []
+    assert caplog.text.count("run r1: run finished; staying connected") == 1
+    # the next run (its engine does not know us yet) is on another model: wait, ask again
+    beat, _ = agg.expect(Heartbeat)
+    agg.send(ErrorReply(code=ErrorCode.UNKNOWN_AGENT, reason="say Hello first", ref=beat.msg_id))
+    for _ in range(3):
+        hello, _ = agg.expect(Hello, timeout=5)
+        agg.send(
+            ErrorReply(code=ErrorCode.MODEL_MISMATCH, reason="run r2 trains m2", ref=hello.msg_id)
+        )
+    assert caplog.text.count("waiting for a run this agent can join") == 1
+    hello, _ = agg.expect(Hello, timeout=5)  # and a run of its model comes: it joins
+    agg.welcome()
+    agg.expect(Heartbeat, where=lambda h: not h.probe)
+    assert running.code == [] and running.thread.is_alive()
+    # an aggregator that goes away says so without a run id: the session ends, Hello again
+    agg.send(Bye(reason="aggregator shutting down"))
+    agg.expect(Hello, timeout=5)
+    assert "aggregator said bye (aggregator shutting down); waiting for it" in caplog.text
+    assert first.agent_id == hello.agent_id == AGENT
