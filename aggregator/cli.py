@@ -394,5 +394,13 @@ def report(state_dir: Path, out: Path, run_id: str | None) -> None:
         click.echo(f"plot:   {png}")
 
 
+def _add_data_commands() -> None:
+    from aggregator.data_cli import data
+
+    main.add_command(data)
+
+
+_add_data_commands()
+
 if __name__ == "__main__":
     main()
