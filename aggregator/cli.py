@@ -151,6 +151,13 @@ def region(config_path: Path, verbose: int) -> None:
     type=click.IntRange(0, 64),
     help="Put the agents behind this many regional tiers (their own processes; 0: none).",
 )
+@click.option(
+    "--data",
+    default="demo",
+    show_default=True,
+    help="demo (built-in synthetic set), natural-instructions (prepared in the workdir), or a "
+    "directory written by `edgefed-aggregator data natural-instructions`.",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -172,6 +179,7 @@ def local(
     agent_limits: tuple[str, ...],
     params: tuple[str, ...],
     regions: int,
+    data: str,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
@@ -205,6 +213,7 @@ def local(
         method_params=method_params,
         agent_limits=limits,
         regions=regions,
+        data=data,
     )
     try:
         run_local(opts)
