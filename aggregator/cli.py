@@ -262,6 +262,7 @@ def status(state_dir: Path, as_json: bool) -> None:
                 }
                 for r in rounds
             ],
+            "evals": ledger.evals(run_id) if run_id else [],
         }
         ledger.close()
     except AggregatorError as exc:
@@ -290,6 +291,23 @@ def status(state_dir: Path, as_json: bool) -> None:
             f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
             f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
         )
+    _print_evals(data["evals"])
+
+
+def _print_evals(evals: list[dict[str, Any]]) -> None:
+    """Every evaluation of the global, per agent and in aggregate (round 0: the base)."""
+    if not evals:
+        return
+    click.echo(
+        f"{'eval':>5} {'agent':<16} {'examples':>8} {'eval loss':>9} {'Rouge-L':>7} {'EM':>6}"
+    )
+    for ev in evals:
+        for who, m in [*sorted(ev["agents"].items()), ("all (weighted)", ev["aggregate"])]:
+            click.echo(
+                f"{ev['round']:>5} {who:<16} {_cell(m, 'examples', '.0f'):>8} "
+                f"{_cell(m, 'eval_loss', '.4f'):>9} {_cell(m, 'eval_rouge_l', '.4f'):>7} "
+                f"{_cell(m, 'eval_em', '.3f'):>6}"
+            )
 
 
 def _method_state(state_dir: Path) -> dict[str, str]:
