@@ -148,6 +148,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "state_dir": str(workdir / "state"),
             "heartbeat_interval": 1.0,
             "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
+            "max_message_bytes": 2 << 30,  # as the agents' limit: fedavg sends whole models
         },
         "security": {"regions": list(members)}
         | (
