@@ -24,10 +24,10 @@ def data() -> None:
     """Prepare datasets for ``local --data DIR`` and for agents."""
 
 
-def token_counter(tokenizer: str) -> tuple[Callable[[str], int], str]:
-    """A text's token count by ``tokenizer`` (a model spec, or ``words`` for whitespace words)."""
+def token_counter(tokenizer: str) -> tuple[Callable[[list[str]], list[int]], str]:
+    """Texts' token counts by ``tokenizer`` (a model spec, or ``words`` for whitespace words)."""
     if tokenizer == "words":
-        return (lambda text: len(text.split())), "words"
+        return (lambda texts: [len(t.split()) for t in texts]), "words"
     from transformers import AutoTokenizer
 
     from edge_agent.errors import EdgeAgentError
@@ -39,8 +39,10 @@ def token_counter(tokenizer: str) -> tuple[Callable[[str], int], str]:
         raise AggregatorError(str(exc)) from None
     tok = AutoTokenizer.from_pretrained(str(resolved.path))
 
-    def count(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+    def count(texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
     return count, f"{tokenizer} (sha256 {resolved.sha256[:16]})"
 

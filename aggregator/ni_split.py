@@ -41,7 +41,8 @@ from aggregator.errors import ConfigError
 from aggregator.natural_instructions import Subtask
 
 Record = dict[str, Any]
-Counter = Callable[[str], int]
+Counter = Callable[[list[str]], list[int]]
+"""Token counts of a batch of texts."""
 
 DEFAULT_TASKS: tuple[str, ...] = (
     "subtask007_mctaco_answer_generation_transient_stationary",
@@ -86,10 +87,12 @@ def within_budget(
     kept: dict[str, list[Record]] = {}
     report: dict[str, dict[str, int]] = {}
     for task in tasks:
+        prompts = count([f"{task.instruction}\n\n{text}" for text, _ in task.examples])
+        answers = count([refs[0] for _, refs in task.examples])
         records = [
             _record(task, text, refs)
-            for text, refs in task.examples
-            if count(f"{task.instruction}\n\n{text}") + count(refs[0]) <= budget
+            for (text, refs), p, a in zip(task.examples, prompts, answers, strict=True)
+            if p + a <= budget
         ]
         kept[task.name] = records
         report[task.name] = {"kept": len(records), "over_budget": len(task.examples) - len(records)}
@@ -126,7 +129,7 @@ def make_ni_split(
     budget: int,
     count: Counter,
 ) -> NISplit:
-    """Split ``tasks`` by the module's rules; ``count`` gives a text's token count."""
+    """Split ``tasks`` by the module's rules; ``count`` gives texts' token counts."""
     if agents < 1 or per_agent < 1 or n_eval < 0 or n_public < 0 or public_tasks < 0:
         raise ConfigError(
             "need agents >= 1, per-agent >= 1 and eval, public, public-tasks >= 0 "
@@ -197,7 +200,7 @@ def make_ni_split(
         "public": _tally(public),
         "budget": budget_report,
         "max_reference_tokens": max(
-            (count(ref) for r in eval_set for ref in r["references"]), default=0
+            count([ref for r in eval_set for ref in r["references"]]) or [0]
         ),
     }
     return NISplit(agents=agent_sets, eval=eval_set, public=public, meta=meta)

@@ -57,8 +57,8 @@ def archive(tmp_path: Path) -> Path:
     return _archive(tmp_path, tasks)
 
 
-def words(text: str) -> int:
-    return len(text.split())
+def words(texts: list[str]) -> list[int]:
+    return [len(t.split()) for t in texts]
 
 
 def test_reader_finds_subtasks_by_name_or_number_with_all_references(archive: Path) -> None:
