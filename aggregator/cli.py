@@ -281,13 +281,15 @@ def status(state_dir: Path, as_json: bool) -> None:
             f"{', '.join(a['gpus']) or '-'}"
         )
     click.echo(
-        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'eval EM':>7} "
+        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'Rouge-L':>7} "
+        f"{'eval EM':>7} "
         f"{'up/agent B':>11} {'down/agent B':>12}"
     )
     for r in data["rounds"]:
         click.echo(
             f"{r['round']:>5} {len(r['assigned']):>6} {_cell(r, 'train_loss', '.4f'):>10} "
-            f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_em', '.3f'):>7} "
+            f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_rouge_l', '.4f'):>7} "
+            f"{_cell(r, 'eval_em', '.3f'):>7} "
             f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
             f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
         )
