@@ -11,9 +11,13 @@ from _scoreboard_stats import curves, groups
 
 AXES = (
     ("round", "round", "linear"),
-    ("cum_bytes", "cumulative bytes on the wire, all agents", "symlog"),
+    ("cum_bytes", "cumulative bytes on the wire, all agents", "log"),
     ("sim_seconds", "simulated seconds (slowest agent: train + transfer)", "linear"),
 )
+
+
+def scale_of(x_key: str) -> str:
+    return next(scale for key, _, scale in AXES if key == x_key)
 
 
 def plot_metric(
@@ -32,6 +36,9 @@ def plot_metric(
             if reference and x_key == "cum_bytes":
                 continue  # nothing travels
             xs, ys, sds = curves(rs, x_key, key)
+            if scale_of(x_key) == "log":  # a log axis shows only what has moved bytes
+                kept = [i for i, x in enumerate(xs) if x > 0]
+                xs, ys, sds = ([v[i] for i in kept] for v in (xs, ys, sds))
             if not xs:
                 continue
             ax.plot(xs, ys, "--" if reference else "-", marker="o", ms=3, color=color,

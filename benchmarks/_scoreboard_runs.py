@@ -29,6 +29,8 @@ from _scoreboard_stats import simulated_round_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ("centralised", "local only")
+FULL_PARAMETER = ("ferret", "fedavg")
+"""Methods that train an unquantized copy of every weight (fp32 by default) whatever --quant."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class Config:
 
     @property
     def group(self) -> str:
-        return f"{self.method} {self.quant} lr={self.lr:g}"
+        precision = "fp32" if self.method in FULL_PARAMETER else self.quant
+        return f"{self.method} {precision} lr={self.lr:g}"
 
     @property
     def name(self) -> str:
