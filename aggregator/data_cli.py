@@ -31,7 +31,7 @@ def token_counter(tokenizer: str) -> tuple[Callable[[list[str]], list[int]], str
     from transformers import AutoTokenizer
 
     from edge_agent.errors import EdgeAgentError
-    from edge_agent.model_store import resolve_model
+    from edge_agent.model.store import resolve_model
 
     try:
         resolved = resolve_model(tokenizer)

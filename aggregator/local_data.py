@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.demo_data import make_demo_split, write_demo
 from aggregator.errors import AggregatorError
+from aggregator.local.demo_data import make_demo_split, write_demo
 
 DEMO = "demo"
 NATURAL_INSTRUCTIONS = "natural-instructions"

@@ -15,7 +15,7 @@ TASKS = {20: "addition", 33: "reverse", 22: "capital", 39: "uppercase"}
 
 
 def stand_in_archive(path: Path, per_task: int = 40) -> Path:
-    from aggregator.demo_data import INSTRUCTIONS, make_examples
+    from aggregator.local.demo_data import INSTRUCTIONS, make_examples
 
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)

@@ -144,7 +144,7 @@ def run_method(cfg: Config, common: Common, split: Path, work: Path) -> list[dic
 def _train_tasks(ledger_path: Path) -> dict[int, dict[str, dict[str, float]]]:
     """Per round, per agent: the train task's measured seconds and bytes up and down."""
     sys.path.insert(0, str(ROOT))
-    from aggregator.ledger import Ledger
+    from aggregator.store.ledger import Ledger
 
     out: dict[int, dict[str, dict[str, float]]] = {}
     with Ledger(ledger_path) as ledger:
@@ -196,10 +196,10 @@ def run_reference(cfg: Config, common: Common, split: Path) -> list[dict[str, fl
 
     sys.path.insert(0, str(ROOT))
     from aggregator.local_data import prepare_local_data
-    from edge_agent.data import load_jsonl
-    from edge_agent.lora import LoraSpec, attach_lora
-    from edge_agent.model_store import load_base, resolve_model
-    from edge_agent.train import TrainConfig, evaluate, train_lora
+    from edge_agent.model.store import load_base, resolve_model
+    from edge_agent.training.data import load_jsonl
+    from edge_agent.training.lora import LoraSpec, attach_lora
+    from edge_agent.training.train import TrainConfig, evaluate, train_lora
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

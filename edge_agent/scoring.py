@@ -5,7 +5,7 @@ Rouge-L is the F-measure of the longest common subsequence of tokens, computed b
 ``RougeScorer(["rougeL"], use_stemmer=True)``, whose tokenizer lowercases and keeps runs of
 ASCII letters and digits, then Porter-stems words longer than three letters. An answer with
 several references scores the best of them. Exact match compares
-:func:`edge_agent.data.normalize_answer` of both, again the best over references.
+:func:`edge_agent.training.data.normalize_answer` of both, again the best over references.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from edge_agent.data import normalize_answer
+from edge_agent.training.data import normalize_answer
 
 
 @functools.cache

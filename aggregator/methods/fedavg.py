@@ -3,7 +3,7 @@
 The server holds the global model (the base from ``run.model_dir`` in ``fedavg.dtype``, then
 each round's mean). An update is the agent's whole trained state as a ``dense`` payload whose
 names, shapes and dtype must be the global model's; the mean is
-:class:`aggregator.robust.Aggregator`'s (a float64 running sum for ``fedavg``, or a trimmed
+:class:`aggregator.methods.robust.Aggregator`'s (a float64 running sum for ``fedavg``, or a trimmed
 mean or median), and ``aggregation.clip_norm`` bounds ``‖state − global‖`` first. The new
 global model is the mean, cast to ``fedavg.dtype``. The checkpoint is the whole model.
 """
@@ -21,8 +21,8 @@ import torch
 from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from aggregator.methods._full_model import write_full_model
-from aggregator.methods.ferret import load_base_weights
-from aggregator.robust import Aggregator, check_examples, clip_values
+from aggregator.methods.ferret.server import load_base_weights
+from aggregator.methods.robust import Aggregator, check_examples, clip_values
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult

@@ -4,7 +4,7 @@ The agent keeps its own unquantized copy of the base (``ws.cache``), at the glob
 the round it was last sent (``held.round``; the workspace's base stays untouched). A task
 first loads the global model from blob ``global`` (round 0, the base, is copied back from the
 workspace's base when the copy has been trained since). A train task then takes
-``train.steps`` SGD steps with Ferret's loop (:func:`edge_agent.methods.ferret.sgd_steps`,
+``train.steps`` SGD steps with Ferret's loop (:func:`edge_agent.methods.ferret.client.sgd_steps`,
 momentum 0) and sends every parameter as one ``dense`` payload; the copy is then marked as
 trained (``held.round = -1``) until the next global model arrives.
 """
@@ -24,7 +24,7 @@ import torch
 from edge_agent.errors import PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, release_adapter
-from edge_agent.methods.ferret import model_tensors, sgd_steps
+from edge_agent.methods.ferret.client import model_tensors, sgd_steps
 from protocol import payloads
 from protocol.errors import ProtocolError
 from protocol.methods import fedavg as spec

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from engine_harness import Harness, assigns, lora_state
 
 from aggregator.cli import main
-from aggregator.ledger import Ledger
-from aggregator.report import write_report
+from aggregator.ops.report import write_report
+from aggregator.store.ledger import Ledger
 from protocol.messages import TaskAssign, TaskResult
 
 SCORES = {  # round -> agent -> (examples, loss, rouge-l, em)

@@ -9,7 +9,7 @@ import pytest
 
 from aggregator.errors import AggregatorError
 from aggregator.local_data import method_overrides, prepare_local_data
-from edge_agent.data import load_jsonl
+from edge_agent.training.data import load_jsonl
 
 
 def _prepared(tmp_path: Path, agents: int = 2, n_eval: int = 5) -> Path:

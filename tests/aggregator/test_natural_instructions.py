@@ -14,7 +14,7 @@ from aggregator.cli import main
 from aggregator.errors import ConfigError
 from aggregator.natural_instructions import in_order, read_subtasks
 from aggregator.ni_split import NISplit, make_ni_split, within_budget
-from edge_agent.data import load_jsonl
+from edge_agent.training.data import load_jsonl
 
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions"
 
