@@ -424,7 +424,7 @@ def report(state_dir: Path, out: Path, run_id: str | None) -> None:
 
 
 def _add_data_commands() -> None:
-    from aggregator.data_cli import data
+    from aggregator.data.cli import data
 
     main.add_command(data)
 

@@ -195,7 +195,7 @@ def run_reference(cfg: Config, common: Common, split: Path) -> list[dict[str, fl
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from aggregator.local_data import prepare_local_data
+    from aggregator.local.data import prepare_local_data
     from edge_agent.model.store import load_base, resolve_model
     from edge_agent.training.data import load_jsonl
     from edge_agent.training.lora import LoraSpec, attach_lora

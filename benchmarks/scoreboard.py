@@ -22,7 +22,8 @@ Run: ``python benchmarks/scoreboard.py [--methods fedit,slora,ferret,fedbiot,fed
 Each finished configuration is written to ``DIR/results/<name>.json`` as it completes and is
 skipped on the next invocation: an interrupted scoreboard resumes where it stopped, and the
 tables are rebuilt from whatever is on disk (``--tables-only`` just rebuilds them).
-``--quick`` (CI): a tiny random model, fedit and fedavg, two seeds, one round, in a temp dir.
+``--quick`` (CI): a tiny random model, fedit and fedavg (no references), two seeds, one round, in a
+temp dir.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def prepare_split(args: argparse.Namespace, seed: int) -> Path:
     out = args.results / "data" / f"seed-{seed}"
     if (out / "meta.json").is_file():
         return out
-    from aggregator.data_cli import prepare_natural_instructions
+    from aggregator.data.cli import prepare_natural_instructions
 
     prepare_natural_instructions(
         out, tasks=tuple(args.tasks.split(",")) if args.tasks else (), agents=args.agents,
@@ -208,9 +209,10 @@ def quick_setup(args: argparse.Namespace) -> None:
         1,
         2,
     )
+    args.references = ""  # the references run the same code path as a method; CI skips them
     args.per_agent, args.eval_examples, args.public, args.max_tokens = 4, 4, 2, 200
     args.results, args.doc, args.img_dir = scratch, scratch / "scoreboard.md", scratch / "img"
-    from aggregator.natural_instructions import data_cache_dir
+    from aggregator.data.natural_instructions import data_cache_dir
 
     if args.archive is None and not (data_cache_dir() / "bigbench-1.0.0.tar.gz").is_file():
         from _scoreboard_quick import stand_in_archive

@@ -25,10 +25,10 @@ import zmq.auth
 
 from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
+from aggregator.local.data import DEMO, method_overrides, prepare_local_data
 from aggregator.local.options import LocalOptions
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
-from aggregator.local_data import DEMO, method_overrides, prepare_local_data
 from aggregator.ops.config import AggregatorConfig, build_config
 from aggregator.store.export import merge_into_base
 from protocol.messages import BaseModelRef

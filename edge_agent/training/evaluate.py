@@ -3,7 +3,7 @@
 ``evaluate`` pads batches of the tokenized examples and sums the cross-entropy over response
 tokens (fp32, token-weighted, under the model's compute dtype like training); with
 ``exact_match`` it greedy-decodes each prompt (``greedy_continuations``, left-padded batches) and
-scores the continuation against the example's answers (:mod:`edge_agent.scoring`): exact match
+scores the continuation against the example's answers (:mod:`edge_agent.training.scoring`): exact match
 of the normalized text and Rouge-L, each the best over the references.
 """
 
@@ -19,8 +19,6 @@ import torch
 from tqdm import tqdm
 
 from edge_agent.errors import ConfigError, DataError
-from edge_agent.scoring import exact_match as matches
-from edge_agent.scoring import rouge_l
 from edge_agent.training._forward import (
     accepts_logits_to_keep,
     autocast,
@@ -31,6 +29,8 @@ from edge_agent.training._forward import (
     pad_token_id,
 )
 from edge_agent.training.data import Example, TokenizedExample, collate, prompt_ids, tokenize
+from edge_agent.training.scoring import exact_match as matches
+from edge_agent.training.scoring import rouge_l
 
 
 @dataclass

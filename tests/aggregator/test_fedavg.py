@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from aggregator.errors import ConfigError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext
-from aggregator.methods.fedavg import FedAvgServer
+from aggregator.methods.fedavg.server import FedAvgServer
 from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput
-from edge_agent.methods.fedavg import CACHE_KEY, FedAvgClient
+from edge_agent.methods.fedavg.client import CACHE_KEY, FedAvgClient
 from edge_agent.model.store import ResolvedModel, load_base
 from edge_agent.training.data import Example
 from protocol import payloads

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.errors import AggregatorError
-from aggregator.local_data import method_overrides, prepare_local_data
+from aggregator.local.data import method_overrides, prepare_local_data
 from edge_agent.training.data import load_jsonl
 
 

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from aggregator.cli import main
+from aggregator.data.natural_instructions import in_order, read_subtasks
+from aggregator.data.split import NISplit, make_ni_split, within_budget
 from aggregator.errors import ConfigError
-from aggregator.natural_instructions import in_order, read_subtasks
-from aggregator.ni_split import NISplit, make_ni_split, within_budget
 from edge_agent.training.data import load_jsonl
 
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions"

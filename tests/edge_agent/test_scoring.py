@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.scoring import exact_match, rouge_l
 from edge_agent.training.data import Example
+from edge_agent.training.scoring import exact_match, rouge_l
 
 
 def test_rouge_l_is_the_lcs_f_measure() -> None:

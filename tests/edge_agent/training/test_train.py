@@ -11,8 +11,8 @@ import torch
 from torch.nn import functional as F
 
 from edge_agent.errors import ConfigError, DataError, TaskError
-from edge_agent.scoring import rouge_l
 from edge_agent.training.data import Example, tokenize
+from edge_agent.training.scoring import rouge_l
 from edge_agent.training.train import TrainConfig, evaluate, greedy_continuations, train_lora
 
 REPETITIVE = [

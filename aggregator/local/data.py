@@ -1,7 +1,7 @@
 """The data of ``edgefed-aggregator local``: the demo set, Natural Instructions, or a split dir.
 
 ``--data demo`` (the default) writes the built-in synthetic split; ``--data
-natural-instructions`` prepares a Natural Instructions split (:mod:`aggregator.data_cli`) in
+natural-instructions`` prepares a Natural Instructions split (:mod:`aggregator.data.cli`) in
 the run's directory; ``--data DIR`` uses a split prepared before (``agent-<i>.jsonl`` for
 ``i < agents``, ``eval.jsonl``, ``public.jsonl``, and ``meta.json`` when ``data
 natural-instructions`` wrote it). Either way each agent then evaluates a disjoint shard of the
@@ -50,7 +50,7 @@ def prepare_local_data(
         files = write_demo(out, split)
         return _shard(files["eval"], [files[f"agent-{i}"] for i in range(agents)], files["public"])
     if data == NATURAL_INSTRUCTIONS:
-        from aggregator.data_cli import prepare_natural_instructions
+        from aggregator.data.cli import prepare_natural_instructions
 
         prepare_natural_instructions(
             out, agents=agents, per_agent=per_agent, n_eval=n_eval, alpha=alpha, seed=seed

@@ -26,8 +26,8 @@ from aggregator.methods.robust import Aggregator, check_examples, clip_values
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
-from protocol.methods import fedavg as spec
 from protocol.methods import parse_params
+from protocol.methods.fedavg import spec
 
 log = logging.getLogger(__name__)
 

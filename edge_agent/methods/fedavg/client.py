@@ -27,7 +27,7 @@ from edge_agent.methods._common import evaluation_task, release_adapter
 from edge_agent.methods.ferret.client import model_tensors, sgd_steps
 from protocol import payloads
 from protocol.errors import ProtocolError
-from protocol.methods import fedavg as spec
+from protocol.methods.fedavg import spec
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.data.natural_instructions import Subtask
 from aggregator.errors import ConfigError
-from aggregator.natural_instructions import Subtask
 
 Record = dict[str, Any]
 Counter = Callable[[list[str]], list[int]]

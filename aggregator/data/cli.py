@@ -1,8 +1,8 @@
 """``edgefed-aggregator data``: prepare real datasets as edgefed JSONL splits.
 
 ``data natural-instructions --out DIR`` reads Natural Instructions v1 out of the bigbench
-archive (:mod:`aggregator.natural_instructions`), applies the token budget and splits it
-across agents (:mod:`aggregator.ni_split`), and writes ``agent-<i>.jsonl``, ``eval.jsonl``,
+archive (:mod:`aggregator.data.natural_instructions`), applies the token budget and splits it
+across agents (:mod:`aggregator.data.split`), and writes ``agent-<i>.jsonl``, ``eval.jsonl``,
 ``public.jsonl`` and ``meta.json`` into ``DIR``. ``edgefed-aggregator local --data DIR`` runs
 on such a directory.
 """
@@ -66,13 +66,13 @@ def prepare_natural_instructions(
     """Write a Natural Instructions split into ``out``; returns its ``meta.json`` content."""
     import json
 
-    from aggregator.natural_instructions import (
+    from aggregator.data.natural_instructions import (
         ARCHIVE_SHA256,
         archive_path,
         in_order,
         read_subtasks,
     )
-    from aggregator.ni_split import DEFAULT_TASKS, make_ni_split, write_split
+    from aggregator.data.split import DEFAULT_TASKS, make_ni_split, write_split
 
     names = tasks or DEFAULT_TASKS
     path = archive if archive is not None else archive_path()
