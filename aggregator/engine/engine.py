@@ -34,7 +34,15 @@ from aggregator.engine.commits import RoundCommits
 from aggregator.engine.intake import ResultIntake, ack, refusal
 from aggregator.engine.phases import PhaseRules
 from aggregator.engine.registry import Registry
-from aggregator.engine.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for
+from aggregator.engine.rounds import (
+    EVAL_KEYS,
+    Kind,
+    Outgoing,
+    Phase,
+    RoundSummary,
+    eval_rows,
+    task_id_for,
+)
 from aggregator.engine.uploads import UploadWindow, grant_above
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
@@ -361,6 +369,7 @@ class RoundEngine:
             self._round_done(summary)
         else:
             summary.record_eval(phase)
+            self._store_eval(phase, summary)
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
@@ -368,6 +377,14 @@ class RoundEngine:
                 self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
             self._round_done(summary)
         return []
+
+    def _store_eval(self, phase: Phase, summary: RoundSummary) -> None:
+        """Per agent and in aggregate, this evaluation of the global goes to the ledger."""
+        metrics = summary.as_metrics()
+        rows = eval_rows(phase)
+        aggregate = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
+        aggregate["examples"] = sum(r["examples"] for r in rows.values())
+        self.ledger.record_eval(self.run_id, phase.round, rows, aggregate)
 
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)
