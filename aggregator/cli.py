@@ -181,6 +181,13 @@ def region(config_path: Path, verbose: int) -> None:
     show_default=True,
     help="Where DP noise is added (with --dp-epsilon).",
 )
+@click.option(
+    "--data",
+    default="demo",
+    show_default=True,
+    help="demo (built-in synthetic set), natural-instructions (prepared in the workdir), or a "
+    "directory written by `edgefed-aggregator data natural-instructions`.",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -205,6 +212,7 @@ def local(
     secagg: bool,
     dp_epsilon: float | None,
     dp_mode: str,
+    data: str,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
@@ -244,6 +252,7 @@ def local(
         agent_limits=limits,
         regions=regions,
         privacy=local_privacy(secagg=secagg, dp_epsilon=dp_epsilon, dp_mode=dp_mode),
+        data=data,
     )
     try:
         run_local(opts)
@@ -296,6 +305,7 @@ def status(state_dir: Path, run: str | None, as_json: bool) -> None:
                 }
                 for r in rounds
             ],
+            "evals": ledger.evals(run_id) if run_id else [],
         }
         ledger.close()
     except AggregatorError as exc:
@@ -316,13 +326,15 @@ def status(state_dir: Path, run: str | None, as_json: bool) -> None:
             f"{', '.join(a['gpus']) or '-'}"
         )
     click.echo(
-        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'eval EM':>7} "
+        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'Rouge-L':>7} "
+        f"{'eval EM':>7} "
         f"{'up/agent B':>11} {'down/agent B':>12}"
     )
     for r in data["rounds"]:
         click.echo(
             f"{r['round']:>5} {len(r['assigned']):>6} {_cell(r, 'train_loss', '.4f'):>10} "
-            f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_em', '.3f'):>7} "
+            f"{_cell(r, 'eval_loss', '.4f'):>9} {_cell(r, 'eval_rouge_l', '.4f'):>7} "
+            f"{_cell(r, 'eval_em', '.3f'):>7} "
             f"{_cell(r, 'bytes_up_per_agent', '.0f'):>11} "
             f"{_cell(r, 'bytes_down_per_agent', '.0f'):>12}"
             + (
@@ -331,6 +343,23 @@ def status(state_dir: Path, run: str | None, as_json: bool) -> None:
                 else ""
             )
         )
+    _print_evals(data["evals"])
+
+
+def _print_evals(evals: list[dict[str, Any]]) -> None:
+    """Every evaluation of the global, per agent and in aggregate (round 0: the base)."""
+    if not evals:
+        return
+    click.echo(
+        f"{'eval':>5} {'agent':<16} {'examples':>8} {'eval loss':>9} {'Rouge-L':>7} {'EM':>6}"
+    )
+    for ev in evals:
+        for who, m in [*sorted(ev["agents"].items()), ("all (weighted)", ev["aggregate"])]:
+            click.echo(
+                f"{ev['round']:>5} {who:<16} {_cell(m, 'examples', '.0f'):>8} "
+                f"{_cell(m, 'eval_loss', '.4f'):>9} {_cell(m, 'eval_rouge_l', '.4f'):>7} "
+                f"{_cell(m, 'eval_em', '.3f'):>6}"
+            )
 
 
 def _pick_run(ledger: Any, run: str | None) -> str | None:
@@ -474,6 +503,15 @@ def _register() -> None:
 
 
 _register()
+
+
+def _add_data_commands() -> None:
+    from aggregator.data.cli import data
+
+    main.add_command(data)
+
+
+_add_data_commands()
 
 if __name__ == "__main__":
     main()

@@ -89,3 +89,19 @@ def test_gpu_check_on_cuda() -> None:
     assert "device cuda:0" in proc.stdout
     assert "cuda: 16 reference vectors of randomness-v1.json regenerated, 0 differ" in proc.stdout
     assert "CPU agent vs GPU agent:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_scoreboard_quick_mode() -> None:
+    """Four configurations (fedit and fedavg, two seeds each) through the real system on a tiny
+    model: longer than the others, so on its own deadline."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scoreboard.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| fedavg fp32 lr=0.01 | 2 |" in proc.stdout
+    assert "| fedit nf4 lr=0.001 | 2 |" in proc.stdout

@@ -35,7 +35,15 @@ from aggregator.engine.commits import RoundCommits
 from aggregator.engine.intake import ResultIntake, ack, refusal
 from aggregator.engine.phases import PhaseRules
 from aggregator.engine.registry import Registry
-from aggregator.engine.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for
+from aggregator.engine.rounds import (
+    EVAL_KEYS,
+    Kind,
+    Outgoing,
+    Phase,
+    RoundSummary,
+    eval_rows,
+    task_id_for,
+)
 from aggregator.engine.uploads import UploadWindow, grant_above
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
@@ -397,6 +405,7 @@ class RoundEngine:
         else:
             summary.record_eval(phase)
             self._record_evals(phase)
+            self._store_eval(phase, summary)
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
@@ -414,6 +423,14 @@ class RoundEngine:
         for agent_id, result in phase.done.items():
             latest[agent_id] = {"round": phase.round, **result.metrics}
         self.ledger.put_state(self.run_id, "agent_evals", latest)
+
+    def _store_eval(self, phase: Phase, summary: RoundSummary) -> None:
+        """Per agent and in aggregate, this evaluation of the global goes to the ledger."""
+        metrics = summary.as_metrics()
+        rows = eval_rows(phase)
+        aggregate = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
+        aggregate["examples"] = sum(r["examples"] for r in rows.values())
+        self.ledger.record_eval(self.run_id, phase.round, rows, aggregate)
 
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)

@@ -41,6 +41,7 @@ class RoundSummary:
     train_loss: float | None = None
     eval_loss: float | None = None
     eval_em: float | None = None
+    eval_rouge_l: float | None = None
     bytes_up: float = 0.0
     bytes_down: float = 0.0
     eval_bytes_up: float = 0.0
@@ -84,6 +85,7 @@ class RoundSummary:
         n = max(len(phase.assigned), 1)
         self.eval_loss = weighted(results, "eval_loss")
         self.eval_em = weighted(results, "eval_em")
+        self.eval_rouge_l = weighted(results, "eval_rouge_l")
         # what evaluating this round's global cost on the wire (it may carry state the next
         # round needs: Ferret's step, FedBiOT's emulator with the round-0 evaluation)
         self.eval_bytes_up = sum(phase.bytes_up.values()) / n
@@ -100,7 +102,7 @@ class RoundSummary:
         if self.eval_bytes_up or self.eval_bytes_down:
             out["eval_bytes_up_per_agent"] = self.eval_bytes_up
             out["eval_bytes_down_per_agent"] = self.eval_bytes_down
-        for key in ("train_loss", "eval_loss", "eval_em"):
+        for key in ("train_loss", "eval_loss", "eval_em", "eval_rouge_l"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -135,6 +137,19 @@ class Phase:
 def task_id_for(run_id: str, round: int, kind: str, agent_id: str) -> str:
     digest = hashlib.sha256(f"{run_id}|{round}|{kind}|{agent_id}".encode()).hexdigest()[:24]
     return f"r{round}-{kind}-{digest}"
+
+
+EVAL_KEYS = ("eval_loss", "eval_em", "eval_rouge_l")
+
+
+def eval_rows(phase: Phase) -> dict[str, dict[str, float]]:
+    """Per agent of a closed evaluation phase: its eval metrics and how many examples."""
+    return {
+        agent_id: {k: float(v) for k, v in r.metrics.items() if k in EVAL_KEYS}
+        | {"examples": float(r.num_examples)}
+        for agent_id, r in sorted(phase.done.items())
+        if any(k in r.metrics for k in EVAL_KEYS)
+    }
 
 
 def weighted(results: list[TaskResult], key: str) -> float | None:

@@ -41,6 +41,8 @@ class LocalOptions:
     """Regional tiers to put the agents behind (0: they join the aggregator directly)."""
     privacy: dict[str, Any] | None = None
     """The run's ``[privacy]`` section (``--secagg``, ``--dp-epsilon``)."""
+    data: str = "demo"
+    """``demo``, ``natural-instructions`` or a split directory (:mod:`aggregator.local.data`)."""
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,

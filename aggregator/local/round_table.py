@@ -1,6 +1,6 @@
 """The table ``edgefed-aggregator local`` prints: one row per round as rounds finish.
 
-Each row has the round's agents, train and eval loss, eval exact match, bytes up and down per
+Each row has the round's agents, train and eval loss, eval Rouge-L and exact match, bytes up and down per
 agent, the round's time and the method's own metrics; when agents report more than their bytes
 (a method's notes), one line per agent follows.
 """
@@ -16,7 +16,7 @@ class RoundTable:
     """Prints one row per round as rounds finish."""
 
     HEADER = (
-        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'eval EM':>7} "
+        f"{'round':>5} {'agents':>6} {'train loss':>10} {'eval loss':>9} {'Rouge-L':>7} {'eval EM':>7} "
         f"{'up/agent':>10} {'down/agent':>10} {'time s':>7}"
     )
 
@@ -35,7 +35,8 @@ class RoundTable:
         down = _human(s.bytes_down) if s.round > 0 else "-"
         print(
             f"{s.round:>5} {s.agents if s.round else '-':>6} {self._fmt(s.train_loss, '.4f'):>10} "
-            f"{self._fmt(s.eval_loss, '.4f'):>9} {self._fmt(s.eval_em, '.3f'):>7} "
+            f"{self._fmt(s.eval_loss, '.4f'):>9} {self._fmt(s.eval_rouge_l, '.4f'):>7} "
+            f"{self._fmt(s.eval_em, '.3f'):>7} "
             f"{up:>10} {down:>10} {s.seconds if s.round else 0:>7.1f}"
             + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples"),
             file=self.out,

@@ -25,7 +25,7 @@ import zmq.auth
 
 from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
-from aggregator.local.demo_data import make_demo_split, write_demo
+from aggregator.local.data import DEMO, method_overrides, prepare_local_data
 from aggregator.local.options import LocalOptions
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
@@ -106,20 +106,17 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         flush=True,
     )
     agent_ids = [f"agent-{i + 1}" for i in range(opts.agents)]
-    split = make_demo_split(
-        opts.agents,
+    data = prepare_local_data(
+        opts.data,
+        workdir / "data",
+        agents=opts.agents,
         per_agent=opts.per_agent,
+        n_eval=opts.eval_examples,
         alpha=opts.alpha,
         seed=opts.seed,
-        n_eval=opts.eval_examples,
     )
-    files = write_demo(workdir / "data", split)
-    # each agent evaluates a disjoint shard of the held-out set; the weighted mean is the whole
-    shards = [split.eval[i :: opts.agents] for i in range(opts.agents)]
-    for i, shard in enumerate(shards):
-        (workdir / "data" / f"eval-{i + 1}.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8"
-        )
+    if data.name != DEMO:
+        print(f"data: {data.name} ({data.eval_size} held-out examples)", file=out, flush=True)
     members = deal(agent_ids, opts.regions) if opts.regions else {}
     participants = list(members) or agent_ids  # who joins this aggregator
     keys = None if opts.insecure else make_keys(workdir, participants)
@@ -127,8 +124,10 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     method_params: dict[str, Any] = {
         "lora": {"r": opts.rank, "alpha": 2.0 * opts.rank},
         "train": {"steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr},
-        "eval": {"max_examples": max(len(s) for s in shards)},
+        "eval": {"max_examples": -(-data.eval_size // opts.agents)},
     }
+    for key, value in method_overrides(data).items():  # the split's token budget
+        method_params[key] = {**method_params[key], **value}
     from protocol.methods import PARAMS
 
     # the common blocks this method's parameters have (a method may have no LoRA, say)
@@ -149,6 +148,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "state_dir": str(workdir / "state"),
             "heartbeat_interval": 1.0,
             "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
+            "max_message_bytes": 2 << 30,  # as the agents' limit: fedavg sends whole models
         },
         "security": {"regions": list(members)}
         | (
@@ -163,7 +163,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "model": opts.model,
             "model_sha256": info["sha256"],
             "model_dir": info["path"],
-            "public_data": str(files["public"]),
+            "public_data": str(data.public),
             "quant": opts.quant,
             "seed": opts.seed,
             "round_deadline_s": 1800.0,
@@ -226,8 +226,8 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "aggregator": link.endpoint,
                         "state_dir": str(workdir / agent_id),
                         "model": opts.model,
-                        "data": str(files[f"agent-{i}"]),
-                        "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
+                        "data": str(data.train[i]),
+                        "eval_data": str(data.eval_shards[i]),
                         "threads": threads,
                         "heartbeat_interval": 1.0,
                         "liveness": 15,

@@ -151,6 +151,8 @@ class MethodContext:
     seed: int = 0
     public_data: Path | None = None
     """A public JSONL the aggregator itself may train on (run.public_data)."""
+    max_message_bytes: int | None = None
+    """The largest message the service accepts (server.max_message_bytes), when known."""
 
 
 def context_of(config: AggregatorConfig) -> MethodContext:
@@ -161,6 +163,7 @@ def context_of(config: AggregatorConfig) -> MethodContext:
         state_dir=config.server.state_dir,
         seed=config.run.seed,
         public_data=config.run.public_data,
+        max_message_bytes=config.server.max_message_bytes,
     )
 
 

@@ -4,10 +4,10 @@ Reads the SQLite ledger of a state directory (read-only use; the service may kee
 writes into an output directory::
 
     loss.png    train loss (example-weighted mean, and each agent's own) and eval loss per round
-    eval.png    eval exact match per round
+    eval.png    eval Rouge-L and exact match per round (round 0: the base), each agent's Rouge-L
     bytes.png   bytes up and down per agent per round (log scale when they span decades)
-    index.html  one self-contained page: the three plots inline (base64) and a table per round
-                and per agent update; it loads nothing from anywhere
+    index.html  one self-contained page: the three plots inline (base64), a table per round,
+                per agent evaluation and per agent update; it loads nothing from anywhere
 
 Plots are drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global state).
 """
@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -49,19 +49,23 @@ class RunReport:
     rounds: list[RoundRow]
     updates: list[UpdateRow]
     rejected: dict[int, int]
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Every evaluation of the global (round 0 included): ``{"round", "agents", "aggregate"}``."""
 
     @property
     def agents(self) -> list[str]:
         return sorted({u.agent_id for u in self.updates})
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(rounds, values) of a round metric, for the rounds that have a finite value."""
+        """(rounds, values) of a round metric, for the rounds that have a finite value; eval
+        metrics come from the stored evaluations (which include round 0) when there are any."""
         xs: list[int] = []
         ys: list[float] = []
-        for r in self.rounds:
-            value = r.metrics.get(key)
+        rows = [(int(e["round"]), e["aggregate"]) for e in self.evals if key in e["aggregate"]]
+        for round, metrics in rows or [(r.round, r.metrics) for r in self.rounds]:
+            value = metrics.get(key)
             if isinstance(value, int | float) and math.isfinite(value):
-                xs.append(r.round)
+                xs.append(round)
                 ys.append(float(value))
         return xs, ys
 
@@ -86,7 +90,7 @@ def collect(ledger: Ledger, run_id: str | None = None) -> RunReport:
     rejected: dict[int, int] = {}
     for row in ledger.rejections(run_id):
         rejected[row.round] = rejected.get(row.round, 0) + 1
-    return RunReport(run_id, str(run["method"]), rounds, updates, rejected)
+    return RunReport(run_id, str(run["method"]), rounds, updates, rejected, ledger.evals(run_id))
 
 
 def write_report(state_dir: Path, out_dir: Path, run_id: str | None = None) -> ReportFiles:
@@ -195,21 +199,33 @@ def _plot_loss(ax: Axes, report: RunReport) -> None:
 
 
 def _plot_eval(ax: Axes, report: RunReport) -> None:
-    xs, ys = report.series("eval_em")
-    _round_axis(ax, f"eval exact match per round — run {report.run_id}")
-    ax.set_ylabel("exact match")
-    if xs:
-        ax.plot(xs, ys, "-o", ms=4, color="C2")
-        ax.set_ylim(0.0, max(1.0, *ys) * 1.02)
+    _round_axis(ax, f"eval Rouge-L and exact match per round — run {report.run_id}")
+    ax.set_ylabel("score")
+    drawn = False
+    colors = _colors(sorted({a for e in report.evals for a in e["agents"]}))
+    for agent, color in colors.items():
+        pts = [
+            (int(e["round"]), float(e["agents"][agent]["eval_rouge_l"]))
+            for e in report.evals
+            if _finite(e["agents"].get(agent, {}).get("eval_rouge_l"))
+        ]
+        if pts:
+            xs_a, ys_a = zip(*pts, strict=True)
+            ax.plot(xs_a, ys_a, "o", ms=4, alpha=0.6, color=color, label=f"Rouge-L · {agent}")
+    for key, label, style in (("eval_rouge_l", "Rouge-L", "-o"), ("eval_em", "exact match", "--s")):
+        xs, ys = report.series(key)
+        if not xs:
+            continue
+        drawn = True
+        ax.plot(xs, ys, style, ms=4, color="black", lw=1.5, label=label)
         for x, y in zip(xs, ys, strict=True):
             ax.annotate(
-                f"{y:.3f}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(0, 6),
-                ha="center",
+                f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
                 fontsize="x-small",
-            )
+            )  # fmt: skip
+    if drawn:
+        ax.set_ylim(0.0, 1.05)
+        ax.legend(fontsize="small", loc="best")
     else:
         _empty(ax, "evaluation")
 
@@ -298,6 +314,13 @@ def render_html(report: RunReport, images: dict[str, bytes]) -> str:
         f'<td class="text"><code>{e(u.sha256[:16])}</code></td></tr>'
         for u in report.updates
     ]
+    evals = [
+        f'<tr><th scope="row">{ev["round"]}</th><td class="text">{e(who)}</td>'
+        f"<td>{_cell(m.get('examples'), '.0f')}</td><td>{_cell(m.get('eval_loss'), '.4f')}</td>"
+        f"<td>{_cell(m.get('eval_rouge_l'), '.4f')}</td><td>{_cell(m.get('eval_em'), '.3f')}</td></tr>"
+        for ev in report.evals
+        for who, m in [*sorted(ev["agents"].items()), ("all (weighted)", ev["aggregate"])]
+    ]
     figures = "\n".join(
         f'<img alt="{e(name)} per round" src="data:image/png;base64,'
         f'{base64.b64encode(data).decode("ascii")}">'
@@ -319,6 +342,12 @@ def render_html(report: RunReport, images: dict[str, bytes]) -> str:
 <th>DP ε</th>
 <th class="text">committed</th></tr>
 {chr(10).join(rows)}
+</table>
+<h2>Evaluations of the global (round 0: the base)</h2>
+<table>
+<tr><th>round</th><th class="text">agent</th><th>examples</th><th>eval loss</th>
+<th>Rouge-L</th><th>EM</th></tr>
+{chr(10).join(evals)}
 </table>
 <h2>Accepted updates</h2>
 <table>

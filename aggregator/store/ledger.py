@@ -22,6 +22,10 @@ with ``PRAGMA application_id``; DDL, checks on open and row classes in
     rejections(id PK, run_id, round, task_id, agent_id, code, reason, at)
     state(run_id, key, value JSON)                            PK (run_id, key)
 
+Evaluation rows (every evaluation of a global, round 0 included: per agent its metrics and
+examples, and the example-weighted aggregate) are kept in ``state`` under ``eval/<round>``
+(:meth:`Ledger.record_eval`, :meth:`Ledger.evals`), so they need no schema change.
+
 JSON columns are written with ``allow_nan=False``: a NaN never reaches the ledger.
 """
 
@@ -61,6 +65,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_EVAL = "eval/"
 
 
 class Ledger:
@@ -320,3 +326,26 @@ class Ledger:
     def get_state(self, run_id: str, key: str, default: object = None) -> object:
         row = self._one("SELECT value FROM state WHERE run_id=? AND key=?", run_id, key)
         return default if row is None else json.loads(row[0])
+
+    # ------------------------------------------------------------------ evaluations
+
+    def record_eval(
+        self,
+        run_id: str,
+        round: int,
+        agents: dict[str, dict[str, float]],
+        aggregate: dict[str, float],
+    ) -> None:
+        """Store the evaluation of round ``round``'s global: per agent (its metrics and
+        ``examples``) and the aggregate; a later call for the same round replaces it."""
+        self.put_state(
+            run_id, f"{_EVAL}{round}", {"round": round, "agents": agents, "aggregate": aggregate}
+        )
+
+    def evals(self, run_id: str) -> list[dict[str, Any]]:
+        """Every stored evaluation of the run, by round: ``{"round", "agents", "aggregate"}``."""
+        rows = self._all(
+            "SELECT value FROM state WHERE run_id=? AND key LIKE ?", run_id, f"{_EVAL}%"
+        )
+        found: list[dict[str, Any]] = [json.loads(r[0]) for r in rows]
+        return sorted(found, key=lambda e: int(e["round"]))

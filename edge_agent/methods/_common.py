@@ -59,6 +59,8 @@ def evaluation_task(model: Any, tokenizer: Any, e: EvalParams, ws: Workspace) ->
     metrics = {"eval_loss": result.loss, "seconds": result.seconds}
     if result.exact_match is not None:
         metrics["eval_em"] = result.exact_match
+    if result.rouge_l is not None:
+        metrics["eval_rouge_l"] = result.rouge_l
     return TaskOutput(num_examples=result.n, metrics=metrics)
 
 

@@ -3,7 +3,8 @@
 Three record shapes are accepted, one JSON object per line (blank lines are skipped, unknown
 extra keys are ignored so that dataset metadata such as ``category`` or ``id`` can stay):
 
-- ``{"instruction": str, "input"?: str | null, "output": str}`` (Alpaca / Dolly style);
+- ``{"instruction": str, "input"?: str | null, "output": str, "references"?: [str, ...]}``
+  (Alpaca / Dolly style; ``references`` are further acceptable answers, used only to score);
 - ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` ending with an
   assistant turn, which is the training target (everything before it is the prompt);
 - ``{"text": str}``: plain text, trained on in full.
@@ -50,6 +51,14 @@ class Example:
     prompt: str | list[dict[str, str]]
     response: str
     text: str | None = None
+    references: tuple[str, ...] = ()
+    """Other acceptable answers for scoring (an instruction record's optional
+    ``"references"`` list); ``response`` always counts as one."""
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Every acceptable answer: the response, then the other references."""
+        return (self.response, *(r for r in self.references if r != self.response))
 
 
 @dataclass(frozen=True)
@@ -138,7 +147,10 @@ def _parse_instruction(record: dict[str, Any]) -> Example:
     output = record["output"]
     _require_text("output", output)
     prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    return Example(prompt=prompt, response=output)
+    refs = record.get("references", [])
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise _RecordError("'references' must be a list of strings")
+    return Example(prompt=prompt, response=output, references=tuple(refs))
 
 
 def _parse_messages(messages: Any) -> Example:

@@ -1,9 +1,10 @@
-"""Evaluation of the agent's model on held-out examples: response loss and exact match.
+"""Evaluation of the agent's model on held-out examples: response loss, Rouge-L, exact match.
 
 ``evaluate`` pads batches of the tokenized examples and sums the cross-entropy over response
 tokens (fp32, token-weighted, under the model's compute dtype like training); with
 ``exact_match`` it greedy-decodes each prompt (``greedy_continuations``, left-padded batches) and
-compares the normalized continuation with the expected response.
+scores the continuation against the example's answers (:mod:`edge_agent.training.scoring`): exact match
+of the normalized text and Rouge-L, each the best over the references.
 """
 
 from __future__ import annotations
@@ -27,24 +28,21 @@ from edge_agent.training._forward import (
     forward_ce,
     pad_token_id,
 )
-from edge_agent.training.data import (
-    Example,
-    TokenizedExample,
-    collate,
-    normalize_answer,
-    prompt_ids,
-    tokenize,
-)
+from edge_agent.training.data import Example, TokenizedExample, collate, prompt_ids, tokenize
+from edge_agent.training.scoring import exact_match as matches
+from edge_agent.training.scoring import rouge_l
 
 
 @dataclass
 class EvalResult:
-    """Token-weighted response CE over ``n`` examples, and exact match when it was asked for."""
+    """Token-weighted response CE over ``n`` examples; exact match and Rouge-L of the greedy
+    answers (means over the examples with a response) when generation was asked for."""
 
     loss: float
     exact_match: float | None
     n: int
     seconds: float
+    rouge_l: float | None = None
 
 
 def evaluate(
@@ -58,10 +56,10 @@ def evaluate(
     max_new_tokens: int = 16,
     progress: bool = False,
 ) -> EvalResult:
-    """Response CE (token-weighted mean) and, if asked, greedy-decoding exact match.
+    """Response CE (token-weighted mean) and, if asked, greedy-decoding exact match and Rouge-L.
 
-    Exact match counts only examples with a non-empty response (plain text records have none);
-    it is ``None`` when not asked for or when no example has a response.
+    Exact match and Rouge-L count only examples with a non-empty response (plain text records
+    have none); they are ``None`` when not asked for or when no example has a response.
     """
     if not examples:
         raise DataError("no evaluation examples")
@@ -89,6 +87,7 @@ def evaluate(
                 loss_sum += batch_sum.double().cpu()
                 count += int(batch_count)
             em: float | None = None
+            rouge: float | None = None
             if exact_match:
                 targets = [ex for ex in examples if ex.text is None and ex.response.strip()]
                 if targets:
@@ -101,16 +100,18 @@ def evaluate(
                         max_new_tokens=max_new_tokens,
                         progress=progress,
                     )
-                    hits = sum(
-                        normalize_answer(out) == normalize_answer(ex.response)
-                        for out, ex in zip(outputs, targets, strict=True)
-                    )
-                    em = hits / len(targets)
+                    pairs = list(zip(outputs, targets, strict=True))
+                    em = sum(matches(out, ex.answers) for out, ex in pairs) / len(pairs)
+                    rouge = sum(rouge_l(out, ex.answers) for out, ex in pairs) / len(pairs)
     finally:
         model.train(was_training)
     loss = float(loss_sum / count) if count else float("nan")
     return EvalResult(
-        loss=loss, exact_match=em, n=len(examples), seconds=time.perf_counter() - start
+        loss=loss,
+        exact_match=em,
+        n=len(examples),
+        seconds=time.perf_counter() - start,
+        rouge_l=rouge,
     )
 
 

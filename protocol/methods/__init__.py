@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from protocol.errors import ErrorCode, ProtocolError
 
-NAMES: tuple[str, ...] = ("fedit", "slora", "ferret", "fedbiot", "fedpipe")
+NAMES: tuple[str, ...] = ("fedit", "slora", "ferret", "fedbiot", "fedpipe", "fedavg")
 """Every method edgefed ships, in the order `--help` lists them."""
 
 

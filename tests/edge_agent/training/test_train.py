@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from edge_agent.errors import ConfigError, DataError, TaskError
 from edge_agent.training.data import Example, tokenize
+from edge_agent.training.scoring import rouge_l
 from edge_agent.training.train import TrainConfig, evaluate, greedy_continuations, train_lora
 
 REPETITIVE = [
@@ -205,6 +206,16 @@ def test_exact_match_on_generated_answers(make_model: Any, tokenizer: Any) -> No
     ]
     result = evaluate(model, tokenizer, answers, exact_match=True, max_new_tokens=4, batch_size=2)
     assert result.exact_match == 1.0 and result.n == 3
+    # Rouge-L beside it: each continuation against its own answer (1.0 where it has words)
+    expected = sum(rouge_l(out, [a.response]) for out, a in zip(batched, answers, strict=True))
+    assert result.rouge_l == pytest.approx(expected / 3)
+    # a reference beyond the response counts: the wrong answer with the right one as a reference
+    wrong = [
+        Example(p, "certainly not this", references=(out,))
+        for p, out in zip(prompts, batched, strict=True)
+    ]
+    scored = evaluate(model, tokenizer, wrong, exact_match=True, max_new_tokens=4)
+    assert scored.exact_match == 1.0 and scored.rouge_l == pytest.approx(result.rouge_l)
     # One answer changed: 2 of 3.
     answers[1] = Example(prompts[1], "certainly not this")
     result = evaluate(model, tokenizer, answers, exact_match=True, max_new_tokens=4)

@@ -1,0 +1,147 @@
+"""The scoreboard's arithmetic: the simulated clock, mean ± sd over seeds, verdicts, tables.
+
+Pure functions over result records (plain dicts, as the runs store them), so they are tested
+without running anything.
+
+A *result* is one finished configuration (one method or reference, one learning rate, one
+seed): ``{"name", "group", "method", "seed", "lr", "rows": [{"round", "eval_loss",
+"eval_rouge_l", "eval_em", "cum_bytes", "sim_seconds"}, ...]}``; row 0 is the base before
+training. A *group* is the same configuration over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+def simulated_round_seconds(
+    agents: Mapping[str, Mapping[str, float]], bandwidth_mbps: Mapping[str, float]
+) -> float:
+    """One round on the simulated clock: the slowest agent's measured train time plus the
+    time its bytes (up and down) take at its modelled bandwidth.
+
+    ``agents``: per agent ``{"seconds", "bytes_up", "bytes_down"}`` of the round's train task.
+    """
+    slowest = 0.0
+    for agent_id, a in agents.items():
+        rate = bandwidth_mbps[agent_id] * 1e6 / 8  # bytes per second
+        transfer = (a["bytes_up"] + a["bytes_down"]) / rate
+        slowest = max(slowest, a["seconds"] + transfer)
+    return slowest
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    sd: float | None
+    """Sample standard deviation over seeds (n - 1); None with one run."""
+    n: int
+
+    def cell(self, spec: str) -> str:
+        if self.n == 0:
+            return "–"
+        sd = "" if self.sd is None else f" ± {format(self.sd, spec)}"
+        return f"{format(self.mean, spec)}{sd}"
+
+
+def stat(values: Sequence[float]) -> Stat:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return Stat(math.nan, None, 0)
+    sd = statistics.stdev(finite) if len(finite) > 1 else None
+    return Stat(statistics.fmean(finite), sd, len(finite))
+
+
+def verdict(a: Stat, b: Stat, *, higher_is_better: bool = True) -> str:
+    """How ``a`` compares with ``b``: "better", "worse", or "no difference" when the gap is no
+    larger than the spread (the larger of the two standard deviations); "not judged" when
+    either has fewer than two runs."""
+    if a.sd is None or b.sd is None or a.n < 2 or b.n < 2:
+        return "not judged (n < 2)"
+    gap = a.mean - b.mean
+    if abs(gap) <= max(a.sd, b.sd):
+        return "no difference"
+    return "better" if (gap > 0) == higher_is_better else "worse"
+
+
+def final(result: Mapping[str, Any], key: str) -> float:
+    """The value of ``key`` in the last round that has it (NaN if none)."""
+    for row in reversed(result["rows"]):
+        value = row.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            return float(value)
+    return math.nan
+
+
+def first(result: Mapping[str, Any], key: str) -> float:
+    rows = [r for r in result["rows"] if r["round"] == 0 and key in r]
+    return float(rows[0][key]) if rows else math.nan
+
+
+def groups(results: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        out.setdefault(r["group"], []).append(r)
+    return out
+
+
+def summary_table(results: Sequence[Mapping[str, Any]], reference: str | None) -> list[str]:
+    """Markdown rows: one per group, mean ± sd over seeds, and its verdict against
+    ``reference`` (a group name) on the final Rouge-L."""
+    by_group = groups(results)
+    stats = {
+        g: {
+            "rouge": stat([final(r, "eval_rouge_l") for r in rs]),
+            "rouge0": stat([first(r, "eval_rouge_l") for r in rs]),
+            "loss": stat([final(r, "eval_loss") for r in rs]),
+            "em": stat([final(r, "eval_em") for r in rs]),
+            "mb": stat([final(r, "cum_bytes") / 1e6 for r in rs]),
+            "sim": stat([final(r, "sim_seconds") for r in rs]),
+        }
+        for g, rs in by_group.items()
+    }
+    ref = stats.get(reference) if reference else None
+    lines = [
+        f"| configuration | n | Rouge-L round 0 | Rouge-L last | eval loss last | EM last "
+        f"| MB on the wire | simulated s | vs {reference or '-'} (Rouge-L) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g, s in sorted(stats.items(), key=lambda kv: -_nan_low(kv[1]["rouge"].mean)):
+        judged = "—" if ref is None or g == reference else verdict(s["rouge"], ref["rouge"])
+        lines.append(
+            f"| {g} | {s['rouge'].n} | {s['rouge0'].cell('.4f')} | {s['rouge'].cell('.4f')} "
+            f"| {s['loss'].cell('.4f')} | {s['em'].cell('.3f')} | {s['mb'].cell('.1f')} "
+            f"| {s['sim'].cell('.0f')} | {judged} |"
+        )
+    return lines
+
+
+def _nan_low(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def curves(
+    rs: Sequence[Mapping[str, Any]], x_key: str, y_key: str
+) -> tuple[list[float], list[float], list[float]]:
+    """Per round over seeds: mean x, mean y and sd of y (0 with one seed)."""
+    rounds = sorted({row["round"] for r in rs for row in r["rows"]})
+    xs: list[float] = []
+    ys: list[float] = []
+    sds: list[float] = []
+    for rnd in rounds:
+        pts = [
+            (float(row.get(x_key, rnd)), float(row[y_key]))
+            for r in rs
+            for row in r["rows"]
+            if row["round"] == rnd and isinstance(row.get(y_key), int | float)
+        ]
+        if not pts:
+            continue
+        xs.append(statistics.fmean(p[0] for p in pts))
+        ys.append(statistics.fmean(p[1] for p in pts))
+        sds.append(statistics.stdev(p[1] for p in pts) if len(pts) > 1 else 0.0)
+    return xs, ys, sds

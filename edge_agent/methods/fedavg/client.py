@@ -1,0 +1,152 @@
+"""Full-parameter FedAvg client half: plain SGD on every weight, the whole state sent back.
+
+The agent keeps its own unquantized copy of the base (``ws.cache``), at the global model of
+the round it was last sent (``held.round``; the workspace's base stays untouched). A task
+first loads the global model from blob ``global`` (round 0, the base, is copied back from the
+workspace's base when the copy has been trained since). A train task then takes
+``train.steps`` SGD steps with Ferret's loop (:func:`edge_agent.methods.ferret.client.sgd_steps`,
+momentum 0) and sends every parameter as one ``dense`` payload; the copy is then marked as
+trained (``held.round = -1``) until the next global model arrives.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edge_agent.errors import PayloadRejected, TaskError
+from edge_agent.methods import TaskInput, TaskOutput, Workspace
+from edge_agent.methods._common import evaluation_task, release_adapter
+from edge_agent.methods.ferret.client import model_tensors, sgd_steps
+from protocol import payloads
+from protocol.errors import ProtocolError
+from protocol.methods.fedavg import spec
+
+log = logging.getLogger(__name__)
+
+CACHE_KEY = "fedavg"
+_TRAINED = -1
+
+
+@dataclass
+class HeldModel:
+    """The agent's full model of run ``key``: the global model of ``round`` (-1: trained on
+    since it was sent)."""
+
+    key: str
+    model: Any
+    tokenizer: Any
+    tensors: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor]
+    round: int = 0
+
+
+def held_model(task: TaskInput, ws: Workspace, dtype: str) -> HeldModel:
+    """This run's full model, copied once from the workspace's base."""
+    assign = task.assign
+    key = f"{assign.run_id}|{assign.model.sha256}|{dtype}"
+    held: HeldModel | None = ws.cache.get(CACHE_KEY)
+    if held is not None and held.key == key:
+        return held
+    ws.cache.pop(CACHE_KEY, None)
+    if assign.quant != dtype:
+        log.info("fedavg trains every weight in %s (the task's quant %s does not apply)", dtype,
+                 assign.quant)  # fmt: skip
+    release_adapter(ws)  # the copy must be the plain base, not one wrapped with LoRA
+    base, tokenizer = ws.base(assign.model, dtype)
+    model = copy.deepcopy(base)
+    model.requires_grad_(True)
+    held = HeldModel(key, model, tokenizer, model_tensors(model), model_tensors(base))
+    ws.cache[CACHE_KEY] = held
+    return held
+
+
+def load_global(held: HeldModel, blobs: Mapping[str, memoryview], target: int) -> None:
+    """Bring ``held`` to the global model of round ``target`` from the task's blobs."""
+    unexpected = set(blobs) - {spec.GLOBAL_BLOB}
+    if unexpected:
+        raise PayloadRejected(f"unexpected blobs {sorted(unexpected)} in a fedavg task")
+    if spec.GLOBAL_BLOB in blobs:
+        specs = {n: payloads.TensorSpec(tuple(t.shape), t.dtype) for n, t in held.tensors.items()}
+        expect = payloads.Expect(
+            kind=payloads.PayloadKind.DENSE, method=spec.NAME, round=target, tensors=specs
+        )
+        try:
+            payload = payloads.decode(blobs[spec.GLOBAL_BLOB], expect)
+        except ProtocolError as exc:
+            raise PayloadRejected(f"global model rejected: {exc}") from None
+        _copy_into(held, payload.tensors)
+    elif target == 0:
+        if held.round != 0:
+            _copy_into(held, held.base)  # back to the base after training on it
+    elif held.round != target:
+        raise TaskError(f"the task brings no model and this agent does not hold round {target}'s")
+    held.round = target
+
+
+def _copy_into(held: HeldModel, source: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in held.tensors.items():
+            tensor.copy_(source[name])
+
+
+class FedAvgClient:
+    name = spec.NAME
+
+    def run(self, task: TaskInput, ws: Workspace) -> TaskOutput:
+        params = task.params
+        assert isinstance(params, spec.Params)
+        held = held_model(task, ws, params.fedavg.dtype)
+        round_ = task.assign.round
+        if task.assign.kind == "eval":
+            load_global(held, task.blobs, round_)
+            return evaluation_task(held.model, held.tokenizer, params.eval, ws)
+        load_global(held, task.blobs, round_ - 1)
+        return self._train(task, held, params, ws)
+
+    def _train(
+        self, task: TaskInput, held: HeldModel, params: spec.Params, ws: Workspace
+    ) -> TaskOutput:
+        t = params.train
+        round_ = task.assign.round
+        started = time.perf_counter()
+        held.round = _TRAINED  # from the first step on, the copy is no longer the global
+        losses = sgd_steps(
+            held.model,
+            held.tokenizer,
+            ws.train_examples,
+            t,
+            t.seed + round_,
+            should_stop=ws.should_stop,
+            on_step=lambda done: ws.report_progress(0.95 * done / t.steps),
+        )
+        if not losses:
+            raise TaskError("stopped before the first training step")
+        blob = payloads.encode_dense(held.tensors, method=self.name, round=round_)
+        norm = math.sqrt(sum(float((t_ - held.base[n]).float().square().sum())
+                             for n, t_ in held.tensors.items()))  # fmt: skip
+        log.info(
+            "round %d: %d SGD steps on every weight, loss %.4f → %.4f, %d bytes up",
+            round_, len(losses), losses[0], losses[-1], len(blob),
+        )  # fmt: skip
+        return TaskOutput(
+            num_examples=len(ws.train_examples),
+            metrics={
+                "train_loss": sum(losses) / len(losses),
+                "train_loss_last": losses[-1],
+                "steps": float(len(losses)),
+                "seconds": time.perf_counter() - started,
+                "distance_from_base": norm,
+            },
+            blobs={spec.UPDATE_BLOB: blob},
+        )
+
+
+Client = FedAvgClient
