@@ -162,7 +162,7 @@ class FerretServer:
                 group,
                 seed,
                 value,
-                base_seed=fm.round_base_seed(self.p.seed, round),
+                base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
                 k=self.p.k,
                 n_groups=self.n_groups,
                 method=self.name,
@@ -190,7 +190,7 @@ class FerretServer:
             kind=payloads.PayloadKind.SEEDCOEF,
             method=self.name,
             round=round,
-            base_seed=fm.round_base_seed(self.p.seed, round),
+            base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
             k=self.p.k,
             n_groups=self.n_groups,
         )
@@ -274,7 +274,7 @@ class FerretServer:
         stats = fm.apply_step(
             self.weights,
             self.layout,
-            fm.round_base_seed(self.p.seed, round),
+            fm.pool_base_seed(self.p.seed, round, self.p.pool),
             *triples,
             server_lr=self.p.server_lr,
             clip_norm=self.p.clip_norm,

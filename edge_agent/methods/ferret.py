@@ -110,7 +110,7 @@ def sync(
             continue
         if rr != held.round + 1:
             break
-        base_seed = fm.round_base_seed(p.seed, rr)
+        base_seed = fm.pool_base_seed(p.seed, rr, p.pool)
         expect = payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             method=spec.NAME,
@@ -321,7 +321,7 @@ class FerretClient:
                 on_step=lambda done: ws.report_progress(0.9 * done / t.steps),
             )
             trained = time.perf_counter()
-            base_seed = fm.round_base_seed(p.seed, round_)
+            base_seed = fm.pool_base_seed(p.seed, round_, p.pool)
             proj = project_update(
                 held.layout,
                 held.tensors,
@@ -379,7 +379,7 @@ class FerretClient:
             empty,
             empty,
             torch.zeros(0),
-            base_seed=fm.round_base_seed(p.seed, round_),
+            base_seed=fm.pool_base_seed(p.seed, round_, p.pool),
             k=p.k,
             n_groups=len(held.layout.groups),
             method=self.name,

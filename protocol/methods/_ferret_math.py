@@ -137,6 +137,20 @@ def round_base_seed(seed: int, round: int) -> int:
     return randomness.derive_key(seed, round)
 
 
+def pool_base_seed(seed: int, round: int, pool: str) -> int:
+    """The base seed of the pool round ``round`` draws its bases from.
+
+    ``pool = "run"`` (the paper's rule): one pool for the whole run, ``key(seed, 0)``, the
+    same K bases every round (a fixed shared random subspace). ``pool = "round"``: a fresh
+    pool each round, ``key(seed, round)`` (rounds count from 1, so never the run's pool).
+    """
+    if pool == "run":
+        return randomness.derive_key(seed, 0)
+    if pool == "round":
+        return randomness.derive_key(seed, round)
+    raise ValueError(f"unknown ferret seed pool {pool!r} (run or round)")
+
+
 def basis_key(base_seed: int, seed_index: int, group_name: str) -> int:
     """Key of the basis of seed ``seed_index`` of the pool for the group ``group_name``."""
     return randomness.stream_key(randomness.derive_key(base_seed, seed_index), group_name)

@@ -21,6 +21,7 @@ from edge_agent.model_store import ResolvedModel, load_base
 from protocol import payloads
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.methods import _ferret_math as fm
+from protocol.methods import ferret as spec
 from protocol.methods import parse_params
 
 K = 6
@@ -121,7 +122,7 @@ def seedcoef(round: int, triples: list[tuple[int, int, float]], *, k: int = K, n
         torch.tensor(g, dtype=torch.int32),
         torch.tensor(s, dtype=torch.int32),
         torch.tensor(v, dtype=torch.float32),
-        base_seed=fm.round_base_seed(0, round),
+        base_seed=fm.pool_base_seed(0, round, "run"),
         k=k,
         n_groups=n,
         method="ferret",
@@ -156,6 +157,24 @@ def test_agents_rebuild_the_servers_model_bit_for_bit(
     out = b.run("train", 3, sent)
     assert out.metrics["held_round"] == 2.0
     server.wait_weights()
+    assert_same(server, b)
+
+
+@pytest.mark.parametrize("pool", ["run", "round"])
+def test_the_pool_option_sets_each_rounds_bases(
+    pool: str, tiny_model_dir: Path, tiny_resolved: ResolvedModel
+) -> None:
+    params = PARAMS | {"ferret": {"k": K, "pool": pool}}
+    server = FerretServer(params, MethodContext(model_dir=tiny_model_dir))
+    a, b = Agent("a", tiny_resolved), Agent("b", tiny_resolved)
+    train_round(server, [a], 1)
+    train_round(server, [a], 2)
+    server.begin_round(3)
+    sent = server.assign(3, "b", "train")
+    seeds = [payloads.decode(sent.blobs[spec.step_blob(r)]).base_seed for r in (1, 2)]
+    want = [fm.pool_base_seed(0, r, pool) for r in (1, 2)]
+    assert seeds == want and (seeds[0] == seeds[1]) == (pool == "run")
+    b.run("train", 3, sent)  # b rebuilds both steps from their pools
     assert_same(server, b)
 
 
@@ -223,7 +242,7 @@ def test_updates_outside_the_rounds_pool_are_rejected(
             torch.zeros(1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32),
             torch.ones(1),
-            base_seed=fm.round_base_seed(0, 1),
+            base_seed=fm.pool_base_seed(0, 1, "round"),
             k=K,
             n_groups=n,
             method="ferret",

@@ -144,7 +144,7 @@ def test_train_task_sends_triples_and_keeps_the_global_model(ws: TinyWorkspace) 
         payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             round=1,
-            base_seed=fm.round_base_seed(0, 1),
+            base_seed=fm.pool_base_seed(0, 1, "run"),
             k=6,
             n_groups=len(h.layout.groups),
         ),
@@ -203,7 +203,7 @@ def test_refuses_another_layout_and_foreign_blobs(ws: TinyWorkspace) -> None:
         torch.zeros(1, dtype=torch.int32),
         torch.zeros(1, dtype=torch.int32),
         torch.ones(1),
-        base_seed=fm.round_base_seed(0, 2),  # round 2's pool, sent as round 1's step
+        base_seed=fm.round_base_seed(0, 2),  # another pool's base seed
         k=6,
         n_groups=len(held(ws).layout.groups),
         method="ferret",
