@@ -77,6 +77,8 @@ class FerretServer:
             )
         self.model_dir = Path(context.model_dir)
         self.p = parsed.ferret
+        if "seed" not in self.p.model_fields_set:  # the run's seed, unless the params set one
+            self.p = self.p.model_copy(update={"seed": context.seed})
         self.dtype = _DTYPES[self.p.dtype]
         self.weights = load_base_weights(self.model_dir, self.dtype)
         self.layout = fm.build_layout({n: tuple(t.shape) for n, t in self.weights.items()})

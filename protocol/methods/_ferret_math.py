@@ -151,6 +151,13 @@ def pool_base_seed(seed: int, round: int, pool: str) -> int:
     raise ValueError(f"unknown ferret seed pool {pool!r} (run or round)")
 
 
+def agent_seed(seed: int, round: int, agent_id: str, purpose: str) -> int:
+    """A 63-bit seed for one agent's ``purpose`` in ``round`` of the run seeded ``seed``:
+    ``stream_key(key(seed, round), "<purpose>|<agent id>") >> 1``. The same flags give the same
+    seeds, whatever the task ids."""
+    return randomness.stream_key(randomness.derive_key(seed, round), f"{purpose}|{agent_id}") >> 1
+
+
 def basis_key(base_seed: int, seed_index: int, group_name: str) -> int:
     """Key of the basis of seed ``seed_index`` of the pool for the group ``group_name``."""
     return randomness.stream_key(randomness.derive_key(base_seed, seed_index), group_name)

@@ -28,7 +28,9 @@ round (a fixed shared random subspace); with ``"round"`` a fresh pool per round,
 so ``|v| = 1`` and ``E[v vᵀ] = I / d_g``.
 
 **Projection** (agent). With ``Δ_g`` the group's local update (after − before),
-``n_g = min(K, max(floor(K · |Δ_g| / max_h |Δ_h|), 2))`` distinct seed indices are drawn, and
+``n_g = min(K, max(floor(K · |Δ_g| / max_h |Δ_h|), 2))`` distinct seed indices are drawn (numpy
+``default_rng(agent_seed(seed, r, agent id, "choose"))``; the batch order is seeded
+``agent_seed(seed, r, agent id, "sgd<train.seed>")``, see ``_ferret_math.agent_seed``), and
 for each ``γ = (d_g / n_g) · <Δ_g, v>`` (the reference's scaling). Then
 ``E[Σ_s γ_s v_s] = Δ_g``: the reconstruction is unbiased (the reference's truncated-normal
 bases bounded by ``1/sqrt(d)`` have variance ``≈ 1/(3d)`` and give ``Δ/3`` on average, which
@@ -105,7 +107,9 @@ class FerretParams(StrictParams):
     clip_norm: Annotated[float, Field(gt=0, le=1e6)] = 10.0
     """Per-term clip of ``|γ v|`` (the reference's ``max_norm``)."""
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
-    """Base of the seed pools: ``B = key(seed, 0)`` (pool ``run``) or ``key(seed, r)``."""
+    """Base of the seed pools: ``B = key(seed, 0)`` (pool ``run``) or ``key(seed, r)``, and of
+    each agent's seed choice and batch order (with its agent id and the round). Left out, the
+    server sets it to the run's seed (``run.seed``)."""
     pool: Literal["run", "round"] = "run"
     """``run``: one pool of K bases drawn once and reused every round (the paper's fixed
     shared subspace); ``round``: a fresh pool each round."""

@@ -72,7 +72,9 @@ class Agent:
             deadline_s=60.0,
         )
         blobs = {k: memoryview(v) for k, v in a.blobs.items()}
-        task = TaskInput(assign=assign, params=parse_params("ferret", a.params), blobs=blobs)
+        task = TaskInput(
+            assign=assign, params=parse_params("ferret", a.params), blobs=blobs, agent_id=self.id
+        )
         return FerretClient().run(task, self)
 
     def weights(self) -> dict[str, torch.Tensor]:

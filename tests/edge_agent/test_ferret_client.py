@@ -15,7 +15,14 @@ from aggregator.methods.ferret import FerretServer
 from edge_agent.data import Example, collate, tokenize
 from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput
-from edge_agent.methods.ferret import CACHE_KEY, FerretClient, HeldModel, sgd_steps
+from edge_agent.methods.ferret import (
+    CACHE_KEY,
+    FerretClient,
+    HeldModel,
+    choice_rng,
+    sgd_seed,
+    sgd_steps,
+)
 from edge_agent.model_store import ResolvedModel, load_base
 from protocol import payloads
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
@@ -212,3 +219,21 @@ def test_refuses_another_layout_and_foreign_blobs(ws: TinyWorkspace) -> None:
     ws.cache.clear()
     with pytest.raises(TaskError, match="step of round 1 rejected"):
         run_task(ws, "eval", 1, PARAMS, {"step-000001": wrong_round})
+
+
+def test_seed_choices_and_batches_come_from_run_seed_round_and_agent() -> None:
+    p = parse_params("ferret", {"ferret": {"seed": 9}})
+    assert isinstance(p, spec.Params)
+
+    def draw(params: spec.Params, round: int, agent: str) -> list[int]:
+        return fm.choose_seeds(64, 8, choice_rng(params.ferret, round, agent))
+
+    assert draw(p, 2, "a") == draw(p, 2, "a")
+    other_seed = parse_params("ferret", {"ferret": {"seed": 10}})
+    assert isinstance(other_seed, spec.Params)
+    draws = [draw(p, 2, "b"), draw(p, 3, "a"), draw(other_seed, 2, "a")]
+    assert all(d != draw(p, 2, "a") for d in draws)
+    assert sgd_seed(p, 2, "a") == sgd_seed(p, 2, "a") != sgd_seed(p, 2, "b")
+    other_train = parse_params("ferret", {"ferret": {"seed": 9}, "train": {"seed": 1}})
+    assert isinstance(other_train, spec.Params)
+    assert sgd_seed(other_train, 2, "a") != sgd_seed(p, 2, "a")
