@@ -130,7 +130,7 @@ def sync(
             t["group"],
             t["seed"],
             t["value"],
-            server_lr=p.server_lr,
+            server_lr=spec.server_lr_at(p, rr),
             clip_norm=p.clip_norm,
         )
         held.round = rr

@@ -40,7 +40,8 @@ its server learning rate of 10 absorbs; ours needs 1).
 ``γ̄_{g,s} = Σ_a w_a γ_{a,g,s} / Σ_a w_a`` (``w_a`` = the agent's examples; an agent that did
 not pick ``(g, s)`` adds 0), rounded to float32. Each term is clipped as the reference clips
 it, ``γ ← γ · min(1, clip_norm / (|γ v| + 1e-8))`` with ``|γ v| = |γ|``, and the step
-``θ_g ← θ_g + Σ_s c_s r_{s,g}`` with ``c_s = float32(server_lr · γ_clipped / sqrt(d_g))``,
+``θ_g ← θ_g + Σ_s c_s r_{s,g}`` with ``c_s = float32(η_r · γ_clipped / sqrt(d_g))``,
+``η_r`` the round's server learning rate (:func:`server_lr_at`),
 terms in ascending seed order accumulated in float32 from 0, then added to the weights once.
 The weights are held in ``ferret.dtype`` (fp32 or bf16) on both sides and stay bit-identical.
 
@@ -103,7 +104,14 @@ class FerretParams(StrictParams):
     k: Annotated[int, Field(ge=2, le=1 << 20)] = DEFAULT_K
     """Seed pool size K per round."""
     server_lr: Annotated[float, Field(gt=0, le=100)] = 1.0
-    """Applied to the reconstructed step (the reference uses 10 with bases that give Δ/3)."""
+    """Applied to the reconstructed step; with ``anneal = linear``, round 1's value. The
+    reference's ``slr_max = 10`` with its bases that give Δ/3 is ``10 / 3`` here."""
+    anneal: Literal["none", "linear"] = "none"
+    """``linear``: the reference's schedule, round ``r`` of ``R`` applies
+    ``server_lr_min + (server_lr - server_lr_min) · (1 - (r - 1) / R)``."""
+    server_lr_min: Annotated[float, Field(ge=0, le=100)] = 0.0
+    rounds: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """R of the linear schedule; left out, the server sets the run's round count."""
     clip_norm: Annotated[float, Field(gt=0, le=1e6)] = 10.0
     """Per-term clip of ``|γ v|`` (the reference's ``max_norm``)."""
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
@@ -121,6 +129,15 @@ class FerretParams(StrictParams):
     """Rounds of steps sent to an agent that missed some; beyond that it gets dense weights."""
     layout: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     """sha256 of the parameter groups, set by the server; agents check theirs against it."""
+
+
+def server_lr_at(p: FerretParams, round: int) -> float:
+    """The server learning rate of ``round`` (plain float64 arithmetic: the same everywhere)."""
+    if p.anneal == "none":
+        return p.server_lr
+    if p.rounds is None:
+        raise ValueError("ferret.anneal = linear needs ferret.rounds (the run's round count)")
+    return p.server_lr_min + (p.server_lr - p.server_lr_min) * (1.0 - (round - 1) / p.rounds)
 
 
 class Params(StrictParams):

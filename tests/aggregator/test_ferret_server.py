@@ -162,15 +162,15 @@ def test_agents_rebuild_the_servers_model_bit_for_bit(
     assert_same(server, b)
 
 
-@pytest.mark.parametrize("pool", ["run", "round"])
-def test_the_pool_option_sets_each_rounds_bases(
-    pool: str, tiny_model_dir: Path, tiny_resolved: ResolvedModel
+@pytest.mark.parametrize(("pool", "anneal"), [("run", "linear"), ("round", "none")])
+def test_the_pool_and_schedule_options_set_each_rounds_step(
+    pool: str, anneal: str, tiny_model_dir: Path, tiny_resolved: ResolvedModel
 ) -> None:
-    params = PARAMS | {"ferret": {"k": K, "pool": pool}}
-    server = FerretServer(params, MethodContext(model_dir=tiny_model_dir))
+    params = PARAMS | {"ferret": {"k": K, "pool": pool, "anneal": anneal, "server_lr": 3.0}}
+    server = FerretServer(params, MethodContext(model_dir=tiny_model_dir, rounds=3))
     a, b = Agent("a", tiny_resolved), Agent("b", tiny_resolved)
-    train_round(server, [a], 1)
-    train_round(server, [a], 2)
+    lrs = [train_round(server, [a], r)["server_lr"] for r in (1, 2)]
+    assert lrs == ([3.0, 2.0] if anneal == "linear" else [3.0, 3.0])
     server.begin_round(3)
     sent = server.assign(3, "b", "train")
     seeds = [payloads.decode(sent.blobs[spec.step_blob(r)]).base_seed for r in (1, 2)]
@@ -326,3 +326,15 @@ def test_export_writes_a_loadable_model_directory(
 def test_needs_the_base_model_weights() -> None:
     with pytest.raises(ConfigError, match="run.model_dir"):
         FerretServer(PARAMS, MethodContext())
+
+
+def test_seed_and_rounds_default_to_the_runs(tiny_model_dir: Path) -> None:
+    linear = PARAMS | {"ferret": {"k": K, "anneal": "linear"}}
+    s = FerretServer(linear, MethodContext(model_dir=tiny_model_dir, seed=7, rounds=5))
+    assert (s.p.seed, s.p.rounds) == (7, 5)
+    assert s.assign(1, "a", "train").params["ferret"]["rounds"] == 5
+    fixed = PARAMS | {"ferret": {"k": K, "seed": 2, "rounds": 9, "anneal": "linear"}}
+    s = FerretServer(fixed, MethodContext(model_dir=tiny_model_dir, seed=7, rounds=5))
+    assert (s.p.seed, s.p.rounds) == (2, 9)
+    with pytest.raises(ConfigError, match="ferret.rounds"):
+        FerretServer(linear, MethodContext(model_dir=tiny_model_dir))

@@ -85,7 +85,10 @@ class FerretHarness:
         self.clock = Clock()
         self.ledger = Ledger(state_dir / "ledger.sqlite")
         self.method = FerretServer(
-            self.config.method, MethodContext(model_dir=model_dir, seed=self.config.run.seed)
+            self.config.method,
+            MethodContext(
+                model_dir=model_dir, seed=self.config.run.seed, rounds=self.config.run.rounds
+            ),
         )
         self.summaries: list[RoundSummary] = []
         self.engine = RoundEngine(

@@ -248,6 +248,18 @@ def test_params_defaults_and_bounds() -> None:
             parse_params("ferret", {"ferret": bad})
 
 
+def test_server_lr_schedules() -> None:
+    flat = spec.FerretParams(server_lr=2.0)
+    assert [spec.server_lr_at(flat, r) for r in (1, 5)] == [2.0, 2.0]
+    linear = spec.FerretParams(server_lr=10 / 3, anneal="linear", rounds=4)
+    got = [spec.server_lr_at(linear, r) for r in (1, 2, 3, 4)]
+    assert got == pytest.approx([10 / 3, 2.5, 5 / 3, 5 / 6], rel=1e-15)
+    floor = spec.FerretParams(server_lr=3.0, server_lr_min=1.0, anneal="linear", rounds=2)
+    assert [spec.server_lr_at(floor, r) for r in (1, 2, 3)] == [3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="ferret.rounds"):
+        spec.server_lr_at(spec.FerretParams(anneal="linear"), 1)
+
+
 def test_step_blob_names() -> None:
     assert spec.step_blob(12) == "step-000012"
     assert spec.step_round("step-000012") == 12
