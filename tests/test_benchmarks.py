@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("against_flower.py", "      2 edgefed"),
         ("agent_memory.py", "nf4 "),
         ("step_overhead.py", "ratio agent / plain"),
+        ("ferret_k.py", "dense KxD MB"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:
