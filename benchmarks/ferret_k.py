@@ -159,7 +159,7 @@ def main() -> None:
     if args.quick:
         rows, cols, ks = 64, 128, [4, 32]
     cost_table((rows, cols), ks)
-    if args.probe:
+    if args.probe or args.quick:
         from benchmarks._ferret_probe import print_probe
 
         print_probe(

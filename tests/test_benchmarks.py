@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("against_flower.py", "      2 edgefed"),
         ("agent_memory.py", "nf4 "),
         ("step_overhead.py", "ratio agent / plain"),
-        ("ferret_k.py", "dense KxD MB"),
+        ("ferret_k.py", "K=16"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:

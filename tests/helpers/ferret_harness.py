@@ -115,7 +115,7 @@ class FerretHarness:
             blobs={k: memoryview(v) for k, v in blobs.items()},
             agent_id=agent,
         )
-        out = FerretClient().run(task, self.workspaces[agent])
+        out = FerretClient().run(task, self.workspaces[agent])  # type: ignore[arg-type]
         header = TaskResult(
             run_id=assign.run_id,
             round=assign.round,
