@@ -62,7 +62,7 @@ class Workspace:
 
 def run_task(ws: Workspace, agent: str, kind: str, round: int, a: Any) -> TaskOutput:
     assign = TaskAssign(
-        run_id="rounds", round=round, task_id=f"r{round}-{kind}-{agent}", kind=kind,
+        run_id="rounds", round=round, task_id=f"r{round}-{kind}-{agent}", kind=kind,  # type: ignore[arg-type]
         method="ferret", model=BaseModelRef(name="m", sha256=ws.resolved.sha256), quant="fp32",
         params=a.params, deadline_s=3600.0,
     )  # fmt: skip
