@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,10 @@ def probe(
     eval_examples: Sequence[Example],
     ks: Sequence[int],
     params: Mapping[str, Any],
+    on_row: Callable[[ProbeRow], None] = lambda _row: None,
 ) -> list[ProbeRow]:
-    """The rows ``before``, ``true`` and one per K (``model`` is fp32 and left as it was)."""
+    """The rows ``before``, ``true`` and one per K (``model`` is fp32 and left as it was);
+    ``on_row`` sees each row as soon as it is measured."""
     tensors = model_tensors(model)
     names = list(tensors)
     base = {n: t.detach().clone() for n, t in tensors.items()}
@@ -87,6 +90,7 @@ def probe(
     mean_flat = _flat(mean, names)
     before = eval_loss(model, tokenizer, eval_examples)
     rows = [ProbeRow("before", before, 0.0, 1.0, 1.0, 0)]
+    on_row(rows[0])
 
     def measure(label: str, step: Mapping[str, torch.Tensor], triples: int) -> None:
         with torch.no_grad():
@@ -99,6 +103,7 @@ def probe(
         cosine = float(torch.dot(flat, mean_flat) / (flat.norm() * mean_flat.norm() + 1e-30))
         ratio = float(flat.norm() / (mean_flat.norm() + 1e-30))
         rows.append(ProbeRow(label, loss, before - loss, cosine, ratio, triples))
+        on_row(rows[-1])
 
     measure("true", mean, 0)
     for k in ks:
@@ -167,9 +172,14 @@ def print_probe(*, quick: bool, ks: Sequence[int], agents: int, steps: int, lr: 
         f"batch 4), eval on {len(eval_examples)} held-out demo examples"
     )
     print(f"{'step':>8} {'eval loss':>10} {'drop':>9} {'cos(Δ̄)':>9} {'|s|/|Δ̄|':>9} {'triples':>8}")
-    for r in probe(model_dir, model, tokenizer, data, eval_examples, ks, params):
+
+    def show(r: ProbeRow) -> None:
         ratio = "" if r.label == "before" else f"{r.norm_ratio:>9.2f}"
         cos = "" if r.label == "before" else f"{r.cosine:>9.4f}"
         print(f"{r.label:>8} {r.loss:>10.4f} {r.drop:>+9.4f} {cos:>9} {ratio:>9} {r.triples:>8}")
+        print(f"         ({time.perf_counter() - started:.0f} s so far)", flush=True)
+
+    started = time.perf_counter()
+    for r in probe(model_dir, model, tokenizer, data, eval_examples, ks, params, on_row=show):
         if not math.isfinite(r.loss):
             raise SystemExit(f"probe: the loss after {r.label} is not finite")
