@@ -52,8 +52,10 @@ def eval_loss(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example
     return evaluate(model, tokenizer, examples, max_len=128, batch_size=8).loss
 
 
-def _flat(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
-    return torch.cat([tensors[n].float().reshape(-1) for n in names])
+def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """``<a, b>`` over every tensor, accumulated in float64 (a float32 sum over 1e8 elements
+    is off by percents)."""
+    return sum(float(torch.dot(a[n].double().reshape(-1), b[n].double().reshape(-1))) for n in a)
 
 
 def probe(
@@ -87,7 +89,7 @@ def probe(
     for a in data:
         for n in names:
             mean[n] += updates[a][n] * (len(data[a]) / total)
-    mean_flat = _flat(mean, names)
+    mean_norm = math.sqrt(_dot(mean, mean))
     before = eval_loss(model, tokenizer, eval_examples)
     rows = [ProbeRow("before", before, 0.0, 1.0, 1.0, 0)]
     on_row(rows[0])
@@ -99,9 +101,9 @@ def probe(
             loss = eval_loss(model, tokenizer, eval_examples)
             for n in names:
                 tensors[n].copy_(base[n])
-        flat = _flat(step, names)
-        cosine = float(torch.dot(flat, mean_flat) / (flat.norm() * mean_flat.norm() + 1e-30))
-        ratio = float(flat.norm() / (mean_flat.norm() + 1e-30))
+        norm = math.sqrt(_dot(step, step))
+        cosine = _dot(step, mean) / (norm * mean_norm + 1e-30)
+        ratio = norm / (mean_norm + 1e-30)
         rows.append(ProbeRow(label, loss, before - loss, cosine, ratio, triples))
         on_row(rows[-1])
 
