@@ -78,10 +78,11 @@ STEP_PREFIX = "step-"
 HELD_ROUND = "held_round"
 OUT_OF_SYNC = "out_of_sync"
 
-DEFAULT_K = 32
-"""Seed pool per round. Cost per round on each side is up to K x parameters random signs
-(SmolLM2-135M at K = 32: 4.3e9 at most, 7 s on one core of the dev box; a real round's step
-was 1.5e9, 2.8 s); see ``docs/methods/ferret.md``."""
+DEFAULT_K = 256
+"""Seed pool size. The one-round probe on SmolLM2-135M (``benchmarks/ferret_k.py --probe``):
+the rebuilt step gives 99.5% of the true update's loss drop at K = 256, 93% at K = 32. Cost per
+round on each side is up to K x parameters random signs, linear in K, memory flat (SmolLM2 at
+K = 256: ~1.3e10 signs, ~40 s on one quiet core); see ``docs/methods/ferret.md``."""
 
 MAX_CATCHUP = 63
 """More step blobs than this would not fit a message (64 blobs at most)."""
@@ -102,7 +103,7 @@ def step_round(blob: str) -> int | None:
 
 class FerretParams(StrictParams):
     k: Annotated[int, Field(ge=2, le=1 << 20)] = DEFAULT_K
-    """Seed pool size K per round."""
+    """Seed pool size K."""
     server_lr: Annotated[float, Field(gt=0, le=100)] = 1.0
     """Applied to the reconstructed step; with ``anneal = linear``, round 1's value. The
     reference's ``slr_max = 10`` with its bases that give Δ/3 is ``10 / 3`` here."""
