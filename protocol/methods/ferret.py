@@ -121,7 +121,8 @@ class FerretParams(StrictParams):
     server sets it to the run's seed (``run.seed``)."""
     pool: Literal["run", "round"] = "run"
     """``run``: one pool of K bases drawn once and reused every round (the paper's fixed
-    shared subspace); ``round``: a fresh pool each round."""
+    shared subspace); ``round``: a fresh pool each round (measured: not better over three
+    rounds of SmolLM2, one seed; ``docs/methods/ferret.md``)."""
     basis: Literal["rademacher"] = "rademacher"
     dtype: Literal["fp32", "bf16"] = "fp32"
     """What the weights are held and trained in (both sides). A task quantized nf4/int8 still
