@@ -26,15 +26,21 @@ from typing import Any
 import torch
 
 from aggregator.methods import MethodContext
-from aggregator.methods.ferret import FerretServer
-from edge_agent.data import Example, load_jsonl
-from edge_agent.evaluate import evaluate
-from edge_agent.methods.ferret import choice_rng, model_tensors, project_update, sgd_seed, sgd_steps
+from aggregator.methods.ferret.server import FerretServer
+from edge_agent.methods.ferret.client import (
+    choice_rng,
+    model_tensors,
+    project_update,
+    sgd_seed,
+    sgd_steps,
+)
+from edge_agent.training.data import Example, load_jsonl
+from edge_agent.training.evaluate import evaluate
 from protocol import payloads
 from protocol.messages import TaskResult
-from protocol.methods import _ferret_math as fm
-from protocol.methods import ferret as spec
 from protocol.methods import parse_params
+from protocol.methods.ferret import math as fm
+from protocol.methods.ferret import spec
 
 
 @dataclass(frozen=True)
@@ -141,8 +147,8 @@ def probe(
 def demo_data(
     agents: int, per_agent: int, n_eval: int
 ) -> tuple[dict[str, list[Example]], list[Example]]:
-    """The demo split (``aggregator.demo_data``) as examples: per agent, and the eval set."""
-    from aggregator.demo_data import make_demo_split, write_demo
+    """The demo split (``aggregator.local.demo_data``) as examples: per agent, and the eval set."""
+    from aggregator.local.demo_data import make_demo_split, write_demo
 
     split = make_demo_split(agents, per_agent=per_agent, n_eval=n_eval, seed=0)
     with tempfile.TemporaryDirectory(prefix="ferret-probe-") as tmp:
@@ -155,7 +161,7 @@ def print_probe(*, quick: bool, ks: Sequence[int], agents: int, steps: int, lr: 
     from transformers import AutoTokenizer
 
     from benchmarks._tiny import tiny_model
-    from edge_agent.model_store import DEFAULT_MODEL, load_base, resolve_model
+    from edge_agent.model.store import DEFAULT_MODEL, load_base, resolve_model
 
     if quick:
         model_dir = tiny_model(Path(tempfile.mkdtemp(prefix="ferret-probe-")) / "model")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil
 import torch
 
-from protocol.methods import _ferret_math as fm
+from protocol.methods.ferret import math as fm
 
 BASE_SEED = fm.pool_base_seed(0, 1, "run")
 

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from aggregator.methods import MethodContext
-from aggregator.methods.ferret import FerretServer
+from aggregator.methods.ferret.server import FerretServer
 from benchmarks._ferret_probe import demo_data
-from edge_agent.data import Example
 from edge_agent.methods import TaskInput, TaskOutput
-from edge_agent.methods.ferret import FerretClient
-from edge_agent.model_store import DEFAULT_MODEL, ResolvedModel, load_base, resolve_model
+from edge_agent.methods.ferret.client import FerretClient
+from edge_agent.model.store import DEFAULT_MODEL, ResolvedModel, load_base, resolve_model
+from edge_agent.training.data import Example
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.methods import parse_params
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks._ferret_probe import probe
-from edge_agent.data import Example
-from edge_agent.model_store import ResolvedModel, load_base
+from edge_agent.model.store import ResolvedModel, load_base
+from edge_agent.training.data import Example
 
 DATA = {
     "a": [Example("Capital of France?", "Paris"), Example("Say hello.", "hello hello")] * 2,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from edge_agent.data import Example
-from edge_agent.model_store import ResolvedModel, load_base
+from edge_agent.model.store import ResolvedModel, load_base
+from edge_agent.training.data import Example
 from tests.helpers.ferret_harness import FerretHarness
 
 PARAMS = {

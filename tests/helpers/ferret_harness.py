@@ -1,6 +1,6 @@
 """The round engine with a Ferret server and in-process Ferret agents: real payloads, no sockets.
 
-Task ids are a hash of the run id, round, kind and agent id (``aggregator.rounds.task_id_for``)
+Task ids are a hash of the run id, round, kind and agent id (``aggregator.engine.rounds.task_id_for``)
 and a run's id is fresh per run in deployment: two harnesses with other ``run_id`` values and
 the same flags differ in their task ids and nothing else.
 """
@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from aggregator.checkpoint import CheckpointStore
-from aggregator.config import build_config
-from aggregator.engine import RoundEngine, RoundSummary
-from aggregator.ledger import Ledger
+from aggregator.engine.engine import RoundEngine, RoundSummary
 from aggregator.methods import MethodContext
-from aggregator.methods.ferret import FerretServer
-from edge_agent.data import Example
+from aggregator.methods.ferret.server import FerretServer
+from aggregator.ops.config import build_config
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
 from edge_agent.methods import TaskInput
-from edge_agent.methods.ferret import FerretClient
-from edge_agent.model_store import ResolvedModel, load_base
+from edge_agent.methods.ferret.client import FerretClient
+from edge_agent.model.store import ResolvedModel, load_base
+from edge_agent.training.data import Example
 from protocol.frames import decode, encode
 from protocol.messages import BaseModelRef, Hello, TaskAssign, TaskResult
 from protocol.methods import parse_params
