@@ -40,6 +40,7 @@ bench: venv
 	$(PY) benchmarks/aggregator_throughput.py
 	$(PY) benchmarks/agent_memory.py
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/ferret_k.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
