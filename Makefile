@@ -40,6 +40,7 @@ bench: venv
 	$(PY) benchmarks/aggregator_throughput.py
 	$(PY) benchmarks/agent_memory.py
 	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/ferret_k.py
 
 # Most of an hour, best on a quiet machine; against_flower needs .venv-flower (docs/benchmarks.md).
 bench-heavy: venv

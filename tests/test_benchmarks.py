@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("agent_memory.py", "nf4 "),
         ("step_overhead.py", "ratio agent / plain"),
         ("secagg_cost.py", "secagg rows: the four stages' messages"),
+        ("ferret_k.py", "K=16"),
+        ("ferret_rounds.py", " round  linear     3.333"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:

@@ -149,6 +149,8 @@ class MethodContext:
     """A local copy of the base model (HF directory), when the operator gave one."""
     state_dir: Path | None = None
     seed: int = 0
+    rounds: int = 0
+    """The run's round count (0: not known)."""
     public_data: Path | None = None
     """A public JSONL the aggregator itself may train on (run.public_data)."""
     max_message_bytes: int | None = None
@@ -162,6 +164,7 @@ def context_of(config: AggregatorConfig) -> MethodContext:
         model_dir=config.run.model_dir,
         state_dir=config.server.state_dir,
         seed=config.run.seed,
+        rounds=config.run.rounds,
         public_data=config.run.public_data,
         max_message_bytes=config.server.max_message_bytes,
     )

@@ -158,7 +158,10 @@ class Worker:
         try:
             method = self._method(assign.method)
             output = method.run(
-                TaskInput(assign=assign, params=job.params, blobs=job.blobs), self.workspace
+                TaskInput(
+                    assign=assign, params=job.params, blobs=job.blobs, agent_id=self.agent_id
+                ),
+                self.workspace,
             )
             frames = self._result_frames(assign, output)
         except (EdgeAgentError, ProtocolError) as exc:

@@ -26,6 +26,8 @@ class TaskInput:
     assign: TaskAssign
     params: BaseModel
     blobs: Mapping[str, memoryview]
+    agent_id: str = ""
+    """This agent's id (methods that derive per-agent seeds from it: Ferret)."""
 
 
 @dataclass

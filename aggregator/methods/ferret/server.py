@@ -77,6 +77,14 @@ class FerretServer:
             )
         self.model_dir = Path(context.model_dir)
         self.p = parsed.ferret
+        if "seed" not in self.p.model_fields_set:  # the run's seed, unless the params set one
+            self.p = self.p.model_copy(update={"seed": context.seed})
+        if self.p.anneal == "linear" and self.p.rounds is None:
+            if not context.rounds:
+                raise ConfigError(
+                    "ferret.anneal = linear needs the run's round count: ferret.rounds"
+                )
+            self.p = self.p.model_copy(update={"rounds": context.rounds})
         self.dtype = _DTYPES[self.p.dtype]
         self.weights = load_base_weights(self.model_dir, self.dtype)
         self.layout = fm.build_layout({n: tuple(t.shape) for n, t in self.weights.items()})
@@ -162,7 +170,7 @@ class FerretServer:
                 group,
                 seed,
                 value,
-                base_seed=fm.round_base_seed(self.p.seed, round),
+                base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
                 k=self.p.k,
                 n_groups=self.n_groups,
                 method=self.name,
@@ -190,7 +198,7 @@ class FerretServer:
             kind=payloads.PayloadKind.SEEDCOEF,
             method=self.name,
             round=round,
-            base_seed=fm.round_base_seed(self.p.seed, round),
+            base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
             k=self.p.k,
             n_groups=self.n_groups,
         )
@@ -253,6 +261,7 @@ class FerretServer:
         clipped = sum(fm.is_clipped(v, self.p.clip_norm) for v in triples[2].tolist())
         metrics = {
             "k": float(self.p.k),
+            "server_lr": spec.server_lr_at(self.p, round),
             "triples": float(triples[2].numel()),
             "clipped": float(clipped),
             "step_bytes": float(len(self._step_payload(round))),
@@ -274,9 +283,9 @@ class FerretServer:
         stats = fm.apply_step(
             self.weights,
             self.layout,
-            fm.round_base_seed(self.p.seed, round),
+            fm.pool_base_seed(self.p.seed, round, self.p.pool),
             *triples,
-            server_lr=self.p.server_lr,
+            server_lr=spec.server_lr_at(self.p, round),
             clip_norm=self.p.clip_norm,
             measure=True,
         )

@@ -11,7 +11,6 @@ group's update on its seeds, puts the weights back to the global model and sends
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import time
@@ -110,7 +109,7 @@ def sync(
             continue
         if rr != held.round + 1:
             break
-        base_seed = fm.round_base_seed(p.seed, rr)
+        base_seed = fm.pool_base_seed(p.seed, rr, p.pool)
         expect = payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             method=spec.NAME,
@@ -131,7 +130,7 @@ def sync(
             t["group"],
             t["seed"],
             t["value"],
-            server_lr=p.server_lr,
+            server_lr=spec.server_lr_at(p, rr),
             clip_norm=p.clip_norm,
         )
         held.round = rr
@@ -268,9 +267,14 @@ def project_update(
     )
 
 
-def _task_rng(task: TaskInput, seed: int) -> np.random.Generator:
-    digest = hashlib.sha256(task.assign.task_id.encode()).digest()
-    return np.random.default_rng([seed, task.assign.round, int.from_bytes(digest[:8], "little")])
+def choice_rng(p: spec.FerretParams, round: int, agent_id: str) -> np.random.Generator:
+    """The generator of this agent's seed choices in ``round`` (run seed, round, agent id)."""
+    return np.random.default_rng(fm.agent_seed(p.seed, round, agent_id, "choose"))
+
+
+def sgd_seed(params: spec.Params, round: int, agent_id: str) -> int:
+    """The seed of this agent's batch order and dropout in ``round``."""
+    return fm.agent_seed(params.ferret.seed, round, agent_id, f"sgd{params.train.seed}")
 
 
 # --- the method --------------------------------------------------------------------------------
@@ -316,19 +320,19 @@ class FerretClient:
                 held.tokenizer,
                 ws.train_examples,
                 t,
-                t.seed + round_,
+                sgd_seed(params, round_, task.agent_id),
                 should_stop=ws.should_stop,
                 on_step=lambda done: ws.report_progress(0.9 * done / t.steps),
             )
             trained = time.perf_counter()
-            base_seed = fm.round_base_seed(p.seed, round_)
+            base_seed = fm.pool_base_seed(p.seed, round_, p.pool)
             proj = project_update(
                 held.layout,
                 held.tensors,
                 before,
                 k=p.k,
                 base_seed=base_seed,
-                rng=_task_rng(task, t.seed),
+                rng=choice_rng(p, round_, task.agent_id),
             )
         finally:
             with torch.no_grad():
@@ -379,7 +383,7 @@ class FerretClient:
             empty,
             empty,
             torch.zeros(0),
-            base_seed=fm.round_base_seed(p.seed, round_),
+            base_seed=fm.pool_base_seed(p.seed, round_, p.pool),
             k=p.k,
             n_groups=len(held.layout.groups),
             method=self.name,

@@ -16,8 +16,9 @@ that is why the basis is Rademacher.
 Speed. Signs come from the shared generator's 64-bit words, eight at a time: each byte of a
 word indexes a 256 x 8 table of (±c) values, so one ``index_select`` turns ``n / 8`` bytes into
 ``n`` signed coefficients; with the accumulation, 0.5-0.6e9 signs/s on one core of the
-2-core dev box. Work is chunked (:data:`CHUNK` elements per temporary), so memory stays
-bounded whatever the group size.
+2-core dev box. Work is chunked (:data:`CHUNK` elements per temporary) and the bases are made
+one seed at a time, chunk by chunk (never a K x d matrix), so memory stays a few MB whatever
+the group size and K (measured: ``benchmarks/ferret_k.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +136,27 @@ def build_layout(shapes: Mapping[str, Sequence[int]]) -> Layout:
 def round_base_seed(seed: int, round: int) -> int:
     """The base seed of ``round``'s pool: ``key(seed, round)`` of the shared generator."""
     return randomness.derive_key(seed, round)
+
+
+def pool_base_seed(seed: int, round: int, pool: str) -> int:
+    """The base seed of the pool round ``round`` draws its bases from.
+
+    ``pool = "run"`` (the paper's rule): one pool for the whole run, ``key(seed, 0)``, the
+    same K bases every round (a fixed shared random subspace). ``pool = "round"``: a fresh
+    pool each round, ``key(seed, round)`` (rounds count from 1, so never the run's pool).
+    """
+    if pool == "run":
+        return randomness.derive_key(seed, 0)
+    if pool == "round":
+        return randomness.derive_key(seed, round)
+    raise ValueError(f"unknown ferret seed pool {pool!r} (run or round)")
+
+
+def agent_seed(seed: int, round: int, agent_id: str, purpose: str) -> int:
+    """A 63-bit seed for one agent's ``purpose`` in ``round`` of the run seeded ``seed``:
+    ``stream_key(key(seed, round), "<purpose>|<agent id>") >> 1``. The same flags give the same
+    seeds, whatever the task ids."""
+    return randomness.stream_key(randomness.derive_key(seed, round), f"{purpose}|{agent_id}") >> 1
 
 
 def basis_key(base_seed: int, seed_index: int, group_name: str) -> int:
@@ -282,18 +304,20 @@ def apply_step(
             targets = [params[m.name].view(-1) for m in g.members]
             device = targets[0].device
             unit = _unit_table(device)
-            tables = []
+            table = torch.empty_like(unit)
+            coefs = []  # (key, c): two numbers per term, so memory does not grow with K
             for s, gamma in terms:
                 c = step_coefficient(gamma, g.numel, server_lr, clip_norm)
                 stats.clipped += is_clipped(gamma, clip_norm)
-                tables.append((basis_key(base_seed, s, g.name), unit * c))
+                coefs.append((basis_key(base_seed, s, g.name), c))
             stats.terms += len(terms)
             size = min(g.numel, CHUNK)
             acc_buf = torch.empty(size, dtype=torch.float32, device=device)
             sign_buf = torch.empty((size + 63) // 64 * 64, dtype=torch.float32, device=device)
             for off, n in _chunks(g.numel):
                 acc = acc_buf[:n].zero_()
-                for key, table in tables:
+                for key, c in coefs:
+                    torch.mul(unit, c, out=table)  # ±c exactly
                     acc += scaled_signs(key, off, n, table, sign_buf)
                 if measure:
                     stats.sq_norm += float(torch.dot(acc, acc))

@@ -15,9 +15,12 @@ flattened row-major and concatenated; ``d_g`` is its length. The server sends
 ``ferret.layout`` (sha256 of the layout) and an agent whose model gives another layout refuses
 the task.
 
-**Seeds and bases** (shared randomness v1, ``spec/randomness.md``). Round ``r`` has the pool of
-seed indices ``0 .. K-1`` and the base seed ``B_r = key(ferret.seed, r)``. The basis of seed
-index ``s`` for group ``g`` in round ``r`` is ``v = r_{s,g} / sqrt(d_g)`` with::
+**Seeds and bases** (shared randomness v1, ``spec/randomness.md``). Round ``r`` draws from the
+pool of seed indices ``0 .. K-1`` with the base seed ``B_r``: with ``ferret.pool = "run"`` (the
+default, the paper's rule) one pool for the whole run, ``B_r = key(ferret.seed, 0)`` every
+round (a fixed shared random subspace); with ``"round"`` a fresh pool per round,
+``B_r = key(ferret.seed, r)``. The basis of seed index ``s`` for group ``g`` in round ``r`` is
+``v = r_{s,g} / sqrt(d_g)`` with::
 
     key_{r,s,g} = key(key(B_r, s), fnv1a64(name of g))      # = stream_key(key(B_r, s), name)
     r_{s,g}[i]  = rademacher(key_{r,s,g}, i),  i = 0 .. d_g - 1
@@ -25,7 +28,9 @@ index ``s`` for group ``g`` in round ``r`` is ``v = r_{s,g} / sqrt(d_g)`` with::
 so ``|v| = 1`` and ``E[v vᵀ] = I / d_g``.
 
 **Projection** (agent). With ``Δ_g`` the group's local update (after − before),
-``n_g = min(K, max(floor(K · |Δ_g| / max_h |Δ_h|), 2))`` distinct seed indices are drawn, and
+``n_g = min(K, max(floor(K · |Δ_g| / max_h |Δ_h|), 2))`` distinct seed indices are drawn (numpy
+``default_rng(agent_seed(seed, r, agent id, "choose"))``; the batch order is seeded
+``agent_seed(seed, r, agent id, "sgd<train.seed>")``, see ``_ferret_math.agent_seed``), and
 for each ``γ = (d_g / n_g) · <Δ_g, v>`` (the reference's scaling). Then
 ``E[Σ_s γ_s v_s] = Δ_g``: the reconstruction is unbiased (the reference's truncated-normal
 bases bounded by ``1/sqrt(d)`` have variance ``≈ 1/(3d)`` and give ``Δ/3`` on average, which
@@ -35,7 +40,8 @@ its server learning rate of 10 absorbs; ours needs 1).
 ``γ̄_{g,s} = Σ_a w_a γ_{a,g,s} / Σ_a w_a`` (``w_a`` = the agent's examples; an agent that did
 not pick ``(g, s)`` adds 0), rounded to float32. Each term is clipped as the reference clips
 it, ``γ ← γ · min(1, clip_norm / (|γ v| + 1e-8))`` with ``|γ v| = |γ|``, and the step
-``θ_g ← θ_g + Σ_s c_s r_{s,g}`` with ``c_s = float32(server_lr · γ_clipped / sqrt(d_g))``,
+``θ_g ← θ_g + Σ_s c_s r_{s,g}`` with ``c_s = float32(η_r · γ_clipped / sqrt(d_g))``,
+``η_r`` the round's server learning rate (:func:`server_lr_at`),
 terms in ascending seed order accumulated in float32 from 0, then added to the weights once.
 The weights are held in ``ferret.dtype`` (fp32 or bf16) on both sides and stay bit-identical.
 
@@ -72,10 +78,11 @@ STEP_PREFIX = "step-"
 HELD_ROUND = "held_round"
 OUT_OF_SYNC = "out_of_sync"
 
-DEFAULT_K = 32
-"""Seed pool per round. Cost per round on each side is up to K x parameters random signs
-(SmolLM2-135M at K = 32: 4.3e9 at most, 7 s on one core of the dev box; a real round's step
-was 1.5e9, 2.8 s); see ``docs/methods/ferret.md``."""
+DEFAULT_K = 256
+"""Seed pool size. The one-round probe on SmolLM2-135M (``benchmarks/ferret_k.py --probe``):
+the rebuilt step gives 99.5% of the true update's loss drop at K = 256, 93% at K = 32. Cost per
+round on each side is up to K x parameters random signs, linear in K, memory flat (SmolLM2 at
+K = 256: ~1.3e10 signs, ~40 s on one quiet core); see ``docs/methods/ferret.md``."""
 
 MAX_CATCHUP = 63
 """More step blobs than this would not fit a message (64 blobs at most)."""
@@ -96,13 +103,26 @@ def step_round(blob: str) -> int | None:
 
 class FerretParams(StrictParams):
     k: Annotated[int, Field(ge=2, le=1 << 20)] = DEFAULT_K
-    """Seed pool size K per round."""
+    """Seed pool size K."""
     server_lr: Annotated[float, Field(gt=0, le=100)] = 1.0
-    """Applied to the reconstructed step (the reference uses 10 with bases that give Δ/3)."""
+    """Applied to the reconstructed step; with ``anneal = linear``, round 1's value. The
+    reference's ``slr_max = 10`` with its bases that give Δ/3 is ``10 / 3`` here."""
+    anneal: Literal["none", "linear"] = "none"
+    """``linear``: the reference's schedule, round ``r`` of ``R`` applies
+    ``server_lr_min + (server_lr - server_lr_min) · (1 - (r - 1) / R)``."""
+    server_lr_min: Annotated[float, Field(ge=0, le=100)] = 0.0
+    rounds: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """R of the linear schedule; left out, the server sets the run's round count."""
     clip_norm: Annotated[float, Field(gt=0, le=1e6)] = 10.0
     """Per-term clip of ``|γ v|`` (the reference's ``max_norm``)."""
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
-    """Base of the rounds' seed pools: ``B_r = key(seed, r)``."""
+    """Base of the seed pools: ``B = key(seed, 0)`` (pool ``run``) or ``key(seed, r)``, and of
+    each agent's seed choice and batch order (with its agent id and the round). Left out, the
+    server sets it to the run's seed (``run.seed``)."""
+    pool: Literal["run", "round"] = "run"
+    """``run``: one pool of K bases drawn once and reused every round (the paper's fixed
+    shared subspace); ``round``: a fresh pool each round (measured: not better over three
+    rounds of SmolLM2, one seed; ``docs/methods/ferret.md``)."""
     basis: Literal["rademacher"] = "rademacher"
     dtype: Literal["fp32", "bf16"] = "fp32"
     """What the weights are held and trained in (both sides). A task quantized nf4/int8 still
@@ -111,6 +131,15 @@ class FerretParams(StrictParams):
     """Rounds of steps sent to an agent that missed some; beyond that it gets dense weights."""
     layout: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     """sha256 of the parameter groups, set by the server; agents check theirs against it."""
+
+
+def server_lr_at(p: FerretParams, round: int) -> float:
+    """The server learning rate of ``round`` (plain float64 arithmetic: the same everywhere)."""
+    if p.anneal == "none":
+        return p.server_lr
+    if p.rounds is None:
+        raise ValueError("ferret.anneal = linear needs ferret.rounds (the run's round count)")
+    return p.server_lr_min + (p.server_lr - p.server_lr_min) * (1.0 - (round - 1) / p.rounds)
 
 
 class Params(StrictParams):

@@ -22,6 +22,7 @@ from protocol import payloads
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.methods import parse_params
 from protocol.methods.ferret import math as fm
+from protocol.methods.ferret import spec
 
 K = 6
 PARAMS: dict[str, Any] = {
@@ -71,7 +72,9 @@ class Agent:
             deadline_s=60.0,
         )
         blobs = {k: memoryview(v) for k, v in a.blobs.items()}
-        task = TaskInput(assign=assign, params=parse_params("ferret", a.params), blobs=blobs)
+        task = TaskInput(
+            assign=assign, params=parse_params("ferret", a.params), blobs=blobs, agent_id=self.id
+        )
         return FerretClient().run(task, self)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -121,7 +124,7 @@ def seedcoef(round: int, triples: list[tuple[int, int, float]], *, k: int = K, n
         torch.tensor(g, dtype=torch.int32),
         torch.tensor(s, dtype=torch.int32),
         torch.tensor(v, dtype=torch.float32),
-        base_seed=fm.round_base_seed(0, round),
+        base_seed=fm.pool_base_seed(0, round, "run"),
         k=k,
         n_groups=n,
         method="ferret",
@@ -156,6 +159,24 @@ def test_agents_rebuild_the_servers_model_bit_for_bit(
     out = b.run("train", 3, sent)
     assert out.metrics["held_round"] == 2.0
     server.wait_weights()
+    assert_same(server, b)
+
+
+@pytest.mark.parametrize(("pool", "anneal"), [("run", "linear"), ("round", "none")])
+def test_the_pool_and_schedule_options_set_each_rounds_step(
+    pool: str, anneal: str, tiny_model_dir: Path, tiny_resolved: ResolvedModel
+) -> None:
+    params = PARAMS | {"ferret": {"k": K, "pool": pool, "anneal": anneal, "server_lr": 3.0}}
+    server = FerretServer(params, MethodContext(model_dir=tiny_model_dir, rounds=3))
+    a, b = Agent("a", tiny_resolved), Agent("b", tiny_resolved)
+    lrs = [train_round(server, [a], r)["server_lr"] for r in (1, 2)]
+    assert lrs == ([3.0, 2.0] if anneal == "linear" else [3.0, 3.0])
+    server.begin_round(3)
+    sent = server.assign(3, "b", "train")
+    seeds = [payloads.decode(sent.blobs[spec.step_blob(r)]).base_seed for r in (1, 2)]
+    want = [fm.pool_base_seed(0, r, pool) for r in (1, 2)]
+    assert seeds == want and (seeds[0] == seeds[1]) == (pool == "run")
+    b.run("train", 3, sent)  # b rebuilds both steps from their pools
     assert_same(server, b)
 
 
@@ -223,7 +244,7 @@ def test_updates_outside_the_rounds_pool_are_rejected(
             torch.zeros(1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32),
             torch.ones(1),
-            base_seed=fm.round_base_seed(0, 1),
+            base_seed=fm.pool_base_seed(0, 1, "round"),
             k=K,
             n_groups=n,
             method="ferret",
@@ -305,3 +326,15 @@ def test_export_writes_a_loadable_model_directory(
 def test_needs_the_base_model_weights() -> None:
     with pytest.raises(ConfigError, match="run.model_dir"):
         FerretServer(PARAMS, MethodContext())
+
+
+def test_seed_and_rounds_default_to_the_runs(tiny_model_dir: Path) -> None:
+    linear = PARAMS | {"ferret": {"k": K, "anneal": "linear"}}
+    s = FerretServer(linear, MethodContext(model_dir=tiny_model_dir, seed=7, rounds=5))
+    assert (s.p.seed, s.p.rounds) == (7, 5)
+    assert s.assign(1, "a", "train").params["ferret"]["rounds"] == 5
+    fixed = PARAMS | {"ferret": {"k": K, "seed": 2, "rounds": 9, "anneal": "linear"}}
+    s = FerretServer(fixed, MethodContext(model_dir=tiny_model_dir, seed=7, rounds=5))
+    assert (s.p.seed, s.p.rounds) == (2, 9)
+    with pytest.raises(ConfigError, match="ferret.rounds"):
+        FerretServer(linear, MethodContext(model_dir=tiny_model_dir))

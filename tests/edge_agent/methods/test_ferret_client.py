@@ -14,7 +14,14 @@ from aggregator.methods import MethodContext
 from aggregator.methods.ferret.server import FerretServer
 from edge_agent.errors import TaskError
 from edge_agent.methods import TaskInput, TaskOutput
-from edge_agent.methods.ferret.client import CACHE_KEY, FerretClient, HeldModel, sgd_steps
+from edge_agent.methods.ferret.client import (
+    CACHE_KEY,
+    FerretClient,
+    HeldModel,
+    choice_rng,
+    sgd_seed,
+    sgd_steps,
+)
 from edge_agent.model.store import ResolvedModel, load_base
 from edge_agent.training.data import Example, collate, tokenize
 from protocol import payloads
@@ -144,7 +151,7 @@ def test_train_task_sends_triples_and_keeps_the_global_model(ws: TinyWorkspace) 
         payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             round=1,
-            base_seed=fm.round_base_seed(0, 1),
+            base_seed=fm.pool_base_seed(0, 1, "run"),
             k=6,
             n_groups=len(h.layout.groups),
         ),
@@ -203,7 +210,7 @@ def test_refuses_another_layout_and_foreign_blobs(ws: TinyWorkspace) -> None:
         torch.zeros(1, dtype=torch.int32),
         torch.zeros(1, dtype=torch.int32),
         torch.ones(1),
-        base_seed=fm.round_base_seed(0, 2),  # round 2's pool, sent as round 1's step
+        base_seed=fm.round_base_seed(0, 2),  # another pool's base seed
         k=6,
         n_groups=len(held(ws).layout.groups),
         method="ferret",
@@ -212,3 +219,21 @@ def test_refuses_another_layout_and_foreign_blobs(ws: TinyWorkspace) -> None:
     ws.cache.clear()
     with pytest.raises(TaskError, match="step of round 1 rejected"):
         run_task(ws, "eval", 1, PARAMS, {"step-000001": wrong_round})
+
+
+def test_seed_choices_and_batches_come_from_run_seed_round_and_agent() -> None:
+    p = parse_params("ferret", {"ferret": {"seed": 9}})
+    assert isinstance(p, spec.Params)
+
+    def draw(params: spec.Params, round: int, agent: str) -> list[int]:
+        return fm.choose_seeds(64, 8, choice_rng(params.ferret, round, agent))
+
+    assert draw(p, 2, "a") == draw(p, 2, "a")
+    other_seed = parse_params("ferret", {"ferret": {"seed": 10}})
+    assert isinstance(other_seed, spec.Params)
+    draws = [draw(p, 2, "b"), draw(p, 3, "a"), draw(other_seed, 2, "a")]
+    assert all(d != draw(p, 2, "a") for d in draws)
+    assert sgd_seed(p, 2, "a") == sgd_seed(p, 2, "a") != sgd_seed(p, 2, "b")
+    other_train = parse_params("ferret", {"ferret": {"seed": 9}, "train": {"seed": 1}})
+    assert isinstance(other_train, spec.Params)
+    assert sgd_seed(other_train, 2, "a") != sgd_seed(p, 2, "a")

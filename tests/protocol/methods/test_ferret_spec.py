@@ -108,6 +108,15 @@ def test_basis_key_derivation_is_the_documented_one() -> None:
     assert fm.basis_key(b, 9, "g#2") != fm.basis_key(b, 8, "g#2")
 
 
+def test_the_run_pool_is_one_pool_for_every_round() -> None:
+    assert [fm.pool_base_seed(3, r, "run") for r in (1, 2, 9)] == [randomness.derive_key(3, 0)] * 3
+    per_round = [fm.pool_base_seed(3, r, "round") for r in (1, 2)]
+    assert per_round == [fm.round_base_seed(3, 1), fm.round_base_seed(3, 2)]
+    assert fm.pool_base_seed(3, 1, "run") not in per_round
+    with pytest.raises(ValueError, match="pool"):
+        fm.pool_base_seed(3, 1, "epoch")
+
+
 def test_seeds_per_group_follows_the_norm_rule() -> None:
     assert fm.seeds_per_group([1.0, 0.5, 0.26, 0.0], 32) == [32, 16, 8, 2]
     assert fm.seeds_per_group([0.0, 0.0], 32) == [2, 2]  # the reference's 1e-8 floor
@@ -231,10 +240,24 @@ def test_params_defaults_and_bounds() -> None:
     assert isinstance(p, spec.Params)
     assert (p.ferret.k, p.ferret.server_lr, p.ferret.clip_norm) == (spec.DEFAULT_K, 1.0, 10.0)
     assert p.ferret.basis == "rademacher" and p.ferret.dtype == "fp32"
+    assert p.ferret.pool == "run"
     assert p.train.lr == 0.01
-    for bad in ({"k": 1}, {"max_catchup": 64}, {"layout": "xyz"}, {"basis": "gaussian"}):
+    bads = ({"k": 1}, {"max_catchup": 64}, {"layout": "xyz"}, {"basis": "gaussian"}, {"pool": "x"})
+    for bad in bads:
         with pytest.raises(BadParams, match="ferret"):
             parse_params("ferret", {"ferret": bad})
+
+
+def test_server_lr_schedules() -> None:
+    flat = spec.FerretParams(server_lr=2.0)
+    assert [spec.server_lr_at(flat, r) for r in (1, 5)] == [2.0, 2.0]
+    linear = spec.FerretParams(server_lr=10 / 3, anneal="linear", rounds=4)
+    got = [spec.server_lr_at(linear, r) for r in (1, 2, 3, 4)]
+    assert got == pytest.approx([10 / 3, 2.5, 5 / 3, 5 / 6], rel=1e-15)
+    floor = spec.FerretParams(server_lr=3.0, server_lr_min=1.0, anneal="linear", rounds=2)
+    assert [spec.server_lr_at(floor, r) for r in (1, 2, 3)] == [3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="ferret.rounds"):
+        spec.server_lr_at(spec.FerretParams(anneal="linear"), 1)
 
 
 def test_step_blob_names() -> None:
