@@ -1,8 +1,8 @@
 """The aggregator service: a ROUTER socket around the sans-IO round engine.
 
-The loop polls the socket, decodes each message (a malformed one gets an ErrorReply and is
-otherwise ignored), checks that the connection's identity and CURVE User-Id match the agent the
-message claims to be, hands it to the engine, and sends what the engine returns. Large blobs go
+The loop polls the socket, checks that the connection's identity and CURVE User-Id match the
+agent the message claims to be, hands the message to the :class:`MessageBoundary` (decode, engine,
+an ErrorReply for anything that fails: no message stops the service), and sends the replies. Large blobs go
 out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from aggregator.boundary import MessageBoundary
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.engine import Outgoing, RoundEngine, RoundSummary
@@ -27,8 +28,8 @@ from aggregator.errors import ConfigError, StateError
 from aggregator.ledger import Ledger
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
-from protocol.errors import ErrorCode, FrameError, ProtocolError
-from protocol.frames import decode, encode
+from protocol.errors import ErrorCode
+from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,12 @@ class AggregatorService:
         self.endpoint = ""
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.auth: AllowListAuthenticator | None = None
-        self.dropped = 0
+        self.boundary = MessageBoundary(self.engine)
+
+    @property
+    def dropped(self) -> int:
+        """Messages that were not decoded (not ASCII-identified, or malformed)."""
+        return self.boundary.dropped
 
     def _socket(self) -> zmq.Socket[bytes]:
         server = self.config.server
@@ -106,7 +112,11 @@ class AggregatorService:
         return sock
 
     def _send(self, sock: zmq.Socket[bytes], out: Outgoing) -> None:
-        frames = out.frames()
+        try:
+            frames = out.frames()
+        except Exception:  # a reply that cannot be encoded is a bug: log it, serve on
+            log.exception("agent %s: reply %s could not be encoded", out.agent_id, out.header)
+            return
         try:
             sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -126,41 +136,25 @@ class AggregatorService:
         try:
             agent_id = identity.decode("ascii")
         except UnicodeDecodeError:
-            self.dropped += 1
+            self.boundary.dropped += 1
             return
         if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
             log.warning("connection %r: User-Id does not match or key revoked; refused", agent_id)
-            self._send(
-                sock,
-                Outgoing(
-                    agent_id,
-                    ErrorReply(
-                        code=ErrorCode.IDENTITY_MISMATCH, reason="not authorised as this agent"
-                    ),
-                ),
-            )
+            reason = "not authorised as this agent"
+            error = ErrorReply(code=ErrorCode.IDENTITY_MISMATCH, reason=reason)
+            self._send(sock, Outgoing(agent_id, error))
             return
+        for out in self.boundary.handle(agent_id, frames[1:], now):
+            self._send(sock, out)
+
+    def _receive(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+        """The outermost guard: nothing one message causes stops the loop but a StateError."""
         try:
-            msg = decode(frames[1:])
-        except FrameError as exc:
-            self.dropped += 1
-            log.warning("agent %s: malformed message: %s", agent_id, exc)
-            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
-            return
-        try:
-            for out in self.engine.on_message(agent_id, msg, now):
-                self._send(sock, out)
-        except ProtocolError as exc:
-            log.warning("agent %s: %s", agent_id, exc)
-            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+            self._handle(sock, frames, now)
         except StateError:
-            raise  # the ledger or checkpoints failed: stop rather than run on without durability
-        except Exception:  # the message boundary: one bad message never stops the service
-            log.exception("agent %s: internal error on %s", agent_id, msg.header.type)
-            reply = ErrorReply(
-                code=ErrorCode.INTERNAL, reason="internal error; see the aggregator log"
-            )
-            self._send(sock, Outgoing(agent_id, reply))
+            raise
+        except Exception:
+            log.exception("a message could not be handled; the service runs on")
 
     def _self_test(self, sock: zmq.Socket[bytes], wait_s: float = 1.0) -> list[list[zmq.Frame]]:
         """Connect with a key that is on no allow-list; refuse to serve if it gets through.
@@ -214,7 +208,7 @@ class AggregatorService:
                 self.config.run.method,
             )
             for frames in backlog:
-                self._handle(sock, frames, time.monotonic())
+                self._receive(sock, frames, time.monotonic())
             self._loop(sock)
         finally:
             sock.close(linger=1000)
@@ -241,7 +235,7 @@ class AggregatorService:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(sock, frames, time.monotonic())
+                    self._receive(sock, frames, time.monotonic())
             for out in self.engine.tick(time.monotonic()):
                 self._send(sock, out)
             if self.engine.finished:
