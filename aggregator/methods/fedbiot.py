@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from aggregator.checkpoint import atomic_write_bytes
-from aggregator.errors import ConfigError, StateError, UpdateRejected
+from aggregator.errors import ConfigError, StateError
 from aggregator.export import ADAPTER_CONFIG, write_peft_adapter
+from aggregator.lora_layout import rank_for
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods import _fedbiot_align as align
 from aggregator.methods import _fedbiot_bundle as bundle_io
@@ -33,7 +34,6 @@ from aggregator.methods._fedbiot_serve import EmulatorCopies
 from aggregator.methods.fedit import FedAvg
 from aggregator.robust import check_examples
 from protocol import payloads
-from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
 from protocol.methods import _fedbiot_emulator as emu
 from protocol.methods import _fedbiot_state as st
@@ -252,7 +252,8 @@ class FedbiotServer:
     # --- what comes back ----------------------------------------------------------------------
 
     def _expect(self, round: int) -> payloads.Expect:
-        """LoRA factors on exactly the target linears of the full model's adapter layers."""
+        """LoRA factors on exactly the target linears of the full model's adapter layers, at the
+        task's ranks (derived from the task, never from the first update of a round)."""
         if self._specs is None:
             specs: dict[str, payloads.TensorSpec] = {}
             plan, targets = self._plan(), self.params.lora.target_modules
@@ -263,8 +264,9 @@ class FedbiotServer:
                     continue
                 if any(module == t or module.endswith("." + t) for t in targets):
                     prefix = align.PEFT_PREFIX + module
-                    specs[f"{prefix}.lora_A.weight"] = payloads.TensorSpec((None, shape[1]), F32)
-                    specs[f"{prefix}.lora_B.weight"] = payloads.TensorSpec((shape[0], None), F32)
+                    r = rank_for(module, self.params.lora)  # the task's rank, not a sender's
+                    specs[f"{prefix}.lora_A.weight"] = payloads.TensorSpec((r, shape[1]), F32)
+                    specs[f"{prefix}.lora_B.weight"] = payloads.TensorSpec((shape[0], r), F32)
             if not specs:
                 raise ConfigError(f"fedbiot: no adapter-layer linear matches {list(targets)}")
             self._specs = specs
@@ -280,12 +282,6 @@ class FedbiotServer:
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
         check_examples(result.num_examples, AggregationParams().max_examples)
-        shapes = {k: tuple(v.shape) for k, v in payload.tensors.items()}
-        fixed = self.global_state or self._acc.sums
-        if fixed and shapes != {k: tuple(v.shape) for k, v in fixed.items()}:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH, "adapter ranks differ from the round's"
-            )
         self.copies.saw_update(result.agent_id, payload.meta)
         return Update(
             agent_id=result.agent_id,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_harness import NAMES, Harness, lora_state, start_round
+from engine_harness import NAMES, Harness, fake_model_dir, lora_state, start_round
 
 from aggregator.robust import clip_lora, lora_delta_norm
 from protocol.errors import ErrorCode
@@ -84,7 +84,7 @@ def test_clip_norm_bounds_an_attackers_pull(tmp_path: Path) -> None:
 
 
 def test_wrong_shape_and_absurd_example_counts_are_rejected(tmp_path: Path) -> None:
-    h = Harness(tmp_path, min_agents=3)
+    h = Harness(tmp_path, min_agents=3, model_dir=fake_model_dir(tmp_path / "model"))
     try:
         tasks = start_round(h, ["a1", "a2", "a3"])
         assert h.result(tasks["a1"], "a1", 10, honest(1))[0].header.type == "ack"
