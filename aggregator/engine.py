@@ -183,8 +183,20 @@ class RoundEngine:
 
     def _on_heartbeat(self, agent_id: str, beat: Heartbeat, msg: Decoded) -> list[Outgoing]:
         self.registry.beat(agent_id, beat)
-        stored = self.uploads.announce(agent_id, beat.ready, self.ledger.has_update)
-        acks = [Outgoing(agent_id, Ack(run_id=self.run_id, task_id=t)) for t in stored]
+        phase = self.phase
+        open_task = None
+        if phase is not None and agent_id not in phase.done:
+            open_task = phase.assigned.get(agent_id)
+        told = self.uploads.announce(
+            agent_id, beat.ready, self.ledger.has_update, open_task, phase_open=phase is not None
+        )
+        acks = [Outgoing(agent_id, Ack(run_id=self.run_id, task_id=t)) for t in told.stored]
+        for task_id in told.stale:
+            reason = f"task {task_id} is not open (round {self.round})"
+            stale = ErrorReply(
+                run_id=self.run_id, code=ErrorCode.STALE_TASK, reason=reason, task_id=task_id
+            )
+            acks.append(Outgoing(agent_id, stale))
         if beat.probe:
             echo = Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id)
             acks.append(Outgoing(agent_id, echo))
