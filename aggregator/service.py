@@ -28,6 +28,7 @@ from aggregator.errors import ConfigError, StateError
 from aggregator.ledger import Ledger
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
+from aggregator.sessions import Sessions
 from protocol.errors import ErrorCode
 from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
@@ -79,6 +80,7 @@ class AggregatorService:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.auth: AllowListAuthenticator | None = None
         self.boundary = MessageBoundary(self.engine)
+        self.sessions = Sessions(None)
 
     @property
     def dropped(self) -> int:
@@ -89,7 +91,11 @@ class AggregatorService:
         server = self.config.server
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # no ROUTER_HANDOVER: a connection cannot take over a connected agent's routing id;
+        # ZMTP heartbeats drop a silent connection, so a reconnecting agent is not locked out
+        ivl_ms = max(100, int(server.heartbeat_interval * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl_ms * server.liveness)
         sock.setsockopt(zmq.SNDHWM, server.hwm)
         sock.setsockopt(zmq.RCVHWM, server.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
@@ -103,6 +109,7 @@ class AggregatorService:
         else:
             assert sec.secret_key is not None and sec.allow_dir is not None
             self.auth = start_curve_server(self.ctx, sock, sec.secret_key, sec.allow_dir)
+            self.sessions = Sessions(self.auth)
         try:
             sock.bind(server.bind)
         except zmq.ZMQError as exc:
@@ -127,9 +134,12 @@ class AggregatorService:
     def _authorised(self, agent_id: str, frame: zmq.Frame) -> bool:
         if self.auth is None:
             return True
-        self.auth.maybe_reload()
-        user_id = frame.get("User-Id") or ""
-        return bool(user_id) and user_id == agent_id and agent_id in self.auth.allowed_ids()
+        return self.sessions.authorised(agent_id, frame)
+
+    def _drop_revoked(self) -> None:
+        """Re-read the allow-list when due; forget the agents whose key left it."""
+        for agent_id in self.sessions.refresh():
+            self.engine.registry.gone(agent_id)
 
     def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
         identity = bytes(frames[0].buffer)
@@ -228,6 +238,7 @@ class AggregatorService:
         while not self.should_exit.is_set():
             while not self._calls.empty():
                 self._calls.get()()
+            self._drop_revoked()  # on the loop's clock: a new key is admitted with no traffic
             events = dict(poller.poll(POLL_MS))
             if sock in events:
                 for _ in range(256):  # drain a burst, then let the clock run
