@@ -101,7 +101,7 @@ class FeditServer:
         if self._vote is not None and not self._vote.admits(signature(payload.tensors)):
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "too many distinct layouts sent")
         tensors = payload.tensors
-        clip = self.params.aggregation.clip_norm
+        clip = self.params.aggregation.clip
         metrics = dict(result.metrics)
         if clip is not None:
             tensors, scale = clip_lora(tensors, self.global_state or None, clip)
@@ -123,10 +123,11 @@ class FeditServer:
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation)) if unknown else None
 
     def add(self, update: Update) -> None:
+        weight = self.params.aggregation.weight(update.num_examples)
         if self._vote is not None:
-            self._vote.add(signature(update.tensors), update.tensors, update.num_examples)
+            self._vote.add(signature(update.tensors), update.tensors, weight)
         else:
-            self._acc.add(update.tensors, update.num_examples)
+            self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
         metrics: dict[str, float] = {}

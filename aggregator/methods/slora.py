@@ -179,7 +179,7 @@ class SloraServer:
         if stage == 1 and self.shapes is None:
             self._vote_shapes[result.task_id] = self._check_shapes(payload)
         tensors, metrics = payload.tensors, dict(result.metrics)
-        clip = self.params.aggregation.clip_norm
+        clip = self.params.aggregation.clip
         if clip is not None:
             if stage == 1:
                 tensors, metrics["clip_scale"] = clip_values(tensors, self.values or None, clip)
@@ -265,10 +265,11 @@ class SloraServer:
 
     def add(self, update: Update) -> None:
         sig = self._vote_shapes.pop(update.task_id, None)
+        weight = self.params.aggregation.weight(update.num_examples)
         if sig is not None and self.shapes is None:
-            self._vote.add(sig, update.tensors, update.num_examples)
+            self._vote.add(sig, update.tensors, weight)
         else:
-            self._acc.add(update.tensors, update.num_examples)
+            self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
         won = self._vote.winner() if self.shapes is None else None
