@@ -31,15 +31,13 @@ from aggregator.methods import AgentView, Assignment, MethodContext, Update, dec
 from aggregator.methods import _fedbiot_align as align
 from aggregator.methods import _fedbiot_bundle as bundle_io
 from aggregator.methods._fedbiot_serve import EmulatorCopies
-from aggregator.methods.fedit import FedAvg
-from aggregator.robust import check_examples
+from aggregator.robust import Aggregator, check_examples, clip_lora
 from protocol import payloads
 from protocol.messages import Profile, TaskResult
 from protocol.methods import _fedbiot_emulator as emu
 from protocol.methods import _fedbiot_state as st
 from protocol.methods import fedbiot as spec
 from protocol.methods import parse_params
-from protocol.methods._common import AggregationParams
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +59,7 @@ class FedbiotServer:
                 "to align the emulator on (run.public_data)"
             )
         self.global_state: dict[str, torch.Tensor] = {}
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
         self._payload: tuple[int, bytes] | None = None
         self._lock = threading.Lock()
         self._job: threading.Thread | None = None
@@ -281,26 +279,30 @@ class FedbiotServer:
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
-        check_examples(result.num_examples, AggregationParams().max_examples)
+        agg = self.params.aggregation
+        check_examples(result.num_examples, agg.max_examples)
+        tensors, metrics = payload.tensors, dict(result.metrics)
+        if agg.clip is not None:
+            tensors, metrics["clip_scale"] = clip_lora(tensors, self.global_state or None, agg.clip)
         self.copies.saw_update(result.agent_id, payload.meta)
         return Update(
             agent_id=result.agent_id,
             task_id=result.task_id,
             num_examples=result.num_examples,
-            tensors=payload.tensors,
-            metrics=dict(result.metrics),
+            tensors=tensors,
+            metrics=metrics,
         )
 
     # --- aggregation --------------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
 
     def add(self, update: Update) -> None:
-        self._acc.add(update.tensors, update.num_examples)
+        self._acc.add(update.tensors, self.params.aggregation.weight(update.num_examples))
 
     def finish_round(self, round: int) -> dict[str, float]:
-        combined = self._acc.mean()
+        combined = self._acc.result()
         if combined:
             self.global_state = combined
             self._payload = None
