@@ -299,7 +299,9 @@ class FedbiotServer:
         self._acc = Aggregator(self.params.aggregation)
 
     def add(self, update: Update) -> None:
-        self._acc.add(update.tensors, self.params.aggregation.weight(update.num_examples))
+        region = update.agent_id in self.context.regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
+        self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
         combined = self._acc.result()

@@ -53,6 +53,7 @@ class FeditServer:
         self._payload: tuple[int, bytes] | None = None
         self._acc = Aggregator(self.params.aggregation)
         context = context or MethodContext()
+        self._regions = context.regions
         self._layout = (
             expected_layout(context.model_dir, self.params.lora)
             if context.model_dir is not None
@@ -123,7 +124,8 @@ class FeditServer:
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation)) if unknown else None
 
     def add(self, update: Update) -> None:
-        weight = self.params.aggregation.weight(update.num_examples)
+        region = update.agent_id in self._regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
         if self._vote is not None:
             self._vote.add(signature(update.tensors), update.tensors, weight)
         else:

@@ -77,6 +77,7 @@ class FerretServer:
                 "ferret needs the base model's weights on the aggregator: set run.model_dir"
             )
         self.model_dir = Path(context.model_dir)
+        self._regions = context.regions
         self.p = parsed.ferret
         self.dtype = _DTYPES[self.p.dtype]
         self.weights = load_base_weights(self.model_dir, self.dtype)
@@ -252,7 +253,7 @@ class FerretServer:
         t = update.tensors
         if update.num_examples <= 0 or t["value"].numel() == 0:
             return
-        weight = self.agg.weight(update.num_examples)
+        weight = self.agg.weight(update.num_examples, region=update.agent_id in self._regions)
         index = t["group"].to(torch.int64) * self.p.k + t["seed"].to(torch.int64)
         if self._robust is not None:  # every coefficient, dense (0 where none was sent)
             dense = torch.zeros(self.n_groups * self.p.k, dtype=torch.float64)

@@ -69,6 +69,7 @@ class SloraServer:
         parsed = parse_params(spec.NAME, params)
         assert isinstance(parsed, spec.Params)
         context = context or MethodContext()
+        self._regions = context.regions
         seed = parsed.sparse.mask_seed
         self.mask_seed: int = context.seed if seed is None else seed
         sparse = parsed.sparse.model_copy(update={"mask_seed": self.mask_seed})
@@ -265,7 +266,8 @@ class SloraServer:
 
     def add(self, update: Update) -> None:
         sig = self._vote_shapes.pop(update.task_id, None)
-        weight = self.params.aggregation.weight(update.num_examples)
+        region = update.agent_id in self._regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
         if sig is not None and self.shapes is None:
             self._vote.add(sig, update.tensors, weight)
         else:

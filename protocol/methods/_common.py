@@ -88,6 +88,7 @@ class AggregationParams(StrictParams):
         """The bound in force (None: clipping is off)."""
         return self.clip_norm or None
 
-    def weight(self, num_examples: int) -> int:
-        """The weight an update claiming ``num_examples`` carries."""
-        return min(num_examples, self.max_weight)
+    def weight(self, num_examples: int, *, region: bool = False) -> int:
+        """The weight an update claiming ``num_examples`` carries (a regional tier's aggregate
+        stands for many agents: its count is not capped)."""
+        return num_examples if region else min(num_examples, self.max_weight)
