@@ -48,7 +48,7 @@ from aggregator._ledger_schema import (
 )
 from aggregator._ledger_schema import decode_row as _decode
 from aggregator._ledger_schema import dumps as _dumps
-from aggregator.errors import StateError
+from aggregator.errors import DiskFull, StateError
 
 __all__ = [
     "APPLICATION_ID",
@@ -113,6 +113,8 @@ class Ledger:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise DiskFull(f"ledger {self.path}: no space left on the device") from e
                 raise StateError(f"ledger {self.path}: {e}") from e
 
     def _all(self, sql: str, *args: object) -> list[sqlite3.Row]:

@@ -29,6 +29,7 @@ from aggregator.ledger import Ledger
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.security import AllowListAuthenticator, start_curve_server
 from aggregator.sessions import Sessions
+from aggregator.statedir import check_writable
 from protocol.errors import ErrorCode
 from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
@@ -51,7 +52,7 @@ class AggregatorService:
         """``method``, ``driven`` and ``on_phase`` make a regional tier (aggregator.regional)."""
         self.config = config
         state = config.server.state_dir
-        state.mkdir(parents=True, exist_ok=True)
+        check_writable(state)  # a read-only state dir: one clear error before SQLite opens it
         if method is None:
             factories = server_methods()
             if config.run.method not in factories:
