@@ -1,9 +1,9 @@
 """The aggregator service: a ROUTER socket around the sans-IO round engine.
 
 The loop polls the socket, checks that the connection's identity and CURVE User-Id match the
-agent the message claims to be, hands the message to the :class:`MessageBoundary` (decode, engine,
-an ErrorReply for anything that fails: no message stops the service), and sends the replies. Large blobs go
-out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
+agent the message claims to be and the key now listed for it (:class:`Sessions`), hands the
+message to the :class:`MessageBoundary` (decode, engine, an ErrorReply for anything that fails:
+no message stops the service), and sends the replies. Large blobs go out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
 """
 
 from __future__ import annotations
