@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from aggregator.engine import Outgoing, RoundEngine
+from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import StateError
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameLike, decode

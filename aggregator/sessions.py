@@ -1,7 +1,7 @@
 """Sessions bound to the CURVE key that opened them.
 
 Each message's ZAP ``User-Id`` names the authenticated key: ``<agent id>#<key fingerprint>``
-(:mod:`aggregator.security`). A message is the agent's only if its connection's routing id is
+(:mod:`aggregator.ops.security`). A message is the agent's only if its connection's routing id is
 that agent id *and* that agent's file lists that very key now; the key a session authenticated
 with is remembered, so that when the allow-list is re-read, the sessions whose key left it
 (a removed file, or a rotated key: the file overwritten with a new one) are dropped at once,
@@ -24,7 +24,7 @@ import socket
 
 import zmq
 
-from aggregator.security import AllowListAuthenticator
+from aggregator.ops.security import AllowListAuthenticator
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ global along the straight line (``ΔW_global + s·(ΔW_i − ΔW_global)``, s ex
 linear in s). Then:
 
 - ``fedavg``: the example-weighted mean, kept as stacked low-rank factors
-  (:class:`~protocol.methods._fedpipe_math.LowRankSum`, the pull adds the global's factors with
+  (:class:`~protocol.methods.fedpipe.math.LowRankSum`, the pull adds the global's factors with
   weight ``w·(1 − s)``); no dense ``ΔW`` is ever formed.
 - ``median`` / ``trimmed_mean``: coordinate-wise over the dense ``ΔW_i`` of the updates that
   carry the module (out × in float64 each, held until the round closes: memory grows with the
@@ -22,9 +22,9 @@ from collections.abc import Mapping
 
 import torch
 
-from aggregator.robust import Aggregator
-from protocol.methods import _fedpipe_math as fm
+from aggregator.methods.robust import Aggregator
 from protocol.methods._common import AggregationParams
+from protocol.methods.fedpipe import math as fm
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B)
 

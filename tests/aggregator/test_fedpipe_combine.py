@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from aggregator.methods._fedpipe_combine import DeltaCombiner, change_norm
-from protocol.methods import _fedpipe_math as fm
 from protocol.methods._common import AggregationParams
+from protocol.methods.fedpipe import math as fm
 
 MODULE = "model.layers.0.self_attn.q_proj"
 ALPHA = 8.0

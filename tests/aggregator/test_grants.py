@@ -11,8 +11,8 @@ from pathlib import Path
 
 from engine_harness import Harness, assigns, lora_state
 
-from aggregator.rounds import task_id_for
-from aggregator.uploads import MAX_STALE_REPLIES
+from aggregator.engine.rounds import task_id_for
+from aggregator.engine.uploads import MAX_STALE_REPLIES
 from protocol.errors import ErrorCode
 from protocol.messages import ErrorReply, Grant, Heartbeat
 

@@ -1,7 +1,7 @@
 """A real ``edgefed-aggregator serve`` process with CURVE keys, and raw agents to attack it.
 
 The aggregator runs as ``python -m aggregator serve`` (this worktree's code first on the path);
-clients are plain DEALER sockets holding the keys :func:`aggregator.local.make_keys` wrote, so a
+clients are plain DEALER sockets holding the keys :func:`aggregator.local.run.make_keys` wrote, so a
 test can send any frames it likes, as an allowed agent or as another one.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from aggregator.local import make_keys
+from aggregator.local.run import make_keys
 from protocol.frames import decode, encode
 from protocol.messages import Hello, Message, Profile
 
