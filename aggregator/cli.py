@@ -57,7 +57,7 @@ def serve(
     from aggregator.engine.service import AggregatorService
     from aggregator.errors import DiskFull
     from aggregator.ops.config import load_config
-    from aggregator.statedir import EXIT_DISK_FULL, wait_for_space
+    from aggregator.store.statedir import EXIT_DISK_FULL, wait_for_space
 
     try:
         config = load_config(

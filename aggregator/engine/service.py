@@ -20,16 +20,16 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from aggregator.boundary import MessageBoundary
+from aggregator.engine.boundary import MessageBoundary
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
-from aggregator.sessions import Sessions
-from aggregator.statedir import check_writable
+from aggregator.ops.sessions import Sessions
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
+from aggregator.store.statedir import check_writable
 from protocol.errors import ErrorCode
 from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult

@@ -3,7 +3,7 @@
 The allow-list is a directory of agents' public key files (``<agent id>.key``, as written by
 ``edgefed-agent keygen``). The authenticator maps an authenticated key to the agent id of its
 file plus the key's fingerprint (``<agent id>#<fingerprint>``), and ZeroMQ hands that to the
-service as each message's ``User-Id``; :mod:`aggregator.sessions` checks it against the id the
+service as each message's ``User-Id``; :mod:`aggregator.ops.sessions` checks it against the id the
 agent claims *and* against the key now listed for that id. The service re-reads the list every
 :data:`REFRESH_S` seconds on its own clock (not only when a message arrives): a new file admits
 its key at once, and removing or overwriting a file (key rotation) revokes the old key, whose

@@ -2,7 +2,7 @@
 
 Thousands of hostile messages go through the same path as on the wire (frame decoding, then
 the round engine, which decodes and validates payloads), through the service's own
-:class:`~aggregator.boundary.MessageBoundary`. Every message must be answered (or ignored) without
+:class:`~aggregator.engine.boundary.MessageBoundary`. Every message must be answered (or ignored) without
 an exception reaching the boundary's last-resort handler, every reply must encode, and the engine
 keeps working afterwards. The frames that once killed ``serve`` (a validation error quoting
 kilobytes of the sender's input, issue 24) are replayed on every run.
@@ -22,7 +22,7 @@ from engine_harness import PROFILE, SHA, Harness, assigns, lora_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.boundary import MessageBoundary
+from aggregator.engine.boundary import MessageBoundary
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.frames import encode

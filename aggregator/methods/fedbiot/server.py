@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from aggregator.errors import ConfigError, StateError
-from aggregator.lora_layout import rank_for
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedbiot import align
 from aggregator.methods.fedbiot import bundle as bundle_io
 from aggregator.methods.fedbiot.serve import EmulatorCopies
+from aggregator.methods.lora_layout import rank_for
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora
 from aggregator.store.checkpoint import atomic_write_bytes
 from aggregator.store.export import ADAPTER_CONFIG, write_peft_adapter

@@ -1,6 +1,6 @@
 """FedIT server half: FedAvg of LoRA factors, weighted by each agent's example count.
 
-The layout an update must have follows from the task (``aggregator.lora_layout``): exact from
+The layout an update must have follows from the task (``aggregator.methods.lora_layout``): exact from
 the base model's headers when the run names ``model_dir``; otherwise checked against the
 targets and ranks, with round 1's layout the one most agents sent.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from aggregator.errors import UpdateRejected
-from aggregator.lora_layout import LayoutVote, check_task_layout, expected_layout, signature
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods.lora_layout import LayoutVote, check_task_layout, expected_layout, signature
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora
 from aggregator.store.export import write_peft_adapter
 from protocol import payloads

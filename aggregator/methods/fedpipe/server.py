@@ -29,8 +29,8 @@ import torch
 
 from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
-from aggregator.methods._fedpipe_combine import DeltaCombiner
 from aggregator.methods.fedpipe import plan as fp
+from aggregator.methods.fedpipe.combine import DeltaCombiner
 from aggregator.methods.fedpipe.plan import natural
 from aggregator.methods.fedpipe.planner import Planner
 from aggregator.methods.fedpipe.select import Selection

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from aggregator.errors import StateError, UpdateRejected
-from aggregator.lora_layout import LayoutVote, Signature
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods.lora_layout import LayoutVote, Signature
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora, clip_values
 from aggregator.methods.slora.math import (
     Shapes,

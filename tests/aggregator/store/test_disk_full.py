@@ -54,7 +54,7 @@ def test_disk_full_is_transient_and_waits_for_space(tmp_path: Path) -> None:
     """Issue 24 (8): after ENOSPC `serve` exited 2, which the unit never restarts. DiskFull
     (a StateError) makes it wait for space, then exit 75, which the unit restarts."""
     from aggregator.errors import DiskFull
-    from aggregator.statedir import EXIT_DISK_FULL, wait_for_space
+    from aggregator.store.statedir import EXIT_DISK_FULL, wait_for_space
 
     exc = checkpoint.write_error("x", OSError(errno.ENOSPC, "No space left on device"))
     assert isinstance(exc, DiskFull) and isinstance(exc, StateError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregator.methods._fedpipe_combine import DeltaCombiner, change_norm
+from aggregator.methods.fedpipe.combine import DeltaCombiner, change_norm
 from protocol.methods._common import AggregationParams
 from protocol.methods.fedpipe import math as fm
 

@@ -15,7 +15,7 @@ import torch
 from engine_harness import Harness, fake_model_dir, start_round
 
 from aggregator.errors import UpdateRejected
-from aggregator.lora_layout import check_task_layout, expected_layout
+from aggregator.methods.lora_layout import check_task_layout, expected_layout
 from protocol.errors import ErrorCode
 from protocol.messages import ErrorReply
 from protocol.methods._common import LoraParams
