@@ -140,6 +140,9 @@ class MethodContext:
     seed: int = 0
     public_data: Path | None = None
     """A public JSONL the aggregator itself may train on (run.public_data)."""
+    regions: frozenset[str] = frozenset()
+    """Ids of regional tiers (security.regions): an update of theirs stands for many agents,
+    so the per-update weight cap (aggregation.max_weight) does not apply to it."""
 
 
 def context_of(config: AggregatorConfig) -> MethodContext:
@@ -150,6 +153,7 @@ def context_of(config: AggregatorConfig) -> MethodContext:
         state_dir=config.server.state_dir,
         seed=config.run.seed,
         public_data=config.run.public_data,
+        regions=frozenset(config.security.regions),
     )
 
 
