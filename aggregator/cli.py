@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ def serve(
     the other. Agents stay connected between runs."""
     _logging(max(verbose, 1))
     from aggregator.engine.service import AggregatorService
+    from aggregator.errors import DiskFull
     from aggregator.ops.config import load_config
+    from aggregator.store.statedir import EXIT_DISK_FULL, wait_for_space
 
     try:
         config = load_config(
@@ -77,12 +80,19 @@ def serve(
                 "security": {"insecure": insecure},
             },
         )
-        service = AggregatorService(
-            config, _model_ref(config), serve_runs=True, exit_when_done=exit_when_done
-        )
+        stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: service.should_exit.set())
-        code = service.run()
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            service = AggregatorService(
+                config, _model_ref(config), serve_runs=True, exit_when_done=exit_when_done
+            )
+            service.should_exit = stop
+            code = service.run()
+        except DiskFull as exc:  # transient: wait for space, then exit to be restarted
+            click.echo(f"edgefed-aggregator: {exc}", err=True)
+            wait_for_space(config.server.state_dir, stop.is_set)
+            sys.exit(EXIT_DISK_FULL)
         log.info("aggregator stopped")
     except AggregatorError as exc:
         _fail(str(exc))

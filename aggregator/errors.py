@@ -13,6 +13,11 @@ class StateError(AggregatorError):
     """Persistent state (ledger, checkpoints) is missing, corrupt or inconsistent."""
 
 
+class DiskFull(StateError):
+    """A write failed for want of space (ENOSPC, EDQUOT, SQLITE_FULL): transient; nothing
+    committed or acknowledged is lost, and the service resumes once space is freed."""
+
+
 class UpdateRejected(AggregatorError):
     """An agent's update failed validation; ``code`` says why on the wire."""
 

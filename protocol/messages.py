@@ -55,6 +55,17 @@ class _Strict(BaseModel):
     )
 
 
+def clip_text(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` cut to at most ``limit`` characters (an ellipsis marks the cut): every text a
+    reply quotes (a validation error echoing the sender's input, a list of names) fits its
+    field, so building a reply can never fail on its length."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clipped(value: object) -> object:
+    return clip_text(value) if isinstance(value, str) else value
+
+
 def new_msg_id() -> str:
     """A fresh random message id (32 hex characters)."""
     return uuid.uuid4().hex
@@ -213,6 +224,8 @@ class ErrorReply(_Header):
     ref: Annotated[str, Field(max_length=MAX_ID)] = ""
     task_id: Annotated[str, Field(max_length=MAX_ID)] = ""
 
+    _clip_reason = field_validator("reason", mode="before")(_clipped)
+
     @field_validator("blobs")
     @classmethod
     def _no_blobs(cls, value: list[BlobRef]) -> list[BlobRef]:
@@ -233,6 +246,8 @@ class Bye(_Header):
     type: Literal["bye"] = "bye"
     reason: Annotated[str, Field(max_length=MAX_REASON)] = ""
 
+    _clip_reason = field_validator("reason", mode="before")(_clipped)
+
 
 Message = Annotated[
     Hello | Welcome | Heartbeat | TaskAssign | TaskResult | Ack | Grant | ErrorReply | Bye,
@@ -247,8 +262,11 @@ def parse_header(data: bytes | memoryview | str) -> Message:
         return _ADAPTER.validate_json(data if not isinstance(data, memoryview) else bytes(data))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BadHeader(f"invalid header at {where or 'top'}: {first['msg']}") from None
+        where = clip_text(".".join(str(p) for p in first["loc"]), 120)
+        # pydantic quotes the offending input (e.g. an unknown 3,000-character type): cut it
+        raise BadHeader(
+            f"invalid header at {where or 'top'}: {clip_text(first['msg'], 300)}"
+        ) from None
 
 
 def dump_header(message: BaseModel) -> bytes:

@@ -10,6 +10,7 @@ latest run, else a new one) and the check that a state dir is not reused for ano
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -23,6 +24,10 @@ from aggregator.store.checkpoint import GLOBAL_FILE, CheckpointStore
 from aggregator.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
+
+ROUND_METRICS = "edgefed.round_metrics"
+"""Checkpoint metadata key: the round's metrics, so a crash between the checkpoint and the
+ledger commit does not lose them (the restart finishes the commit with them)."""
 
 """The checkpoint file whose sha256 the ledger's commit records."""
 
@@ -61,11 +66,17 @@ class RoundCommits:
                 f"{self.store.root}: the checkpoints there belong to run {owner}, not {run_id}; "
                 "each run keeps its own (a serving aggregator puts a new run in runs/<run_id>)"
             )
-        method.restore(tensors, manifest.meta)
+        meta = {k: v for k, v in manifest.meta.items() if k != ROUND_METRICS}
+        method.restore(tensors, meta)
         if self.ledger.last_committed_round(run_id) != latest:
-            # crashed between the checkpoint and the ledger commit: finish the commit
+            # crashed between the checkpoint and the ledger commit: finish the commit, with
+            # the round's metrics the checkpoint carries
             sha = manifest.files.get(GLOBAL_FILE, "")
-            self.ledger.commit_round(run_id, latest, sha, {}, time.time())
+            try:
+                metrics = json.loads(manifest.meta.get(ROUND_METRICS, "{}"))
+            except json.JSONDecodeError:
+                metrics = {}
+            self.ledger.commit_round(run_id, latest, sha, metrics, time.time())
         log.info("run %s resumes after committed round %d", run_id, latest)
         return latest
 
@@ -75,14 +86,10 @@ class RoundCommits:
         """Checkpoint ``method``'s global state after round ``summary.round``, then commit
         that round in the ledger with the summary's metrics."""
         tensors, meta = method.state()
-        manifest = self.store.save(
-            summary.round, tensors, method=method_name, meta={**meta, "run_id": run_id}
-        )
+        metrics = {**summary.as_metrics(), **summary.method}
+        meta = {**meta, "run_id": run_id, ROUND_METRICS: json.dumps(metrics, sort_keys=True)}
+        manifest = self.store.save(summary.round, tensors, method=method_name, meta=meta)
         crashpoints.reached("commit", summary.round)
         self.ledger.commit_round(
-            run_id,
-            summary.round,
-            manifest.files.get(GLOBAL_FILE, ""),
-            {**summary.as_metrics(), **summary.method},
-            time.time(),
+            run_id, summary.round, manifest.files.get(GLOBAL_FILE, ""), metrics, time.time()
         )

@@ -121,6 +121,7 @@ class RoundEngine:
         self._score_phases: dict[int, int] = {}
         self._held_train: Phase | None = None
         """A closed training phase waiting for the reveal phase after it (``reveal_agents``)."""
+        self._eval_due = 0
 
     # --- start-up and resume ----------------------------------------------------------------
 
@@ -129,9 +130,10 @@ class RoundEngine:
         latest = self.commits.restore(self.method, self.run_id)
         if latest is not None:
             self.round = latest
+        self._eval_due = self._lost_eval()
         stop = getattr(self.method, "should_stop", None)
         if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
-            self.finished = True
+            self.finished = not self._eval_due
             return
         self.method.begin_round(self.round + 1)
         self._begun_round = self.round + 1
@@ -139,6 +141,16 @@ class RoundEngine:
         if begun:  # the open round of a crashed run: its agents, and what they had sent
             self._resume_assigned = list(begun[0].assigned)
         self._replayed.update(self.intake.replay(self.method, self.run_id, self.round + 1))
+
+    def _lost_eval(self) -> int:
+        """The last committed round, when a restart lost its evaluation (0: none lost)."""
+        if not self.run.eval or self.driven or self.round == 0:
+            return 0
+        rows = [r for r in self.ledger.rounds(self.run_id) if r.round == self.round]
+        if rows and not any(k.startswith("eval_") for k in rows[0].metrics):
+            log.info("round %d: its evaluation did not finish before the restart", self.round)
+            return self.round
+        return 0
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -201,8 +213,19 @@ class RoundEngine:
         phase = self.phase
         if phase is not None and beat.progress > 0 and beat.task_id == phase.assigned.get(agent_id):
             crashpoints.reached("training", phase.round)
-        stored = self.uploads.announce(agent_id, beat.ready, self.ledger.has_update)
-        acks = [Outgoing(agent_id, Ack(run_id=self.run_id, task_id=t)) for t in stored]
+        open_task = None
+        if phase is not None and agent_id not in phase.done:
+            open_task = phase.assigned.get(agent_id)
+        told = self.uploads.announce(
+            agent_id, beat.ready, self.ledger.has_update, open_task, phase_open=phase is not None
+        )
+        acks = [Outgoing(agent_id, Ack(run_id=self.run_id, task_id=t)) for t in told.stored]
+        for task_id in told.stale:
+            reason = f"task {task_id} is not open (round {self.round})"
+            stale = ErrorReply(
+                run_id=self.run_id, code=ErrorCode.STALE_TASK, reason=reason, task_id=task_id
+            )
+            acks.append(Outgoing(agent_id, stale))
         if beat.probe:
             echo = Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id)
             acks.append(Outgoing(agent_id, echo))
@@ -292,6 +315,9 @@ class RoundEngine:
             if kind == "train" and self._resume_assigned:
                 live, self._resume_assigned = self._resume_assigned, []
             return self._open_phase(kind, round, live, now)
+        if self._eval_due:  # a restart lost the last committed round's evaluation: redo it
+            round, self._eval_due = self._eval_due, 0
+            return self._open_phase("eval", round, live, now)
         if self.round == 0 and self.run.eval and self.run.eval_initial and 0 not in self.summaries:
             return self._open_phase("eval", 0, live, now)
         wants_score = getattr(self.method, "wants_score", None)
@@ -409,8 +435,9 @@ class RoundEngine:
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
-            if phase.round > 0:
-                self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
+            if phase.round > 0:  # the train metrics are committed already: add the eval's
+                evals = {k: v for k, v in summary.as_metrics().items() if k.startswith("eval_")}
+                self.ledger.set_round_metrics(self.run_id, phase.round, evals)
             else:
                 self.ledger.put_state(self.run_id, "baseline", summary.as_metrics())
             self._round_done(summary)
@@ -439,7 +466,7 @@ class RoundEngine:
             if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
                 self.finished = True
                 log.info("run %s finished after %d rounds", self.run_id, self.round)
-            else:
+            elif self._begun_round != self.round + 1:  # (begun already after a restart)
                 self.method.begin_round(self.round + 1)
                 self._begun_round = self.round + 1
 

@@ -1,9 +1,10 @@
 """The aggregator service: a ROUTER socket around the sans-IO round engine.
 
-The loop polls the socket, decodes each message (a malformed one gets an ErrorReply and is
-otherwise ignored), checks that the connection's identity and CURVE User-Id match the agent the
-message claims to be, hands it to the engine, and sends what the engine returns. Large blobs go
-out zero-copy. The loop ends when the run is finished or ``should_exit`` is set.
+The loop polls the socket, checks that the connection's identity and CURVE User-Id match the
+agent the message claims to be and the key now listed for it (:class:`Sessions`), hands the
+message to the :class:`MessageBoundary` (decode, engine, an ErrorReply for anything that fails:
+no message stops the service), and sends the replies. Large blobs go out zero-copy. The loop
+ends when the run is finished or ``should_exit`` is set.
 
 With ``serve_runs`` (``edgefed-aggregator serve``) the service outlives its runs: a
 :class:`~aggregator.runs.lifecycle.Lifecycle` swaps engines as runs end and start, and the admin
@@ -26,18 +27,21 @@ from typing import Any
 import zmq
 import zmq.auth
 
+from aggregator.engine.boundary import MessageBoundary
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
+from aggregator.ops.sessions import Sessions
 from aggregator.privacy.wrap import private_method
 from aggregator.runs.admin import AdminServer, admin_request
 from aggregator.runs.lifecycle import Lifecycle
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
-from protocol.errors import ErrorCode, FrameError, ProtocolError
-from protocol.frames import decode, encode
+from aggregator.store.statedir import check_writable
+from protocol.errors import ErrorCode
+from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ class AggregatorService:
         ``exit_when_done``: with it, end once no run is active or queued (batch use)."""
         self.config = config
         state = config.server.state_dir
-        state.mkdir(parents=True, exist_ok=True)
+        check_writable(state)  # a read-only state dir: one clear error before SQLite opens it
         self.model = model
         self.ledger = Ledger(state / "ledger.sqlite")
         self._on_round = on_round if callable(on_round) else None
@@ -84,7 +88,13 @@ class AggregatorService:
         self.endpoint = ""
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.auth: AllowListAuthenticator | None = None
-        self.dropped = 0
+        self.boundary = MessageBoundary(self.engine)
+        self.sessions = Sessions(None)
+
+    @property
+    def dropped(self) -> int:
+        """Messages that were not decoded (not ASCII-identified, or malformed)."""
+        return self.boundary.dropped
 
     def _build(
         self, config: AggregatorConfig, start: bool, method: ServerMethod | None = None
@@ -126,7 +136,11 @@ class AggregatorService:
         server = self.config.server
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # no ROUTER_HANDOVER: a connection cannot take over a connected agent's routing id;
+        # ZMTP heartbeats drop a silent connection, so a reconnecting agent is not locked out
+        ivl_ms = max(100, int(server.heartbeat_interval * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl_ms * server.liveness)
         sock.setsockopt(zmq.SNDHWM, server.hwm)
         sock.setsockopt(zmq.RCVHWM, server.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
@@ -140,6 +154,7 @@ class AggregatorService:
         else:
             assert sec.secret_key is not None and sec.allow_dir is not None
             self.auth = start_curve_server(self.ctx, sock, sec.secret_key, sec.allow_dir)
+            self.sessions = Sessions(self.auth)
         try:
             sock.bind(server.bind)
         except zmq.ZMQError as exc:
@@ -149,7 +164,11 @@ class AggregatorService:
         return sock
 
     def _send(self, sock: zmq.Socket[bytes], out: Outgoing) -> None:
-        frames = out.frames()
+        try:
+            frames = out.frames()
+        except Exception:  # a reply that cannot be encoded is a bug: log it, serve on
+            log.exception("agent %s: reply %s could not be encoded", out.agent_id, out.header)
+            return
         try:
             sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -160,16 +179,19 @@ class AggregatorService:
     def _authorised(self, agent_id: str, frame: zmq.Frame) -> bool:
         if self.auth is None:
             return True
-        self.auth.maybe_reload()
-        user_id = frame.get("User-Id") or ""
-        return bool(user_id) and user_id == agent_id and agent_id in self.auth.allowed_ids()
+        return self.sessions.authorised(agent_id, frame)
+
+    def _drop_revoked(self) -> None:
+        """Re-read the allow-list when due; forget the agents whose key left it."""
+        for agent_id in self.sessions.refresh():
+            self.engine.registry.gone(agent_id)
 
     def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
         identity = bytes(frames[0].buffer)
         try:
             agent_id = identity.decode("ascii")
         except UnicodeDecodeError:
-            self.dropped += 1
+            self.boundary.dropped += 1
             return
         if not self._authorised(agent_id, frames[1] if len(frames) > 1 else frames[0]):
             assert self.auth is not None
@@ -186,27 +208,17 @@ class AggregatorService:
                 ),
             )
             return
+        for out in self.boundary.handle(agent_id, frames[1:], now):
+            self._send(sock, out)
+
+    def _receive(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+        """The outermost guard: nothing one message causes stops the loop but a StateError."""
         try:
-            msg = decode(frames[1:])
-        except FrameError as exc:
-            self.dropped += 1
-            log.warning("agent %s: malformed message: %s", agent_id, exc)
-            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
-            return
-        try:
-            for out in self.engine.on_message(agent_id, msg, now):
-                self._send(sock, out)
-        except ProtocolError as exc:
-            log.warning("agent %s: %s", agent_id, exc)
-            self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
+            self._handle(sock, frames, now)
         except StateError:
-            raise  # the ledger or checkpoints failed: stop rather than run on without durability
-        except Exception:  # the message boundary: one bad message never stops the service
-            log.exception("agent %s: internal error on %s", agent_id, msg.header.type)
-            reply = ErrorReply(
-                code=ErrorCode.INTERNAL, reason="internal error; see the aggregator log"
-            )
-            self._send(sock, Outgoing(agent_id, reply))
+            raise
+        except Exception:
+            log.exception("a message could not be handled; the service runs on")
 
     def _self_test(self, sock: zmq.Socket[bytes], wait_s: float = 1.0) -> list[list[zmq.Frame]]:
         """Connect with a key that is on no allow-list; refuse to serve if it gets through.
@@ -263,7 +275,7 @@ class AggregatorService:
                 self.config.run.method,
             )
             for frames in backlog:
-                self._handle(sock, frames, time.monotonic())
+                self._receive(sock, frames, time.monotonic())
             self._loop(sock)
         finally:
             sock.close(linger=1000)
@@ -288,6 +300,7 @@ class AggregatorService:
         while not self.should_exit.is_set():
             while not self._calls.empty():
                 self._calls.get()()
+            self._drop_revoked()  # on the loop's clock: a new key is admitted with no traffic
             events = dict(poller.poll(POLL_MS))
             if sock in events:
                 for _ in range(256):  # drain a burst, then let the clock run
@@ -295,7 +308,7 @@ class AggregatorService:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(sock, frames, time.monotonic())
+                    self._receive(sock, frames, time.monotonic())
             if self.admin is not None and self.admin.socket in events:
                 self.admin.serve_one()
             if self.lifecycle is not None:
@@ -335,6 +348,7 @@ class AggregatorService:
         for out in outs + self.lifecycle.step(now):
             self._send(sock, out)
         self.engine = self.lifecycle.engine or self.engine
+        self.boundary.engine = self.engine
         if self.exit_when_done and self.lifecycle.active is None:
             log.info("no run active or queued; exiting (--exit-when-done)")
             self.should_exit.set()
@@ -346,6 +360,7 @@ class AggregatorService:
         for out in outs:
             self._send(self._sock, out)
         self.engine = self.lifecycle.engine or self.engine
+        self.boundary.engine = self.engine
         return reply
 
     def export(self, out_dir: Path) -> dict[str, Path]:

@@ -7,6 +7,13 @@ bookkeeping: the results waiting for a grant (first announced, first granted) an
 outstanding, at most ``upload_window`` at a time. A grant lapses after ``grant_timeout_s`` or
 when its agent expires; the agent announces the result again if it still holds it.
 
+Only the task an agent was assigned in the open phase, and has not yet delivered, can wait for
+a grant: an id it was not assigned (a made-up one, another agent's, an old round's) is never
+queued, so one agent holds at most one place in the queue and the queue is bounded by the number
+of agents, whatever a heartbeat lists. While a phase is open, up to :data:`MAX_STALE_REPLIES` of
+those ids per heartbeat are answered STALE_TASK (an honest agent then forgets a result that came
+too late, as it would on sending it); the rest are ignored.
+
 The window never touches a socket or the ledger: the engine says which announced results are
 already durable (those are acked, not granted) and turns the grants it returns into messages.
 """
@@ -14,8 +21,22 @@ already durable (those are acked, not granted) and turns the grants it returns i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from aggregator.ops.config import ServerSection
+
+MAX_STALE_REPLIES = 4
+"""Ids of one heartbeat answered STALE_TASK at most (the others are ignored)."""
+
+
+@dataclass
+class Announced:
+    """What became of a heartbeat's ``ready`` list."""
+
+    stored: list[str] = field(default_factory=list)
+    """Already durable: ack them again, no upload needed."""
+    stale: list[str] = field(default_factory=list)
+    """Not the agent's open task (at most MAX_STALE_REPLIES): answer STALE_TASK."""
 
 
 def grant_above(server: ServerSection) -> int | None:
@@ -34,20 +55,31 @@ class UploadWindow:
         self.granted: dict[str, tuple[str, float]] = {}  # task id -> (agent, granted at)
 
     def announce(
-        self, agent_id: str, task_ids: Iterable[str], durable: Callable[[str], bool]
-    ) -> list[str]:
-        """Take a heartbeat's ``ready`` list; return the task ids that are already durable.
+        self,
+        agent_id: str,
+        task_ids: Iterable[str],
+        durable: Callable[[str], bool],
+        open_task: str | None,
+        *,
+        phase_open: bool = True,
+    ) -> Announced:
+        """Take a heartbeat's ``ready`` list from ``agent_id``, whose undelivered task in the
+        open phase is ``open_task`` (None: it has none).
 
-        Those need no upload (the engine acks them again); the rest wait for a grant unless
-        one is outstanding already. A task keeps its place in the queue if announced twice.
+        Durable ids need no upload (the engine acks them again); the open task waits for a
+        grant unless one is outstanding already (announced twice, it keeps its place); any
+        other id is never queued (see the module's docstring).
         """
-        stored = []
-        for task_id in task_ids:
+        out = Announced()
+        for task_id in dict.fromkeys(task_ids):  # each id once, in order
             if durable(task_id):  # already durable: no need to send it again
-                stored.append(task_id)
-            elif task_id not in self.granted:
-                self.ready.setdefault(task_id, agent_id)
-        return stored
+                out.stored.append(task_id)
+            elif task_id == open_task:
+                if task_id not in self.granted:
+                    self.ready.setdefault(task_id, agent_id)
+            elif phase_open and len(out.stale) < MAX_STALE_REPLIES:
+                out.stale.append(task_id)
+        return out
 
     def arrived(self, task_id: str) -> None:
         """A result came in (granted or not): it no longer waits and frees its slot."""

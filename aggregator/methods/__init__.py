@@ -155,6 +155,9 @@ class MethodContext:
     """A public JSONL the aggregator itself may train on (run.public_data)."""
     max_message_bytes: int | None = None
     """The largest message the service accepts (server.max_message_bytes), when known."""
+    regions: frozenset[str] = frozenset()
+    """Ids of regional tiers (security.regions): an update of theirs stands for many agents,
+    so the per-update weight cap (aggregation.max_weight) does not apply to it."""
 
 
 def context_of(config: AggregatorConfig) -> MethodContext:
@@ -167,6 +170,7 @@ def context_of(config: AggregatorConfig) -> MethodContext:
         rounds=config.run.rounds,
         public_data=config.run.public_data,
         max_message_bytes=config.server.max_message_bytes,
+        regions=frozenset(config.security.regions),
     )
 
 

@@ -2,13 +2,17 @@
 
 The allow-list is a directory of agents' public key files (``<agent id>.key``, as written by
 ``edgefed-agent keygen``). The authenticator maps an authenticated key to the agent id of its
-file, and ZeroMQ hands that id to the service as each message's ``User-Id``; the service checks
-it against the id the agent claims. Removing a file revokes the key: the list is re-read every
-few seconds and a connection whose key is no longer listed is refused at its next message.
+file plus the key's fingerprint (``<agent id>#<fingerprint>``), and ZeroMQ hands that to the
+service as each message's ``User-Id``; :mod:`aggregator.ops.sessions` checks it against the id the
+agent claims *and* against the key now listed for that id. The service re-reads the list every
+:data:`REFRESH_S` seconds on its own clock (not only when a message arrives): a new file admits
+its key at once, and removing or overwriting a file (key rotation) revokes the old key, whose
+session is dropped at the reload and whose every later message is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -23,6 +27,14 @@ from aggregator.errors import ConfigError
 from aggregator.ops.refusals import RefusalLog, RefusalLogging
 
 log = logging.getLogger(__name__)
+
+REFRESH_S = 2.0
+"""How often the service re-reads the allow-list directory."""
+
+
+def fingerprint(z85_public: bytes) -> str:
+    """A short, stable name of a public key (the first 16 hex digits of its sha256)."""
+    return hashlib.sha256(z85_public).hexdigest()[:16]
 
 
 def read_allow_list(allow_dir: Path) -> dict[bytes, str]:
@@ -44,38 +56,52 @@ class AllowListAuthenticator(RefusalLogging, ThreadAuthenticator):
     handshakes are logged (once per peer, then once a minute; :mod:`aggregator.ops.refusals`)."""
 
     def __init__(
-        self, context: zmq.Context[zmq.Socket[bytes]], allow_dir: Path, refresh_s: float = 2.0
+        self, context: zmq.Context[zmq.Socket[bytes]], allow_dir: Path, refresh_s: float = REFRESH_S
     ) -> None:
         super().__init__(context)
         self.allow_dir = allow_dir
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._names: dict[bytes, str] = {}
+        self._prints: dict[str, str] = {}  # agent id -> fingerprint of its listed key
         self._loaded = 0.0
         self.refusals = RefusalLog()
 
     def reload(self) -> dict[bytes, str]:
         names = read_allow_list(self.allow_dir)
+        prints = {name: fingerprint(key) for key, name in names.items()}
         with self._lock:
-            self._names = names
+            self._names, self._prints = names, prints
             self._loaded = time.monotonic()
         self.configure_curve(domain="*", location=str(self.allow_dir))
         return names
 
-    def maybe_reload(self) -> None:
-        if time.monotonic() - self._loaded >= self.refresh_s:
-            try:
-                self.reload()
-            except ConfigError as exc:
-                log.error("allow-list reload failed, keeping the previous one: %s", exc)
+    def maybe_reload(self) -> bool:
+        """Re-read the list if :attr:`refresh_s` has passed; True when it was re-read."""
+        if time.monotonic() - self._loaded < self.refresh_s:
+            return False
+        try:
+            self.reload()
+        except ConfigError as exc:
+            self._loaded = time.monotonic()  # try again at the next refresh, not at once
+            log.error("allow-list reload failed, keeping the previous one: %s", exc)
+            return False
+        return True
 
     def allowed_ids(self) -> set[str]:
         with self._lock:
             return set(self._names.values())
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
+    def listed(self, agent_id: str, key_fingerprint: str) -> bool:
+        """Whether ``agent_id``'s file holds the key with ``key_fingerprint`` now."""
         with self._lock:
-            return self._names.get(z85.encode(client_public_key), "")
+            return self._prints.get(agent_id) == key_fingerprint
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        z85_key = z85.encode(client_public_key)
+        with self._lock:
+            name = self._names.get(z85_key, "")
+        return f"{name}#{fingerprint(z85_key)}" if name else ""
 
 
 def start_curve_server(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.errors import StateError
+from aggregator.errors import DiskFull, StateError
 
 __all__ = [
     "APPLICATION_ID",
@@ -156,6 +156,8 @@ def prepare(conn: sqlite3.Connection, path: Path) -> tuple[str, bool]:
         if check != "ok":
             raise StateError(f"the ledger {path} is corrupt: {check}")
     except sqlite3.DatabaseError as e:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise DiskFull(f"the ledger {path}: no space left on the device") from e
         raise StateError(
             f"the ledger {path} is corrupt or not an SQLite database ({e}); "
             "move it aside or restore a backup"

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from aggregator.errors import StateError
+from aggregator.errors import DiskFull, StateError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
 def write_error(what: str, exc: OSError) -> StateError:
     """A StateError for a failed write that tells the operator what to do."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StateError(
+        return DiskFull(
             f"{what}: no space left on the device; free space there and restart: every "
             "committed round and every acknowledged update is intact"
         )

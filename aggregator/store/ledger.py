@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aggregator.errors import StateError
+from aggregator.errors import DiskFull, StateError
 from aggregator.store._ledger_schema import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -119,6 +119,8 @@ class Ledger:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise DiskFull(f"ledger {self.path}: no space left on the device") from e
                 raise StateError(f"ledger {self.path}: {e}") from e
 
     def _all(self, sql: str, *args: object) -> list[sqlite3.Row]:

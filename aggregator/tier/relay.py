@@ -121,7 +121,7 @@ class MeanRelay:
     def __init__(self, method: str, rule: AggregationParams | None = None) -> None:
         self.method = method
         self.rule = rule or AggregationParams()
-        if self.rule.clip_norm is not None:
+        if self.rule.clip and "clip_norm" in self.rule.model_fields_set:
             raise ConfigError(
                 "[method.aggregation] clip_norm: a region does not clip (the upstream clips what "
                 "it receives); set it on the upstream"

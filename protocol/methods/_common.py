@@ -57,18 +57,38 @@ class EvalParams(StrictParams):
     max_examples: Annotated[int, Field(ge=1, le=1_000_000)] = 64
 
 
+DEFAULT_CLIP_NORM = 1000.0
+"""The default bound on one update's change of the model (see :class:`AggregationParams`)."""
+
+
 class AggregationParams(StrictParams):
     """How the server combines updates; robust rules guard against poisoned updates.
 
     ``fedavg`` is the example-weighted mean, computed as a streaming sum. ``trimmed_mean`` and
     ``median`` are coordinate-wise and unweighted, and hold the round's updates in memory.
     ``clip_norm`` bounds each update's change of the model before it is combined (for LoRA the
-    norm of ΔW = B·A − B₀·A₀ over all modules, not of the factors).
+    norm of ΔW = B·A − B₀·A₀ over all modules, not of the factors); it is on by default, at a
+    bound far above an honest update's (it stops absurd ones, e.g. values of 1e30), and ``0``
+    turns it off. ``max_weight`` caps the example count one update carries in the weighted mean.
     """
 
     rule: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
     trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
     """Fraction trimmed at each end per coordinate (``trimmed_mean``)."""
-    clip_norm: Annotated[float, Field(gt=0)] | None = None
+    clip_norm: Annotated[float, Field(ge=0)] | None = DEFAULT_CLIP_NORM
+    """Bound on each update's ΔW norm; 0 (or None) turns clipping off."""
     max_examples: Annotated[int, Field(ge=1, le=10**9)] = 10_000_000
     """An update claiming more examples than this is rejected."""
+    max_weight: Annotated[int, Field(ge=1, le=10**9)] = 10_000
+    """The most examples one update counts for in the weighted mean (a larger claim is capped
+    to this, so no agent's claim alone decides the mean)."""
+
+    @property
+    def clip(self) -> float | None:
+        """The bound in force (None: clipping is off)."""
+        return self.clip_norm or None
+
+    def weight(self, num_examples: int, *, region: bool = False) -> int:
+        """The weight an update claiming ``num_examples`` carries (a regional tier's aggregate
+        stands for many agents: its count is not capped)."""
+        return num_examples if region else min(num_examples, self.max_weight)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.methods import MethodContext
 from aggregator.methods.fedit.server import FeditServer
 from aggregator.ops.config import build_config
 from aggregator.store.checkpoint import CheckpointStore
@@ -45,6 +46,20 @@ def lora_state(value: float) -> dict[str, torch.Tensor]:
     }
 
 
+def fake_model_dir(path: Path) -> Path:
+    """A base model's safetensors header for the harness's layout: one q_proj of 16 x 16, as
+    the LoRA layout is derived from it (zeros: only names and shapes are read)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {
+        "model.layers.0.self_attn.q_proj.weight": torch.zeros(16, 16),
+        "model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 16),
+    }
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -59,8 +74,10 @@ class Harness:
         state_dir: Path,
         method: dict[str, Any] | None = None,
         regions: tuple[str, ...] = (),
+        model_dir: Path | None = None,
         **run: Any,
     ) -> None:
+        """``model_dir``: a base model the method may read (e.g. :func:`fake_model_dir`)."""
         raw = {
             "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
             "security": {"insecure": True, "regions": list(regions)},
@@ -75,6 +92,8 @@ class Harness:
             },
             "method": {
                 "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]},
+                # the synthetic updates (values ~1-5) lie above the default ΔW bound: off here
+                "aggregation": {"clip_norm": 0.0},
                 **(method or {}),
             },
         }
@@ -82,7 +101,7 @@ class Harness:
         self.clock = Clock()
         self.ledger = Ledger(state_dir / "ledger.sqlite")
         self.store = CheckpointStore(state_dir / "checkpoints")
-        self.method = FeditServer(self.config.method)
+        self.method = FeditServer(self.config.method, MethodContext(model_dir=model_dir))
         self.summaries: list[RoundSummary] = []
         self.engine = RoundEngine(
             self.config,

@@ -11,7 +11,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,11 +57,17 @@ class Aggregator:
         self.sockets: list[zmq.Socket[bytes]] = []
 
     def client(
-        self, name: str, *, curve: bool = True, server_key: bytes | None = None
+        self,
+        name: str,
+        *,
+        curve: bool = True,
+        server_key: bytes | None = None,
+        routing_id: str | None = None,
     ) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, name.encode())
+        sock.setsockopt(zmq.ROUTING_ID, (routing_id or name).encode())
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 2000)  # a cut connection must not block the test
         if curve:
             secret_file = self.keys / f"{name}.key_secret"
             public, secret = zmq.auth.load_certificate(secret_file)
@@ -139,33 +145,32 @@ def test_claiming_another_agents_id_is_refused(agg: Aggregator) -> None:
     assert agg.service.engine.registry.agents == {}
 
 
+def refused_or_cut(sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    """Whether a message is refused (IDENTITY_MISMATCH) or cannot even be delivered."""
+    try:
+        sock.send_multipart(frames)
+    except zmq.Again:
+        return True  # no connection left: the handshake with the old key is refused
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        msg = receive(sock, 0.5)
+        if isinstance(msg, ErrorReply):
+            return msg.code == ErrorCode.IDENTITY_MISMATCH
+        if msg is not None and not isinstance(msg, Heartbeat):
+            return False
+    return True  # nothing came back: the message never reached the engine
+
+
 def test_revoked_key_is_cut_off_at_its_next_message(agg: Aggregator) -> None:
     sock = agg.client("revoked")
     sock.send_multipart(hello("revoked"))
     assert isinstance(receive(sock, 5.0), Welcome)
     (agg.allow / "revoked.key").unlink()
-    beat = [bytes(f) for f in encode(Heartbeat())]
-    # it keeps talking (answered) until the allow-list is re-read (every 2 s), then is refused
-    deadline = time.monotonic() + 30
-    refused = None
-    while time.monotonic() < deadline and refused is None:
-        sock.send_multipart(beat)
-        msg = receive(sock, 0.5)
-        if isinstance(msg, ErrorReply):
-            refused = msg
-    assert refused is not None and refused.code == ErrorCode.IDENTITY_MISMATCH
-    # from then on nothing of it reaches the engine: the registry never sees it again
     registry = agg.service.engine.registry
-    state = registry.agents.get("revoked")
-    seen = None if state is None else state.last_seen
-    for _ in range(3):
-        sock.send_multipart(beat)
-        msg = receive(sock, 10.0)
-        while isinstance(msg, Heartbeat):  # the service's own heartbeats to a registered agent
-            msg = receive(sock, 10.0)
-        assert isinstance(msg, ErrorReply) and msg.code == ErrorCode.IDENTITY_MISMATCH
-    after = registry.agents.get("revoked")
-    assert after is None or after.last_seen == seen
+    assert wait_until(lambda: not registry.agents["revoked"].live, 15.0)  # dropped unasked
+    seen = registry.agents["revoked"].last_seen
+    assert refused_or_cut(sock, [bytes(f) for f in encode(Heartbeat())])
+    assert not registry.agents["revoked"].live and registry.agents["revoked"].last_seen == seen
 
 
 def test_oversized_message_is_dropped_at_the_socket(tmp_path: Path) -> None:
@@ -231,3 +236,89 @@ def test_start_up_self_test_refuses_an_authenticator_that_lets_anyone_in(
     service = AggregatorService(build_config(raw), BaseModelRef(name="m", sha256=SHA))
     with pytest.raises(ConfigError, match="self-test failed"):
         service.run()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_a_new_key_is_admitted_with_no_other_traffic(agg: Aggregator) -> None:
+    # issue 24 (6): the allow-list was re-read only when some other agent sent a message
+    public, _ = zmq.auth.create_certificates(str(agg.keys), "newcomer")
+    Path(public).rename(agg.allow / "newcomer.key")
+    welcome = None
+    deadline = time.monotonic() + 15
+    while welcome is None and time.monotonic() < deadline:
+        # a fresh connection per try, as the agent reconnects; nobody else says a word
+        sock = agg.client("newcomer")
+        try:
+            sock.send_multipart(hello("newcomer"))  # refused at the handshake until reloaded
+            welcome = receive(sock, 1.0)
+        except zmq.Again:
+            pass
+        sock.close(linger=0)
+        agg.sockets.remove(sock)
+    assert isinstance(welcome, Welcome)
+
+
+def test_a_rotated_key_loses_its_open_session(agg: Aggregator) -> None:
+    # issue 24 (4): overwriting the allow file (the documented rotation) left the old key's
+    # open connection working
+    old = agg.client("revoked")
+    old.send_multipart(hello("revoked"))
+    assert isinstance(receive(old, 5.0), Welcome)
+    rotated = agg.keys / "rotated"
+    rotated.mkdir()
+    new_public, _ = zmq.auth.create_certificates(str(rotated), "revoked")
+    Path(new_public).replace(agg.allow / "revoked.key")
+    registry = agg.service.engine.registry
+    assert wait_until(lambda: not registry.agents["revoked"].live, 15.0)  # dropped unasked
+    seen = registry.agents["revoked"].last_seen
+    assert refused_or_cut(old, [bytes(f) for f in encode(Heartbeat())])
+    assert not registry.agents["revoked"].live and registry.agents["revoked"].last_seen == seen
+    old.close(linger=0)
+    new = agg.ctx.socket(zmq.DEALER)  # the agent restarted with its new key: welcome
+    new.setsockopt(zmq.ROUTING_ID, b"revoked")
+    new.setsockopt(zmq.LINGER, 0)
+    new.setsockopt(zmq.SNDTIMEO, 2000)
+    public, secret = zmq.auth.load_certificate(rotated / "revoked.key_secret")
+    new.curve_publickey, new.curve_secretkey = public, secret  # type: ignore[assignment]
+    new.curve_serverkey = zmq.auth.load_certificate(agg.server_public)[0]
+    new.connect(agg.endpoint)
+    agg.sockets.append(new)
+    welcome = None
+    deadline = time.monotonic() + 15
+    while welcome is None and time.monotonic() < deadline:
+        try:
+            new.send_multipart(hello("revoked"))
+        except zmq.Again:
+            continue
+        welcome = receive(new, 1.0)
+    assert isinstance(welcome, Welcome)
+
+
+def test_an_allowed_key_cannot_take_over_a_connected_agents_routing_id(agg: Aggregator) -> None:
+    # issue 24 (5): with ROUTER_HANDOVER, "revoked" connecting under the routing id "good" took
+    # the victim's connection: the victim's heartbeats went nowhere and the attacker got its mail
+    victim = agg.client("good")
+    victim.send_multipart(hello("good"))
+    assert isinstance(receive(victim, 5.0), Welcome)
+    attacker = agg.client("revoked", routing_id="good")
+    attacker.send_multipart(hello("good"))
+    time.sleep(0.5)
+    for _ in range(3):  # the victim still gets through, and its answers come to it
+        probe = Heartbeat(probe=True)
+        victim.send_multipart([bytes(f) for f in encode(probe)])
+        deadline = time.monotonic() + 5
+        echo = None
+        while echo is None and time.monotonic() < deadline:
+            msg = receive(victim, 0.5)  # the aggregator's own heartbeats come too
+            echo = msg if isinstance(msg, Heartbeat) and msg.echo == probe.msg_id else None
+        assert echo is not None
+    assert receive(attacker, 1.0) is None
+    assert agg.service.engine.registry.agents["good"].live

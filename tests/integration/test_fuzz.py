@@ -1,8 +1,11 @@
 """Fuzzing what an agent can send: mutated frames, headers, blobs and safetensors headers.
 
 Thousands of hostile messages go through the same path as on the wire (frame decoding, then
-the round engine, which decodes and validates payloads). Nothing may escape but the protocol's
-own errors, and the engine keeps working afterwards.
+the round engine, which decodes and validates payloads), through the service's own
+:class:`~aggregator.engine.boundary.MessageBoundary`. Every message must be answered (or ignored) without
+an exception reaching the boundary's last-resort handler, every reply must encode, and the engine
+keeps working afterwards. The frames that once killed ``serve`` (a validation error quoting
+kilobytes of the sender's input, issue 24) are replayed on every run.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from engine_harness import PROFILE, SHA, Harness, assigns, lora_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aggregator.engine.boundary import MessageBoundary
 from protocol import payloads
-from protocol.errors import ProtocolError
-from protocol.frames import decode, encode
-from protocol.messages import Heartbeat, Hello, TaskAssign, TaskResult
+from protocol.errors import ErrorCode
+from protocol.frames import encode
+from protocol.messages import MAX_REASON, ErrorReply, Heartbeat, Hello, TaskAssign, TaskResult
 
 # CI runs ~2,500 hostile messages; `EDGEFED_FUZZ_EXAMPLES=20000 make fuzz` is the long run.
 EXAMPLES = int(os.environ.get("EDGEFED_FUZZ_EXAMPLES", "700"))
@@ -58,13 +62,35 @@ def valid_frames(task: TaskAssign) -> list[list[bytes]]:
     ]
 
 
-def deliver(h: Harness, frames: list[bytes]) -> None:
-    """What the service does with one message; only protocol errors may come out."""
-    try:
-        msg = decode(frames)
-    except ProtocolError:
-        return
-    h.engine.on_message("a1", msg, h.clock.now)
+def deliver(h: Harness, frames: list[bytes]) -> list[object]:
+    """What the service does with one message: no unexpected exception, every reply encodes."""
+    boundary = MessageBoundary(h.engine)
+    out = boundary.handle("a1", frames, h.clock.now)
+    assert boundary.internal_errors == 0, "an exception reached the message boundary"
+    for reply in out:
+        reply.frames()
+    return [o.header for o in out]
+
+
+CRASHERS = [  # each of these killed `serve`: the ErrorReply quoting them could not be built
+    {"type": "x" * 3000},
+    {"type": "heartbeat", "y" * 3000: 1},
+    {"type": "task_result", "metrics": {"m" * 3000: 1.0}},
+    {"type": "hello", "agent_id": "a" * 3000},
+    {"type": "bye", "reason": "z" * 100_000},
+]
+
+
+@pytest.mark.parametrize("header", CRASHERS, ids=lambda h: next(iter(h.values()))[:8])
+def test_headers_that_killed_serve_are_answered(
+    world: tuple[Harness, TaskAssign], header: dict
+) -> None:
+    h, _ = world
+    replies = deliver(h, [b"EFED/1", json.dumps(header).encode()])
+    assert replies, "a malformed header is answered"
+    for reply in replies:
+        assert isinstance(reply, ErrorReply) and reply.code != ErrorCode.INTERNAL
+        assert len(reply.reason) <= MAX_REASON
 
 
 mutation = st.tuples(
@@ -107,7 +133,12 @@ def test_mutated_frames_never_escape(world: tuple[Harness, TaskAssign], m: tuple
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.text(min_size=2100, max_size=4000),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
@@ -119,7 +150,8 @@ json_values = st.recursive(
 @given(fields=st.dictionaries(st.sampled_from(
     ["type", "run_id", "round", "msg_id", "task_id", "agent_id", "method", "kind", "num_examples",
      "metrics", "blobs", "code", "reason", "versions", "profile", "probe", "echo", "sent_at"]),
-    json_values, max_size=10), kind=st.sampled_from(["task_result", "heartbeat", "hello", "error", "bye", "ack"]))  # fmt: skip
+    json_values, max_size=10) | st.dictionaries(st.text(min_size=1, max_size=3000), json_values,
+    max_size=3), kind=st.sampled_from(["task_result", "heartbeat", "hello", "error", "bye", "ack"]))  # fmt: skip
 def test_random_headers_never_escape(
     world: tuple[Harness, TaskAssign], fields: dict, kind: str
 ) -> None:

@@ -256,11 +256,6 @@ def test_a_new_key_is_admitted_while_another_agent_talks(curve: CurveService) ->
     assert admitted(curve, 60, old)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 24: the allow-list is re-read only when an admitted agent sends a message, "
-    "so a new key is never admitted while no other agent talks",
-)
 def test_a_new_key_is_admitted_while_no_other_agent_talks(curve: CurveService) -> None:
     assert not admitted(curve, 3, None)  # not on the list yet: refused
     curve.add_new_key()

@@ -23,20 +23,18 @@ from typing import Any
 
 import torch
 
-from aggregator.errors import ConfigError, StateError, UpdateRejected
+from aggregator.errors import ConfigError, StateError
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedbiot import align
 from aggregator.methods.fedbiot import bundle as bundle_io
 from aggregator.methods.fedbiot.serve import EmulatorCopies
-from aggregator.methods.fedit.server import FedAvg
-from aggregator.methods.robust import check_examples
+from aggregator.methods.lora_layout import rank_for
+from aggregator.methods.robust import Aggregator, check_examples, clip_lora
 from aggregator.store.checkpoint import atomic_write_bytes
 from aggregator.store.export import ADAPTER_CONFIG, write_peft_adapter
 from protocol import payloads
-from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
 from protocol.methods import parse_params
-from protocol.methods._common import AggregationParams
 from protocol.methods.fedbiot import emulator as emu
 from protocol.methods.fedbiot import spec
 from protocol.methods.fedbiot import state as st
@@ -61,7 +59,7 @@ class FedbiotServer:
                 "to align the emulator on (run.public_data)"
             )
         self.global_state: dict[str, torch.Tensor] = {}
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
         self._payload: tuple[int, bytes] | None = None
         self._lock = threading.Lock()
         self._job: threading.Thread | None = None
@@ -252,7 +250,8 @@ class FedbiotServer:
     # --- what comes back ----------------------------------------------------------------------
 
     def _expect(self, round: int) -> payloads.Expect:
-        """LoRA factors on exactly the target linears of the full model's adapter layers."""
+        """LoRA factors on exactly the target linears of the full model's adapter layers, at the
+        task's ranks (derived from the task, never from the first update of a round)."""
         if self._specs is None:
             specs: dict[str, payloads.TensorSpec] = {}
             plan, targets = self._plan(), self.params.lora.target_modules
@@ -263,8 +262,9 @@ class FedbiotServer:
                     continue
                 if any(module == t or module.endswith("." + t) for t in targets):
                     prefix = align.PEFT_PREFIX + module
-                    specs[f"{prefix}.lora_A.weight"] = payloads.TensorSpec((None, shape[1]), F32)
-                    specs[f"{prefix}.lora_B.weight"] = payloads.TensorSpec((shape[0], None), F32)
+                    r = rank_for(module, self.params.lora)  # the task's rank, not a sender's
+                    specs[f"{prefix}.lora_A.weight"] = payloads.TensorSpec((r, shape[1]), F32)
+                    specs[f"{prefix}.lora_B.weight"] = payloads.TensorSpec((shape[0], r), F32)
             if not specs:
                 raise ConfigError(f"fedbiot: no adapter-layer linear matches {list(targets)}")
             self._specs = specs
@@ -279,32 +279,32 @@ class FedbiotServer:
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         payload = decode_update(blobs, spec.UPDATE_BLOB, self._expect(round))
-        check_examples(result.num_examples, AggregationParams().max_examples)
-        shapes = {k: tuple(v.shape) for k, v in payload.tensors.items()}
-        fixed = self.global_state or self._acc.sums
-        if fixed and shapes != {k: tuple(v.shape) for k, v in fixed.items()}:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH, "adapter ranks differ from the round's"
-            )
+        agg = self.params.aggregation
+        check_examples(result.num_examples, agg.max_examples)
+        tensors, metrics = payload.tensors, dict(result.metrics)
+        if agg.clip is not None:
+            tensors, metrics["clip_scale"] = clip_lora(tensors, self.global_state or None, agg.clip)
         self.copies.saw_update(result.agent_id, payload.meta)
         return Update(
             agent_id=result.agent_id,
             task_id=result.task_id,
             num_examples=result.num_examples,
-            tensors=payload.tensors,
-            metrics=dict(result.metrics),
+            tensors=tensors,
+            metrics=metrics,
         )
 
     # --- aggregation --------------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
-        self._acc = FedAvg()
+        self._acc = Aggregator(self.params.aggregation)
 
     def add(self, update: Update) -> None:
-        self._acc.add(update.tensors, update.num_examples)
+        region = update.agent_id in self.context.regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
+        self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
-        combined = self._acc.mean()
+        combined = self._acc.result()
         if combined:
             self.global_state = combined
             self._payload = None

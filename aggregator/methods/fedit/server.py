@@ -1,4 +1,9 @@
-"""FedIT server half: FedAvg of LoRA factors, weighted by each agent's example count."""
+"""FedIT server half: FedAvg of LoRA factors, weighted by each agent's example count.
+
+The layout an update must have follows from the task (``aggregator.methods.lora_layout``): exact from
+the base model's headers when the run names ``model_dir``; otherwise checked against the
+targets and ranks, with round 1's layout the one most agents sent.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 
 from aggregator.errors import UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods.lora_layout import LayoutVote, check_task_layout, expected_layout, signature
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora
 from aggregator.store.export import write_peft_adapter
 from protocol import payloads
@@ -46,7 +52,14 @@ class FeditServer:
         self.global_state: dict[str, torch.Tensor] = {}
         self._payload: tuple[int, bytes] | None = None
         self._acc = Aggregator(self.params.aggregation)
-        self._round_shapes: dict[str, tuple[int, ...]] | None = None
+        context = context or MethodContext()
+        self._regions = context.regions
+        self._layout = (
+            expected_layout(context.model_dir, self.params.lora)
+            if context.model_dir is not None
+            else None
+        )
+        self._vote: LayoutVote | None = None
 
     # --- what agents are sent ---------------------------------------------------------------
 
@@ -64,17 +77,20 @@ class FeditServer:
 
     def _expect(self, round: int) -> payloads.Expect:
         tensors = None
-        if self.global_state:
+        if self._layout is not None:
+            tensors = {k: payloads.TensorSpec(s, torch.float32) for k, s in self._layout.items()}
+        elif self.global_state:
             tensors = {
                 k: payloads.TensorSpec(shape=tuple(v.shape), dtype=v.dtype)
                 for k, v in self.global_state.items()
             }
+        lora = self.params.lora
         return payloads.Expect(
             kind=payloads.PayloadKind.LORA,
             method=self.name,
             round=round,
             tensors=tensors,
-            max_rank=self.params.lora.r,
+            max_rank=max([lora.r, *lora.rank_pattern.values()]),
         )
 
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
@@ -82,15 +98,11 @@ class FeditServer:
         if not payload.tensors:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no tensors")
         check_examples(result.num_examples, self.params.aggregation.max_examples)
-        shapes = {k: tuple(v.shape) for k, v in payload.tensors.items()}
-        if self._round_shapes is None:
-            self._round_shapes = shapes  # round 1: the first valid update fixes the layout
-        elif shapes != self._round_shapes:
-            raise UpdateRejected(
-                ErrorCode.PAYLOAD_MISMATCH, "tensor names or shapes differ from the round's"
-            )
+        check_task_layout(payload.tensors, self.params.lora)
+        if self._vote is not None and not self._vote.admits(signature(payload.tensors)):
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "too many distinct layouts sent")
         tensors = payload.tensors
-        clip = self.params.aggregation.clip_norm
+        clip = self.params.aggregation.clip
         metrics = dict(result.metrics)
         if clip is not None:
             tensors, scale = clip_lora(tensors, self.global_state or None, clip)
@@ -107,19 +119,30 @@ class FeditServer:
 
     def begin_round(self, round: int) -> None:
         self._acc = Aggregator(self.params.aggregation)
-        self._round_shapes = (
-            {k: tuple(v.shape) for k, v in self.global_state.items()} if self.global_state else None
-        )
+        # no model and no global yet: the layout most agents send wins (never the first's)
+        unknown = self._layout is None and not self.global_state
+        self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation)) if unknown else None
 
     def add(self, update: Update) -> None:
-        self._acc.add(update.tensors, update.num_examples)
+        region = update.agent_id in self._regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
+        if self._vote is not None:
+            self._vote.add(signature(update.tensors), update.tensors, weight)
+        else:
+            self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self._vote is not None:
+            won = self._vote.winner()
+            if won is not None:
+                _, self._acc, left_out = won
+                metrics["layout_left_out"] = float(left_out)
         combined = self._acc.result()
         if combined:
             self.global_state = combined
             self._payload = None
-        return {"examples": float(self._acc.weight)}
+        return {"examples": float(self._acc.weight), **metrics}
 
     # --- state ------------------------------------------------------------------------------
 

@@ -100,13 +100,13 @@ class FedpipeRelay(FedpipeServer):
 
     def finish_round(self, round: int) -> dict[str, float]:
         metrics = super().finish_round(round)  # global_ab[m] = the region's mean ΔW, m trained
-        if self._weight:
+        if self._combined.weight:
             state: dict[str, torch.Tensor] = {}
-            for module in self._sums:
+            for module in self._combined.modules():
                 a_key, b_key = fm.keys(module)
                 state[a_key], state[b_key] = self.global_ab[module]
             data = payloads.encode_lora(state, method=self.name, round=round)
-            self.answers.put("train", round, {spec.UPDATE_BLOB: data}, self._weight)
+            self.answers.put("train", round, {spec.UPDATE_BLOB: data}, self._combined.weight)
         return metrics
 
     # --- state: the last answer and the agents' learnt speeds --------------------------------

@@ -30,6 +30,7 @@ import torch
 from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedpipe import plan as fp
+from aggregator.methods.fedpipe.combine import DeltaCombiner
 from aggregator.methods.fedpipe.plan import natural
 from aggregator.methods.fedpipe.planner import Planner
 from aggregator.methods.fedpipe.select import Selection
@@ -286,29 +287,27 @@ class FedpipeServer:
 
     def begin_round(self, round: int) -> None:
         self._round = round
-        self._sums: dict[str, fm.LowRankSum] = {}
-        self._weight = 0
+        agg, alpha = self.params.aggregation, self.params.lora.alpha
+        self._combined = DeltaCombiner(agg, alpha, self.global_ab)
 
     def add(self, update: Update) -> None:
-        alpha = self.params.lora.alpha
-        for key, a in update.tensors.items():
-            module = fm.module_of(key)
-            if module is None or not key.endswith(fm.A_SUFFIX):
-                continue
-            b = update.tensors[fm.keys(module)[1]]
-            self._sums.setdefault(module, fm.LowRankSum()).add(a, b, update.num_examples, alpha)
-        self._weight += update.num_examples
+        region = update.agent_id in self._regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
+        scale = self._combined.add(update.tensors, weight)
+        if scale < 1.0:
+            log.info("%s: update clipped (scale %.3g)", update.agent_id, scale)
+        self.planner.record(self._round, update.agent_id, update.metrics.get("seconds"))
         self.planner.record(self._round, update.agent_id, update.metrics.get("seconds"))
 
     def finish_round(self, round: int) -> dict[str, float]:
-        metrics = {"selected": float(len(self.selected)), "examples": float(self._weight)}
+        weight = self._combined.weight
+        metrics = {"selected": float(len(self.selected)), "examples": float(weight)}
         metrics.update(self.planner.metrics.get(round, {}))
         self.planner.learn_speed(round)
-        if self._weight == 0:
+        if weight == 0:
             return metrics
         alpha = self.params.lora.alpha
-        for module, acc in self._sums.items():
-            u, s, vh = acc.svd(float(self._weight))
+        for module, (u, s, vh) in self._combined.svds().items():
             self.global_ab[module] = fm.global_factors(u, s, vh, alpha)
         self._payloads.clear()
         ranks = [a.shape[0] for a, _ in self.global_ab.values()]

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods.robust import Aggregator, check_examples
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
@@ -76,6 +77,7 @@ class FerretServer:
                 "ferret needs the base model's weights on the aggregator: set run.model_dir"
             )
         self.model_dir = Path(context.model_dir)
+        self._regions = context.regions
         self.p = parsed.ferret
         if "seed" not in self.p.model_fields_set:  # the run's seed, unless the params set one
             self.p = self.p.model_copy(update={"seed": context.seed})
@@ -94,6 +96,13 @@ class FerretServer:
             update={"ferret": self.p.model_copy(update={"layout": self.layout.sha256()})}
         )
         self.p = self.params.ferret
+        self.agg = self.params.aggregation
+        if "clip_norm" in self.agg.model_fields_set and self.agg.clip:
+            raise ConfigError(
+                "[method.aggregation] clip_norm does not apply to ferret; each coefficient is "
+                "clipped to [method.ferret] clip_norm"
+            )
+        self._robust: Aggregator | None = None
         self._params_json = self.params.model_dump(mode="json")
         self.round = 0
         """The last round whose step is known (its coefficients are in ``history``)."""
@@ -225,12 +234,20 @@ class FerretServer:
             )
         elif n_triples == 0 and result.num_examples > 0:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no coefficients")
+        check_examples(max(result.num_examples, 1), self.agg.max_examples)
+        tensors, metrics = dict(payload.tensors), dict(result.metrics)
+        bound = self.p.clip_norm  # one agent's coefficient moves a term at most this far
+        values = tensors["value"]
+        clipped = int((values.abs() > bound).sum())
+        if clipped:
+            tensors["value"] = values.clamp(-bound, bound)
+            metrics["clipped_coefficients"] = float(clipped)
         return Update(
             agent_id=result.agent_id,
             task_id=result.task_id,
             num_examples=result.num_examples,
-            tensors=payload.tensors,
-            metrics=dict(result.metrics),
+            tensors=tensors,
+            metrics=metrics,
         )
 
     # --- aggregation ------------------------------------------------------------------------
@@ -238,19 +255,31 @@ class FerretServer:
     def begin_round(self, round: int) -> None:
         self._sums = torch.zeros(self.n_groups * self.p.k, dtype=torch.float64)
         self._weight = 0
+        self._robust = Aggregator(self.agg) if self.agg.rule != "fedavg" else None
 
     def add(self, update: Update) -> None:
         t = update.tensors
         if update.num_examples <= 0 or t["value"].numel() == 0:
             return
+        weight = self.agg.weight(update.num_examples, region=update.agent_id in self._regions)
         index = t["group"].to(torch.int64) * self.p.k + t["seed"].to(torch.int64)
-        self._sums.index_add_(0, index, t["value"].to(torch.float64) * update.num_examples)
-        self._weight += update.num_examples
+        if self._robust is not None:  # every coefficient, dense (0 where none was sent)
+            dense = torch.zeros(self.n_groups * self.p.k, dtype=torch.float64)
+            dense.index_add_(0, index, t["value"].to(torch.float64))
+            self._robust.add({"coef": dense}, weight)
+        else:
+            self._sums.index_add_(0, index, t["value"].to(torch.float64) * weight)
+        self._weight += weight
 
     def finish_round(self, round: int) -> dict[str, float]:
         if round != self.round + 1:
             raise StateError(f"ferret: finishing round {round} after round {self.round}")
-        mean = (self._sums / max(self._weight, 1)).to(torch.float32)
+        if self._robust is not None:
+            combined = self._robust.result().get("coef")
+            zeros = torch.zeros(self.n_groups * self.p.k, dtype=torch.float32)
+            mean = zeros if combined is None else combined.to(torch.float32)
+        else:
+            mean = (self._sums / max(self._weight, 1)).to(torch.float32)
         flat = torch.nonzero(mean).squeeze(1)  # ascending: sorted by (group, seed)
         triples = (
             (flat // self.p.k).to(torch.int32),

@@ -14,8 +14,9 @@ The stage, the mask seed and the target shapes are checkpoint metadata, so a res
 aggregator resumes in the stage it was in.
 
 The target shapes come from the base model's safetensors headers when the run names a local
-``model_dir``; otherwise from the first accepted stage-1 update (its payload's full shapes,
-names restricted to the LoRA targets), fixed from then on.
+``model_dir``; otherwise from round 1's stage-1 updates (their payloads' full shapes, names
+restricted to the LoRA targets): the shapes most agents sent win (``lora_layout.LayoutVote``),
+never the first sender's, and are fixed from then on.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods.lora_layout import LayoutVote, Signature
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora, clip_values
 from aggregator.methods.slora.math import (
     Shapes,
@@ -67,6 +69,7 @@ class SloraServer:
         parsed = parse_params(spec.NAME, params)
         assert isinstance(parsed, spec.Params)
         context = context or MethodContext()
+        self._regions = context.regions
         seed = parsed.sparse.mask_seed
         self.mask_seed: int = context.seed if seed is None else seed
         sparse = parsed.sparse.model_copy(update={"mask_seed": self.mask_seed})
@@ -85,6 +88,8 @@ class SloraServer:
         self._counts: dict[str, int] | None = None
         self._payload: tuple[int, int, bytes] | None = None
         self._acc = Aggregator(self.params.aggregation)
+        self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
+        self._vote_shapes: dict[str, Signature] = {}  # task id -> shapes it sent (no model)
         self._switched = False
 
     @property
@@ -173,9 +178,9 @@ class SloraServer:
         check_examples(result.num_examples, self.params.aggregation.max_examples)
         stage = self.stage
         if stage == 1 and self.shapes is None:
-            self._learn_shapes(payload)
+            self._vote_shapes[result.task_id] = self._check_shapes(payload)
         tensors, metrics = payload.tensors, dict(result.metrics)
-        clip = self.params.aggregation.clip_norm
+        clip = self.params.aggregation.clip
         if clip is not None:
             if stage == 1:
                 tensors, metrics["clip_scale"] = clip_values(tensors, self.values or None, clip)
@@ -189,19 +194,24 @@ class SloraServer:
             metrics=metrics,
         )
 
-    def _learn_shapes(self, payload: payloads.Payload) -> None:
-        """Without a model directory, the first update fixes the targets (LoRA targets only)."""
+    def _check_shapes(self, payload: payloads.Payload) -> Signature:
+        """Without a model directory: the update's target shapes, to be voted on (LoRA targets
+        only; the round's most common shapes become the run's)."""
         shapes = payload.shapes
-        bad = [n for n, s in shapes.items() if not is_target(n, self.targets) or len(s) != 2]
+        bad = [n[:200] for n, s in shapes.items() if not is_target(n, self.targets) or len(s) != 2]
         if bad:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"not LoRA target weights: {bad[:3]}")
-        self.shapes = {n: (int(s[0]), int(s[1])) for n, s in sorted(shapes.items())}
-        log.info("target shapes taken from the first update: %d weights", len(self.shapes))
+        sig = tuple(sorted((n, (int(s[0]), int(s[1]))) for n, s in shapes.items()))
+        if not self._vote.admits(sig):
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "too many distinct layouts sent")
+        return sig
 
     # --- aggregation --------------------------------------------------------------------------
 
     def begin_round(self, round: int) -> None:
         self._acc = Aggregator(self.params.aggregation)
+        self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
+        self._vote_shapes.clear()
         self._switched = False
         if self.stage == 1 and round > self.params.sparse.stage1_rounds:
             self._start_switch(round)
@@ -255,11 +265,26 @@ class SloraServer:
         )
 
     def add(self, update: Update) -> None:
-        self._acc.add(update.tensors, update.num_examples)
+        sig = self._vote_shapes.pop(update.task_id, None)
+        region = update.agent_id in self._regions
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
+        if sig is not None and self.shapes is None:
+            self._vote.add(sig, update.tensors, weight)
+        else:
+            self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
+        won = self._vote.winner() if self.shapes is None else None
+        self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
+        if won is not None:
+            sig, self._acc, left_out = won
+            self.shapes = {n: (int(s[0]), int(s[1])) for n, s in sig}
+            self._counts = None
+            log.info("target shapes voted by round %d's agents: %d weights", round, len(sig))
         mean = self._acc.result()
         metrics = {"examples": float(self._acc.weight), "stage": float(self.stage)}
+        if won is not None:
+            metrics["layout_left_out"] = float(won[2])
         self._payload = None
         if self.stage == 1:
             if mean:

@@ -42,6 +42,7 @@ from pydantic import Field
 from protocol.errors import PayloadError
 from protocol.frames import Buffer
 from protocol.methods._common import (
+    AggregationParams,
     EvalParams,
     LoraParams,
     ModuleName,
@@ -120,6 +121,8 @@ class Params(StrictParams):
     align: AlignParams = AlignParams()
     prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01
     """λ of the agents' proximal term λ‖adapter − adapter at round start‖² (LoRA factors)."""
+    aggregation: AggregationParams = AggregationParams()
+    """How the server combines the adapters (as FedIT's: rule, ΔW clip, weight cap)."""
     task: TaskInfo | None = None
 
 

@@ -52,6 +52,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from protocol.methods._common import (
+    AggregationParams,
     EvalParams,
     LoraParams,
     ModuleName,
@@ -170,6 +171,10 @@ class Params(StrictParams):
     plan: PlanParams = PlanParams()
     max_examples: Annotated[int, Field(ge=1, le=10**9)] = 10_000_000
     """An update or score claiming more examples than this is rejected."""
+    aggregation: AggregationParams = AggregationParams()
+    """How updates are combined in ΔW space: ``rule`` (weighted mean, or coordinate-wise median
+    / trimmed mean of the dense ΔW), ``clip_norm`` (on ‖ΔW_i − ΔW_global‖) and ``max_weight``;
+    its ``max_examples`` is not used (the one above is)."""
     ranks: Annotated[dict[ModuleName, Rank], Field(max_length=4096)] = {}
     """Set by the server in each train task: this agent's rank per selected module."""
     selected: Annotated[tuple[ModuleName, ...], Field(max_length=4096)] = ()

@@ -69,7 +69,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from protocol.methods._common import EvalParams, StrictParams, TrainParams
+from protocol.methods._common import AggregationParams, EvalParams, StrictParams, TrainParams
 
 NAME = "ferret"
 UPDATE_BLOB = "update"
@@ -146,3 +146,8 @@ class Params(StrictParams):
     train: TrainParams = TrainParams(lr=0.01, grad_clip=1.0)
     eval: EvalParams = EvalParams()
     ferret: FerretParams = FerretParams()
+    aggregation: AggregationParams = AggregationParams()
+    """How the server combines the agents' coefficients: ``rule`` (the weighted mean, or the
+    coordinate-wise median / trimmed mean over every (group, seed) coefficient, 0 where an agent
+    sent none), ``max_weight`` and ``max_examples``. Its ``clip_norm`` does not apply: each
+    received coefficient is clipped to ``ferret.clip_norm`` instead."""

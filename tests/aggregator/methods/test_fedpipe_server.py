@@ -360,7 +360,7 @@ def fedpipe_harness(state_dir: Path, model_dir: Path, monkeypatch: pytest.Monkey
     """The harness with a FedPipe server from the start (a restart replays through it)."""
     context = MethodContext(model_dir=model_dir, state_dir=state_dir)
     monkeypatch.setattr(
-        engine_harness, "FeditServer", lambda _cfg: FedpipeServer(params(), context)
+        engine_harness, "FeditServer", lambda _cfg, _ctx: FedpipeServer(params(), context)
     )
     return Harness(state_dir, rounds=2)  # its run says fedit: the engine itself is method-blind
 
@@ -438,5 +438,5 @@ def test_engine_runs_score_then_planned_rounds_and_resumes_a_round(
     m2 = h2.engine.method
     assert isinstance(m2, FedpipeServer)
     assert m2.selected == method.selected and set(m2.plans[2]) == set(round2)
-    assert m2._weight == 5
+    assert m2._combined.weight == 5
     h2.close()

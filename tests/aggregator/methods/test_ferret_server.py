@@ -338,3 +338,39 @@ def test_seed_and_rounds_default_to_the_runs(tiny_model_dir: Path) -> None:
     assert (s.p.seed, s.p.rounds) == (2, 9)
     with pytest.raises(ConfigError, match="ferret.rounds"):
         FerretServer(linear, MethodContext(model_dir=tiny_model_dir))
+
+
+def _ferret_round(server: FerretServer, updates: list[tuple[str, bytes, int]]) -> list[float]:
+    for agent, blob, examples in updates:
+        res = TaskResult(
+            run_id="r", round=1, task_id=f"t-{agent}", agent_id=agent, method="ferret",
+            num_examples=examples, metrics={"held_round": 0.0},
+        )  # fmt: skip
+        server.add(server.validate(1, res, {"update": memoryview(blob)}))
+    server.finish_round(1)
+    group, seed, value = server.history[1]
+    return [float(v) for g, s, v in zip(group, seed, value, strict=True) if (g, s) == (0, 1)]
+
+
+def test_a_huge_coefficient_is_clipped_on_receipt(server: FerretServer) -> None:
+    # issue 24 (7): Ferret accepted coefficients of 1e30 (and 10^7 examples gave them the mean)
+    n = len(server.layout.groups)
+    honest = [(a, seedcoef(1, [(0, 1, 1.0)], n=n), 10) for a in ("x", "y", "z")]
+    evil = ("evil", seedcoef(1, [(0, 1, 1e30)], n=n), 10**7)
+    (value,) = _ferret_round(server, [*honest, evil])
+    bound = server.p.clip_norm
+    assert value <= bound  # at most the per-term bound, whatever the claimed weight
+
+
+def test_ferret_median_ignores_one_outlier(tiny_model_dir: Path) -> None:
+    params = {**PARAMS, "aggregation": {"rule": "median"}}
+    server = FerretServer(params, MethodContext(model_dir=tiny_model_dir))
+    n = len(server.layout.groups)
+    honest = [(a, seedcoef(1, [(0, 1, v)], n=n), 10) for a, v in (("x", 1.0), ("y", 1.5))]
+    evil = ("evil", seedcoef(1, [(0, 1, 9.0)], n=n), 10**6)
+    (value,) = _ferret_round(server, [*honest, ("z", seedcoef(1, [(0, 1, 2.0)], n=n), 10), evil])
+    assert value == pytest.approx(1.75)  # the median of 1, 1.5, 2, 9
+    with pytest.raises(ConfigError, match="does not apply to ferret"):
+        FerretServer(
+            {**PARAMS, "aggregation": {"clip_norm": 5.0}}, MethodContext(model_dir=tiny_model_dir)
+        )

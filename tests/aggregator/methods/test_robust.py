@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_harness import NAMES, Harness, lora_state, start_round
+from engine_harness import NAMES, Harness, fake_model_dir, lora_state, start_round
 
 from aggregator.methods.robust import clip_lora, lora_delta_norm
 from protocol.errors import ErrorCode
@@ -47,6 +47,7 @@ def test_clipping_hits_the_bound_exactly(with_base: bool) -> None:
 
 
 def aggregate(tmp_path: Path, rule: str, attackers: int, **extra: object) -> torch.Tensor:
+    extra.setdefault("clip_norm", 0)  # clean runs: the synthetic updates exceed the default
     h = Harness(tmp_path, method={"aggregation": {"rule": rule, **extra}}, min_agents=len(AGENTS))
     try:
         tasks = start_round(h, AGENTS)
@@ -66,7 +67,9 @@ def aggregate(tmp_path: Path, rule: str, attackers: int, **extra: object) -> tor
 def test_robust_rules_resist_what_breaks_fedavg(tmp_path: Path) -> None:
     clean = aggregate(tmp_path / "clean", "fedavg", 0)
     errors = {
-        rule: float((aggregate(tmp_path / rule, rule, 2, trim=0.3) - clean).abs().max())
+        rule: float(
+            (aggregate(tmp_path / rule, rule, 2, trim=0.3, clip_norm=0) - clean).abs().max()
+        )
         for rule in ("fedavg", "median", "trimmed_mean")
     }
     assert errors["fedavg"] > 1e5  # two attackers of seven wreck the plain mean
@@ -79,12 +82,12 @@ def test_clip_norm_bounds_an_attackers_pull(tmp_path: Path) -> None:
     bound = lora_delta_norm(honest(0), None) * 1.5
     clipped = aggregate(tmp_path / "clip", "fedavg", 1, clip_norm=bound)
     assert float((clipped - clean).abs().max()) < 1.0
-    unclipped = aggregate(tmp_path / "plain", "fedavg", 1)
+    unclipped = aggregate(tmp_path / "plain", "fedavg", 1, clip_norm=0)
     assert float((unclipped - clean).abs().max()) > 1e4
 
 
 def test_wrong_shape_and_absurd_example_counts_are_rejected(tmp_path: Path) -> None:
-    h = Harness(tmp_path, min_agents=3)
+    h = Harness(tmp_path, min_agents=3, model_dir=fake_model_dir(tmp_path / "model"))
     try:
         tasks = start_round(h, ["a1", "a2", "a3"])
         assert h.result(tasks["a1"], "a1", 10, honest(1))[0].header.type == "ack"
@@ -99,3 +102,32 @@ def test_wrong_shape_and_absurd_example_counts_are_rejected(tmp_path: Path) -> N
         assert len(h.ledger.rejections("run-t", 1)) == 2
     finally:
         h.close()
+
+
+def test_by_default_one_agent_cannot_take_over_the_mean(tmp_path: Path) -> None:
+    """Issue 24 (7): one agent claiming 10^7 examples with values of 1e30 once moved the
+    global's largest value to 1e30. The default bound and weight cap keep it near the clean
+    aggregate's scale."""
+    scale = 0.05  # honest updates well inside the default ΔW bound
+
+    def run(attacker: bool, path: Path, aggregation: dict[str, object]) -> torch.Tensor:
+        h = Harness(path, method={"aggregation": aggregation}, min_agents=len(AGENTS))
+        try:
+            tasks = start_round(h, AGENTS)
+            for i, agent in enumerate(AGENTS):
+                state = {n: t * scale for n, t in honest(i).items()}
+                n = 100
+                if attacker and i == 0:
+                    state, n = {k: torch.full_like(t, 1e30) for k, t in state.items()}, 10**7
+                h.result(tasks[agent], agent, n, state)
+            h.tick()
+            return h.store.load(1)[0][NAMES[1]]
+        finally:
+            h.close()
+
+    clean = run(False, tmp_path / "clean", {})
+    attacked = run(True, tmp_path / "attacked", {})  # the defaults
+    assert torch.isfinite(attacked).all()
+    assert float(attacked.abs().max()) < 100 * float(clean.abs().max())
+    undefended = run(True, tmp_path / "off", {"clip_norm": 0, "max_weight": 10**9})
+    assert float(undefended.abs().max()) > 1e20  # the control: without them, it owns the mean

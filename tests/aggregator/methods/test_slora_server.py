@@ -125,15 +125,25 @@ def test_stage1_update_of_wrong_size_or_seed_is_rejected(tiny_model_dir: Path) -
         s.validate(1, result(1, "a", 1), {"update": memoryview(other)})
 
 
-def test_without_a_model_dir_the_first_update_fixes_the_targets(tiny_model_dir: Path) -> None:
+def test_without_a_model_dir_round_1_votes_the_targets(tiny_model_dir: Path) -> None:
+    """The first sender does not fix the targets (issue 24): an attacker answering first with
+    one target weight is outvoted by the two honest agents, whose updates make the global."""
     known = server(tiny_model_dir)
     s = server(None)
     assert s.shapes is None
-    blob = masked_update(known, 1, 0.5)
+    liar = server(None)
+    liar.shapes = {Q0: TINY_TARGETS[Q0]}
     s.begin_round(1)
-    s.add(s.validate(1, result(1, "a", 4), {"update": memoryview(blob)}))
+    s.add(s.validate(1, result(1, "evil", 4), {"update": memoryview(masked_update(liar, 1, 9))}))
+    for agent in ("a", "b"):
+        blob = masked_update(known, 1, 0.5)
+        s.add(s.validate(1, result(1, agent, 4), {"update": memoryview(blob)}))
+    metrics = s.finish_round(1)
     assert s.shapes == TINY_TARGETS
     assert s.mask_counts() == known.mask_counts()
+    assert metrics["layout_left_out"] == 1.0
+    assert set(s.values) == set(TINY_TARGETS)
+    assert float(s.values[Q0].max()) < 1.0  # the liar's 9s are not in it
 
 
 def test_svd_init_is_the_best_rank_r_approximation() -> None:
@@ -226,7 +236,7 @@ class SloraHarness:
                 "round_deadline_s": 60.0,
                 "seed": 5,
             },
-            "method": PARAMS,
+            "method": {**PARAMS, "aggregation": {"clip_norm": 0}},  # exact means compared
         }
         self.config = build_config(raw)
         self.clock = Clock()

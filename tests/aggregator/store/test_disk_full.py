@@ -48,3 +48,23 @@ def test_disk_full_during_checkpoint_then_restart(
         torch.testing.assert_close(h2.store.load(2)[0][NAMES[0]], expected, rtol=0, atol=1e-6)
     finally:
         h2.close()
+
+
+def test_disk_full_is_transient_and_waits_for_space(tmp_path: Path) -> None:
+    """Issue 24 (8): after ENOSPC `serve` exited 2, which the unit never restarts. DiskFull
+    (a StateError) makes it wait for space, then exit 75, which the unit restarts."""
+    from aggregator.errors import DiskFull
+    from aggregator.store.statedir import EXIT_DISK_FULL, wait_for_space
+
+    exc = checkpoint.write_error("x", OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(exc, DiskFull) and isinstance(exc, StateError)
+    assert EXIT_DISK_FULL not in (0, 2)  # systemd's RestartPreventExitStatus=2 restarts it
+    wait_for_space(tmp_path, lambda: False, need=1)  # space is there: returns at once
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    wait_for_space(tmp_path, stop, need=1 << 62, poll_s=0.01)  # never that much: waits
+    assert len(asked) > 3

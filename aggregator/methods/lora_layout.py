@@ -1,0 +1,120 @@
+"""The LoRA layout a task asks for, derived from the task, never learnt from the first sender.
+
+An update's tensor names and shapes follow from the task: the base model's target linears
+(``lora.target_modules``), each ``(out, in)``, and the rank ``lora.r`` (or ``rank_pattern``'s,
+matched as peft matches it) give ``<module>.lora_A.weight [r, in]`` and
+``<module>.lora_B.weight [out, r]`` under peft's ``base_model.model.`` prefix.
+
+- With the base model at hand (``run.model_dir``), :func:`expected_layout` reads the linears'
+  shapes from its safetensors headers: the layout is exact before any agent has sent anything.
+- Without it, :func:`check_task_layout` checks what can be known from the task alone (every name
+  is a factor of a target module, factors pair up, ranks are the task's), and the round-1
+  layout is the one most agents sent (:class:`LayoutVote`), never the first one to arrive; an
+  update in a layout that lost the vote is left out of the aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from aggregator.errors import UpdateRejected
+from aggregator.methods.robust import Aggregator
+from aggregator.methods.slora.math import is_target, target_shapes
+from protocol.errors import ErrorCode
+from protocol.methods._common import LoraParams
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+MAX_LAYOUTS = 4
+"""Distinct round-1 layouts held at once (without a model); an update in a further one is
+refused, so a flood of odd layouts costs at most this many running sums."""
+
+Layout = dict[str, tuple[int, ...]]
+Signature = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def rank_for(module: str, lora: LoraParams) -> int:
+    """The rank ``module`` (a model module name) gets: peft's ``rank_pattern`` rule, else r."""
+    for key, rank in lora.rank_pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return rank
+    return lora.r
+
+
+def expected_layout(model_dir: Path, lora: LoraParams) -> Layout:
+    """Every LoRA factor's name and shape for the target linears of the model in
+    ``model_dir`` (read from its safetensors headers; no weight is loaded)."""
+    layout: Layout = {}
+    for name, (out_f, in_f) in target_shapes(model_dir, tuple(lora.target_modules)).items():
+        module = name.removesuffix(".weight")
+        r = rank_for(module, lora)
+        layout[PEFT_PREFIX + module + A_SUFFIX] = (r, in_f)
+        layout[PEFT_PREFIX + module + B_SUFFIX] = (out_f, r)
+    return layout
+
+
+def signature(tensors: Mapping[str, torch.Tensor]) -> Signature:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items()))
+
+
+def check_task_layout(tensors: Mapping[str, torch.Tensor], lora: LoraParams) -> None:
+    """Reject an update that is not a LoRA adapter on the task's targets at the task's ranks."""
+    modules: dict[str, list[str]] = {}
+    for name in tensors:
+        suffix = A_SUFFIX if name.endswith(A_SUFFIX) else B_SUFFIX
+        module = name.removeprefix(PEFT_PREFIX).removesuffix(suffix)
+        if (
+            not name.startswith(PEFT_PREFIX)
+            or not name.endswith(suffix)
+            or not is_target(module + ".weight", tuple(lora.target_modules))
+        ):
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH, f"{name[:200]} is no LoRA factor of a target module"
+            )
+        modules.setdefault(module, []).append(suffix)
+    for module, sides in modules.items():
+        if len(sides) != 2:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"{module[:200]}: unpaired factor")
+        a = tensors[PEFT_PREFIX + module + A_SUFFIX]
+        b = tensors[PEFT_PREFIX + module + B_SUFFIX]
+        r = rank_for(module, lora)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH, f"{module[:200]}: rank is not the task's {r}"
+            )
+
+
+class LayoutVote:
+    """Round-1 running aggregates, one per layout sent; the layout most agents sent wins."""
+
+    def __init__(self, make: Callable[[], Aggregator]) -> None:
+        self.make = make
+        self.by_layout: dict[Signature, Aggregator] = {}
+
+    def admits(self, sig: Signature) -> bool:
+        """Whether an update in layout ``sig`` can be held (a known one, or room for one)."""
+        return sig in self.by_layout or len(self.by_layout) < MAX_LAYOUTS
+
+    def add(self, sig: Signature, tensors: Mapping[str, torch.Tensor], weight: int) -> None:
+        if not self.admits(sig):
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "too many distinct layouts sent")
+        self.by_layout.setdefault(sig, self.make()).add(tensors, weight)
+
+    def winner(self) -> tuple[Signature, Aggregator, int] | None:
+        """The layout most updates came in (ties: the one with more tensors, then the first in
+        name order), its aggregate, and how many updates were left out; None without any."""
+        if not self.by_layout:
+            return None
+        ranked = sorted(self.by_layout.items(), key=lambda kv: (-kv[1].count, -len(kv[0]), kv[0]))
+        best_sig, best = ranked[0]
+        left_out = sum(acc.count for _, acc in ranked[1:])
+        if left_out:
+            log.warning("round 1: %d updates in a layout fewer agents sent were left out", left_out)
+        return best_sig, best, left_out
