@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from aggregator.errors import UpdateRejected
+from aggregator.methods._targets import is_target, target_shapes
 from aggregator.methods.robust import Aggregator
-from aggregator.methods.slora.math import is_target, target_shapes
 from protocol.errors import ErrorCode
 from protocol.methods._common import LoraParams
 

@@ -34,16 +34,10 @@ import torch
 
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods._targets import Shapes, is_target, target_shapes
 from aggregator.methods.lora_layout import LayoutVote, Signature
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora, clip_values
-from aggregator.methods.slora.math import (
-    Shapes,
-    is_target,
-    mask_of,
-    scatter,
-    svd_init,
-    target_shapes,
-)
+from aggregator.methods.slora.math import mask_of, scatter, svd_init
 from aggregator.store.export import write_peft_adapter
 from protocol import payloads, randomness
 from protocol.errors import ErrorCode

@@ -13,7 +13,8 @@ import torch
 from aggregator.engine.engine import RoundEngine, RoundSummary
 from aggregator.errors import UpdateRejected
 from aggregator.methods import MethodContext
-from aggregator.methods.slora.math import svd_init, target_shapes
+from aggregator.methods._targets import target_shapes
+from aggregator.methods.slora.math import svd_init
 from aggregator.methods.slora.server import SloraServer
 from aggregator.ops.config import build_config
 from aggregator.store.checkpoint import CheckpointStore

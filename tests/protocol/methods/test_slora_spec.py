@@ -58,7 +58,8 @@ def test_stage1_quantization_is_never_quantized() -> None:
 def test_agent_and_server_masks_are_identical_and_the_spec_reference(
     tiny_resolved: Any, tiny_model_dir: Path
 ) -> None:
-    from aggregator.methods.slora.math import mask_of, target_shapes
+    from aggregator.methods._targets import target_shapes
+    from aggregator.methods.slora.math import mask_of
     from edge_agent.methods.slora.client import sparse_masks, sparse_targets
     from edge_agent.model.store import load_base
 
