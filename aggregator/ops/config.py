@@ -147,7 +147,18 @@ def build_config(
     assert config is not None
     if base is not None:
         config = _resolve_paths(config, base)
-    return config
+    return _secagg_without_default_clip(config)
+
+
+def _secagg_without_default_clip(config: AggregatorConfig) -> AggregatorConfig:
+    """Under secure aggregation the aggregator sees only the sum, so the default per-update
+    ``clip_norm`` (which would clip the sum as if it were one update) is off; an explicit one is
+    refused by :func:`privacy_problems`, and ``[privacy] dp_clip`` clips on each agent."""
+    aggregation = config.method.get("aggregation", {})
+    if not config.privacy.secure_aggregation or not isinstance(aggregation, dict):
+        return config
+    method = {**config.method, "aggregation": {**aggregation, "clip_norm": 0}}
+    return config.model_copy(update={"method": method})
 
 
 def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:

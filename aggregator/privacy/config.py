@@ -84,7 +84,7 @@ def privacy_problems(config: AggregatorConfig) -> list[str]:
                 f"privacy: the {rule} rule needs every individual update, which secure "
                 "aggregation hides; use rule = fedavg"
             )
-        if isinstance(aggregation, dict) and aggregation.get("clip_norm") is not None:
+        if isinstance(aggregation, dict) and aggregation.get("clip_norm") not in (None, 0):
             problems.append(
                 "privacy: aggregation.clip_norm clips individual updates at the aggregator, "
                 "which secure aggregation hides; use [privacy] dp_clip (clipped by each agent)"
