@@ -128,7 +128,7 @@ class AgentWorkspace:
         from edge_agent.model_store import Quant, load_base
 
         resolved: Any = self.resolved_model()  # a model_store.ResolvedModel in production
-        return load_base(resolved, cast(Quant, quant))
+        return load_base(resolved, cast(Quant, quant), cache_dir=self.settings.model_cache)
 
     # ----------------------------------------------------------------------- Workspace protocol
 

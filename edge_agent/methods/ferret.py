@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_agent._forward import checkpointing
 from edge_agent.data import Example, TokenizedExample, collate, tokenize
 from edge_agent.errors import DataError, PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
@@ -188,7 +189,7 @@ def sgd_steps(
     order = _batches(len(data), t.batch_size, seed)
     losses: list[float] = []
     model.train()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), checkpointing(model, t.gradient_checkpointing):
         torch.manual_seed(seed)
         for step in range(t.steps):
             if should_stop():
