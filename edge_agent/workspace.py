@@ -173,6 +173,12 @@ class AgentWorkspace:
                 self._bases[quant] = self._load_base(quant)
             return self._bases[quant]
 
+    def take_base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
+        base = self.base(model, quant)
+        with self._lock:
+            self._bases.pop(quant, None)
+        return base
+
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
