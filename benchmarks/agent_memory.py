@@ -200,7 +200,9 @@ def rows_for(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [base | {"method": "fedit", "quant": q} for q in ("fp32", "nf4")]
     rows = [base | {"method": "fedit", "quant": q} for q in args.quants]
     rows += [base | {"method": "fedit", "quant": q, "ckpt": True} for q in args.ckpt]
-    rows += [base | {"method": m, "quant": "nf4"} for m in args.methods if m != "fedit"]
+    for name in args.methods:  # "ferret+ckpt": with gradient checkpointing
+        method, _, ckpt = name.partition("+")
+        rows.append(base | {"method": method, "quant": "nf4", "ckpt": ckpt == "ckpt"})
     return rows
 
 
@@ -214,7 +216,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="Training steps per row.")
     parser.add_argument("--quants", nargs="*", default=["fp32", "nf4", "int8", "bf16"])
     parser.add_argument("--ckpt", nargs="*", default=["nf4", "int8"], help="+ckpt rows.")
-    parser.add_argument("--methods", nargs="*", default=["ferret", "slora", "fedpipe", "fedbiot"])
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=["ferret", "ferret+ckpt", "slora", "fedpipe", "fedbiot"],
+        help="Other methods' rows (NAME or NAME+ckpt).",
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
@@ -228,9 +235,13 @@ def main() -> int:
 
         args.model = tiny_model_dir()
         args.cache = args.cache or str(Path(args.model).parent / "cache")
+        args.steps = 2
     rows = rows_for(args)
     quants = sorted({r["quant"] for r in rows} - {"fp32"})
-    run_child(["--prepare", ",".join(quants), "--model", args.model] + cache_args(args))
+    if args.quick:  # the parent has imported transformers already: spare a process
+        prepare(args.model, args.cache, quants)
+    else:
+        run_child(["--prepare", ",".join(quants), "--model", args.model, *cache_args(args)])
     print(
         f"{'agent':<14} {'base MiB':>8} {'floor':>6} {'loaded anon/file':>17} "
         f"{'peak anon/file':>15} {'peak':>6} {'x fp32':>6} {'step s':>7} {'x fp32':>6} "
