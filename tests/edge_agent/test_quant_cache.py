@@ -113,3 +113,24 @@ def test_compute_dtype_must_fit_the_quantization(
     model, _ = load_base(tiny_resolved, "nf4", device="cpu", cache_dir=tmp_path, dtype="fp32")
     assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_model_prepare_saves_the_checkpoints_asked_for(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from edge_agent.cli import main
+
+    args = ["model", "prepare", "--model", str(tiny_model_dir), "--cache", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--quant", "nf4", "--quant", "int8"])
+    assert result.exit_code == 0, result.output
+    sha = json.loads(result.stdout)["sha256"]
+    assert sorted(p.name for p in (tmp_path / "quantized").iterdir() if p.is_dir()) == [
+        f"{sha[:16]}-int8-{compute_dtype_name('int8', 'cpu')}",
+        f"{sha[:16]}-nf4-{compute_dtype_name('nf4', 'cpu')}",
+    ]
+    for target in checkpoints(tmp_path, "nf4") + checkpoints(tmp_path, "int8"):
+        assert quant_cache.read_marker(target, sha) is not None
+    bad = CliRunner().invoke(main, [*args, "--quant", "int4"])
+    assert bad.exit_code == 2 and "'int4' is not one of" in bad.output
