@@ -60,8 +60,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     warmup_steps: int = 0
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, slower steps."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, slower steps. None: on for a
+    quantized base (``edge_agent._forward.wants_checkpointing``)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -134,3 +134,18 @@ def test_model_prepare_saves_the_checkpoints_asked_for(
         assert quant_cache.read_marker(target, sha) is not None
     bad = CliRunner().invoke(main, [*args, "--quant", "int4"])
     assert bad.exit_code == 2 and "'int4' is not one of" in bad.output
+
+
+def test_gradient_checkpointing_defaults_on_for_a_quantized_base_only(
+    tiny_resolved: ResolvedModel, tmp_path: Path
+) -> None:
+    from edge_agent._forward import wants_checkpointing
+    from edge_agent.lora import LoraSpec, attach_lora
+
+    spec = LoraSpec(r=2, alpha=4.0, dropout=0.0, target_modules=("q_proj",))
+    for quant, default in (("nf4", True), ("int8", True), ("bf16", False), ("fp32", False)):
+        base, _ = load_base(tiny_resolved, quant, device="cpu", cache_dir=tmp_path)
+        assert wants_checkpointing(base, None) is default, quant
+        peft_model = attach_lora(base, spec, init_seed=0)
+        assert wants_checkpointing(peft_model, None) is default, quant
+        assert wants_checkpointing(peft_model, not default) is (not default)
