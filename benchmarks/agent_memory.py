@@ -11,8 +11,9 @@ and file-backed memory (``RssFile``: mapped safetensors, libraries) are reported
 the import floor (after importing torch, transformers, peft, bitsandbytes and the agent) and
 the process peak (``VmHWM``). Step times are the median after the first step.
 
-Rows: ``fedit`` in fp32, nf4, int8 and bf16 (``--quants``; the first is the reference), nf4
-and int8 with gradient checkpointing (``--ckpt``), then each other method (``--methods``) (Ferret trains
+Rows: ``fedit`` in fp32, nf4, int8 and bf16 without gradient checkpointing (``--quants``; the
+first is the reference), nf4 and int8 with it (``--ckpt``), then each other method
+(``--methods``, with its default checkpointing unless ``NAME+ckpt``) (Ferret trains
 the unquantized base in fp32, with ``max_len`` 384 and batch 4 as in issue 25).
 ``--quick`` runs fp32 and nf4 FedIT on a tiny random model (so CI can run it).
 """
@@ -97,8 +98,10 @@ def examples_file(folder: Path, n: int = 16) -> Path:
     return path
 
 
-def method_params(method: str, ckpt: bool, quick: bool, steps: int) -> dict[str, Any]:
-    train: dict[str, Any] = {"steps": steps, "gradient_checkpointing": ckpt}
+def method_params(method: str, ckpt: bool | None, quick: bool, steps: int) -> dict[str, Any]:
+    train: dict[str, Any] = {"steps": steps}
+    if ckpt is not None:  # None: the method's default
+        train["gradient_checkpointing"] = ckpt
     if method == "ferret":
         train |= {"max_len": 384, "batch_size": 4}
     if quick:
@@ -202,7 +205,7 @@ def rows_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows += [base | {"method": "fedit", "quant": q, "ckpt": True} for q in args.ckpt]
     for name in args.methods:  # "ferret+ckpt": with gradient checkpointing
         method, _, ckpt = name.partition("+")
-        rows.append(base | {"method": method, "quant": "nf4", "ckpt": ckpt == "ckpt"})
+        rows.append(base | {"method": method, "quant": "nf4", "ckpt": ckpt == "ckpt" or None})
     return rows
 
 
