@@ -170,12 +170,15 @@ def model() -> None:
 )
 def model_prepare(spec: str, cache_dir: Path | None, quants: tuple[str, ...]) -> None:
     """Resolve the model (converting a .gguf once) and print {"name", "path", "sha256"}."""
-    from edge_agent.model_store import load_base, resolve_model
+    from edge_agent.model_store import resolve_model
 
     with _user_errors():
         resolved = resolve_model(spec, cache_dir=cache_dir, progress=sys.stderr.isatty())
-        for quant in quants:
-            load_base(resolved, quant, cache_dir=cache_dir)  # type: ignore[arg-type]
+        if quants:
+            from edge_agent.model_store import load_base
+
+            for quant in quants:
+                load_base(resolved, quant, cache_dir=cache_dir)  # type: ignore[arg-type]
     out = {"name": resolved.name, "path": str(resolved.path), "sha256": resolved.sha256}
     click.echo(json.dumps(out))
 
