@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/agent_memory.py [--quick] [--steps N] [--methods ...]``. Every row is
 a fresh process that imports the agent, loads the base through the agent's own workspace
-(:class:`edge_agent.workspace.AgentWorkspace`, so NF4/int8/bf16 come from their saved
+(:class:`edge_agent.daemon.workspace.AgentWorkspace`, so NF4/int8/bf16 come from their saved
 checkpoints, made beforehand in another process as ``edgefed-agent model prepare`` would) and
 runs one round-1 train task of the method's client half with its default parameters, on
 examples long enough to fill ``max_len``. A sampling thread reads ``/proc/self/status`` every
@@ -116,8 +116,8 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers  # noqa: F401
 
+    from edge_agent.daemon.workspace import AgentWorkspace, WorkspaceSettings
     from edge_agent.methods import TaskInput, client_methods
-    from edge_agent.workspace import AgentWorkspace, WorkspaceSettings
     from protocol.messages import BaseModelRef, TaskAssign
     from protocol.methods import parse_params
 
@@ -161,7 +161,7 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
         stamps.append(time.perf_counter())
         client_methods()[method]().run(task, ws)
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-    from edge_agent.model_store import base_param_bytes
+    from edge_agent.model.store import base_param_bytes
 
     base = ws.base(assign.model, "fp32" if method == "ferret" else quant)[0]
     return {
@@ -180,7 +180,7 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
 
 def prepare(model: str, cache: str | None, quants: list[str]) -> None:
     """Make the saved checkpoints (as ``edgefed-agent model prepare`` does), not measured."""
-    from edge_agent.model_store import load_base, resolve_model
+    from edge_agent.model.store import load_base, resolve_model
 
     resolved = resolve_model(model, Path(cache) if cache else None)
     for quant in quants:

@@ -25,7 +25,7 @@ import click
 from edge_agent.errors import EdgeAgentError
 
 if TYPE_CHECKING:
-    from edge_agent.daemon import Daemon
+    from edge_agent.daemon.daemon import Daemon
 
 EXIT_USER_ERROR = 2
 _CONFIG_PATH = click.Path(path_type=Path, dir_okay=False)
@@ -107,8 +107,8 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 def run(config_path: Path, aggregator: str | None, insecure: bool, verbose: int) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
-    from edge_agent.config import load_config
-    from edge_agent.daemon import Daemon
+    from edge_agent.daemon.config import load_config
+    from edge_agent.daemon.daemon import Daemon
 
     _setup_logging(verbose)
     overrides: dict[str, dict[str, Any]] = {
@@ -138,7 +138,7 @@ def run(config_path: Path, aggregator: str | None, insecure: bool, verbose: int)
 )
 def profile(measure: bool, disk_path: Path | None) -> None:
     """Print this machine's profile (what Hello reports) as JSON."""
-    from edge_agent.profile import collect_profile
+    from edge_agent.daemon.profile import collect_profile
 
     with _user_errors():
         data = collect_profile(measure=measure, disk_path=disk_path)
@@ -170,12 +170,12 @@ def model() -> None:
 )
 def model_prepare(spec: str, cache_dir: Path | None, quants: tuple[str, ...]) -> None:
     """Resolve the model (converting a .gguf once) and print {"name", "path", "sha256"}."""
-    from edge_agent.model_store import resolve_model
+    from edge_agent.model.store import resolve_model
 
     with _user_errors():
         resolved = resolve_model(spec, cache_dir=cache_dir, progress=sys.stderr.isatty())
         if quants:
-            from edge_agent.model_store import load_base
+            from edge_agent.model.store import load_base
 
             for quant in quants:
                 load_base(resolved, quant, cache_dir=cache_dir)  # type: ignore[arg-type]
@@ -224,7 +224,7 @@ def config_group() -> None:
 )
 def config_check(config_path: Path) -> None:
     """Validate agent.toml and list every problem at once."""
-    from edge_agent.config import load_config
+    from edge_agent.daemon.config import load_config
 
     with _user_errors():
         load_config(config_path)

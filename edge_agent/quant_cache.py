@@ -6,10 +6,10 @@ norms) stay zero-copy views into the fp32 safetensors mapping, which keeps the w
 resident. :func:`quantized_checkpoint` quantizes a base model once per (precision, compute
 dtype) with transformers and bitsandbytes, saves it with ``save_pretrained`` (which reloads
 with identical logits on transformers 5.24 / bitsandbytes 0.50.2: a test checks it), and
-returns that directory, which :func:`edge_agent.model_loader.load_base` then loads directly.
+returns that directory, which :func:`edge_agent.model.loader.load_base` then loads directly.
 
 The model's identity does not change: tasks, ``Hello`` and the aggregator's checks keep using
-the base's :attr:`~edge_agent.model_store.ResolvedModel.sha256`. Each checkpoint records the
+the base's :attr:`~edge_agent.model.store.ResolvedModel.sha256`. Each checkpoint records the
 hash of the base it was made from, and of its own weights, and the library versions that wrote
 it; one that does not match is made again.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.errors import ModelError
-from edge_agent.model_files import (
+from edge_agent.model.files import (
     fsync_dir,
     fsync_file,
     weight_files,
@@ -47,7 +47,7 @@ from edge_agent.model_files import (
 )
 
 if TYPE_CHECKING:
-    from edge_agent.model_store import ResolvedModel
+    from edge_agent.model.store import ResolvedModel
 
 logger = logging.getLogger(__name__)
 

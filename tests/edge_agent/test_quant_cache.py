@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from edge_agent import quant_cache
 from edge_agent.errors import ModelError
-from edge_agent.model_loader import _quantizing_kwargs, compute_dtype_name, load_base
-from edge_agent.model_store import ResolvedModel
+from edge_agent.model.loader import _quantizing_kwargs, compute_dtype_name, load_base
+from edge_agent.model.store import ResolvedModel
 
 IDS = torch.tensor([[1, 17, 923, 4011, 22, 7, 30000, 2], [5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -139,8 +139,8 @@ def test_model_prepare_saves_the_checkpoints_asked_for(
 def test_gradient_checkpointing_defaults_on_for_a_quantized_base_only(
     tiny_resolved: ResolvedModel, tmp_path: Path
 ) -> None:
-    from edge_agent._forward import wants_checkpointing
-    from edge_agent.lora import LoraSpec, attach_lora
+    from edge_agent.training._forward import wants_checkpointing
+    from edge_agent.training.lora import LoraSpec, attach_lora
 
     spec = LoraSpec(r=2, alpha=4.0, dropout=0.0, target_modules=("q_proj",))
     for quant, default in (("nf4", True), ("int8", True), ("bf16", False), ("fp32", False)):
