@@ -108,7 +108,7 @@ def load_base(
     """Load the base model in ``quant`` on ``device`` (default: CUDA if present, else CPU).
 
     fp32 loads the base's own files. NF4, int8 and bf16 load a checkpoint saved in that
-    precision (:mod:`edge_agent.quant_cache`, under ``cache_dir``, default the model cache),
+    precision (:mod:`edge_agent.model.quant_cache`, under ``cache_dir``, default the model cache),
     made from the base the first time. Their non-quantized weights and compute are in
     ``dtype`` ("bf16" or "fp32"; default bf16 where :func:`fast_bf16`, else fp32).
 
@@ -120,7 +120,7 @@ def load_base(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_agent.quant_cache import quantized_checkpoint, release_heap
+    from edge_agent.model.quant_cache import quantized_checkpoint, release_heap
 
     if quant not in QUANTS:
         raise ModelError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANTS)}")

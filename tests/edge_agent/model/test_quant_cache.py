@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edge_agent import quant_cache
 from edge_agent.errors import ModelError
+from edge_agent.model import quant_cache
 from edge_agent.model.loader import _quantizing_kwargs, compute_dtype_name, load_base
 from edge_agent.model.store import ResolvedModel
 
