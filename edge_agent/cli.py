@@ -161,12 +161,24 @@ def model() -> None:
 @click.option(
     "--cache", "cache_dir", type=click.Path(path_type=Path, file_okay=False), default=None
 )
-def model_prepare(spec: str, cache_dir: Path | None) -> None:
+@click.option(
+    "--quant",
+    "quants",
+    multiple=True,
+    type=click.Choice(["nf4", "int8", "bf16"]),
+    help="Also save the checkpoint of this precision now, not at the first task (repeatable).",
+)
+def model_prepare(spec: str, cache_dir: Path | None, quants: tuple[str, ...]) -> None:
     """Resolve the model (converting a .gguf once) and print {"name", "path", "sha256"}."""
     from edge_agent.model.store import resolve_model
 
     with _user_errors():
         resolved = resolve_model(spec, cache_dir=cache_dir, progress=sys.stderr.isatty())
+        if quants:
+            from edge_agent.model.store import load_base
+
+            for quant in quants:
+                load_base(resolved, quant, cache_dir=cache_dir)  # type: ignore[arg-type]
     out = {"name": resolved.name, "path": str(resolved.path), "sha256": resolved.sha256}
     click.echo(json.dumps(out))
 

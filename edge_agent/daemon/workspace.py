@@ -128,7 +128,7 @@ class AgentWorkspace:
         from edge_agent.model.store import Quant, load_base
 
         resolved: Any = self.resolved_model()  # a model_store.ResolvedModel in production
-        return load_base(resolved, cast(Quant, quant))
+        return load_base(resolved, cast(Quant, quant), cache_dir=self.settings.model_cache)
 
     # ----------------------------------------------------------------------- Workspace protocol
 
@@ -172,6 +172,12 @@ class AgentWorkspace:
                 logger.info("loading base model %s as %s", local.name, quant)
                 self._bases[quant] = self._load_base(quant)
             return self._bases[quant]
+
+    def take_base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
+        base = self.base(model, quant)
+        with self._lock:
+            self._bases.pop(quant, None)
+        return base
 
     def should_stop(self) -> bool:
         return self._stop.is_set()

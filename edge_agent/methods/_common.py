@@ -100,6 +100,7 @@ def train_task(
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         seed=t.seed + round,
+        gradient_checkpointing=t.gradient_checkpointing,
     )
     return train_lora(
         model,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from edge_agent.errors import ModelError
@@ -55,21 +56,33 @@ def hf_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _nf4_compute_dtype(device: str) -> torch.dtype:
-    """fp32 on CPU, bf16 on CUDA.
+def fast_bf16(device: str) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA with bf16, or a CPU with AVX512-BF16
+    or AMX (oneDNN's bf16 kernels).
 
-    Measured on the 2-core Xeon dev box (avx512_bf16), SmolLM2-135M in NF4, LoRA r=8 on all
-    seven projections, batch 2 x 64 tokens, one forward+backward, 1 thread, CPU time, median
-    of 7: compute dtype fp32 1.38 s, bf16 1.82 s. With the non-quantized weights in bf16 too
-    it was far slower (batch 4 x 128, wall time on the busy box: 24-54 s vs 3.4-4.7 s). bnb's
-    CPU path casts to and from bf16 around every matmul, which costs more than the bf16 GEMM
-    saves. On CUDA bf16 is the standard QLoRA choice (not measured here: no GPU).
+    Measured on the 2-core Xeon dev box (avx512_bf16, amx_bf16) with transformers 5.24 and
+    bitsandbytes 0.50.2, SmolLM2-135M, LoRA r=8: a training step in NF4 with bf16 compute and
+    bf16 non-quantized weights took 0.86x the fp32 step, fp32 compute 1.12x (issue 25; see
+    ``benchmarks/agent_memory.py`` for the figures of this version).
     """
     import torch
 
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype_name(quant: str, device: str) -> str:
+    """The dtype of the weights a quantization leaves unquantized, and of its compute."""
+    if quant == "fp32":
+        return "fp32"
+    if quant == "bf16":
+        return "bf16"
+    return "bf16" if fast_bf16(device) else "fp32"
 
 
 class _DropInt8CastWarning(logging.Filter):
@@ -85,48 +98,65 @@ class _DropInt8CastWarning(logging.Filter):
 
 
 def load_base(
-    resolved: ResolvedModel, quant: Quant, *, device: str | None = None
+    resolved: ResolvedModel,
+    quant: Quant,
+    *,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+    dtype: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model in ``quant`` on ``device`` (default: CUDA if present, else CPU).
 
-    The model has ``config.use_cache = False`` (training) and the tokenizer a pad token.
-    peft's ``prepare_model_for_kbit_training`` is not called: on CPU it changed nothing
-    measurable (1.365 s vs 1.379 s per step, same setup as :func:`_nf4_compute_dtype`) because
-    the non-quantized weights are already fp32, and its gradient checkpointing only slows down.
+    fp32 loads the base's own files. NF4, int8 and bf16 load a checkpoint saved in that
+    precision (:mod:`edge_agent.model.quant_cache`, under ``cache_dir``, default the model cache),
+    made from the base the first time. Their non-quantized weights and compute are in
+    ``dtype`` ("bf16" or "fp32"; default bf16 where :func:`fast_bf16`, else fp32).
 
-    On CPU, NF4 and int8 loads are dominated by bitsandbytes' pure-torch quantization: 4-16 s
-    for SmolLM2-135M on the shared 2-core box. Saving the quantized model instead is not an
-    option: transformers 5.23 stores NF4 absmax in bf16, so reloaded logits differ.
+    The model has ``config.use_cache = False`` (training) and the tokenizer a pad token.
+    peft's ``prepare_model_for_kbit_training`` is not called: it would cast the non-quantized
+    weights back to fp32; gradient checkpointing is a training option instead
+    (``TrainConfig.gradient_checkpointing``).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_agent.model.quant_cache import quantized_checkpoint, release_heap
 
     if quant not in QUANTS:
         raise ModelError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANTS)}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict[str, Any] = {"device_map": {"": dev}, "dtype": torch.float32}
-    if quant == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=_nf4_compute_dtype(dev),
-        )
-    elif quant == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if dtype is None:
+        dtype = compute_dtype_name(quant, dev)
+    if dtype not in ("bf16", "fp32") or (quant in ("fp32", "bf16") and dtype != quant):
+        raise ModelError(f"compute dtype {dtype!r} does not fit quantization {quant!r}")
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    if quant == "int8":
         bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
         if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_logger.filters):
             bnb_logger.addFilter(_DropInt8CastWarning())
-    elif quant == "bf16":
-        kwargs["dtype"] = torch.bfloat16
     start = time.perf_counter()
     try:
         with hf_progress(False):
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+            path = resolved.path
+            if quant != "fp32":
+                if cache_dir is None:
+                    from edge_agent.model.store import default_cache_dir
+
+                    cache_dir = default_cache_dir()
+                path = quantized_checkpoint(
+                    resolved, quant, dtype, _quantizing_kwargs(quant, torch_dtype, dev), cache_dir
+                )
+            model = AutoModelForCausalLM.from_pretrained(
+                path, device_map={"": dev}, dtype=torch_dtype
+            )
             tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    except ModelError:
+        raise
     except Exception as exc:  # damaged files fail in many ways (safetensors, json, bnb...)
         raise ModelError(
             f"cannot load model {resolved.name} ({quant}, {dev}) from {resolved.path}: {exc}"
         ) from None
+    release_heap()
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -136,14 +166,29 @@ def load_base(
     if quant == "nf4":
         _disable_cpu_repacking(model)
     logger.info(
-        "loaded %s (%s, %s) in %.1f s: %.1f MiB of base weights",
+        "loaded %s (%s, %s compute, %s) in %.1f s: %.1f MiB of base weights",
         resolved.name,
         quant,
+        dtype,
         dev,
         time.perf_counter() - start,
         base_param_bytes(model) / 2**20,
     )
     return model, tokenizer
+
+
+def _quantizing_kwargs(quant: str, torch_dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that quantize the base (used once per checkpoint)."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"device_map": {"": device}, "dtype": torch_dtype}
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
+        )
+    elif quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return kwargs
 
 
 def _disable_cpu_repacking(model: torch.nn.Module) -> None:

@@ -8,7 +8,8 @@ sha256 of its weights); :func:`load_base` loads that directory in NF4, int8, bf1
 The work is done in helpers: :mod:`edge_agent.model.gguf_cache` converts a GGUF file once into a
 safetensors cache, :mod:`edge_agent.model.files` hashes weights, and
 :mod:`edge_agent.model.loader` loads with a quantization (:func:`load_base`, :data:`Quant` and
-:func:`base_param_bytes` are re-exported here as part of this module's API).
+:func:`base_param_bytes` are re-exported here as part of this module's API), from a checkpoint
+saved once per precision by :mod:`edge_agent.model.quant_cache` (the identity stays the base's hash).
 """
 
 from __future__ import annotations

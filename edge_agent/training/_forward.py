@@ -2,19 +2,23 @@
 
 The response-token cross-entropy of one padded batch (``forward_ce``), and what the loops need to
 know about the model and tokenizer: its device, its compute dtype (and the autocast for it), the
-pad id and the end-of-sequence ids.
+pad id and the end-of-sequence ids; gradient checkpointing around a training loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from edge_agent.training.data import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 def forward_ce(
@@ -81,6 +85,47 @@ def autocast(
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def wants_checkpointing(model: torch.nn.Module, setting: bool | None) -> bool:
+    """``setting``, or by default (None) on for a quantized base (NF4, int8), off otherwise.
+
+    A quantized base is chosen to save memory; checkpointing is what brings its agent's peak
+    to about half of fp32's (issue 25: NF4 0.54x with it, 0.62x without, both against fp32
+    without; step 1.23x fp32 with it, 0.93x without).
+    """
+    if setting is not None:
+        return setting
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return getattr(base, "hf_quantizer", None) is not None
+
+
+@contextlib.contextmanager
+def checkpointing(model: torch.nn.Module, setting: bool | None) -> Iterator[None]:
+    """Gradient checkpointing of the model's layers while inside, as :func:`wants_checkpointing`.
+
+    Activations are recomputed in the backward pass instead of kept: less memory, more time.
+    Non-reentrant, so it works with a frozen, quantized base.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    base: Any = get_base() if callable(get_base) else model
+    enabled = wants_checkpointing(model, setting)
+    if not enabled or not getattr(base, "supports_gradient_checkpointing", False):
+        if enabled:
+            logger.warning("%s does not support gradient checkpointing", type(base).__name__)
+        yield
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable({"use_reentrant": False})
+        disable = base.activation_checkpointing_disable
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = base.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
 
 
 def pad_token_id(tokenizer: Any) -> int:

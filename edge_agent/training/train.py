@@ -27,6 +27,7 @@ from edge_agent.errors import ConfigError, DataError, TaskError
 from edge_agent.training._forward import (
     accepts_logits_to_keep,
     autocast,
+    checkpointing,
     compute_dtype,
     device_of,
     forward_ce,
@@ -59,6 +60,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     warmup_steps: int = 0
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, slower steps. None: on for a
+    quantized base (``edge_agent.training._forward.wants_checkpointing``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,7 +139,10 @@ def train_lora(
     rng_devices = [device] if device.type == "cuda" else []
     bar = tqdm(total=cfg.steps, disable=not progress, file=sys.stderr, desc="local training")
     try:
-        with torch.random.fork_rng(devices=rng_devices):  # dropout is seeded, caller RNG untouched
+        with (
+            torch.random.fork_rng(devices=rng_devices),  # dropout is seeded, caller RNG untouched
+            checkpointing(model, cfg.gradient_checkpointing),
+        ):
             torch.manual_seed(cfg.seed)
             for step in range(cfg.steps):
                 if should_stop is not None and should_stop():

@@ -45,6 +45,9 @@ class TrainParams(StrictParams):
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
     grad_clip: Annotated[float, Field(gt=0, le=1e6)] | None = 1.0
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less agent memory, slower steps. None (the
+    default): on where the base is quantized (NF4, int8), off otherwise."""
 
 
 class EvalParams(StrictParams):

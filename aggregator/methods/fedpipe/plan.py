@@ -12,8 +12,8 @@ throughput for precision ``q``::
     time(c)    = steps·step_s + 2·bytes·8 / (bandwidth_mbps·1e6) + 2·rtt
     memory(c)  = RUNTIME + base_q + 16·P(c) + ACT_PEAK · b · L̂ · ACT_TOKEN[dtype] · layers · hidden
 
-``base_q = P_body·BYTES_LINEAR[q] + P_other·BYTES_OTHER[q]`` (bitsandbytes quantizes the
-decoder's linears only), ``16·P`` = fp32 adapter, its gradient and AdamW's two moments.
+``base_q = P_body·BYTES_LINEAR[q] + P_other·BYTES_OTHER[dtype]`` (bitsandbytes quantizes the
+decoder's linears only; the rest is in the compute dtype), ``16·P`` = fp32 adapter, its gradient and AdamW's two moments.
 
 The problem (:class:`Problem`): minimise the slowest agent's ``time`` subject to each
 agent's memory and a floor on the total rank, then give agents off the critical path the
@@ -45,8 +45,10 @@ BYTES_LINEAR: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4
 """Bytes per decoder-linear parameter. Measured with ``model_store.base_param_bytes`` on
 SmolLM2-135M: fp32 538,060,288 B, bf16 269,030,272, int8 219,555,328, nf4 173,120,128 for
 106,168,320 linear and 28,346,688 other parameters (nf4: 4 bits + a float32 absmax per 64)."""
-BYTES_OTHER: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 4.0, "nf4": 4.0}
-"""Embeddings and norms stay in the load dtype (fp32) under int8/nf4."""
+BYTES_OTHER: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0}
+"""Bytes per embedding or norm parameter, by compute dtype: under int8/nf4 they stay
+unquantized in the agent's compute dtype (bf16 where it has native bf16, else fp32; see
+``edge_agent.model.loader.compute_dtype_name``)."""
 ACT_TOKEN: Mapping[str, float] = {"fp32": 77.4, "bf16": 53.0}
 """Activation bytes saved for backward per token, per layer and unit of hidden size, by
 compute dtype (``torch.autograd.graph.saved_tensors_hooks``, storages counted once, parameters
@@ -90,8 +92,9 @@ class ModelShape:
     layers: int
     hidden: int
 
-    def base_bytes(self, quant: str) -> float:
-        return self.body_params * BYTES_LINEAR[quant] + self.other_params * BYTES_OTHER[quant]
+    def base_bytes(self, quant: str, dtype: str) -> float:
+        """Bytes of the base in ``quant`` with its unquantized rest in ``dtype``."""
+        return self.body_params * BYTES_LINEAR[quant] + self.other_params * BYTES_OTHER[dtype]
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,12 @@ class Resources:
         return (value if value > 0 else FALLBACK_GFLOPS) * self.speed
 
     def compute_dtype(self, quant: str) -> str:
-        if quant == "bf16" or (quant == "nf4" and self.gpu):
+        """What the agent computes in: NF4 and int8 in bf16 where bf16 is native (a GPU, or a
+        CPU whose measured bf16 matmul is not slower than fp32: AVX512-BF16/AMX), as the
+        agent's loader chooses."""
+        if quant == "bf16":
+            return "bf16"
+        if quant in ("nf4", "int8") and (self.gpu or self.gflops_bf16 >= self.gflops_fp32 > 0):
             return "bf16"
         return "fp32"
 
@@ -179,10 +187,11 @@ class Problem:
         step_s = (OVERHEAD_GFLOP[c.quant] + flops / 1e9) / res.gflops(c.quant)
         payload = 4 * lora + PAYLOAD_HEADER
         comm_s = 2 * payload * 8 / (res.bandwidth_mbps * 1e6) + 2 * res.rtt_ms / 1000
-        act = ACT_TOKEN[res.compute_dtype(c.quant)] * shape.layers * shape.hidden
+        dtype = res.compute_dtype(c.quant)
+        act = ACT_TOKEN[dtype] * shape.layers * shape.hidden
         memory = (
             RUNTIME_BYTES
-            + shape.base_bytes(c.quant)
+            + shape.base_bytes(c.quant, dtype)
             + 16 * lora
             + ACT_PEAK * c.batch * o.max_len * act
         )
@@ -374,7 +383,7 @@ def refusal(problem: Problem, agent: str) -> str | None:
     c = min(configs, key=lambda c: problem.estimate(agent, c).memory_bytes)
     e = problem.estimate(agent, c)
     res = problem.agents[agent]
-    base = problem.shape.base_bytes(c.quant)
+    base = problem.shape.base_bytes(c.quant, res.compute_dtype(c.quant))
     mib = 2**20
     return (
         f"fedpipe needs about {e.memory_bytes / mib:.0f} MiB even with the smallest "

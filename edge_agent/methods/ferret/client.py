@@ -24,6 +24,7 @@ import torch
 from edge_agent.errors import DataError, PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, release_adapter
+from edge_agent.training._forward import accepts_logits_to_keep, checkpointing, forward_ce
 from edge_agent.training.data import Example, TokenizedExample, collate, tokenize
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
@@ -58,7 +59,9 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def held_model(task: TaskInput, ws: Workspace, p: spec.FerretParams) -> HeldModel:
-    """This run's full model, copied once from the workspace's base (which stays untouched)."""
+    """This run's full model: the workspace's base, taken over (``Workspace.take_base``: an
+    fp32 base loaded from safetensors is a copy-on-write mapping of the file, so only the
+    pages training writes become the agent's own memory), or a copy of it."""
     assign = task.assign
     key = f"{assign.run_id}|{assign.model.sha256}|{p.dtype}"
     held: HeldModel | None = ws.cache.get(CACHE_KEY)
@@ -72,8 +75,12 @@ def held_model(task: TaskInput, ws: Workspace, p: spec.FerretParams) -> HeldMode
             assign.quant,
         )
     release_adapter(ws)  # the copy must be the plain base, not one wrapped with LoRA
-    base, tokenizer = ws.base(assign.model, p.dtype)
-    model = copy.deepcopy(base)
+    take = getattr(ws, "take_base", None)
+    if callable(take):  # the workspace hands its base over: no second copy of the weights
+        model, tokenizer = take(assign.model, p.dtype)
+    else:
+        base, tokenizer = ws.base(assign.model, p.dtype)
+        model = copy.deepcopy(base)
     model.requires_grad_(True)
     tensors = model_tensors(model)
     layout = fm.build_layout({n: tuple(t.shape) for n, t in tensors.items()})
@@ -185,9 +192,10 @@ def sgd_steps(
     device = params[0].device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = _batches(len(data), t.batch_size, seed)
+    slim = accepts_logits_to_keep(model)  # the LM head only where a response token is predicted
     losses: list[float] = []
     model.train()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), checkpointing(model, t.gradient_checkpointing):
         torch.manual_seed(seed)
         for step in range(t.steps):
             if should_stop():
@@ -195,9 +203,8 @@ def sgd_steps(
             ids, attention, labels = collate(
                 [data[i] for i in next(order)], pad, device, left=False
             )
-            loss = model(
-                input_ids=ids, attention_mask=attention, labels=labels, use_cache=False
-            ).loss
+            loss_sum, count = forward_ce(model, ids, attention, labels, slim)
+            loss = loss_sum / count.clamp(min=1)
             if not torch.isfinite(loss):
                 raise TaskError(f"training diverged: loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)

@@ -68,12 +68,33 @@ def smol_problem(agents: dict[str, fp.Resources], **kw: object) -> fp.Problem:
 
 
 @pytest.mark.parametrize(
-    ("quant", "measured"),
-    [("fp32", 538_060_288), ("bf16", 269_030_272), ("int8", 219_555_328), ("nf4", 173_120_128)],
+    ("quant", "dtype", "measured"),
+    [
+        ("fp32", "fp32", 538_060_288),
+        ("bf16", "bf16", 269_030_272),
+        ("int8", "fp32", 219_555_328),
+        ("nf4", "fp32", 173_120_128),
+        ("int8", "bf16", 162_861_952),
+        ("nf4", "bf16", 116_426_752),
+    ],
 )
-def test_base_bytes_reproduce_the_measured_smollm2_weights(quant: str, measured: int) -> None:
+def test_base_bytes_reproduce_the_measured_smollm2_weights(
+    quant: str, dtype: str, measured: int
+) -> None:
     # model_store.base_param_bytes of SmolLM2-135M loaded in each precision (see the constants)
-    assert SMOL.base_bytes(quant) == pytest.approx(measured, rel=2e-4)
+    assert SMOL.base_bytes(quant, dtype) == pytest.approx(measured, rel=2e-4)
+
+
+@pytest.mark.parametrize(
+    ("gflops_bf16", "gpu", "expect"),
+    [(60.0, False, "fp32"), (100.0, False, "bf16"), (0, True, "bf16")],
+)
+def test_nf4_and_int8_compute_in_bf16_where_the_agent_has_native_bf16(
+    gflops_bf16: float, gpu: bool, expect: str
+) -> None:
+    res = fp.Resources(100.0, gflops_bf16, 16e9, 100.0, gpu=gpu)
+    assert res.compute_dtype("nf4") == res.compute_dtype("int8") == expect
+    assert (res.compute_dtype("bf16"), res.compute_dtype("fp32")) == ("bf16", "fp32")
 
 
 def test_model_shape_reads_the_tiny_model(tiny_model_dir: Path) -> None:

@@ -22,6 +22,7 @@ from edge_agent.methods.ferret.client import (
     sgd_seed,
     sgd_steps,
 )
+from edge_agent.model import files as model_files
 from edge_agent.model.store import ResolvedModel, load_base
 from edge_agent.training.data import Example, collate, tokenize
 from protocol import payloads
@@ -237,3 +238,33 @@ def test_seed_choices_and_batches_come_from_run_seed_round_and_agent() -> None:
     other_train = parse_params("ferret", {"ferret": {"seed": 9}, "train": {"seed": 1}})
     assert isinstance(other_train, spec.Params)
     assert sgd_seed(other_train, 2, "a") != sgd_seed(p, 2, "a")
+
+
+class TakingWorkspace(TinyWorkspace):
+    """A workspace that hands its base over (as the agent's does): no copy of the weights."""
+
+    def __init__(self, resolved: ResolvedModel) -> None:
+        super().__init__(resolved)
+        self.taken: list[Any] = []
+
+    def take_base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
+        base = self.base(model, quant)
+        del self._bases[quant]
+        self.taken.append(base[0])
+        return base
+
+
+def test_a_taken_base_trains_in_place_with_the_same_update_and_the_file_untouched(
+    tiny_resolved: ResolvedModel,
+) -> None:
+    copying, taking = TinyWorkspace(tiny_resolved), TakingWorkspace(tiny_resolved)
+    out_copy = run_task(copying, "train", 1, PARAMS)
+    out_take = run_task(taking, "train", 1, PARAMS)
+    assert held(taking).model is taking.taken[0]  # trained in place, not copied
+    assert held(copying).model is not copying._bases["fp32"][0]
+    assert out_take.blobs == out_copy.blobs  # the same triples, bit for bit
+    fresh, _ = taking.base(BaseModelRef(name="t", sha256=tiny_resolved.sha256), "fp32")
+    assert fresh is not taking.taken[0]  # a later base() loads again, from unchanged files
+    for name, p in fresh.named_parameters():
+        assert torch.equal(held(taking).tensors[name], p.data)
+    assert model_files.weights_sha256(tiny_resolved.path) == tiny_resolved.sha256

@@ -223,3 +223,24 @@ def test_exact_match_on_generated_answers(make_model: Any, tokenizer: Any) -> No
     # Plain text records have no answer to match.
     text_only = evaluate(model, tokenizer, [Example("", "", text="abc")], exact_match=True)
     assert text_only.exact_match is None and math.isfinite(text_only.loss)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(
+    make_model: Any, tokenizer: Any
+) -> None:
+    runs = []
+    for enabled in (False, True):
+        model = make_model()
+        layer = model.get_base_model().model.layers[0].self_attn.q_proj  # checkpointed
+        calls: list[int] = []
+        hook = layer.register_forward_hook(lambda *_, c=calls: c.append(1))
+        cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, gradient_checkpointing=enabled)
+        result = train_lora(model, tokenizer, REPETITIVE, cfg)
+        hook.remove()
+        runs.append((len(calls), result.losses, lora_state(model)))
+        assert not model.get_base_model().is_activation_checkpointing  # switched off after
+    (plain_calls, plain_losses, plain_lora), (ckpt_calls, ckpt_losses, ckpt_lora) = runs
+    assert plain_calls == 3 and ckpt_calls == 6  # each layer runs again in the backward pass
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-6)
+    for name, tensor in plain_lora.items():
+        torch.testing.assert_close(ckpt_lora[name], tensor, rtol=1e-5, atol=1e-7)
