@@ -105,11 +105,15 @@ def _problems(exc: ValidationError) -> list[str]:
 
 
 def build_config(
-    raw: dict[str, Any], *, source: str = "config", base: Path | None = None
+    raw: dict[str, Any],
+    *,
+    source: str = "config",
+    base: Path | None = None,
+    check_files: bool = False,
 ) -> AggregatorConfig:
-    """Validate a config mapping; relative paths resolve against ``base``."""
-    from protocol.errors import ProtocolError
-    from protocol.methods import parse_params
+    """Validate a config mapping; relative paths resolve against ``base``. With ``check_files``
+    every file the config names must exist and the secret key must load (one pass for all)."""
+    from aggregator.preflight import file_problems, method_problems
 
     problems: list[str] = []
     config: AggregatorConfig | None = None
@@ -117,11 +121,10 @@ def build_config(
         config = AggregatorConfig.model_validate(raw)
     except ValidationError as exc:
         problems += _problems(exc)
+    problems += method_problems(raw)
+    if check_files:
+        problems += file_problems(raw, base)
     if config is not None:
-        try:
-            parse_params(config.run.method, config.method)
-        except ProtocolError as exc:
-            problems.append(f"method: {exc}")
         if not config.security.insecure and (
             config.security.secret_key is None or config.security.allow_dir is None
         ):
@@ -178,8 +181,11 @@ def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:
     )
 
 
-def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> AggregatorConfig:
-    """Read ``path`` (TOML), apply ``overrides`` per section, validate everything at once."""
+def load_config(
+    path: Path, overrides: dict[str, dict[str, Any]] | None = None, *, check_files: bool = True
+) -> AggregatorConfig:
+    """Read ``path`` (TOML), apply ``overrides`` per section, validate everything at once
+    (with ``check_files``, the files it names too: see :mod:`aggregator.preflight`)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -190,4 +196,4 @@ def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) 
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return build_config(raw, source=str(path), base=path.parent.resolve())
+    return build_config(raw, source=str(path), base=path.parent.resolve(), check_files=check_files)

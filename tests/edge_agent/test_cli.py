@@ -130,7 +130,7 @@ def test_run_with_missing_data_or_unreachable_model_exits_2(
     result = runner.invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"error: {config}: agent.data: file not found: {tmp_path / 'train.jsonl'}\n"
+        f"error: {config}: agent.data: missing file: {tmp_path / 'train.jsonl'}\n"
     )
 
 
