@@ -64,13 +64,16 @@ def serve(
                 "security": {"insecure": insecure},
             },
         )
+        from aggregator.export_layout import KINDS
+
         service = AggregatorService(config, _model_ref(config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.should_exit.set())
         code = service.run()
         if service.engine.finished and config.run.export_dir is not None:
             exported = service.export(config.run.export_dir)
-            click.echo(f"exported: {exported['adapter']}")
+            kind = KINDS.get(config.run.method, "adapter")
+            click.echo(f"exported {kind}: {exported[kind]}")
     except AggregatorError as exc:
         _fail(str(exc))
     sys.exit(code)
@@ -313,6 +316,7 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
     """Export the global result as a PEFT adapter directory (and optionally merged)."""
     from aggregator.checkpoint import CheckpointStore
     from aggregator.export import merge_into_base
+    from aggregator.export_layout import KINDS, export_result
     from aggregator.methods import MethodContext, server_methods
 
     try:
@@ -335,8 +339,16 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
         )
         method = server_methods()[run["method"]](cfg.get("method", {}), context)
         method.restore(tensors, manifest.meta)
-        written = method.export(out / "adapter", base_model_name=cfg["run"]["model"])
-        click.echo(f"exported round {manifest.round}: {written['adapter']}")
+        kind = KINDS.get(run["method"], "adapter")
+        written = export_result(
+            method,
+            run["method"],
+            out,
+            model=cfg["run"]["model"],
+            model_dir=Path(model_dir) if model_dir else None,
+            round_=manifest.round,
+        )
+        click.echo(f"exported round {manifest.round} ({kind}): {written[kind]}")
         if merge_into is not None:
             lora = getattr(getattr(method, "params", None), "lora", None)
             if lora is None:

@@ -269,7 +269,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                 p.wait()
         for f in logs:
             f.close()
-    exported = service.export(workdir / "export" / "adapter")
+    exported = service.export(workdir / "export")
     result: dict[str, Any] = {"adapter": str(exported["adapter"]), "rounds": len(table.rows)}
     if "model" in exported:  # full-parameter methods (ferret) export a whole model
         result["model"] = str(exported["model"])

@@ -253,7 +253,13 @@ class AggregatorService:
                 self._send(sock, out)
 
     def export(self, out_dir: Path) -> dict[str, Path]:
-        return self.method.export(out_dir, base_model_name=self.config.run.model)
+        """The result under ``out_dir/<kind>`` (see :mod:`aggregator.export_layout`)."""
+        from aggregator.export_layout import export_result
+
+        run = self.config.run
+        return export_result(
+            self.method, run.method, out_dir, model=run.model, model_dir=run.model_dir
+        )
 
 
 __all__ = ["AggregatorService", "RoundSummary"]
