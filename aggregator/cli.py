@@ -13,18 +13,15 @@ from typing import Any
 import click
 
 from aggregator.errors import AggregatorError
+from protocol.logformat import FORMATS, LogFormat, configure
 from protocol.methods import NAMES
 
 log = logging.getLogger("aggregator")
 
 
-def _logging(verbose: int) -> None:
+def _logging(verbose: int, log_format: LogFormat = "text") -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(level, log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str) -> None:
@@ -47,12 +44,28 @@ def main() -> None:
 @click.option("--bind", default=None, help="Override server.bind.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--insecure", is_flag=True, default=None, help="Disable CURVE (not for production).")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Override server.metrics_port (Prometheus)."
+)
 @click.option("-v", "--verbose", count=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as JSON objects (one per line).",
+)
 def serve(
-    config_path: Path, bind: str | None, state_dir: Path | None, insecure: bool | None, verbose: int
+    config_path: Path,
+    bind: str | None,
+    state_dir: Path | None,
+    insecure: bool | None,
+    metrics_port: int | None,
+    verbose: int,
+    log_format: LogFormat,
 ) -> None:
     """Run the aggregator service from a TOML config."""
-    _logging(max(verbose, 1))
+    _logging(max(verbose, 1), log_format)
     from aggregator.config import load_config
     from aggregator.service import AggregatorService
 
@@ -60,7 +73,7 @@ def serve(
         config = load_config(
             config_path,
             {
-                "server": {"bind": bind, "state_dir": state_dir},
+                "server": {"bind": bind, "state_dir": state_dir, "metrics_port": metrics_port},
                 "security": {"insecure": insecure},
             },
         )

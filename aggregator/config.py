@@ -36,6 +36,10 @@ class ServerSection(_Section):
     """Results larger than this wait for a grant; smaller ones (metrics, Ferret) go at once."""
     grant_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     """A granted upload that has not arrived after this long frees its slot."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Serve Prometheus metrics on this port (``aggregator.metrics``); unset: no endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on (``0.0.0.0`` for a scraper on another host)."""
     keep_updates: bool = False
     """Keep every accepted update's payload on disk after its round commits (an audit trail);
     by default a round's stored updates are deleted once it commits (only the open round's are
