@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from edge_agent import truncation
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import agent_log
 from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutput
@@ -157,9 +158,12 @@ class Worker:
         started = time.monotonic()
         try:
             method = self._method(assign.method)
-            output = method.run(
-                TaskInput(assign=assign, params=job.params, blobs=job.blobs), self.workspace
-            )
+            with truncation.collecting() as cut:
+                output = method.run(
+                    TaskInput(assign=assign, params=job.params, blobs=job.blobs), self.workspace
+                )
+            if cut.examples:
+                output.metrics.update(cut.metrics())
             frames = self._result_frames(assign, output)
         except (EdgeAgentError, ProtocolError) as exc:
             if self._stop.is_set():
