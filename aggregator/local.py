@@ -114,6 +114,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         n_eval=opts.eval_examples,
     )
     files = write_demo(workdir / "data", split)
+    data_of = _named_for_agents(files, agent_ids)
     # each agent evaluates a disjoint shard of the held-out set; the weighted mean is the whole
     shards = [split.eval[i :: opts.agents] for i in range(opts.agents)]
     for i, shard in enumerate(shards):
@@ -225,7 +226,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "aggregator": link.endpoint,
                         "state_dir": str(workdir / agent_id),
                         "model": opts.model,
-                        "data": str(files[f"agent-{i}"]),
+                        "data": str(data_of[agent_id]),
                         "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
                         "threads": threads,
                         "heartbeat_interval": 1.0,
@@ -270,7 +271,10 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         for f in logs:
             f.close()
     exported = service.export(workdir / "export")
-    result: dict[str, Any] = {"adapter": str(exported["adapter"]), "rounds": len(table.rows)}
+    result: dict[str, Any] = {
+        "adapter": str(exported["adapter"]),
+        "rounds": trained_rounds(table.rows),
+    }
     if "model" in exported:  # full-parameter methods (ferret) export a whole model
         result["model"] = str(exported["model"])
         print(f"exported fine-tuned model: {exported['model']}", file=out)
@@ -302,3 +306,22 @@ def _lora_of(service: AggregatorService) -> Any:
     if lora is None:
         raise AggregatorError(f"method {service.config.run.method} has no LoRA adapter to merge")
     return lora
+
+
+def _named_for_agents(files: dict[str, Path], agent_ids: list[str]) -> dict[str, Path]:
+    """Rename the demo split's 0-based ``agent-<i>.jsonl`` for the agent that trains on it
+    (``agent_ids[i]``, 1-based), so that agent-1's config and log name ``agent-1.jsonl``.
+    Renamed from the last, so that no file is overwritten before it has moved."""
+    out: dict[str, Path] = {}
+    for i in reversed(range(len(agent_ids))):
+        source = files[f"agent-{i}"]
+        target = source.with_name(f"{agent_ids[i]}.jsonl")
+        if source != target:
+            source.rename(target)
+        out[agent_ids[i]] = target
+    return out
+
+
+def trained_rounds(rows: list[Any]) -> int:
+    """Rounds that trained: the table's row 0 is the initial evaluation, not a round."""
+    return sum(1 for row in rows if row.round > 0)
