@@ -116,6 +116,9 @@ def run(
     from edge_agent.daemon import Daemon
 
     _setup_logging(verbose, log_format)
+    from edge_agent import quiet
+
+    quiet.install()
     overrides: dict[str, dict[str, Any]] = {
         "agent": {"aggregator": aggregator},
         "security": {"insecure": True if insecure else None},
