@@ -412,9 +412,12 @@ def test_dockerfile_installs_the_wheel_as_non_root(name: str, wheel: zipfile.Zip
     assert args["EDGEFED_VERSION"] == VERSION
     copies = [expand(r, args).split() for w, r in instructions if w == "COPY"]
     wheel_name = Path(wheel.filename or "").name
-    assert copies == [[f"dist/{wheel_name}", "/tmp/wheels/"]]
+    assert copies == [
+        [f"dist/{wheel_name}", "/tmp/wheels/"],
+        ["docker/constraints.txt", "/tmp/wheels/"],
+    ]
     installs = " ".join(expand(r, args) for w, r in instructions if w == "RUN")
-    assert f"pip install /tmp/wheels/{wheel_name}" in installs
+    assert f"pip install -c /tmp/wheels/constraints.txt /tmp/wheels/{wheel_name}" in installs
     user = [r for w, r in instructions if w == "USER"][-1]
     assert user.split(":")[0] not in {"root", "0"} and int(user.split(":")[0]) >= 1000
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
@@ -464,7 +467,7 @@ def test_compose_configs_agree_with_the_compose_file(compose: dict[str, Any]) ->
     agg_toml = DOCKER / _mounts(agg)["/etc/edgefed/aggregator.toml"]
     config = agg_config.load_config(agg_toml, check_files=False)
     port = config.server.bind.rsplit(":", 1)[1]
-    assert agg["ports"] == [f"{port}:{port}"]
+    assert agg["expose"] == [port] and "ports" not in agg  # the compose network only
     assert config.server.state_dir == Path("/var/lib/edgefed")
     assert config.security.secret_key == Path("/run/secrets") / agg["secrets"][0]["target"]
     assert str(config.security.allow_dir) in _mounts(agg)
