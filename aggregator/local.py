@@ -28,6 +28,7 @@ from aggregator.demo_data import make_demo_split, write_demo
 from aggregator.errors import AggregatorError
 from aggregator.export import merge_into_base
 from aggregator.local_options import LocalOptions
+from aggregator.local_progress import Ticker
 from aggregator.local_regions import AgentLink, deal, start_regions
 from aggregator.round_table import RoundTable
 from aggregator.service import AggregatorService
@@ -99,6 +100,9 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         flush=True,
     )
     started = time.monotonic()
+    print(
+        f"preparing base model {opts.model} (converted once, then cached)...", file=out, flush=True
+    )
     info = prepare_model(opts.model)
     print(
         f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}",
@@ -246,8 +250,15 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                     stderr=subprocess.STDOUT,
                 )
             )
+        print(
+            f"started {len(procs) or len(agent_ids)} agent processes; logs in {workdir / 'logs'}",
+            file=out,
+            flush=True,
+        )
+        ticker = Ticker(service, out)
         while thread.is_alive():
             thread.join(0.5)
+            ticker.poll()
             dead = [p for p in procs if p.poll() is not None]
             if len(dead) == len(procs):
                 service.should_exit.set()
