@@ -43,7 +43,7 @@ PROFILE = {
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     # The daemon's logging setup would point the root logger at CliRunner's closed streams.
-    monkeypatch.setattr(edge_agent.cli, "_setup_logging", lambda verbose: None)
+    monkeypatch.setattr(edge_agent.cli, "_setup_logging", lambda verbose, log_format="text": None)
     for name in [k for k in os.environ if k.startswith("EDGEFED_AGENT")]:
         monkeypatch.delenv(name)
     return CliRunner()
