@@ -167,6 +167,12 @@ def region(config_path: Path, verbose: int) -> None:
     type=click.IntRange(0, 64),
     help="Put the agents behind this many regional tiers (their own processes; 0: none).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT during the run (0: any free port).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -188,6 +194,7 @@ def local(
     agent_limits: tuple[str, ...],
     params: tuple[str, ...],
     regions: int,
+    metrics_port: int | None,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
@@ -221,6 +228,7 @@ def local(
         method_params=method_params,
         agent_limits=limits,
         regions=regions,
+        metrics_port=metrics_port,
     )
     try:
         run_local(opts)

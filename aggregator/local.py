@@ -154,6 +154,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "state_dir": str(workdir / "state"),
             "heartbeat_interval": 1.0,
             "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
+            "metrics_port": opts.metrics_port,
         },
         "security": {"regions": list(members)}
         | (
@@ -255,6 +256,9 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             file=out,
             flush=True,
         )
+        if service.metrics.port is not None:
+            url = f"http://127.0.0.1:{service.metrics.port}/metrics"
+            print(f"metrics: {url}", file=out, flush=True)
         ticker = Ticker(service, out)
         while thread.is_alive():
             thread.join(0.5)
