@@ -66,8 +66,8 @@ def serve(
 ) -> None:
     """Run the aggregator service from a TOML config."""
     _logging(max(verbose, 1), log_format)
-    from aggregator.config import load_config
-    from aggregator.service import AggregatorService
+    from aggregator.engine.service import AggregatorService
+    from aggregator.ops.config import load_config
 
     try:
         config = load_config(
@@ -99,7 +99,7 @@ def _model_ref(config: Any) -> Any:
     if sha is None:
         if config.run.model_dir is None:
             raise AggregatorError("run.model_sha256 (or run.model_dir to hash) is required")
-        from aggregator.modelhash import weights_sha256
+        from aggregator.store.modelhash import weights_sha256
 
         sha = weights_sha256(config.run.model_dir)
     return BaseModelRef(name=config.run.model, sha256=sha)
@@ -111,8 +111,8 @@ def _model_ref(config: Any) -> Any:
 def region(config_path: Path, verbose: int) -> None:
     """Run a regional tier: an aggregator for its agents, an agent of [upstream]."""
     _logging(max(verbose, 1))
-    from aggregator.config import load_config
-    from aggregator.regional import run_region
+    from aggregator.ops.config import load_config
+    from aggregator.tier.regional import run_region
     from edge_agent.errors import EdgeAgentError
 
     try:
@@ -199,8 +199,8 @@ def local(
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
     _logging(verbose)
-    from aggregator.local import run_local
-    from aggregator.local_options import LocalOptions, parse_agent_limits, parse_params
+    from aggregator.local.options import LocalOptions, parse_agent_limits, parse_params
+    from aggregator.local.run import run_local
 
     try:
         limits = parse_agent_limits(agent_limits)
@@ -237,7 +237,7 @@ def local(
 
 
 def _open_ledger(state_dir: Path) -> Any:
-    from aggregator.ledger import Ledger
+    from aggregator.store.ledger import Ledger
 
     path = state_dir / "ledger.sqlite"
     if not path.exists():
@@ -309,7 +309,7 @@ def status(state_dir: Path, as_json: bool) -> None:
 
 def _method_state(state_dir: Path) -> dict[str, str]:
     """The method's string metadata in the latest checkpoint (e.g. FedPipe's selection)."""
-    from aggregator.checkpoint import CheckpointStore
+    from aggregator.store.checkpoint import CheckpointStore
 
     manifest = CheckpointStore(state_dir / "checkpoints").manifest()
     if manifest is None:
@@ -335,10 +335,10 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
 )
 def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | None) -> None:
     """Export the global result as a PEFT adapter directory (and optionally merged)."""
-    from aggregator.checkpoint import CheckpointStore
-    from aggregator.export import merge_into_base
     from aggregator.export_layout import KINDS, export_result
     from aggregator.methods import MethodContext, server_methods
+    from aggregator.store.checkpoint import CheckpointStore
+    from aggregator.store.export import merge_into_base
 
     try:
         ledger = _open_ledger(state_dir)
@@ -401,7 +401,7 @@ def config() -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
 def config_check(config_path: Path) -> None:
     """Validate a config file; report every error at once."""
-    from aggregator.config import load_config
+    from aggregator.ops.config import load_config
 
     try:
         load_config(config_path)
@@ -416,7 +416,7 @@ def config_check(config_path: Path) -> None:
 @click.option("--run-id", default=None, help="Default: the latest run in the ledger.")
 def report(state_dir: Path, out: Path, run_id: str | None) -> None:
     """Plots of loss, eval score and bytes per agent per round (PNG) and an HTML page."""
-    from aggregator.report import write_report
+    from aggregator.ops.report import write_report
 
     try:
         files = write_report(state_dir, out, run_id)

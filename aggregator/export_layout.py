@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aggregator.checkpoint import atomic_write_bytes
+from aggregator.store.checkpoint import atomic_write_bytes
 
 KINDS: dict[str, str] = {
     "fedit": "adapter",

@@ -52,7 +52,7 @@ def _secret_key(name: str, path: Path | None) -> list[str]:
 
 def file_problems(raw: Mapping[str, Any], base: Path | None) -> list[str]:
     """Every missing or unusable file the config names; paths resolve against ``base``."""
-    from aggregator.config import RunSection, SecuritySection, UpstreamSection
+    from aggregator.ops.config import RunSection, SecuritySection, UpstreamSection
 
     fix = _fix(base)
     problems: list[str] = []

@@ -11,7 +11,7 @@ def tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from edge_agent.model_store import DEFAULT_MODEL, resolve_model
+    from edge_agent.model.store import DEFAULT_MODEL, resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).path)
     config = LlamaConfig(

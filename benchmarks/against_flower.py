@@ -45,7 +45,7 @@ from _tcp_count import CountingProxy  # noqa: E402
 from aggregator_throughput import SHA, lora_workload  # noqa: E402
 from load_harness import aggregator_cmd, free_port, toml  # noqa: E402
 
-from aggregator.ledger import Ledger  # noqa: E402
+from aggregator.store.ledger import Ledger  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
 

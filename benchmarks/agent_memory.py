@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def measure(quant: str, model_spec: str) -> dict[str, float]:
     import torch
 
-    from edge_agent.data import Example
-    from edge_agent.lora import LoraSpec, attach_lora
-    from edge_agent.model_store import base_param_bytes, load_base, resolve_model
-    from edge_agent.train import TrainConfig, train_lora
+    from edge_agent.model.store import base_param_bytes, load_base, resolve_model
+    from edge_agent.training.data import Example
+    from edge_agent.training.lora import LoraSpec, attach_lora
+    from edge_agent.training.train import TrainConfig, train_lora
 
     torch.set_num_threads(2)
     model, tokenizer = load_base(resolve_model(model_spec), quant)  # type: ignore[arg-type]

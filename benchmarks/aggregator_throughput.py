@@ -40,15 +40,15 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.checkpoint import CheckpointStore
-from aggregator.config import build_config
-from aggregator.engine import RoundEngine
-from aggregator.ledger import Ledger
+from aggregator.engine.engine import RoundEngine
 from aggregator.methods import MethodContext, server_methods
+from aggregator.ops.config import build_config
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
 from protocol import payloads
 from protocol.frames import decode, encode, frames_nbytes
 from protocol.messages import BaseModelRef, Hello, Profile, TaskAssign, TaskResult
-from protocol.methods import _ferret_math as fm
+from protocol.methods.ferret import math as fm
 
 SHA = "cd" * 32
 MODEL = BaseModelRef(name="bench", sha256=SHA)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protocol import randomness
 from protocol.frames import encode, frames_nbytes
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
-from protocol.methods import _ferret_math as fm
-from protocol.methods._fedbiot_emulator import plan_emulator
+from protocol.methods.fedbiot.emulator import plan_emulator
+from protocol.methods.ferret import math as fm
 from protocol.payloads import encode_lora, encode_masked, encode_seedcoef
 
 RANK, DENSITY, SEED, K = 8, 0.01, 0, 32

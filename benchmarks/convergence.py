@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def run_method(method: str, args: argparse.Namespace, work: Path) -> list[dict[str, float]]:
     import io
 
-    from aggregator.local import run_local
-    from aggregator.local_options import LocalOptions
+    from aggregator.local.options import LocalOptions
+    from aggregator.local.run import run_local
 
     opts = LocalOptions(
         method=method, agents=args.agents, rounds=args.rounds, workdir=work / method,
@@ -67,11 +67,11 @@ def references(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     """Centralised (pooled data) and local-only LoRA on the same base, data and eval set."""
     import torch
 
-    from aggregator.demo_data import make_demo_split, write_demo
-    from edge_agent.data import load_jsonl
-    from edge_agent.lora import LoraSpec, attach_lora
-    from edge_agent.model_store import load_base, resolve_model
-    from edge_agent.train import TrainConfig, evaluate, train_lora
+    from aggregator.local.demo_data import make_demo_split, write_demo
+    from edge_agent.model.store import load_base, resolve_model
+    from edge_agent.training.data import load_jsonl
+    from edge_agent.training.lora import LoraSpec, attach_lora
+    from edge_agent.training.train import TrainConfig, evaluate, train_lora
 
     torch.set_num_threads(2)
     split = make_demo_split(args.agents, per_agent=args.per_agent, alpha=args.alpha,

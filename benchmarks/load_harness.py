@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from aggregator_throughput import SHA, ferret_workload, lora_workload  # noqa: E402
 
-from aggregator.ledger import Ledger  # noqa: E402
+from aggregator.store.ledger import Ledger  # noqa: E402
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ Run: ``python benchmarks/step_overhead.py [--quick] [--quant nf4]``. Both loops 
 LoRA (r=8 on q,k,v,o) on the embedded default model with the same batches (4 examples of the
 demo data, padded to the batch's longest), alternating, in one process:
 
-- *agent*: ``edge_agent.methods.fedit.FeditClient.run`` — what a TaskAssign costs end to end
+- *agent*: ``edge_agent.methods.fedit.client.FeditClient.run`` — what a TaskAssign costs end to end
   (global adapter loaded from the wire payload, training, update encoded into a payload);
 - *plain*: a hand-written ``AdamW`` loop over ``model(**batch).loss`` on a stock peft model.
 
@@ -43,11 +43,11 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from aggregator.demo_data import make_demo_split
-    from edge_agent.data import Example, collate, tokenize
+    from aggregator.local.demo_data import make_demo_split
     from edge_agent.methods import TaskInput
-    from edge_agent.methods.fedit import FeditClient
-    from edge_agent.model_store import load_base, resolve_model
+    from edge_agent.methods.fedit.client import FeditClient
+    from edge_agent.model.store import load_base, resolve_model
+    from edge_agent.training.data import Example, collate, tokenize
     from protocol.messages import BaseModelRef, TaskAssign
     from protocol.methods import parse_params
 

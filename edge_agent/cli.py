@@ -26,7 +26,7 @@ from edge_agent.errors import EdgeAgentError
 from protocol.logformat import FORMATS, LogFormat, configure
 
 if TYPE_CHECKING:
-    from edge_agent.daemon import Daemon
+    from edge_agent.daemon.daemon import Daemon
 
 EXIT_USER_ERROR = 2
 _CONFIG_PATH = click.Path(path_type=Path, dir_okay=False)
@@ -112,8 +112,8 @@ def run(
     config_path: Path, aggregator: str | None, insecure: bool, verbose: int, log_format: LogFormat
 ) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
-    from edge_agent.config import load_config
-    from edge_agent.daemon import Daemon
+    from edge_agent.daemon.config import load_config
+    from edge_agent.daemon.daemon import Daemon
 
     _setup_logging(verbose, log_format)
     from edge_agent import quiet
@@ -146,7 +146,7 @@ def run(
 )
 def profile(measure: bool, disk_path: Path | None) -> None:
     """Print this machine's profile (what Hello reports) as JSON."""
-    from edge_agent.profile import collect_profile
+    from edge_agent.daemon.profile import collect_profile
 
     with _user_errors():
         data = collect_profile(measure=measure, disk_path=disk_path)
@@ -171,7 +171,7 @@ def model() -> None:
 )
 def model_prepare(spec: str, cache_dir: Path | None) -> None:
     """Resolve the model (converting a .gguf once) and print {"name", "path", "sha256"}."""
-    from edge_agent.model_store import resolve_model
+    from edge_agent.model.store import resolve_model
 
     with _user_errors():
         resolved = resolve_model(spec, cache_dir=cache_dir, progress=sys.stderr.isatty())
@@ -220,7 +220,7 @@ def config_group() -> None:
 )
 def config_check(config_path: Path) -> None:
     """Validate agent.toml and list every problem at once."""
-    from edge_agent.config import load_config
+    from edge_agent.daemon.config import load_config
 
     with _user_errors():
         load_config(config_path)

@@ -1,4 +1,4 @@
-"""How much :func:`edge_agent.data.tokenize` cut, said in the agent log and in the task's metrics.
+"""How much :func:`edge_agent.training.data.tokenize` cut, said in the agent log and in the task's metrics.
 
 ``tokenize`` calls :func:`report` once per call with what it cut; that logs a WARNING when any
 example was truncated (the operator should raise ``max_len``: the cut part of a prompt is never

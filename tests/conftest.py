@@ -15,7 +15,7 @@ Fixtures (all session-scoped, built once per test run, a few seconds in all):
     test needs to change files. Its adaptable linears are ``q_proj, k_proj, v_proj, o_proj``
     (64->64, 64->32, 64->32, 64->64) and ``gate_proj, up_proj, down_proj`` (64->128, 128->64).
 ``tiny_resolved``
-    ``edge_agent.model_store.ResolvedModel`` of ``tiny_model_dir`` (name = the directory path);
+    ``edge_agent.model.store.ResolvedModel`` of ``tiny_model_dir`` (name = the directory path);
     pass it to ``load_base(tiny_resolved, "fp32" | "bf16" | "nf4" | "int8")``.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from edge_agent.model_store import DEFAULT_MODEL, ResolvedModel, resolve_model
+from edge_agent.model.store import DEFAULT_MODEL, ResolvedModel, resolve_model
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 64,

@@ -25,11 +25,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from aggregator import config as agg_config
 from aggregator.cli import main as aggregator_cli
-from edge_agent import config as agent_config
+from aggregator.ops import config as agg_config
 from edge_agent.cli import EXIT_USER_ERROR
 from edge_agent.cli import main as agent_cli
+from edge_agent.daemon import config as agent_config
 from protocol.methods import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_wheel_holds_the_console_scripts_and_their_modules(wheel: zipfile.ZipFil
     for target in scripts.values():
         module = target.split(":")[0]
         assert module.replace(".", "/") + ".py" in names, target
-    assert "aggregator/report.py" in names
+    assert "aggregator/ops/report.py" in names
 
 
 # --- systemd -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.outbox import Outbox
+from edge_agent.daemon.outbox import Outbox
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -19,7 +19,7 @@ from protocol.frames import Buffer
 from protocol.messages import Profile, TaskResult
 
 if TYPE_CHECKING:
-    from aggregator.config import AggregatorConfig
+    from aggregator.ops.config import AggregatorConfig
 
 
 @dataclass

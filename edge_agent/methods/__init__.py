@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from protocol.messages import BaseModelRef, TaskAssign
 
 if TYPE_CHECKING:
-    from edge_agent.data import Example
-    from edge_agent.objects import ObjectStore
+    from edge_agent.daemon.objects import ObjectStore
+    from edge_agent.training.data import Example
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_agent.errors import TaskError
-from edge_agent.lora import LoraSpec, attach_lora
 from edge_agent.methods import TaskOutput, Workspace
+from edge_agent.training.lora import LoraSpec, attach_lora
 from protocol.messages import TaskAssign
 from protocol.methods._common import EvalParams, TrainParams
 
@@ -41,7 +41,7 @@ def release_adapter(ws: Workspace) -> None:
 
 def evaluation_task(model: Any, tokenizer: Any, e: EvalParams, ws: Workspace) -> TaskOutput:
     """Loss (and exact match) of ``model`` on the agent's held-out examples."""
-    from edge_agent.train import evaluate
+    from edge_agent.training.train import evaluate
 
     examples = ws.eval_examples[: e.max_examples]
     if not examples:
@@ -63,7 +63,7 @@ def evaluation_task(model: Any, tokenizer: Any, e: EvalParams, ws: Workspace) ->
 
 
 def training_output(result: Any, blobs: dict[str, bytes] | None = None) -> TaskOutput:
-    """A train task's answer from ``edge_agent.train.TrainResult``: losses, steps, time."""
+    """A train task's answer from ``edge_agent.training.train.TrainResult``: losses, steps, time."""
     return TaskOutput(
         num_examples=result.num_examples,
         metrics={
@@ -88,7 +88,7 @@ def train_task(
 ) -> Any:
     """One round of local training on the agent's examples: ``t``'s steps (seeded by the
     round), with the workspace's progress, stop and progress-bar hooks; a ``TrainResult``."""
-    from edge_agent.train import TrainConfig, train_lora
+    from edge_agent.training.train import TrainConfig, train_lora
 
     cfg = TrainConfig(
         steps=t.steps,

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from aggregator.cli import main
-from aggregator.config import build_config
 from aggregator.errors import ConfigError
+from aggregator.ops.config import build_config
 
 SHA = "ef" * 32
 

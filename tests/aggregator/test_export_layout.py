@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from aggregator.cli import main
+from aggregator.engine.service import AggregatorService
 from aggregator.export_layout import HUB_IDS, KINDS, base_reference, export_result
-from aggregator.methods.fedit import FeditServer
-from aggregator.service import AggregatorService
+from aggregator.methods.fedit.server import FeditServer
 from protocol.methods import NAMES
 
 

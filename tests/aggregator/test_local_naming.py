@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aggregator.local import _named_for_agents, trained_rounds
-from aggregator.rounds import RoundSummary
+from aggregator.engine.rounds import RoundSummary
+from aggregator.local.run import _named_for_agents, trained_rounds
 
 
 def test_agent_n_trains_on_agent_n_jsonl(tmp_path: Path) -> None:
@@ -29,7 +29,7 @@ def test_result_counts_rounds_not_the_initial_evaluation() -> None:
 def test_row_0_shows_the_time_it_really_took() -> None:
     import io
 
-    from aggregator.round_table import RoundTable
+    from aggregator.local.round_table import RoundTable
 
     now = [100.0]
     out = io.StringIO()

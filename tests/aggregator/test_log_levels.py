@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from aggregator.admission import Admission, Waiting
-from aggregator.registry import Registry
+from aggregator.engine.admission import Admission, Waiting
+from aggregator.engine.registry import Registry
 from protocol.messages import BaseModelRef, Hello, Profile
 
 from engine_harness import PROFILE, SHA  # isort: skip
@@ -38,7 +38,7 @@ def test_a_passing_wait_is_info_a_refusal_is_a_warning(
     reason: str, level: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     method: Any = Method(reason)
-    with caplog.at_level(logging.DEBUG, logger="aggregator.admission"):
+    with caplog.at_level(logging.DEBUG, logger="aggregator.engine.admission"):
         assert admission().assignable(method, ["a1"]) == []
     [record] = [r for r in caplog.records if "not assigned" in r.getMessage()]
     assert record.levelno == level
@@ -49,7 +49,7 @@ def test_slora_switch_in_progress_is_a_wait() -> None:
     import time
 
     from aggregator.methods import MethodContext
-    from aggregator.methods.slora import SloraServer
+    from aggregator.methods.slora.server import SloraServer
 
     server = SloraServer({}, MethodContext(seed=0))
     assert server.admit("a1", PROFILE) is None

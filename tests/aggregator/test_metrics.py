@@ -11,8 +11,8 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.config import build_config
-from aggregator.service import AggregatorService
+from aggregator.engine.service import AggregatorService
+from aggregator.ops.config import build_config
 from protocol import payloads
 from protocol.frames import decode, encode
 from protocol.messages import BaseModelRef, Hello, TaskAssign, TaskResult

@@ -64,12 +64,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         calls["profile"] = (measure, disk_path)
         return dict(PROFILE)
 
-    store = types.ModuleType("edge_agent.model_store")
+    store = types.ModuleType("edge_agent.model.store")
     store.resolve_model = resolve_model  # type: ignore[attr-defined]
-    profile = types.ModuleType("edge_agent.profile")
+    profile = types.ModuleType("edge_agent.daemon.profile")
     profile.collect_profile = collect_profile  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_agent.model_store", store)
-    monkeypatch.setitem(sys.modules, "edge_agent.profile", profile)
+    monkeypatch.setitem(sys.modules, "edge_agent.model.store", store)
+    monkeypatch.setitem(sys.modules, "edge_agent.daemon.profile", profile)
     monkeypatch.setattr(edge_agent.methods, "client_methods", lambda: {"fedit": object})
     return calls
 

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from edge_agent.outbox import Outbox
+from edge_agent.daemon.outbox import Outbox
 from protocol.frames import encode
 from protocol.messages import TaskResult
 

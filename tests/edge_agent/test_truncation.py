@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from edge_agent import truncation
-from edge_agent.data import Example, tokenize
+from edge_agent.training.data import Example, tokenize
 
 
 @pytest.fixture

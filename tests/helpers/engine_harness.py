@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from aggregator.checkpoint import CheckpointStore
-from aggregator.config import build_config
-from aggregator.engine import Outgoing, RoundEngine, RoundSummary
-from aggregator.ledger import Ledger
-from aggregator.methods.fedit import FeditServer
+from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.methods.fedit.server import FeditServer
+from aggregator.ops.config import build_config
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
 from protocol import payloads
 from protocol.frames import Decoded, decode, encode
 from protocol.messages import BaseModelRef, Hello, Profile, TaskAssign, TaskResult, Welcome

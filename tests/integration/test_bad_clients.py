@@ -18,8 +18,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from aggregator.config import build_config
-from aggregator.service import AggregatorService
+from aggregator.engine.service import AggregatorService
+from aggregator.ops.config import build_config
 from protocol.errors import ErrorCode
 from protocol.frames import decode, encode
 from protocol.messages import BaseModelRef, ErrorReply, Heartbeat, Hello, Profile, Welcome
@@ -196,9 +196,9 @@ def test_start_up_self_test_refuses_an_authenticator_that_lets_anyone_in(
     from zmq.auth.base import Authenticator
 
     from aggregator.errors import ConfigError
-    from aggregator.security import AllowListAuthenticator
+    from aggregator.ops.security import AllowListAuthenticator
 
-    caplog.set_level(logging.INFO, logger="aggregator.service")
+    caplog.set_level(logging.INFO, logger="aggregator.engine.service")
     agg = Aggregator(tmp_path / "ok")  # a correct authenticator passes the self-test
     agg.close()
     assert "self-test passed: an unknown CURVE key was refused" in caplog.text

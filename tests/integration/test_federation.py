@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-from aggregator.config import build_config
-from aggregator.demo_data import make_demo_split, write_demo
-from aggregator.ledger import Ledger
-from aggregator.local import make_keys, write_agent_config
-from aggregator.modelhash import weights_sha256
-from aggregator.service import AggregatorService
+from aggregator.engine.service import AggregatorService
+from aggregator.local.demo_data import make_demo_split, write_demo
+from aggregator.local.run import make_keys, write_agent_config
+from aggregator.ops.config import build_config
+from aggregator.store.ledger import Ledger
+from aggregator.store.modelhash import weights_sha256
 from protocol.messages import BaseModelRef
 
 pytestmark = pytest.mark.slow

@@ -47,7 +47,7 @@ def test_local_runs_the_default_model_and_exports_a_loadable_adapter(tmp_path: P
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_agent.model_store import DEFAULT_MODEL, resolve_model
+    from edge_agent.model.store import DEFAULT_MODEL, resolve_model
 
     base_dir = resolve_model(DEFAULT_MODEL).path
     model = PeftModel.from_pretrained(

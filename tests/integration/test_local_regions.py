@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from aggregator.errors import AggregatorError
-from aggregator.ledger import Ledger
-from aggregator.local import run_local
-from aggregator.local_options import LocalOptions
-from aggregator.local_regions import deal
+from aggregator.local.options import LocalOptions
+from aggregator.local.regions import deal
+from aggregator.local.run import run_local
+from aggregator.store.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from aggregator.ledger import Ledger
+from aggregator.store.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 SHA = "cd" * 32  # what the light agents announce

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from aggregator.demo_data import make_demo_split, write_demo
-from aggregator.ledger import Ledger
-from aggregator.modelhash import weights_sha256
-from tests.aggregator.test_fedbiot_server import PARAMS as FEDBIOT_PARAMS
-from tests.aggregator.test_fedbiot_server import make_tiny
+from aggregator.local.demo_data import make_demo_split, write_demo
+from aggregator.store.ledger import Ledger
+from aggregator.store.modelhash import weights_sha256
+from tests.aggregator.methods.test_fedbiot_server import PARAMS as FEDBIOT_PARAMS
+from tests.aggregator.methods.test_fedbiot_server import make_tiny
 
 pytestmark = pytest.mark.slow
 

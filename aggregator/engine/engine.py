@@ -1,0 +1,397 @@
+"""The round engine: a sans-IO state machine that runs a federated run.
+
+It takes decoded messages and the time, and returns the messages to send; it never touches a
+socket (``aggregator.engine.service`` does), so a whole run can be driven in-process in tests. It does
+write to disk, through the ledger and the checkpoint store, because durability is its job:
+
+    select → assign → collect (until all results, or quorum at the deadline) → aggregate →
+    checkpoint + ledger commit → evaluate (optional) → next round
+
+An accepted update is stored (its payload in ``updates/``, its row in the ledger) *before* its
+Ack is returned, and is folded into the method's running aggregate at once. After a crash the
+engine restores the last committed global state, replays the open round's stored updates, and
+carries on; task ids are a pure function of (run, round, kind, agent), so an agent's outboxed
+result for the open round is recognised after the restart and never counted twice.
+
+:class:`RoundEngine` coordinates: it routes messages, runs the clock, and opens and closes
+phases. The parts with a job of their own are collaborators it holds, none of which sends:
+:class:`~aggregator.engine.admission.Admission` (who may join; whom the method can use),
+:class:`~aggregator.engine.uploads.UploadWindow` (which large results may travel now),
+:class:`~aggregator.engine.intake.ResultIntake` (validating, storing and replaying results),
+:class:`~aggregator.engine.phases.PhaseRules` (who is chosen; when a phase may close) and
+:class:`~aggregator.engine.commits.RoundCommits` (checkpoint + ledger commit; restoring them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from aggregator.engine.admission import Admission
+from aggregator.engine.commits import RoundCommits
+from aggregator.engine.intake import ResultIntake, ack, refusal
+from aggregator.engine.phases import PhaseRules
+from aggregator.engine.registry import Registry
+from aggregator.engine.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for
+from aggregator.engine.uploads import UploadWindow, grant_above
+from aggregator.errors import StateError
+from aggregator.methods import ServerMethod
+from aggregator.ops.config import AggregatorConfig
+from aggregator.store.checkpoint import CheckpointStore
+from aggregator.store.ledger import Ledger
+from protocol.errors import ErrorCode
+from protocol.frames import Decoded, encode, frames_nbytes
+from protocol.messages import (
+    Ack,
+    BaseModelRef,
+    Bye,
+    ErrorReply,
+    Grant,
+    Heartbeat,
+    Hello,
+    Quant,
+    TaskAssign,
+    TaskResult,
+    Welcome,
+)
+
+__all__ = ["Outgoing", "RoundEngine", "RoundSummary"]
+
+log = logging.getLogger(__name__)
+
+
+class RoundEngine:
+    """One federated run: messages and the clock in, the messages to send out."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        method: ServerMethod,
+        model: BaseModelRef,
+        *,
+        ledger: Ledger,
+        store: CheckpointStore,
+        clock: Callable[[], float] = time.monotonic,
+        on_round: Callable[[RoundSummary], None] | None = None,
+        driven: bool = False,
+        on_phase: Callable[[str, int, list[TaskResult]], None] | None = None,
+    ) -> None:
+        """``driven``: a regional tier; phases open only when :meth:`drive` names one (the
+        upstream's task) and ``on_phase(kind, round, results)`` is called as each closes."""
+        self.config = config
+        self.run = config.run
+        self.method = method
+        self.model = model
+        self.ledger = ledger
+        self.clock = clock
+        self.on_round = on_round or (lambda _s: None)
+        self.registry = Registry(
+            interval=config.server.heartbeat_interval, liveness=config.server.liveness
+        )
+        self.run_id = ""
+        self.round = 0  # last committed round
+        self.phase: Phase | None = None
+        self.finished = False
+        self.summaries: dict[int, RoundSummary] = {}
+        self.admission = Admission(
+            self.registry, ledger, model, self.run.method, frozenset(config.security.regions)
+        )
+        self.uploads = UploadWindow(self.registry.is_live)
+        self.rules = PhaseRules(self.run, self.registry)
+        self.commits = RoundCommits(ledger, store)
+        self.intake = ResultIntake(ledger, config.server.state_dir / "updates", self.run.method)
+        self._last_beat = 0.0
+        self._replayed: dict[str, TaskResult] = {}
+        self._resume_assigned: list[str] = []
+        self.driven = driven
+        self.on_phase = on_phase or (lambda _k, _r, _res: None)
+        self._driven_task: tuple[Kind, int] | None = None
+        self._begun_round = 0
+
+    # --- start-up and resume ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.run_id = self.commits.open_run(self.run, self.config.model_dump(mode="json"))
+        latest = self.commits.restore(self.method, self.run_id)
+        if latest is not None:
+            self.round = latest
+        if self.round >= self.run.rounds:
+            self.finished = True
+            return
+        self.method.begin_round(self.round + 1)
+        self._begun_round = self.round + 1
+        begun = [r for r in self.ledger.rounds(self.run_id) if r.round == self.round + 1]
+        if begun:  # the open round of a crashed run: its agents, and what they had sent
+            self._resume_assigned = list(begun[0].assigned)
+        self._replayed.update(self.intake.replay(self.method, self.run_id, self.round + 1))
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def on_message(self, agent_id: str, msg: Decoded, now: float) -> list[Outgoing]:
+        header = msg.header
+        if isinstance(header, Hello):
+            return self._on_hello(agent_id, header, now)
+        if not self.registry.known(agent_id):
+            error = ErrorReply(
+                code=ErrorCode.UNKNOWN_AGENT, reason="say Hello first", ref=header.msg_id
+            )
+            return [Outgoing(agent_id, error)]
+        self.registry.seen(agent_id, now)
+        if isinstance(header, Heartbeat):
+            return self._on_heartbeat(agent_id, header, msg)
+        if isinstance(header, TaskResult):
+            return self._on_result(agent_id, header, msg, now)
+        if isinstance(header, ErrorReply):
+            log.warning(
+                "agent %s: %s %s (task %s)", agent_id, header.code, header.reason, header.task_id
+            )
+            if self.phase is not None and header.task_id in self.phase.assigned.values():
+                self.registry.failed(agent_id, header.task_id)
+            return []
+        if isinstance(header, Bye):
+            log.info("agent %s says bye: %s", agent_id, header.reason)
+            self.registry.gone(agent_id)
+            return []
+        reason = f"unexpected {header.type}"
+        error = ErrorReply(code=ErrorCode.BAD_HEADER, reason=reason, ref=header.msg_id)
+        return [Outgoing(agent_id, error)]
+
+    def _on_hello(self, agent_id: str, hello: Hello, now: float) -> list[Outgoing]:
+        version = self.admission.hello(self.method, agent_id, hello, now)
+        if isinstance(version, ErrorReply):
+            return [Outgoing(agent_id, version)]
+        out = [
+            Outgoing(
+                agent_id,
+                Welcome(
+                    run_id=self.run_id,
+                    round=self.round,
+                    agent_id=agent_id,
+                    version=version,
+                    heartbeat_interval=self.config.server.heartbeat_interval,
+                    liveness=self.config.server.liveness,
+                    grant_above=grant_above(self.config.server),
+                ),
+            )
+        ]
+        phase = self.phase
+        if phase is not None and agent_id in phase.assigned and agent_id not in phase.done:
+            out.append(self._assignment(phase, agent_id))  # it may have lost the task
+        return out
+
+    def _on_heartbeat(self, agent_id: str, beat: Heartbeat, msg: Decoded) -> list[Outgoing]:
+        self.registry.beat(agent_id, beat)
+        stored = self.uploads.announce(agent_id, beat.ready, self.ledger.has_update)
+        acks = [Outgoing(agent_id, Ack(run_id=self.run_id, task_id=t)) for t in stored]
+        if beat.probe:
+            echo = Heartbeat(run_id=self.run_id, round=self.round, echo=beat.msg_id)
+            acks.append(Outgoing(agent_id, echo))
+        return acks
+
+    def _on_result(
+        self, agent_id: str, res: TaskResult, msg: Decoded, now: float
+    ) -> list[Outgoing]:
+        run_id = self.run_id
+        if res.agent_id != agent_id:
+            reason = f"result claims agent {res.agent_id!r}"
+            return refusal(run_id, agent_id, res, ErrorCode.IDENTITY_MISMATCH, reason)
+        self.uploads.arrived(res.task_id)
+        phase = self.phase
+        if res.kind == "train" and self.ledger.has_update(res.task_id):
+            # a retry of something already durable: Ack again, count once
+            return ack(run_id, agent_id, res)
+        if (
+            phase is None
+            or res.kind != phase.kind
+            or res.round != phase.round
+            or phase.assigned.get(agent_id) != res.task_id
+            or res.run_id != self.run_id
+        ):
+            reason = f"task {res.task_id} is not open (round {self.round})"
+            return refusal(run_id, agent_id, res, ErrorCode.STALE_TASK, reason)
+        if agent_id not in phase.done:
+            rejected = self.intake.take(self.method, phase, agent_id, res, msg)
+            if rejected is not None:
+                return refusal(run_id, agent_id, res, ErrorCode.REJECTED_UPDATE, rejected)
+        return ack(run_id, agent_id, res)
+
+    # --- the clock ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for agent_id in self.registry.expire(now):
+            log.warning("agent %s expired (no message for %.1fs)", agent_id, self.registry.window)
+        if now - self._last_beat >= self.config.server.heartbeat_interval:
+            self._last_beat = now
+            out += [
+                Outgoing(a, Heartbeat(run_id=self.run_id, round=self.round))
+                for a in self.registry.live()
+            ]
+        out += self._grants(now)
+        if self.finished:
+            return out
+        if self.phase is None:
+            out += self._maybe_start(now)
+        elif self.rules.complete(self.phase, now):
+            out += self._close_phase(self.phase, now)
+        return out
+
+    def _grants(self, now: float) -> list[Outgoing]:
+        """Let waiting large results travel, at most ``upload_window`` at a time."""
+        server = self.config.server
+        granted = self.uploads.grants(
+            now, window=server.upload_window, timeout_s=server.grant_timeout_s
+        )
+        return [Outgoing(a, Grant(run_id=self.run_id, task_id=t)) for a, t in granted]
+
+    def drive(self, kind: Kind, round: int) -> None:
+        """Open a ``kind`` phase of ``round`` as soon as enough agents are live (driven mode)."""
+        if not self.driven:
+            raise StateError("drive() is for a regional tier's engine")
+        if self.phase is not None and (self.phase.kind, self.phase.round) == (kind, round):
+            return  # already open: a re-sent upstream task
+        if kind == "train" and round != self._begun_round:
+            self.method.begin_round(round)
+            self._begun_round = round
+        self._driven_task = (kind, round)
+
+    def _maybe_start(self, now: float) -> list[Outgoing]:
+        live = self.admission.assignable(self.method, self.registry.live(model=self.model.sha256))
+        if len(live) < self.run.min_agents:
+            return []
+        if self.driven:
+            if self._driven_task is None:
+                return []
+            kind, round = self._driven_task
+            self._driven_task = None
+            if kind == "train" and self._resume_assigned:
+                live, self._resume_assigned = self._resume_assigned, []
+            return self._open_phase(kind, round, live, now)
+        if self.round == 0 and self.run.eval and self.run.eval_initial and 0 not in self.summaries:
+            return self._open_phase("eval", 0, live, now)
+        wants_score = getattr(self.method, "wants_score", None)
+        if wants_score is not None and wants_score(self.round + 1):
+            return self._open_phase("score", self.round + 1, live, now)
+        if self._resume_assigned:  # the open round of a restarted run keeps its agents
+            chosen, self._resume_assigned = self._resume_assigned, []
+        else:
+            chosen = self.rules.choose(self.run_id, self.round + 1, live)
+        return self._open_phase("train", self.round + 1, chosen, now)
+
+    def _open_phase(self, kind: Kind, round: int, agents: list[str], now: float) -> list[Outgoing]:
+        assigned = {a: task_id_for(self.run_id, round, kind, a) for a in agents}
+        self.phase = Phase(
+            kind=kind,
+            round=round,
+            assigned=assigned,
+            started=now,
+            deadline=now + self.run.round_deadline_s,
+        )
+        if kind == "train":
+            self.ledger.begin_round(self.run_id, round, self.run.method, agents, time.time())
+            for agent_id, result in self._replayed.items():
+                if assigned.get(agent_id) == result.task_id:
+                    self.phase.done[agent_id] = result
+            self._replayed = {}
+        log.info("round %d %s: assigned %d agents", round, kind, len(agents))
+        plan = getattr(self.method, "plan", None)
+        if plan is not None:
+            plan(
+                round,
+                kind,
+                {a: self.admission.view(a) for a in agents if a in self.registry.agents},
+            )
+        live = set(self.registry.live())
+        return [
+            self._assignment(self.phase, a)
+            for a in agents
+            if a not in self.phase.done and a in live
+        ]
+
+    def _assignment(self, phase: Phase, agent_id: str) -> Outgoing:
+        spec = self.method.assign(phase.round, agent_id, phase.kind)
+        header = TaskAssign(
+            run_id=self.run_id,
+            round=phase.round,
+            task_id=phase.assigned[agent_id],
+            kind=phase.kind,
+            method=self.run.method,
+            model=self.model,
+            quant=cast(Quant, spec.quant or self.run.quant),
+            params=spec.params,
+            deadline_s=max(1.0, phase.deadline - self.clock()),
+        )
+        frames = encode(header, spec.blobs)  # once: the service sends these very frames
+        phase.bytes_down[agent_id] = frames_nbytes(frames)
+        self.registry.assigned(agent_id, phase.assigned[agent_id])
+        return Outgoing(agent_id, header, spec.blobs, encoded=frames)
+
+    def _close_phase(self, phase: Phase, now: float) -> list[Outgoing]:
+        self.phase = None
+        results = list(phase.done.values())
+        summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
+        if phase.kind == "score":
+            metrics = self.method.finish_score(phase.round)  # type: ignore[attr-defined]
+            summary.record_method(metrics)
+            log.info("round %d scores in from %d agents", phase.round, len(results))
+            if self.driven:
+                self.on_phase(phase.kind, phase.round, results)
+                return []
+            return self._maybe_start(now)
+        if phase.kind == "train":
+            summary.record_method(self.method.finish_round(phase.round))
+            details = getattr(self.method, "agent_details", None)
+            summary.record_train(phase, now, details(phase.round) if details is not None else {})
+            self.commits.commit(self.method, self.run.method, self.run_id, summary)
+            self.round = phase.round
+            # the round's stored updates were only needed to replay it after a crash
+            if not self.config.server.keep_updates:
+                self.intake.discard(self.run_id, phase.round)
+            log.info("round %d committed (%d updates)", phase.round, summary.agents)
+            if self.driven:
+                self.on_round(summary)
+                self.on_phase(phase.kind, phase.round, results)
+                return []
+            if self.run.eval:
+                live = [a for a in self.registry.live(model=self.model.sha256)]
+                if live:
+                    return self._open_phase("eval", phase.round, live, now)
+            self._round_done(summary)
+        else:
+            summary.record_eval(phase)
+            if self.driven:
+                self.on_phase(phase.kind, phase.round, results)
+                return []
+            if phase.round > 0:
+                self.ledger.set_round_metrics(self.run_id, phase.round, summary.as_metrics())
+            self._round_done(summary)
+        return []
+
+    def _round_done(self, summary: RoundSummary) -> None:
+        self.on_round(summary)
+        if summary.round > 0:
+            if self.round >= self.run.rounds:
+                self.finished = True
+                log.info("run %s finished after %d rounds", self.run_id, self.round)
+            else:
+                self.method.begin_round(self.round + 1)
+                self._begun_round = self.round + 1
+
+    def goodbye(self) -> list[Outgoing]:
+        return [
+            Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason="run finished"))
+            for a in self.registry.live()
+        ]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "method": self.run.method,
+            "round": self.round,
+            "rounds": self.run.rounds,
+            "phase": None if self.phase is None else self.phase.describe(),
+            "finished": self.finished,
+            "agents": self.registry.describe(),
+        }

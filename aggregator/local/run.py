@@ -1,0 +1,342 @@
+"""``edgefed-aggregator local``: a whole federated run on one machine.
+
+It prepares the embedded default model (by running ``edgefed-agent model prepare``), writes the
+demo data split non-IID across agents, makes throw-away CURVE keys, starts the aggregator
+service in this process and N agent daemons as separate processes (by command, on loopback),
+prints a row per round (:mod:`aggregator.local.round_table`), and ends by exporting the result. Its
+options and their parsers: :mod:`aggregator.local.options`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import zmq.auth
+
+from aggregator.engine.service import AggregatorService
+from aggregator.errors import AggregatorError
+from aggregator.local.demo_data import make_demo_split, write_demo
+from aggregator.local.options import LocalOptions
+from aggregator.local.regions import AgentLink, deal, start_regions
+from aggregator.local.round_table import RoundTable
+from aggregator.local_progress import Ticker
+from aggregator.ops.config import AggregatorConfig, build_config
+from aggregator.store.export import merge_into_base
+from protocol.messages import BaseModelRef
+
+log = logging.getLogger(__name__)
+
+
+def agent_command() -> list[str]:
+    """The agent daemon as a command (the installed script, or the module beside us)."""
+    script = Path(sys.executable).with_name("edgefed-agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edge_agent"]
+
+
+def prepare_model(model: str, cache: Path | None = None) -> dict[str, str]:
+    cmd = [*agent_command(), "model", "prepare", "--model", model]
+    if cache is not None:
+        cmd += ["--cache", str(cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AggregatorError(f"preparing model {model!r} failed: {tail}")
+    info: dict[str, str] = json.loads(proc.stdout)
+    return info
+
+
+def make_keys(workdir: Path, agent_ids: list[str]) -> dict[str, Path]:
+    keys = workdir / "keys"
+    allow = keys / "allow"
+    for d in (keys, allow):
+        d.mkdir(parents=True, exist_ok=True)
+    pub, secret = zmq.auth.create_certificates(str(keys), "aggregator")
+    os.chmod(secret, 0o600)
+    for agent_id in agent_ids:
+        a_pub, a_secret = zmq.auth.create_certificates(str(keys), agent_id)
+        os.chmod(a_secret, 0o600)
+        shutil.copy(a_pub, allow / Path(a_pub).name)
+    return {"server_public": Path(pub), "server_secret": Path(secret), "allow": allow, "dir": keys}
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def write_agent_config(path: Path, values: dict[str, dict[str, object]]) -> None:
+    lines: list[str] = []
+    for section, items in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in items.items() if v is not None]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
+    workdir = opts.workdir.resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "logs").mkdir()
+    tiers = f" behind {opts.regions} regions" if opts.regions else ""
+    print(
+        f"edgefed local: {opts.method}, {opts.agents} agents{tiers}, {opts.rounds} rounds in "
+        f"{workdir}",
+        file=out,
+        flush=True,
+    )
+    started = time.monotonic()
+    print(
+        f"preparing base model {opts.model} (converted once, then cached)...", file=out, flush=True
+    )
+    info = prepare_model(opts.model)
+    print(
+        f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}",
+        file=out,
+        flush=True,
+    )
+    agent_ids = [f"agent-{i + 1}" for i in range(opts.agents)]
+    split = make_demo_split(
+        opts.agents,
+        per_agent=opts.per_agent,
+        alpha=opts.alpha,
+        seed=opts.seed,
+        n_eval=opts.eval_examples,
+    )
+    files = write_demo(workdir / "data", split)
+    data_of = _named_for_agents(files, agent_ids)
+    # each agent evaluates a disjoint shard of the held-out set; the weighted mean is the whole
+    shards = [split.eval[i :: opts.agents] for i in range(opts.agents)]
+    for i, shard in enumerate(shards):
+        (workdir / "data" / f"eval-{i + 1}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in shard), encoding="utf-8"
+        )
+    members = deal(agent_ids, opts.regions) if opts.regions else {}
+    participants = list(members) or agent_ids  # who joins this aggregator
+    keys = None if opts.insecure else make_keys(workdir, participants)
+
+    method_params: dict[str, Any] = {
+        "lora": {"r": opts.rank, "alpha": 2.0 * opts.rank},
+        "train": {"steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr},
+        "eval": {"max_examples": max(len(s) for s in shards)},
+    }
+    from protocol.methods import PARAMS
+
+    # the common blocks this method's parameters have (a method may have no LoRA, say)
+    fields = PARAMS[opts.method].model_fields if opts.method in PARAMS else {}
+    method_params = {k: v for k, v in method_params.items() if k in fields}
+    for key, value in (opts.method_params or {}).items():
+        if isinstance(value, dict) and isinstance(method_params.get(key), dict):
+            method_params[key] = {**method_params[key], **value}
+        else:
+            method_params[key] = value
+    limits = opts.agent_limits or {}
+    unknown = sorted(set(limits) - set(agent_ids))
+    if unknown:
+        raise AggregatorError(f"--agent-limit names no such agent: {', '.join(unknown)}")
+    raw: dict[str, Any] = {
+        "server": {
+            "bind": "tcp://127.0.0.1:0",
+            "state_dir": str(workdir / "state"),
+            "heartbeat_interval": 1.0,
+            "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
+            "metrics_port": opts.metrics_port,
+        },
+        "security": {"regions": list(members)}
+        | (
+            {"insecure": True}
+            if keys is None
+            else {"secret_key": str(keys["server_secret"]), "allow_dir": str(keys["allow"])}
+        ),
+        "run": {
+            "method": opts.method,
+            "rounds": opts.rounds,
+            "min_agents": len(participants),
+            "model": opts.model,
+            "model_sha256": info["sha256"],
+            "model_dir": info["path"],
+            "public_data": str(files["public"]),
+            "quant": opts.quant,
+            "seed": opts.seed,
+            "round_deadline_s": 1800.0,
+        },
+        "method": method_params,
+    }
+    config: AggregatorConfig = build_config(raw, source="local")
+    table = RoundTable(out)
+    service = AggregatorService(
+        config, BaseModelRef(name=opts.model, sha256=info["sha256"]), on_round=table
+    )
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            service.run()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            service.bound.set()
+
+    thread = threading.Thread(target=serve, name="aggregator", daemon=True)
+    thread.start()
+    service.bound.wait()
+    if errors:
+        raise errors[0]
+    threads = max(1, (os.cpu_count() or 1) // opts.agents)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Any] = []
+    try:
+        if members:
+            region_run = {k: raw["run"][k] for k in ("method", "model", "model_sha256",
+                                                     "model_dir", "quant", "seed")}  # fmt: skip
+            links, procs, logs = start_regions(workdir, members, service.endpoint, keys, region_run)
+        else:
+            links = {
+                a: AgentLink(
+                    service.endpoint,
+                    keys["dir"] / f"{a}.key_secret" if keys else None,
+                    keys["server_public"] if keys else None,
+                )
+                for a in agent_ids
+            }
+        for i, agent_id in enumerate(agent_ids):
+            cfg_path = workdir / f"{agent_id}.toml"
+            link = links[agent_id]
+            security: dict[str, object] = (
+                {"insecure": True}
+                if link.secret_key is None
+                else {
+                    "secret_key": str(link.secret_key),
+                    "server_public_key": str(link.server_public_key),
+                }
+            )
+            write_agent_config(
+                cfg_path,
+                {
+                    "agent": {
+                        "id": agent_id,
+                        "aggregator": link.endpoint,
+                        "state_dir": str(workdir / agent_id),
+                        "model": opts.model,
+                        "data": str(data_of[agent_id]),
+                        "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
+                        "threads": threads,
+                        "heartbeat_interval": 1.0,
+                        "liveness": 15,
+                        "memory_limit": _int_or_none(limits.get(agent_id, {}).get("memory")),
+                        "bandwidth_limit_mbps": limits.get(agent_id, {}).get("bandwidth"),
+                    },
+                    "security": security,
+                },
+            )
+            log_file = open(workdir / "logs" / f"{agent_id}.log", "wb")  # noqa: SIM115
+            logs.append(log_file)
+            procs.append(
+                subprocess.Popen(
+                    [*agent_command(), "run", "--config", str(cfg_path)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        print(
+            f"started {len(procs) or len(agent_ids)} agent processes; logs in {workdir / 'logs'}",
+            file=out,
+            flush=True,
+        )
+        if service.metrics.port is not None:
+            url = f"http://127.0.0.1:{service.metrics.port}/metrics"
+            print(f"metrics: {url}", file=out, flush=True)
+        ticker = Ticker(service, out)
+        while thread.is_alive():
+            thread.join(0.5)
+            ticker.poll()
+            dead = [p for p in procs if p.poll() is not None]
+            if len(dead) == len(procs):
+                service.should_exit.set()
+                thread.join()
+                raise AggregatorError(
+                    f"every agent exited before the run finished; see {workdir / 'logs'}"
+                )
+        if errors:
+            raise errors[0]
+    finally:
+        service.should_exit.set()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    exported = service.export(workdir / "export")
+    result: dict[str, Any] = {
+        "adapter": str(exported["adapter"]),
+        "rounds": trained_rounds(table.rows),
+    }
+    if "model" in exported:  # full-parameter methods (ferret) export a whole model
+        result["model"] = str(exported["model"])
+        print(f"exported fine-tuned model: {exported['model']}", file=out)
+    else:
+        print(f"exported PEFT adapter: {exported['adapter']}", file=out)
+    if opts.merge:
+        merged = merge_into_base(
+            Path(info["path"]),
+            workdir / "export" / "merged",
+            service.method.state()[0],
+            _lora_of(service),
+        )
+        result["merged"] = str(merged)
+        print(f"exported merged model: {merged}", file=out)
+    result["rows"] = [r.as_metrics() | r.method | {"round": r.round} for r in table.rows]
+    result["seconds"] = time.monotonic() - started
+    print(f"done in {result['seconds']:.0f} s", file=out, flush=True)
+    (workdir / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _lora_of(service: AggregatorService) -> Any:
+    params = getattr(service.method, "params", None)
+    lora = getattr(params, "lora", None)
+    if lora is None:
+        raise AggregatorError(f"method {service.config.run.method} has no LoRA adapter to merge")
+    return lora
+
+
+def _named_for_agents(files: dict[str, Path], agent_ids: list[str]) -> dict[str, Path]:
+    """Rename the demo split's 0-based ``agent-<i>.jsonl`` for the agent that trains on it
+    (``agent_ids[i]``, 1-based), so that agent-1's config and log name ``agent-1.jsonl``.
+    Renamed from the last, so that no file is overwritten before it has moved."""
+    out: dict[str, Path] = {}
+    for i in reversed(range(len(agent_ids))):
+        source = files[f"agent-{i}"]
+        target = source.with_name(f"{agent_ids[i]}.jsonl")
+        if source != target:
+            source.rename(target)
+        out[agent_ids[i]] = target
+    return out
+
+
+def trained_rounds(rows: list[Any]) -> int:
+    """Rounds that trained: the table's row 0 is the initial evaluation, not a round."""
+    return sum(1 for row in rows if row.round > 0)

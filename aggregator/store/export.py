@@ -1,0 +1,110 @@
+"""Export of the global result: a PEFT adapter directory, and optionally a merged model.
+
+The adapter directory is what ``peft.PeftModel.from_pretrained(base, dir)`` loads: an
+``adapter_config.json`` and ``adapter_model.safetensors`` with peft's state-dict names. It is
+written without importing peft, so the aggregator needs no model libraries for this.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aggregator.errors import StateError
+from aggregator.store.checkpoint import atomic_write_bytes
+from protocol.methods._common import LoraParams
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+
+
+def adapter_config(lora: LoraParams, *, base_model_name: str) -> dict[str, object]:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(lora.target_modules),
+        "rank_pattern": dict(lora.rank_pattern),
+        "alpha_pattern": {},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+
+
+def write_peft_adapter(
+    out_dir: Path,
+    state: Mapping[str, torch.Tensor],
+    lora: LoraParams,
+    *,
+    base_model_name: str,
+) -> dict[str, Path]:
+    if not state:
+        raise StateError("there is no global adapter to export yet (no round has completed)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / ADAPTER_WEIGHTS
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_bytes(weights, tmp.read_bytes())
+    tmp.unlink()
+    config = out_dir / ADAPTER_CONFIG
+    body = json.dumps(adapter_config(lora, base_model_name=base_model_name), indent=2)
+    atomic_write_bytes(config, body.encode())
+    return {"adapter": out_dir, "weights": weights, "config": config}
+
+
+def _lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, a in state.items():
+        if not name.endswith(".lora_A.weight"):
+            continue
+        module = name[: -len(".lora_A.weight")]
+        b = state.get(module + ".lora_B.weight")
+        if b is None:
+            raise StateError(f"adapter has {name} but no matching lora_B")
+        base_name = module.removeprefix(_PREFIX) + ".weight"
+        pairs[base_name] = (a, b)
+    return pairs
+
+
+def merge_into_base(
+    base_dir: Path, out_dir: Path, state: Mapping[str, torch.Tensor], lora: LoraParams
+) -> Path:
+    """Write ``base + scaling·B·A`` as a standalone model directory (no inference overhead)."""
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise StateError(f"{base_dir} holds no safetensors weights to merge into")
+    pairs = _lora_pairs(state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged_names: set[str] = set()
+    for file in files:
+        weights = load_file(str(file))
+        for name, (a, b) in pairs.items():
+            if name in weights:
+                scaling = lora.alpha / a.shape[0]  # peft: lora_alpha / r of this module
+                w = weights[name]
+                delta = (b.to(torch.float32) @ a.to(torch.float32)) * scaling
+                weights[name] = (w.to(torch.float32) + delta).to(w.dtype)
+                merged_names.add(name)
+        save_file(weights, str(out_dir / file.name), metadata={"format": "pt"})
+    missing = set(pairs) - merged_names
+    if missing:
+        raise StateError(f"base model has no weights for {sorted(missing)[:3]}")
+    for extra in base_dir.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors" and not extra.name.startswith("."):
+            shutil.copy2(extra, out_dir / extra.name)
+    return out_dir

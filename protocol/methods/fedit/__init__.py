@@ -1,0 +1,8 @@
+"""FedIT (federated LoRA, FedAvg weighted by examples): its task parameters and payload conventions
+(the wire spec). The files of this folder are named for their roles; the registry imports
+`Params` from here. It may import `protocol` only (no torch training, no transformers or peft).
+"""
+
+from protocol.methods.fedit.spec import Params
+
+__all__ = ["Params"]

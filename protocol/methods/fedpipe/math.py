@@ -1,0 +1,133 @@
+"""FedPipe's shared names and ΔW math: adapters of different ranks in ``ΔW = (alpha/r)·B·A``.
+
+Names: a module ``model.layers.3.mlp.up_proj`` has the peft keys
+``base_model.model.model.layers.3.mlp.up_proj.lora_A.weight`` ``[r, in]`` and
+``...lora_B.weight`` ``[out, r]``; peft scales its output by ``alpha / r`` (no alpha pattern).
+
+Aggregation (server): the example-weighted mean of the agents' ``ΔW_a`` is kept as a low-rank
+sum, exactly: with ``w_a = n_a / Σn`` and ``s_a = alpha / r_a``,
+
+    ΔW = Σ_a w_a·s_a·B_a·A_a = [w_1 s_1 B_1 | … | w_k s_k B_k] · [A_1; …; A_k] = P·Q
+
+(float64). Its SVD comes from two thin QRs, ``P = Q_P R_P``, ``Qᵀ = Q_Q R_Q``, and the SVD of
+the small ``R_P·R_Qᵀ = U' S V'ᵀ``: ``U = Q_P U'``, ``V = Q_Q V'``. Never a dense ``out × in``
+product: the server's memory and the checkpoint grow with the ranks, not with the model.
+The global is kept as peft factors at its own rank ``R`` (singular values above
+``RANK_RTOL · s_max``): ``B_R = U_R·√S_R·√(R/alpha)``, ``A_R = √S_R·V_Rᵀ·√(R/alpha)``, float32,
+components in decreasing singular value.
+
+Truncation for an agent of rank ``r``: ``B = B_R[:, :r]·√(r/R)``, ``A = A_R[:r]·√(r/R)``, so
+``(alpha/r)·B·A = U_r S_r V_rᵀ``, the best rank-r approximation (Eckart–Young). When ``r > R``
+the missing components get ``B`` columns of zero and the seeded ``A`` rows of
+``edge_agent.training.lora`` (rows ``R..r-1`` of the seeded ``[r, in]`` matrix of that key), so they can
+train while ``(alpha/r)·B·A`` is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from protocol import randomness
+
+PEFT_PREFIX = "base_model.model."
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+RANK_RTOL = 1e-6
+"""Singular values below this share of the largest are dropped from the global (float32
+cannot hold them next to the largest anyway)."""
+
+
+def keys(module: str) -> tuple[str, str]:
+    """The peft state-dict keys ``(lora_A, lora_B)`` of ``module``."""
+    return f"{PEFT_PREFIX}{module}{A_SUFFIX}", f"{PEFT_PREFIX}{module}{B_SUFFIX}"
+
+
+def module_of(key: str) -> str | None:
+    """The module of a peft ``lora_A``/``lora_B`` key, else None."""
+    for suffix in (A_SUFFIX, B_SUFFIX):
+        if key.startswith(PEFT_PREFIX) and key.endswith(suffix):
+            return key[len(PEFT_PREFIX) : -len(suffix)]
+    return None
+
+
+def ranks_of(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Rank per module of a peft adapter state (its ``lora_A`` rows)."""
+    out: dict[str, int] = {}
+    for key, t in state.items():
+        module = module_of(key)
+        if module is not None and key.endswith(A_SUFFIX):
+            out[module] = int(t.shape[0])
+    return out
+
+
+def seeded_a(a_key: str, r: int, in_features: int, seed: int) -> torch.Tensor:
+    """The seeded initial ``lora_A`` of ``edge_agent.training.lora`` (float32 ``[r, in]``)."""
+    u = randomness.uniform(randomness.stream_key(seed, a_key), r * in_features)
+    values = ((2.0 * u - 1.0) / math.sqrt(in_features)).astype(np.float32)
+    return torch.from_numpy(values.reshape(r, in_features))
+
+
+def delta(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Dense ``ΔW = (alpha/r)·B·A`` in float64 (for tests and checks)."""
+    return (alpha / a.shape[0]) * (b.double() @ a.double())
+
+
+class LowRankSum:
+    """The running ``Σ w·(alpha/r)·B·A`` of one module, kept as stacked factors (float64)."""
+
+    def __init__(self) -> None:
+        self.left: list[torch.Tensor] = []
+        self.right: list[torch.Tensor] = []
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float, alpha: float) -> None:
+        self.left.append(b.double() * (weight * alpha / a.shape[0]))
+        self.right.append(a.double())
+
+    def svd(self, total_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, S, Vᵀ)`` of the weighted mean ``ΔW`` (thin, float64, S descending)."""
+        p = torch.cat(self.left, dim=1) / total_weight
+        q = torch.cat(self.right, dim=0)
+        q_p, r_p = torch.linalg.qr(p, mode="reduced")
+        q_q, r_q = torch.linalg.qr(q.T, mode="reduced")
+        u_small, s, vh_small = torch.linalg.svd(r_p @ r_q.T, full_matrices=False)
+        return q_p @ u_small, s, (q_q @ vh_small.T).T
+
+
+def global_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft factors ``(A_R, B_R)`` (float32) at the global's own rank ``R``."""
+    keep = int((s > RANK_RTOL * float(s[0])).sum()) if s.numel() and float(s[0]) > 0 else 0
+    r = max(keep, 1)  # an all-zero ΔW keeps one zero component: peft needs rank >= 1
+    root = torch.sqrt(s[:r].clamp(min=0) * (r / alpha))
+    if keep == 0:
+        root = torch.zeros(r, dtype=s.dtype)
+    a = (root[:, None] * vh[:r]).to(torch.float32).contiguous()
+    b = (u[:, :r] * root[None, :]).to(torch.float32).contiguous()
+    return a, b
+
+
+def truncate(
+    a_glob: torch.Tensor,
+    b_glob: torch.Tensor,
+    r: int,
+    *,
+    a_key: str,
+    init_seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``r`` peft factors whose ``(alpha/r)·B·A`` is the best rank-r approximation of the
+    global ``(alpha/R)·B_R·A_R`` (components in decreasing singular value)."""
+    big_r, in_f = a_glob.shape
+    keep = min(r, big_r)
+    scale = math.sqrt(r / big_r)
+    a = torch.empty(r, in_f, dtype=torch.float32)
+    b = torch.zeros(b_glob.shape[0], r, dtype=torch.float32)
+    a[:keep] = a_glob[:keep] * scale
+    b[:, :keep] = b_glob[:, :keep] * scale
+    if keep < r:
+        a[keep:] = seeded_a(a_key, r, in_f, init_seed)[keep:]
+    return a, b

@@ -1,0 +1,185 @@
+"""FedPipe: importance-selected weights, per-agent ranks, batch and precision, mixed-rank FedAvg.
+
+Fang et al., "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of Large
+Language Models" (2024). Four parts, all server-driven:
+
+1. **Selection.** Before round 1 every agent runs a *score* task: per weight matrix ``W`` of
+   the decoder's linear layers (``lora.target_modules``), the importance
+   ``s = Σ_batches Σ_ij |W_ij · ∂L/∂W_ij|`` (divided by ``W.numel()`` when
+   ``score.normalize = "mean"``) over ``score.batches`` batches of its own data. The server
+   averages the scores weighted by examples and adapts the top ``select.count`` (or
+   ``select.fraction``) matrices only.
+2. **Per-agent configuration.** For each training round the server solves, from each agent's
+   profile, the LoRA rank of every selected matrix (one rank per importance tier), the batch
+   size and the base precision that minimise the slowest agent's estimated round time under
+   its memory and a total-rank floor (``aggregator/methods/fedpipe/plan.py`` and
+   ``_fedpipe_solve.py``).
+3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples; each
+   agent is then sent the truncated SVD of the global ``ΔW`` at its own ranks.
+4. **Precision by memory**: the planner's choice travels as ``TaskAssign.quant``.
+
+Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and
+``.lora_B.weight`` ``[out, r]``; ``<module>`` e.g. ``model.layers.3.mlp.up_proj``):
+
+- ``TaskAssign(kind="score")``: :class:`Params`; no blob. Its ``TaskResult`` carries blob
+  ``scores``, a ``dense`` payload of one float32 tensor of shape ``[1]`` per candidate matrix,
+  named by its module (``model.layers.3.mlp.up_proj``), and metric ``tokens_mean`` (padded
+  tokens per example in the scoring batches, which the server's time model uses);
+  ``num_examples`` = examples scored.
+- ``TaskAssign(kind="train", round=r)``: :class:`Params` with ``ranks`` = this agent's rank per
+  selected module, ``train.batch_size`` / ``train.steps`` = its batch and step count; from
+  round 2 on, blob ``global``: a ``lora`` payload with exactly those ranks, scaled so that
+  ``(alpha / r)·B·A`` is the best rank-r approximation of the global ``ΔW`` (components past
+  the global's rank: seeded ``A`` rows, zero ``B`` columns). Round 1 carries none: every agent
+  builds the seeded adapter of ``edge_agent.training.lora`` (``lora.init_seed``) at its ranks.
+  ``TaskResult``: blob ``update``, a ``lora`` payload of the same names and shapes.
+- ``TaskAssign(kind="eval", round=r)``: blob ``global``, the global ``ΔW`` of round ``r`` as
+  exact LoRA factors (per module, rank = the global's rank, at most the sum of the round's
+  ranks); the agent evaluates base + that adapter. Result: metrics only.
+
+A regional tier (``Hello.role = "region"``) is planned no ranks: its score task is an agent's;
+its train and eval tasks carry ``selected`` and, from round 2 on, the global as exact factors
+(the eval task's blob). It answers a score task with its agents' example-weighted mean scores
+and a train task with its agents' mean ``ΔW`` as exact factors of any rank up to
+``min(out, in)`` per module (scaled like the global: ``(alpha/R)·B·A``), ``num_examples`` = its
+agents' total; the server folds that in like any update: ``Σ_R W_R·ΔW_R = Σ_a n_a·ΔW_a``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from protocol.methods._common import (
+    EvalParams,
+    LoraParams,
+    ModuleName,
+    StrictParams,
+    TrainParams,
+)
+
+NAME = "fedpipe"
+GLOBAL_BLOB = "global"
+UPDATE_BLOB = "update"
+SCORE_BLOB = "scores"
+TOKENS_MEAN = "tokens_mean"
+
+TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""The decoder's linear layers: the candidates for adaptation."""
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8", "nf4")
+"""Base precisions, most precise first (the planner prefers the earlier at equal time)."""
+
+Rank = Annotated[int, Field(ge=1, le=1024)]
+Precision = Literal["fp32", "bf16", "int8", "nf4"]
+
+
+class FedpipeLora(LoraParams):
+    """LoRA shape: ``r`` is the nominal rank (the capacity floor is counted in it), ``alpha``
+    gives every module the scaling ``alpha / its rank``; ranks are chosen per agent."""
+
+    target_modules: Annotated[tuple[ModuleName, ...], Field(min_length=1, max_length=32)] = TARGETS
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _no_pattern(cls, value: dict[str, int]) -> dict[str, int]:
+        if value:
+            raise ValueError("fedpipe chooses ranks per agent; leave rank_pattern empty")
+        return value
+
+
+class ScoreParams(StrictParams):
+    """The importance pass each agent runs once, before round 1."""
+
+    batches: Annotated[int, Field(ge=1, le=10_000)] = 4
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    max_len: Annotated[int, Field(ge=8, le=32768)] = 128
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    normalize: Literal["mean", "sum"] = "mean"
+    """``mean``: the score of a matrix is per entry (big and small matrices compare fairly);
+    ``sum``: the plain sum, which favours the big MLP matrices."""
+
+
+class SelectParams(StrictParams):
+    """How many of the scored matrices are adapted: ``count`` if given, else ``fraction``."""
+
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    count: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+
+def _sorted_unique(values: tuple[int, ...]) -> tuple[int, ...]:
+    if len(set(values)) != len(values):
+        raise ValueError("values must be distinct")
+    return tuple(sorted(values))
+
+
+class PlanParams(StrictParams):
+    """The per-agent configuration space and the constraints of the solve."""
+
+    ranks: Annotated[tuple[Rank, ...], Field(min_length=1, max_length=16)] = (2, 4, 8, 16)
+    batch_sizes: Annotated[
+        tuple[Annotated[int, Field(ge=1, le=4096)], ...], Field(min_length=1, max_length=16)
+    ] = (1, 2, 4, 8)
+    quants: Annotated[tuple[Precision, ...], Field(min_length=1, max_length=4)] = (
+        "bf16",
+        "int8",
+        "nf4",
+    )
+    tiers: Annotated[int, Field(ge=1, le=4)] = 2
+    """Selected matrices are split by importance into this many tiers, one rank per tier
+    (a more important tier never gets a smaller rank)."""
+    capacity: Annotated[float, Field(ge=0, le=64)] = 0.5
+    """Floor on the round's total rank: ``Σ_agents Σ_modules rank >= capacity · agents ·
+    modules · lora.r`` (relaxed, with a warning, when no configuration can meet it)."""
+    memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of an agent's available memory the model of its need may use."""
+    default_bandwidth_mbps: Annotated[float, Field(gt=0, le=1e6)] = 100.0
+    """Used for an agent that has reported no bandwidth yet."""
+    examples_per_round: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    """Examples each agent trains on per round (default ``train.steps · train.batch_size``);
+    an agent with batch ``b`` runs ``ceil(examples_per_round / b)`` steps."""
+
+    @field_validator("ranks", "batch_sizes")
+    @classmethod
+    def _grid(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return _sorted_unique(value)
+
+    @field_validator("quants")
+    @classmethod
+    def _distinct_quants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("quants must be distinct")
+        return value
+
+
+class Params(StrictParams):
+    lora: FedpipeLora = FedpipeLora()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    score: ScoreParams = ScoreParams()
+    select: SelectParams = SelectParams()
+    plan: PlanParams = PlanParams()
+    max_examples: Annotated[int, Field(ge=1, le=10**9)] = 10_000_000
+    """An update or score claiming more examples than this is rejected."""
+    ranks: Annotated[dict[ModuleName, Rank], Field(max_length=4096)] = {}
+    """Set by the server in each train task: this agent's rank per selected module."""
+    selected: Annotated[tuple[ModuleName, ...], Field(max_length=4096)] = ()
+    """Set by the server in a task for a regional tier (``Hello.role = "region"``): the selected
+    modules, most important first. The tier plans its own agents' ranks over them; ``ranks`` is
+    then empty."""
+
+    @model_validator(mode="after")
+    def _ranks_in_grid(self) -> Params:
+        bad = sorted({r for r in self.ranks.values() if r > max(self.plan.ranks)})
+        if bad:
+            raise ValueError(f"ranks {bad} exceed the largest planned rank {max(self.plan.ranks)}")
+        return self

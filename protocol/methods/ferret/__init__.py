@@ -1,0 +1,9 @@
+"""Ferret (full-parameter updates sent as seeds and coefficients): its task parameters and payload
+conventions (the wire spec). The files of this folder are named for their roles; the registry
+imports `Params` from here. It may import `protocol` only (no torch training, no transformers or
+peft).
+"""
+
+from protocol.methods.ferret.spec import Params
+
+__all__ = ["Params"]
