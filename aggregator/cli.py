@@ -77,7 +77,7 @@ def serve(
                 "security": {"insecure": insecure},
             },
         )
-        from aggregator.export_layout import KINDS
+        from aggregator.store.export_layout import KINDS
 
         service = AggregatorService(config, _model_ref(config))
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -335,10 +335,10 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
 )
 def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | None) -> None:
     """Export the global result as a PEFT adapter directory (and optionally merged)."""
-    from aggregator.export_layout import KINDS, export_result
     from aggregator.methods import MethodContext, server_methods
     from aggregator.store.checkpoint import CheckpointStore
     from aggregator.store.export import merge_into_base
+    from aggregator.store.export_layout import KINDS, export_result
 
     try:
         ledger = _open_ledger(state_dir)

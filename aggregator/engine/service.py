@@ -23,8 +23,8 @@ import zmq.auth
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
-from aggregator.metrics import ServiceMetrics
 from aggregator.ops.config import AggregatorConfig
+from aggregator.ops.metrics import ServiceMetrics
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
@@ -279,8 +279,8 @@ class AggregatorService:
                 self._send(sock, out)
 
     def export(self, out_dir: Path) -> dict[str, Path]:
-        """The result under ``out_dir/<kind>`` (see :mod:`aggregator.export_layout`)."""
-        from aggregator.export_layout import export_result
+        """The result under ``out_dir/<kind>`` (see :mod:`aggregator.store.export_layout`)."""
+        from aggregator.store.export_layout import export_result
 
         run = self.config.run
         return export_result(

@@ -27,9 +27,9 @@ from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
 from aggregator.local.demo_data import make_demo_split, write_demo
 from aggregator.local.options import LocalOptions
+from aggregator.local.progress import Ticker
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
-from aggregator.local_progress import Ticker
 from aggregator.ops.config import AggregatorConfig, build_config
 from aggregator.store.export import merge_into_base
 from protocol.messages import BaseModelRef

@@ -37,7 +37,7 @@ class ServerSection(_Section):
     grant_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     """A granted upload that has not arrived after this long frees its slot."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
-    """Serve Prometheus metrics on this port (``aggregator.metrics``); unset: no endpoint."""
+    """Serve Prometheus metrics on this port (``aggregator.ops.metrics``); unset: no endpoint."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics endpoint listens on (``0.0.0.0`` for a scraper on another host)."""
     keep_updates: bool = False
@@ -117,7 +117,7 @@ def build_config(
 ) -> AggregatorConfig:
     """Validate a config mapping; relative paths resolve against ``base``. With ``check_files``
     every file the config names must exist and the secret key must load (one pass for all)."""
-    from aggregator.preflight import file_problems, method_problems
+    from aggregator.ops.preflight import file_problems, method_problems
 
     problems: list[str] = []
     config: AggregatorConfig | None = None
@@ -189,7 +189,7 @@ def load_config(
     path: Path, overrides: dict[str, dict[str, Any]] | None = None, *, check_files: bool = True
 ) -> AggregatorConfig:
     """Read ``path`` (TOML), apply ``overrides`` per section, validate everything at once
-    (with ``check_files``, the files it names too: see :mod:`aggregator.preflight`)."""
+    (with ``check_files``, the files it names too: see :mod:`aggregator.ops.preflight`)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

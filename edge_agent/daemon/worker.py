@@ -21,12 +21,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from edge_agent import truncation
 from edge_agent.daemon.link import agent_log
 from edge_agent.daemon.outbox import Outbox
 from edge_agent.daemon.workspace import AgentWorkspace
 from edge_agent.errors import EdgeAgentError
 from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutput
+from edge_agent.training import truncation
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import Buffer, encode, frames_nbytes
 from protocol.messages import ErrorReply, TaskAssign, TaskResult

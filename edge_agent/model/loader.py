@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from edge_agent import quiet
+from edge_agent.daemon import quiet
 from edge_agent.errors import ModelError
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from edge_agent import truncation
 from edge_agent.errors import ConfigError, DataError
+from edge_agent.training import truncation
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_len: int) -> list[
     Sequences longer than ``max_len`` are cut so that the response keeps room: the prompt keeps
     its last ``max(max_len - len(response), max_len // 2)`` tokens (the end of a prompt, where the
     assistant header is, matters most) and the response is cut on the right. How many were cut,
-    and by how much, is logged and counted in the task's metrics (:mod:`edge_agent.truncation`).
+    and by how much, is logged and counted in the task's metrics (:mod:`edge_agent.training.truncation`).
     """
     if max_len < 2:
         raise ConfigError(f"max_len must be at least 2, got {max_len}")

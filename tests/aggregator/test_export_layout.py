@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from aggregator.cli import main
 from aggregator.engine.service import AggregatorService
-from aggregator.export_layout import HUB_IDS, KINDS, base_reference, export_result
 from aggregator.methods.fedit.server import FeditServer
+from aggregator.store.export_layout import HUB_IDS, KINDS, base_reference, export_result
 from protocol.methods import NAMES
 
 

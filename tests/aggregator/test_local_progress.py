@@ -6,7 +6,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from aggregator.local_progress import Ticker
+from aggregator.local.progress import Ticker
 
 
 class Engine:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent import truncation
+from edge_agent.training import truncation
 from edge_agent.training.data import Example, tokenize
 
 
@@ -25,7 +25,7 @@ def test_truncation_is_logged_and_counted_for_the_task(
     max_len = full[0] + 4
     assert full[1] > max_len
     with (
-        caplog.at_level(logging.WARNING, logger="edge_agent.truncation"),
+        caplog.at_level(logging.WARNING, logger="edge_agent.training.truncation"),
         truncation.collecting() as cut,
     ):
         tokenize([short, long, long], tokenizer, max_len)
