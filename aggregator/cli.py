@@ -13,18 +13,15 @@ from typing import Any
 import click
 
 from aggregator.errors import AggregatorError
+from protocol.logformat import FORMATS, LogFormat, configure
 from protocol.methods import NAMES
 
 log = logging.getLogger("aggregator")
 
 
-def _logging(verbose: int) -> None:
+def _logging(verbose: int, log_format: LogFormat = "text") -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(level, log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str) -> None:
@@ -47,12 +44,28 @@ def main() -> None:
 @click.option("--bind", default=None, help="Override server.bind.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--insecure", is_flag=True, default=None, help="Disable CURVE (not for production).")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Override server.metrics_port (Prometheus)."
+)
 @click.option("-v", "--verbose", count=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as JSON objects (one per line).",
+)
 def serve(
-    config_path: Path, bind: str | None, state_dir: Path | None, insecure: bool | None, verbose: int
+    config_path: Path,
+    bind: str | None,
+    state_dir: Path | None,
+    insecure: bool | None,
+    metrics_port: int | None,
+    verbose: int,
+    log_format: LogFormat,
 ) -> None:
     """Run the aggregator service from a TOML config."""
-    _logging(max(verbose, 1))
+    _logging(max(verbose, 1), log_format)
     from aggregator.engine.service import AggregatorService
     from aggregator.ops.config import load_config
 
@@ -60,17 +73,20 @@ def serve(
         config = load_config(
             config_path,
             {
-                "server": {"bind": bind, "state_dir": state_dir},
+                "server": {"bind": bind, "state_dir": state_dir, "metrics_port": metrics_port},
                 "security": {"insecure": insecure},
             },
         )
+        from aggregator.store.export_layout import KINDS
+
         service = AggregatorService(config, _model_ref(config))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: service.should_exit.set())
         code = service.run()
         if service.engine.finished and config.run.export_dir is not None:
             exported = service.export(config.run.export_dir)
-            click.echo(f"exported: {exported['adapter']}")
+            kind = KINDS.get(config.run.method, "adapter")
+            click.echo(f"exported {kind}: {exported[kind]}")
     except AggregatorError as exc:
         _fail(str(exc))
     sys.exit(code)
@@ -151,6 +167,12 @@ def region(config_path: Path, verbose: int) -> None:
     type=click.IntRange(0, 64),
     help="Put the agents behind this many regional tiers (their own processes; 0: none).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT during the run (0: any free port).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -172,6 +194,7 @@ def local(
     agent_limits: tuple[str, ...],
     params: tuple[str, ...],
     regions: int,
+    metrics_port: int | None,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
@@ -205,6 +228,7 @@ def local(
         method_params=method_params,
         agent_limits=limits,
         regions=regions,
+        metrics_port=metrics_port,
     )
     try:
         run_local(opts)
@@ -314,6 +338,7 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
     from aggregator.methods import MethodContext, server_methods
     from aggregator.store.checkpoint import CheckpointStore
     from aggregator.store.export import merge_into_base
+    from aggregator.store.export_layout import KINDS, export_result
 
     try:
         ledger = _open_ledger(state_dir)
@@ -335,8 +360,16 @@ def export(state_dir: Path, out: Path, round_: int | None, merge_into: Path | No
         )
         method = server_methods()[run["method"]](cfg.get("method", {}), context)
         method.restore(tensors, manifest.meta)
-        written = method.export(out / "adapter", base_model_name=cfg["run"]["model"])
-        click.echo(f"exported round {manifest.round}: {written['adapter']}")
+        kind = KINDS.get(run["method"], "adapter")
+        written = export_result(
+            method,
+            run["method"],
+            out,
+            model=cfg["run"]["model"],
+            model_dir=Path(model_dir) if model_dir else None,
+            round_=manifest.round,
+        )
+        click.echo(f"exported round {manifest.round} ({kind}): {written[kind]}")
         if merge_into is not None:
             lora = getattr(getattr(method, "params", None), "lora", None)
             if lora is None:

@@ -24,6 +24,7 @@ from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
+from aggregator.ops.metrics import ServiceMetrics
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
@@ -60,13 +61,22 @@ class AggregatorService:
         self.method = method
         self.ledger = Ledger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
+        self.metrics = ServiceMetrics()
+        self.metrics.time_storage(self.ledger, self.store)
+        user_on_round = on_round if callable(on_round) else None
+
+        def round_done(summary: RoundSummary) -> None:
+            self.metrics.round_done(summary)
+            if user_on_round is not None:
+                user_on_round(summary)
+
         self.engine = RoundEngine(
             config,
             self.method,
             model,
             ledger=self.ledger,
             store=self.store,
-            on_round=on_round if callable(on_round) else None,
+            on_round=round_done,
             driven=driven,
             on_phase=on_phase,
         )
@@ -109,6 +119,7 @@ class AggregatorService:
         frames = out.frames()
         try:
             sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
+            self.metrics.sent(frames)
         except zmq.Again:
             log.warning("agent %s: send queue full, message dropped", out.agent_id)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
@@ -123,6 +134,7 @@ class AggregatorService:
 
     def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
         identity = bytes(frames[0].buffer)
+        self.metrics.received(frames[1:])
         try:
             agent_id = identity.decode("ascii")
         except UnicodeDecodeError:
@@ -148,9 +160,13 @@ class AggregatorService:
             self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
             return
         try:
-            for out in self.engine.on_message(agent_id, msg, now):
+            replies = self.engine.on_message(agent_id, msg, now)
+            self.metrics.answered(msg.header, replies)
+            for out in replies:
                 self._send(sock, out)
         except ProtocolError as exc:
+            if isinstance(msg.header, TaskResult):
+                self.metrics.refused(exc.code)
             log.warning("agent %s: %s", agent_id, exc)
             self._send(sock, Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc))))
         except StateError:
@@ -203,6 +219,14 @@ class AggregatorService:
     def run(self) -> int:
         """Serve until the run is finished or ``should_exit``; return an exit code."""
         self.engine.start()
+        server = self.config.server
+        if server.metrics_port is not None:
+            try:
+                self.metrics.serve(server.metrics_port, server.metrics_host)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {server.metrics_host}:{server.metrics_port}: {exc}"
+                ) from None
         sock = self._socket()
         try:
             backlog = self._self_test(sock) if self.auth is not None else []
@@ -222,6 +246,7 @@ class AggregatorService:
                 self.auth.stop()
             self.ledger.close()
             self.ctx.term()
+            self.metrics.close()
         return 0
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -244,6 +269,7 @@ class AggregatorService:
                     self._handle(sock, frames, time.monotonic())
             for out in self.engine.tick(time.monotonic()):
                 self._send(sock, out)
+            self.metrics.live_agents(len(self.engine.registry.live()))
             if self.engine.finished:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
@@ -253,7 +279,13 @@ class AggregatorService:
                 self._send(sock, out)
 
     def export(self, out_dir: Path) -> dict[str, Path]:
-        return self.method.export(out_dir, base_model_name=self.config.run.model)
+        """The result under ``out_dir/<kind>`` (see :mod:`aggregator.store.export_layout`)."""
+        from aggregator.store.export_layout import export_result
+
+        run = self.config.run
+        return export_result(
+            self.method, run.method, out_dir, model=run.model, model_dir=run.model_dir
+        )
 
 
 __all__ = ["AggregatorService", "RoundSummary"]

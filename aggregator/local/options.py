@@ -39,6 +39,8 @@ class LocalOptions:
     """Per agent id, simulated limits: ``memory`` (bytes) and ``bandwidth`` (Mbit/s)."""
     regions: int = 0
     """Regional tiers to put the agents behind (0: they join the aggregator directly)."""
+    metrics_port: int | None = None
+    """Serve the aggregator's Prometheus metrics on this loopback port (0: any free port)."""
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,

@@ -27,6 +27,7 @@ from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
 from aggregator.local.demo_data import make_demo_split, write_demo
 from aggregator.local.options import LocalOptions
+from aggregator.local.progress import Ticker
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
 from aggregator.ops.config import AggregatorConfig, build_config
@@ -99,6 +100,9 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         flush=True,
     )
     started = time.monotonic()
+    print(
+        f"preparing base model {opts.model} (converted once, then cached)...", file=out, flush=True
+    )
     info = prepare_model(opts.model)
     print(
         f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}",
@@ -114,6 +118,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         n_eval=opts.eval_examples,
     )
     files = write_demo(workdir / "data", split)
+    data_of = _named_for_agents(files, agent_ids)
     # each agent evaluates a disjoint shard of the held-out set; the weighted mean is the whole
     shards = [split.eval[i :: opts.agents] for i in range(opts.agents)]
     for i, shard in enumerate(shards):
@@ -149,6 +154,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "state_dir": str(workdir / "state"),
             "heartbeat_interval": 1.0,
             "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
+            "metrics_port": opts.metrics_port,
         },
         "security": {"regions": list(members)}
         | (
@@ -225,7 +231,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "aggregator": link.endpoint,
                         "state_dir": str(workdir / agent_id),
                         "model": opts.model,
-                        "data": str(files[f"agent-{i}"]),
+                        "data": str(data_of[agent_id]),
                         "eval_data": str(workdir / "data" / f"eval-{i + 1}.jsonl"),
                         "threads": threads,
                         "heartbeat_interval": 1.0,
@@ -245,8 +251,18 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                     stderr=subprocess.STDOUT,
                 )
             )
+        print(
+            f"started {len(procs) or len(agent_ids)} agent processes; logs in {workdir / 'logs'}",
+            file=out,
+            flush=True,
+        )
+        if service.metrics.port is not None:
+            url = f"http://127.0.0.1:{service.metrics.port}/metrics"
+            print(f"metrics: {url}", file=out, flush=True)
+        ticker = Ticker(service, out)
         while thread.is_alive():
             thread.join(0.5)
+            ticker.poll()
             dead = [p for p in procs if p.poll() is not None]
             if len(dead) == len(procs):
                 service.should_exit.set()
@@ -269,8 +285,11 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                 p.wait()
         for f in logs:
             f.close()
-    exported = service.export(workdir / "export" / "adapter")
-    result: dict[str, Any] = {"adapter": str(exported["adapter"]), "rounds": len(table.rows)}
+    exported = service.export(workdir / "export")
+    result: dict[str, Any] = {
+        "adapter": str(exported["adapter"]),
+        "rounds": trained_rounds(table.rows),
+    }
     if "model" in exported:  # full-parameter methods (ferret) export a whole model
         result["model"] = str(exported["model"])
         print(f"exported fine-tuned model: {exported['model']}", file=out)
@@ -302,3 +321,22 @@ def _lora_of(service: AggregatorService) -> Any:
     if lora is None:
         raise AggregatorError(f"method {service.config.run.method} has no LoRA adapter to merge")
     return lora
+
+
+def _named_for_agents(files: dict[str, Path], agent_ids: list[str]) -> dict[str, Path]:
+    """Rename the demo split's 0-based ``agent-<i>.jsonl`` for the agent that trains on it
+    (``agent_ids[i]``, 1-based), so that agent-1's config and log name ``agent-1.jsonl``.
+    Renamed from the last, so that no file is overwritten before it has moved."""
+    out: dict[str, Path] = {}
+    for i in reversed(range(len(agent_ids))):
+        source = files[f"agent-{i}"]
+        target = source.with_name(f"{agent_ids[i]}.jsonl")
+        if source != target:
+            source.rename(target)
+        out[agent_ids[i]] = target
+    return out
+
+
+def trained_rounds(rows: list[Any]) -> int:
+    """Rounds that trained: the table's row 0 is the initial evaluation, not a round."""
+    return sum(1 for row in rows if row.round > 0)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from edge_agent.daemon import quiet
 from edge_agent.errors import ModelError
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def load_base(
     if quant not in QUANTS:
         raise ModelError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANTS)}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quiet.quantized_base(quant in ("nf4", "int8"))
     kwargs: dict[str, Any] = {"device_map": {"": dev}, "dtype": torch.float32}
     if quant == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
