@@ -14,18 +14,15 @@ from typing import Any
 import click
 
 from aggregator.errors import AggregatorError
+from protocol.logformat import FORMATS, LogFormat, configure
 from protocol.methods import NAMES
 
 log = logging.getLogger("aggregator")
 
 
-def _logging(verbose: int) -> None:
+def _logging(verbose: int, log_format: LogFormat = "text") -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(level, log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str) -> None:
@@ -53,20 +50,32 @@ def main() -> None:
     is_flag=True,
     help="Exit (0) once no run is active or queued, instead of waiting for the next one.",
 )
+@click.option(
+    "--metrics-port", type=int, default=None, help="Override server.metrics_port (Prometheus)."
+)
 @click.option("-v", "--verbose", count=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as JSON objects (one per line).",
+)
 def serve(
     config_path: Path,
     bind: str | None,
     state_dir: Path | None,
     insecure: bool | None,
     exit_when_done: bool,
+    metrics_port: int | None,
     verbose: int,
+    log_format: LogFormat,
 ) -> None:
     """Run the aggregator service from a TOML config, until SIGTERM.
 
     The config's [run] is the first run; more are queued with `runs submit` and run one after
     the other. Agents stay connected between runs."""
-    _logging(max(verbose, 1))
+    _logging(max(verbose, 1), log_format)
     from aggregator.engine.service import AggregatorService
     from aggregator.errors import DiskFull
     from aggregator.ops.config import load_config
@@ -76,7 +85,7 @@ def serve(
         config = load_config(
             config_path,
             {
-                "server": {"bind": bind, "state_dir": state_dir},
+                "server": {"bind": bind, "state_dir": state_dir, "metrics_port": metrics_port},
                 "security": {"insecure": insecure},
             },
         )
@@ -198,6 +207,12 @@ def region(config_path: Path, verbose: int) -> None:
     help="demo (built-in synthetic set), natural-instructions (prepared in the workdir), or a "
     "directory written by `edgefed-aggregator data natural-instructions`.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT during the run (0: any free port).",
+)
 @click.option("-v", "--verbose", count=True)
 def local(
     method: str,
@@ -223,6 +238,7 @@ def local(
     dp_epsilon: float | None,
     dp_mode: str,
     data: str,
+    metrics_port: int | None,
     verbose: int,
 ) -> None:
     """The main job on one machine: aggregator + N agent processes on loopback."""
@@ -263,6 +279,7 @@ def local(
         regions=regions,
         privacy=local_privacy(secagg=secagg, dp_epsilon=dp_epsilon, dp_mode=dp_mode),
         data=data,
+        metrics_port=metrics_port,
     )
     try:
         run_local(opts)
@@ -425,6 +442,7 @@ def export(
     from aggregator.methods import MethodContext, server_methods
     from aggregator.store.checkpoint import CheckpointStore
     from aggregator.store.export import merge_into_base
+    from aggregator.store.export_layout import KINDS, export_result
 
     try:
         ledger = _open_ledger(state_dir)
@@ -447,8 +465,16 @@ def export(
         )
         method = server_methods()[record["method"]](cfg.get("method", {}), context)
         method.restore(tensors, manifest.meta)
-        written = method.export(out / "adapter", base_model_name=cfg["run"]["model"])
-        click.echo(f"exported run {run_id} round {manifest.round}: {written['adapter']}")
+        kind = KINDS.get(record["method"], "adapter")
+        written = export_result(
+            method,
+            record["method"],
+            out,
+            model=cfg["run"]["model"],
+            model_dir=Path(model_dir) if model_dir else None,
+            round_=manifest.round,
+        )
+        click.echo(f"exported round {manifest.round} ({kind}): {written[kind]}")
         if merge_into is not None:
             lora = getattr(getattr(method, "params", None), "lora", None)
             if lora is None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edge_agent.errors import EdgeAgentError
+from protocol.logformat import FORMATS, LogFormat, configure
 
 if TYPE_CHECKING:
     from edge_agent.daemon.daemon import Daemon
@@ -68,14 +69,9 @@ def _signal_handlers(daemon: Daemon) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, log_format: LogFormat = "text") -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    configure(level, log_format, "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
 @click.group(
@@ -105,12 +101,24 @@ def main() -> None:
     help="No CURVE encryption or authentication (trusted test networks only).",
 )
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
-def run(config_path: Path, aggregator: str | None, insecure: bool, verbose: int) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as JSON objects (one per line).",
+)
+def run(
+    config_path: Path, aggregator: str | None, insecure: bool, verbose: int, log_format: LogFormat
+) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
     from edge_agent.daemon.config import load_config
     from edge_agent.daemon.daemon import Daemon
 
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format)
+    from edge_agent.daemon import quiet
+
+    quiet.install()
     overrides: dict[str, dict[str, Any]] = {
         "agent": {"aggregator": aggregator},
         "security": {"insecure": True if insecure else None},

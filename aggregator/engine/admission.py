@@ -24,6 +24,12 @@ from protocol import PROTOCOL_VERSIONS
 from protocol.errors import ErrorCode, VersionMismatch
 from protocol.messages import BaseModelRef, ErrorReply, Hello, negotiate
 
+
+class Waiting(str):
+    """A reason from ``admit`` that is a normal, passing wait (SLoRA computing its switch to
+    LoRA), logged at INFO; any other reason is logged as a WARNING (the operator may act)."""
+
+
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +107,8 @@ class Admission:
                 out.append(agent_id)
             elif agent_id not in self.refused:
                 self.refused.add(agent_id)
-                log.warning("agent %s not assigned %s: %s", agent_id, self.method_name, reason)
+                level = logging.INFO if isinstance(reason, Waiting) else logging.WARNING
+                log.log(level, "agent %s not assigned %s: %s", agent_id, self.method_name, reason)
         return out
 
     def view(self, agent_id: str) -> AgentView:

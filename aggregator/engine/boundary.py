@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import StateError
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameLike, decode
-from protocol.messages import ErrorReply
+from protocol.messages import ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ INTERNAL = "internal error; see the aggregator log"
 class MessageBoundary:
     """Decode a message, hand it to the engine, turn every failure into an ErrorReply."""
 
-    def __init__(self, engine: RoundEngine) -> None:
+    def __init__(self, engine: RoundEngine, metrics: Any = None) -> None:
         self.engine = engine
+        self.metrics = metrics
+        """Counts answers and refused results (:class:`aggregator.ops.metrics.ServiceMetrics`)."""
         self.dropped = 0
         """Messages that did not decode (each answered with an ErrorReply)."""
         self.internal_errors = 0
@@ -58,8 +61,13 @@ class MessageBoundary:
             log.warning("agent %s: malformed message: %.300s", agent_id, exc)
             return [Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc)))]
         try:
-            return self.engine.on_message(agent_id, msg, now)
+            replies = self.engine.on_message(agent_id, msg, now)
+            if self.metrics is not None:
+                self.metrics.answered(msg.header, replies)
+            return replies
         except ProtocolError as exc:
+            if self.metrics is not None and isinstance(msg.header, TaskResult):
+                self.metrics.refused(exc.code)
             log.warning("agent %s: %.300s", agent_id, exc)
             return [Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc)))]
         except StateError:

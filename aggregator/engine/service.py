@@ -32,6 +32,7 @@ from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
+from aggregator.ops.metrics import ServiceMetrics
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
 from aggregator.ops.sessions import Sessions
 from aggregator.privacy.wrap import private_method
@@ -69,7 +70,16 @@ class AggregatorService:
         check_writable(state)  # a read-only state dir: one clear error before SQLite opens it
         self.model = model
         self.ledger = Ledger(state / "ledger.sqlite")
-        self._on_round = on_round if callable(on_round) else None
+        self.metrics = ServiceMetrics()
+        self.metrics.time_storage(ledger=self.ledger)
+        user_on_round = on_round if callable(on_round) else None
+
+        def round_done(summary: RoundSummary) -> None:
+            self.metrics.round_done(summary)
+            if user_on_round is not None:
+                user_on_round(summary)
+
+        self._on_round = round_done
         self._driven, self._on_phase = driven, on_phase
         self.lifecycle: Lifecycle | None = None
         self.exit_when_done = exit_when_done
@@ -88,7 +98,7 @@ class AggregatorService:
         self.endpoint = ""
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.auth: AllowListAuthenticator | None = None
-        self.boundary = MessageBoundary(self.engine)
+        self.boundary = MessageBoundary(self.engine, self.metrics)
         self.sessions = Sessions(None)
 
     @property
@@ -111,6 +121,7 @@ class AggregatorService:
         self.method = method
         state = config.server.state_dir
         self.store = CheckpointStore(state / "checkpoints", keep=config.server.keep_checkpoints)
+        self.metrics.time_storage(store=self.store)
         model = self.model if self.lifecycle is None else _model_of(config)
         engine = RoundEngine(
             config,
@@ -127,10 +138,16 @@ class AggregatorService:
         return engine
 
     def _export(self, engine: RoundEngine) -> None:
-        out = engine.config.run.export_dir
-        if out is not None:
-            written = engine.method.export(out, base_model_name=engine.config.run.model)
-            log.info("run %s exported: %s", engine.run_id, written["adapter"])
+        """A finished run's result under ``run.export_dir/<kind>``, as ``export --out`` lays it."""
+        from aggregator.store.export_layout import KINDS, export_result
+
+        run = engine.config.run
+        if run.export_dir is not None:
+            written = export_result(
+                engine.method, run.method, run.export_dir, model=run.model, model_dir=run.model_dir
+            )
+            kind = KINDS.get(run.method, "adapter")
+            log.info("run %s exported (%s): %s", engine.run_id, kind, written[kind])
 
     def _socket(self) -> zmq.Socket[bytes]:
         server = self.config.server
@@ -171,6 +188,7 @@ class AggregatorService:
             return
         try:
             sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
+            self.metrics.sent(frames)
         except zmq.Again:
             log.warning("agent %s: send queue full, message dropped", out.agent_id)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
@@ -188,6 +206,7 @@ class AggregatorService:
 
     def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
         identity = bytes(frames[0].buffer)
+        self.metrics.received(frames[1:])
         try:
             agent_id = identity.decode("ascii")
         except UnicodeDecodeError:
@@ -262,6 +281,14 @@ class AggregatorService:
         """Serve until the run is finished or ``should_exit``; return an exit code."""
         if self.lifecycle is None:
             self.engine.start()
+        server = self.config.server
+        if server.metrics_port is not None:
+            try:
+                self.metrics.serve(server.metrics_port, server.metrics_host)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {server.metrics_host}:{server.metrics_port}: {exc}"
+                ) from None
         sock = self._socket()
         if self.lifecycle is not None:
             self.admin = AdminServer(self.ctx, self.config.server.state_dir, self._admin)
@@ -285,6 +312,7 @@ class AggregatorService:
                 self.auth.stop()
             self.ledger.close()
             self.ctx.term()
+            self.metrics.close()
         return 0
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -316,6 +344,7 @@ class AggregatorService:
                 continue
             for out in self.engine.tick(time.monotonic()):
                 self._send(sock, out)
+            self.metrics.live_agents(len(self.engine.registry.live()))
             if self.engine.finished:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
@@ -364,7 +393,13 @@ class AggregatorService:
         return reply
 
     def export(self, out_dir: Path) -> dict[str, Path]:
-        return self.method.export(out_dir, base_model_name=self.config.run.model)
+        """The result under ``out_dir/<kind>`` (see :mod:`aggregator.store.export_layout`)."""
+        from aggregator.store.export_layout import export_result
+
+        run = self.engine.config.run
+        return export_result(
+            self.engine.method, run.method, out_dir, model=run.model, model_dir=run.model_dir
+        )
 
 
 def _model_of(config: AggregatorConfig) -> BaseModelRef:

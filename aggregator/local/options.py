@@ -43,6 +43,8 @@ class LocalOptions:
     """The run's ``[privacy]`` section (``--secagg``, ``--dp-epsilon``)."""
     data: str = "demo"
     """``demo``, ``natural-instructions`` or a split directory (:mod:`aggregator.local.data`)."""
+    metrics_port: int | None = None
+    """Serve the aggregator's Prometheus metrics on this loopback port (0: any free port)."""
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,

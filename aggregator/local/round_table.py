@@ -1,12 +1,15 @@
 """The table ``edgefed-aggregator local`` prints: one row per round as rounds finish.
 
-Each row has the round's agents, train and eval loss, eval Rouge-L and exact match, bytes up and down per
-agent, the round's time and the method's own metrics; when agents report more than their bytes
+Each row has the round's agents, train and eval loss, eval Rouge-L and exact match, bytes up
+and down per agent, the round's time (row 0: from the table's creation, so agents starting and
+loading the model count) and the method's own metrics; when agents report more than their bytes
 (a method's notes), one line per agent follows.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TextIO
 
 from aggregator.engine.engine import RoundSummary
@@ -20,9 +23,12 @@ class RoundTable:
         f"{'up/agent':>10} {'down/agent':>10} {'time s':>7}"
     )
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.rows: list[RoundSummary] = []
+        self.clock = clock
+        self.started = clock()
+        """Row 0's time runs from here (agents starting, loading the model, the first eval)."""
         print(self.HEADER, file=out, flush=True)
 
     @staticmethod
@@ -33,11 +39,12 @@ class RoundTable:
         self.rows.append(s)
         up = _human(s.bytes_up) if s.round > 0 else "-"
         down = _human(s.bytes_down) if s.round > 0 else "-"
+        seconds = s.seconds if s.round else self.clock() - self.started
         print(
             f"{s.round:>5} {s.agents if s.round else '-':>6} {self._fmt(s.train_loss, '.4f'):>10} "
             f"{self._fmt(s.eval_loss, '.4f'):>9} {self._fmt(s.eval_rouge_l, '.4f'):>7} "
             f"{self._fmt(s.eval_em, '.3f'):>7} "
-            f"{up:>10} {down:>10} {s.seconds if s.round else 0:>7.1f}"
+            f"{up:>10} {down:>10} {seconds:>7.1f}"
             + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples"),
             file=self.out,
             flush=True,

@@ -27,6 +27,7 @@ from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
 from aggregator.local.data import DEMO, method_overrides, prepare_local_data
 from aggregator.local.options import LocalOptions
+from aggregator.local.progress import Ticker
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
 from aggregator.ops.config import AggregatorConfig, build_config
@@ -99,6 +100,9 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         flush=True,
     )
     started = time.monotonic()
+    print(
+        f"preparing base model {opts.model} (converted once, then cached)...", file=out, flush=True
+    )
     info = prepare_model(opts.model)
     print(
         f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}",
@@ -149,6 +153,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
             "heartbeat_interval": 1.0,
             "liveness": 15,  # a method may hold the loop for seconds (SLoRA's SVD switch)
             "max_message_bytes": 2 << 30,  # as the agents' limit: fedavg sends whole models
+            "metrics_port": opts.metrics_port,
         },
         "security": {"regions": list(members)}
         | (
@@ -246,8 +251,18 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                     stderr=subprocess.STDOUT,
                 )
             )
+        print(
+            f"started {len(procs) or len(agent_ids)} agent processes; logs in {workdir / 'logs'}",
+            file=out,
+            flush=True,
+        )
+        if service.metrics.port is not None:
+            url = f"http://127.0.0.1:{service.metrics.port}/metrics"
+            print(f"metrics: {url}", file=out, flush=True)
+        ticker = Ticker(service, out)
         while thread.is_alive():
             thread.join(0.5)
+            ticker.poll()
             dead = [p for p in procs if p.poll() is not None]
             if len(dead) == len(procs):
                 service.should_exit.set()
@@ -270,8 +285,11 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                 p.wait()
         for f in logs:
             f.close()
-    exported = service.export(workdir / "export" / "adapter")
-    result: dict[str, Any] = {"adapter": str(exported["adapter"]), "rounds": len(table.rows)}
+    exported = service.export(workdir / "export")
+    result: dict[str, Any] = {
+        "adapter": str(exported["adapter"]),
+        "rounds": trained_rounds(table.rows),
+    }
     if "model" in exported:  # full-parameter methods (ferret) export a whole model
         result["model"] = str(exported["model"])
         print(f"exported fine-tuned model: {exported['model']}", file=out)
@@ -303,3 +321,22 @@ def _lora_of(service: AggregatorService) -> Any:
     if lora is None:
         raise AggregatorError(f"method {service.config.run.method} has no LoRA adapter to merge")
     return lora
+
+
+def _named_for_agents(files: dict[str, Path], agent_ids: list[str]) -> dict[str, Path]:
+    """Rename the demo split's 0-based ``agent-<i>.jsonl`` for the agent that trains on it
+    (``agent_ids[i]``, 1-based), so that agent-1's config and log name ``agent-1.jsonl``.
+    Renamed from the last, so that no file is overwritten before it has moved."""
+    out: dict[str, Path] = {}
+    for i in reversed(range(len(agent_ids))):
+        source = files[f"agent-{i}"]
+        target = source.with_name(f"{agent_ids[i]}.jsonl")
+        if source != target:
+            source.rename(target)
+        out[agent_ids[i]] = target
+    return out
+
+
+def trained_rounds(rows: list[Any]) -> int:
+    """Rounds that trained: the table's row 0 is the initial evaluation, not a round."""
+    return sum(1 for row in rows if row.round > 0)

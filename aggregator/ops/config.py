@@ -37,6 +37,10 @@ class ServerSection(_Section):
     """Results larger than this wait for a grant; smaller ones (metrics, Ferret) go at once."""
     grant_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     """A granted upload that has not arrived after this long frees its slot."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Serve Prometheus metrics on this port (``aggregator.ops.metrics``); unset: no endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on (``0.0.0.0`` for a scraper on another host)."""
     keep_updates: bool = False
     """Keep every accepted update's payload on disk after its round commits (an audit trail);
     by default a round's stored updates are deleted once it commits (only the open round's are
@@ -107,11 +111,15 @@ def _problems(exc: ValidationError) -> list[str]:
 
 
 def build_config(
-    raw: dict[str, Any], *, source: str = "config", base: Path | None = None
+    raw: dict[str, Any],
+    *,
+    source: str = "config",
+    base: Path | None = None,
+    check_files: bool = False,
 ) -> AggregatorConfig:
-    """Validate a config mapping; relative paths resolve against ``base``."""
-    from protocol.errors import ProtocolError
-    from protocol.methods import parse_params
+    """Validate a config mapping; relative paths resolve against ``base``. With ``check_files``
+    every file the config names must exist and the secret key must load (one pass for all)."""
+    from aggregator.ops.preflight import file_problems, method_problems
 
     problems: list[str] = []
     config: AggregatorConfig | None = None
@@ -119,11 +127,10 @@ def build_config(
         config = AggregatorConfig.model_validate(raw)
     except ValidationError as exc:
         problems += _problems(exc)
+    problems += method_problems(raw)
+    if check_files:
+        problems += file_problems(raw, base)
     if config is not None:
-        try:
-            parse_params(config.run.method, config.method)
-        except ProtocolError as exc:
-            problems.append(f"method: {exc}")
         if not config.security.insecure and (
             config.security.secret_key is None or config.security.allow_dir is None
         ):
@@ -192,8 +199,11 @@ def _resolve_paths(config: AggregatorConfig, base: Path) -> AggregatorConfig:
     )
 
 
-def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> AggregatorConfig:
-    """Read ``path`` (TOML), apply ``overrides`` per section, validate everything at once."""
+def load_config(
+    path: Path, overrides: dict[str, dict[str, Any]] | None = None, *, check_files: bool = True
+) -> AggregatorConfig:
+    """Read ``path`` (TOML), apply ``overrides`` per section, validate everything at once
+    (with ``check_files``, the files it names too: see :mod:`aggregator.ops.preflight`)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -204,4 +214,4 @@ def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) 
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return build_config(raw, source=str(path), base=path.parent.resolve())
+    return build_config(raw, source=str(path), base=path.parent.resolve(), check_files=check_files)

@@ -161,8 +161,8 @@ def parse_config(
             where = ".".join(str(p) for p in error["loc"]) or "top"
             problems.append(f"{where}: {_problem(error)}")
     problems += _cross_checks(data)
-    if config is not None and check_files:
-        problems += _file_checks(config)
+    if check_files:
+        problems += _file_checks(data)
     if problems:
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
     assert config is not None
@@ -218,19 +218,31 @@ def _cross_checks(data: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _file_checks(config: AgentConfig) -> list[str]:
+def _file_checks(data: Mapping[str, Any]) -> list[str]:
+    """Files named in the (already path-resolved) raw tables, checked even when other fields
+    are wrong, so that one pass reports every problem."""
     problems: list[str] = []
-    agent, security = config.agent, config.security
-    files: list[tuple[str, Path | None]] = [("agent.data", agent.data)]
-    files.append(("agent.eval_data", agent.eval_data))
-    if not security.insecure:
+    agent = data.get("agent")
+    agent = agent if isinstance(agent, Mapping) else {}
+    security = data.get("security", {})
+    security = security if isinstance(security, Mapping) else {}
+    files: list[tuple[str, Any]] = [
+        ("agent.data", agent.get("data")),
+        ("agent.eval_data", agent.get("eval_data")),
+    ]
+    if security.get("insecure", False) is not True:
         files += [
-            ("security.secret_key", security.secret_key),
-            ("security.server_public_key", security.server_public_key),
+            ("security.secret_key", security.get("secret_key")),
+            ("security.server_public_key", security.get("server_public_key")),
         ]
     for name, file in files:
-        if file is not None and not file.is_file():
-            problems.append(f"{name}: file not found: {file}")
-    if agent.state_dir.exists() and not agent.state_dir.is_dir():
-        problems.append(f"agent.state_dir: not a directory: {agent.state_dir}")
+        if isinstance(file, str | Path) and not Path(file).is_file():
+            problems.append(f"{name}: missing file: {file}")
+    state_dir = agent.get("state_dir")
+    if (
+        isinstance(state_dir, str | Path)
+        and Path(state_dir).exists()
+        and not Path(state_dir).is_dir()
+    ):
+        problems.append(f"agent.state_dir: not a directory: {state_dir}")
     return problems

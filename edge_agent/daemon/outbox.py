@@ -50,7 +50,8 @@ class Outbox:
         self._mutex = threading.Lock()
         self._lock_fd: int | None = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.directory, 0o700)  # results are private: owner only, also outside systemd
         except OSError as exc:
             raise OutboxError(
                 f"{self.directory}: cannot create the outbox ({exc.strerror or exc})"
@@ -78,6 +79,7 @@ class Outbox:
             final = self.directory / name
             try:
                 save_message(temp, frames)
+                os.chmod(temp, 0o600)
                 _fsync_path(temp)
                 os.replace(temp, final)
                 _fsync_path(self.directory)

@@ -26,6 +26,7 @@ from edge_agent.daemon.outbox import Outbox
 from edge_agent.daemon.workspace import AgentWorkspace
 from edge_agent.errors import EdgeAgentError
 from edge_agent.methods import ClientMethod, MethodFactory, TaskInput, TaskOutput
+from edge_agent.training import truncation
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import Buffer, encode, frames_nbytes
 from protocol.messages import ErrorReply, TaskAssign, TaskResult
@@ -157,12 +158,15 @@ class Worker:
         started = time.monotonic()
         try:
             method = self._method(assign.method)
-            output = method.run(
-                TaskInput(
-                    assign=assign, params=job.params, blobs=job.blobs, agent_id=self.agent_id
-                ),
-                self.workspace,
-            )
+            with truncation.collecting() as cut:
+                output = method.run(
+                    TaskInput(
+                        assign=assign, params=job.params, blobs=job.blobs, agent_id=self.agent_id
+                    ),
+                    self.workspace,
+                )
+            if cut.examples:
+                output.metrics.update(cut.metrics())
             frames = self._result_frames(assign, output)
         except (EdgeAgentError, ProtocolError) as exc:
             if self._stop.is_set():

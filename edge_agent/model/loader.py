@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from edge_agent.daemon import quiet
 from edge_agent.errors import ModelError
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ def load_base(
     if quant not in QUANTS:
         raise ModelError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANTS)}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quiet.quantized_base(quant in ("nf4", "int8"))
     if dtype is None:
         dtype = compute_dtype_name(quant, dev)
     if dtype not in ("bf16", "fp32") or (quant in ("fp32", "bf16") and dtype != quant):

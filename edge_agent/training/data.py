@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from edge_agent.errors import ConfigError, DataError
+from edge_agent.training import truncation
 
 logger = logging.getLogger(__name__)
 
@@ -288,15 +289,18 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_len: int) -> list[
 
     Sequences longer than ``max_len`` are cut so that the response keeps room: the prompt keeps
     its last ``max(max_len - len(response), max_len // 2)`` tokens (the end of a prompt, where the
-    assistant header is, matters most) and the response is cut on the right.
+    assistant header is, matters most) and the response is cut on the right. How many were cut,
+    and by how much, is logged and counted in the task's metrics (:mod:`edge_agent.training.truncation`).
     """
     if max_len < 2:
         raise ConfigError(f"max_len must be at least 2, got {max_len}")
     out: list[TokenizedExample] = []
+    counts = truncation.Truncation()
     for example in examples:
         prompt, response = render(example, tokenizer)
         p_ids = _encode(tokenizer, prompt, add_special=_adds_special(example, tokenizer))
         r_ids = _encode(tokenizer, response, add_special=False)
+        counts.cut(len(p_ids) + len(r_ids), max_len)
         if len(p_ids) + len(r_ids) > max_len:
             keep_p = min(len(p_ids), max(max_len - len(r_ids), max_len // 2))
             p_ids = p_ids[len(p_ids) - keep_p :]
@@ -304,6 +308,7 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_len: int) -> list[
         out.append(
             TokenizedExample(input_ids=p_ids + r_ids, labels=[IGNORE_INDEX] * len(p_ids) + r_ids)
         )
+    truncation.report(counts, max_len)  # logged, and added to the running task's metrics
     return out
 
 

@@ -40,9 +40,32 @@ def parse_params(method: str, params: Mapping[str, Any]) -> BaseModel:
     except KeyError:
         raise UnknownMethod(f"unknown method {method!r}; known: {sorted(PARAMS)}") from None
     try:
-        return model.model_validate(dict(params))
+        return model.model_validate(_over_defaults(model, params))
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
         )
         raise BadParams(f"invalid {method} parameters: {problems}") from None
+
+
+def _over_defaults(model: type[BaseModel], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with every block the user gave only in part (``[method.train]`` holding just
+    ``steps``) completed from that block's default in ``model``: Ferret's ``train`` default
+    sets ``lr=0.01``, and a user who sets only ``steps`` keeps it."""
+    merged = dict(params)
+    for name, field in model.model_fields.items():
+        default, given = field.default, merged.get(name)
+        if isinstance(default, BaseModel) and isinstance(given, Mapping):
+            merged[name] = _merge(default.model_dump(), given)
+    return merged
+
+
+def _merge(default: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(default)
+    for key, value in given.items():
+        below = merged.get(key)
+        if isinstance(below, Mapping) and isinstance(value, Mapping):
+            merged[key] = _merge(below, value)
+        else:
+            merged[key] = value
+    return merged

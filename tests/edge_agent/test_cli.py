@@ -43,7 +43,7 @@ PROFILE = {
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     # The daemon's logging setup would point the root logger at CliRunner's closed streams.
-    monkeypatch.setattr(edge_agent.cli, "_setup_logging", lambda verbose: None)
+    monkeypatch.setattr(edge_agent.cli, "_setup_logging", lambda verbose, log_format="text": None)
     for name in [k for k in os.environ if k.startswith("EDGEFED_AGENT")]:
         monkeypatch.delenv(name)
     return CliRunner()
@@ -130,7 +130,7 @@ def test_run_with_missing_data_or_unreachable_model_exits_2(
     result = runner.invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"error: {config}: agent.data: file not found: {tmp_path / 'train.jsonl'}\n"
+        f"error: {config}: agent.data: missing file: {tmp_path / 'train.jsonl'}\n"
     )
 
 

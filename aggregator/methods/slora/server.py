@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from aggregator.engine.admission import Waiting
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from aggregator.methods._targets import Shapes, is_target, target_shapes
@@ -237,7 +238,9 @@ class SloraServer:
         job = self._job
         if job is not None and job.is_alive():  # never waits: the engine asks for every agent
             waited = time.monotonic() - self._job_since
-            return f"switching to LoRA: the SVDs of the sparse update ({waited:.0f} s so far)"
+            return Waiting(
+                f"switching to LoRA: the SVDs of the sparse update ({waited:.0f} s so far)"
+            )
         return None
 
     def _settle(self) -> None:

@@ -101,11 +101,13 @@ def test_every_problem_is_listed_in_one_error(files: Path) -> None:
     assert fields == [
         "agent.aggregator",
         "agent.colour",
+        "agent.data",
         "agent.holdout_fraction",
         "agent.id",
         "agent.liveness",
         "agent.reconnect_max",
         "extra",
+        "security.secret_key",
         "security.server_public_key",
     ]
     text = str(info.value)
@@ -125,11 +127,23 @@ def test_missing_files_are_reported_together(files: Path) -> None:
         load_config(path)
     lines = str(info.value).splitlines()
     assert lines == [
-        f"{path}: agent.data: file not found: {files / 'nope.jsonl'}",
-        f"{path}: agent.eval_data: file not found: {files / 'eval.jsonl'}",
-        f"{path}: security.secret_key: file not found: {files / 'keys' / 'x'}",
+        f"{path}: agent.data: missing file: {files / 'nope.jsonl'}",
+        f"{path}: agent.eval_data: missing file: {files / 'eval.jsonl'}",
+        f"{path}: security.secret_key: missing file: {files / 'keys' / 'x'}",
     ]
     load_config(path, check_files=False)  # the same file is valid when files are not checked
+
+
+def test_field_errors_do_not_hide_missing_files(files: Path) -> None:
+    path = write(
+        files,
+        '[agent]\nid = "edge-1"\ndata = "nope.jsonl"\nliveness = 0\n[security]\ninsecure = true\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "agent.liveness:" in text
+    assert f"agent.data: missing file: {files / 'nope.jsonl'}" in text
 
 
 def test_missing_agent_table_and_required_fields(tmp_path: Path) -> None:

@@ -1,0 +1,97 @@
+"""What ``serve``/``region``/``local`` need on disk, checked with the config's fields.
+
+:func:`file_problems` validates each section alone, so a field error elsewhere does not hide a
+missing key file, and reports every file that is missing or unusable: the CURVE secret key (a
+missing file is called missing, not "Invalid certificate file"), the allow-list directory, the
+public data, the model directory and the upstream keys. Nothing is created here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+def _section(raw: Mapping[str, Any], name: str, model: type[BaseModel]) -> Any:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return model.model_validate(dict(value))
+    except ValidationError:
+        return None  # its field errors are reported by build_config
+
+
+def _fix(base: Path | None) -> Callable[[Path | None], Path | None]:
+    def fix(path: Path | None) -> Path | None:
+        if path is None or base is None or path.is_absolute():
+            return path
+        return base / path
+
+    return fix
+
+
+def _secret_key(name: str, path: Path | None) -> list[str]:
+    import zmq.auth
+
+    if path is None:
+        return []
+    if not path.is_file():
+        return [f"{name}: missing file: {path}"]
+    try:
+        _, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        return [f"{name}: not a CURVE key file ({exc}): {path}"]
+    if secret is None:
+        return [f"{name}: holds no secret key (a .key_secret file is needed): {path}"]
+    return []
+
+
+def file_problems(raw: Mapping[str, Any], base: Path | None) -> list[str]:
+    """Every missing or unusable file the config names; paths resolve against ``base``."""
+    from aggregator.ops.config import RunSection, SecuritySection, UpstreamSection
+
+    fix = _fix(base)
+    problems: list[str] = []
+    security = _section(raw, "security", SecuritySection)
+    if security is not None and not security.insecure:
+        problems += _secret_key("security.secret_key", fix(security.secret_key))
+        allow = fix(security.allow_dir)
+        if allow is not None and not allow.is_dir():
+            problems.append(f"security.allow_dir: missing directory: {allow}")
+    run = _section(raw, "run", RunSection)
+    if run is not None:
+        public = fix(run.public_data)
+        if public is not None and not public.is_file():
+            problems.append(f"run.public_data: missing file: {public}")
+        model_dir = fix(run.model_dir)
+        if model_dir is not None and not model_dir.is_dir():
+            problems.append(f"run.model_dir: missing directory: {model_dir}")
+    upstream = raw.get("upstream")
+    up = _section(raw, "upstream", UpstreamSection) if isinstance(upstream, Mapping) else None
+    if up is not None and not up.insecure:
+        problems += _secret_key("upstream.secret_key", fix(up.secret_key))
+        server = fix(up.server_public_key)
+        if server is not None and not server.is_file():
+            problems.append(f"upstream.server_public_key: missing file: {server}")
+    return problems
+
+
+def method_problems(raw: Mapping[str, Any]) -> list[str]:
+    """The method's parameters (``lr``, ``r``...), checked even when other fields are wrong."""
+    from protocol.errors import ProtocolError
+    from protocol.methods import parse_params
+
+    run = raw.get("run", {})
+    method = run.get("method", "fedit") if isinstance(run, Mapping) else "fedit"
+    params = raw.get("method", {})
+    if not isinstance(method, str) or not isinstance(params, Mapping):
+        return []  # the field errors say why
+    try:
+        parse_params(method, params)
+    except ProtocolError as exc:
+        return [f"method: {exc}"]
+    return []
