@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import zmq.auth
-
 from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
 from aggregator.local.demo_data import make_demo_split, write_demo
 from aggregator.local.options import LocalOptions
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
+from aggregator.local.workdir import make_keys, write_agent_config
 from aggregator.ops.config import AggregatorConfig, build_config
 from aggregator.store.export import merge_into_base
 from protocol.messages import BaseModelRef
@@ -52,37 +51,6 @@ def prepare_model(model: str, cache: Path | None = None) -> dict[str, str]:
         raise AggregatorError(f"preparing model {model!r} failed: {tail}")
     info: dict[str, str] = json.loads(proc.stdout)
     return info
-
-
-def make_keys(workdir: Path, agent_ids: list[str]) -> dict[str, Path]:
-    keys = workdir / "keys"
-    allow = keys / "allow"
-    for d in (keys, allow):
-        d.mkdir(parents=True, exist_ok=True)
-    pub, secret = zmq.auth.create_certificates(str(keys), "aggregator")
-    os.chmod(secret, 0o600)
-    for agent_id in agent_ids:
-        a_pub, a_secret = zmq.auth.create_certificates(str(keys), agent_id)
-        os.chmod(a_secret, 0o600)
-        shutil.copy(a_pub, allow / Path(a_pub).name)
-    return {"server_public": Path(pub), "server_secret": Path(secret), "allow": allow, "dir": keys}
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def write_agent_config(path: Path, values: dict[str, dict[str, object]]) -> None:
-    lines: list[str] = []
-    for section, items in values.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in items.items() if v is not None]
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
