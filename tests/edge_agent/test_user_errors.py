@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
-from aggregator.local.run import write_agent_config
+from aggregator.local.workdir import write_agent_config
+
+UNREACHABLE = "no answer from the aggregator"
+"""The start of the message both tests wait for before they stop the agent."""
 
 
 def free_port() -> int:
@@ -37,9 +43,22 @@ def run_agent(tmp: Path, model_dir: Path, endpoint: str, security: dict[str, obj
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )  # fmt: skip
-    time.sleep(6)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()])
+    reader.start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 120  # generous: a loaded machine starts Python slowly
+    while not any(UNREACHABLE in line for line in seen) and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            seen.append(lines.get(timeout=1))
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=60)
+    reader.join(timeout=30)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    while not lines.empty():
+        seen.append(lines.get())
+    out = "".join(seen)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     return out
