@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import ROOT, PeakRss, aggregator_cmd, figures, free_port, ledger_figures, toml
 from aggregator_throughput import SHA, lora_workload
-from load_harness import ROOT, PeakRss, aggregator_cmd, figures, free_port, ledger_figures, toml
 
 
 def _server(port: int, state: Path, window: int) -> dict[str, Any]:

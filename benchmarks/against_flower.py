@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _harness import aggregator_cmd, free_port, toml  # noqa: E402
 from _tcp_count import CountingProxy  # noqa: E402
 from aggregator_throughput import SHA, lora_workload  # noqa: E402
-from load_harness import aggregator_cmd, free_port, toml  # noqa: E402
 
 from aggregator.store.ledger import Ledger  # noqa: E402
 

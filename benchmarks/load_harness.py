@@ -24,65 +24,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _harness import (  # noqa: E402
+    PeakRss,
+    aggregator_cmd,
+    figures,
+    free_port,
+    ledger_figures,
+    toml,
+)
 from aggregator_throughput import SHA, ferret_workload, lora_workload  # noqa: E402
-
-from aggregator.store.ledger import Ledger  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def aggregator_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("edgefed-aggregator")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "aggregator"]
-
-
-def toml(values: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for section, items in values.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in items.items() if not isinstance(v, dict)]
-        for sub, inner in items.items():
-            if isinstance(inner, dict):
-                lines.append(f"[{section}.{sub}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in inner.items()]
-    return "\n".join(lines) + "\n"
-
-
-class PeakRss(threading.Thread):
-    """Samples a process's resident memory until it exits."""
-
-    def __init__(self, pid: int, every: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.every = every
-        self.peak = 0
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(self.every)
 
 
 def run_size(
@@ -147,43 +108,6 @@ def run_size(
         **figures(n, rounds, window, update_bytes, times, counts, recorded),
         "agg_peak_rss_mb": rss.peak / 2**20,
         "wall_s": total,
-    }
-
-
-def ledger_figures(db: Path, run_id: str) -> tuple[list[float], int]:
-    """A run's committed round times (start to commit) and the updates its ledger recorded."""
-    ledger = Ledger(db)
-    rows = ledger.rounds(run_id)
-    recorded = sum(len(ledger.updates(run_id, r.round)) for r in rows)
-    ledger.close()
-    return [r.committed_at - r.started_at for r in rows if r.committed_at is not None], recorded
-
-
-def figures(
-    n: int,
-    rounds: int,
-    window: int,
-    update_bytes: int,
-    times: list[float],
-    counts: list[dict[str, Any]],
-    recorded: int,
-) -> dict[str, Any]:
-    """The row both harness variants report: rates from round times, losses from counts."""
-    sent = sum(c.get("updates_sent", 0) for c in counts)
-    round_s = sum(times) / max(len(times), 1)
-    return {
-        "agents": n,
-        "upload_window": window,
-        "rounds": len(times),
-        "update_mb": update_bytes / 1e6,
-        "round_s": round_s,
-        "updates_per_s": n / round_s if round_s else 0.0,
-        "updates_sent": sent,
-        "updates_recorded": recorded,
-        "updates_acked": sum(c.get("updates_acked", 0) for c in counts),
-        "lost": sent - recorded,
-        "expected": n * rounds,
-        "agent_errors": [e for c in counts for e in c.get("errors", [])][:5],
     }
 
 

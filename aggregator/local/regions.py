@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.errors import AggregatorError
+from aggregator.local.workdir import make_keys, write_agent_config
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ def start_regions(
     """Start one region process per entry of ``members``; where each agent connects, the
     processes and their open log files. ``run``: the region's ``[run]`` values. With
     ``upstream_keys`` (CURVE toward the upstream) each region also gets keys toward its agents."""
-    from aggregator.local.run import make_keys, write_agent_config
-
     links: dict[str, AgentLink] = {}
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Any] = []

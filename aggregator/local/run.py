@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import zmq.auth
-
 from aggregator.engine.service import AggregatorService
 from aggregator.errors import AggregatorError
 from aggregator.local.data import DEMO, method_overrides, prepare_local_data
@@ -30,6 +28,7 @@ from aggregator.local.options import LocalOptions
 from aggregator.local.progress import Ticker
 from aggregator.local.regions import AgentLink, deal, start_regions
 from aggregator.local.round_table import RoundTable
+from aggregator.local.workdir import make_keys, write_agent_config
 from aggregator.ops.config import AggregatorConfig, build_config
 from aggregator.store.export import merge_into_base
 from protocol.messages import BaseModelRef
@@ -53,37 +52,6 @@ def prepare_model(model: str, cache: Path | None = None) -> dict[str, str]:
         raise AggregatorError(f"preparing model {model!r} failed: {tail}")
     info: dict[str, str] = json.loads(proc.stdout)
     return info
-
-
-def make_keys(workdir: Path, agent_ids: list[str]) -> dict[str, Path]:
-    keys = workdir / "keys"
-    allow = keys / "allow"
-    for d in (keys, allow):
-        d.mkdir(parents=True, exist_ok=True)
-    pub, secret = zmq.auth.create_certificates(str(keys), "aggregator")
-    os.chmod(secret, 0o600)
-    for agent_id in agent_ids:
-        a_pub, a_secret = zmq.auth.create_certificates(str(keys), agent_id)
-        os.chmod(a_secret, 0o600)
-        shutil.copy(a_pub, allow / Path(a_pub).name)
-    return {"server_public": Path(pub), "server_secret": Path(secret), "allow": allow, "dir": keys}
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def write_agent_config(path: Path, values: dict[str, dict[str, object]]) -> None:
-    lines: list[str] = []
-    for section, items in values.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in items.items() if v is not None]
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
@@ -121,6 +89,9 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     )
     if data.name != DEMO:
         print(f"data: {data.name} ({data.eval_size} held-out examples)", file=out, flush=True)
+    train_of = dict(zip(agent_ids, data.train, strict=True))
+    if data.name == DEMO:  # written afresh for this run: name each file for its agent
+        train_of = _named_for_agents({f"agent-{i}": p for i, p in enumerate(data.train)}, agent_ids)
     members = deal(agent_ids, opts.regions) if opts.regions else {}
     participants = list(members) or agent_ids  # who joins this aggregator
     keys = None if opts.insecure else make_keys(workdir, participants)
@@ -231,7 +202,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "aggregator": link.endpoint,
                         "state_dir": str(workdir / agent_id),
                         "model": opts.model,
-                        "data": str(data.train[i]),
+                        "data": str(train_of[agent_id]),
                         "eval_data": str(data.eval_shards[i]),
                         "threads": threads,
                         "heartbeat_interval": 1.0,

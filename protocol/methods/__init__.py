@@ -1,9 +1,10 @@
 """Per-method wire specs: each method's task parameters, validated the same way on both sides.
 
-Every method ``X`` named in :data:`NAMES` lives in three files with one name:
-``protocol/methods/X.py`` (its ``Params`` pydantic model and payload conventions),
-``edge_agent/methods/X.py`` (its ``Client``), ``aggregator/methods/X.py`` (its ``Server``).
-The three registries are built from :data:`NAMES`; a test checks all three files exist.
+Every method ``X`` named in :data:`NAMES` is a folder on each side, with files named for their
+roles: ``protocol/methods/X/spec.py`` (its ``Params`` pydantic model and payload conventions),
+``edge_agent/methods/X/client.py`` (its ``Client``), ``aggregator/methods/X/server.py`` (its
+``Server``); each folder's ``__init__`` re-exports that name. The three registries are built
+from :data:`NAMES`; a test checks all three folders exist.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from aggregator.local.run import write_agent_config
+from aggregator.local.workdir import write_agent_config
 
 
 def free_port() -> int:

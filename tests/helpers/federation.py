@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.local.demo_data import make_demo_split, write_demo
-from aggregator.local.run import make_keys, write_agent_config
+from aggregator.local.workdir import make_keys, write_agent_config
 from aggregator.store.ledger import Ledger
 from aggregator.store.modelhash import weights_sha256
 

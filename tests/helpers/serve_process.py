@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from aggregator.local.run import make_keys
+from aggregator.local.workdir import make_keys
 from protocol.frames import decode, encode
 from protocol.messages import Hello, Message, Profile
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from aggregator.engine.service import AggregatorService
 from aggregator.local.demo_data import make_demo_split, write_demo
-from aggregator.local.run import make_keys, write_agent_config
+from aggregator.local.workdir import make_keys, write_agent_config
 from aggregator.ops.config import build_config
 from aggregator.store.ledger import Ledger
 from aggregator.store.modelhash import weights_sha256

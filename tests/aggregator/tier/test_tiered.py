@@ -260,7 +260,7 @@ def test_driven_regional_engines_give_the_flat_global_state(tmp_path: Path) -> N
 def test_a_region_applies_its_own_robust_rule_to_its_agents(tmp_path: Path) -> None:
     """With [method.aggregation] rule = "median" in the region, a poisoned agent of the region
     moves the region's answer no more than the median lets it; the total is still answered."""
-    from aggregator.tier.relay import relay_for
+    from aggregator.tier.regional import relay_for
 
     relay = relay_for("fedit", {"aggregation": {"rule": "median"}}, MethodContext())
     plain = relay_for("fedit", {}, MethodContext())

@@ -22,7 +22,7 @@ from aggregator.methods.fedbiot.relay import FedbiotRelay
 from aggregator.methods.fedbiot.server import FedbiotServer
 from aggregator.methods.fedpipe.relay import FedpipeRelay
 from aggregator.methods.fedpipe.server import FedpipeServer
-from aggregator.tier.relay import relay_for
+from aggregator.tier.regional import relay_for
 from protocol import payloads
 from protocol.methods.fedbiot import spec as fb_spec
 from protocol.methods.fedbiot import state as st
