@@ -116,7 +116,7 @@ def run(
     from edge_agent.daemon.daemon import Daemon
 
     _setup_logging(verbose, log_format)
-    from edge_agent.daemon import quiet
+    from edge_agent.model import quiet
 
     quiet.install()
     overrides: dict[str, dict[str, Any]] = {

@@ -129,7 +129,9 @@ def build_config(
         problems += _problems(exc)
     problems += method_problems(raw)
     if check_files:
-        problems += file_problems(raw, base)
+        problems += file_problems(
+            raw, base, {"security": SecuritySection, "run": RunSection, "upstream": UpstreamSection}
+        )
     if config is not None:
         if not config.security.insecure and (
             config.security.secret_key is None or config.security.allow_dir is None
@@ -138,7 +140,12 @@ def build_config(
                 "security: CURVE is on by default and needs secret_key and allow_dir "
                 "(or set insecure = true, knowingly)"
             )
-        problems += privacy_problems(config)
+        problems += privacy_problems(
+            config.privacy,
+            config.run.method,
+            config.method,
+            tiered=config.upstream is not None or bool(config.security.regions),
+        )
         up = config.upstream
         if (
             up is not None

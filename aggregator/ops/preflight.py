@@ -50,19 +50,21 @@ def _secret_key(name: str, path: Path | None) -> list[str]:
     return []
 
 
-def file_problems(raw: Mapping[str, Any], base: Path | None) -> list[str]:
-    """Every missing or unusable file the config names; paths resolve against ``base``."""
-    from aggregator.ops.config import RunSection, SecuritySection, UpstreamSection
-
+def file_problems(
+    raw: Mapping[str, Any], base: Path | None, schemas: Mapping[str, type[BaseModel]]
+) -> list[str]:
+    """Every missing or unusable file the config names; paths resolve against ``base``.
+    ``schemas``: the ``security``, ``run`` and ``upstream`` section models of
+    :mod:`aggregator.ops.config` (passed in: that module imports this one)."""
     fix = _fix(base)
     problems: list[str] = []
-    security = _section(raw, "security", SecuritySection)
+    security = _section(raw, "security", schemas["security"])
     if security is not None and not security.insecure:
         problems += _secret_key("security.secret_key", fix(security.secret_key))
         allow = fix(security.allow_dir)
         if allow is not None and not allow.is_dir():
             problems.append(f"security.allow_dir: missing directory: {allow}")
-    run = _section(raw, "run", RunSection)
+    run = _section(raw, "run", schemas["run"])
     if run is not None:
         public = fix(run.public_data)
         if public is not None and not public.is_file():
@@ -71,7 +73,7 @@ def file_problems(raw: Mapping[str, Any], base: Path | None) -> list[str]:
         if model_dir is not None and not model_dir.is_dir():
             problems.append(f"run.model_dir: missing directory: {model_dir}")
     upstream = raw.get("upstream")
-    up = _section(raw, "upstream", UpstreamSection) if isinstance(upstream, Mapping) else None
+    up = _section(raw, "upstream", schemas["upstream"]) if isinstance(upstream, Mapping) else None
     if up is not None and not up.insecure:
         problems += _secret_key("upstream.secret_key", fix(up.secret_key))
         server = fix(up.server_public_key)

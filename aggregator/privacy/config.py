@@ -23,16 +23,14 @@ secure aggregation hides: refused. Agent-side clipping of differential privacy w
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.secagg.errors import SecAggError
 from protocol.secagg.fixedpoint import check_capacity
 from protocol.secagg.shapes import SecAggConfig
-
-if TYPE_CHECKING:
-    from aggregator.ops.config import AggregatorConfig
 
 SECAGG_METHODS = frozenset({"fedit", "slora"})
 DP_METHODS = frozenset({"fedit"})
@@ -68,16 +66,17 @@ class PrivacySection(BaseModel):
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
 
 
-def privacy_problems(config: AggregatorConfig) -> list[str]:
-    """Every reason this run's ``[privacy]`` settings cannot apply, for ``config check``."""
-    p = config.privacy
-    method = config.run.method
+def privacy_problems(
+    p: PrivacySection, method: str, method_params: Mapping[str, Any], *, tiered: bool
+) -> list[str]:
+    """Every reason a run's ``[privacy]`` settings ``p`` cannot apply to its method (``run.method``
+    with its ``[method]`` table; ``tiered``: it has an upstream or regions), for ``config check``."""
     problems: list[str] = []
     if p.secure_aggregation:
         if method not in SECAGG_METHODS:
             why = _WHY_NOT.get(method, "not supported")
             problems.append(f"privacy: secure aggregation cannot run {method}: {why}")
-        aggregation = config.method.get("aggregation", {})
+        aggregation = method_params.get("aggregation", {})
         rule = aggregation.get("rule", "fedavg") if isinstance(aggregation, dict) else "fedavg"
         if rule != "fedavg":
             problems.append(
@@ -89,7 +88,7 @@ def privacy_problems(config: AggregatorConfig) -> list[str]:
                 "privacy: aggregation.clip_norm clips individual updates at the aggregator, "
                 "which secure aggregation hides; use [privacy] dp_clip (clipped by each agent)"
             )
-        if config.upstream is not None or config.security.regions:
+        if tiered:
             problems.append("privacy: secure aggregation does not run through regional tiers")
         s = p.secagg
         try:

