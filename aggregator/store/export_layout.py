@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "fedbiot": "adapter",
     "ferret": "model",
     "fedpipe": "model",
+    "fedavg": "model",
 }
 """What each method exports (the folder name under the export directory)."""
 
