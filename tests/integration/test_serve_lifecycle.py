@@ -95,6 +95,9 @@ def agent(ctx: zmq.Context[Any], name: str, endpoint: str) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, name.encode())
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(
+        zmq.SNDTIMEO, 30_000
+    )  # a send with no connection fails the test, never hangs it
     sock.connect(endpoint)
     return sock
 
@@ -202,6 +205,7 @@ class CurveService:
         self.sockets.append(sock)  # closed in close(), whoever else holds it
         sock.setsockopt(zmq.ROUTING_ID, name.encode())
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 30_000)  # fail, never hang, when no connection is up
         public, secret = zmq.auth.load_certificate(self.keys / f"{name}.key_secret")
         sock.curve_publickey = public
         sock.curve_secretkey = secret  # type: ignore[assignment]
