@@ -474,7 +474,7 @@ def export(
             model_dir=Path(model_dir) if model_dir else None,
             round_=manifest.round,
         )
-        click.echo(f"exported round {manifest.round} ({kind}): {written[kind]}")
+        click.echo(f"exported run {run_id} round {manifest.round} ({kind}): {written[kind]}")
         if merge_into is not None:
             lora = getattr(getattr(method, "params", None), "lora", None)
             if lora is None:

@@ -42,7 +42,7 @@ def run_tiered(n: int, rounds: int, work: Path, regions: int, window: int) -> di
         "method": w.method_cfg,
     }))  # fmt: skip
     logs = [open(work / "up.log", "wb")]  # noqa: SIM115
-    up = subprocess.Popen([*aggregator_cmd(), "serve", "--config", str(work / "up.toml")],
+    up = subprocess.Popen([*aggregator_cmd(), "serve", "--exit-when-done", "--config", str(work / "up.toml")],
                           stdout=logs[0], stderr=subprocess.STDOUT)  # fmt: skip
     up_rss = PeakRss(up.pid)
     up_rss.start()

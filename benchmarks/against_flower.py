@@ -100,7 +100,7 @@ def edgefed_side(clients: int, rounds: int, work: Path) -> dict[str, Any]:
     memory = PeakMemory()
     memory.start()
     log = open(work / f"edgefed-{clients}.log", "wb")  # noqa: SIM115
-    agg = subprocess.Popen([*aggregator_cmd(), "serve", "--config", str(config)], stdout=log,
+    agg = subprocess.Popen([*aggregator_cmd(), "serve", "--exit-when-done", "--config", str(config)], stdout=log,
                            stderr=subprocess.STDOUT)  # fmt: skip
     memory.watch(agg.pid)
     with CountingProxy(("127.0.0.1", port), timeline=True) as proxy:

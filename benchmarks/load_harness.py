@@ -78,7 +78,7 @@ def run_size(
         )
     )
     log = open(work / f"aggregator-{n}.log", "wb")  # noqa: SIM115
-    agg = subprocess.Popen([*aggregator_cmd(), "serve", "--config", str(config)], stdout=log,
+    agg = subprocess.Popen([*aggregator_cmd(), "serve", "--exit-when-done", "--config", str(config)], stdout=log,
                            stderr=subprocess.STDOUT)  # fmt: skip
     rss = PeakRss(agg.pid)
     rss.start()

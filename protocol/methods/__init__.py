@@ -57,7 +57,9 @@ def _over_defaults(model: type[BaseModel], params: Mapping[str, Any]) -> dict[st
     for name, field in model.model_fields.items():
         default, given = field.default, merged.get(name)
         if isinstance(default, BaseModel) and isinstance(given, Mapping):
-            merged[name] = _merge(default.model_dump(), given)
+            # only what the method's default sets itself: the rest stays unset (and so still
+            # tells "not given", e.g. Ferret's seed falling back to the run's)
+            merged[name] = _merge(default.model_dump(exclude_unset=True), given)
     return merged
 
 

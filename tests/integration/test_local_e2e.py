@@ -30,7 +30,7 @@ def test_local_runs_the_default_model_and_exports_a_loadable_adapter(tmp_path: P
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "round agents train loss eval loss eval EM" in out
+    assert "round agents train loss eval loss Rouge-L eval EM" in out
     assert "exported PEFT adapter:" in out
     result = json.loads((work / "result.json").read_text())
     rows = {r["round"]: r for r in result["rows"]}

@@ -112,7 +112,7 @@ def test_one_serve_runs_two_submitted_runs_with_the_same_agents(
     # each run in its own folder: the second never overwrote the first's checkpoint
     assert (state / "checkpoints" / "round-000001").is_dir()
     assert (state / "runs" / "b" / "checkpoints" / "round-000001").is_dir()
-    assert (tmp_path / "export-a" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "export-a" / "adapter" / "adapter_model.safetensors").exists()
     for run_id in ("a", "b"):
         out = tmp_path / f"out-{run_id}"
         exported = cli("export", "--state-dir", str(state), "--run", run_id, "--out", str(out))
