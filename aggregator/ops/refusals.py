@@ -53,6 +53,8 @@ class RefusalLogging:
 
     refusals: RefusalLog
     _zap_peer = ""
+    expected_refusals: frozenset[bytes] = frozenset()
+    """Raw public keys whose refusal is expected and not logged (the start-up self-test's)."""
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) >= 4:  # version, request id, domain, address, identity, mechanism...
@@ -63,7 +65,7 @@ class RefusalLogging:
         allowed: bool
         reason: bytes
         allowed, reason = await super()._authenticate_curve(domain, client_key)  # type: ignore[misc]
-        if not allowed:
+        if not allowed and client_key not in self.expected_refusals:
             key = z85.encode(client_key).decode()
             self.refusals.refused(
                 f"{self._zap_peer or 'a peer'} with CURVE key {key}",
