@@ -47,6 +47,9 @@ def test_sigterm_mid_run_keeps_acknowledged_updates_and_a_finished_run_waits(
         assert "shutting down: 2 agents told" in log.read_text()
 
         agg = serve(config, log)
+        # up before it is stopped again (the tiny run may have finished before the first SIGTERM)
+        listening = "aggregator listening on"
+        wait_for(lambda: log.read_text().count(listening) >= 2, 120, "the restart to listen", fed)
         with ledger_of(fed) as ledger:
             book = RunBook(ledger, state)
             wait_for(lambda: book.info("it").status == "finished", 240, "the run to finish", fed)
