@@ -12,11 +12,13 @@ either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.errors import ModelError
@@ -123,3 +125,21 @@ def default_cache_dir() -> Path:
     """``$EDGEFED_CACHE`` if set, else ``~/.cache/edgefed/models``."""
     env = os.environ.get("EDGEFED_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "edgefed" / "models"
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: Path, doing: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path``; while another process holds it, log that this
+    one waits for it (``doing``: what that process does, e.g. "converting the model")."""
+    with lock_path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info(
+                "waiting for another process %s (%s)", doing, lock_path
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -17,19 +17,17 @@ leaves only a temporary directory that the next conversion removes.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.errors import ModelError
 from edge_agent.model.files import (
+    file_lock,
     file_sha256,
     fsync_dir,
     fsync_file,
@@ -73,27 +71,13 @@ def converted_gguf(gguf: Path, cache: Path, *, progress: bool) -> tuple[Path, st
         return target, sha
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with _locked(cache / f"{key}.lock"):
+        with file_lock(cache / f"{key}.lock", "converting the model"):
             sha = _read_marker(target)  # another process may have finished while we waited
             if sha is None:
                 sha = _convert_into(gguf, gguf_sha, cache, target, progress=progress)
     except OSError as exc:
         raise ModelError(f"cannot convert {gguf} into {cache}: {exc}") from None
     return target, sha
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process converting the model (%s)", lock_path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _convert_into(gguf: Path, gguf_sha: str, cache: Path, target: Path, *, progress: bool) -> str:

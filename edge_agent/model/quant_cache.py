@@ -24,7 +24,6 @@ Layout (under the model cache, ``$EDGEFED_CACHE`` or ``~/.cache/edgefed/models``
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import json
 import logging
@@ -32,13 +31,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.errors import ModelError
 from edge_agent.model.files import (
+    file_lock,
     fsync_dir,
     fsync_file,
     weight_files,
@@ -107,26 +106,12 @@ def quantized_checkpoint(
         return target
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f"{name}.lock"):
+        with file_lock(root / f"{name}.lock", "quantizing the model"):
             if read_marker(target, resolved.sha256) is None:
                 _make(resolved, quant, dtype, load_kwargs, root, target)
     except OSError as exc:
         raise ModelError(f"cannot save the {quant} checkpoint of {resolved.name}: {exc}") from None
     return target
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process quantizing the model (%s)", lock_path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _make(
