@@ -21,10 +21,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from _scoreboard_rows import Variant, all_variants, slug
 from _scoreboard_stats import simulated_round_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +41,18 @@ class Config:
     seed: int
     lr: float
     quant: str
+    variant: str = ""
+    """A variant's name (:mod:`_scoreboard_rows`), or "" for the method as it is."""
 
     @property
     def group(self) -> str:
         precision = "fp32" if self.method in FULL_PARAMETER else self.quant
-        return f"{self.method} {precision} lr={self.lr:g}"
+        return f"{self.variant or self.method} {precision} lr={self.lr:g}"
 
     @property
     def name(self) -> str:
-        return f"{self.method.replace(' ', '_')}-{self.quant}-lr{self.lr:g}-s{self.seed}"
+        label = slug(self.variant) if self.variant else self.method.replace(" ", "_")
+        return f"{label}-{self.quant}-lr{self.lr:g}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -114,13 +118,27 @@ def run_config(
     }
 
 
+def for_variant(cfg: Config, common: Common) -> tuple[Variant | None, Common]:
+    """The variant ``cfg`` names (None for a plain method) and the settings it runs under."""
+    if not cfg.variant:
+        return None, common
+    variant = all_variants()[cfg.variant]
+    agents = variant.agents or common.agents
+    bandwidth = variant.bandwidth or common.bandwidth_mbps
+    bandwidth = tuple(bandwidth) + (bandwidth[-1],) * max(0, agents - len(bandwidth))
+    return variant, replace(common, agents=agents, bandwidth_mbps=bandwidth)
+
+
 def local_command(cfg: Config, common: Common, split: Path, workdir: Path) -> list[str]:
+    variant, common = for_variant(cfg, common)
+    extra = variant.local_args() if variant else []
     return [
         sys.executable, "-m", "aggregator", "local", "--method", cfg.method,
         "--agents", str(common.agents), "--rounds", str(common.rounds),
         "--workdir", str(workdir), "--model", common.model, "--data", str(split),
         "--steps", str(common.steps), "--batch-size", str(common.batch_size),
         "--lr", f"{cfg.lr:g}", "--quant", cfg.quant, "--seed", str(cfg.seed), "--insecure",
+        *extra,
     ]  # fmt: skip
 
 
@@ -136,7 +154,7 @@ def run_method(cfg: Config, common: Common, split: Path, work: Path) -> list[dic
         raise RuntimeError(f"{cfg.name} failed (kept in {workdir}):\n{tail}")
     result = json.loads((workdir / "result.json").read_text(encoding="utf-8"))
     per_agent = _train_tasks(workdir / "state" / "ledger.sqlite")
-    rows = _rows(result["rows"], per_agent, common)
+    rows = _rows(result["rows"], per_agent, for_variant(cfg, common)[1])
     shutil.rmtree(workdir, ignore_errors=True)  # checkpoints of whole models add up
     return rows
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _scoreboard_plots import plot_metric  # noqa: E402
+from _scoreboard_rows import SECTIONS, Section, all_variants  # noqa: E402
 from _scoreboard_runs import REFERENCES, Common, Config, Store, run_config  # noqa: E402
 from _scoreboard_stats import final, summary_table  # noqa: E402
 
@@ -59,14 +60,18 @@ def parse_grid(text: str) -> dict[str, list[float]]:
     return grid
 
 
-def prepare_split(args: argparse.Namespace, seed: int) -> Path:
-    out = args.results / "data" / f"seed-{seed}"
+def prepare_split(args: argparse.Namespace, seed: int, agents: int | None = None) -> Path:
+    """The seed's split for ``agents`` agents (the scoreboard's count unless a section runs
+    more), written once and reused by every configuration of that seed."""
+    agents = agents or args.agents
+    suffix = "" if agents == args.agents else f"-a{agents}"
+    out = args.results / "data" / f"seed-{seed}{suffix}"
     if (out / "meta.json").is_file():
         return out
     from aggregator.data.cli import prepare_natural_instructions
 
     prepare_natural_instructions(
-        out, tasks=tuple(args.tasks.split(",")) if args.tasks else (), agents=args.agents,
+        out, tasks=tuple(args.tasks.split(",")) if args.tasks else (), agents=agents,
         per_agent=args.per_agent, n_eval=args.eval_examples, n_public=args.public,
         seed=seed, max_tokens=args.max_tokens, archive=args.archive,
     )  # fmt: skip
@@ -91,8 +96,10 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
             print(f"  done before: {cfg.name}", flush=True)
             return json.loads(store.path(cfg).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
         print(f"  running {cfg.name} ...", flush=True)
+        variant = all_variants().get(cfg.variant)
         try:
-            result = run_config(cfg, common, prepare_split(args, cfg.seed), work)
+            split = prepare_split(args, cfg.seed, variant.agents if variant else None)
+            result = run_config(cfg, common, split, work)
         except RuntimeError as exc:
             print(f"  FAILED {exc}", flush=True)
             return None
@@ -115,7 +122,54 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
         chosen[method] = min(scored)[2]
         for seed in seeds[1:]:
             ensure(Config(method, seed, chosen[method], args.quant))
+    for section in selected_sections(args):
+        for variant in section.variants:
+            lr = chosen.get(variant.method, default_lr(args, variant.method))
+            for seed in seeds:
+                ensure(Config(variant.method, seed, lr, args.quant, variant.name))
     return chosen
+
+
+def selected_sections(args: argparse.Namespace) -> list[Section]:
+    keys = [k for k in getattr(args, "sections", "").split(",") if k]
+    unknown = set(keys) - {s.key for s in SECTIONS}
+    if unknown:
+        raise SystemExit(f"scoreboard: unknown section(s) {', '.join(sorted(unknown))}")
+    return [s for s in SECTIONS if s.key in keys]
+
+
+def section_lines(
+    args: argparse.Namespace, results: list[dict[str, Any]], chosen: dict[str, float]
+) -> list[str]:
+    """One table and one Rouge-L plot per selected section."""
+    lines: list[str] = []
+    for section in selected_sections(args):
+        names = {v.name for v in section.variants}
+        rows = [
+            r
+            for r in results
+            if r["quant"] == args.quant
+            and (
+                r.get("variant") in names
+                or (
+                    not r.get("variant")
+                    and r["method"] in section.rows
+                    and chosen.get(r["method"]) == r["lr"]
+                )
+            )
+        ]
+        if not rows:
+            continue
+        ref = next((r["group"] for r in rows if (r.get("variant") or r["method"]) ==
+                    section.reference), None)  # fmt: skip
+        img = plot_metric(rows, "eval_rouge_l", "eval Rouge-L",
+                          args.img_dir / f"scoreboard-{section.key}-rouge.png",
+                          f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
+        lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
+                  "", f"![{section.key}]({_rel(img, args.doc)})", ""]  # fmt: skip
+        for v in section.variants:
+            lines.append(f"- `{v.name}`: `{' '.join(v.local_args())}`")
+    return lines
 
 
 def _nan_low(x: float) -> float:
@@ -128,9 +182,17 @@ def _nan_high(x: float) -> float:
 
 def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], cmd: str) -> Path:
     results = store.load_all()
-    kept = [r for r in results if chosen.get(r["method"]) == r["lr"] and r["quant"] == args.quant]
+    kept = [
+        r
+        for r in results
+        if chosen.get(r["method"]) == r["lr"] and r["quant"] == args.quant and not r.get("variant")
+    ]
     tuning = [
-        r for r in results if r["method"] in chosen and r["seed"] == int(args.seeds.split(",")[0])
+        r
+        for r in results
+        if r["method"] in chosen
+        and r["seed"] == int(args.seeds.split(",")[0])
+        and not r.get("variant")
     ]
     img = args.img_dir
     rouge = plot_metric(kept, "eval_rouge_l", "eval Rouge-L", img / "scoreboard-rouge.png",
@@ -161,6 +223,7 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
         f"![Rouge-L]({_rel(rouge, args.doc)})",
         "",
         f"![loss]({_rel(loss, args.doc)})",
+        *section_lines(args, results, chosen),
         "",
         "## Learning rates (one run per grid point on the first seed; best final Rouge-L)",
         "",
@@ -209,7 +272,10 @@ def quick_setup(args: argparse.Namespace) -> None:
         1,
         2,
     )
-    args.references = ""  # the references run the same code path as a method; CI skips them
+    args.references, args.sections = (
+        "",
+        "",
+    )  # the references run the same code path as a method; CI skips them
     args.per_agent, args.eval_examples, args.public, args.max_tokens = 4, 4, 2, 200
     args.results, args.doc, args.img_dir = scratch, scratch / "scoreboard.md", scratch / "img"
     from aggregator.data.natural_instructions import data_cache_dir
@@ -228,6 +294,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=ALL_METHODS)
     ap.add_argument("--references", default=",".join(REFERENCES))
+    ap.add_argument("--sections", default=",".join(s.key for s in SECTIONS),
+                    help="Comparisons beyond the main table (benchmarks/_scoreboard_rows.py).")  # fmt: skip
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)

@@ -83,7 +83,7 @@ def test_finished_configurations_are_skipped_on_the_next_invocation(
                                                                    "quant": cfg.quant, "wall_seconds": 1.0}  # fmt: skip
 
     monkeypatch.setattr(scoreboard, "run_config", fake_run)
-    monkeypatch.setattr(scoreboard, "prepare_split", lambda args, seed: tmp_path)
+    monkeypatch.setattr(scoreboard, "prepare_split", lambda args, seed, agents=None: tmp_path)
     args = argparse.Namespace(
         results=tmp_path, lr_grid="fedit=1e-3,3e-3", methods="fedit", references="",
         seeds="0,1,2", quant="nf4", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01,
@@ -100,3 +100,52 @@ def test_finished_configurations_are_skipped_on_the_next_invocation(
     calls.clear()
     scoreboard.run_all(args, common, store)
     assert calls == []
+
+
+def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _scoreboard_rows import SECTIONS, all_variants
+    from _scoreboard_runs import local_command
+
+    calls: list[Config] = []
+
+    def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
+        calls.append(cfg)
+        rouge = {"": 0.3, "ferret K=32": 0.1}.get(cfg.variant, 0.2)
+        rouge += 0.01 * cfg.seed
+        return _result(cfg.method, cfg.seed, rouge, cfg.group) | {
+            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
+            "wall_seconds": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(scoreboard, "run_config", fake_run)
+    monkeypatch.setattr(scoreboard, "prepare_split", lambda args, seed, agents=None: tmp_path)
+    ferret = next(s for s in SECTIONS if s.key == "ferret")
+    args = argparse.Namespace(
+        results=tmp_path, lr_grid="ferret=0.05,0.01", methods="fedavg,ferret", references="",
+        seeds="0,1", quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01, sections="ferret",
+        img_dir=tmp_path / "img", doc=tmp_path / "doc.md",
+    )  # fmt: skip
+    common = Common("m", 2, 1, 1, 2, (100.0, 20.0))
+    chosen = scoreboard.run_all(args, common, Store(tmp_path / "results"))
+    assert chosen == {"fedavg": 0.01, "ferret": 0.01}  # equal scores: the smaller rate
+    variant_runs = [c for c in calls if c.variant]
+    assert {(c.variant, c.seed) for c in variant_runs} == {
+        (v.name, s) for v in ferret.variants for s in (0, 1)
+    }
+    assert all(c.lr == 0.01 and c.method == "ferret" for c in variant_runs)
+    assert Config("ferret", 1, 0.05, "fp32", "ferret K=2048").name == "ferret_K2048-fp32-lr0.05-s1"
+
+    lines = scoreboard.section_lines(args, Store(tmp_path / "results").load_all(), chosen)
+    table = [ln for ln in lines if ln.startswith("| ferret K=32 fp32")]
+    assert len(table) == 1 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
+    assert any(
+        ln.startswith("| fedavg fp32 lr=0.01 | 2 |") and ln.endswith("| — |") for ln in lines
+    )
+    assert not any(ln.startswith("| fedavg fp32 lr=0.05") for ln in lines)  # the unchosen rate
+
+    cmd = local_command(Config("ferret", 0, 0.05, "fp32", "ferret K=2048"), common, tmp_path,
+                        tmp_path / "w")  # fmt: skip
+    assert cmd[cmd.index("--param") + 1] == "ferret.k=2048"
+    assert all_variants()["fedit DP eps=1"].local_args() == ["--dp-epsilon", "1"]

@@ -1,0 +1,95 @@
+"""The scoreboard's comparisons beyond the main table: named variants of a method (a Ferret K,
+a DP budget, an ablation), grouped into sections, each judged against its own reference row.
+
+A :class:`Variant` is one row: a method plus the ``local`` options that make it what it is
+(``--param KEY=VALUE``, flags such as ``--dp-epsilon``, and for heterogeneous sections its own
+agent count, ``--agent-limit`` and modelled bandwidth). A variant trains at the learning rate
+the scoreboard chose for its method (the tuning budget is spent once per method, the same for
+every method; a variant is that method with one thing changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    """The row's label, also its results file's stem (made filename-safe)."""
+    method: str
+    params: tuple[str, ...] = ()
+    """``--param`` values, ``KEY=VALUE``."""
+    flags: tuple[str, ...] = ()
+    """Other ``local`` options, e.g. ``("--dp-epsilon", "8")``."""
+    agents: int | None = None
+    """Agent count if not the scoreboard's."""
+    limits: tuple[str, ...] = ()
+    """``--agent-limit`` values (``agent-1:memory=600MB,bandwidth=5``)."""
+    bandwidth: tuple[float, ...] | None = None
+    """Modelled Mbit/s per agent for the simulated clock, if not the scoreboard's."""
+
+    def local_args(self) -> list[str]:
+        out: list[str] = []
+        for p in self.params:
+            out += ["--param", p]
+        for lim in self.limits:
+            out += ["--agent-limit", lim]
+        return out + list(self.flags)
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    reference: str
+    """The group label every row of the section is judged against (a main-table method or a
+    variant name)."""
+    rows: tuple[str, ...]
+    """Main-table methods and variant names shown together."""
+    note: str = ""
+    variants: tuple[Variant, ...] = field(default=())
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "ferret",
+        "Ferret: the seed-pool size K against full-parameter FedAvg (issue 18)",
+        "fedavg",
+        ("fedavg", "fedit", "ferret"),
+        "`ferret` is the default K = 256. Every row trains the same local steps at its method's "
+        "chosen rate; Ferret sends K-bounded (seed, coefficient) triples, fedavg the dense model.",
+        (
+            Variant("ferret K=32", "ferret", ("ferret.k=32",)),
+            Variant("ferret K=2048", "ferret", ("ferret.k=2048",)),
+            Variant(
+                "ferret slr=10/3 linear",
+                "ferret",
+                ("ferret.server_lr=3.3333", 'ferret.anneal="linear"'),
+            ),
+        ),
+    ),
+    Section(
+        "dp",
+        "Differential privacy: fedit at a target ε (issue 22)",
+        "fedit",
+        ("fedit",),
+        "Client-level DP-FedAvg, central noise, δ = the run's default; the run stops at the "
+        "target ε. `fedit` is ε = ∞.",
+        (
+            Variant("fedit DP eps=8", "fedit", flags=("--dp-epsilon", "8")),
+            Variant("fedit DP eps=1", "fedit", flags=("--dp-epsilon", "1")),
+            Variant("fedit secagg", "fedit", flags=("--secagg",)),
+        ),
+    ),
+)
+
+
+def all_variants() -> dict[str, Variant]:
+    return {v.name: v for s in SECTIONS for v in s.variants}
+
+
+def slug(name: str) -> str:
+    """A label as a file-name part: ``"ferret K=2048"`` → ``"ferret_K2048"``."""
+    keep = "".join(c if c.isalnum() or c in "._-" else "_" if c == " " else "" for c in name)
+    return keep.replace("__", "_")
