@@ -28,6 +28,9 @@ class Variant:
     """``--agent-limit`` values (``agent-1:memory=600MB,bandwidth=5``)."""
     bandwidth: tuple[float, ...] | None = None
     """Modelled Mbit/s per agent for the simulated clock, if not the scoreboard's."""
+    expensive: bool = False
+    """Run after every other variant of the selected sections (an interrupted scoreboard
+    has the cheap rows first)."""
 
     def local_args(self) -> list[str]:
         out: list[str] = []
@@ -61,7 +64,7 @@ SECTIONS: tuple[Section, ...] = (
         "chosen rate; Ferret sends K-bounded (seed, coefficient) triples, fedavg the dense model.",
         (
             Variant("ferret K=32", "ferret", ("ferret.k=32",)),
-            Variant("ferret K=2048", "ferret", ("ferret.k=2048",)),
+            Variant("ferret K=2048", "ferret", ("ferret.k=2048",), expensive=True),
             Variant(
                 "ferret slr=10/3 linear",
                 "ferret",

@@ -122,11 +122,11 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
         chosen[method] = min(scored)[2]
         for seed in seeds[1:]:
             ensure(Config(method, seed, chosen[method], args.quant))
-    for section in selected_sections(args):
-        for variant in section.variants:
-            lr = chosen.get(variant.method, default_lr(args, variant.method))
-            for seed in seeds:
-                ensure(Config(variant.method, seed, lr, args.quant, variant.name))
+    variants = [v for s in selected_sections(args) for v in s.variants]
+    for variant in sorted(variants, key=lambda v: v.expensive):  # stable: cheap rows first
+        lr = chosen.get(variant.method, default_lr(args, variant.method))
+        for seed in seeds:
+            ensure(Config(variant.method, seed, lr, args.quant, variant.name))
     return chosen
 
 

@@ -135,6 +135,7 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
         (v.name, s) for v in ferret.variants for s in (0, 1)
     }
     assert all(c.lr == 0.01 and c.method == "ferret" for c in variant_runs)
+    assert variant_runs[-1].variant == "ferret K=2048"  # the expensive row runs last
     assert Config("ferret", 1, 0.05, "fp32", "ferret K=2048").name == "ferret_K2048-fp32-lr0.05-s1"
 
     lines = scoreboard.section_lines(args, Store(tmp_path / "results").load_all(), chosen)
