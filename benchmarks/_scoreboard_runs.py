@@ -171,7 +171,9 @@ def _train_tasks(ledger_path: Path) -> dict[int, dict[str, dict[str, float]]]:
         for r in ledger.rounds(run_id):
             out[r.round] = {
                 u.agent_id: {
-                    "seconds": float(u.metrics.get("seconds", 0.0)),
+                    # CPU seconds where the agent reports them (one torch thread per agent in
+                    # `local`): the box's load from other work does not move the clock
+                    "seconds": float(u.metrics.get("cpu_seconds", u.metrics.get("seconds", 0.0))),
                     "bytes_up": float(u.bytes_up),
                     "bytes_down": float(u.bytes_down),
                 }

@@ -156,6 +156,7 @@ class Worker:
         self._simulate_link(sum(b.nbytes for b in job.blobs.values()))
         self.log.info("%s: %s %s started", tag, assign.method, assign.kind)
         started = time.monotonic()
+        cpu_started = time.process_time()
         try:
             method = self._method(assign.method)
             with truncation.collecting() as cut:
@@ -167,6 +168,9 @@ class Worker:
                 )
             if cut.examples:
                 output.metrics.update(cut.metrics())
+            # CPU time of the whole process during the task: unlike the methods' wall-clock
+            # "seconds", it does not grow when other work shares the machine's cores
+            output.metrics.setdefault("cpu_seconds", time.process_time() - cpu_started)
             frames = self._result_frames(assign, output)
         except (EdgeAgentError, ProtocolError) as exc:
             if self._stop.is_set():

@@ -338,7 +338,8 @@ def test_result_survives_restart_heartbeats_flow_during_training(harness: Harnes
         "train",
     )
     assert (result.run_id, result.round, result.num_examples) == ("run-7", 4, 9)
-    assert result.metrics == {"loss": 1.25}
+    cpu = result.metrics.pop("cpu_seconds")  # every result carries its task's CPU time
+    assert 0 <= cpu < 60 and result.metrics == {"loss": 1.25}
     assert bytes(message.blobs["update"]) == b"u" * 3000
     assert harness.outbox_files() == ["0000000001-sleep-1.efed"]
 
@@ -429,7 +430,7 @@ def test_task_failures_become_error_replies_and_the_daemon_keeps_running(
 
     agg.send(assign("base-right"))
     result, _ = agg.expect(TaskResult, "base-right")
-    assert result.metrics == {"loaded": 1.0}
+    assert result.metrics.keys() == {"loaded", "cpu_seconds"} and result.metrics["loaded"] == 1.0
 
     agg.send(assign("crash-1"))
     reply, _ = agg.expect(ErrorReply, "crash-1")
