@@ -56,6 +56,19 @@ class Section:
 
 SECTIONS: tuple[Section, ...] = (
     Section(
+        "dp",
+        "Differential privacy: fedit at a target ε (issue 22)",
+        "fedit",
+        ("fedit",),
+        "Client-level DP-FedAvg, central noise, δ = the run's default; the run stops at the "
+        "target ε. `fedit` is ε = ∞.",
+        (
+            Variant("fedit DP eps=8", "fedit", flags=("--dp-epsilon", "8")),
+            Variant("fedit DP eps=1", "fedit", flags=("--dp-epsilon", "1")),
+            Variant("fedit secagg", "fedit", flags=("--secagg",)),
+        ),
+    ),
+    Section(
         "ferret",
         "Ferret: the seed-pool size K against full-parameter FedAvg (issue 18)",
         "fedavg",
@@ -70,19 +83,6 @@ SECTIONS: tuple[Section, ...] = (
                 "ferret",
                 ("ferret.server_lr=3.3333", 'ferret.anneal="linear"'),
             ),
-        ),
-    ),
-    Section(
-        "dp",
-        "Differential privacy: fedit at a target ε (issue 22)",
-        "fedit",
-        ("fedit",),
-        "Client-level DP-FedAvg, central noise, δ = the run's default; the run stops at the "
-        "target ε. `fedit` is ε = ∞.",
-        (
-            Variant("fedit DP eps=8", "fedit", flags=("--dp-epsilon", "8")),
-            Variant("fedit DP eps=1", "fedit", flags=("--dp-epsilon", "1")),
-            Variant("fedit secagg", "fedit", flags=("--secagg",)),
         ),
     ),
 )
