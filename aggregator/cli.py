@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -14,6 +13,7 @@ from typing import Any
 import click
 
 from aggregator.errors import AggregatorError
+from protocol.cli_common import ToolGroup, fail, keygen_command, private_umask
 from protocol.logformat import FORMATS, LogFormat, configure
 from protocol.methods import NAMES
 
@@ -25,16 +25,21 @@ def _logging(verbose: int, log_format: LogFormat = "text") -> None:
     configure(level, log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+TOOL = "edgefed-aggregator"
+
+
 def _fail(message: str) -> None:
-    click.echo(f"edgefed-aggregator: {message}", err=True)
-    sys.exit(2)
+    fail(TOOL, message)
 
 
 @click.group(
+    cls=ToolGroup,
+    tool=TOOL,
+    user_errors=(AggregatorError,),
     context_settings={
         "auto_envvar_prefix": "EDGEFED_AGGREGATOR",
         "help_option_names": ["-h", "--help"],
-    }
+    },
 )
 def main() -> None:
     """The edgefed aggregator service and tools."""
@@ -74,8 +79,21 @@ def serve(
     """Run the aggregator service from a TOML config, until SIGTERM.
 
     The config's [run] is the first run; more are queued with `runs submit` and run one after
-    the other. Agents stay connected between runs."""
+    the other. Agents stay connected between runs. It works under umask 0077: the state dir,
+    ledger, checkpoints and exports it creates are readable by its user only."""
     _logging(max(verbose, 1), log_format)
+    with private_umask():
+        _serve(config_path, bind, state_dir, insecure, exit_when_done, metrics_port)
+
+
+def _serve(
+    config_path: Path,
+    bind: str | None,
+    state_dir: Path | None,
+    insecure: bool | None,
+    exit_when_done: bool,
+    metrics_port: int | None,
+) -> None:
     from aggregator.engine.service import AggregatorService
     from aggregator.errors import DiskFull
     from aggregator.ops.config import load_config
@@ -133,7 +151,8 @@ def region(config_path: Path, verbose: int) -> None:
 
     try:
         config = load_config(config_path)
-        code = run_region(config, _model_ref(config))
+        with private_umask():
+            code = run_region(config, _model_ref(config))
     except (AggregatorError, EdgeAgentError) as exc:
         _fail(str(exc))
     sys.exit(code)
@@ -484,17 +503,7 @@ def export(
         _fail(str(exc))
 
 
-@main.command()
-@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
-@click.option("--name", default="aggregator", show_default=True)
-def keygen(directory: Path, name: str) -> None:
-    """Write a CURVE key pair (secret file mode 0600)."""
-    import zmq.auth
-
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # docs/operations.md §2
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    os.chmod(secret, 0o600)
-    click.echo(f"public: {public}\nsecret: {secret}")
+main.add_command(keygen_command(TOOL, "aggregator", "every agent (security.server_public_key)"))
 
 
 @main.group()

@@ -4,14 +4,15 @@ Every option can also come from the environment: ``EDGEFED_AGENT_CONFIG``,
 ``EDGEFED_AGENT_AGGREGATOR``, ``EDGEFED_AGENT_INSECURE`` for ``run``, and click's
 ``EDGEFED_AGENT_<COMMAND>_<OPTION>`` for the rest (e.g. ``EDGEFED_AGENT_MODEL_PREPARE_CACHE``),
 which suits systemd units. A user error (bad config, missing or malformed data, a model that
-cannot be found) prints one ``error: ...`` line on stderr and exits with code 2.
+cannot be found, a click usage error) prints ``edgefed-agent: ...`` lines on stderr and exits
+with code 2 (:mod:`protocol.cli_common`). ``run`` works under umask 0077: the state, outbox and
+logs it creates are its owner's only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -23,25 +24,28 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edge_agent.errors import EdgeAgentError
+from protocol.cli_common import (
+    ToolGroup,
+    fail,
+    keygen_command,
+    private_umask,
+)
 from protocol.logformat import FORMATS, LogFormat, configure
 
 if TYPE_CHECKING:
     from edge_agent.daemon.daemon import Daemon
 
-EXIT_USER_ERROR = 2
+TOOL = "edgefed-agent"
 _CONFIG_PATH = click.Path(path_type=Path, dir_okay=False)
 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn the agent's own errors into one line on stderr and exit code 2."""
+    """Turn the agent's own errors into ``edgefed-agent: ...`` lines and exit code 2."""
     try:
         yield
     except EdgeAgentError as exc:
-        lines = str(exc).splitlines() or [type(exc).__name__]
-        for line in lines:
-            click.echo(f"error: {line}", err=True)
-        sys.exit(EXIT_USER_ERROR)
+        fail(TOOL, str(exc) or type(exc).__name__)
 
 
 @contextmanager
@@ -75,7 +79,10 @@ def _setup_logging(verbose: int, log_format: LogFormat = "text") -> None:
 
 
 @click.group(
-    context_settings={"auto_envvar_prefix": "EDGEFED_AGENT", "help_option_names": ["-h", "--help"]}
+    cls=ToolGroup,
+    tool=TOOL,
+    user_errors=(EdgeAgentError,),
+    context_settings={"auto_envvar_prefix": "EDGEFED_AGENT", "help_option_names": ["-h", "--help"]},
 )
 def main() -> None:
     """edgefed agent: fine-tunes locally on this edge server's private data."""
@@ -100,6 +107,12 @@ def main() -> None:
     envvar="EDGEFED_AGENT_INSECURE",
     help="No CURVE encryption or authentication (trusted test networks only).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Override agent.metrics_port: serve Prometheus metrics there (0: any free port).",
+)
 @click.option("-v", "--verbose", count=True, help="Debug logging.")
 @click.option(
     "--log-format",
@@ -109,30 +122,40 @@ def main() -> None:
     help="Log lines as text, or as JSON objects (one per line).",
 )
 def run(
-    config_path: Path, aggregator: str | None, insecure: bool, verbose: int, log_format: LogFormat
+    config_path: Path,
+    aggregator: str | None,
+    insecure: bool,
+    metrics_port: int | None,
+    verbose: int,
+    log_format: LogFormat,
 ) -> None:
-    """Run the agent daemon until SIGTERM/SIGINT."""
-    from edge_agent.daemon.config import load_config
-    from edge_agent.daemon.daemon import Daemon
-
+    """Run the agent daemon until SIGTERM/SIGINT (under umask 0077: what it writes is private)."""
     _setup_logging(verbose, log_format)
     from edge_agent.model import quiet
 
     quiet.install()
     overrides: dict[str, dict[str, Any]] = {
-        "agent": {"aggregator": aggregator},
+        "agent": {"aggregator": aggregator, "metrics_port": metrics_port},
         "security": {"insecure": True if insecure else None},
     }
+    with private_umask():
+        code = _run(config_path, overrides)
+    sys.exit(code)
+
+
+def _run(config_path: Path, overrides: dict[str, dict[str, Any]]) -> int:
+    from edge_agent.daemon.config import load_config
+    from edge_agent.daemon.daemon import Daemon
+
     try:
         with _user_errors():
             config = load_config(config_path, overrides)
             daemon = Daemon.from_config(config)  # reads data, resolves the model: may take a while
     except KeyboardInterrupt:
         click.echo("interrupted before the agent started", err=True)
-        sys.exit(130)
+        return 130
     with _signal_handlers(daemon):
-        code = daemon.run()
-    sys.exit(code)
+        return daemon.run()
 
 
 @main.command()
@@ -191,34 +214,7 @@ def model_prepare(spec: str, cache_dir: Path | None, quants: tuple[str, ...]) ->
     click.echo(json.dumps(out))
 
 
-@main.command()
-@click.option("--dir", "key_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-@click.option(
-    "--name", default="agent", show_default=True, help="File stem: NAME.key, NAME.key_secret."
-)
-def keygen(key_dir: Path, name: str) -> None:
-    """Create a CURVE key pair; give NAME.key to the aggregator's allow-list."""
-    import zmq.auth
-
-    if not name or "/" in name or name.startswith("."):
-        click.echo(f"error: invalid key name {name!r}", err=True)
-        sys.exit(EXIT_USER_ERROR)
-    public = key_dir / f"{name}.key"
-    secret = key_dir / f"{name}.key_secret"
-    for existing in (public, secret):
-        if existing.exists():
-            click.echo(f"error: {existing} exists; not overwriting a key", err=True)
-            sys.exit(EXIT_USER_ERROR)
-    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
-    try:
-        public_file, secret_file = zmq.auth.create_certificates(key_dir, name)
-    finally:
-        os.umask(old)
-    Path(secret_file).chmod(0o600)
-    Path(public_file).chmod(0o644)
-    click.echo(f"public key: {public_file}")
-    click.echo(f"secret key: {secret_file}")
+main.add_command(keygen_command(TOOL, "agent", "the aggregator's allow-list (allow_dir)"))
 
 
 @main.group("config")

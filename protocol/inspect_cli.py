@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import click
 
 from protocol._inspect import Unreadable, inspect_path
+from protocol.cli_common import ToolCommand
 from protocol.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,11 @@ def _fail(path: Path, why: str) -> NoReturn:
     sys.exit(2)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    cls=ToolCommand,
+    tool="edgefed-inspect",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--all", "all_rows", is_flag=True, help="List every tensor (default: a summary).")
 @click.option("--json", "as_json", is_flag=True, help="Print the complete report as JSON.")

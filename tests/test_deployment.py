@@ -23,13 +23,14 @@ from typing import Any
 import click
 import pytest
 import yaml
+import zmq.auth
 from click.testing import CliRunner
 
 from aggregator.cli import main as aggregator_cli
 from aggregator.ops import config as agg_config
-from edge_agent.cli import EXIT_USER_ERROR
 from edge_agent.cli import main as agent_cli
 from edge_agent.daemon import config as agent_config
+from protocol.cli_common import EXIT_USER_ERROR
 from protocol.methods import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,7 +370,7 @@ def test_config_check_cli_on_the_examples(tmp_path: Path) -> None:
         agent_cli, ["config", "check", "--config", str(EXAMPLES / "agent.toml")]
     )
     assert result.exit_code == 2
-    reported = re.findall(r"^error: .*?: ([a-z_.]+): missing file", result.output, re.M)
+    reported = re.findall(r"^edgefed-agent: .*?: ([a-z_.]+): missing file", result.output, re.M)
     assert reported == [
         "agent.data",
         "agent.eval_data",
@@ -381,7 +382,11 @@ def test_config_check_cli_on_the_examples(tmp_path: Path) -> None:
     for absolute in sorted(set(re.findall(r'"(/(?:srv|run|etc)/[^"]+)"', text))):
         placed = tmp_path / absolute.lstrip("/")
         placed.parent.mkdir(parents=True, exist_ok=True)
-        placed.write_text("placeholder\n")
+        if placed.suffix in (".key", ".key_secret"):  # the check reads keys: real ones
+            public, secret = zmq.auth.create_certificates(placed.parent, placed.stem)
+            Path(secret if placed.suffix == ".key_secret" else public).rename(placed)
+        else:
+            placed.write_text("placeholder\n")
         text = text.replace(f'"{absolute}"', json.dumps(str(placed)))
     copy = tmp_path / "agent.toml"
     copy.write_text(text, encoding="utf-8")

@@ -3,7 +3,9 @@
 :func:`file_problems` validates each section alone, so a field error elsewhere does not hide a
 missing key file, and reports every file that is missing or unusable: the CURVE secret key (a
 missing file is called missing, not "Invalid certificate file"), the allow-list directory, the
-public data, the model directory and the upstream keys. Nothing is created here.
+public data, the model directory and the upstream keys (read by
+:func:`protocol.cli_common.key_file_problems`, as the agent's check reads its keys). Nothing is
+created here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+
+from protocol.cli_common import key_file_problems
 
 
 def _section(raw: Mapping[str, Any], name: str, model: type[BaseModel]) -> Any:
@@ -34,20 +38,8 @@ def _fix(base: Path | None) -> Callable[[Path | None], Path | None]:
     return fix
 
 
-def _secret_key(name: str, path: Path | None) -> list[str]:
-    import zmq.auth
-
-    if path is None:
-        return []
-    if not path.is_file():
-        return [f"{name}: missing file: {path}"]
-    try:
-        _, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        return [f"{name}: not a CURVE key file ({exc}): {path}"]
-    if secret is None:
-        return [f"{name}: holds no secret key (a .key_secret file is needed): {path}"]
-    return []
+def _key(name: str, path: Path | None, *, secret: bool) -> list[str]:
+    return [] if path is None else key_file_problems(name, path, secret=secret)
 
 
 def file_problems(
@@ -60,7 +52,7 @@ def file_problems(
     problems: list[str] = []
     security = _section(raw, "security", schemas["security"])
     if security is not None and not security.insecure:
-        problems += _secret_key("security.secret_key", fix(security.secret_key))
+        problems += _key("security.secret_key", fix(security.secret_key), secret=True)
         allow = fix(security.allow_dir)
         if allow is not None and not allow.is_dir():
             problems.append(f"security.allow_dir: missing directory: {allow}")
@@ -75,10 +67,8 @@ def file_problems(
     upstream = raw.get("upstream")
     up = _section(raw, "upstream", schemas["upstream"]) if isinstance(upstream, Mapping) else None
     if up is not None and not up.insecure:
-        problems += _secret_key("upstream.secret_key", fix(up.secret_key))
-        server = fix(up.server_public_key)
-        if server is not None and not server.is_file():
-            problems.append(f"upstream.server_public_key: missing file: {server}")
+        problems += _key("upstream.secret_key", fix(up.secret_key), secret=True)
+        problems += _key("upstream.server_public_key", fix(up.server_public_key), secret=False)
     return problems
 
 

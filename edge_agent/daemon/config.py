@@ -36,6 +36,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.errors import ConfigError
+from protocol.cli_common import key_file_problems
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_AGGREGATOR = "tcp://127.0.0.1:5555"
@@ -107,7 +108,8 @@ def load_config(
 
     ``overrides`` maps a table name to field values, e.g. ``{"agent": {"aggregator": url}}``;
     ``None`` values are skipped. With ``check_files`` the data file, the evaluation file and (unless
-    insecure) both key files must exist.
+    insecure) both key files must exist, and the key files must hold CURVE keys (the secret
+    one a secret key).
     """
     path = Path(path)
     try:
@@ -230,14 +232,15 @@ def _file_checks(data: Mapping[str, Any]) -> list[str]:
         ("agent.data", agent.get("data")),
         ("agent.eval_data", agent.get("eval_data")),
     ]
-    if security.get("insecure", False) is not True:
-        files += [
-            ("security.secret_key", security.get("secret_key")),
-            ("security.server_public_key", security.get("server_public_key")),
-        ]
     for name, file in files:
         if isinstance(file, str | Path) and not Path(file).is_file():
             problems.append(f"{name}: missing file: {file}")
+    if security.get("insecure", False) is not True:
+        # read as the link will read them: missing, unreadable and malformed keys all show here
+        for name, secret in (("secret_key", True), ("server_public_key", False)):
+            file = security.get(name)
+            if isinstance(file, str | Path):
+                problems += key_file_problems(f"security.{name}", Path(file), secret=secret)
     state_dir = agent.get("state_dir")
     if (
         isinstance(state_dir, str | Path)

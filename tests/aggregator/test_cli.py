@@ -6,7 +6,9 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -171,3 +173,38 @@ def test_export_merge_into_writes_base_plus_scaled_fedavg_delta(
 
     model = AutoModelForCausalLM.from_pretrained(out / "merged")
     torch.testing.assert_close(model.state_dict()[f"{q}.weight"], base[f"{q}.weight"] + delta)
+
+
+def test_serve_creates_its_state_private_whatever_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aggregator.engine import service as service_module
+    from aggregator.store.ledger import Ledger
+
+    class Service:  # what serve's service does first: make the state dir, open the ledger
+        def __init__(self, config: Any, model: Any, **_: Any) -> None:
+            self.state_dir = config.server.state_dir
+
+        def run(self) -> int:
+            Ledger(self.state_dir / "ledger.sqlite").close()
+            (self.state_dir / "checkpoints").mkdir()
+            (self.state_dir / "checkpoints" / "round-1.safetensors").write_bytes(b"x")
+            return 0
+
+    monkeypatch.setattr(service_module, "AggregatorService", Service)
+    cfg = tmp_path / "aggregator.toml"
+    cfg.write_text(
+        f'[server]\nstate_dir = "state"\n[security]\ninsecure = true\n[run]\nmodel_sha256 = "{SHA}"\n',
+        encoding="utf-8",
+    )
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(main, ["serve", "--config", str(cfg)])
+        assert os.umask(0o022) == 0o022  # restored after the command
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    state = tmp_path / "state"
+    made = [state, *state.rglob("*")]
+    assert {p.name for p in made} >= {"state", "ledger.sqlite", "round-1.safetensors"}
+    assert [str(p) for p in made if stat.S_IMODE(p.stat().st_mode) & 0o077] == []

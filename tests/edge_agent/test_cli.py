@@ -103,7 +103,7 @@ def test_config_check_ok_and_every_error_listed(runner: CliRunner, tmp_path: Pat
         "security.secret_key",
         "security.server_public_key",
     ]
-    assert all(line.startswith(f"error: {bad}: ") for line in lines)
+    assert all(line.startswith(f"edgefed-agent: {bad}: ") for line in lines)
     assert "Traceback" not in result.output
 
 
@@ -113,7 +113,7 @@ def test_run_with_a_bad_data_line_exits_2_with_file_and_line(
     config = agent_toml(tmp_path, data='{"text": "ok"}\n{"text": "ok"}\n{"txt": 1}\n')
     result = runner.invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {tmp_path / 'train.jsonl'}:3: ")
+    assert result.stderr.startswith(f"edgefed-agent: {tmp_path / 'train.jsonl'}:3: ")
     assert len(result.stderr.splitlines()) == 1
     assert "resolve" not in fakes  # the data is checked before the model is touched
 
@@ -124,13 +124,13 @@ def test_run_with_missing_data_or_unreachable_model_exits_2(
     config = agent_toml(tmp_path, body='model = "unreachable"\n')
     result = runner.invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2
-    assert result.stderr == "error: model 'unreachable' not found in the cache or on disk\n"
+    assert result.stderr == "edgefed-agent: model 'unreachable' not found in the cache or on disk\n"
 
     (tmp_path / "train.jsonl").unlink()
     result = runner.invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2
     assert result.stderr == (
-        f"error: {config}: agent.data: missing file: {tmp_path / 'train.jsonl'}\n"
+        f"edgefed-agent: {config}: agent.data: missing file: {tmp_path / 'train.jsonl'}\n"
     )
 
 
@@ -167,24 +167,43 @@ def test_run_refused_by_the_aggregator_exits_2_and_env_overrides_the_endpoint(
     assert (tmp_path / "state" / "outbox").is_dir()
 
 
-def test_run_with_unusable_curve_keys_exits_2(
+def test_run_and_check_with_unusable_curve_keys_exit_2(
     runner: CliRunner, tmp_path: Path, fakes: dict[str, Any]
 ) -> None:
     config = agent_toml(tmp_path)
     public, _ = zmq.auth.create_certificates(tmp_path, "server")
-    (tmp_path / "garbage").write_text("not a key\n")
+    garbage, short = tmp_path / "garbage", tmp_path / "short.key_secret"
+    garbage.write_text("not a key\n")
+    short.write_text('curve\n    public-key = "abc"\n    secret-key = "def"\n')
     secure = config.read_text().replace(
         "insecure = true", f'secret_key = "garbage"\nserver_public_key = "{public}"'
     )
-    config.write_text(secure)
-    result = runner.invoke(main, ["run", "--config", str(config)])
-    assert result.exit_code == 2
-    assert result.stderr.startswith(f"error: {tmp_path / 'garbage'}: cannot read the agent's")
-
-    config.write_text(secure.replace('"garbage"', f'"{public}"'))  # a public key, no secret
-    result = runner.invoke(main, ["run", "--config", str(config)])
-    assert result.exit_code == 2
-    assert result.stderr == f"error: {public}: holds no secret key (use the .key_secret file)\n"
+    for command in (["run"], ["config", "check"]):
+        config.write_text(secure)
+        result = runner.invoke(main, [*command, "--config", str(config)])
+        assert result.exit_code == 2
+        assert result.stderr == (
+            f"edgefed-agent: {config}: security.secret_key: not a CURVE key file "
+            f"(No public key found in {garbage}): {garbage}\n"
+        )
+        config.write_text(secure.replace('"garbage"', f'"{public}"'))  # a public key, no secret
+        result = runner.invoke(main, [*command, "--config", str(config)])
+        assert result.exit_code == 2
+        assert result.stderr == (
+            f"edgefed-agent: {config}: security.secret_key: holds no secret key "
+            f"(a .key_secret file is needed): {public}\n"
+        )
+        # a malformed secret and a server key that cannot be read: both, in one pass
+        config.write_text(
+            secure.replace('"garbage"', f'"{short}"').replace(str(public), str(tmp_path))
+        )
+        result = runner.invoke(main, [*command, "--config", str(config)])
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == [
+            f"edgefed-agent: {config}: security.secret_key: malformed public key "
+            f"(not 40 Z85 characters): {short}",
+            f"edgefed-agent: {config}: security.server_public_key: not a file: {tmp_path}",
+        ]
     assert "resolve" not in fakes  # keys are checked before the slow steps
 
 
@@ -204,7 +223,7 @@ def test_model_prepare_prints_name_path_sha(
     assert fakes["resolve"] == ("tiny", tmp_path)
     result = runner.invoke(main, ["model", "prepare", "--model", "unreachable"])
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: model 'unreachable' not found")
+    assert result.stderr.startswith("edgefed-agent: model 'unreachable' not found")
 
 
 def test_keygen_writes_a_private_secret_and_refuses_to_overwrite(
@@ -251,3 +270,40 @@ def test_module_entry_point_reports_config_errors_without_traceback(tmp_path: Pa
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "agent.toml: agent.id: required field is missing" in proc.stderr
+
+
+def _private(root: Path) -> list[str]:
+    """Paths under ``root`` (and itself) that its group or others can read, write or enter."""
+    return [str(p) for p in [root, *root.rglob("*")] if stat.S_IMODE(p.stat().st_mode) & 0o077]
+
+
+def test_run_creates_its_state_private_whatever_the_umask(
+    runner: CliRunner, tmp_path: Path, fakes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = agent_toml(tmp_path)
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def refuse() -> None:  # the daemon ends (exit 2) after it has made its state
+        if router.poll(10_000):
+            identity, *_ = router.recv_multipart()
+            reply = ErrorReply(code=ErrorCode.VERSION_MISMATCH, reason="aggregator speaks [9]")
+            router.send_multipart([identity, *encode(reply)])
+
+    thread = threading.Thread(target=refuse)
+    thread.start()
+    old = os.umask(0o022)  # a usual login umask: the agent must not depend on it
+    try:
+        result = runner.invoke(
+            main, ["run", "--config", str(config), "--aggregator", f"tcp://127.0.0.1:{port}"]
+        )
+        assert os.umask(0o022) == 0o022  # restored after the command
+    finally:
+        os.umask(old)
+        thread.join(15)
+        router.close()
+    assert result.exit_code == 2, result.output
+    state = tmp_path / "state"
+    assert (state / "outbox").is_dir() and len(list(state.rglob("*"))) >= 2
+    assert _private(state) == []

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import zmq.auth
 
 from edge_agent.daemon.config import DEFAULT_MODEL, load_config, parse_config
 from edge_agent.errors import ConfigError
@@ -18,8 +19,8 @@ def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:
 def files(tmp_path: Path) -> Path:
     (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
     (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "edge.key_secret").write_text("x")
-    (tmp_path / "keys" / "server.key").write_text("x")
+    zmq.auth.create_certificates(tmp_path / "keys", "edge")  # the check reads the keys
+    zmq.auth.create_certificates(tmp_path / "keys", "server")
     return tmp_path
 
 
