@@ -436,6 +436,7 @@ class RoundEngine:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
             if phase.round > 0:  # the train metrics are committed already: add the eval's
+                # (eval_loss..., eval_truncated_*)
                 evals = {k: v for k, v in summary.as_metrics().items() if k.startswith("eval_")}
                 self.ledger.set_round_metrics(self.run_id, phase.round, evals)
             else:

@@ -53,6 +53,11 @@ class RoundSummary:
     """What the method reports of the round (e.g. SLoRA's stage and density)."""
     per_agent: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per agent of the round: bytes up and down, and what the method chose for it."""
+    truncation: dict[str, float] = field(default_factory=dict)
+    """What ``max_len`` cut in this round's training tasks, all agents together
+    (:func:`truncation_totals`); empty when no agent reported it."""
+    eval_truncation: dict[str, float] = field(default_factory=dict)
+    """The same of the evaluation of this round's global (``eval_truncated_*`` in the row)."""
 
     def record_method(self, metrics: Mapping[str, float]) -> None:
         """Keep the finite values of what the method reports of the round."""
@@ -70,6 +75,7 @@ class RoundSummary:
         self.bytes_down = sum(phase.bytes_down.values()) / max(len(phase.assigned), 1)
         self.seconds = now - phase.started
         self.rejected = phase.rejected
+        self.truncation = truncation_totals(results)
         self.per_agent = {
             agent_id: {
                 "up": str(phase.bytes_up.get(agent_id, 0)),
@@ -86,6 +92,7 @@ class RoundSummary:
         self.eval_loss = weighted(results, "eval_loss")
         self.eval_em = weighted(results, "eval_em")
         self.eval_rouge_l = weighted(results, "eval_rouge_l")
+        self.eval_truncation = truncation_totals(results)
         # what evaluating this round's global cost on the wire (it may carry state the next
         # round needs: Ferret's step, FedBiOT's emulator with the round-0 evaluation)
         self.eval_bytes_up = sum(phase.bytes_up.values()) / n
@@ -106,7 +113,7 @@ class RoundSummary:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
-        return out
+        return out | self.truncation | {f"eval_{k}": v for k, v in self.eval_truncation.items()}
 
 
 Kind = Literal["train", "eval", "score"]
@@ -149,6 +156,28 @@ def eval_rows(phase: Phase) -> dict[str, dict[str, float]]:
         | {"examples": float(r.num_examples)}
         for agent_id, r in sorted(phase.done.items())
         if any(k in r.metrics for k in EVAL_KEYS)
+    }
+
+
+TRUNCATION_KEYS = ("truncated_examples", "truncated_tokens_mean", "truncated_tokens_max")
+"""What an agent reports of ``max_len`` cuts per task (:mod:`edge_agent.training.truncation`)."""
+
+
+def truncation_totals(results: list[TaskResult]) -> dict[str, float]:
+    """What ``max_len`` cut over ``results``: examples cut summed (not averaged: every cut
+    example is one the operator loses), the mean cut weighted by those examples, the longest
+    cut. Empty when none reports any."""
+    parts = [r.metrics for r in results if "truncated_examples" in r.metrics]
+    if not parts:
+        return {}
+    cut = sum(float(m["truncated_examples"]) for m in parts)
+    tokens = sum(
+        float(m["truncated_examples"]) * float(m.get("truncated_tokens_mean", 0.0)) for m in parts
+    )
+    return {
+        "truncated_examples": cut,
+        "truncated_tokens_mean": round(tokens / cut, 2) if cut else 0.0,
+        "truncated_tokens_max": max(float(m.get("truncated_tokens_max", 0.0)) for m in parts),
     }
 
 

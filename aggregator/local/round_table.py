@@ -2,7 +2,8 @@
 
 Each row has the round's agents, train and eval loss, eval Rouge-L and exact match, bytes up
 and down per agent, the round's time (row 0: from the table's creation, so agents starting and
-loading the model count) and the method's own metrics; when agents report more than their bytes
+loading the model count), the method's own metrics and, when ``max_len`` cut examples, how
+many (``truncated=N``, ``eval_truncated=N``); when agents report more than their bytes
 (a method's notes), one line per agent follows.
 """
 
@@ -45,7 +46,9 @@ class RoundTable:
             f"{self._fmt(s.eval_loss, '.4f'):>9} {self._fmt(s.eval_rouge_l, '.4f'):>7} "
             f"{self._fmt(s.eval_em, '.3f'):>7} "
             f"{up:>10} {down:>10} {seconds:>7.1f}"
-            + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples"),
+            + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples")
+            + _truncated("truncated", s.truncation)
+            + _truncated("eval_truncated", s.eval_truncation),
             file=self.out,
             flush=True,
         )
@@ -58,6 +61,14 @@ class RoundTable:
                     file=self.out,
                     flush=True,
                 )
+
+
+def _truncated(name: str, counts: dict[str, float]) -> str:
+    """A note when ``max_len`` cut examples this round (the agents' logs say which task)."""
+    cut = counts.get("truncated_examples", 0.0)
+    if not cut:
+        return ""
+    return f"  {name}={cut:g} (max {counts.get('truncated_tokens_max', 0.0):g} tokens)"
 
 
 def _human(n: float) -> str:

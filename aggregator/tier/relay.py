@@ -35,7 +35,7 @@ from typing import Protocol
 
 import torch
 
-from aggregator.engine.rounds import weighted
+from aggregator.engine.rounds import TRUNCATION_KEYS, truncation_totals, weighted
 from aggregator.errors import ConfigError, UpdateRejected
 from aggregator.methods import Assignment, ServerMethod, Update
 from aggregator.methods.robust import Aggregator, check_examples
@@ -274,7 +274,9 @@ class NoGlobalState(UpdateRejected):
 
 
 def weighted_metrics(results: list[TaskResult]) -> tuple[int, dict[str, float]]:
-    """The region's num_examples and example-weighted metrics of its agents' results."""
+    """The region's num_examples and example-weighted metrics of its agents' results (the
+    truncation counts summed over them, as the upstream sums them over regions)."""
     total = sum(r.num_examples for r in results)
-    keys = sorted({k for r in results for k in r.metrics})
-    return total, {k: v for k in keys if (v := weighted(results, k)) is not None}
+    keys = sorted({k for r in results for k in r.metrics} - set(TRUNCATION_KEYS))
+    metrics = {k: v for k in keys if (v := weighted(results, k)) is not None}
+    return total, metrics | truncation_totals(results)
