@@ -230,7 +230,8 @@ def region(config_path: Path, verbose: int) -> None:
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve Prometheus metrics on 127.0.0.1:PORT during the run (0: any free port).",
+    help="Serve Prometheus metrics on 127.0.0.1:PORT during the run (0: any free port); each "
+    "agent serves its own on a free port (the URLs are printed).",
 )
 @click.option("-v", "--verbose", count=True)
 def local(

@@ -3,7 +3,9 @@
 It prepares the embedded default model (by running ``edgefed-agent model prepare``), writes the
 demo data split non-IID across agents, makes throw-away CURVE keys, starts the aggregator
 service in this process and N agent daemons as separate processes (by command, on loopback),
-prints a row per round (:mod:`aggregator.local.round_table`), and ends by exporting the result. Its
+prints a row per round (:mod:`aggregator.local.round_table`), and ends by exporting the result.
+With ``--metrics-port`` the aggregator and every agent serve Prometheus metrics (each agent on
+a free port of its own; the URLs are printed). Its
 options and their parsers: :mod:`aggregator.local.options`.
 """
 
@@ -14,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -167,6 +170,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     if errors:
         raise errors[0]
     threads = max(1, (os.cpu_count() or 1) // opts.agents)
+    agent_ports = free_ports(len(agent_ids)) if opts.metrics_port is not None else []
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Any] = []
     try:
@@ -209,6 +213,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                         "liveness": 15,
                         "memory_limit": _int_or_none(limits.get(agent_id, {}).get("memory")),
                         "bandwidth_limit_mbps": limits.get(agent_id, {}).get("bandwidth"),
+                        "metrics_port": agent_ports[i] if agent_ports else None,
                     },
                     "security": security,
                 },
@@ -230,6 +235,11 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         if service.metrics.port is not None:
             url = f"http://127.0.0.1:{service.metrics.port}/metrics"
             print(f"metrics: {url}", file=out, flush=True)
+        for agent_id, port in zip(agent_ids, agent_ports, strict=False):
+            # each agent serves its own once it has loaded its data and model
+            print(
+                f"agent metrics: {agent_id} http://127.0.0.1:{port}/metrics", file=out, flush=True
+            )
         ticker = Ticker(service, out)
         while thread.is_alive():
             thread.join(0.5)
@@ -280,6 +290,18 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     print(f"done in {result['seconds']:.0f} s", file=out, flush=True)
     (workdir / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free now (held open together, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _int_or_none(value: float | None) -> int | None:

@@ -14,6 +14,7 @@ Example::
     liveness = 3
     reconnect_min = 1.0
     reconnect_max = 32.0
+    # metrics_port = 9101                  # Prometheus endpoint (off unless set)
 
     [security]
     secret_key = "keys/edge-1.key_secret"  # this agent's CURVE secret key (edgefed-agent keygen)
@@ -72,6 +73,11 @@ class AgentSection(_Section):
     bandwidth_limit_mbps: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Simulate a slower link: report at most this upload rate and delay each task's download
     and upload by its size at this rate."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Serve Prometheus metrics on this port (:mod:`edge_agent.daemon.metrics`; 0: any free
+    port, logged); unset: no endpoint."""
+    metrics_host: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
+    """Address the metrics endpoint listens on (``0.0.0.0`` for a scraper on another host)."""
 
 
 class SecuritySection(_Section):

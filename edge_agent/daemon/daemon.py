@@ -40,6 +40,7 @@ from edge_agent.daemon.config import AgentConfig
 from edge_agent.daemon.handshake import agent_profile, is_refusal, make_hello, no_answer_hint
 from edge_agent.daemon.heartbeats import Heartbeats
 from edge_agent.daemon.link import Backoff, CurveKeys, Link, LinkSettings, agent_log
+from edge_agent.daemon.metrics import AgentMetrics
 from edge_agent.daemon.outbox import Outbox
 from edge_agent.daemon.uploads import Uploads
 from edge_agent.daemon.worker import Job, Outgoing, Worker, error_reply, task_tag
@@ -103,8 +104,11 @@ class Daemon:
         profile: Profile,
         methods: Mapping[str, MethodFactory],
         clock: Callable[[], float] = time.monotonic,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        """Prometheus metrics (:mod:`edge_agent.daemon.metrics`) when an endpoint serves them."""
         self.agent_id = settings.link.agent_id
         self.workspace = workspace
         self.outbox = outbox
@@ -140,6 +144,7 @@ class Daemon:
             outgoing=outgoing,
             stop=self._stop,
             bandwidth_limit_mbps=settings.bandwidth_limit_mbps,
+            metrics=metrics,
         )
         self._welcomed = False
         self._hello_id = ""
@@ -174,12 +179,19 @@ class Daemon:
             settings = DaemonSettings(
                 link, a.heartbeat_interval, a.liveness, bandwidth_limit_mbps=a.bandwidth_limit_mbps
             )
+            methods = client_methods()
+            metrics = None
+            if a.metrics_port is not None:  # last: nothing else can fail once it listens
+                metrics = AgentMetrics()
+                metrics.serve(a.metrics_port, a.metrics_host)
+                log.info("Prometheus metrics on %s", metrics.url)
             return cls(
                 settings,
                 workspace=workspace,
                 outbox=outbox,
                 profile=profile,
-                methods=client_methods(),
+                methods=methods,
+                metrics=metrics,
             )
         except BaseException:
             outbox.close()
@@ -236,10 +248,19 @@ class Daemon:
         waiting = len(self.outbox)
         self.outbox.close()
         self.log.info("stopped; %d results wait in the outbox", waiting)
+        if self.metrics is not None:
+            self.metrics.close()
 
     # ------------------------------------------------------------------------------ session
 
     def _session(self) -> _End:
+        try:
+            return self._session_loop()
+        finally:
+            if self.metrics is not None:
+                self.metrics.disconnected()
+
+    def _session_loop(self) -> _End:
         self.link.open()
         self._welcomed = False
         beats = self.beats
@@ -264,6 +285,8 @@ class Daemon:
                     beat = beats.beat(now, self.worker.current(), self.uploads.ready())
                     self.link.send(encode(beat))
                 self.uploads.flush()
+                if self.metrics is not None:
+                    self.metrics.waiting(len(self.outbox))
                 beats.expire_probes(now)
                 wait = min(wait, beats.until_due(now))
             try:
@@ -385,6 +408,8 @@ class Daemon:
         )
         self.uploads.start_session(h.grant_above)
         self.link.send(self.beats.start_probes(now))
+        if self.metrics is not None:
+            self.metrics.welcomed()
         return None
 
     def _on_assign(self, h: TaskAssign, blobs: Mapping[str, memoryview]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from edge_agent.daemon.link import agent_log
+from edge_agent.daemon.metrics import AgentMetrics
 from edge_agent.daemon.outbox import Outbox
 from edge_agent.daemon.workspace import AgentWorkspace
 from edge_agent.errors import EdgeAgentError
@@ -80,8 +81,10 @@ class Worker:
         outgoing: queue.Queue[Outgoing],
         stop: threading.Event,
         bandwidth_limit_mbps: float | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.metrics = metrics
         self.bandwidth_limit_mbps = bandwidth_limit_mbps
         self.methods = methods
         self.workspace = workspace
@@ -155,6 +158,8 @@ class Worker:
         self.workspace.reset_progress()
         self._simulate_link(sum(b.nbytes for b in job.blobs.values()))
         self.log.info("%s: %s %s started", tag, assign.method, assign.kind)
+        if self.metrics is not None:
+            self.metrics.started(assign.round)
         started = time.monotonic()
         cpu_started = time.process_time()
         try:
@@ -194,14 +199,18 @@ class Worker:
             return self._failure(
                 assign, ErrorCode.RESOURCES, f"agent cannot store the result: {exc}"
             )
+        seconds, nbytes = time.monotonic() - started, frames_nbytes(frames)
         self.log.info(
             "%s: done in %.1f s, %d examples, %d bytes, metrics %s",
             tag,
-            time.monotonic() - started,
+            seconds,
             output.num_examples,
-            frames_nbytes(frames),
+            nbytes,
             {k: round(v, 4) for k, v in output.metrics.items()},
         )
+        if self.metrics is not None:
+            metrics = {str(k): float(v) for k, v in output.metrics.items()}
+            self.metrics.done(assign.kind, seconds, int(output.num_examples), nbytes, metrics)
         return Outgoing(frames=frames, task_id=assign.task_id, stored=True)
 
     def _simulate_link(self, nbytes: int) -> None:
@@ -237,6 +246,8 @@ class Worker:
         return encode(result, output.blobs)
 
     def _failure(self, assign: TaskAssign, code: ErrorCode, reason: str) -> Outgoing:
+        if self.metrics is not None:
+            self.metrics.failed_task(assign.kind, code.value)
         return Outgoing(
             frames=error_reply(assign, code, reason), task_id=assign.task_id, stored=False
         )

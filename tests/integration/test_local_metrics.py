@@ -1,4 +1,5 @@
-"""The Prometheus endpoint serves the metrics during an `edgefed-aggregator local` run."""
+"""The Prometheus endpoints (the aggregator's and each agent's) serve their metrics during an
+`edgefed-aggregator local` run (on the tiny model)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_metrics_are_scraped_during_a_local_run(tmp_path: Path) -> None:
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return str(reply.read().decode())
+
+
+def test_metrics_are_scraped_during_a_local_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     cmd = [
         sys.executable, "-m", "aggregator", "local", "--insecure",
+        "--model", str(tiny_model_dir), "--quant", "fp32",
         "--agents", "1", "--rounds", "3", "--steps", "2", "--per-agent", "8",
         "--eval-examples", "4", "--batch-size", "2", "--workdir", str(tmp_path / "run"),
         "--metrics-port", "0",
@@ -27,16 +34,22 @@ def test_metrics_are_scraped_during_a_local_run(tmp_path: Path) -> None:
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     assert proc.stdout is not None
-    url, scraped, seen = None, "", []
+    url, agent_url, scraped, agent_scraped, seen = None, None, "", "", []
     try:
         for line in proc.stdout:
             seen.append(line)
             found = re.match(r"metrics: (http://127\.0\.0\.1:\d+/metrics)$", line.strip())
             if found:
                 url = found.group(1)
+            found = re.match(
+                r"agent metrics: agent-1 (http://127\.0\.0\.1:\d+/metrics)$", line.strip()
+            )
+            if found:
+                agent_url = found.group(1)
             if url and re.match(r"^\s+1\s+1\s", line):  # round 1's row: round 2 is under way
-                with urllib.request.urlopen(url, timeout=30) as reply:
-                    scraped = reply.read().decode()
+                scraped = _get(url)
+                assert agent_url, "".join(seen)
+                agent_scraped = _get(agent_url)
                 break
         assert scraped, "".join(seen)
     finally:
@@ -49,3 +62,9 @@ def test_metrics_are_scraped_during_a_local_run(tmp_path: Path) -> None:
     assert float(values["edgefed_aggregator_agents_connected"]) == 1
     assert float(values["edgefed_aggregator_bytes_received_total"]) > 0
     assert float(values["edgefed_aggregator_checkpoint_write_seconds_count"]) >= 1
+    agent = dict(re.findall(r"^(edgefed_agent_\w+(?:\{[^}]*\})?) (\S+)$", agent_scraped, re.M))
+    assert float(agent["edgefed_agent_connected"]) == 1
+    assert float(agent['edgefed_agent_tasks_completed_total{kind="train"}']) >= 1
+    assert float(agent['edgefed_agent_tasks_completed_total{kind="eval"}']) >= 1  # row 0
+    assert float(agent["edgefed_agent_result_bytes_total"]) > 0
+    assert float(agent["edgefed_agent_train_loss"]) > 0

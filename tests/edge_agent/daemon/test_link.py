@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +21,18 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 import zmq.auth
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from edge_agent.daemon.daemon import Daemon, DaemonSettings
 from edge_agent.daemon.link import Backoff, CurveKeys, LinkSettings
+from edge_agent.daemon.metrics import AgentMetrics
 from edge_agent.daemon.outbox import Outbox
 from edge_agent.daemon.workspace import AgentWorkspace, WorkspaceSettings
-from edge_agent.errors import TaskError
+from edge_agent.errors import ConfigError, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from protocol.errors import ErrorCode
-from protocol.frames import Decoded, decode, encode
+from protocol.frames import Decoded, decode, encode, frames_nbytes
 from protocol.messages import (
     Ack,
     BaseModelRef,
@@ -248,7 +251,7 @@ class Harness:
         self.agg = FakeAggregator()
         self.running: list[Running] = []
 
-    def start(self, curve: CurveKeys | None = None) -> Running:
+    def start(self, curve: CurveKeys | None = None, metrics: AgentMetrics | None = None) -> Running:
         link = LinkSettings(AGENT, self.agg.endpoint, curve, reconnect_min=0.05, reconnect_max=0.2)
         settings = DaemonSettings(link, heartbeat_interval=INTERVAL, liveness=LIVENESS)
         ws = FakeWorkspace(
@@ -263,6 +266,7 @@ class Harness:
             outbox=Outbox(self.outbox_dir),
             profile=PROFILE,
             methods={"fedit": FakeMethod},
+            metrics=metrics,
         )
         running = Running(daemon)
         self.running.append(running)
@@ -667,3 +671,64 @@ def test_between_runs_the_agent_stays_connected_and_waits_for_a_run_of_its_model
     agg.expect(Hello, timeout=5)
     assert "aggregator said bye (aggregator shutting down); waiting for it" in caplog.text
     assert first.agent_id == hello.agent_id == AGENT
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The endpoint's samples by ``name{label=value,...}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return values
+
+
+def test_the_metrics_endpoint_serves_what_the_agent_did(harness: Harness) -> None:
+    p = "edgefed_agent_"
+    agg = harness.agg
+    metrics = AgentMetrics()
+    port = metrics.serve(0)
+    try:
+        harness.start(metrics=metrics)
+        agg.expect(Hello)
+        assert scrape(port)[f"{p}connected"] == 0.0  # not welcomed yet
+        agg.welcome()
+        agg.send(assign("quick-1"))
+        result, message = agg.expect(TaskResult, "quick-1")
+        agg.send(assign("crash-1"))
+        agg.expect(ErrorReply, "crash-1")
+        agg.expect(Heartbeat)  # a loop turn after the result: the outbox gauge is current
+        m = scrape(port)
+        assert m[f"{p}connected"] == 1.0 and m[f"{p}sessions_total"] == 1.0
+        assert m[f"{p}round"] == 4.0
+        assert m[f"{p}tasks_completed_total{{kind=train}}"] == 1.0
+        assert m[f"{p}tasks_failed_total{{code=TASK_FAILED,kind=train}}"] == 1.0
+        assert m[f"{p}task_duration_seconds_count{{kind=train}}"] == 1.0
+        assert m[f"{p}examples_total{{kind=train}}"] == result.num_examples > 0
+        assert m[f"{p}result_bytes_total"] == frames_nbytes(encode(result, message.blobs))
+        assert m[f"{p}outbox_results"] == 1.0  # quick-1 waits for its Ack
+        agg.send(Ack(task_id="quick-1"))
+        harness.wait_outbox_empty()
+        agg.expect(Heartbeat)
+        assert scrape(port)[f"{p}outbox_results"] == 0.0
+        agg.close()  # the aggregator goes away: after liveness intervals, not connected
+        deadline = time.monotonic() + 10
+        while scrape(port)[f"{p}connected"] != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scrape(port)[f"{p}connected"] == 0.0
+    finally:
+        metrics.close()
+
+
+def test_a_metrics_port_in_use_is_a_config_error() -> None:
+    taken = AgentMetrics()
+    port = taken.serve(0)
+    try:
+        with pytest.raises(
+            ConfigError, match=f"agent.metrics_port: cannot listen on 127.0.0.1:{port}"
+        ):
+            AgentMetrics().serve(port)
+    finally:
+        taken.close()
