@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -46,6 +48,32 @@ def _user_errors() -> Iterator[None]:
         yield
     except EdgeAgentError as exc:
         fail(TOOL, str(exc) or type(exc).__name__)
+
+
+def log_destination() -> Path | None:
+    """The regular file this process's stderr (where its log goes) writes to, if it is one:
+    ``local`` sends each agent's output to ``logs/<agent>.log``; under systemd it is the
+    journal (no file)."""
+    try:
+        if not stat.S_ISREG(os.fstat(2).st_mode):
+            return None
+        return Path(os.readlink("/proc/self/fd/2"))
+    except OSError:
+        return None
+
+
+def _say_start(config: Any) -> None:
+    """One line up front with what this agent is and uses, so a log names its own files."""
+    a = config.agent
+    where = log_destination()
+    logging.getLogger("edge_agent").info(
+        "agent %s starting: data %s, state %s, model %s%s",
+        a.id,
+        a.data,
+        a.state_dir,
+        a.model,
+        f", log {where}" if where is not None else "",
+    )
 
 
 @contextmanager
@@ -150,6 +178,7 @@ def _run(config_path: Path, overrides: dict[str, dict[str, Any]]) -> int:
     try:
         with _user_errors():
             config = load_config(config_path, overrides)
+            _say_start(config)
             daemon = Daemon.from_config(config)  # reads data, resolves the model: may take a while
     except KeyboardInterrupt:
         click.echo("interrupted before the agent started", err=True)

@@ -307,3 +307,27 @@ def test_run_creates_its_state_private_whatever_the_umask(
     state = tmp_path / "state"
     assert (state / "outbox").is_dir() and len(list(state.rglob("*"))) >= 2
     assert _private(state) == []
+
+
+def test_the_log_names_the_agent_its_data_and_its_own_file(tmp_path: Path) -> None:
+    config = agent_toml(tmp_path, body='model = "unreachable"\n')  # ends at the model step
+    log = tmp_path / "logs" / "edge-9.log"
+    log.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("wb") as out:  # what local does with each agent's output
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    text = log.read_text()
+    assert (
+        f"agent edge-9 starting: data {tmp_path / 'train.jsonl'}, state {tmp_path / 'state'}, "
+        f"model unreachable, log {log}"
+    ) in text
+    # to a pipe (the journal, a terminal) the line names no file
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert "agent edge-9 starting: data" in proc.stderr and ", log " not in proc.stderr
