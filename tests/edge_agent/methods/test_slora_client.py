@@ -10,6 +10,7 @@ import torch
 
 from aggregator.methods import MethodContext
 from aggregator.methods.slora.server import SloraServer
+from edge_agent.daemon.objects import ObjectStore
 from edge_agent.methods import TaskInput, TaskOutput
 from edge_agent.methods.slora.client import SloraClient, sparse_deltas, sparse_masks, sparse_targets
 from edge_agent.model.store import ResolvedModel, load_base
@@ -62,6 +63,13 @@ class TinyWorkspace:
             self._bases[quant] = load_base(self.resolved, quant, device="cpu")  # type: ignore[arg-type]
         return self._bases[quant]
 
+    def take_base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
+        raise AssertionError("slora never takes the base over")
+
+    @property
+    def objects(self) -> ObjectStore:
+        raise AssertionError("slora keeps no objects")
+
     def should_stop(self) -> bool:
         return False
 
@@ -81,7 +89,7 @@ def method_params(**sparse: Any) -> dict[str, Any]:
 def run_task(
     ws: TinyWorkspace,
     params: Mapping[str, Any],
-    blobs: Mapping[str, bytes],
+    blobs: Mapping[str, bytes | bytearray | memoryview],
     *,
     round: int,
     kind: str = "train",
