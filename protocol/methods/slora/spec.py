@@ -27,10 +27,11 @@ committed and evaluated as a sparse model first). For each target,
     lora_B = U_r · sqrt(S_r) / sqrt(scaling)      lora_A = sqrt(S_r) · V_rᵀ / sqrt(scaling)
 
 with ``scaling = lora.alpha / lora.r`` (peft's), so ``scaling · B · A`` is the best rank-r
-approximation of ``ΔW``. The base goes back to the original weights. A LoRA target that stage 1
-did not train (not in ``sparse.target_modules``), or every target under the ablation
-``sparse.init = "random"``, gets FedIT's initialisation instead (seeded ``A``, ``B = 0``); the
-stage-1 update of a weight that is no LoRA target is dropped at the switch.
+approximation of ``ΔW``. The base goes back to the original weights. Every LoRA target must be
+a sparse target (``lora.target_modules`` ⊆ ``sparse.target_modules``, checked); the stage-1
+update of a sparse target that is no LoRA target is dropped at the switch. Under the ablation
+``sparse.init = "random"`` every target gets FedIT's initialisation instead (seeded ``A``,
+``B = 0``).
 
 The first stage-2 round's train tasks carry ``switch_eval = true``: the agent evaluates the
 global adapter it received (the switch's initialisation) before it trains and reports
@@ -139,4 +140,10 @@ class Params(StrictParams):
     def _one_rank(self) -> Params:
         if self.lora.rank_pattern:
             raise ValueError("slora uses one LoRA rank for every target: rank_pattern must be {}")
+        untrained = sorted(set(self.lora.target_modules) - set(self.sparse.target_modules))
+        if untrained:
+            raise ValueError(
+                f"LoRA targets {untrained} are not in sparse.target_modules: stage 2 starts "
+                "from the stage-1 update of each LoRA target"
+            )
         return self

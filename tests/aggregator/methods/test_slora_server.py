@@ -35,7 +35,7 @@ TINY_TARGETS = {  # tiny model of tests/conftest.py, targets q_proj and v_proj
 }
 PARAMS: dict[str, Any] = {
     "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
-    "sparse": {"stage1_rounds": 2, "density": 0.01},
+    "sparse": {"stage1_rounds": 2, "density": 0.01, "target_modules": ["q_proj", "v_proj"]},
 }
 
 

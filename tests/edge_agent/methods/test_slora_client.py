@@ -82,7 +82,13 @@ def method_params(**sparse: Any) -> dict[str, Any]:
         "lora": {"r": 64, "alpha": 128.0, "target_modules": ["q_proj", "v_proj"]},
         "train": {"steps": 3, "batch_size": 2, "lr": 1e-2, "max_len": 32},
         "eval": {"max_len": 32, "batch_size": 2, "max_new_tokens": 3},
-        "sparse": {"stage1_rounds": 1, "density": 0.01, "mask_seed": 0, **sparse},
+        "sparse": {
+            "stage1_rounds": 1,
+            "density": 0.01,
+            "mask_seed": 0,
+            "target_modules": ["q_proj", "v_proj"],
+            **sparse,
+        },
     }
 
 
