@@ -94,7 +94,9 @@ SECTIONS: tuple[Section, ...] = (
         "Every FedBiOT row scores the full model with the adapter (the last 2 layers) plugged "
         "back, on the same held-out sets as fedit. `fedbiot` is the default: drop ratio 0.5, "
         "48 alignment steps before round 1 and 8 after each round, KL weight 0, proximal "
-        "λ = 1 on the merged weights. `fedit last 2 layers` trains LoRA on the same 2 layers of "
+        "λ = 1 on the merged weights, alignment LoRA r 4 on o_proj/down_proj (`fedbiot align "
+        "qkvo r=8`: the adapter's own settings instead). `fedit last 2 layers` trains LoRA on the "
+        "same 2 layers of "
         "the full model (the same trainable capacity); `fedit` on all of them.",
         (
             Variant("fedit last 2 layers", "fedit", ("last_layers=2",)),
@@ -104,6 +106,15 @@ SECTIONS: tuple[Section, ...] = (
             Variant("fedbiot drop=0.2", "fedbiot", ("emulator.drop_ratio=0.2",)),
             Variant("fedbiot drop=0.35", "fedbiot", ("emulator.drop_ratio=0.35",)),
             Variant("fedbiot prox=0", "fedbiot", ("prox=0",)),
+            Variant(
+                "fedbiot align qkvo r=8",
+                "fedbiot",
+                (
+                    'align.target_modules=["q_proj","k_proj","v_proj","o_proj"]',
+                    "align.r=8",
+                    "align.alpha=16",
+                ),
+            ),
         ),
     ),
 )

@@ -173,3 +173,6 @@ def test_every_variants_params_are_valid_for_its_method() -> None:
     assert parsed["fedbiot prox=0"].prox == 0.0  # type: ignore[attr-defined]
     assert parse_params("fedbiot", {}).prox == 1.0  # type: ignore[attr-defined]
     assert parsed["fedit last 2 layers"].last_layers == 2  # type: ignore[attr-defined]
+    qkvo = parsed["fedbiot align qkvo r=8"].align  # type: ignore[attr-defined]
+    assert qkvo.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and qkvo.r == 8
+    assert qkvo.scaling == 2.0
