@@ -252,7 +252,8 @@ def full_model(task: TaskInput, ws: Workspace, params: spec.Params, plan: emu.Em
     if raw is None:
         set_adapter_state(model, init_lora_state(model, shape, lora.init_seed))
         return model
-    expect = payloads.Expect(kind=payloads.PayloadKind.LORA, round=a.round, max_rank=lora.r)
+    rank = max([lora.r, *lora.rank_pattern.values()])
+    expect = payloads.Expect(kind=payloads.PayloadKind.LORA, round=a.round, max_rank=rank)
     try:
         set_adapter_state(model, payloads.decode(raw, expect).tensors)
     except ProtocolError as exc:
@@ -276,11 +277,7 @@ def evaluate_both(
         em.model, tokenizer, examples, max_len=e.max_len, batch_size=e.batch_size,
         exact_match=False, progress=ws.progress,
     )  # fmt: skip
-    full = full_model(task, ws, params, em.plan)
-    try:
-        out = evaluation_task(full, tokenizer, e, ws)
-    finally:
-        del full
+    out = evaluation_task(full_model(task, ws, params, em.plan), tokenizer, e, ws)
     out.metrics["emulator_eval_loss"] = on_emulator.loss
     out.metrics["seconds"] = out.metrics.get("seconds", 0.0) + on_emulator.seconds
     return out
