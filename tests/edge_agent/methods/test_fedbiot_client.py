@@ -240,7 +240,11 @@ def test_the_proximal_term_is_lambda_times_the_merged_weights_distance(setup: An
     start = {k: v.detach().clone() for k, v in merged_deltas(em.model).items()}
     assert len(start) == 4  # q and v of the two adapter layers
     term, scaled = merged_proximal(em.model, 1.0), merged_proximal(em.model, 2.5)
-    assert term is not None and scaled is not None and float(term(em.model).detach()) == pytest.approx(0.0, abs=1e-9)
+    assert (
+        term is not None
+        and scaled is not None
+        and float(term(em.model).detach()) == pytest.approx(0.0, abs=1e-9)
+    )
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
