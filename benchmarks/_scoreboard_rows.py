@@ -117,6 +117,34 @@ SECTIONS: tuple[Section, ...] = (
             ),
         ),
     ),
+    Section(
+        "slora",
+        "SLoRA: sparse fine-tuning, then LoRA from its SVD, against full-parameter FedAvg "
+        "(issue 21)",
+        "fedavg",
+        ("fedavg", "fedit", "slora"),
+        "`slora` runs stage 1 (seeded sparse masks over every linear layer, fp32) for "
+        "`sparse.stage1_rounds` rounds, then LoRA on all 7 linear layers initialised from the "
+        "SVD of the stage-1 change. `slora init=random` is the same stage 1 with stage 2 from "
+        "fedit's own initialisation; `fedit all-linear` is fedit with slora's LoRA targets "
+        "(like-for-like bytes); `slora qkvo LoRA` is slora with fedit's.",
+        (
+            Variant("slora init=random", "slora", ("sparse.init=random",)),
+            Variant(
+                "fedit all-linear",
+                "fedit",
+                (
+                    'lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj",'
+                    '"up_proj","down_proj"]',
+                ),
+            ),
+            Variant(
+                "slora qkvo LoRA",
+                "slora",
+                ('lora.target_modules=["q_proj","k_proj","v_proj","o_proj"]',),
+            ),
+        ),
+    ),
 )
 
 

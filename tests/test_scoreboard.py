@@ -176,3 +176,7 @@ def test_every_variants_params_are_valid_for_its_method() -> None:
     qkvo = parsed["fedbiot align qkvo r=8"].align  # type: ignore[attr-defined]
     assert qkvo.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and qkvo.r == 8
     assert qkvo.scaling == 2.0
+    assert parsed["slora init=random"].sparse.init == "random"  # type: ignore[attr-defined]
+    assert len(parsed["fedit all-linear"].lora.target_modules) == 7  # type: ignore[attr-defined]
+    slora_qkvo = parsed["slora qkvo LoRA"].lora.target_modules  # type: ignore[attr-defined]
+    assert tuple(slora_qkvo) == ("q_proj", "k_proj", "v_proj", "o_proj")
