@@ -64,7 +64,9 @@ NAME = "fedpipe"
 GLOBAL_BLOB = "global"
 UPDATE_BLOB = "update"
 SCORE_BLOB = "scores"
+SENSITIVITY_BLOB = "sensitivity"
 TOKENS_MEAN = "tokens_mean"
+MEMORY_PEAK = "memory_peak"
 
 TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -111,10 +113,21 @@ class ScoreParams(StrictParams):
 
 
 class SelectParams(StrictParams):
-    """How many of the scored matrices are adapted: ``count`` if given, else ``fraction``."""
+    """Which matrices each agent adapts: ``count`` if given, else ``fraction`` of the
+    candidates, chosen per agent by its importance and chosen again every ``every`` rounds."""
 
     fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     count: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    every: Annotated[int, Field(ge=1, le=1_000_000)] = 2
+    """Rounds between selections: rounds 1, 1 + every, 1 + 2·every, … choose again."""
+    mode: Literal["importance", "random"] = "importance"
+    """``importance``: each agent's most important matrices; ``random``: a seeded random set
+    of the same size per agent and selection (an ablation: the ranks still follow importance)."""
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    """AdaLoRA's smoothing of the sensitivity ``|w · ∂L/∂w|`` of the adapters' entries."""
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    """AdaLoRA's smoothing of its uncertainty ``|I − Ī|``."""
 
 
 def _sorted_unique(values: tuple[int, ...]) -> tuple[int, ...]:
@@ -136,8 +149,18 @@ class PlanParams(StrictParams):
         "nf4",
     )
     tiers: Annotated[int, Field(ge=1, le=4)] = 2
-    """Selected matrices are split by importance into this many tiers, one rank per tier
-    (a more important tier never gets a smaller rank)."""
+    """Used by a regional tier's agents only (planned without per-agent importance): the
+    selected matrices split into this many tiers, one rank per tier."""
+    rank_spread: Annotated[float, Field(ge=0, le=4)] = 1.0
+    """Per-weight ranks: an agent planned at rank level ``r`` gives matrix ``m`` the rank
+    ``r · n · s_m^γ / Σ s^γ`` (rounded, within [1, max(ranks)]), ``s`` its importance,
+    ``γ`` this value; 0 gives every selected matrix rank ``r``."""
+    fit_time: bool = True
+    """Fit each agent's step-time constants to its measured rounds (else the prior constants
+    scaled by one learnt speed)."""
+    fit_memory: bool = True
+    """Scale each agent's modelled memory by its measured peak over the model (never below 1);
+    off when the agents' memory is simulated (``--agent-limit``) rather than their own."""
     capacity: Annotated[float, Field(ge=0, le=64)] = 0.5
     """Floor on the round's total rank: ``Σ_agents Σ_modules rank >= capacity · agents ·
     modules · lora.r`` (relaxed, with a warning, when no configuration can meet it)."""
