@@ -398,6 +398,8 @@ def resources(
     default_bandwidth_mbps: float = 100.0,
     tokens: float = 128.0,
     speed: float = 1.0,
+    time_fit: tuple[float, float] | None = None,
+    memory_factor: float = 1.0,
 ) -> Resources:
     """An agent's :class:`Resources` from its ``protocol.messages.Profile`` and link figures
     (the latest heartbeat's, else the Hello's, else the default). On a GPU the memory is its
@@ -416,6 +418,8 @@ def resources(
         gpu=bool(gpus),
         tokens_mean=tokens,
         speed=speed,
+        time_fit=time_fit,
+        memory_factor=memory_factor,
     )
 
 
