@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RIDGE = 0.1
+RIDGE = 0.01
 """Weight of the pull of ``(u, v)`` towards the common factor, per unit of relative error."""
 LIMITS = (1e-3, 1e3)
 """Bounds on any fitted factor."""
