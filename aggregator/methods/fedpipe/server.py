@@ -318,7 +318,11 @@ class FedpipeServer:
         expect = payloads.Expect(
             kind=payloads.PayloadKind.LORA, method=self.name, round=round, tensors=specs
         )
-        payload = decode_update(blobs, spec.UPDATE_BLOB, expect)
+        extra = sorted(set(blobs) - {spec.UPDATE_BLOB, spec.SENSITIVITY_BLOB})
+        if extra:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"unexpected blobs {extra}")
+        only = {k: v for k, v in blobs.items() if k == spec.UPDATE_BLOB}
+        payload = decode_update(only, spec.UPDATE_BLOB, expect)
         for module, r in fm.ranks_of(payload.tensors).items():
             m = self.candidates[module]
             if r > min(m.in_features, m.out_features):
@@ -333,9 +337,10 @@ class FedpipeServer:
                 round=round,
                 tensors={m: payloads.TensorSpec((1,), torch.float32) for m in ranks},
             )
+            raw = {spec.SENSITIVITY_BLOB: blobs[spec.SENSITIVITY_BLOB]}
             values = {
                 m: float(t[0])
-                for m, t in decode_update(blobs, spec.SENSITIVITY_BLOB, sens).tensors.items()
+                for m, t in decode_update(raw, spec.SENSITIVITY_BLOB, sens).tensors.items()
             }
             bad = [m for m, v in values.items() if not v >= 0 or v == float("inf")]
             if bad:
