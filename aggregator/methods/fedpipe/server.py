@@ -202,7 +202,8 @@ class FedpipeServer:
             for a, v in views.items()
             if a not in stored and a not in self._regions
         }
-        layouts = {a: self._layout(round, a) for a in todo} if self.per_agent else None
+        per_agent = self.per_agent and self.params.select.per_agent
+        layouts = {a: self._layout(round, a) for a in todo} if per_agent else None
         problem = self._problem(todo, layouts=layouts) if todo else None
         self.planner.extend(round, stored, problem)
 

@@ -120,6 +120,10 @@ class SelectParams(StrictParams):
     count: Annotated[int, Field(ge=1, le=100_000)] | None = None
     every: Annotated[int, Field(ge=1, le=1_000_000)] = 2
     """Rounds between selections: rounds 1, 1 + every, 1 + 2·every, … choose again."""
+    per_agent: bool = True
+    """Each agent adapts its own matrices at per-matrix ranks; false: every agent adapts the
+    global selection (the top matrices by the example-weighted mean score), one rank per
+    importance tier (``plan.tiers``), as a regional tier always plans its agents."""
     mode: Literal["importance", "random"] = "importance"
     """``importance``: each agent's most important matrices; ``random``: a seeded random set
     of the same size per agent and selection (an ablation: the ranks still follow importance)."""
