@@ -461,7 +461,8 @@ def train_round(
         blobs = blob(states[agent], round)
         if agent in sens:
             blobs["sensitivity"] = sens_blob(sens[agent], round)
-        s.add(s.validate(round, result(agent, 4, round=round, **metrics), blobs))
+        res = result(agent, 4, round=round).model_copy(update={"metrics": metrics})
+        s.add(s.validate(round, res, blobs))
     s.finish_round(round)
     return states
 
@@ -512,7 +513,7 @@ def test_sensitivity_with_the_wrong_names_is_rejected(tiny_model_dir: Path) -> N
     s = selected_server(tiny_model_dir)
     s.plan(1, "train", {"a": view("a", 1000.0)})
     ranks = s.plans[1]["a"].ranks
-    blobs = blob(random_update(s, ranks, 0), 1)
+    blobs = blob(random_update(s, dict(ranks), 0), 1)
     blobs["sensitivity"] = sens_blob({next(iter(s.candidates.keys() - ranks.keys())): 1.0}, 1)
     with pytest.raises(UpdateRejected):
         s.validate(1, result("a", 4), blobs)
