@@ -104,6 +104,7 @@ def train_task(
         seed=t.seed + round,
         gradient_checkpointing=t.gradient_checkpointing,
     )
+
     def _after(done: int) -> None:
         if after_step is not None:
             after_step()

@@ -5,7 +5,10 @@ Phases (driven by the engine's optional hooks):
 - **score** (before round 1, until a selection exists): every agent scores every candidate
   matrix and the top ones are kept (:mod:`aggregator.methods.fedpipe.select`; the selection is
   also in the checkpoint's metadata, which ``edgefed-aggregator status`` shows).
-- **train**: :meth:`plan` solves each agent's ranks, batch and precision
+- **train**: every ``select.every`` rounds each agent's matrices are chosen again by its own
+  importance (its score, then its adapters' sensitivity reported with each update:
+  :mod:`aggregator.methods.fedpipe.importance`); :meth:`plan` solves each agent's rank level
+  (spread over its matrices by importance), batch and precision
   (:mod:`aggregator.methods.fedpipe.planner`, saved so that a restart validates the open
   round's stored updates against the same plan). Each agent is sent the global ``ΔW``
   truncated at its ranks; its update is checked against exactly those shapes and folded into a

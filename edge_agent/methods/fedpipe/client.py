@@ -10,7 +10,9 @@ hook on its output receives ``∂L/∂Y``; then ``∂L/∂W = (∂L/∂Y)ᵀ·X`
 Train tasks: a peft adapter on exactly the modules of ``params.ranks`` at those ranks (the
 scaling is ``alpha / rank`` per module), initialised from blob ``global`` or, in round 1, from
 the seeded init of ``edge_agent.training.lora``; then ``train.steps`` steps of batch ``train.batch_size``
-on the task's precision. Eval tasks attach the global ΔW at its own ranks (exact) and evaluate.
+on the task's precision, measuring AdaLoRA's sensitivity of the adapter entries after every step
+(:mod:`edge_agent.methods.fedpipe.sensitivity`), reported per module beside the update with the
+task's peak memory. Eval tasks attach the global ΔW at its own ranks (exact) and evaluate.
 One adapter is attached at a time: a different shape unloads the old one (``unload()`` puts
 the base modules back unmerged) before the new one is attached.
 """

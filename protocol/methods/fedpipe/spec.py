@@ -3,19 +3,21 @@
 Fang et al., "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of Large
 Language Models" (2024). Four parts, all server-driven:
 
-1. **Selection.** Before round 1 every agent runs a *score* task: per weight matrix ``W`` of
-   the decoder's linear layers (``lora.target_modules``), the importance
-   ``s = Σ_batches Σ_ij |W_ij · ∂L/∂W_ij|`` (divided by ``W.numel()`` when
-   ``score.normalize = "mean"``) over ``score.batches`` batches of its own data. The server
-   averages the scores weighted by examples and adapts the top ``select.count`` (or
-   ``select.fraction``) matrices only.
+1. **Importance and selection.** Before round 1 every agent runs a *score* task: per weight
+   matrix ``W`` of the decoder's linear layers (``lora.target_modules``), the prior
+   ``Σ_batches Σ_ij |W_ij · ∂L/∂W_ij|`` (divided by ``W.numel()`` when
+   ``score.normalize = "mean"``) over ``score.batches`` batches of its own data. While it
+   trains, it measures AdaLoRA's smoothed sensitivity of its adapters and reports it with each
+   update. Every ``select.every`` rounds the server chooses each agent's matrices (its top
+   ``select.count`` or ``select.fraction`` by its importance, or at random).
 2. **Per-agent configuration.** For each training round the server solves, from each agent's
-   profile, the LoRA rank of every selected matrix (one rank per importance tier), the batch
-   size and the base precision that minimise the slowest agent's estimated round time under
-   its memory and a total-rank floor (``aggregator/methods/fedpipe/plan.py`` and
-   ``_fedpipe_solve.py``).
-3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples; each
-   agent is then sent the truncated SVD of the global ``ΔW`` at its own ranks.
+   profile and its fitted constants, the rank level (spread over its matrices by importance,
+   ``plan.rank_spread``), the batch size and the base precision that minimise the slowest
+   agent's estimated round time under its memory and a total-rank floor
+   (``aggregator/methods/fedpipe/plan.py`` and ``solve.py``).
+3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples over the
+   agents that adapted each module; each agent is then sent the truncated SVD of the global
+   ``ΔW`` at its own ranks.
 4. **Precision by memory**: the planner's choice travels as ``TaskAssign.quant``.
 
 Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and
@@ -32,7 +34,10 @@ Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r,
   ``(alpha / r)·B·A`` is the best rank-r approximation of the global ``ΔW`` (components past
   the global's rank: seeded ``A`` rows, zero ``B`` columns). Round 1 carries none: every agent
   builds the seeded adapter of ``edge_agent.training.lora`` (``lora.init_seed``) at its ranks.
-  ``TaskResult``: blob ``update``, a ``lora`` payload of the same names and shapes.
+  ``TaskResult``: blob ``update``, a ``lora`` payload of the same names and shapes, and blob
+  ``sensitivity``, a ``dense`` payload of one float32 ``[1]`` per adapted module (AdaLoRA's
+  smoothed sensitivity times uncertainty of its adapter entries, mean over ``lora_A`` plus mean
+  over ``lora_B``); metric ``memory_peak`` (bytes).
 - ``TaskAssign(kind="eval", round=r)``: blob ``global``, the global ``ΔW`` of round ``r`` as
   exact LoRA factors (per module, rank = the global's rank, at most the sum of the round's
   ranks); the agent evaluates base + that adapter. Result: metrics only.
