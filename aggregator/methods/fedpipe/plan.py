@@ -324,13 +324,15 @@ class AgentPlan:
         return {m: r for r, tier in zip(self.tier_ranks, tiers, strict=True) for m in tier}
 
     def details(self) -> dict[str, str]:
+        out: dict[str, str] = {}
         if self.ranks:
             values = list(self.ranks.values())
-            rank = f"{min(values)}-{max(values)} (mean {sum(values) / len(values):.1f}, n={len(values)})"
+            out["rank"] = f"{min(values)}-{max(values)}"
+            out["rank_mean"] = f"{sum(values) / len(values):.1f}"
+            out["matrices"] = str(len(values))
         else:
-            rank = "/".join(str(r) for r in self.tier_ranks)
-        return {
-            "rank": rank,
+            out["rank"] = "/".join(str(r) for r in self.tier_ranks)
+        return out | {
             "quant": self.quant,
             "batch": str(self.batch),
             "steps": str(self.steps),

@@ -482,6 +482,10 @@ def test_each_agent_adapts_its_own_matrices_chosen_again_every_two_rounds(
     a1, b1 = s.plans[1]["a"].ranks, s.plans[1]["b"].ranks
     assert set(a1) == set(names[8:]) and set(b1) == set(names[:6])
     assert a1[names[13]] >= a1[names[8]] and b1[names[0]] >= b1[names[5]]  # ranks by importance
+    details = s.agent_details(1)["a"]
+    assert (
+        details["matrices"] == "6" and details["rank"] == f"{min(a1.values())}-{max(a1.values())}"
+    )
     # a's adapters: names[8] turns out to matter least by far
     sens_a = {m: (0.0 if m == names[8] else 1.0) for m in a1}
     states = train_round(s, 1, {"a": sens_a, "b": dict.fromkeys(b1, 1.0)})
