@@ -86,6 +86,38 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        "fedbiot",
+        "FedBiOT: the full model with the adapter plugged back, its ablations and fedit on the "
+        "same layers (issue 19)",
+        "fedbiot",
+        ("fedbiot", "fedit"),
+        "Every FedBiOT row scores the full model with the adapter (the last 2 layers) plugged "
+        "back, on the same held-out sets as fedit. `fedbiot` is the default: drop ratio 0.5, "
+        "48 alignment steps before round 1 and 8 after each round, KL weight 0, proximal "
+        "λ = 1 on the merged weights, alignment LoRA r 4 on o_proj/down_proj (`fedbiot align "
+        "qkvo r=8`: the adapter's own settings instead). `fedit last 2 layers` trains LoRA on the "
+        "same 2 layers of "
+        "the full model (the same trainable capacity); `fedit` on all of them.",
+        (
+            Variant("fedit last 2 layers", "fedit", ("last_layers=2",)),
+            Variant("fedbiot no alignment", "fedbiot", ("align.initial_steps=0", "align.steps=0")),
+            Variant("fedbiot FedOT align once", "fedbiot", ("align.steps=0",)),
+            Variant("fedbiot KL=0.5", "fedbiot", ("align.kl_weight=0.5",)),
+            Variant("fedbiot drop=0.2", "fedbiot", ("emulator.drop_ratio=0.2",)),
+            Variant("fedbiot drop=0.35", "fedbiot", ("emulator.drop_ratio=0.35",)),
+            Variant("fedbiot prox=0", "fedbiot", ("prox=0",)),
+            Variant(
+                "fedbiot align qkvo r=8",
+                "fedbiot",
+                (
+                    'align.target_modules=["q_proj","k_proj","v_proj","o_proj"]',
+                    "align.r=8",
+                    "align.alpha=16",
+                ),
+            ),
+        ),
+    ),
+    Section(
         "fedpipe",
         "FedPipe: importance-selected adapters with per-agent ranks against uniform fedit r = 8 "
         "(issue 20)",

@@ -37,6 +37,7 @@ from aggregator.engine.phases import PhaseRules
 from aggregator.engine.registry import Registry
 from aggregator.engine.rounds import (
     EVAL_KEYS,
+    SIDE_EVAL_KEYS,
     Kind,
     Outgoing,
     Phase,
@@ -436,7 +437,11 @@ class RoundEngine:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
             if phase.round > 0:  # the train metrics are committed already: add the eval's
-                evals = {k: v for k, v in summary.as_metrics().items() if k.startswith("eval_")}
+                evals = {
+                    k: v
+                    for k, v in summary.as_metrics().items()
+                    if k.startswith("eval_") or k in SIDE_EVAL_KEYS
+                }
                 self.ledger.set_round_metrics(self.run_id, phase.round, evals)
             else:
                 self.ledger.put_state(self.run_id, "baseline", summary.as_metrics())
@@ -455,7 +460,7 @@ class RoundEngine:
         """Per agent and in aggregate, this evaluation of the global goes to the ledger."""
         metrics = summary.as_metrics()
         rows = eval_rows(phase)
-        aggregate = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
+        aggregate = {k: metrics[k] for k in EVAL_KEYS + SIDE_EVAL_KEYS if k in metrics}
         aggregate["examples"] = sum(r["examples"] for r in rows.values())
         self.ledger.record_eval(self.run_id, phase.round, rows, aggregate)
 
