@@ -105,9 +105,11 @@ def train_task(
     *,
     lr: float | None = None,
     extra_loss: Callable[[Any], Any] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> Any:
     """One round of local training on the agent's examples: ``t``'s steps (seeded by the
-    round), with the workspace's progress, stop and progress-bar hooks; a ``TrainResult``."""
+    round), with the workspace's progress, stop and progress-bar hooks; a ``TrainResult``.
+    ``after_step`` runs after each optimizer step, while the step's gradients are still set."""
     from edge_agent.training.train import TrainConfig, train_lora
 
     cfg = TrainConfig(
@@ -120,6 +122,12 @@ def train_task(
         seed=t.seed + round,
         gradient_checkpointing=t.gradient_checkpointing,
     )
+
+    def _after(done: int) -> None:
+        if after_step is not None:
+            after_step()
+        ws.report_progress(done / cfg.steps)
+
     return train_lora(
         model,
         tokenizer,
@@ -128,5 +136,5 @@ def train_task(
         progress=ws.progress,
         extra_loss=extra_loss,
         should_stop=ws.should_stop,
-        on_step=lambda done: ws.report_progress(done / cfg.steps),
+        on_step=_after,
     )
