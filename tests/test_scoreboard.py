@@ -180,3 +180,21 @@ def test_every_variants_params_are_valid_for_its_method() -> None:
     assert len(parsed["fedit all-linear"].lora.target_modules) == 7  # type: ignore[attr-defined]
     slora_qkvo = parsed["slora qkvo LoRA"].lora.target_modules  # type: ignore[attr-defined]
     assert tuple(slora_qkvo) == ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_tables_from_a_partial_scoreboard_choose_only_finished_grids(tmp_path: Path) -> None:
+    """``--tables-only`` on an interrupted scoreboard: a method whose grid is all on disk gets
+    its rate chosen as ``run_all`` would; one with a grid point missing is listed as pending."""
+    store = Store(tmp_path / "results")
+    for method, lr, rouge in (("fedit", 1e-3, 0.6), ("fedit", 3e-3, 0.5), ("ferret", 0.05, 0.4)):
+        cfg = Config(method, 0, lr, "fp32")
+        store.save(cfg, _result(method, 0, rouge, cfg.group) | {
+            "name": cfg.name, "lr": lr, "quant": "fp32", "variant": "", "wall_seconds": 1.0})  # fmt: skip
+    args = argparse.Namespace(
+        lr_grid="fedit=3e-3,1e-3;ferret=0.05,0.02", methods="fedit,ferret", references="",
+        seeds="0,1", quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01,
+    )  # fmt: skip
+    chosen = scoreboard.chosen_on_disk(args, store)
+    assert chosen == {"fedit": 1e-3}
+    pending = scoreboard._pending_lines(args, chosen)
+    assert any("ferret" in ln and "fedit" not in ln for ln in pending)
