@@ -7,8 +7,10 @@ write to disk, through the ledger and the checkpoint store, because durability i
     select → assign → collect (until all results, or quorum at the deadline) → aggregate →
     checkpoint + ledger commit → evaluate (optional) → next round
 
-An accepted update is stored (its payload in ``updates/``, its row in the ledger) *before* its
-Ack is returned, and is folded into the method's running aggregate at once. After a crash the
+An accepted update is stored (its payload in the round's update log, its row in the ledger)
+*before* its Ack is returned, and is folded into the method's running aggregate then. The
+service takes what has arrived as one group (:meth:`RoundEngine.group`): one sync and one ledger
+transaction for all of it, then its Acks. After a crash the
 engine restores the last committed global state, replays the open round's stored updates, and
 carries on; task ids are a pure function of (run, round, kind, agent), so an agent's outboxed
 result for the open round is recognised after the restart and never counted twice.
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from aggregator.engine import crashpoints
@@ -121,6 +124,7 @@ class RoundEngine:
         self._score_phases: dict[int, int] = {}
         self._held_train: Phase | None = None
         """A closed training phase waiting for the reveal phase after it (``reveal_agents``)."""
+        self._grouping = 0
         self._eval_due = 0
 
     # --- start-up and resume ----------------------------------------------------------------
@@ -153,6 +157,30 @@ class RoundEngine:
         return 0
 
     # --- inputs -------------------------------------------------------------------------------
+
+    @contextmanager
+    def group(self) -> Iterator[list[Outgoing]]:
+        """Messages handled inside are one group: their updates become durable together when
+        the block ends (one log sync, one ledger transaction), and only then are their Acks
+        added to the yielded list, to be sent. Outside a group each update is its own."""
+        acks: list[Outgoing] = []
+        self._grouping += 1
+        try:
+            yield acks
+        finally:
+            self._grouping -= 1
+        if not self._grouping:
+            acks += self.flush()
+
+    def flush(self) -> list[Outgoing]:
+        """Commit the pending group (see :meth:`ResultIntake.commit`); the Acks now due."""
+        committed = self.intake.commit(self.method)
+        if not committed:
+            return []
+        round = committed[0][1].round
+        crashpoints.reached("stored", round)
+        crashpoints.reached_after("acked", round, self.config.server.heartbeat_interval)
+        return [out for agent_id, res in committed for out in ack(self.run_id, agent_id, res)]
 
     def on_message(self, agent_id: str, msg: Decoded, now: float) -> list[Outgoing]:
         header = msg.header
@@ -240,6 +268,8 @@ class RoundEngine:
             return refusal(run_id, agent_id, res, ErrorCode.IDENTITY_MISMATCH, reason)
         self.uploads.arrived(res.task_id)
         phase = self.phase
+        if res.kind == "train" and self.intake.is_pending(res.task_id):
+            return []  # a retry of an update in the open group: its Ack comes with the group
         if res.kind == "train" and self.ledger.has_update(res.task_id):
             # a retry of something already durable: Ack again, count once
             return ack(run_id, agent_id, res)
@@ -258,15 +288,15 @@ class RoundEngine:
             rejected = self.intake.take(self.method, phase, agent_id, res, msg)
             if rejected is not None:
                 return refusal(run_id, agent_id, res, ErrorCode.REJECTED_UPDATE, rejected)
-            crashpoints.reached("stored", phase.round)
-            crashpoints.reached_after("acked", phase.round, self.config.server.heartbeat_interval)
+            if self.intake.pending:  # its Ack only once it is durable: with the group
+                return [] if self._grouping else self.flush()
         return ack(run_id, agent_id, res)
 
     # --- the clock ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Outgoing]:
         crashpoints.poll(None if self.phase is None else self.phase.round)
-        out: list[Outgoing] = []
+        out: list[Outgoing] = [] if self._grouping else self.flush()  # nothing closes undurable
         for agent_id in self.registry.expire(now):
             log.warning("agent %s expired (no message for %.1fs)", agent_id, self.registry.window)
         if now - self._last_beat >= self.config.server.heartbeat_interval:

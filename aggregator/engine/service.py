@@ -313,6 +313,7 @@ class AggregatorService:
                 self.admin.close()
             if self.auth is not None:
                 self.auth.stop()
+            self.engine.intake.close()
             self.ledger.close()
             self.ctx.term()
             self.metrics.close()
@@ -334,12 +335,18 @@ class AggregatorService:
             self._drop_revoked()  # on the loop's clock: a new key is admitted with no traffic
             events = dict(poller.poll(POLL_MS))
             if sock in events:
-                for _ in range(256):  # drain a burst, then let the clock run
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._receive(sock, frames, time.monotonic())
+                # drain a burst as one group: its updates become durable together (one sync,
+                # one ledger transaction), then their Acks go out; then the clock runs
+                with self.engine.group() as acks:
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._receive(sock, frames, time.monotonic())
+                self.metrics.acked(acks)
+                for out in acks:
+                    self._send(sock, out)
             if self.admin is not None and self.admin.socket in events:
                 self.admin.serve_one()
             if self.lifecycle is not None:

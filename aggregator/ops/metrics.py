@@ -113,6 +113,12 @@ class ServiceMetrics:
                 else:
                     self.rejected.labels(code="not_accepted").inc()
 
+    def acked(self, acks: Iterable[Any]) -> None:
+        """Acks of a group commit: each an accepted training update."""
+        for out in acks:
+            if isinstance(out.header, Ack) and out.header.accepted:
+                self.accepted.labels(kind="train").inc()
+
     def refused(self, code: object) -> None:
         self.rejected.labels(code=str(getattr(code, "value", code))).inc()
 
@@ -128,7 +134,7 @@ class ServiceMetrics:
         """Time the ledger's writes and the checkpoint saves (wraps the instances' methods; call
         it once per instance: a serving aggregator has one ledger and a store per run)."""
         if ledger is not None:
-            for op in ("record_update", "commit_round"):
+            for op in ("record_updates", "commit_round"):
                 _wrap(ledger, op, self.ledger_seconds.labels(op=op).observe)
         if store is not None:
             _wrap(store, "save", self.checkpoint_seconds.observe)

@@ -1,0 +1,84 @@
+"""A round's update log: accepted update payloads appended to one file, synced once per group.
+
+The intake appends every payload of a group of updates to the open round's log
+(``updates/<run>/round-NNNNNN/updates.log``), syncs the log once (``fdatasync``) and only then
+records the group's ledger rows (one transaction) and sends the Acks. A ledger row names its
+payload by ``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when the
+payload is read back.
+
+Bytes in the log that no ledger row names are the payloads of a group that a crash interrupted
+before its ledger transaction: they were never acknowledged, the agents send them again, and
+they are never read (a new append goes after them). The log goes with its round's folder once
+the round is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from aggregator.store.checkpoint import write_error
+
+__all__ = ["UpdateLog", "read_slice"]
+
+LOG_NAME = "updates.log"
+
+
+class UpdateLog:
+    """One open round's append-only payload file (a single writer: the service's loop)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        created = not self.path.exists()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self.end = os.fstat(self._fd).st_size
+            if created:  # the new file's name must survive a crash too: sync its folder once
+                dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as e:
+            raise write_error(f"cannot open the update log {self.path}", e) from e
+        self.dirty = False
+
+    def append(self, data: bytes | memoryview) -> tuple[int, int]:
+        """Append ``data`` (not yet durable: see :meth:`sync`); its (offset, length)."""
+        view = memoryview(data).cast("B")
+        offset = self.end
+        try:
+            written = 0
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
+        except OSError as e:
+            with contextlib.suppress(OSError):  # leave no half payload behind the next one
+                os.ftruncate(self._fd, offset)
+            raise write_error(f"cannot write to the update log {self.path}", e) from e
+        self.end = offset + len(view)
+        self.dirty = True
+        return offset, len(view)
+
+    def sync(self) -> None:
+        """Make every appended payload durable (one ``fdatasync``)."""
+        if not self.dirty:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise write_error(f"cannot sync the update log {self.path}", e) from e
+        self.dirty = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_slice(path: Path, offset: int, length: int) -> bytes:
+    """The ``length`` bytes at ``offset`` of a log (fewer if the file is shorter)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
