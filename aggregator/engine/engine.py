@@ -174,13 +174,12 @@ class RoundEngine:
 
     def flush(self) -> list[Outgoing]:
         """Commit the pending group (see :meth:`ResultIntake.commit`); the Acks now due."""
-        committed = self.intake.commit(self.method)
-        if not committed:
-            return []
-        round = committed[0][1].round
-        crashpoints.reached("stored", round)
-        crashpoints.reached_after("acked", round, self.config.server.heartbeat_interval)
-        return [out for agent_id, res in committed for out in ack(self.run_id, agent_id, res)]
+        round = self.intake.pending[0][0].round if self.intake.pending else 0
+        answers = self.intake.commit(self.method, self.run_id)
+        if answers:
+            crashpoints.reached("stored", round)
+            crashpoints.reached_after("acked", round, self.config.server.heartbeat_interval)
+        return answers
 
     def on_message(self, agent_id: str, msg: Decoded, now: float) -> list[Outgoing]:
         header = msg.header

@@ -30,11 +30,13 @@ from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import ServerMethod, Update
 from aggregator.store.ledger import Ledger, RejectionRow, UpdateRow
 from aggregator.store.updatelog import LOG_NAME, UpdateLog, read_slice
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import Decoded
 from protocol.messages import Ack, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
+
+INTERNAL = "internal error; see the aggregator log"
 
 
 def ack(run_id: str, agent_id: str, res: TaskResult) -> list[Outgoing]:
@@ -159,11 +161,12 @@ class ResultIntake:
     def is_pending(self, task_id: str) -> bool:
         return any(row.task_id == task_id for row, _, _ in self.pending)
 
-    def commit(self, method: ServerMethod) -> list[tuple[str, TaskResult]]:
+    def commit(self, method: ServerMethod, run_id: str) -> list[Outgoing]:
         """Make the pending group durable and count it: one sync of the round's log, one ledger
-        transaction, then each new update into the aggregate. Returns (agent, result) for every
-        update of the group, each now due its Ack (a task id already recorded is not counted
-        twice, but is acknowledged)."""
+        transaction, then each new update into the aggregate. Returns the answers now due: an
+        Ack for every update of the group (a task id already recorded is acknowledged, not
+        counted twice), or the error the method raised folding it in (as the message boundary
+        would have answered it)."""
         if not self.pending:
             return []
         group, self.pending = self.pending, []
@@ -171,14 +174,31 @@ class ResultIntake:
             log_.sync()
         crashpoints.reached("group", group[0][0].round)
         inserted = self.ledger.record_updates([row for row, _, _ in group])
-        for (row, update, _), new in zip(group, inserted, strict=True):
+        out: list[Outgoing] = []
+        for (row, update, res), new in zip(group, inserted, strict=True):
             if new:
-                method.add(update)
+                try:
+                    method.add(update)
+                except StateError:
+                    raise
+                except (UpdateRejected, ProtocolError) as exc:
+                    log.warning(
+                        "round %d: %s's update not counted: %s", row.round, row.agent_id, exc
+                    )
+                    out += refusal(run_id, row.agent_id, res, exc.code, str(exc))  # type: ignore[arg-type]
+                    continue
+                except Exception:  # a bug an update can reach: it fails, the group goes on
+                    log.exception(
+                        "round %d: %s's update could not be added", row.round, row.agent_id
+                    )
+                    out += refusal(run_id, row.agent_id, res, ErrorCode.INTERNAL, INTERNAL)
+                    continue
                 log.info(
                     "round %d: accepted update from %s (%d examples, %d bytes up, %d bytes down)",
                     row.round, row.agent_id, row.num_examples, row.bytes_up, row.bytes_down,
                 )  # fmt: skip
-        return [(row.agent_id, res) for row, _, res in group]
+            out += ack(run_id, row.agent_id, res)
+        return out
 
     def _log(self, run_id: str, round: int) -> UpdateLog:
         key = (run_id, round)

@@ -1,6 +1,6 @@
 """Aggregation rules: streaming FedAvg, coordinate-wise trimmed mean and median, LoRA clipping.
 
-FedAvg keeps a float64 running sum, so the aggregator never holds a round's updates. The robust
+FedAvg keeps a float64 running sum (one flat buffer, :mod:`aggregator.methods.flatsum`), so the aggregator never holds a round's updates. The robust
 rules need every update of the round at once (a median is not a running sum); they hold them.
 
 Clipping a LoRA update is done on what it does to the model, ΔW = B·A − B₀·A₀ summed over all
@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from aggregator.errors import UpdateRejected
+from aggregator.methods.flatsum import FlatSum
 from protocol.errors import ErrorCode
 from protocol.methods._common import AggregationParams
 
@@ -135,7 +136,7 @@ class Aggregator:
 
     def __init__(self, params: AggregationParams) -> None:
         self.params = params
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums = FlatSum()
         self.held: list[dict[str, torch.Tensor]] = []
         self.weight = 0
         self.count = 0
@@ -146,10 +147,10 @@ class Aggregator:
         if self.params.rule != "fedavg":
             self.held.append(dict(tensors))
         else:
-            for name, value in tensors.items():
-                contrib = value.to(torch.float64) * weight
-                acc = self.sums.get(name)
-                self.sums[name] = contrib if acc is None else acc.add_(contrib)
+            try:
+                self.sums.add(tensors, weight)
+            except ValueError as exc:
+                raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, str(exc)) from None
         self.weight += weight
         self.count += 1
 
@@ -157,7 +158,7 @@ class Aggregator:
         if self.count == 0:
             return {}
         if self.params.rule == "fedavg":
-            return {k: (v / self.weight).to(torch.float32) for k, v in self.sums.items()}
+            return self.sums.result(self.weight)
         out: dict[str, torch.Tensor] = {}
         for name in self.held[0]:
             stack = torch.stack([u[name].to(torch.float64) for u in self.held])
