@@ -507,6 +507,13 @@ class RoundEngine:
             for a in self.registry.live()
         ]
 
+    def close(self) -> None:
+        """The run is over here: its update log closed, the method's threads (if any) stopped."""
+        self.intake.close()
+        close = getattr(self.method, "close", None)
+        if close is not None:
+            close()
+
     def status(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,

@@ -313,7 +313,10 @@ class AggregatorService:
                 self.admin.close()
             if self.auth is not None:
                 self.auth.stop()
-            self.engine.intake.close()
+            try:
+                self.engine.close()
+            except Exception:
+                log.exception("run %s: closing its engine failed", self.engine.run_id)
             self.ledger.close()
             self.ctx.term()
             self.metrics.close()
