@@ -21,7 +21,8 @@ phases. The parts with a job of their own are collaborators it holds, none of wh
 :class:`~aggregator.engine.uploads.UploadWindow` (which large results may travel now),
 :class:`~aggregator.engine.intake.ResultIntake` (validating, storing and replaying results),
 :class:`~aggregator.engine.phases.PhaseRules` (who is chosen; when a phase may close) and
-:class:`~aggregator.engine.commits.RoundCommits` (checkpoint + ledger commit; restoring them).
+:class:`~aggregator.engine.commits.RoundCommits` (checkpoint + ledger commit; restoring them;
+the ledger's evaluation rows).
 """
 
 from __future__ import annotations
@@ -38,15 +39,7 @@ from aggregator.engine.commits import RoundCommits
 from aggregator.engine.intake import ResultIntake, ack, refusal
 from aggregator.engine.phases import PhaseRules
 from aggregator.engine.registry import Registry
-from aggregator.engine.rounds import (
-    EVAL_KEYS,
-    Kind,
-    Outgoing,
-    Phase,
-    RoundSummary,
-    eval_rows,
-    task_id_for,
-)
+from aggregator.engine.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for
 from aggregator.engine.uploads import UploadWindow, grant_above
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
@@ -134,7 +127,7 @@ class RoundEngine:
         latest = self.commits.restore(self.method, self.run_id)
         if latest is not None:
             self.round = latest
-        self._eval_due = self._lost_eval()
+        self._eval_due = self.commits.lost_eval(self.run, self.run_id, self.round, self.driven)
         stop = getattr(self.method, "should_stop", None)
         if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
             self.finished = not self._eval_due
@@ -145,16 +138,6 @@ class RoundEngine:
         if begun:  # the open round of a crashed run: its agents, and what they had sent
             self._resume_assigned = list(begun[0].assigned)
         self._replayed.update(self.intake.replay(self.method, self.run_id, self.round + 1))
-
-    def _lost_eval(self) -> int:
-        """The last committed round, when a restart lost its evaluation (0: none lost)."""
-        if not self.run.eval or self.driven or self.round == 0:
-            return 0
-        rows = [r for r in self.ledger.rounds(self.run_id) if r.round == self.round]
-        if rows and not any(k.startswith("eval_") for k in rows[0].metrics):
-            log.info("round %d: its evaluation did not finish before the restart", self.round)
-            return self.round
-        return 0
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -459,8 +442,7 @@ class RoundEngine:
             self._round_done(summary)
         else:
             summary.record_eval(phase)
-            self._record_evals(phase)
-            self._store_eval(phase, summary)
+            self.commits.record_eval(self.run_id, phase, summary)
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
@@ -471,22 +453,6 @@ class RoundEngine:
                 self.ledger.put_state(self.run_id, "baseline", summary.as_metrics())
             self._round_done(summary)
         return []
-
-    def _record_evals(self, phase: Phase) -> None:
-        """Each agent's latest evaluation, in the ledger for ``status``."""
-        evals = self.ledger.get_state(self.run_id, "agent_evals", {})
-        latest = dict(evals) if isinstance(evals, dict) else {}
-        for agent_id, result in phase.done.items():
-            latest[agent_id] = {"round": phase.round, **result.metrics}
-        self.ledger.put_state(self.run_id, "agent_evals", latest)
-
-    def _store_eval(self, phase: Phase, summary: RoundSummary) -> None:
-        """Per agent and in aggregate, this evaluation of the global goes to the ledger."""
-        metrics = summary.as_metrics()
-        rows = eval_rows(phase)
-        aggregate = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
-        aggregate["examples"] = sum(r["examples"] for r in rows.values())
-        self.ledger.record_eval(self.run_id, phase.round, rows, aggregate)
 
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)
