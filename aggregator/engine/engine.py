@@ -360,6 +360,7 @@ class RoundEngine:
         )
         if kind == "train":
             self.ledger.begin_round(self.run_id, round, self.run.method, agents, time.time())
+            self.intake.open_log(self.run_id, round)  # created (and its folder synced) now
             crashpoints.reached("assign", round)
             for agent_id, result in self._replayed.items():
                 if assigned.get(agent_id) == result.task_id:

@@ -200,6 +200,11 @@ class ResultIntake:
             out += ack(run_id, row.agent_id, res)
         return out
 
+    def open_log(self, run_id: str, round: int) -> None:
+        """Open ``round``'s update log before its first update arrives (creating a file costs
+        a sync of its folder: not on an update's path to its Ack)."""
+        self._log(run_id, round)
+
     def _log(self, run_id: str, round: int) -> UpdateLog:
         key = (run_id, round)
         log_ = self._logs.get(key)
