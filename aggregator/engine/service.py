@@ -30,6 +30,7 @@ from zmq.utils import z85
 
 from aggregator.engine.boundary import MessageBoundary
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.engine.pipeline import DecodeAhead, Decoder
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig
@@ -100,6 +101,7 @@ class AggregatorService:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.auth: AllowListAuthenticator | None = None
         self.boundary = MessageBoundary(self.engine, self.metrics)
+        self.decode_ahead = DecodeAhead()
         self.sessions = Sessions(None)
 
     @property
@@ -205,7 +207,13 @@ class AggregatorService:
         for agent_id in self.sessions.refresh():
             self.engine.registry.gone(agent_id)
 
-    def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+    def _handle(
+        self,
+        sock: zmq.Socket[bytes],
+        frames: list[zmq.Frame],
+        now: float,
+        decoded: Decoder | None = None,
+    ) -> None:
         identity = bytes(frames[0].buffer)
         self.metrics.received(frames[1:])
         try:
@@ -228,13 +236,19 @@ class AggregatorService:
                 ),
             )
             return
-        for out in self.boundary.handle(agent_id, frames[1:], now):
+        for out in self.boundary.handle(agent_id, frames[1:], now, decoded):
             self._send(sock, out)
 
-    def _receive(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+    def _receive(
+        self,
+        sock: zmq.Socket[bytes],
+        frames: list[zmq.Frame],
+        now: float,
+        decoded: Decoder | None = None,
+    ) -> None:
         """The outermost guard: nothing one message causes stops the loop but a StateError."""
         try:
-            self._handle(sock, frames, now)
+            self._handle(sock, frames, now, decoded)
         except StateError:
             raise
         except Exception:
@@ -313,6 +327,7 @@ class AggregatorService:
                 self.admin.close()
             if self.auth is not None:
                 self.auth.stop()
+            self.decode_ahead.close()
             try:
                 self.engine.close()
             except Exception:
@@ -340,13 +355,17 @@ class AggregatorService:
             if sock in events:
                 # drain a burst as one group: its updates become durable together (one sync,
                 # one ledger transaction), then their Acks go out; then the clock runs
+                burst: list[list[zmq.Frame]] = []
+                while len(burst) < 256:
+                    try:
+                        burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                # decoded ahead on a worker while the loop handles the messages before them
+                ahead = self.decode_ahead.burst([frames[1:] for frames in burst])
                 with self.engine.group() as acks:
-                    for _ in range(256):
-                        try:
-                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._receive(sock, frames, time.monotonic())
+                    for frames, decoded in zip(burst, ahead, strict=True):
+                        self._receive(sock, frames, time.monotonic(), decoded)
                 self.metrics.acked(acks)
                 for out in acks:
                     self._send(sock, out)
