@@ -301,9 +301,16 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
         (method, "validate", "validate (payload decode, checks, clip)"),
         (method, "add", "sum into the aggregate"),
         (intake_module, "atomic_write_bytes", "blob write (temp+fsync+rename)"),
-        *([(log_module.UpdateLog, "append", "log append (write)")] if log_module else []),
-        (os, "fsync", "fsync"),
-        (os, "fdatasync", "fdatasync"),
+        *(
+            [
+                (log_module.UpdateLog, "append", "log append (queued for the appender)"),
+                (log_module.UpdateLog, "sync", "log sync (waits for the appends, fdatasync)"),
+            ]
+            if log_module
+            else []
+        ),
+        (os, "fsync", "fsync (in the blob write, or a new log's folder)"),
+        (os, "fdatasync", "  of which fdatasync"),
         (ledger, "record_update", "ledger row (one commit each)"),
         (ledger, "record_updates", "ledger rows (one transaction per group)"),
     ]

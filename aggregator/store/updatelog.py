@@ -2,7 +2,9 @@
 
 The intake appends every payload of a group of updates to the open round's log
 (``updates/<run>/round-NNNNNN/updates.log``), syncs the log once (``fdatasync``) and only then
-records the group's ledger rows (one transaction) and sends the Acks. A ledger row names its
+records the group's ledger rows (one transaction) and sends the Acks. The writes happen on an
+appender thread (``os.write`` releases the GIL), so the loop validates the next update of the
+group while the last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names its
 payload by ``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when the
 payload is read back.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from aggregator.store.checkpoint import write_error
@@ -44,25 +47,43 @@ class UpdateLog:
         except OSError as e:
             raise write_error(f"cannot open the update log {self.path}", e) from e
         self.dirty = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._writes: list[Future[None]] = []
+        self._failed: OSError | None = None
 
     def append(self, data: bytes | memoryview) -> tuple[int, int]:
-        """Append ``data`` (not yet durable: see :meth:`sync`); its (offset, length)."""
+        """Queue ``data`` for the appender thread; its (offset, length) in the log. Not
+        durable, nor even written, until :meth:`sync` returns. Single writer: the offsets are
+        the order of the calls, and the appender writes in that order."""
         view = memoryview(data).cast("B")
         offset = self.end
+        self.end = offset + len(view)
+        self.dirty = True
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-log")
+        self._writes.append(self._pool.submit(self._write, view, offset))
+        return offset, len(view)
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        """On the appender thread: the whole of ``view`` at the end of the log."""
+        if self._failed is not None:
+            return  # after a failed write nothing more goes in (sync raises the failure)
         try:
             written = 0
             while written < len(view):
                 written += os.write(self._fd, view[written:])
         except OSError as e:
-            with contextlib.suppress(OSError):  # leave no half payload behind the next one
+            with contextlib.suppress(OSError):  # leave no half payload behind
                 os.ftruncate(self._fd, offset)
-            raise write_error(f"cannot write to the update log {self.path}", e) from e
-        self.end = offset + len(view)
-        self.dirty = True
-        return offset, len(view)
+            self._failed = e
 
     def sync(self) -> None:
-        """Make every appended payload durable (one ``fdatasync``)."""
+        """Wait for the queued appends, then make them durable (one ``fdatasync``)."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
+        if self._failed is not None:
+            raise write_error(f"cannot write to the update log {self.path}", self._failed)
         if not self.dirty:
             return
         try:
@@ -72,6 +93,9 @@ class UpdateLog:
         self.dirty = False
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
