@@ -303,7 +303,7 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
         (intake_module, "atomic_write_bytes", "blob write (temp+fsync+rename)"),
         *(
             [
-                (log_module.UpdateLog, "append", "log append (queued for the appender)"),
+                (log_module.UpdateLog, "append", "log append (queued; inline: the write)"),
                 (log_module.UpdateLog, "sync", "log sync (waits for the appends, fdatasync)"),
             ]
             if log_module
@@ -316,7 +316,8 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
     ]
 
 
-def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
+def run_edgefed(w: Workload, n: int, rounds: int, state: Path, pipeline: bool = True) -> Result:
+    """``pipeline``: decode ahead and append on the appender thread (False: all on the loop)."""
     raw = {
         "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
         "security": {"insecure": True},
@@ -350,12 +351,15 @@ def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
             accepted += getattr(out.header, "accepted", False) is True
             sock.send_multipart([out.agent_id.encode(), *encode(out.header, out.blobs)])
 
-    try:  # decoding ahead, where the service has it
+    ahead: Any = None
+    try:  # decoding ahead and the appender thread, where the service has them
         from aggregator.engine.pipeline import DecodeAhead
+        from aggregator.store.updatelog import UpdateLog
 
-        ahead: Any = DecodeAhead()
+        UpdateLog.appender = pipeline
+        ahead = DecodeAhead() if pipeline else None
     except ImportError:
-        ahead = None
+        pass
 
     def one(sock: zmq.Socket[bytes], frames: list[zmq.Frame], decoded: Any = None) -> None:
         agent_id = bytes(frames[0].buffer).decode("ascii")
@@ -463,6 +467,7 @@ RECEIVERS = {
     "raw": "raw loopback (opaque frames)",
     "pickle": "naive pickle + numpy sum",
     "edgefed": "edgefed (decode+validate+fsync+ledger+sum)",
+    "edgefed-serial": "edgefed, no pipeline threads",
 }
 
 
@@ -476,7 +481,8 @@ def run_one(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
         return run_raw(w, n, rounds)
     if receiver == "pickle":
         return run_pickle(w, n, rounds)
-    return run_edgefed(w, n, rounds, tmp / f"state-{w.method}")
+    state = tmp / f"state-{w.method}-{receiver}-{time.monotonic_ns()}"
+    return run_edgefed(w, n, rounds, state, pipeline=receiver == "edgefed")
 
 
 def in_process(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
@@ -488,12 +494,35 @@ def in_process(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Resu
     return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def report(w: Workload, n: int, rounds: int, results: dict[str, Result], label: str) -> None:
+    raw_mbps = results[RECEIVERS["raw"]].mbps
+    for name, r in results.items():
+        print(ROW.format(w.name, name, r.updates, f"{r.rate:,.1f}", f"{r.mbps:,.1f}",
+                         f"{r.mbps / raw_mbps:.3f}"))  # fmt: skip
+    ef, pk = results[RECEIVERS["edgefed"]], results[RECEIVERS["pickle"]]
+    serial = results[RECEIVERS["edgefed-serial"]]
+    print(
+        f"  {w.name}{label}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
+        f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; pipeline / "
+        f"no pipeline {ef.rate / serial.rate:.2f}; round close (mean + checkpoint) "
+        f"{1000 * ef.close_seconds / rounds:.0f} ms/round"
+    )
+    for title, r in (("edgefed", ef), ("no pipeline", serial)):
+        print(f"  per {title} update: frames.decode (sha256; what the loop waited for, when "
+              f"decoded ahead) {1000 * r.decode_seconds / r.updates:.2f} ms, engine "
+              f"{1000 * r.engine_seconds / r.updates:.2f} ms, of which:")  # fmt: skip
+        for step, seconds in sorted(r.steps.items(), key=lambda kv: -kv[1]):
+            print(f"    {step:<44} {1000 * seconds / r.updates:8.2f} ms "
+                  f"({100 * seconds / r.seconds:4.1f}% of the receive time)")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few agents, 1-2 rounds")
     parser.add_argument("--agents", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", choices=("lora", "ferret"), default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="run every receiver N times")
     parser.add_argument("--one", nargs=5, metavar=("WORKLOAD", "RECEIVER", "N", "ROUNDS", "TMP"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
@@ -513,27 +542,12 @@ def main() -> int:
             if args.only and name != args.only:
                 continue
             w = workload(name, tmp)
-            results = {
-                label: in_process(name, receiver, n, rounds, tmp)
-                for receiver, label in RECEIVERS.items()
-            }
-            raw_mbps = results[RECEIVERS["raw"]].mbps
-            for label, r in results.items():
-                print(ROW.format(w.name, label, r.updates, f"{r.rate:,.1f}", f"{r.mbps:,.1f}",
-                                 f"{r.mbps / raw_mbps:.3f}"))  # fmt: skip
-            ef, pk = results[RECEIVERS["edgefed"]], results[RECEIVERS["pickle"]]
-            print(
-                f"  {w.name}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
-                f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; round "
-                f"close (mean + checkpoint) {1000 * ef.close_seconds / rounds:.0f} ms/round"
-            )
-            print(f"  per edgefed update: frames.decode (sha256; what the loop waited for, when "
-                  f"decoded ahead) "
-                  f"{1000 * ef.decode_seconds / ef.updates:.2f} ms, engine "
-                  f"{1000 * ef.engine_seconds / ef.updates:.2f} ms, of which:")  # fmt: skip
-            for step, seconds in sorted(ef.steps.items(), key=lambda kv: -kv[1]):
-                print(f"    {step:<44} {1000 * seconds / ef.updates:8.2f} ms "
-                      f"({100 * seconds / ef.seconds:4.1f}% of the receive time)")  # fmt: skip
+            for rep in range(args.repeat):  # the receivers of a repetition run back to back
+                results = {
+                    label: in_process(name, receiver, n, rounds, tmp)
+                    for receiver, label in RECEIVERS.items()
+                }
+                report(w, n, rounds, results, f" (repetition {rep + 1})" if args.repeat > 1 else "")
     return 0
 
 

@@ -31,6 +31,9 @@ LOG_NAME = "updates.log"
 class UpdateLog:
     """One open round's append-only payload file (a single writer: the service's loop)."""
 
+    appender = True
+    """Write on the appender thread (False: in :meth:`append` itself; the benchmark compares)."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         created = not self.path.exists()
@@ -59,6 +62,9 @@ class UpdateLog:
         offset = self.end
         self.end = offset + len(view)
         self.dirty = True
+        if not self.appender:
+            self._write(view, offset)
+            return offset, len(view)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-log")
         self._writes.append(self._pool.submit(self._write, view, offset))
