@@ -26,6 +26,8 @@ from aggregator.store.checkpoint import write_error
 __all__ = ["UpdateLog", "read_slice"]
 
 LOG_NAME = "updates.log"
+APPEND_MIN_BYTES = 1 << 20
+"""A smaller payload is written on the caller's thread (when nothing is queued before it)."""
 
 
 class UpdateLog:
@@ -62,8 +64,8 @@ class UpdateLog:
         offset = self.end
         self.end = offset + len(view)
         self.dirty = True
-        if not self.appender:
-            self._write(view, offset)
+        if not self.appender or (len(view) < APPEND_MIN_BYTES and not self._writes):
+            self._write(view, offset)  # small: cheaper than the hand-off to the thread
             return offset, len(view)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-log")

@@ -17,7 +17,7 @@ def result(i: int) -> list[bytes]:
         run_id="r", round=1, task_id=f"t{i}", agent_id=f"a{i}", method="fedit",
         num_examples=3, metrics={},
     )  # fmt: skip
-    return [bytes(f) for f in encode(header, {"update": bytes([i]) * 100_000})]
+    return [bytes(f) for f in encode(header, {"update": bytes([i]) * (1 << 20)})]
 
 
 def test_a_burst_is_decoded_on_a_worker_in_order_with_the_same_errors() -> None:
@@ -45,7 +45,9 @@ def test_a_burst_is_decoded_on_a_worker_in_order_with_the_same_errors() -> None:
     assert not any(t.name.startswith("decode-ahead") for t in threading.enumerate())
 
 
-def test_a_burst_of_one_is_decoded_inline() -> None:
+def test_a_burst_of_one_or_of_small_messages_is_decoded_inline() -> None:
     ahead = DecodeAhead()
-    assert ahead.burst([[bytes(f) for f in encode(Bye(reason="x"))]]) == [None]
+    assert ahead.burst([result(1)]) == [None]
+    small = [[bytes(f) for f in encode(Bye(reason="x"))]] * 3
+    assert ahead.burst(small) == [None] * 3
     assert ahead._pool is None

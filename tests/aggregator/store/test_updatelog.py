@@ -17,10 +17,12 @@ def appender_threads() -> int:
     return sum(t.name.startswith("update-log") for t in threading.enumerate())
 
 
-def test_appends_land_at_their_offsets_once_synced(tmp_path: Path) -> None:
+def test_appends_land_at_their_offsets_once_synced_large_ones_via_the_appender(
+    tmp_path: Path,
+) -> None:
     before = appender_threads()
     log = UpdateLog(tmp_path / "r" / "updates.log")
-    payloads = [bytes([i]) * (1000 + 7 * i) for i in range(20)]
+    payloads = [bytes([i]) * (1000 + 7 * i + (1 << 20) * (i % 2)) for i in range(20)]
     spans = [log.append(p) for p in payloads]
     log.sync()
     assert (tmp_path / "r" / "updates.log").stat().st_size == sum(map(len, payloads))
@@ -50,7 +52,7 @@ def test_a_failed_write_leaves_no_half_payload_and_sync_raises(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
-    log.append(b"b" * 100)
+    log.append(b"b" * (1 << 20))  # large: on the appender thread
     log.append(b"c" * 100)  # queued after the failure: never written
     with pytest.raises(DiskFull):
         log.sync()
