@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("step_overhead.py", "ratio agent / plain"),
         ("secagg_cost.py", "secagg rows: the four stages' messages"),
         ("ferret_k.py", "K=16"),
+        ("ferret_secagg_bytes.py", "secure grid = 8 bytes x groups x K"),
         ("ferret_rounds.py", " round  linear     3.333"),
     ],
 )

@@ -10,8 +10,9 @@ What secure aggregation covers, per method (see docs/security.md):
 fedit     yes: the LoRA factors, example-weighted FedAvg (rule ``fedavg``, no ``clip_norm``)
 slora     yes: stage 1's masked values (the seeded mask puts every agent's values in the same
           layout) and stage 2's LoRA factors; the server's SVD switch works on the sum
-ferret    no: agents send coefficients for their own draws of seeds only (the server's sum
-          is over the dense (group, seed) grid), so masking needs the dense vector
+ferret    yes: each agent masks the dense (group, seed) coefficient grid of the round's shared
+          pool (zeros where it drew no seed), clamped to ``ferret.clip_norm`` by the agent,
+          which must lie within ``secagg.clip_range``; either seed pool (``run``, ``round``)
 fedpipe   no: agents send LoRA factors of different ranks, aggregated in ΔW space as
           products of each agent's own factors, which is not a sum of what they send
 fedbiot   no: refused (its server aligns an emulator; not wired)
@@ -32,14 +33,11 @@ from protocol.secagg.errors import SecAggError
 from protocol.secagg.fixedpoint import check_capacity
 from protocol.secagg.shapes import SecAggConfig
 
-SECAGG_METHODS = frozenset({"fedit", "slora"})
+SECAGG_METHODS = frozenset({"fedit", "slora", "ferret"})
 DP_METHODS = frozenset({"fedit"})
 _WHY_NOT = {
     "fedpipe": "FedPipe aggregates LoRA factors of mixed ranks in ΔW space (B·A products), "
     "which is not a sum of what agents send",
-    "ferret": "each agent sends coefficients only for its own draw of n_g seeds per group, so "
-    "the agents' vectors do not line up; a masked sum needs every agent's dense K x groups "
-    "coefficient vector (zeros included, K/n_g times the upload, which DESIGN keeps off the wire)",
     "fedbiot": "FedBiOT is not wired for secure aggregation",
 }
 
@@ -90,6 +88,8 @@ def privacy_problems(
             )
         if tiered:
             problems.append("privacy: secure aggregation does not run through regional tiers")
+        if method == "ferret":
+            problems += _ferret_problems(p, method_params)
         s = p.secagg
         try:
             check_capacity(p.max_agents, s.clip_range * p.max_weight, s.fraction_bits)
@@ -103,3 +103,22 @@ def privacy_problems(
     elif p.target_epsilon is not None or p.noise_multiplier is not None:
         problems.append("privacy: target_epsilon / noise_multiplier need dp = central or local")
     return problems
+
+
+def _ferret_problems(p: PrivacySection, method_params: Mapping[str, Any]) -> list[str]:
+    """Ferret under secure aggregation: every agent clamps its coefficients to
+    ``ferret.clip_norm`` and encodes them in fixed point within ``secagg.clip_range``."""
+    from protocol.methods.ferret.spec import FerretParams
+
+    raw = method_params.get("ferret", {})
+    try:
+        ferret = FerretParams.model_validate(raw if isinstance(raw, dict) else {})
+    except ValueError:
+        return []  # the method's own parameter check reports it
+    if ferret.clip_norm > p.secagg.clip_range:
+        return [
+            f"privacy: ferret.clip_norm {ferret.clip_norm:g} exceeds secagg.clip_range "
+            f"{p.secagg.clip_range:g}: each agent clamps its coefficients to clip_norm and "
+            "must encode them within clip_range; lower ferret.clip_norm or raise clip_range"
+        ]
+    return []

@@ -1,12 +1,19 @@
 """Secure aggregation around a server method: the aggregator sees only each round's sum.
 
-:class:`SecureServer` wraps a method whose server step is an example-weighted sum (fedit) and
+:class:`SecureServer` wraps a method whose server step is an example-weighted sum (fedit,
+SLoRA, Ferret's coefficient grid) and
 runs the SecAgg+ stages of each training round through the engine's ordinary phases
 (:mod:`protocol.secagg.wire`): two ``score`` phases before training (advertise keys, share),
 the training phase (masked vectors, summed as they arrive by
 :class:`~aggregator.privacy.secagg.SecAggServer`), and one ``score`` phase after it (unmask), which the
 engine opens when :meth:`SecureServer.reveal_agents` names the survivors. Only then does the
 wrapped method get one update: the unmasked weighted sum divided by the survivors' examples.
+
+A method may add three optional hooks: ``secure_layout(round)`` (the exact masked layout it
+expects, when the task fixes it), ``check_masked(round, result)`` (its checks of what a masked
+result still shows: metrics, example count) and ``secure_payload(round, mean)`` (the payload
+its own ``validate`` takes for the unmasked mean, when the mean is not simply the sent tensors).
+Ferret has all three (:mod:`protocol.methods.ferret.grid`).
 
 Nothing individual is stored: a masked result has no ``update`` blob, so the intake writes no
 payload and the ledger keeps only its row (agent, examples, metrics). If the round cannot be
@@ -193,6 +200,9 @@ class SecureServer:
         except SecAggError as exc:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, str(exc)) from None
         check_examples(result.num_examples, self.max_weight)
+        check = getattr(self.inner, "check_masked", None)
+        if check is not None:  # the method's checks of what a masked result still shows
+            check(round, result)
         self._pending[result.task_id] = vector
         return Update(
             result.agent_id, result.task_id, result.num_examples, {}, dict(result.metrics)
@@ -200,6 +210,10 @@ class SecureServer:
 
     def _check_layout(self, layout: wire.Layout) -> None:
         if self._layout is None:
+            expected = getattr(self.inner, "secure_layout", None)
+            # a method that derives the whole layout from the task (Ferret's grid)
+            if expected is not None and layout != expected(self._round):
+                raise SecAggError("the masked layout differs from the round's grid")
             current: dict[str, torch.Tensor] = getattr(self.inner, "global_state", {})
             ours = sorted((k, tuple(v.shape)) for k, v in current.items())
             if current and layout.entries != ours:
@@ -214,7 +228,8 @@ class SecureServer:
             self._server.on_masked(update.agent_id, vector)
         except SecAggError as exc:
             raise UpdateRejected(exc.code, str(exc)) from None
-        self._examples += max(update.num_examples, 1)  # the agent weighs by at least 1
+        # as the agent weighed it (DpServer has set num_examples to 1 already)
+        self._examples += wire.masked_weight(update.num_examples, update.metrics, dp=False)
 
     def _feed(self, total: npt.NDArray[np.float64]) -> None:
         """Hand the wrapped method the survivors' example-weighted mean as one update, encoded
@@ -223,16 +238,20 @@ class SecureServer:
         assert layout is not None
         if self._examples <= 0:
             return
-        tensors, offset = {}, 0
-        for name, shape in layout.entries:
-            size = int(np.prod(shape))
-            mean = total[offset : offset + size] / self._examples
-            tensors[name] = torch.from_numpy(mean.reshape(shape)).to(torch.float32)
-            offset += size
+        secure_payload = getattr(self.inner, "secure_payload", None)
         try:
-            blob = payloads.encode(
-                layout.kind, tensors, method=self.name, round=self._round, meta=layout.meta
-            )
+            if secure_payload is not None:  # the method re-encodes the mean itself (Ferret)
+                blob = secure_payload(self._round, total / self._examples)
+            else:
+                tensors, offset = {}, 0
+                for name, shape in layout.entries:
+                    size = int(np.prod(shape))
+                    mean = total[offset : offset + size] / self._examples
+                    tensors[name] = torch.from_numpy(mean.reshape(shape)).to(torch.float32)
+                    offset += size
+                blob = payloads.encode(
+                    layout.kind, tensors, method=self.name, round=self._round, meta=layout.meta
+                )
         except ProtocolError as exc:
             raise SecAggError(f"the unmasked aggregate is not a valid payload: {exc}") from None
         cap = getattr(

@@ -5,8 +5,10 @@ wrapped method untouched. With it (see :mod:`protocol.secagg.wire`):
 
 * ``score`` tasks run a stage of :class:`~edge_agent.privacy.secagg.SecAggClient` (advertise keys,
   share, unmask) and answer with one JSON blob;
-* the ``train`` task runs the wrapped method, flattens the LoRA factors it would have sent
-  (sorted by name), and sends them masked: blobs ``masked`` and ``layout``, no ``update``;
+* the ``train`` task runs the wrapped method, flattens the tensors it would have sent
+  (sorted by name; Ferret's triples become the dense (group, seed) coefficient grid of
+  :mod:`protocol.methods.ferret.grid`, clamped to ``ferret.clip_norm``), and sends them
+  masked: blobs ``masked`` and ``layout``, no ``update``;
 * ``excluded`` (the agent joined after the keys were agreed) fails the task with a reason.
 
 With ``params["dp"]`` (:mod:`protocol.privacy`) the train task's adapter is clipped and noised
@@ -22,6 +24,7 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from edge_agent.errors import TaskError
@@ -124,13 +127,17 @@ class SecureClient:
             data = payloads.encode_lora(tensors, method=self.name, round=task.assign.round)
             return TaskOutput(output.num_examples, metrics, {blob_name: data})
         inbox = sealed_from_params(entry.get("inbox"))
-        entries = sorted((k, tuple(v.shape)) for k, v in tensors.items())
-        layout = wire.Layout(entries, payload.kind.value, payloads.caller_meta(payload.meta))
-        vector = np.concatenate(
-            [tensors[k].detach().to("cpu").double().numpy().reshape(-1) for k, _ in entries]
-        )
-        # DP-FedAvg weighs every agent alike; plain FedAvg by examples
-        weight = 1 if dp is not None else max(int(output.num_examples), 1)
+        if payload.kind is payloads.PayloadKind.SEEDCOEF:  # Ferret: the dense coefficient grid
+            vector, layout = ferret_grid(task, payload, metrics)
+        else:
+            entries = sorted((k, tuple(v.shape)) for k, v in tensors.items())
+            layout = wire.Layout(entries, payload.kind.value, payloads.caller_meta(payload.meta))
+            vector = np.concatenate(
+                [tensors[k].detach().to("cpu").double().numpy().reshape(-1) for k, _ in entries]
+            )
+        # DP-FedAvg weighs every agent alike; plain FedAvg by examples; a result that carries
+        # no update (Ferret out of sync) weighs nothing
+        weight = wire.masked_weight(output.num_examples, metrics, dp=dp is not None)
         masked = session.mask(inbox, vector, weight=weight)
         log.info("round %d: update masked (%d values)", task.assign.round, vector.size)
         return TaskOutput(
@@ -141,6 +148,34 @@ class SecureClient:
                 wire.LAYOUT_BLOB: wire.layout_blob(layout),
             },
         )
+
+
+def ferret_grid(
+    task: TaskInput, payload: payloads.Payload, metrics: dict[str, float]
+) -> tuple[npt.NDArray[np.float64], wire.Layout]:
+    """Ferret's triples as the dense (group, seed) grid every agent of the round shares, each
+    coefficient clamped to ``ferret.clip_norm`` as the server would (it cannot: it sees only
+    the sum); the count clamped goes into ``metrics`` as the plain server reports it."""
+    from protocol.methods.ferret import grid
+
+    ferret = getattr(task.params, "ferret", None)
+    if ferret is None:
+        raise SecAggError(f"a seedcoef payload from {task.assign.method}, not ferret")
+    k, n_groups, base_seed = payload.k, payload.n_groups, payload.base_seed
+    if k is None or n_groups is None or base_seed is None:
+        raise SecAggError("a seedcoef payload without its pool (K, groups, base seed)")
+    if k != ferret.k:
+        raise SecAggError(f"the payload's K {k} is not the task's {ferret.k}")
+    t = payload.tensors
+    try:
+        vector, clipped = grid.dense_grid(
+            t["group"], t["seed"], t["value"], n_groups=n_groups, k=k, clip_norm=ferret.clip_norm
+        )
+    except ValueError as exc:
+        raise SecAggError(f"the coefficients do not fit the grid: {exc}") from None
+    if clipped:
+        metrics["clipped_coefficients"] = float(clipped)
+    return vector, grid.grid_layout(base_seed, k, n_groups)
 
 
 def reference_adapter(task: TaskInput, ws: Workspace) -> dict[str, torch.Tensor]:

@@ -32,6 +32,20 @@ LAYOUT_BLOB = "layout"
 MAX_JSON = 4 << 20
 
 
+NO_UPDATE_METRIC = "out_of_sync"
+"""A result whose metrics set this (Ferret's ``out_of_sync``: the agent could not reach the
+round's global model) carries no update: it is masked with weight 0 and counts no examples."""
+
+
+def masked_weight(num_examples: int, metrics: Mapping[str, float], *, dp: bool) -> int:
+    """The integer an agent multiplies its update by before masking, and the examples the
+    aggregator counts for it: 0 for a result with no update, 1 under DP-FedAvg (equal
+    weights), else its example count (at least 1)."""
+    if metrics.get(NO_UPDATE_METRIC):
+        return 0
+    return 1 if dp else max(int(num_examples), 1)
+
+
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A task's method parameters without the secure-aggregation entry, and that entry."""
     rest = {k: v for k, v in params.items() if k != PARAM}

@@ -16,15 +16,19 @@ from aggregator.engine.engine import RoundEngine, RoundSummary
 from aggregator.methods import MethodContext
 from aggregator.methods.ferret.server import FerretServer
 from aggregator.ops.config import build_config
+from aggregator.privacy.wrap import private_method
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from edge_agent.methods import TaskInput
 from edge_agent.methods.ferret.client import FerretClient
 from edge_agent.model.store import ResolvedModel, load_base
+from edge_agent.privacy.secagg_method import SecureClient
 from edge_agent.training.data import Example
+from protocol.errors import ErrorCode
 from protocol.frames import decode, encode
-from protocol.messages import BaseModelRef, Hello, TaskAssign, TaskResult
+from protocol.messages import BaseModelRef, ErrorReply, Hello, TaskAssign, TaskResult
 from protocol.methods import parse_params
+from protocol.privacy import method_params
 from tests.helpers.engine_harness import MODEL, PROFILE, SHA, Clock, assigns
 
 
@@ -65,6 +69,7 @@ class FerretHarness:
         rounds: int = 2,
         seed: int = 0,
         run_id: str = "run-f",
+        privacy: dict[str, Any] | None = None,
     ) -> None:
         raw = {
             "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
@@ -80,6 +85,7 @@ class FerretHarness:
                 "seed": seed,
             },
             "method": params,
+            "privacy": privacy or {},
         }
         self.config = build_config(raw)
         self.clock = Clock()
@@ -93,7 +99,7 @@ class FerretHarness:
         self.summaries: list[RoundSummary] = []
         self.engine = RoundEngine(
             self.config,
-            self.method,
+            private_method(self.method, self.config),
             MODEL,
             ledger=self.ledger,
             store=CheckpointStore(state_dir / "checkpoints"),
@@ -102,6 +108,11 @@ class FerretHarness:
         )
         self.engine.start()
         self.workspaces = {a: FerretWorkspace(resolved, ex) for a, ex in data.items()}
+        # one client per agent: under secure aggregation it holds the round's keys
+        self.clients = {a: SecureClient(FerretClient()) for a in data}
+        self.fail: dict[str, str] = {}
+        """``fail[agent] = stage``: that agent fails its task at that secure-aggregation stage
+        (``mask``: after sharing; ``unmask``: after masking) of round 1, as if it died."""
         self.task_ids: list[str] = []
 
     def _send(self, agent: str, header: Any, blobs: dict[str, bytes] | None = None) -> list[Any]:
@@ -109,13 +120,18 @@ class FerretHarness:
 
     def _answer(self, agent: str, assign: TaskAssign, blobs: dict[str, bytes]) -> None:
         self.task_ids.append(assign.task_id)
+        stage = assign.params.get("secagg", {}).get("stage")
+        if stage is not None and assign.round == 1 and self.fail.get(agent) == stage:
+            reply = ErrorReply(code=ErrorCode.TASK_FAILED, reason="gone", task_id=assign.task_id)
+            self._send(agent, reply)
+            return
         task = TaskInput(
             assign=assign,
-            params=parse_params("ferret", assign.params),
+            params=parse_params("ferret", method_params(assign.params)),
             blobs={k: memoryview(v) for k, v in blobs.items()},
             agent_id=agent,
         )
-        out = FerretClient().run(task, self.workspaces[agent])  # type: ignore[arg-type]
+        out = self.clients[agent].run(task, self.workspaces[agent])  # type: ignore[arg-type]
         header = TaskResult(
             run_id=assign.run_id,
             round=assign.round,

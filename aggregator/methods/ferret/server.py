@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,26 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
+from aggregator.methods._full_model import write_full_model
 from aggregator.methods.robust import Aggregator, check_examples
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
 from protocol.methods import parse_params
+from protocol.methods.ferret import grid, spec
 from protocol.methods.ferret import math as fm
-from protocol.methods.ferret import spec
+from protocol.secagg import wire
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HISTORY = ("round", "group", "seed", "value")
-_NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf", ".pt", ".pth")
-"""Weights of the base are not copied into an export; ``edgefed-model.json`` (the model
-store's cache marker) neither."""
-_MARKER = "edgefed-model.json"
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -213,6 +210,28 @@ class FerretServer:
         )
         payload = decode_update(blobs, spec.UPDATE_BLOB, expect)
         n_triples = payload.tensors["value"].numel()
+        self._check_held(round, result, n_triples)
+        if n_triples == 0 and result.num_examples > 0:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no coefficients")
+        check_examples(max(result.num_examples, 1), self.agg.max_examples)
+        tensors, metrics = dict(payload.tensors), dict(result.metrics)
+        bound = self.p.clip_norm  # one agent's coefficient moves a term at most this far
+        values = tensors["value"]
+        clipped = int((values.abs() > bound).sum())
+        if clipped:
+            tensors["value"] = values.clamp(-bound, bound)
+            metrics["clipped_coefficients"] = float(clipped)
+        return Update(
+            agent_id=result.agent_id,
+            task_id=result.task_id,
+            num_examples=result.num_examples,
+            tensors=tensors,
+            metrics=metrics,
+        )
+
+    def _check_held(self, round: int, result: TaskResult, n_triples: int | None) -> None:
+        """The round the agent trained from (``held_round``); an out-of-sync result marks the
+        agent for a resync and must carry no update (``n_triples`` None: masked, unknown)."""
         held = result.metrics.get(spec.HELD_ROUND)
         if result.metrics.get(spec.OUT_OF_SYNC):
             if result.num_examples != 0 or n_triples or held is None:
@@ -232,22 +251,34 @@ class FerretServer:
                 ErrorCode.PAYLOAD_MISMATCH,
                 f"update trained from global round {held:g}, not {round - 1}",
             )
-        elif n_triples == 0 and result.num_examples > 0:
-            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "the update holds no coefficients")
+
+    # --- under secure aggregation (aggregator/privacy/secagg_method.py) ----------------------
+
+    def secure_layout(self, round: int) -> wire.Layout:
+        """What every agent masks in ``round``: the dense (group, seed) coefficient grid."""
+        base_seed = fm.pool_base_seed(self.p.seed, round, self.p.pool)
+        return grid.grid_layout(base_seed, self.p.k, self.n_groups)
+
+    def check_masked(self, round: int, result: TaskResult) -> None:
+        """What :meth:`validate` checks of a result that is left once its update is masked."""
+        self._check_held(round, result, None)
         check_examples(max(result.num_examples, 1), self.agg.max_examples)
-        tensors, metrics = dict(payload.tensors), dict(result.metrics)
-        bound = self.p.clip_norm  # one agent's coefficient moves a term at most this far
-        values = tensors["value"]
-        clipped = int((values.abs() > bound).sum())
-        if clipped:
-            tensors["value"] = values.clamp(-bound, bound)
-            metrics["clipped_coefficients"] = float(clipped)
-        return Update(
-            agent_id=result.agent_id,
-            task_id=result.task_id,
-            num_examples=result.num_examples,
-            tensors=tensors,
-            metrics=metrics,
+
+    def secure_payload(self, round: int, mean: Any) -> bytes:
+        """The unmasked mean grid as one ``seedcoef`` update for :meth:`validate`: its non-zero
+        coefficients in (group, seed) order, as :meth:`finish_round` makes its own triples.
+        Each agent clamped its coefficients to ``clip_norm`` before masking, so the mean is
+        within it and the clamp of :meth:`validate` changes nothing."""
+        group, seed, value = grid.triples_from_grid(mean, self.p.k)
+        return payloads.encode_seedcoef(
+            group,
+            seed,
+            value,
+            base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
+            k=self.p.k,
+            n_groups=self.n_groups,
+            method=self.name,
+            round=round,
         )
 
     # --- aggregation ------------------------------------------------------------------------
@@ -396,17 +427,8 @@ class FerretServer:
     def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
         """The full fine-tuned model as an HF directory (Ferret has no adapter)."""
         self.wait_weights()
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in sorted(self.model_dir.iterdir()):
-            skip = f.name == _MARKER or f.name.startswith(".") or f.name.endswith(_NOT_COPIED)
-            if f.is_file() and not skip:
-                shutil.copy2(f, out_dir / f.name)
-        weights = out_dir / "model.safetensors"
-        save_file(self.weights, str(weights), metadata={"format": "pt"})
         info = {"method": self.name, "base_model": base_model_name, "round": self.round}
-        (out_dir / "ferret.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        return {"model": out_dir, "weights": weights, "adapter": out_dir}
+        return write_full_model(self.model_dir, self.weights, out_dir, info)
 
 
 Server = FerretServer

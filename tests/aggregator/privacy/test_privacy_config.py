@@ -31,11 +31,28 @@ def test_off_by_default_and_fedit_and_slora_take_secure_aggregation() -> None:
 
 @pytest.mark.parametrize(
     ("method", "why"),
-    [("fedpipe", "mixed ranks"), ("ferret", "do not line up"), ("fedbiot", "not wired")],
+    [("fedpipe", "mixed ranks"), ("fedbiot", "not wired")],
 )
 def test_methods_it_cannot_cover_are_refused_with_the_reason(method: str, why: str) -> None:
     with pytest.raises(ConfigError, match=f"secure aggregation cannot run {method}: .*{why}"):
         _config({"secure_aggregation": True}, method)
+
+
+@pytest.mark.parametrize("pool", ["run", "round"])
+def test_ferret_takes_secure_aggregation_with_either_seed_pool(pool: str) -> None:
+    # every agent of a round draws from the same pool (its base seed has no agent in it),
+    # so the (group, seed) grids of one round line up whichever pool the run uses
+    config = _config({"secure_aggregation": True}, "ferret", ferret={"pool": pool})
+    assert config.privacy.secure_aggregation
+
+
+def test_ferret_coefficients_clamped_past_the_fixed_point_range_are_refused() -> None:
+    with pytest.raises(ConfigError, match="ferret.clip_norm 100 exceeds secagg.clip_range 64"):
+        _config({"secure_aggregation": True}, "ferret", ferret={"clip_norm": 100.0})
+    ok = {"secure_aggregation": True, "secagg": {"clip_range": 128.0}}
+    assert _config(ok, "ferret", ferret={"clip_norm": 100.0}).privacy.secure_aggregation
+    with pytest.raises(ConfigError, match="differential privacy is wired for fedit only"):
+        _config({"secure_aggregation": True, "dp": "local", "noise_multiplier": 1.0}, "ferret")
 
 
 def test_rules_that_need_individual_updates_are_refused() -> None:
