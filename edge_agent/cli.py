@@ -112,6 +112,9 @@ def run(
     config_path: Path, aggregator: str | None, insecure: bool, verbose: int, log_format: LogFormat
 ) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
+    from protocol.parent import die_with_parent
+
+    die_with_parent()  # started by `edgefed-aggregator local`: stop when it dies
     from edge_agent.daemon.config import load_config
     from edge_agent.daemon.daemon import Daemon
 

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from aggregator.engine import crashpoints
-from aggregator.engine.rounds import EVAL_KEYS, Phase, RoundSummary, eval_rows
+from aggregator.engine.rounds import EVAL_KEYS, SIDE_EVAL_KEYS, Phase, RoundSummary, eval_rows
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
 from aggregator.ops.config import RunSection
@@ -115,6 +115,6 @@ class RoundCommits:
         self.ledger.put_state(run_id, "agent_evals", latest)
         metrics = summary.as_metrics()
         rows = eval_rows(phase)
-        aggregate = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
+        aggregate = {k: metrics[k] for k in EVAL_KEYS + SIDE_EVAL_KEYS if k in metrics}
         aggregate["examples"] = sum(r["examples"] for r in rows.values())
         self.ledger.record_eval(run_id, phase.round, rows, aggregate)

@@ -39,7 +39,14 @@ from aggregator.engine.commits import RoundCommits
 from aggregator.engine.intake import ResultIntake, ack, refusal
 from aggregator.engine.phases import PhaseRules
 from aggregator.engine.registry import Registry
-from aggregator.engine.rounds import Kind, Outgoing, Phase, RoundSummary, task_id_for
+from aggregator.engine.rounds import (
+    SIDE_EVAL_KEYS,
+    Kind,
+    Outgoing,
+    Phase,
+    RoundSummary,
+    task_id_for,
+)
 from aggregator.engine.uploads import UploadWindow, grant_above
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
@@ -448,7 +455,11 @@ class RoundEngine:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
             if phase.round > 0:  # the train metrics are committed already: add the eval's
-                evals = {k: v for k, v in summary.as_metrics().items() if k.startswith("eval_")}
+                evals = {
+                    k: v
+                    for k, v in summary.as_metrics().items()
+                    if k.startswith("eval_") or k in SIDE_EVAL_KEYS
+                }
                 self.ledger.set_round_metrics(self.run_id, phase.round, evals)
             else:
                 self.ledger.put_state(self.run_id, "baseline", summary.as_metrics())

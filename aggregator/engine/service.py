@@ -15,6 +15,7 @@ on ``should_exit`` (SIGTERM), after telling the agents with a ``Bye`` that carri
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import re
@@ -33,7 +34,7 @@ from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
 from aggregator.engine.pipeline import DecodeAhead, Decoder
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
-from aggregator.ops.config import AggregatorConfig
+from aggregator.ops.config import AggregatorConfig, ServerSection
 from aggregator.ops.metrics import ServiceMetrics
 from aggregator.ops.security import AllowListAuthenticator, start_curve_server
 from aggregator.ops.sessions import Sessions
@@ -49,6 +50,30 @@ from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
 POLL_MS = 50
+
+
+def configure_router(sock: zmq.Socket[bytes], server: ServerSection) -> None:
+    """The service ROUTER's options.
+
+    No ``ROUTER_HANDOVER``: a connection cannot take over a connected agent's routing id. A dead
+    peer's connection is dropped by TCP keepalive (idle for the run's heartbeat interval ×
+    liveness, then probed every interval, three times), so an agent that reconnects is not locked
+    out by its own dead connection. Not by ZMTP heartbeats: in libzmq 4.3.5 a peer that fills its
+    receive queue (``hwm`` messages the service has not read yet) and then hangs up leaves its
+    engine in an I/O-error state, and the next ZMTP ping aborts the whole process
+    (``Assertion failed: !_io_error (src/stream_engine_base.cpp:310)``): any allowed agent could
+    kill the service that way, and a slow round did it by accident.
+    """
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    idle = max(1, math.ceil(server.heartbeat_interval * server.liveness))
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, idle)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, math.ceil(server.heartbeat_interval)))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    sock.setsockopt(zmq.SNDHWM, server.hwm)
+    sock.setsockopt(zmq.RCVHWM, server.hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
+    sock.setsockopt(zmq.LINGER, 2000)
 
 
 class AggregatorService:
@@ -155,16 +180,7 @@ class AggregatorService:
     def _socket(self) -> zmq.Socket[bytes]:
         server = self.config.server
         sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # no ROUTER_HANDOVER: a connection cannot take over a connected agent's routing id;
-        # ZMTP heartbeats drop a silent connection, so a reconnecting agent is not locked out
-        ivl_ms = max(100, int(server.heartbeat_interval * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl_ms * server.liveness)
-        sock.setsockopt(zmq.SNDHWM, server.hwm)
-        sock.setsockopt(zmq.RCVHWM, server.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, server.max_message_bytes)
-        sock.setsockopt(zmq.LINGER, 2000)
+        configure_router(sock, server)
         sec = self.config.security
         if sec.insecure:
             log.warning(

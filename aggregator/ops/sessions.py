@@ -12,9 +12,9 @@ taken at its word.
 
 Routing ids are bound to keys on the socket too: the service's ROUTER runs without
 ``ROUTER_HANDOVER``, so a second connection presenting a routing id already connected is ignored
-by ZeroMQ (it can neither take the victim's replies nor make it expire), and ZeroMQ heartbeats
-drop a connection that went silent, so an agent that reconnects is not locked out by its own
-dead one.
+by ZeroMQ (it can neither take the victim's replies nor make it expire), and TCP keepalive
+drops a dead peer's connection, so an agent that reconnects is not locked out by its own dead one
+(not ZMTP heartbeats: see :func:`aggregator.engine.service.configure_router`).
 """
 
 from __future__ import annotations
