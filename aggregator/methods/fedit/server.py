@@ -41,7 +41,7 @@ class FedAvg(Aggregator):
         super().__init__(AggregationParams())
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: int) -> None:
-        if self.sums and set(tensors) != set(self.sums):
+        if self.sums and set(tensors) != self.sums.names():
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "tensor names differ from the round's")
         super().add(tensors, weight)
 
