@@ -144,6 +144,9 @@ def _model_ref(config: Any) -> Any:
 @click.option("-v", "--verbose", count=True)
 def region(config_path: Path, verbose: int) -> None:
     """Run a regional tier: an aggregator for its agents, an agent of [upstream]."""
+    from protocol.parent import die_with_parent
+
+    die_with_parent()  # started by `edgefed-aggregator local --regions`: stop when it dies
     _logging(max(verbose, 1))
     from aggregator.ops.config import load_config
     from aggregator.tier.regional import run_region

@@ -85,6 +85,105 @@ SECTIONS: tuple[Section, ...] = (
             ),
         ),
     ),
+    Section(
+        "fedbiot",
+        "FedBiOT: the full model with the adapter plugged back, its ablations and fedit on the "
+        "same layers (issue 19)",
+        "fedbiot",
+        ("fedbiot", "fedit"),
+        "Every FedBiOT row scores the full model with the adapter (the last 2 layers) plugged "
+        "back, on the same held-out sets as fedit. `fedbiot` is the default: drop ratio 0.5, "
+        "48 alignment steps before round 1 and 8 after each round, KL weight 0, proximal "
+        "λ = 1 on the merged weights, alignment LoRA r 4 on o_proj/down_proj (`fedbiot align "
+        "qkvo r=8`: the adapter's own settings instead). `fedit last 2 layers` trains LoRA on the "
+        "same 2 layers of "
+        "the full model (the same trainable capacity); `fedit` on all of them.",
+        (
+            Variant("fedit last 2 layers", "fedit", ("last_layers=2",)),
+            Variant("fedbiot no alignment", "fedbiot", ("align.initial_steps=0", "align.steps=0")),
+            Variant("fedbiot FedOT align once", "fedbiot", ("align.steps=0",)),
+            Variant("fedbiot KL=0.5", "fedbiot", ("align.kl_weight=0.5",)),
+            Variant("fedbiot drop=0.2", "fedbiot", ("emulator.drop_ratio=0.2",)),
+            Variant("fedbiot drop=0.35", "fedbiot", ("emulator.drop_ratio=0.35",)),
+            Variant("fedbiot prox=0", "fedbiot", ("prox=0",)),
+            Variant(
+                "fedbiot align qkvo r=8",
+                "fedbiot",
+                (
+                    'align.target_modules=["q_proj","k_proj","v_proj","o_proj"]',
+                    "align.r=8",
+                    "align.alpha=16",
+                ),
+            ),
+        ),
+    ),
+    Section(
+        "slora",
+        "SLoRA: sparse fine-tuning, then LoRA from its SVD, against full-parameter FedAvg "
+        "(issue 21)",
+        "fedavg",
+        ("fedavg", "fedit", "slora"),
+        "`slora` runs stage 1 (seeded sparse masks over every linear layer, fp32) for "
+        "`sparse.stage1_rounds` rounds, then LoRA on all 7 linear layers initialised from the "
+        "SVD of the stage-1 change. `slora init=random` is the same stage 1 with stage 2 from "
+        "fedit's own initialisation; `fedit all-linear` is fedit with slora's LoRA targets "
+        "(like-for-like bytes); `slora qkvo LoRA` is slora with fedit's.",
+        (
+            Variant("slora init=random", "slora", ("sparse.init=random",)),
+            Variant(
+                "fedit all-linear",
+                "fedit",
+                (
+                    'lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj",'
+                    '"up_proj","down_proj"]',
+                ),
+            ),
+            Variant(
+                "slora qkvo LoRA",
+                "slora",
+                ('lora.target_modules=["q_proj","k_proj","v_proj","o_proj"]',),
+            ),
+        ),
+    ),
+    Section(
+        "fedpipe",
+        "FedPipe: importance-selected adapters with per-agent ranks against uniform fedit r = 8 "
+        "(issue 20)",
+        "fedit",
+        ("fedit", "fedpipe"),
+        "`fedpipe` selects each agent's matrices by its importance (AdaLoRA sensitivity of the "
+        "adapters, reselected every 2 rounds) and gives each its rank; the ablations change one "
+        "thing. The hetero rows run 3 agents at 100, 20 and 5 Mbit/s, the slow one capped at "
+        "940 MB (where the compute dtype is bf16 only NF4 fits it); fedit hetero is uniform "
+        "r = 8 on the same links.",
+        (
+            Variant("fedpipe random selection", "fedpipe", ("select.mode=random",)),
+            Variant("fedpipe fixed r=8", "fedpipe", ("plan.ranks=[8]", "plan.rank_spread=0")),
+            Variant(
+                "fedit hetero",
+                "fedit",
+                agents=3,
+                limits=(
+                    "agent-1:bandwidth=100",
+                    "agent-2:bandwidth=20",
+                    "agent-3:bandwidth=5",
+                ),
+                bandwidth=(100.0, 20.0, 5.0),
+            ),
+            Variant(
+                "fedpipe hetero",
+                "fedpipe",
+                ('plan.quants=["fp32","int8","nf4"]', "plan.fit_memory=false"),
+                agents=3,
+                limits=(
+                    "agent-1:bandwidth=100",
+                    "agent-2:bandwidth=20",
+                    "agent-3:memory=940MB,bandwidth=5",
+                ),
+                bandwidth=(100.0, 20.0, 5.0),
+            ),
+        ),
+    ),
 )
 
 

@@ -31,6 +31,9 @@ from _scoreboard_stats import simulated_round_seconds
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ("centralised", "local only")
 FULL_PARAMETER = ("ferret", "fedavg")
+SIDE_KEYS = ("emulator_eval_loss",)
+"""Side evaluation metrics kept per round where a method reports them (``aggregator.engine.
+rounds.SIDE_EVAL_KEYS``): FedBiOT's emulator + adapter loss beside the full model's."""
 """Methods that train an unquantized copy of every weight (fp32 by default) whatever --quant."""
 
 
@@ -201,7 +204,7 @@ def _rows(
             row.get("eval_bytes_up_per_agent", 0.0) + row.get("eval_bytes_down_per_agent", 0.0)
         ) * common.agents
         out = {"round": float(rnd), "cum_bytes": cum_bytes, "sim_seconds": sim}
-        for key in ("eval_loss", "eval_rouge_l", "eval_em", "train_loss"):
+        for key in ("eval_loss", "eval_rouge_l", "eval_em", "train_loss", *SIDE_KEYS):
             if row.get(key) is not None:
                 out[key] = float(row[key])
         rows.append(out)

@@ -14,6 +14,12 @@ Baseline: the same socket types carrying ``pickle.dumps`` of a dict of numpy arr
 and summed into float64 accumulators (pickle only here, as the thing being measured; never in
 the product). Raw: the same bytes as opaque frames, received and dropped.
 
+Each receiver runs in a process of its own (``--one``), one after another: repeats in one process
+slowed down (the Ferret server's rebuild threads outlived their run), and a fresh process gives
+each receiver the same start. edgefed's time is broken down by step (``frames.decode`` with its
+sha256, the method's ``validate``, the blob writes, the syncs, the ledger, the sum), measured by
+wrapping those calls; the rest is the socket loop and the engine's own bookkeeping.
+
 Workloads: LoRA r=35 on q,k,v,o of SmolLM2-135M (16.1 MB of float32), and Ferret updates of
 5 seeds (of K = 32) x the 212 groups of a small stand-in model with SmolLM2's names: 1,060
 triples, 13 KB, the size the Ferret runs in docs/methods/ferret.md sent (690-995 triples).
@@ -22,14 +28,17 @@ triples, 13 KB, the size the Ferret runs in docs/methods/ferret.md sent (690-995
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +213,19 @@ def timed_receive(
     dealers: list[zmq.Socket[bytes]],
     messages: list[Frames],
     handle: Callable[[zmq.Socket[bytes], list[zmq.Frame]], None],
+    handled: list[int] | None = None,
 ) -> float:
+    """Seconds until every message is handled (``handled``: messages ``handle`` took itself)."""
     go = threading.Event()
     sender = threading.Thread(target=send_all, args=(dealers, messages, go))
     sender.start()
     start = time.perf_counter()
     go.set()
-    for _ in messages:
+    taken = 0
+    while taken < len(messages):
+        before = len(handled) if handled is not None else 0
         handle(router, router.recv_multipart(copy=False))
+        taken += 1 + (len(handled) - before if handled is not None else 0)
     elapsed = time.perf_counter() - start
     sender.join()
     for d in dealers:  # drain the Acks outside the timing
@@ -239,6 +253,8 @@ class Result:
     close_seconds: float = 0.0
     decode_seconds: float = 0.0
     engine_seconds: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
+    """Seconds per step of edgefed's intake (see :func:`instrument`)."""
 
     @property
     def rate(self) -> float:
@@ -249,7 +265,59 @@ class Result:
         return self.wire_bytes / self.seconds / 1e6
 
 
-def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
+@contextmanager
+def instrument(steps: dict[str, float], targets: list[tuple[object, str, str]]) -> Iterator[None]:
+    """Time every call of ``obj.attr`` into ``steps[label]`` (the attributes that exist: the
+    same breakdown runs against an older intake)."""
+    saved = []
+    for obj, attr, label in targets:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            continue
+
+        def timed(*a: Any, _fn: Any = fn, _label: str = label, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                steps[_label] = steps.get(_label, 0.0) + time.perf_counter() - t0
+
+        saved.append((obj, attr, fn))
+        setattr(obj, attr, timed)
+    try:
+        yield
+    finally:
+        for obj, attr, fn in reversed(saved):
+            setattr(obj, attr, fn)
+
+
+def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str, str]]:
+    """The calls whose time :func:`run_edgefed` reports, by step."""
+    from aggregator.engine import intake as intake_module
+
+    log_module = sys.modules.get("aggregator.store.updatelog")
+    method = engine.method
+    return [
+        (method, "validate", "validate (payload decode, checks, clip)"),
+        (method, "add", "sum into the aggregate"),
+        (intake_module, "atomic_write_bytes", "blob write (temp+fsync+rename)"),
+        *(
+            [
+                (log_module.UpdateLog, "append", "log append (queued; inline: the write)"),
+                (log_module.UpdateLog, "sync", "log sync (waits for the appends, fdatasync)"),
+            ]
+            if log_module
+            else []
+        ),
+        (os, "fsync", "fsync (in the blob write, or a new log's folder)"),
+        (os, "fdatasync", "  of which fdatasync"),
+        (ledger, "record_update", "ledger row (one commit each)"),
+        (ledger, "record_updates", "ledger rows (one transaction per group)"),
+    ]
+
+
+def run_edgefed(w: Workload, n: int, rounds: int, state: Path, pipeline: bool = True) -> Result:
+    """``pipeline``: decode ahead and append on the appender thread (False: all on the loop)."""
     raw = {
         "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
         "security": {"insecure": True},
@@ -275,18 +343,55 @@ def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
     total = Result(0, 0.0, 0)
     accepted = 0
 
-    def handle(sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+    group = getattr(engine, "group", None)  # group commit, where the engine has it
+
+    def reply(sock: zmq.Socket[bytes], replies: list[Any]) -> None:
         nonlocal accepted
+        for out in replies:
+            accepted += getattr(out.header, "accepted", False) is True
+            sock.send_multipart([out.agent_id.encode(), *encode(out.header, out.blobs)])
+
+    ahead: Any = None
+    try:  # decoding ahead and the appender thread, where the service has them
+        from aggregator.engine.pipeline import DecodeAhead
+        from aggregator.store.updatelog import UpdateLog
+
+        UpdateLog.appender = pipeline
+        ahead = DecodeAhead() if pipeline else None
+    except ImportError:
+        pass
+
+    def one(sock: zmq.Socket[bytes], frames: list[zmq.Frame], decoded: Any = None) -> None:
         agent_id = bytes(frames[0].buffer).decode("ascii")
         t0 = time.perf_counter()
-        msg = decode(frames[1:])
+        msg = decoded() if decoded is not None else decode(frames[1:])
         t1 = time.perf_counter()
         replies = engine.on_message(agent_id, msg, clock.now)
         total.decode_seconds += t1 - t0
         total.engine_seconds += time.perf_counter() - t1
-        for out in replies:
-            accepted += getattr(out.header, "accepted", False) is True
-            sock.send_multipart([out.agent_id.encode(), *encode(out.header, out.blobs)])
+        reply(sock, replies)
+
+    def handle(sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        if group is None:
+            return one(sock, frames)
+        # what the service does: the burst that has arrived is decoded ahead on a worker and
+        # handled as one group, then its Acks go out
+        burst = [frames]
+        while len(burst) < 256:
+            try:
+                burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+            handled.append(1)
+        decoders = ahead.burst([f[1:] for f in burst]) if ahead else [None] * len(burst)
+        with group() as replies:
+            for f, decoded in zip(burst, decoders, strict=True):
+                one(sock, f, decoded)
+            t0 = time.perf_counter()
+        total.engine_seconds += time.perf_counter() - t0
+        reply(sock, replies)
+
+    handled: list[int] = []
 
     with sockets(n, config.server.hwm) as (router, dealers):
         warm_up(router, dealers)
@@ -302,7 +407,9 @@ def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
                     method=w.method, num_examples=32 + i, metrics={"train_loss": 1.0},
                 )  # fmt: skip
                 messages.append(encode(header, {"update": w.make_blob(i, task.round)}))
-            total.seconds += timed_receive(router, dealers, messages, handle)
+            handled.clear()
+            with instrument(total.steps, intake_steps(engine, ledger)):
+                total.seconds += timed_receive(router, dealers, messages, handle, handled)
             total.updates += n
             total.wire_bytes += sum(frames_nbytes(m) for m in messages)
             start = time.perf_counter()
@@ -310,6 +417,8 @@ def run_edgefed(w: Workload, n: int, rounds: int, state: Path) -> Result:
             engine.tick(clock.now)  # closes the round: mean, checkpoint save, ledger commit
             total.close_seconds += time.perf_counter() - start
     ledger.close()
+    if ahead is not None:
+        ahead.close()
     if accepted != total.updates:
         raise RuntimeError(f"only {accepted} of {total.updates} updates were accepted")
     return total
@@ -354,6 +463,57 @@ def run_raw(w: Workload, n: int, rounds: int) -> Result:
 
 
 ROW = "{:<28} {:<44} {:>9} {:>9} {:>10} {:>10}"
+RECEIVERS = {
+    "raw": "raw loopback (opaque frames)",
+    "pickle": "naive pickle + numpy sum",
+    "edgefed": "edgefed (decode+validate+fsync+ledger+sum)",
+    "edgefed-serial": "edgefed, no pipeline threads",
+}
+
+
+def workload(name: str, tmp: Path) -> Workload:
+    return lora_workload() if name == "lora" else ferret_workload(tmp / "model")
+
+
+def run_one(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
+    w = workload(name, tmp)
+    if receiver == "raw":
+        return run_raw(w, n, rounds)
+    if receiver == "pickle":
+        return run_pickle(w, n, rounds)
+    state = tmp / f"state-{w.method}-{receiver}-{time.monotonic_ns()}"
+    return run_edgefed(w, n, rounds, state, pipeline=receiver == "edgefed")
+
+
+def in_process(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
+    """One receiver in a fresh interpreter (``--one``); its Result comes back as JSON."""
+    cmd = [sys.executable, __file__, "--one", name, receiver, str(n), str(rounds), str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{receiver} on {name} failed:\n{proc.stderr[-4000:]}")
+    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def report(w: Workload, n: int, rounds: int, results: dict[str, Result], label: str) -> None:
+    raw_mbps = results[RECEIVERS["raw"]].mbps
+    for name, r in results.items():
+        print(ROW.format(w.name, name, r.updates, f"{r.rate:,.1f}", f"{r.mbps:,.1f}",
+                         f"{r.mbps / raw_mbps:.3f}"))  # fmt: skip
+    ef, pk = results[RECEIVERS["edgefed"]], results[RECEIVERS["pickle"]]
+    serial = results[RECEIVERS["edgefed-serial"]]
+    print(
+        f"  {w.name}{label}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
+        f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; pipeline / "
+        f"no pipeline {ef.rate / serial.rate:.2f}; round close (mean + checkpoint) "
+        f"{1000 * ef.close_seconds / rounds:.0f} ms/round"
+    )
+    for title, r in (("edgefed", ef), ("no pipeline", serial)):
+        print(f"  per {title} update: frames.decode (sha256; what the loop waited for, when "
+              f"decoded ahead) {1000 * r.decode_seconds / r.updates:.2f} ms, engine "
+              f"{1000 * r.engine_seconds / r.updates:.2f} ms, of which:")  # fmt: skip
+        for step, seconds in sorted(r.steps.items(), key=lambda kv: -kv[1]):
+            print(f"    {step:<44} {1000 * seconds / r.updates:8.2f} ms "
+                  f"({100 * seconds / r.seconds:4.1f}% of the receive time)")  # fmt: skip
 
 
 def main() -> int:
@@ -361,37 +521,33 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few agents, 1-2 rounds")
     parser.add_argument("--agents", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", choices=("lora", "ferret"), default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="run every receiver N times")
+    parser.add_argument("--one", nargs=5, metavar=("WORKLOAD", "RECEIVER", "N", "ROUNDS", "TMP"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
+    if args.one:
+        name, receiver, n, rounds, tmp_dir = args.one
+        result = run_one(name, receiver, int(n), int(rounds), Path(tmp_dir))
+        print(json.dumps(asdict(result)))
+        return 0
     with tempfile.TemporaryDirectory(prefix="edgefed-bench-") as tmp_name:
         tmp = Path(tmp_name)
         plans = (
-            (lora_workload(), args.agents or (2 if args.quick else 8), args.rounds or (1 if args.quick else 3)),
-            (ferret_workload(tmp / "model"), args.agents or (4 if args.quick else 16), args.rounds or (2 if args.quick else 10)),
+            ("lora", args.agents or (2 if args.quick else 8), args.rounds or (1 if args.quick else 3)),
+            ("ferret", args.agents or (4 if args.quick else 16), args.rounds or (2 if args.quick else 10)),
         )  # fmt: skip
         print(ROW.format("workload", "receiver", "updates", "upd/s", "MB/s", "x raw MB/s"))
-        for w, n, rounds in plans:
-            state = tmp / f"state-{w.method}"
-            results = {
-                "raw loopback (opaque frames)": run_raw(w, n, rounds),
-                "naive pickle + numpy sum": run_pickle(w, n, rounds),
-                "edgefed (decode+validate+fsync+ledger+sum)": run_edgefed(w, n, rounds, state),
-            }
-            raw_mbps = results["raw loopback (opaque frames)"].mbps
-            for label, r in results.items():
-                print(ROW.format(w.name, label, r.updates, f"{r.rate:,.1f}", f"{r.mbps:,.1f}",
-                                 f"{r.mbps / raw_mbps:.3f}"))  # fmt: skip
-            ef, pk = (
-                results["edgefed (decode+validate+fsync+ledger+sum)"],
-                results["naive pickle + numpy sum"],
-            )
-            print(
-                f"  {w.name}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
-                f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; round "
-                f"close (mean + checkpoint) {1000 * ef.close_seconds / rounds:.0f} ms/round"
-            )
-            print(f"  per edgefed update: frames.decode (sha256) "
-                  f"{1000 * ef.decode_seconds / ef.updates:.1f} ms, engine.on_message (validate, "
-                  f"blob fsync, ledger, sum) {1000 * ef.engine_seconds / ef.updates:.1f} ms")  # fmt: skip
+        for name, n, rounds in plans:
+            if args.only and name != args.only:
+                continue
+            w = workload(name, tmp)
+            for rep in range(args.repeat):  # the receivers of a repetition run back to back
+                results = {
+                    label: in_process(name, receiver, n, rounds, tmp)
+                    for receiver, label in RECEIVERS.items()
+                }
+                report(w, n, rounds, results, f" (repetition {rep + 1})" if args.repeat > 1 else "")
     return 0
 
 

@@ -130,6 +130,45 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
     return chosen
 
 
+def chosen_on_disk(args: argparse.Namespace, store: Store) -> dict[str, float]:
+    """The rates :func:`run_all` would choose, from the results on disk alone: a method counts
+    once every point of its grid has its first-seed result (an interrupted scoreboard's tables
+    show the methods whose tuning is finished)."""
+    grid = parse_grid(args.lr_grid)
+    seed = int(args.seeds.split(",")[0])
+    methods = [m for m in args.methods.split(",") if m] + [
+        r for r in REFERENCES if r in args.references.split(",")
+    ]
+    chosen: dict[str, float] = {}
+    for method in methods:
+        values = grid.get(method) or [default_lr(args, "fedit" if method in REFERENCES else method)]
+        cfgs = [Config(method, seed, lr, args.quant) for lr in values]
+        if not all(store.done(c) for c in cfgs):
+            continue
+        scored = []
+        for cfg in cfgs:
+            result = json.loads(store.path(cfg).read_text(encoding="utf-8"))
+            rouge, loss = final(result, "eval_rouge_l"), final(result, "eval_loss")
+            scored.append((-_nan_low(rouge), _nan_high(loss), cfg.lr))
+        chosen[method] = min(scored)[2]
+    return chosen
+
+
+def _pending_lines(args: argparse.Namespace, chosen: dict[str, float]) -> list[str]:
+    """Methods asked for whose learning-rate tuning is not all on disk yet (a partial table
+    says so instead of silently leaving them out)."""
+    asked = [m for m in args.methods.split(",") if m] + [
+        r for r in REFERENCES if r in args.references.split(",")
+    ]
+    pending = [m for m in asked if m not in chosen]
+    if not pending:
+        return []
+    return [
+        "",
+        f"**Not in the tables yet** (their tuning runs are not all on disk): {', '.join(pending)}.",
+    ]
+
+
 def selected_sections(args: argparse.Namespace) -> list[Section]:
     keys = [k for k in getattr(args, "sections", "").split(",") if k]
     unknown = set(keys) - {s.key for s in SECTIONS}
@@ -199,8 +238,12 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
                         "eval Rouge-L (held-out Natural Instructions), mean ± sd over seeds")  # fmt: skip
     loss = plot_metric(kept, "eval_loss", "eval loss", img / "scoreboard-loss.png",
                        "eval loss (held-out Natural Instructions), mean ± sd over seeds")  # fmt: skip
+    # the split's description; kept beside the results (data/ is not committed)
     meta_path = args.results / "data" / f"seed-{args.seeds.split(',')[0]}" / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    kept_meta = args.results / "split-meta.json"
+    if meta_path.is_file():
+        kept_meta.write_text(meta_path.read_text(encoding="utf-8"), encoding="utf-8")
+    meta = json.loads(kept_meta.read_text(encoding="utf-8")) if kept_meta.is_file() else {}
     reference = "fedavg" if "fedavg" in chosen else None
     ref_group = next((r["group"] for r in kept if r["method"] == reference), None)
     lines = [
@@ -219,6 +262,7 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
         "",
         "A gap no larger than the larger of the two standard deviations is reported as *no "
         "difference*; with fewer than two runs a row is not judged.",
+        *_pending_lines(args, chosen),
         "",
         f"![Rouge-L]({_rel(rouge, args.doc)})",
         "",
@@ -321,7 +365,8 @@ def main() -> int:
     ap.add_argument("--tables-only", action="store_true", help="Rebuild the doc from disk.")
     ap.add_argument("--quick", action="store_true", help="Tiny model, 2 methods, CI.")
     args = ap.parse_args()
-    cmd = "python benchmarks/scoreboard.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = [a for a in sys.argv[1:] if a != "--tables-only"]  # the command that ran the rows
+    cmd = "python benchmarks/scoreboard.py " + " ".join(shlex.quote(a) for a in argv)
     if args.quick:
         quick_setup(args)
     while len(args.bandwidth) < args.agents:
@@ -331,8 +376,7 @@ def main() -> int:
     store = Store(args.results / "results")
     started = time.monotonic()
     if args.tables_only:
-        chosen_path = args.results / "chosen.json"
-        chosen = json.loads(chosen_path.read_text()) if chosen_path.is_file() else {}
+        chosen = chosen_on_disk(args, store)
     else:
         from aggregator.errors import AggregatorError
 

@@ -158,6 +158,9 @@ def run(
     log_format: LogFormat,
 ) -> None:
     """Run the agent daemon until SIGTERM/SIGINT (under umask 0077: what it writes is private)."""
+    from protocol.parent import die_with_parent
+
+    die_with_parent()  # started by `edgefed-aggregator local`: stop when it dies
     _setup_logging(verbose, log_format)
     from edge_agent.model import quiet
 

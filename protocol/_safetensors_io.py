@@ -212,7 +212,8 @@ def parse_header(
 def load_tensors(data: Buffer, header: Header) -> dict[str, torch.Tensor]:
     """Build the tensors of a buffer whose header was checked by :func:`parse_header`.
 
-    Each tensor gets its own writable copy of exactly its bytes; nothing else is copied.
+    The data area is copied once, writable; each tensor is a view of exactly its bytes in
+    that copy (so one finite check can cover the whole area, see ``check_finite``).
     """
     view = _as_view(data)
     if view.nbytes != header.total_nbytes:
@@ -221,17 +222,20 @@ def load_tensors(data: Buffer, header: Header) -> dict[str, torch.Tensor]:
         )
     base = header.header_nbytes
     out: dict[str, torch.Tensor] = {}
+    area = (
+        torch.frombuffer(bytearray(view[base:]), dtype=torch.uint8) if view.nbytes > base else None
+    )
     for e in header.entries:
         dtype = PAYLOAD_DTYPES[e.dtype]
-        if e.numel == 0:
+        if e.numel == 0 or area is None:
             out[e.name] = torch.empty(e.shape, dtype=dtype)
             continue
-        chunk = bytearray(view[base + e.begin : base + e.end])
-        if dtype is torch.bool:
-            raw = torch.frombuffer(chunk, dtype=torch.uint8)
-            if bool((raw > 1).any()):
-                raise PayloadError(f"{e.name!r}: bool tensor holds bytes other than 0 and 1")
-        out[e.name] = torch.frombuffer(chunk, dtype=dtype).reshape(e.shape)
+        raw = area[e.begin : e.end]
+        if dtype is torch.bool and bool((raw > 1).any()):
+            raise PayloadError(f"{e.name!r}: bool tensor holds bytes other than 0 and 1")
+        if e.begin % dtype.itemsize:
+            raw = raw.clone()  # misaligned for its dtype (not what encode writes): its own copy
+        out[e.name] = raw.view(dtype).reshape(e.shape)
     return out
 
 

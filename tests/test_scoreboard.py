@@ -150,3 +150,51 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
                         tmp_path / "w")  # fmt: skip
     assert cmd[cmd.index("--param") + 1] == "ferret.k=2048"
     assert all_variants()["fedit DP eps=1"].local_args() == ["--dp-epsilon", "1"]
+
+
+def test_every_variants_params_are_valid_for_its_method() -> None:
+    """Each variant's ``--param`` values parse as ``local`` parses them and validate against
+    its method's parameters (a typo would fail the run only after the main table)."""
+    from _scoreboard_rows import all_variants
+
+    from aggregator.local.options import parse_params as local_params
+    from protocol.methods import parse_params
+
+    parsed = {
+        name: parse_params(v.method, local_params(list(v.params)))
+        for name, v in all_variants().items()
+    }
+    off = parsed["fedbiot no alignment"]
+    assert off.align.initial_steps == 0 and off.align.steps == 0  # type: ignore[attr-defined]
+    once = parsed["fedbiot FedOT align once"]
+    assert once.align.initial_steps == 48 and once.align.steps == 0  # type: ignore[attr-defined]
+    assert parsed["fedbiot KL=0.5"].align.kl_weight == 0.5  # type: ignore[attr-defined]
+    assert parsed["fedbiot drop=0.2"].emulator.drop_ratio == 0.2  # type: ignore[attr-defined]
+    assert parsed["fedbiot prox=0"].prox == 0.0  # type: ignore[attr-defined]
+    assert parse_params("fedbiot", {}).prox == 1.0  # type: ignore[attr-defined]
+    assert parsed["fedit last 2 layers"].last_layers == 2  # type: ignore[attr-defined]
+    qkvo = parsed["fedbiot align qkvo r=8"].align  # type: ignore[attr-defined]
+    assert qkvo.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and qkvo.r == 8
+    assert qkvo.scaling == 2.0
+    assert parsed["slora init=random"].sparse.init == "random"  # type: ignore[attr-defined]
+    assert len(parsed["fedit all-linear"].lora.target_modules) == 7  # type: ignore[attr-defined]
+    slora_qkvo = parsed["slora qkvo LoRA"].lora.target_modules  # type: ignore[attr-defined]
+    assert tuple(slora_qkvo) == ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_tables_from_a_partial_scoreboard_choose_only_finished_grids(tmp_path: Path) -> None:
+    """``--tables-only`` on an interrupted scoreboard: a method whose grid is all on disk gets
+    its rate chosen as ``run_all`` would; one with a grid point missing is listed as pending."""
+    store = Store(tmp_path / "results")
+    for method, lr, rouge in (("fedit", 1e-3, 0.6), ("fedit", 3e-3, 0.5), ("ferret", 0.05, 0.4)):
+        cfg = Config(method, 0, lr, "fp32")
+        store.save(cfg, _result(method, 0, rouge, cfg.group) | {
+            "name": cfg.name, "lr": lr, "quant": "fp32", "variant": "", "wall_seconds": 1.0})  # fmt: skip
+    args = argparse.Namespace(
+        lr_grid="fedit=3e-3,1e-3;ferret=0.05,0.02", methods="fedit,ferret", references="",
+        seeds="0,1", quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01,
+    )  # fmt: skip
+    chosen = scoreboard.chosen_on_disk(args, store)
+    assert chosen == {"fedit": 1e-3}
+    pending = scoreboard._pending_lines(args, chosen)
+    assert any("ferret" in ln and "fedit" not in ln for ln in pending)

@@ -13,13 +13,13 @@ calls it the same way, so the frames that once crashed ``serve`` are checked thr
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import StateError
 from protocol.errors import ErrorCode, FrameError, ProtocolError
-from protocol.frames import FrameLike, decode
+from protocol.frames import Decoded, FrameLike, decode
 from protocol.messages import ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,20 @@ class MessageBoundary:
         self.internal_errors = 0
         """Messages that raised something other than a protocol error (logged with traceback)."""
 
-    def handle(self, agent_id: str, frames: Sequence[FrameLike], now: float) -> list[Outgoing]:
-        """The replies to ``frames`` received from the authenticated ``agent_id``.
+    def handle(
+        self,
+        agent_id: str,
+        frames: Sequence[FrameLike],
+        now: float,
+        decoded: Callable[[], Decoded] | None = None,
+    ) -> list[Outgoing]:
+        """The replies to ``frames`` received from the authenticated ``agent_id``
+        (``decoded``: the same frames decoded ahead, see :mod:`aggregator.engine.pipeline`).
 
         Never raises, except :class:`StateError`.
         """
         try:
-            return self._handle(agent_id, frames, now)
+            return self._handle(agent_id, frames, now, decoded)
         except StateError:
             raise  # the ledger or checkpoints failed: stop rather than run on without durability
         except Exception:  # even building an error reply failed: log it and answer plainly
@@ -53,9 +60,15 @@ class MessageBoundary:
             log.exception("agent %s: internal error at the message boundary", agent_id)
             return [Outgoing(agent_id, ErrorReply(code=ErrorCode.INTERNAL, reason=INTERNAL))]
 
-    def _handle(self, agent_id: str, frames: Sequence[FrameLike], now: float) -> list[Outgoing]:
+    def _handle(
+        self,
+        agent_id: str,
+        frames: Sequence[FrameLike],
+        now: float,
+        decoded: Callable[[], Decoded] | None,
+    ) -> list[Outgoing]:
         try:
-            msg = decode(frames)
+            msg = decoded() if decoded is not None else decode(frames)
         except FrameError as exc:
             self.dropped += 1
             log.warning("agent %s: malformed message: %.300s", agent_id, exc)

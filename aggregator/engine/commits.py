@@ -5,7 +5,8 @@ A training round is committed in two steps: the method's global state is checkpo
 its checkpoint's hash and the round's metrics. A crash between the two leaves a checkpoint the
 ledger does not know of; :meth:`RoundCommits.restore` loads the newest checkpoint into the method
 and finishes that commit. Opening the run is here too: its id (configured, else the ledger's
-latest run, else a new one) and the check that a state dir is not reused for another method.
+latest run, else a new one) and the check that a state dir is not reused for another method;
+and the ledger's record of each evaluation of a global (and whether a restart lost one).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from typing import Any
 
 from aggregator.engine import crashpoints
-from aggregator.engine.rounds import RoundSummary
+from aggregator.engine.rounds import EVAL_KEYS, SIDE_EVAL_KEYS, Phase, RoundSummary, eval_rows
 from aggregator.errors import StateError
 from aggregator.methods import ServerMethod
 from aggregator.ops.config import RunSection
@@ -93,3 +94,27 @@ class RoundCommits:
         self.ledger.commit_round(
             run_id, summary.round, manifest.files.get(GLOBAL_FILE, ""), metrics, time.time()
         )
+
+    def lost_eval(self, run: RunSection, run_id: str, round: int, driven: bool) -> int:
+        """The last committed round, when a restart lost its evaluation (0: none lost)."""
+        if not run.eval or driven or round == 0:
+            return 0
+        rows = [r for r in self.ledger.rounds(run_id) if r.round == round]
+        if rows and not any(k.startswith("eval_") for k in rows[0].metrics):
+            log.info("round %d: its evaluation did not finish before the restart", round)
+            return round
+        return 0
+
+    def record_eval(self, run_id: str, phase: Phase, summary: RoundSummary) -> None:
+        """A closed evaluation phase in the ledger: each agent's latest evaluation (for
+        ``status``), and per agent and in aggregate this evaluation of the global."""
+        evals = self.ledger.get_state(run_id, "agent_evals", {})
+        latest = dict(evals) if isinstance(evals, dict) else {}
+        for agent_id, result in phase.done.items():
+            latest[agent_id] = {"round": phase.round, **result.metrics}
+        self.ledger.put_state(run_id, "agent_evals", latest)
+        metrics = summary.as_metrics()
+        rows = eval_rows(phase)
+        aggregate = {k: metrics[k] for k in EVAL_KEYS + SIDE_EVAL_KEYS if k in metrics}
+        aggregate["examples"] = sum(r["examples"] for r in rows.values())
+        self.ledger.record_eval(run_id, phase.round, rows, aggregate)

@@ -7,8 +7,10 @@ write to disk, through the ledger and the checkpoint store, because durability i
     select → assign → collect (until all results, or quorum at the deadline) → aggregate →
     checkpoint + ledger commit → evaluate (optional) → next round
 
-An accepted update is stored (its payload in ``updates/``, its row in the ledger) *before* its
-Ack is returned, and is folded into the method's running aggregate at once. After a crash the
+An accepted update is stored (its payload in the round's update log, its row in the ledger)
+*before* its Ack is returned, and is folded into the method's running aggregate then. The
+service takes what has arrived as one group (:meth:`RoundEngine.group`): one sync and one ledger
+transaction for all of it, then its Acks. After a crash the
 engine restores the last committed global state, replays the open round's stored updates, and
 carries on; task ids are a pure function of (run, round, kind, agent), so an agent's outboxed
 result for the open round is recognised after the restart and never counted twice.
@@ -19,14 +21,16 @@ phases. The parts with a job of their own are collaborators it holds, none of wh
 :class:`~aggregator.engine.uploads.UploadWindow` (which large results may travel now),
 :class:`~aggregator.engine.intake.ResultIntake` (validating, storing and replaying results),
 :class:`~aggregator.engine.phases.PhaseRules` (who is chosen; when a phase may close) and
-:class:`~aggregator.engine.commits.RoundCommits` (checkpoint + ledger commit; restoring them).
+:class:`~aggregator.engine.commits.RoundCommits` (checkpoint + ledger commit; restoring them;
+the ledger's evaluation rows).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from aggregator.engine import crashpoints
@@ -36,12 +40,11 @@ from aggregator.engine.intake import ResultIntake, ack, refusal
 from aggregator.engine.phases import PhaseRules
 from aggregator.engine.registry import Registry
 from aggregator.engine.rounds import (
-    EVAL_KEYS,
+    SIDE_EVAL_KEYS,
     Kind,
     Outgoing,
     Phase,
     RoundSummary,
-    eval_rows,
     task_id_for,
 )
 from aggregator.engine.uploads import UploadWindow, grant_above
@@ -121,6 +124,7 @@ class RoundEngine:
         self._score_phases: dict[int, int] = {}
         self._held_train: Phase | None = None
         """A closed training phase waiting for the reveal phase after it (``reveal_agents``)."""
+        self._grouping = 0
         self._eval_due = 0
 
     # --- start-up and resume ----------------------------------------------------------------
@@ -130,7 +134,7 @@ class RoundEngine:
         latest = self.commits.restore(self.method, self.run_id)
         if latest is not None:
             self.round = latest
-        self._eval_due = self._lost_eval()
+        self._eval_due = self.commits.lost_eval(self.run, self.run_id, self.round, self.driven)
         stop = getattr(self.method, "should_stop", None)
         if self.round >= self.run.rounds or (stop is not None and stop(self.round + 1)):
             self.finished = not self._eval_due
@@ -142,17 +146,30 @@ class RoundEngine:
             self._resume_assigned = list(begun[0].assigned)
         self._replayed.update(self.intake.replay(self.method, self.run_id, self.round + 1))
 
-    def _lost_eval(self) -> int:
-        """The last committed round, when a restart lost its evaluation (0: none lost)."""
-        if not self.run.eval or self.driven or self.round == 0:
-            return 0
-        rows = [r for r in self.ledger.rounds(self.run_id) if r.round == self.round]
-        if rows and not any(k.startswith("eval_") for k in rows[0].metrics):
-            log.info("round %d: its evaluation did not finish before the restart", self.round)
-            return self.round
-        return 0
-
     # --- inputs -------------------------------------------------------------------------------
+
+    @contextmanager
+    def group(self) -> Iterator[list[Outgoing]]:
+        """Messages handled inside are one group: their updates become durable together when
+        the block ends (one log sync, one ledger transaction), and only then are their Acks
+        added to the yielded list, to be sent. Outside a group each update is its own."""
+        acks: list[Outgoing] = []
+        self._grouping += 1
+        try:
+            yield acks
+        finally:
+            self._grouping -= 1
+        if not self._grouping:
+            acks += self.flush()
+
+    def flush(self) -> list[Outgoing]:
+        """Commit the pending group (see :meth:`ResultIntake.commit`); the Acks now due."""
+        round = self.intake.pending[0][0].round if self.intake.pending else 0
+        answers = self.intake.commit(self.method, self.run_id)
+        if answers:
+            crashpoints.reached("stored", round)
+            crashpoints.reached_after("acked", round, self.config.server.heartbeat_interval)
+        return answers
 
     def on_message(self, agent_id: str, msg: Decoded, now: float) -> list[Outgoing]:
         header = msg.header
@@ -240,6 +257,8 @@ class RoundEngine:
             return refusal(run_id, agent_id, res, ErrorCode.IDENTITY_MISMATCH, reason)
         self.uploads.arrived(res.task_id)
         phase = self.phase
+        if res.kind == "train" and self.intake.is_pending(res.task_id):
+            return []  # a retry of an update in the open group: its Ack comes with the group
         if res.kind == "train" and self.ledger.has_update(res.task_id):
             # a retry of something already durable: Ack again, count once
             return ack(run_id, agent_id, res)
@@ -258,15 +277,15 @@ class RoundEngine:
             rejected = self.intake.take(self.method, phase, agent_id, res, msg)
             if rejected is not None:
                 return refusal(run_id, agent_id, res, ErrorCode.REJECTED_UPDATE, rejected)
-            crashpoints.reached("stored", phase.round)
-            crashpoints.reached_after("acked", phase.round, self.config.server.heartbeat_interval)
+            if self.intake.pending:  # its Ack only once it is durable: with the group
+                return [] if self._grouping else self.flush()
         return ack(run_id, agent_id, res)
 
     # --- the clock ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Outgoing]:
         crashpoints.poll(None if self.phase is None else self.phase.round)
-        out: list[Outgoing] = []
+        out: list[Outgoing] = [] if self._grouping else self.flush()  # nothing closes undurable
         for agent_id in self.registry.expire(now):
             log.warning("agent %s expired (no message for %.1fs)", agent_id, self.registry.window)
         if now - self._last_beat >= self.config.server.heartbeat_interval:
@@ -348,6 +367,7 @@ class RoundEngine:
         )
         if kind == "train":
             self.ledger.begin_round(self.run_id, round, self.run.method, agents, time.time())
+            self.intake.open_log(self.run_id, round)  # created (and its folder synced) now
             crashpoints.reached("assign", round)
             for agent_id, result in self._replayed.items():
                 if assigned.get(agent_id) == result.task_id:
@@ -430,35 +450,21 @@ class RoundEngine:
             self._round_done(summary)
         else:
             summary.record_eval(phase)
-            self._record_evals(phase)
-            self._store_eval(phase, summary)
+            self.commits.record_eval(self.run_id, phase, summary)
             if self.driven:
                 self.on_phase(phase.kind, phase.round, results)
                 return []
             if phase.round > 0:  # the train metrics are committed already: add the eval's
-                # (eval_loss..., eval_truncated_*)
-                evals = {k: v for k, v in summary.as_metrics().items() if k.startswith("eval_")}
+                evals = {
+                    k: v
+                    for k, v in summary.as_metrics().items()
+                    if k.startswith("eval_") or k in SIDE_EVAL_KEYS  # eval_truncated_* too
+                }
                 self.ledger.set_round_metrics(self.run_id, phase.round, evals)
             else:
                 self.ledger.put_state(self.run_id, "baseline", summary.as_metrics())
             self._round_done(summary)
         return []
-
-    def _record_evals(self, phase: Phase) -> None:
-        """Each agent's latest evaluation, in the ledger for ``status``."""
-        evals = self.ledger.get_state(self.run_id, "agent_evals", {})
-        latest = dict(evals) if isinstance(evals, dict) else {}
-        for agent_id, result in phase.done.items():
-            latest[agent_id] = {"round": phase.round, **result.metrics}
-        self.ledger.put_state(self.run_id, "agent_evals", latest)
-
-    def _store_eval(self, phase: Phase, summary: RoundSummary) -> None:
-        """Per agent and in aggregate, this evaluation of the global goes to the ledger."""
-        metrics = summary.as_metrics()
-        rows = eval_rows(phase)
-        aggregate = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
-        aggregate["examples"] = sum(r["examples"] for r in rows.values())
-        self.ledger.record_eval(self.run_id, phase.round, rows, aggregate)
 
     def _round_done(self, summary: RoundSummary) -> None:
         self.on_round(summary)
@@ -478,6 +484,13 @@ class RoundEngine:
             Outgoing(a, Bye(run_id=self.run_id, round=self.round, reason=reason))
             for a in self.registry.live()
         ]
+
+    def close(self) -> None:
+        """The run is over here: its update log closed, the method's threads (if any) stopped."""
+        self.intake.close()
+        close = getattr(self.method, "close", None)
+        if close is not None:
+            close()
 
     def status(self) -> dict[str, Any]:
         return {

@@ -1,9 +1,12 @@
 """Result intake: what happens to a TaskResult for an open task, and to the stored ones.
 
 :class:`ResultIntake` owns the ``updates/`` directory and the ledger's update and rejection
-rows. An accepted training update is written there and recorded in the ledger *before* the
-engine returns its Ack, and is folded into the method's running aggregate at once; a rejected
-one is recorded with its reason and answered, but not counted. Evaluation and score results are
+rows. Accepted training updates are taken in groups (durable group commit): :meth:`take`
+validates an update and appends its payload to the round's update log
+(:mod:`aggregator.store.updatelog`); :meth:`commit` then syncs the log once, records the group's
+ledger rows in one transaction, folds the updates into the method's running aggregate, and only
+then are their Acks due. Outside a group the engine commits each update at once (a group of
+one). A rejected update is recorded with its reason and answered, but not counted. Evaluation and score results are
 kept in the open phase (scores are handed to the method). After a crash, :meth:`replay` feeds
 the open round's stored updates to the method again; once a round is committed its stored
 updates are no longer needed and :meth:`discard` removes them.
@@ -21,16 +24,19 @@ import shutil
 import time
 from pathlib import Path
 
+from aggregator.engine import crashpoints
 from aggregator.engine.rounds import Outgoing, Phase
 from aggregator.errors import StateError, UpdateRejected
-from aggregator.methods import ServerMethod
-from aggregator.store.checkpoint import atomic_write_bytes
+from aggregator.methods import ServerMethod, Update
 from aggregator.store.ledger import Ledger, RejectionRow, UpdateRow
-from protocol.errors import ErrorCode
+from aggregator.store.updatelog import LOG_NAME, UpdateLog, read_slice
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import Decoded
 from protocol.messages import Ack, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
+
+INTERNAL = "internal error; see the aggregator log"
 
 
 def ack(run_id: str, agent_id: str, res: TaskResult) -> list[Outgoing]:
@@ -54,6 +60,16 @@ def refusal(
     return [Outgoing(agent_id, header)]
 
 
+def stored_payload(row: UpdateRow) -> bytes:
+    """The payload a ledger row names: a slice of its round's update log, or (written before
+    the log) a file of its own. Not checked against the row's sha256 here."""
+    if row.blob_path is None:
+        raise StateError(f"task {row.task_id} has no stored payload")
+    if row.blob_offset is None or row.blob_length is None:
+        return Path(row.blob_path).read_bytes()
+    return read_slice(Path(row.blob_path), row.blob_offset, row.blob_length)
+
+
 class ResultIntake:
     """Validates, stores and counts the results of an open phase; replays a crashed round."""
 
@@ -63,6 +79,9 @@ class ResultIntake:
         self.ledger = ledger
         self.update_dir = update_dir
         self.method_name = method_name
+        self.pending: list[tuple[UpdateRow, Update, TaskResult]] = []
+        """The group taken but not committed: no Ack is due for any of it yet."""
+        self._logs: dict[tuple[str, int], UpdateLog] = {}
 
     def round_dir(self, run_id: str, round: int) -> Path:
         return self.update_dir / run_id / f"round-{round:06d}"
@@ -72,8 +91,10 @@ class ResultIntake:
     ) -> str | None:
         """Take ``agent_id``'s result for its open task in ``phase``, not yet answered.
 
-        Returns None when it is taken (an Ack is due), or the reason it was rejected. Either
-        way the agent counts as done in the phase.
+        Returns None when it is taken, or the reason it was rejected. Either way the agent
+        counts as done in the phase. A taken training update is pending (:meth:`is_pending`)
+        until :meth:`commit`; its Ack is due only then. Evaluations and scores need no storing:
+        their Ack is due at once.
         """
         if res.kind == "eval":
             phase.done[agent_id] = res
@@ -109,12 +130,12 @@ class ResultIntake:
             return exc.reason
         blob = msg.blobs.get("update")
         blob_path = None
+        offset = length = None
         sha = ""
         if blob is not None:
-            target = self.round_dir(res.run_id, res.round)
-            target.mkdir(parents=True, exist_ok=True)
-            blob_path = target / f"{res.task_id}.safetensors"
-            atomic_write_bytes(blob_path, blob)
+            log_ = self._log(res.run_id, res.round)
+            offset, length = log_.append(blob)
+            blob_path = str(log_.path)
             # frames.decode already checked this blob against the sha256 its header lists
             sha = next(ref.sha256 for ref in res.blobs if ref.name == "update")
         row = UpdateRow(
@@ -128,17 +149,77 @@ class ResultIntake:
             bytes_up=msg.nbytes,
             bytes_down=phase.bytes_down.get(agent_id, 0),
             received_at=time.time(),
-            blob_path=str(blob_path) if blob_path else None,
+            blob_path=blob_path,
+            blob_offset=offset,
+            blob_length=length,
         )
-        if self.ledger.record_update(row):
-            method.add(update)
-            log.info(
-                "round %d: accepted update from %s (%d examples, %d bytes up, %d bytes down)",
-                res.round, agent_id, res.num_examples, msg.nbytes, row.bytes_down,
-            )  # fmt: skip
+        self.pending.append((row, update, res))
         phase.done[agent_id] = res
         phase.bytes_up[agent_id] = msg.nbytes
         return None
+
+    def is_pending(self, task_id: str) -> bool:
+        return any(row.task_id == task_id for row, _, _ in self.pending)
+
+    def commit(self, method: ServerMethod, run_id: str) -> list[Outgoing]:
+        """Make the pending group durable and count it: one sync of the round's log, one ledger
+        transaction, then each new update into the aggregate. Returns the answers now due: an
+        Ack for every update of the group (a task id already recorded is acknowledged, not
+        counted twice), or the error the method raised folding it in (as the message boundary
+        would have answered it)."""
+        if not self.pending:
+            return []
+        group, self.pending = self.pending, []
+        for log_ in self._logs.values():
+            log_.sync()
+        crashpoints.reached("group", group[0][0].round)
+        inserted = self.ledger.record_updates([row for row, _, _ in group])
+        out: list[Outgoing] = []
+        for (row, update, res), new in zip(group, inserted, strict=True):
+            if new:
+                try:
+                    method.add(update)
+                except StateError:
+                    raise
+                except (UpdateRejected, ProtocolError) as exc:
+                    log.warning(
+                        "round %d: %s's update not counted: %s", row.round, row.agent_id, exc
+                    )
+                    out += refusal(run_id, row.agent_id, res, exc.code, str(exc))  # type: ignore[arg-type]
+                    continue
+                except Exception:  # a bug an update can reach: it fails, the group goes on
+                    log.exception(
+                        "round %d: %s's update could not be added", row.round, row.agent_id
+                    )
+                    out += refusal(run_id, row.agent_id, res, ErrorCode.INTERNAL, INTERNAL)
+                    continue
+                log.info(
+                    "round %d: accepted update from %s (%d examples, %d bytes up, %d bytes down)",
+                    row.round, row.agent_id, row.num_examples, row.bytes_up, row.bytes_down,
+                )  # fmt: skip
+            out += ack(run_id, row.agent_id, res)
+        return out
+
+    def open_log(self, run_id: str, round: int) -> None:
+        """Open ``round``'s update log before its first update arrives (creating a file costs
+        a sync of its folder: not on an update's path to its Ack)."""
+        self._log(run_id, round)
+
+    def _log(self, run_id: str, round: int) -> UpdateLog:
+        key = (run_id, round)
+        log_ = self._logs.get(key)
+        if log_ is None:
+            for old in self._logs.values():  # a round's log is done with once another opens
+                if not old.dirty:
+                    old.close()
+            self._logs = {k: v for k, v in self._logs.items() if v.dirty}
+            log_ = self._logs[key] = UpdateLog(self.round_dir(run_id, round) / LOG_NAME)
+        return log_
+
+    def close(self) -> None:
+        for log_ in self._logs.values():
+            log_.close()
+        self._logs = {}
 
     def replay(self, method: ServerMethod, run_id: str, round: int) -> dict[str, TaskResult]:
         """Fold ``round``'s stored updates into ``method`` again (after a restart).
@@ -149,10 +230,10 @@ class ResultIntake:
         """
         replayed: dict[str, TaskResult] = {}
         rows = self.ledger.updates(run_id, round)
-        for row in rows:
+        for row in rows:  # bytes of the log that no row names were never acknowledged
             if row.blob_path is None:
                 continue
-            data = Path(row.blob_path).read_bytes()
+            data = stored_payload(row)
             if hashlib.sha256(data).hexdigest() != row.sha256:
                 raise StateError(f"stored update {row.blob_path} does not match its sha256")
             result = TaskResult(
@@ -172,4 +253,7 @@ class ResultIntake:
 
     def discard(self, run_id: str, round: int) -> None:
         """Remove a committed round's stored updates (only needed to replay it after a crash)."""
+        log_ = self._logs.pop((run_id, round), None)
+        if log_ is not None:
+            log_.close()
         shutil.rmtree(self.round_dir(run_id, round), True)

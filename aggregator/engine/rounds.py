@@ -42,6 +42,9 @@ class RoundSummary:
     eval_loss: float | None = None
     eval_em: float | None = None
     eval_rouge_l: float | None = None
+    eval_side: dict[str, float] = field(default_factory=dict)
+    """A method's further evaluation metrics (:data:`SIDE_EVAL_KEYS`), example-weighted like
+    the eval columns: e.g. FedBiOT's ``emulator_eval_loss`` beside the full model's loss."""
     bytes_up: float = 0.0
     bytes_down: float = 0.0
     eval_bytes_up: float = 0.0
@@ -93,6 +96,10 @@ class RoundSummary:
         self.eval_em = weighted(results, "eval_em")
         self.eval_rouge_l = weighted(results, "eval_rouge_l")
         self.eval_truncation = truncation_totals(results)
+        for key in SIDE_EVAL_KEYS:
+            value = weighted(results, key)
+            if value is not None:
+                self.eval_side[key] = value
         # what evaluating this round's global cost on the wire (it may carry state the next
         # round needs: Ferret's step, FedBiOT's emulator with the round-0 evaluation)
         self.eval_bytes_up = sum(phase.bytes_up.values()) / n
@@ -113,7 +120,8 @@ class RoundSummary:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
-        return out | self.truncation | {f"eval_{k}": v for k, v in self.eval_truncation.items()}
+        eval_truncation = {f"eval_{k}": v for k, v in self.eval_truncation.items()}
+        return out | self.eval_side | self.truncation | eval_truncation
 
 
 Kind = Literal["train", "eval", "score"]
@@ -147,12 +155,15 @@ def task_id_for(run_id: str, round: int, kind: str, agent_id: str) -> str:
 
 
 EVAL_KEYS = ("eval_loss", "eval_em", "eval_rouge_l")
+SIDE_EVAL_KEYS = ("emulator_eval_loss",)
+"""Evaluation metrics a method reports besides :data:`EVAL_KEYS` (what the columns score):
+kept per agent and per round the same way, never in the columns."""
 
 
 def eval_rows(phase: Phase) -> dict[str, dict[str, float]]:
     """Per agent of a closed evaluation phase: its eval metrics and how many examples."""
     return {
-        agent_id: {k: float(v) for k, v in r.metrics.items() if k in EVAL_KEYS}
+        agent_id: {k: float(v) for k, v in r.metrics.items() if k in EVAL_KEYS + SIDE_EVAL_KEYS}
         | {"examples": float(r.num_examples)}
         for agent_id, r in sorted(phase.done.items())
         if any(k in r.metrics for k in EVAL_KEYS)

@@ -31,6 +31,7 @@ from zmq.utils import z85
 
 from aggregator.engine.boundary import MessageBoundary
 from aggregator.engine.engine import Outgoing, RoundEngine, RoundSummary
+from aggregator.engine.pipeline import DecodeAhead, Decoder
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import ServerMethod, context_of, server_methods
 from aggregator.ops.config import AggregatorConfig, ServerSection
@@ -125,6 +126,7 @@ class AggregatorService:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.auth: AllowListAuthenticator | None = None
         self.boundary = MessageBoundary(self.engine, self.metrics)
+        self.decode_ahead = DecodeAhead()
         self.sessions = Sessions(None)
 
     @property
@@ -221,7 +223,13 @@ class AggregatorService:
         for agent_id in self.sessions.refresh():
             self.engine.registry.gone(agent_id)
 
-    def _handle(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+    def _handle(
+        self,
+        sock: zmq.Socket[bytes],
+        frames: list[zmq.Frame],
+        now: float,
+        decoded: Decoder | None = None,
+    ) -> None:
         identity = bytes(frames[0].buffer)
         self.metrics.received(frames[1:])
         try:
@@ -244,13 +252,19 @@ class AggregatorService:
                 ),
             )
             return
-        for out in self.boundary.handle(agent_id, frames[1:], now):
+        for out in self.boundary.handle(agent_id, frames[1:], now, decoded):
             self._send(sock, out)
 
-    def _receive(self, sock: zmq.Socket[bytes], frames: list[zmq.Frame], now: float) -> None:
+    def _receive(
+        self,
+        sock: zmq.Socket[bytes],
+        frames: list[zmq.Frame],
+        now: float,
+        decoded: Decoder | None = None,
+    ) -> None:
         """The outermost guard: nothing one message causes stops the loop but a StateError."""
         try:
-            self._handle(sock, frames, now)
+            self._handle(sock, frames, now, decoded)
         except StateError:
             raise
         except Exception:
@@ -329,6 +343,11 @@ class AggregatorService:
                 self.admin.close()
             if self.auth is not None:
                 self.auth.stop()
+            self.decode_ahead.close()
+            try:
+                self.engine.close()
+            except Exception:
+                log.exception("run %s: closing its engine failed", self.engine.run_id)
             self.ledger.close()
             self.ctx.term()
             self.metrics.close()
@@ -350,12 +369,22 @@ class AggregatorService:
             self._drop_revoked()  # on the loop's clock: a new key is admitted with no traffic
             events = dict(poller.poll(POLL_MS))
             if sock in events:
-                for _ in range(256):  # drain a burst, then let the clock run
+                # drain a burst as one group: its updates become durable together (one sync,
+                # one ledger transaction), then their Acks go out; then the clock runs
+                burst: list[list[zmq.Frame]] = []
+                while len(burst) < 256:
                     try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-                    self._receive(sock, frames, time.monotonic())
+                # decoded ahead on a worker while the loop handles the messages before them
+                ahead = self.decode_ahead.burst([frames[1:] for frames in burst])
+                with self.engine.group() as acks:
+                    for frames, decoded in zip(burst, ahead, strict=True):
+                        self._receive(sock, frames, time.monotonic(), decoded)
+                self.metrics.acked(acks)
+                for out in acks:
+                    self._send(sock, out)
             if self.admin is not None and self.admin.socket in events:
                 self.admin.serve_one()
             if self.lifecycle is not None:

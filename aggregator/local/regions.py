@@ -20,6 +20,7 @@ from typing import Any
 
 from aggregator.errors import AggregatorError
 from aggregator.local.workdir import make_keys, write_agent_config
+from protocol.parent import child_env
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def start_regions(
                 [*aggregator_command(), "region", "--config", str(config)],
                 stdout=logs[-1],
                 stderr=subprocess.STDOUT,
+                env=child_env(),
             )
         )
         for agent in agents:

@@ -2,8 +2,9 @@
 
 Each row has the round's agents, train and eval loss, eval Rouge-L and exact match, bytes up
 and down per agent, the round's time (row 0: from the table's creation, so agents starting and
-loading the model count), the method's own metrics and, when ``max_len`` cut examples, how
-many (``truncated=N``, ``eval_truncated=N``); when agents report more than their bytes
+loading the model count), the method's own metrics, its side evaluation metrics (e.g.
+FedBiOT's ``emulator_eval_loss``) and, when ``max_len`` cut examples, how many
+(``truncated=N``, ``eval_truncated=N``); when agents report more than their bytes
 (a method's notes), one line per agent follows.
 """
 
@@ -47,6 +48,7 @@ class RoundTable:
             f"{self._fmt(s.eval_em, '.3f'):>7} "
             f"{up:>10} {down:>10} {seconds:>7.1f}"
             + "".join(f"  {k}={v:g}" for k, v in s.method.items() if k != "examples")
+            + "".join(f"  {k}={v:.4f}" for k, v in s.eval_side.items())
             + _truncated("truncated", s.truncation)
             + _truncated("eval_truncated", s.eval_truncation),
             file=self.out,

@@ -35,6 +35,7 @@ from aggregator.local.workdir import make_keys, write_agent_config
 from aggregator.ops.config import AggregatorConfig, build_config
 from aggregator.store.export import merge_into_base
 from protocol.messages import BaseModelRef
+from protocol.parent import child_env
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
                     [*agent_command(), "run", "--config", str(cfg_path)],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
+                    env=child_env(),
                 )
             )
         print(

@@ -48,11 +48,41 @@ def rank_for(module: str, lora: LoraParams) -> int:
     return lora.r
 
 
-def expected_layout(model_dir: Path, lora: LoraParams) -> Layout:
+_LAYER = re.compile(r"(?:^|\.)layers\.([0-9]+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a weight or factor name belongs to (``...layers.<i>....``), or None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def last_layers(model_dir: Path, n: int) -> tuple[int, ...]:
+    """The indices of the last ``n`` decoder layers of the model in ``model_dir`` (its
+    ``config.json``)."""
+    import json
+
+    from aggregator.errors import ConfigError
+
+    try:
+        total = int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot read the layer count of {model_dir}: {exc}") from None
+    if not 1 <= n <= total:
+        raise ConfigError(f"the model has {total} decoder layers; cannot adapt the last {n}")
+    return tuple(range(total - n, total))
+
+
+def expected_layout(
+    model_dir: Path, lora: LoraParams, layers: tuple[int, ...] | None = None
+) -> Layout:
     """Every LoRA factor's name and shape for the target linears of the model in
-    ``model_dir`` (read from its safetensors headers; no weight is loaded)."""
+    ``model_dir`` (read from its safetensors headers; no weight is loaded); ``layers``: only
+    those decoder layers' (None: every layer)."""
     layout: Layout = {}
     for name, (out_f, in_f) in target_shapes(model_dir, tuple(lora.target_modules)).items():
+        if layers is not None and layer_index(name) not in layers:
+            continue
         module = name.removesuffix(".weight")
         r = rank_for(module, lora)
         layout[PEFT_PREFIX + module + A_SUFFIX] = (r, in_f)

@@ -13,7 +13,7 @@ with ``edgefed_aggregator_``:
 ``bytes_received_total``               bytes of every message received (all frames)
 ``bytes_sent_total``                   bytes of every message sent
 ``agents_connected``                   agents the registry holds live
-``ledger_write_seconds{op}``           histogram of ledger writes (record_update, commit_round)
+``ledger_write_seconds{op}``           histogram of ledger writes (record_update: a group's rows, commit_round)
 ``checkpoint_write_seconds``           histogram of checkpoint saves
 =====================================  =====================================================
 
@@ -113,6 +113,12 @@ class ServiceMetrics:
                 else:
                     self.rejected.labels(code="not_accepted").inc()
 
+    def acked(self, acks: Iterable[Any]) -> None:
+        """Acks of a group commit: each an accepted training update."""
+        for out in acks:
+            if isinstance(out.header, Ack) and out.header.accepted:
+                self.accepted.labels(kind="train").inc()
+
     def refused(self, code: object) -> None:
         self.rejected.labels(code=str(getattr(code, "value", code))).inc()
 
@@ -128,8 +134,12 @@ class ServiceMetrics:
         """Time the ledger's writes and the checkpoint saves (wraps the instances' methods; call
         it once per instance: a serving aggregator has one ledger and a store per run)."""
         if ledger is not None:
-            for op in ("record_update", "commit_round"):
-                _wrap(ledger, op, self.ledger_seconds.labels(op=op).observe)
+            # record_update: one transaction per group of updates (Ledger.record_updates)
+            for method, op in (
+                ("record_updates", "record_update"),
+                ("commit_round", "commit_round"),
+            ):
+                _wrap(ledger, method, self.ledger_seconds.labels(op=op).observe)
         if store is not None:
             _wrap(store, "save", self.checkpoint_seconds.observe)
 

@@ -98,6 +98,10 @@ class Lifecycle:
             log.error("run %s failed: %s", self.active, exc)
             if self.engine is not None:
                 self.engine.finished = True
+                try:
+                    self.engine.close()
+                except Exception:  # a failed run's method may fail to close too
+                    log.exception("run %s: closing its engine failed", self.active)
             self.active = None
 
     # --- internals --------------------------------------------------------------------------
@@ -142,6 +146,10 @@ class Lifecycle:
         self.book.set(run_id, status, reason)  # type: ignore[arg-type]
         log.info("run %s %s (%s); %d queued", run_id, status, reason, self._queued())
         self.active = None
+        try:
+            engine.close()
+        except Exception:
+            log.exception("run %s: closing its engine failed", run_id)
         return engine.goodbye(f"run {status}")
 
     def _queued(self) -> int:

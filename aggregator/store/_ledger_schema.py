@@ -30,7 +30,9 @@ __all__ = [
     "prepare",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``updates.blob_offset`` and ``blob_length`` (a payload in a round's update log); a version 1
+ledger is migrated on open (the two columns added, NULL: a payload in a file of its own)."""
 APPLICATION_ID = 0x45464544  # "EFED"
 
 SCHEMA = """
@@ -50,7 +52,7 @@ CREATE TABLE updates (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT PRIMARY KEY,
     agent_id TEXT NOT NULL, sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL,
     metrics TEXT NOT NULL, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL,
-    received_at REAL NOT NULL, blob_path TEXT,
+    received_at REAL NOT NULL, blob_path TEXT, blob_offset INTEGER, blob_length INTEGER,
     FOREIGN KEY (run_id, round) REFERENCES rounds(run_id, round)
 );
 CREATE INDEX updates_by_round ON updates(run_id, round);
@@ -87,6 +89,9 @@ class UpdateRow:
     bytes_down: int
     received_at: float
     blob_path: str | None = None
+    blob_offset: int | None = None
+    """Where the payload starts in ``blob_path`` (an update log); None: the whole file."""
+    blob_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,13 @@ def prepare(conn: sqlite3.Connection, path: Path) -> tuple[str, bool]:
             raise StateError(
                 f"the ledger {path} has schema version {version}, newer than this "
                 f"edgefed supports ({SCHEMA_VERSION}); upgrade edgefed to open it"
+            )
+        elif version == 1:
+            conn.executescript(
+                "BEGIN IMMEDIATE;"
+                "ALTER TABLE updates ADD COLUMN blob_offset INTEGER;"
+                "ALTER TABLE updates ADD COLUMN blob_length INTEGER;"
+                f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )
         elif version < SCHEMA_VERSION:
             raise StateError(f"the ledger {path} has unknown schema version {version}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,8 +24,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 
 
-def adapter_config(lora: LoraParams, *, base_model_name: str) -> dict[str, object]:
-    return {
+def adapter_config(
+    lora: LoraParams, *, base_model_name: str, layers: Sequence[int] = ()
+) -> dict[str, object]:
+    """peft's ``adapter_config.json`` for ``lora``; ``layers``: the decoder layers it adapts
+    (peft's ``layers_to_transform``; empty: every layer)."""
+    config: dict[str, object] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name,
@@ -43,6 +47,9 @@ def adapter_config(lora: LoraParams, *, base_model_name: str) -> dict[str, objec
         "use_dora": False,
         "modules_to_save": None,
     }
+    if layers:
+        config.update(layers_to_transform=sorted(set(layers)), layers_pattern="layers")
+    return config
 
 
 def write_peft_adapter(
@@ -51,7 +58,10 @@ def write_peft_adapter(
     lora: LoraParams,
     *,
     base_model_name: str,
+    layers: Sequence[int] = (),
 ) -> dict[str, Path]:
+    """``state`` as a peft adapter directory; ``layers``: the decoder layers it covers, when not
+    every layer (written as ``layers_to_transform``, so peft attaches LoRA there only)."""
     if not state:
         raise StateError("there is no global adapter to export yet (no round has completed)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +72,9 @@ def write_peft_adapter(
     atomic_write_bytes(weights, tmp.read_bytes())
     tmp.unlink()
     config = out_dir / ADAPTER_CONFIG
-    body = json.dumps(adapter_config(lora, base_model_name=base_model_name), indent=2)
+    body = json.dumps(
+        adapter_config(lora, base_model_name=base_model_name, layers=layers), indent=2
+    )
     atomic_write_bytes(config, body.encode())
     return {"adapter": out_dir, "weights": weights, "config": config}
 

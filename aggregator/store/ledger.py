@@ -18,7 +18,8 @@ with ``PRAGMA application_id``; DDL, checks on open and row classes in
     rounds(run_id, round, method, started_at, committed_at?, checkpoint_sha256?, metrics JSON,
            assigned JSON)                                     PK (run_id, round)
     updates(run_id, round, task_id PK, agent_id, sha256, num_examples, metrics JSON, bytes_up,
-            bytes_down, received_at, blob_path?)              FK (run_id, round) -> rounds
+            bytes_down, received_at, blob_path?, blob_offset?, blob_length?)
+                                                              FK (run_id, round) -> rounds
     rejections(id PK, run_id, round, task_id, agent_id, code, reason, at)
     state(run_id, key, value JSON)                            PK (run_id, key)
 
@@ -241,14 +242,30 @@ class Ledger:
 
     def record_update(self, row: UpdateRow) -> bool:
         """Record an accepted update; False (nothing written) if its task id is already there."""
-        values = dict(vars(row), metrics=_dumps(row.metrics, f"metrics of task {row.task_id}"))
+        return self.record_updates([row])[0]
+
+    def record_updates(self, rows: list[UpdateRow]) -> list[bool]:
+        """Record a group of accepted updates in one transaction (one sync); per row, False
+        (nothing written) if its task id is already there."""
+        inserted: list[bool] = []
         with self._write() as c:
-            if self._round(c, row.run_id, row.round)["committed_at"] is not None:
-                raise StateError(f"round {row.round} of run {row.run_id!r} is already committed")
-            names = ", ".join(values)
-            marks = ", ".join(f":{k}" for k in values)
-            sql = f"INSERT INTO updates ({names}) VALUES ({marks}) ON CONFLICT(task_id) DO NOTHING"
-            return c.execute(sql, values).rowcount == 1
+            open_rounds: set[tuple[str, int]] = set()
+            for row in rows:
+                key = (row.run_id, row.round)
+                if key not in open_rounds:
+                    if self._round(c, *key)["committed_at"] is not None:
+                        raise StateError(
+                            f"round {row.round} of run {row.run_id!r} is already committed"
+                        )
+                    open_rounds.add(key)
+                values = dict(
+                    vars(row), metrics=_dumps(row.metrics, f"metrics of task {row.task_id}")
+                )
+                names = ", ".join(values)
+                marks = ", ".join(f":{k}" for k in values)
+                sql = f"INSERT INTO updates ({names}) VALUES ({marks}) ON CONFLICT(task_id) DO NOTHING"
+                inserted.append(c.execute(sql, values).rowcount == 1)
+        return inserted
 
     def has_update(self, task_id: str) -> bool:
         return self._one("SELECT 1 FROM updates WHERE task_id=?", task_id) is not None

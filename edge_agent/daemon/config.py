@@ -69,7 +69,8 @@ class AgentSection(_Section):
     reconnect_max: Seconds = 32.0
     progress: bool = False
     memory_limit: Annotated[int, Field(ge=1)] | None = None
-    """Simulate a smaller machine: the profile reports at most this much RAM (bytes)."""
+    """Simulate a smaller machine: the profile reports at most this much RAM and, per GPU, this
+    much GPU memory (bytes)."""
     bandwidth_limit_mbps: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Simulate a slower link: report at most this upload rate and delay each task's download
     and upload by its size at this rate."""

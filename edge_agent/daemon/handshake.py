@@ -102,6 +102,9 @@ def agent_profile(config: AgentConfig) -> Profile:
     if a.memory_limit is not None:
         for key in ("ram_total", "ram_available"):
             data[key] = min(cast(int, data[key]), a.memory_limit)
+        for gpu in cast(list[dict[str, int]], data.get("gpus") or []):  # where it trains, too
+            for key in ("memory_total", "memory_free"):
+                gpu[key] = min(int(gpu[key]), a.memory_limit)
     if a.bandwidth_limit_mbps is not None:
         data["bandwidth_mbps"] = a.bandwidth_limit_mbps
     try:

@@ -4,6 +4,7 @@ training, and evaluating as an eval task asks."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from edge_agent.errors import TaskError
@@ -17,19 +18,36 @@ ADAPTER = "adapter"
 
 
 def attached_adapter(
-    ws: Workspace, assign: TaskAssign, shape: LoraSpec, init_seed: int, key: object
+    ws: Workspace,
+    assign: TaskAssign,
+    shape: LoraSpec,
+    init_seed: int,
+    key: object,
+    *,
+    last_layers: int | None = None,
 ) -> tuple[Any, Any]:
     """A peft model with an adapter of ``shape`` on the task's base, reused while ``key`` is the
     same. A base carries one adapter at a time, whichever method attached it (FedIT, SLoRA's
-    stage 2, FedPipe): any other is unloaded first, so an agent can run their tasks in turn."""
+    stage 2, FedPipe, FedBiOT's evaluation): any other is unloaded first, so an agent can run
+    their tasks in turn. ``last_layers``: adapt only the base's last that many decoder layers."""
     cached = ws.cache.get(ADAPTER)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     release_adapter(ws)
     base, tokenizer = ws.base(assign.model, assign.quant)
+    if last_layers is not None:
+        shape = replace(shape, layers=last_layer_indices(base, last_layers))
     peft_model = attach_lora(base, shape, init_seed=init_seed)
     ws.cache[ADAPTER] = (key, peft_model, tokenizer)
     return peft_model, tokenizer
+
+
+def last_layer_indices(model: Any, n: int) -> tuple[int, ...]:
+    """The indices of ``model``'s last ``n`` decoder layers (by its config)."""
+    total = int(model.config.num_hidden_layers)
+    if not 1 <= n <= total:
+        raise TaskError(f"the model has {total} decoder layers; cannot adapt the last {n}")
+    return tuple(range(total - n, total))
 
 
 def release_adapter(ws: Workspace) -> None:
@@ -87,9 +105,11 @@ def train_task(
     *,
     lr: float | None = None,
     extra_loss: Callable[[Any], Any] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> Any:
     """One round of local training on the agent's examples: ``t``'s steps (seeded by the
-    round), with the workspace's progress, stop and progress-bar hooks; a ``TrainResult``."""
+    round), with the workspace's progress, stop and progress-bar hooks; a ``TrainResult``.
+    ``after_step`` runs after each optimizer step, while the step's gradients are still set."""
     from edge_agent.training.train import TrainConfig, train_lora
 
     cfg = TrainConfig(
@@ -102,6 +122,12 @@ def train_task(
         seed=t.seed + round,
         gradient_checkpointing=t.gradient_checkpointing,
     )
+
+    def _after(done: int) -> None:
+        if after_step is not None:
+            after_step()
+        ws.report_progress(done / cfg.steps)
+
     return train_lora(
         model,
         tokenizer,
@@ -110,5 +136,5 @@ def train_task(
         progress=ws.progress,
         extra_loss=extra_loss,
         should_stop=ws.should_stop,
-        on_step=lambda done: ws.report_progress(done / cfg.steps),
+        on_step=_after,
     )

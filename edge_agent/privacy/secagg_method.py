@@ -192,7 +192,7 @@ def reference_adapter(task: TaskInput, ws: Workspace) -> dict[str, torch.Tensor]
     lora = getattr(task.params, "lora", None)
     if lora is None:
         raise SecAggError(f"differential privacy needs a LoRA method, not {task.assign.method}")
-    model, _ = peft_model_for(task, ws, lora)
+    model, _ = peft_model_for(task, ws, lora, getattr(task.params, "last_layers", None))
     return init_lora_state(model, lora_spec(lora), lora.init_seed)
 
 

@@ -49,6 +49,9 @@ class LoraSpec:
     dropout: float
     target_modules: tuple[str, ...]
     rank_pattern: Mapping[str, int] = field(default_factory=dict, hash=False)
+    layers: tuple[int, ...] = ()
+    """Decoder layer indices to adapt (peft's ``layers_to_transform`` over ``layers``); empty:
+    every layer."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,9 +68,12 @@ class LoraSpec:
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank < 1:
                 problems.append(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+        if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            problems.append(f"layers must be non-negative integers, got {self.layers!r}")
         if problems:
             raise ConfigError("invalid LoRA spec: " + "; ".join(problems))
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
         object.__setattr__(self, "rank_pattern", MappingProxyType(dict(self.rank_pattern)))
 
 
@@ -85,6 +91,8 @@ def lora_config(spec: LoraSpec, base_model_name: str | None = None) -> LoraConfi
         "task_type": TaskType.CAUSAL_LM,
         "base_model_name_or_path": base_model_name,
     }
+    if spec.layers:
+        options.update(layers_to_transform=list(spec.layers), layers_pattern="layers")
     return LoraConfig(**options)
 
 

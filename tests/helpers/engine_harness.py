@@ -157,6 +157,7 @@ class Harness:
         return self.send(agent_id, header, {"update": blob})
 
     def close(self) -> None:
+        self.engine.intake.close()
         self.ledger.close()
 
 

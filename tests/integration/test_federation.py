@@ -20,6 +20,7 @@ import torch
 from federation import Federation, free_port, ledger_of, toml_text, wait_for
 from federation import serve as serve_process
 
+from aggregator.engine.intake import stored_payload
 from aggregator.engine.service import AggregatorService
 from aggregator.ops.config import build_config
 from protocol.messages import BaseModelRef
@@ -86,10 +87,7 @@ def test_three_agents_curve_kill_one_mid_round(fed3: Federation) -> None:
 
         rows = ledger.updates("it", 2)
         total = sum(u.num_examples for u in rows)
-        decoded = [
-            (u.num_examples, payloads.decode(Path(str(u.blob_path)).read_bytes()).tensors)
-            for u in rows
-        ]
+        decoded = [(u.num_examples, payloads.decode(stored_payload(u)).tensors) for u in rows]
         ckpt = load_tensors(
             str(fed.work / "state" / "checkpoints" / "round-000002" / "global.safetensors")
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from aggregator.engine.intake import stored_payload
 from aggregator.local.demo_data import make_demo_split, write_demo
 from aggregator.store.ledger import Ledger
 from aggregator.store.modelhash import weights_sha256
@@ -137,7 +138,7 @@ def test_a_region_runs_the_method_end_to_end(
         examples[rnd] = rows
         for u in ledger.updates("up", rnd):
             assert u.blob_path is not None  # keep_updates
-            payload = payloads.decode(memoryview(Path(u.blob_path).read_bytes()))
+            payload = payloads.decode(memoryview(stored_payload(u)))
             kinds[(rnd, u.agent_id)] = payload.kind.value
     ledger.close()
     if method == "slora":  # stage 1 in round 1, the switch, stage 2 in round 2, on both tiers

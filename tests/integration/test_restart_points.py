@@ -6,9 +6,9 @@ The kill comes from the aggregator itself (:mod:`aggregator.engine.crashpoints`,
 named point. Two agents on a tiny random Llama, two rounds, quorum 1.0 (a round closes only
 with both updates: a lost or refused-and-forgotten result would hang it, as it once did).
 
-Time: about 30-60 s per point on 2 busy CPU cores. CI runs ``upload`` and ``stored`` (the two
-points where a result is in flight or durable but unacknowledged); ``EDGEFED_ALL_CRASH_POINTS=1``
-runs all six.
+Time: about 30-60 s per point on 2 busy CPU cores. CI runs ``upload``, ``group`` and ``stored``
+(the points where a result is in flight, written but not committed inside a group, or durable
+but unacknowledged); ``EDGEFED_ALL_CRASH_POINTS=1`` runs all seven.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aggregator.engine.crashpoints import ENV, POINTS
 
 pytestmark = pytest.mark.slow
 
-QUICK = ("upload", "stored")
+QUICK = ("upload", "group", "stored")
 ALL = os.environ.get("EDGEFED_ALL_CRASH_POINTS") == "1"
 
 

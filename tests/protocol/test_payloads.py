@@ -558,3 +558,29 @@ def test_encode_refuses_a_header_over_the_cap() -> None:
         encode_dense(many, method="fedit", round=0)
     few = dict(list(many.items())[:100])
     assert len(decode(encode_dense(few, method="fedit", round=0)).tensors) == 100
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_one_finite_check_over_the_data_area_still_names_the_bad_tensor(where: int) -> None:
+    tensors = {n: torch.ones(3, 4) * i for i, n in enumerate(("a", "b", "c"))}
+    flat = tensors["abc"[where]].view(-1)
+    flat[5] = math.nan
+    data = raw_payload(tensors)
+    with pytest.raises(NotFinite, match=f"'{'abc'[where]}'"):
+        decode(data)
+
+
+def test_decoded_tensors_are_views_of_one_copy_of_the_data_area() -> None:
+    from protocol._payload_checks import _one_area
+
+    tensors = {n: torch.full((3, 4), float(i)) for i, n in enumerate(("a", "b", "c"))}
+    decoded = decode(raw_payload(tensors)).tensors
+    area = _one_area(decoded)
+    assert area is not None and area.numel() == 36  # the checks' fast path applies
+    assert {n: t.tolist() for n, t in decoded.items()} == {
+        n: t.tolist() for n, t in tensors.items()
+    }
+    decoded["a"].add_(1)  # writable, and a tensor's bytes are its own
+    assert decoded["b"].eq(1).all() and decoded["a"].eq(1).all()
+    mixed = {"a": torch.ones(2), "i": torch.ones(2, dtype=torch.int32)}
+    assert _one_area(decode(raw_payload(mixed)).tensors) is None

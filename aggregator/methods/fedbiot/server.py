@@ -30,8 +30,7 @@ from aggregator.methods.fedbiot import bundle as bundle_io
 from aggregator.methods.fedbiot.serve import EmulatorCopies
 from aggregator.methods.lora_layout import rank_for
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora
-from aggregator.store.checkpoint import atomic_write_bytes
-from aggregator.store.export import ADAPTER_CONFIG, write_peft_adapter
+from aggregator.store.export import write_peft_adapter
 from protocol import payloads
 from protocol.messages import Profile, TaskResult
 from protocol.methods import parse_params
@@ -377,14 +376,14 @@ class FedbiotServer:
 
     def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
         """A PEFT adapter for the *full* model: its last k layers (``layers_to_transform``)."""
-        written = write_peft_adapter(
-            out_dir, self.global_state, self.params.lora, base_model_name=base_model_name
-        )
         layers = sorted({i for i in map(emu.layer_of, self.global_state) if i is not None})
-        config = json.loads(written["config"].read_text())
-        config.update(layers_to_transform=layers, layers_pattern="layers")
-        atomic_write_bytes(out_dir / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
-        return written
+        return write_peft_adapter(
+            out_dir,
+            self.global_state,
+            self.params.lora,
+            base_model_name=base_model_name,
+            layers=layers,
+        )
 
 
 def _rounded(value: float, digits: int) -> float:

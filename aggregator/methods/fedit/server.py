@@ -16,7 +16,14 @@ import torch
 
 from aggregator.errors import UpdateRejected
 from aggregator.methods import Assignment, MethodContext, Update, decode_update
-from aggregator.methods.lora_layout import LayoutVote, check_task_layout, expected_layout, signature
+from aggregator.methods.lora_layout import (
+    LayoutVote,
+    check_task_layout,
+    expected_layout,
+    last_layers,
+    layer_index,
+    signature,
+)
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora
 from aggregator.store.export import write_peft_adapter
 from protocol import payloads
@@ -34,7 +41,7 @@ class FedAvg(Aggregator):
         super().__init__(AggregationParams())
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: int) -> None:
-        if self.sums and set(tensors) != set(self.sums):
+        if self.sums and set(tensors) != self.sums.names():
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "tensor names differ from the round's")
         super().add(tensors, weight)
 
@@ -54,8 +61,14 @@ class FeditServer:
         self._acc = Aggregator(self.params.aggregation)
         context = context or MethodContext()
         self._regions = context.regions
+        n = self.params.last_layers
+        self._layers = (
+            last_layers(context.model_dir, n)
+            if n is not None and context.model_dir is not None
+            else None
+        )
         self._layout = (
-            expected_layout(context.model_dir, self.params.lora)
+            expected_layout(context.model_dir, self.params.lora, self._layers)
             if context.model_dir is not None
             else None
         )
@@ -155,8 +168,16 @@ class FeditServer:
         self._payload = None
 
     def export(self, out_dir: Path, *, base_model_name: str) -> dict[str, Path]:
+        layers: tuple[int, ...] = ()
+        if self.params.last_layers is not None:  # the layers the adapter covers
+            found = {layer_index(k) for k in self.global_state}
+            layers = tuple(sorted(i for i in found if i is not None))
         return write_peft_adapter(
-            out_dir, self.global_state, self.params.lora, base_model_name=base_model_name
+            out_dir,
+            self.global_state,
+            self.params.lora,
+            base_model_name=base_model_name,
+            layers=layers,
         )
 
 

@@ -58,6 +58,9 @@ class DeltaCombiner:
         self.sums: dict[str, fm.LowRankSum] = {}
         self.dense: dict[str, Aggregator] = {}
         self.weight = 0
+        self.module_weight: dict[str, float] = {}
+        """Per module, the weight of the updates that carried it (an agent adapts its own
+        matrices: a module's mean is over the agents that trained it)."""
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: int) -> float:
         """Fold one update in with ``weight``; return its clip scale (1.0: not clipped)."""
@@ -72,6 +75,7 @@ class DeltaCombiner:
             norm = change_norm(update, self.global_ab, self.alpha)
             scale = min(1.0, clip / norm) if norm > 0 else 1.0
         for module, (a, b) in update.items():
+            self.module_weight[module] = self.module_weight.get(module, 0) + weight
             base = self.global_ab.get(module)
             if self.params.rule == "fedavg":
                 acc = self.sums.setdefault(module, fm.LowRankSum())
@@ -97,7 +101,7 @@ class DeltaCombiner:
         if self.weight == 0:
             return {}
         if self.params.rule == "fedavg":
-            return {m: acc.svd(float(self.weight)) for m, acc in self.sums.items()}
+            return {m: acc.svd(float(self.module_weight[m])) for m, acc in self.sums.items()}
         out = {}
         for module, acc in self.dense.items():
             combined = acc.result()["d"].to(torch.float64)

@@ -36,9 +36,12 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from aggregator.methods.fedpipe.importance import Layout
 
 PRECISION_LEVEL: Mapping[str, int] = {"nf4": 0, "int8": 1, "bf16": 2, "fp32": 3}
 BYTES_LINEAR: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5625}
@@ -110,11 +113,24 @@ class Resources:
     tokens_mean: float = 128.0
     speed: float = 1.0
     """Measured step times over the model's, from earlier rounds (1: none yet)."""
+    time_fit: tuple[float, float] | None = None
+    """The agent's fitted ``(u, v)`` (:mod:`aggregator.methods.fedpipe.fit`): step time
+    ``u·f₁ + v·f₂``; when None, ``u = v = 1 / speed``."""
+    memory_factor: float = 1.0
+    """Measured over modelled peak memory (>= 1), from earlier rounds."""
 
     def gflops(self, quant: str) -> float:
+        return self.raw_gflops(quant) * self.speed
+
+    def raw_gflops(self, quant: str) -> float:
+        """The profile's throughput for ``quant`` (not scaled by ``speed``)."""
         bf16 = self.gpu or quant == "bf16"
         value = self.gflops_bf16 if bf16 and self.gflops_bf16 > 0 else self.gflops_fp32
-        return (value if value > 0 else FALLBACK_GFLOPS) * self.speed
+        return value if value > 0 else FALLBACK_GFLOPS
+
+    def factors(self) -> tuple[float, float]:
+        """``(u, v)`` of the step time ``u·f₁ + v·f₂``."""
+        return self.time_fit if self.time_fit is not None else (1 / self.speed, 1 / self.speed)
 
     def compute_dtype(self, quant: str) -> str:
         """What the agent computes in: NF4 and int8 in bf16 where bf16 is native (a GPU, or a
@@ -154,16 +170,25 @@ class Estimate:
     payload_bytes: int
     steps: int
     compute_s: float
+    overhead_s: float = 0.0
+    """``f₁``: the fixed cost per step at the profiled throughput (unscaled)."""
+    flop_s: float = 0.0
+    """``f₂``: the per-token cost of one step at the profiled throughput (unscaled)."""
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Selected modules split into tiers (tier 0 = most important), the model, the agents."""
+    """Selected modules split into tiers (tier 0 = most important), the model, the agents.
+
+    An agent with a :class:`~aggregator.methods.fedpipe.importance.Layout` in ``layouts`` has
+    its own adapted matrices: its configurations' ``tier_ranks`` is then one rank level
+    (``tiers`` has one tier) and the layout gives each matrix its rank."""
 
     tiers: tuple[tuple[Module, ...], ...]
     shape: ModelShape
     agents: Mapping[str, Resources]
     options: Options
+    layouts: Mapping[str, Layout] = field(default_factory=dict)
 
     def configs(self) -> list[Config]:
         """Every configuration: one rank per tier, never larger than a more important tier's."""
@@ -177,14 +202,21 @@ class Problem:
 
     def estimate(self, agent: str, c: Config) -> Estimate:
         res, shape, o = self.agents[agent], self.shape, self.options
-        lora = sum(
-            r * sum(m.in_features + m.out_features for m in tier)
-            for r, tier in zip(c.tier_ranks, self.tiers, strict=True)
-        )
-        capacity = sum(r * len(tier) for r, tier in zip(c.tier_ranks, self.tiers, strict=True))
+        layout = self.layouts.get(agent)
+        if layout is not None:
+            lora, capacity = layout.size(c.tier_ranks[0])
+        else:
+            lora = sum(
+                r * sum(m.in_features + m.out_features for m in tier)
+                for r, tier in zip(c.tier_ranks, self.tiers, strict=True)
+            )
+            capacity = sum(r * len(tier) for r, tier in zip(c.tier_ranks, self.tiers, strict=True))
         steps = math.ceil(o.examples_per_round / c.batch)
         flops = KAPPA[c.quant] * c.batch * res.tokens_mean * (4 * shape.body_params + 6 * lora)
-        step_s = (OVERHEAD_GFLOP[c.quant] + flops / 1e9) / res.gflops(c.quant)
+        g = res.raw_gflops(c.quant)
+        f1, f2 = OVERHEAD_GFLOP[c.quant] / g, flops / 1e9 / g
+        u, v = res.factors()
+        step_s = u * f1 + v * f2
         payload = 4 * lora + PAYLOAD_HEADER
         comm_s = 2 * payload * 8 / (res.bandwidth_mbps * 1e6) + 2 * res.rtt_ms / 1000
         dtype = res.compute_dtype(c.quant)
@@ -194,9 +226,9 @@ class Problem:
             + shape.base_bytes(c.quant, dtype)
             + 16 * lora
             + ACT_PEAK * c.batch * o.max_len * act
-        )
+        ) * res.memory_factor
         compute = steps * step_s
-        return Estimate(compute + comm_s, memory, capacity, lora, payload, steps, compute)
+        return Estimate(compute + comm_s, memory, capacity, lora, payload, steps, compute, f1, f2)
 
     def fits(self, agent: str, c: Config) -> bool:
         limit = self.options.memory_fraction * self.agents[agent].memory_bytes
@@ -279,13 +311,28 @@ class AgentPlan:
     memory_bytes: float
     payload_bytes: int
     speed: float = 1.0
+    ranks: Mapping[str, int] = field(default_factory=dict)
+    """The rank of each adapted matrix (an agent planned with its own layout), else empty:
+    the tiers' ranks apply."""
+    overhead_s: float = 0.0
+    flop_s: float = 0.0
+    """``f₁``, ``f₂`` of the plan (:mod:`aggregator.methods.fedpipe.fit`)."""
 
     def module_ranks(self, tiers: Sequence[Sequence[str]]) -> dict[str, int]:
+        if self.ranks:
+            return dict(self.ranks)
         return {m: r for r, tier in zip(self.tier_ranks, tiers, strict=True) for m in tier}
 
     def details(self) -> dict[str, str]:
-        return {
-            "rank": "/".join(str(r) for r in self.tier_ranks),
+        out: dict[str, str] = {}
+        if self.ranks:
+            values = list(self.ranks.values())
+            out["rank"] = f"{min(values)}-{max(values)}"
+            out["rank_mean"] = f"{sum(values) / len(values):.1f}"
+            out["matrices"] = str(len(values))
+        else:
+            out["rank"] = "/".join(str(r) for r in self.tier_ranks)
+        return out | {
             "quant": self.quant,
             "batch": str(self.batch),
             "steps": str(self.steps),
@@ -298,7 +345,7 @@ class AgentPlan:
         return " ".join(f"{k}={v}" for k, v in self.details().items())
 
     def to_json(self) -> dict[str, object]:
-        return {**asdict(self), "tier_ranks": list(self.tier_ranks)}
+        return {**asdict(self), "tier_ranks": list(self.tier_ranks), "ranks": dict(self.ranks)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AgentPlan:
@@ -313,6 +360,9 @@ class AgentPlan:
                 float(data["memory_bytes"]),
                 int(data["payload_bytes"]),
                 float(data.get("speed", 1.0)),
+                {str(m): int(r) for m, r in dict(data.get("ranks") or {}).items()},
+                float(data.get("overhead_s", 0.0)),
+                float(data.get("flop_s", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"a stored plan is malformed: {exc!r}") from None
@@ -332,6 +382,9 @@ def agent_plans(problem: Problem, solution: Solution) -> dict[str, AgentPlan]:
             e.memory_bytes,
             e.payload_bytes,
             problem.agents[agent].speed,
+            problem.layouts[agent].ranks(c.tier_ranks[0]) if agent in problem.layouts else {},
+            e.overhead_s,
+            e.flop_s,
         )
     return out
 
@@ -347,6 +400,8 @@ def resources(
     default_bandwidth_mbps: float = 100.0,
     tokens: float = 128.0,
     speed: float = 1.0,
+    time_fit: tuple[float, float] | None = None,
+    memory_factor: float = 1.0,
 ) -> Resources:
     """An agent's :class:`Resources` from its ``protocol.messages.Profile`` and link figures
     (the latest heartbeat's, else the Hello's, else the default). On a GPU the memory is its
@@ -365,6 +420,8 @@ def resources(
         gpu=bool(gpus),
         tokens_mean=tokens,
         speed=speed,
+        time_fit=time_fit,
+        memory_factor=memory_factor,
     )
 
 

@@ -8,8 +8,10 @@ agent's smallest configuration) and saves the round's plans as
 updates against the same plans (:meth:`Planner.stored`).
 
 The profile's one quick matmul at an agent's start-up misjudges a busy machine:
-:meth:`Planner.learn_speed` scales each agent's throughput by its modelled over its measured
-training time, and later plans use that ``speed``.
+:meth:`Planner.learn_speed` fits each agent's own time constants to its measured rounds
+(:mod:`aggregator.methods.fedpipe.fit`, ``plan.fit_time``; otherwise one learnt ``speed``
+scales its throughput) and its measured over modelled peak memory (``plan.fit_memory``), and
+later plans use them.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from aggregator.methods import AgentView
+from aggregator.methods.fedpipe import fit, solve
 from aggregator.methods.fedpipe import plan as fp
-from aggregator.methods.fedpipe import solve
+from aggregator.methods.fedpipe.importance import Layout
 from aggregator.methods.fedpipe.select import save_json
 from protocol.messages import Profile
 from protocol.methods.fedpipe import spec
@@ -40,7 +43,11 @@ class Planner:
         self.plans: dict[int, dict[str, fp.AgentPlan]] = {}
         self.speed: dict[str, float] = {}  # measured step time over the model's, per agent
         self.took: dict[int, dict[str, float]] = {}
+        self.peak: dict[int, dict[str, float]] = {}
         self.metrics: dict[int, dict[str, float]] = {}
+        self.observations: dict[str, list[fit.Observation]] = {}
+        self.time_fit: dict[str, tuple[float, float]] = {}
+        self.memory_ratios: dict[str, list[float]] = {}
 
     # --- the problem ------------------------------------------------------------------------
 
@@ -50,11 +57,22 @@ class Planner:
         modules: Sequence[fp.Module],
         agents: Mapping[str, fp.Resources],
         max_len: int = 0,
+        layouts: Mapping[str, Layout] | None = None,
     ) -> fp.Problem:
-        """``modules`` in decreasing importance; ``max_len`` overrides ``train.max_len``."""
+        """``modules`` in decreasing importance; ``max_len`` overrides ``train.max_len``.
+        With ``layouts`` (each agent's own matrices) a configuration's rank is one level."""
         p, t = params.plan, params.train
+        tiers = (
+            ((tuple(modules),) if modules else ()) if layouts else fp.split_tiers(modules, p.tiers)
+        )
+        per_agent = (
+            sum(len(lay.modules) for lay in layouts.values()) / len(layouts)
+            if layouts
+            else len(modules)
+        )
         return fp.Problem(
-            tiers=fp.split_tiers(modules, p.tiers),
+            tiers=tiers,
+            layouts=dict(layouts or {}),
             shape=self.shape,
             agents=agents,
             options=fp.Options(
@@ -63,7 +81,7 @@ class Planner:
                 quants=p.quants,
                 examples_per_round=p.examples_per_round or t.steps * t.batch_size,
                 max_len=max_len or t.max_len,
-                capacity_floor=p.capacity * len(agents) * len(modules) * params.lora.r,
+                capacity_floor=p.capacity * len(agents) * per_agent * params.lora.r,
                 memory_fraction=p.memory_fraction,
             ),
         )
@@ -85,6 +103,12 @@ class Planner:
             default_bandwidth_mbps=params.plan.default_bandwidth_mbps,
             tokens=min(tokens.get(view.agent_id, limit), limit) if view else limit,
             speed=self.speed.get(view.agent_id, 1.0) if view else 1.0,
+            time_fit=self.time_fit.get(view.agent_id) if view and params.plan.fit_time else None,
+            memory_factor=(
+                fit.memory_factor(self.memory_ratios.get(view.agent_id, []))
+                if view and params.plan.fit_memory
+                else 1.0
+            ),
         )
 
     # --- plans ------------------------------------------------------------------------------
@@ -138,15 +162,20 @@ class Planner:
 
     # --- measured times ---------------------------------------------------------------------
 
-    def record(self, round: int, agent: str, seconds: float | None) -> None:
-        """An agent's training time in ``round`` as it reported it (ignored unless positive)."""
+    def record(
+        self, round: int, agent: str, seconds: float | None, peak: float | None = None
+    ) -> None:
+        """An agent's training time and peak memory in ``round`` as it reported them (each
+        ignored unless positive)."""
         if seconds is not None and math.isfinite(seconds) and seconds > 0:
             self.took.setdefault(round, {})[agent] = seconds
+        if peak is not None and math.isfinite(peak) and peak > 0:
+            self.peak.setdefault(round, {})[agent] = peak
 
     def learn_speed(self, round: int) -> None:
-        """Scale each agent's throughput by its modelled over its measured training time
-        (geometric mean with what was learnt before): the profile's one quick matmul at
-        start-up misjudges a busy machine."""
+        """From each agent's measured round: its time constants (the fit over its last
+        :data:`KEEP` observations), its learnt speed (geometric mean of modelled over measured
+        training time with what was learnt before) and its memory ratio."""
         for agent, seconds in self.took.get(round, {}).items():
             plan = self.plans.get(round, {}).get(agent)
             if plan is None or seconds <= 0 or plan.compute_s <= 0:
@@ -154,3 +183,51 @@ class Planner:
             observed = min(max(plan.speed * plan.compute_s / seconds, 1e-3), 1e3)
             previous = self.speed.get(agent)
             self.speed[agent] = observed if previous is None else math.sqrt(previous * observed)
+            if plan.overhead_s + plan.flop_s > 0:
+                obs = self.observations.setdefault(agent, [])
+                obs.append(fit.Observation(plan.overhead_s, plan.flop_s, plan.steps, seconds))
+                del obs[:-KEEP]
+                fitted = fit.fit_time(obs)
+                if fitted is not None:
+                    self.time_fit[agent] = fitted
+        for agent, peak in self.peak.get(round, {}).items():
+            plan = self.plans.get(round, {}).get(agent)
+            if plan is None or plan.memory_bytes <= 0:
+                continue
+            modelled = plan.memory_bytes / fit.memory_factor(self.memory_ratios.get(agent, []))
+            ratios = self.memory_ratios.setdefault(agent, [])
+            ratios.append(peak / modelled)
+            del ratios[:-KEEP]
+
+    def fitted(self) -> dict[str, object]:
+        """What was learnt, for the checkpoint's metadata."""
+        return {
+            "speed": {a: round(v, 4) for a, v in self.speed.items()},
+            "time_fit": {a: [round(u, 4), round(v, 4)] for a, (u, v) in self.time_fit.items()},
+            "memory_ratios": self.memory_ratios,
+            "observations": {
+                a: [[o.overhead_s, o.flop_s, o.steps, o.seconds] for o in obs]
+                for a, obs in self.observations.items()
+            },
+        }
+
+    def restore_fitted(self, data: Mapping[str, object]) -> None:
+        speed = data.get("speed") or {}
+        assert isinstance(speed, dict)
+        self.speed = {a: float(v) for a, v in speed.items()}
+        fits = data.get("time_fit") or {}
+        assert isinstance(fits, dict)
+        self.time_fit = {a: (float(u), float(v)) for a, (u, v) in fits.items()}
+        ratios = data.get("memory_ratios") or {}
+        assert isinstance(ratios, dict)
+        self.memory_ratios = {a: [float(r) for r in rs] for a, rs in ratios.items()}
+        obs = data.get("observations") or {}
+        assert isinstance(obs, dict)
+        self.observations = {
+            a: [fit.Observation(float(f1), float(f2), int(n), float(t)) for f1, f2, n, t in rows]
+            for a, rows in obs.items()
+        }
+
+
+KEEP = 8
+"""Observations (rounds) per agent that the fits use: the latest."""

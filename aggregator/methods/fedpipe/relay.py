@@ -44,6 +44,8 @@ from protocol.methods.fedpipe import spec
 
 
 class FedpipeRelay(FedpipeServer):
+    per_agent = False  # its agents train the upstream's selection, planned in tiers
+
     def __init__(self, params: Mapping[str, Any], context: MethodContext) -> None:
         self.answers = Answers()
         super().__init__(params, context)  # selects nothing: only ever the upstream's

@@ -62,9 +62,10 @@ class Selection:
         blobs: Mapping[str, memoryview],
         params: spec.Params,
         candidates: Collection[str],
-    ) -> None:
+    ) -> dict[str, float]:
         """Check one agent's scores (one per candidate, none negative) and its mean tokens per
-        example, and add them weighted by its examples; raises :class:`UpdateRejected`."""
+        example, and add them weighted by its examples; raises :class:`UpdateRejected`.
+        Returns the agent's scores."""
         expect = payloads.Expect(
             kind=payloads.PayloadKind.DENSE,
             method=spec.NAME,
@@ -91,6 +92,7 @@ class Selection:
             self._sum[m] = self._sum.get(m, 0.0) + v * result.num_examples
         self._weight += result.num_examples
         self._scored.add(result.agent_id)
+        return values
 
     def finish(self, params: spec.Params, candidates: Collection[str]) -> dict[str, float]:
         """Keep the top matrices by mean score and save the selection; with no valid score,

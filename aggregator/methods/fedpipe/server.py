@@ -5,7 +5,10 @@ Phases (driven by the engine's optional hooks):
 - **score** (before round 1, until a selection exists): every agent scores every candidate
   matrix and the top ones are kept (:mod:`aggregator.methods.fedpipe.select`; the selection is
   also in the checkpoint's metadata, which ``edgefed-aggregator status`` shows).
-- **train**: :meth:`plan` solves each agent's ranks, batch and precision
+- **train**: every ``select.every`` rounds each agent's matrices are chosen again by its own
+  importance (its score, then its adapters' sensitivity reported with each update:
+  :mod:`aggregator.methods.fedpipe.importance`); :meth:`plan` solves each agent's rank level
+  (spread over its matrices by importance), batch and precision
   (:mod:`aggregator.methods.fedpipe.planner`, saved so that a restart validates the open
   round's stored updates against the same plan). Each agent is sent the global ``ΔW``
   truncated at its ranks; its update is checked against exactly those shapes and folded into a
@@ -31,9 +34,10 @@ from aggregator.errors import ConfigError, StateError, UpdateRejected
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedpipe import plan as fp
 from aggregator.methods.fedpipe.combine import DeltaCombiner
+from aggregator.methods.fedpipe.importance import Importance, Layout, choose
 from aggregator.methods.fedpipe.plan import natural
 from aggregator.methods.fedpipe.planner import Planner
-from aggregator.methods.fedpipe.select import Selection
+from aggregator.methods.fedpipe.select import Selection, round_half_up
 from aggregator.methods.robust import check_examples
 from aggregator.store.checkpoint import atomic_write_bytes
 from aggregator.store.export import merge_into_base
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 
 class FedpipeServer:
     name = spec.NAME
+    per_agent = True
+    """Each agent adapts its own matrices at their own ranks (a regional tier does not: it
+    trains the upstream's selection, planned in tiers)."""
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext | None = None) -> None:
         parsed = parse_params(spec.NAME, params)
@@ -72,6 +79,10 @@ class FedpipeServer:
         self._profiles: dict[str, Profile] = {}
         self._regions: set[str] = set()
         self._payloads: dict[tuple[Any, ...], bytes] = {}
+        self.importance = Importance()
+        self.layouts: dict[str, Layout] = {}
+        self.chosen_at: dict[str, int] = {}
+        self._sensitivity: dict[tuple[int, str], dict[str, float]] = {}
         self.begin_round(1)
         self._load_selection()
 
@@ -112,7 +123,8 @@ class FedpipeServer:
         return not self.selected
 
     def add_score(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> None:
-        self.selection.add(round, result, blobs, self.params, self.candidates)
+        values = self.selection.add(round, result, blobs, self.params, self.candidates)
+        self.importance.set_prior(result.agent_id, values, result.num_examples)
 
     def finish_score(self, round: int) -> dict[str, float]:
         return self.selection.finish(self.params, self.candidates)
@@ -125,9 +137,43 @@ class FedpipeServer:
 
     # --- planning ---------------------------------------------------------------------------
 
-    def _problem(self, agents: Mapping[str, fp.Resources], max_len: int = 0) -> fp.Problem:
+    def _problem(
+        self,
+        agents: Mapping[str, fp.Resources],
+        max_len: int = 0,
+        layouts: Mapping[str, Layout] | None = None,
+    ) -> fp.Problem:
         modules = [self.candidates[m] for m in (self.selected or list(self.candidates))]
-        return self.planner.problem(self.params, modules, agents, max_len)
+        return self.planner.problem(self.params, modules, agents, max_len, layouts)
+
+    def _count(self) -> int:
+        s = self.params.select
+        n = len(self.candidates)
+        return min(n, s.count if s.count is not None else max(1, round_half_up(s.fraction * n)))
+
+    def _layout(self, round: int, agent: str) -> Layout:
+        """The agent's adapted matrices and their importance: chosen again on rounds 1,
+        1 + every, … (and for an agent that has none), else kept; the importance (hence the
+        ranks) is always the latest."""
+        s = self.params.select
+        importance = self.importance.of(agent, list(self.candidates))
+        current = self.layouts.get(agent)
+        due = (round - 1) % s.every == 0 and self.chosen_at.get(agent) != round
+        if current is None or due:
+            names = choose(agent, importance, self._count(), mode=s.mode, seed=s.seed, round=round)
+            self.chosen_at[agent] = round
+        else:
+            names = sorted(
+                (m.name for m in current.modules), key=lambda m: (-importance[m], natural(m))
+            )
+        layout = Layout(
+            modules=tuple(self.candidates[m] for m in names),
+            importance=tuple(importance[m] for m in names),
+            spread=self.params.plan.rank_spread,
+            max_rank=max(self.params.plan.ranks),
+        )
+        self.layouts[agent] = layout
+        return layout
 
     def _resources(self, profile: Profile, view: AgentView | None = None) -> fp.Resources:
         return self.planner.resources(self.params, profile, view, self.tokens)
@@ -159,7 +205,10 @@ class FedpipeServer:
             for a, v in views.items()
             if a not in stored and a not in self._regions
         }
-        self.planner.extend(round, stored, self._problem(todo) if todo else None)
+        per_agent = self.per_agent and self.params.select.per_agent
+        layouts = {a: self._layout(round, a) for a in todo} if per_agent else None
+        problem = self._problem(todo, layouts=layouts) if todo else None
+        self.planner.extend(round, stored, problem)
 
     def agent_details(self, round: int) -> dict[str, dict[str, str]]:
         return self.planner.details(round)
@@ -222,13 +271,19 @@ class FedpipeServer:
         key = ("train", round, tuple(sorted(ranks.items())))
         if key not in self._payloads:
             state: dict[str, torch.Tensor] = {}
+            seed = self.params.lora.init_seed
             for module in sorted(ranks, key=natural):  # layer order: compact stacking
                 r = ranks[module]
                 a_key, b_key = fm.keys(module)
-                a_glob, b_glob = self.global_ab[module]
-                state[a_key], state[b_key] = fm.truncate(
-                    a_glob, b_glob, r, a_key=a_key, init_seed=self.params.lora.init_seed
-                )
+                if module in self.global_ab:
+                    a_glob, b_glob = self.global_ab[module]
+                    state[a_key], state[b_key] = fm.truncate(
+                        a_glob, b_glob, r, a_key=a_key, init_seed=seed
+                    )
+                else:  # adapted by no one yet: the seeded init (ΔW = 0)
+                    m = self.candidates[module]
+                    state[a_key] = fm.seeded_a(a_key, r, m.in_features, seed)
+                    state[b_key] = torch.zeros(m.out_features, r, dtype=torch.float32)
             self._cache_payload(key, payloads.encode_lora(state, method=self.name, round=round))
         return self._payloads[key]
 
@@ -267,7 +322,11 @@ class FedpipeServer:
         expect = payloads.Expect(
             kind=payloads.PayloadKind.LORA, method=self.name, round=round, tensors=specs
         )
-        payload = decode_update(blobs, spec.UPDATE_BLOB, expect)
+        extra = sorted(set(blobs) - {spec.UPDATE_BLOB, spec.SENSITIVITY_BLOB})
+        if extra:
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"unexpected blobs {extra}")
+        only = {k: v for k, v in blobs.items() if k == spec.UPDATE_BLOB}
+        payload = decode_update(only, spec.UPDATE_BLOB, expect)
         for module, r in fm.ranks_of(payload.tensors).items():
             m = self.candidates[module]
             if r > min(m.in_features, m.out_features):
@@ -275,6 +334,24 @@ class FedpipeServer:
                     ErrorCode.PAYLOAD_MISMATCH, f"{module}: rank {r} exceeds min(out, in)"
                 )
         check_examples(result.num_examples, self.params.max_examples)
+        if spec.SENSITIVITY_BLOB in blobs and result.agent_id not in self._regions:
+            sens = payloads.Expect(
+                kind=payloads.PayloadKind.DENSE,
+                method=self.name,
+                round=round,
+                tensors={m: payloads.TensorSpec((1,), torch.float32) for m in ranks},
+            )
+            raw = {spec.SENSITIVITY_BLOB: blobs[spec.SENSITIVITY_BLOB]}
+            values = {
+                m: float(t[0])
+                for m, t in decode_update(raw, spec.SENSITIVITY_BLOB, sens).tensors.items()
+            }
+            bad = [m for m, v in values.items() if not v >= 0 or v == float("inf")]
+            if bad:
+                raise UpdateRejected(
+                    ErrorCode.PAYLOAD_MISMATCH, f"sensitivity of {bad[0]} is not finite, >= 0"
+                )
+            self._sensitivity[(round, result.agent_id)] = values
         return Update(
             result.agent_id,
             result.task_id,
@@ -296,13 +373,25 @@ class FedpipeServer:
         scale = self._combined.add(update.tensors, weight)
         if scale < 1.0:
             log.info("%s: update clipped (scale %.3g)", update.agent_id, scale)
-        self.planner.record(self._round, update.agent_id, update.metrics.get("seconds"))
-        self.planner.record(self._round, update.agent_id, update.metrics.get("seconds"))
+        self.planner.record(
+            self._round,
+            update.agent_id,
+            update.metrics.get("seconds"),
+            update.metrics.get(spec.MEMORY_PEAK),
+        )
+        sensitivity = self._sensitivity.pop((self._round, update.agent_id), None)
+        if sensitivity is not None:
+            self.importance.add_sensitivity(update.agent_id, sensitivity)
 
     def finish_round(self, round: int) -> dict[str, float]:
         weight = self._combined.weight
         metrics = {"selected": float(len(self.selected)), "examples": float(weight)}
         metrics.update(self.planner.metrics.get(round, {}))
+        plans = self.plans.get(round, {})
+        adapted = {m for p in plans.values() for m in p.ranks}
+        if adapted:
+            metrics["adapted_union"] = float(len(adapted))
+            metrics["reselected"] = float(any(r == round for r in self.chosen_at.values()))
         self.planner.learn_speed(round)
         if weight == 0:
             return metrics
@@ -333,6 +422,14 @@ class FedpipeServer:
             "scores": json.dumps({m: float(f"{v:.6g}") for m, v in self.scores.items()}),
             "tokens": json.dumps(self.tokens),
             "speed": json.dumps({a: round(v, 4) for a, v in self.speed.items()}),
+            "fitted": json.dumps(self.planner.fitted()),
+            "importance": json.dumps(self.importance.to_json()),
+            "layouts": json.dumps(
+                {
+                    a: [[m.name for m in lay.modules], self.chosen_at.get(a, 0)]
+                    for a, lay in self.layouts.items()
+                }
+            ),
         }
         return self.global_state(), meta
 
@@ -345,6 +442,19 @@ class FedpipeServer:
                 self.candidates,
             )
         self.planner.speed = {a: float(v) for a, v in json.loads(meta.get("speed", "{}")).items()}
+        if "fitted" in meta:
+            self.planner.restore_fitted(json.loads(meta["fitted"]))
+        if "importance" in meta:
+            self.importance = Importance.from_json(json.loads(meta["importance"]))
+        for agent, (names, at) in json.loads(meta.get("layouts", "{}")).items():
+            if all(m in self.candidates for m in names):
+                self.layouts[agent] = Layout(
+                    tuple(self.candidates[m] for m in names),
+                    (0.0,) * len(names),
+                    self.params.plan.rank_spread,
+                    max(self.params.plan.ranks),
+                )
+                self.chosen_at[agent] = int(at)
         self._set_global(tensors, "the checkpoint")
 
     def _set_global(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:

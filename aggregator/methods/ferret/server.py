@@ -360,6 +360,14 @@ class FerretServer:
             math.sqrt(stats.sq_norm),
         )
 
+    def close(self) -> None:
+        """The run is over: finish the queued rebuilds and stop the rebuild thread (an idle
+        executor thread per run otherwise outlives it, holding the run's weights)."""
+        try:
+            self.wait_weights()
+        finally:
+            self._pool.shutdown(wait=True)
+
     def wait_weights(self) -> None:
         """Block until every committed step is in ``weights``; re-raise a failed rebuild."""
         pending, self._pending = self._pending, []

@@ -2,8 +2,8 @@
 
 Stage 1 global state: per target weight, the float32 vector ``W[mask] - W_base[mask]`` (the
 accumulated sparse update; empty before the first commit, meaning zero). When round
-``sparse.stage1_rounds + 1`` begins, :func:`svd_init` turns each target's ``ΔW`` into LoRA
-factors and the global state becomes that adapter (peft names); from then on it is FedIT's
+``sparse.stage1_rounds + 1`` begins, :func:`switch.lora_from_sparse` turns each LoRA
+target's ``ΔW`` into LoRA factors and the global state becomes that adapter (peft names); from then on it is FedIT's
 FedAvg. Switching at the start of the next round rather than at the commit lets the eval of
 round ``stage1_rounds`` measure the sparse model itself; the switch is a pure function of the
 committed stage-1 state, so a restart after that commit recomputes the same adapter. The SVDs
@@ -13,9 +13,9 @@ without blocking its loop (heartbeats go on); anything that reads the stage wait
 The stage, the mask seed and the target shapes are checkpoint metadata, so a restarted
 aggregator resumes in the stage it was in.
 
-The target shapes come from the base model's safetensors headers when the run names a local
-``model_dir``; otherwise from round 1's stage-1 updates (their payloads' full shapes, names
-restricted to the LoRA targets): the shapes most agents sent win (``lora_layout.LayoutVote``),
+The sparse target shapes (``sparse.target_modules``: by default every linear layer) come from the
+base model's safetensors headers when the run names a local ``model_dir``; otherwise from round
+1's stage-1 updates (their payloads' full shapes, names restricted to the sparse targets): the shapes most agents sent win (``lora_layout.LayoutVote``),
 never the first sender's, and are fixed from then on.
 """
 
@@ -38,17 +38,16 @@ from aggregator.methods import Assignment, MethodContext, Update, decode_update
 from aggregator.methods._targets import Shapes, is_target, target_shapes
 from aggregator.methods.lora_layout import LayoutVote, Signature
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora, clip_values
-from aggregator.methods.slora.math import mask_of, scatter, svd_init
+from aggregator.methods.slora import switch
 from aggregator.store.export import write_peft_adapter
 from protocol import payloads, randomness
 from protocol.errors import ErrorCode
 from protocol.messages import Profile, TaskResult
 from protocol.methods import parse_params
-from protocol.methods.slora import spec
+from protocol.methods.slora import sizes, spec
 
 log = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
 ADMIT_WAIT_S = 0.5
 """How long starting the switch waits for it, once (a small model's switch takes milliseconds:
 its next round opens at once); after that ``admit`` answers "not yet" without waiting."""
@@ -69,10 +68,11 @@ class SloraServer:
         self.mask_seed: int = context.seed if seed is None else seed
         sparse = parsed.sparse.model_copy(update={"mask_seed": self.mask_seed})
         self.params: spec.Params = parsed.model_copy(update={"sparse": sparse})
-        self.targets = tuple(self.params.lora.target_modules)
+        self.targets = tuple(self.params.sparse.target_modules)
         self.shapes: Shapes | None = None
         if context.model_dir is not None:
             self.shapes = target_shapes(context.model_dir, self.targets)
+            self._check_density()
         self._stage = 1
         self._job: threading.Thread | None = None
         self._job_since = 0.0
@@ -86,6 +86,22 @@ class SloraServer:
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
         self._vote_shapes: dict[str, Signature] = {}  # task id -> shapes it sent (no model)
         self._switched = False
+        self._switch_evals = switch.SwitchEvals()
+
+    def _check_density(self) -> None:
+        """Warn when a stage-1 upload would outweigh the stage-2 adapter (see ``sizes``)."""
+        assert self.shapes is not None
+        lora = sizes.select(self.shapes, tuple(self.params.lora.target_modules))
+        even = sizes.break_even_density(self.shapes, lora, self.params.lora.r)
+        if self.density > even:
+            log.warning(
+                "sparse.density %.4g is above this model's break-even %.4g: a stage-1 upload "
+                "is %.1fx the LoRA r=%d adapter",
+                self.density,
+                even,
+                self.density / even,
+                self.params.lora.r,
+            )
 
     @property
     def stage(self) -> int:
@@ -131,7 +147,9 @@ class SloraServer:
         return self._payload[2]
 
     def assign(self, round: int, agent_id: str, kind: str) -> Assignment:
-        params = self.params.model_copy(update={"stage": self.stage})
+        stage = self.stage
+        switch_eval = stage == 2 and self._switched and kind == "train"
+        params = self.params.model_copy(update={"stage": stage, "switch_eval": switch_eval})
         blob = self._global_payload(round)
         blobs = {spec.GLOBAL_BLOB: blob} if blob is not None else {}
         return Assignment(params=params.model_dump(mode="json"), blobs=blobs)
@@ -190,12 +208,14 @@ class SloraServer:
         )
 
     def _check_shapes(self, payload: payloads.Payload) -> Signature:
-        """Without a model directory: the update's target shapes, to be voted on (LoRA targets
+        """Without a model directory: the update's target shapes, to be voted on (sparse targets
         only; the round's most common shapes become the run's)."""
         shapes = payload.shapes
         bad = [n[:200] for n, s in shapes.items() if not is_target(n, self.targets) or len(s) != 2]
         if bad:
-            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, f"not LoRA target weights: {bad[:3]}")
+            raise UpdateRejected(
+                ErrorCode.PAYLOAD_MISMATCH, f"not sparse target weights: {bad[:3]}"
+            )
         sig = tuple(sorted((n, (int(s[0]), int(s[1]))) for n, s in shapes.items()))
         if not self._vote.admits(sig):
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "too many distinct layouts sent")
@@ -208,6 +228,7 @@ class SloraServer:
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
         self._vote_shapes.clear()
         self._switched = False
+        self._switch_evals = switch.SwitchEvals()
         if self.stage == 1 and round > self.params.sparse.stage1_rounds:
             self._start_switch(round)
 
@@ -256,8 +277,9 @@ class SloraServer:
         self.lora, self.svd_energy = out
         self._stage, self.values, self._switched, self._payload = 2, {}, True, None
         log.info(
-            "switched to LoRA r=%d (it keeps %.1f%% of the sparse update's energy)",
+            "switched to LoRA r=%d, init %s (it keeps %.1f%% of the sparse update's energy)",
             self.params.lora.r,
+            self.params.sparse.init,
             100 * self.svd_energy,
         )
 
@@ -269,6 +291,8 @@ class SloraServer:
             self._vote.add(sig, update.tensors, weight)
         else:
             self._acc.add(update.tensors, weight)
+        if self._switched:
+            self._switch_evals.add(update.metrics)
 
     def finish_round(self, round: int) -> dict[str, float]:
         won = self._vote.winner() if self.shapes is None else None
@@ -292,6 +316,8 @@ class SloraServer:
                 self.lora = mean
             if self._switched and self.svd_energy is not None:
                 metrics["svd_energy"] = self.svd_energy
+            if self._switched:
+                metrics.update(self._switch_evals.result())
         return metrics
 
     def delta_w(self, name: str) -> torch.Tensor:
@@ -299,32 +325,14 @@ class SloraServer:
         if self.shapes is None:
             raise StateError("the target shapes are not known yet")
         shape = self.shapes[name]
-        values = self.values.get(name)
-        if values is None:
-            return torch.zeros(shape, dtype=torch.float64)
-        return scatter(values, mask_of(self.mask_seed, name, math.prod(shape), self.density), shape)
+        return switch.delta_w(name, shape, self.values.get(name), self.mask_seed, self.density)
 
     def lora_from_sparse(self) -> tuple[dict[str, torch.Tensor], float]:
-        """The SVD-initialised adapter of the current stage-1 update, and the energy it keeps."""
+        """The stage-2 adapter of the current stage-1 update (``switch.lora_from_sparse``)."""
         assert self.shapes is not None
-        lora = self.params.lora
-        state: dict[str, torch.Tensor] = {}
-        kept = total = 0.0
-        for name in self.shapes:
-            delta = self.delta_w(name)
-            module = PEFT_PREFIX + name.removesuffix(".weight")
-            a, b, share = svd_init(
-                delta,
-                lora.r,
-                lora.scaling,
-                a_name=f"{module}.lora_A.weight",
-                init_seed=lora.init_seed,
-            )
-            state[f"{module}.lora_A.weight"] = a
-            state[f"{module}.lora_B.weight"] = b
-            energy = float((delta**2).sum())
-            kept, total = kept + share * energy, total + energy
-        return state, kept / total if total > 0 else 1.0
+        return switch.lora_from_sparse(
+            self.shapes, self.values, seed=self.mask_seed, density=self.density, params=self.params
+        )
 
     # --- state --------------------------------------------------------------------------------
 

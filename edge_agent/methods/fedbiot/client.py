@@ -4,11 +4,15 @@ The agent builds a small model from the emulator bundle (sent once, kept in ``ws
 sha256 so that a restarted agent's Hello lists it), brings its alignment state to the version the
 task names (deltas or a whole state from the ``align`` blob, or a state it stores), merges that
 state into the emulator's weights, and attaches LoRA to the adapter layers only. Local loss:
-cross-entropy + ``prox``·‖adapter − adapter at round start‖² over the LoRA factors. The update
-travels with the *full* model's layer indices, so the server and the export never see small-model
-names.
+cross-entropy + ``prox``·‖merged adapter − merged adapter at round start‖² (the reference's term on
+the merged weights, :mod:`edge_agent.methods.fedbiot.prox`). The update travels with the *full*
+model's layer indices, so the server and the export never see small-model names.
 
-The agent does not load its base model: it needs only the tokenizer of the task's model (checked
+Evaluation scores what users deploy: the full base model with the global adapter plugged back
+into its last k layers, on the agent's held-out examples like every other method; the emulator +
+adapter's loss on the same examples is reported beside it (``emulator_eval_loss``).
+
+Training never loads the base model: it needs only the tokenizer of the task's model (checked
 by hash). The bundle's metadata cannot carry the tokenizer (payload headers are capped at 256 KB,
 SmolLM2's tokenizer.json is 3.5 MB), and an agent holds its base model anyway (its Hello names it).
 """
@@ -16,7 +20,6 @@ SmolLM2's tokenizer.json is 3.5 MB), and an agent holds its base model anyway (i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ import torch
 from edge_agent.errors import PayloadRejected, TaskError
 from edge_agent.methods import TaskInput, TaskOutput, Workspace
 from edge_agent.methods._common import evaluation_task, train_task, training_output
+from edge_agent.methods.fedbiot.prox import merged_proximal
 from edge_agent.training.lora import (
     LoraSpec,
     attach_lora,
@@ -227,14 +231,56 @@ def load_global(em: EmulatorModel, task: TaskInput, params: spec.Params) -> None
         raise PayloadRejected(f"global adapter rejected: {exc}") from None
 
 
-def proximal(model: Any, weight: float) -> Callable[[torch.nn.Module], torch.Tensor] | None:
-    """``weight``·Σ‖p − p₀‖² over the trainable parameters, p₀ their values now."""
-    pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+def full_model(task: TaskInput, ws: Workspace, params: spec.Params, plan: emu.EmulatorPlan) -> Any:
+    """The task's full base model with LoRA on its adapter layers (the last k), holding the global
+    adapter (full-model names already) or, before round 1, the seeded start (B = 0: the base).
+    The base is taken from the workspace, not lent: it is loaded for each evaluation and dropped
+    after it, so an agent holds the full model only while it evaluates."""
+    lora = params.lora
+    shape = LoraSpec(
+        lora.r,
+        lora.alpha,
+        lora.dropout,
+        tuple(lora.target_modules),
+        dict(lora.rank_pattern),
+        layers=plan.adapter,
+    )
+    a = task.assign
+    base, _ = ws.take_base(a.model, a.quant)  # not kept: training never needs it
+    model = attach_lora(base, shape, init_seed=lora.init_seed)
+    raw = task.blobs.get(spec.GLOBAL_BLOB)
+    if raw is None:
+        set_adapter_state(model, init_lora_state(model, shape, lora.init_seed))
+        return model
+    rank = max([lora.r, *lora.rank_pattern.values()])
+    expect = payloads.Expect(kind=payloads.PayloadKind.LORA, round=a.round, max_rank=rank)
+    try:
+        set_adapter_state(model, payloads.decode(raw, expect).tensors)
+    except ProtocolError as exc:
+        raise PayloadRejected(f"global adapter rejected: {exc}") from None
+    return model
 
-    def term(_model: torch.nn.Module) -> torch.Tensor:
-        return weight * torch.stack([(p - p0).pow(2).sum() for p, p0 in pairs]).sum()
 
-    return term if weight > 0 else None
+def evaluate_both(
+    task: TaskInput, ws: Workspace, params: spec.Params, em: EmulatorModel, tokenizer: Any
+) -> TaskOutput:
+    """What users deploy, scored like every other method: the full model with the adapter
+    plugged back, on the agent's held-out examples (``eval_loss``, Rouge-L, exact match). The
+    emulator + adapter's loss on the same examples is a side metric, ``emulator_eval_loss``."""
+    from edge_agent.training.train import evaluate
+
+    e = params.eval
+    examples = ws.eval_examples[: e.max_examples]
+    if not examples:
+        raise TaskError("no held-out examples to evaluate on")
+    on_emulator = evaluate(
+        em.model, tokenizer, examples, max_len=e.max_len, batch_size=e.batch_size,
+        exact_match=False, progress=ws.progress,
+    )  # fmt: skip
+    out = evaluation_task(full_model(task, ws, params, em.plan), tokenizer, e, ws)
+    out.metrics["emulator_eval_loss"] = on_emulator.loss
+    out.metrics["seconds"] = out.metrics.get("seconds", 0.0) + on_emulator.seconds
+    return out
 
 
 class FedbiotClient:
@@ -248,14 +294,14 @@ class FedbiotClient:
         sync_alignment(em, task, ws, params)
         load_global(em, task, params)
         if task.assign.kind == "eval":
-            return evaluation_task(em.model, tokenizer, params.eval, ws)
+            return evaluate_both(task, ws, params, em, tokenizer)
         result = train_task(
             em.model,
             tokenizer,
             ws,
             params.train,
             task.assign.round,
-            extra_loss=proximal(em.model, params.prox),
+            extra_loss=merged_proximal(em.model, params.prox),
         )
         state = emu.rename_layers(get_adapter_state(em.model), em.plan.adapter_to_full())
         blob = payloads.encode(

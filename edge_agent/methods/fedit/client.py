@@ -38,11 +38,13 @@ def lora_spec(lora: LoraParams) -> LoraSpec:
     )
 
 
-def peft_model_for(task: TaskInput, ws: Workspace, lora: LoraParams) -> tuple[Any, Any]:
+def peft_model_for(
+    task: TaskInput, ws: Workspace, lora: LoraParams, last_layers: int | None = None
+) -> tuple[Any, Any]:
     """The agent's peft model for this task's base and adapter shape, built once and reused."""
     a = task.assign
-    key = ("lora", a.model.sha256, a.quant, lora.model_dump_json())
-    return attached_adapter(ws, a, lora_spec(lora), lora.init_seed, key)
+    key = ("lora", a.model.sha256, a.quant, lora.model_dump_json(), last_layers)
+    return attached_adapter(ws, a, lora_spec(lora), lora.init_seed, key, last_layers=last_layers)
 
 
 def load_global(
@@ -70,7 +72,7 @@ class FeditClient:
     def run(self, task: TaskInput, ws: Workspace) -> TaskOutput:
         params = task.params
         assert isinstance(params, spec.Params)
-        peft_model, tokenizer = peft_model_for(task, ws, params.lora)
+        peft_model, tokenizer = peft_model_for(task, ws, params.lora, params.last_layers)
         load_global(peft_model, task.blobs, task.assign.round, params.lora)
         if task.assign.kind == "eval":
             return self._evaluate(peft_model, tokenizer, params, ws)

@@ -10,7 +10,9 @@ hook on its output receives ``∂L/∂Y``; then ``∂L/∂W = (∂L/∂Y)ᵀ·X`
 Train tasks: a peft adapter on exactly the modules of ``params.ranks`` at those ranks (the
 scaling is ``alpha / rank`` per module), initialised from blob ``global`` or, in round 1, from
 the seeded init of ``edge_agent.training.lora``; then ``train.steps`` steps of batch ``train.batch_size``
-on the task's precision. Eval tasks attach the global ΔW at its own ranks (exact) and evaluate.
+on the task's precision, measuring AdaLoRA's sensitivity of the adapter entries after every step
+(:mod:`edge_agent.methods.fedpipe.sensitivity`), reported per module beside the update with the
+task's peak memory. Eval tasks attach the global ΔW at its own ranks (exact) and evaluate.
 One adapter is attached at a time: a different shape unloads the old one (``unload()`` puts
 the base modules back unmerged) before the new one is attached.
 """
@@ -36,6 +38,7 @@ from edge_agent.methods._common import (
     train_task,
     training_output,
 )
+from edge_agent.methods.fedpipe.sensitivity import Sensitivity
 from edge_agent.training.data import IGNORE_INDEX, Example, collate, tokenize
 from edge_agent.training.lora import LoraSpec, get_adapter_state, init_lora_state, set_adapter_state
 from protocol import payloads
@@ -166,6 +169,16 @@ def importance(
     return Scores(values=sums, examples=count, tokens_mean=tokens / count)
 
 
+def peak_memory(device: torch.device) -> float:
+    """Bytes at the peak: the GPU's allocated peak since the task reset it, else the process's
+    maximum resident set (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
+
+
 # --- the adapter --------------------------------------------------------------------------------
 
 
@@ -256,9 +269,23 @@ class FedpipeClient:
         else:  # round 1: the seeded adapter (set again: a retried task may reuse the model)
             shape = lora_spec(params.ranks, params.lora)
             set_adapter_state(peft_model, init_lora_state(peft_model, shape, params.lora.init_seed))
-        result = train_task(peft_model, tokenizer, ws, params.train, task.assign.round)
+        sensitivity = Sensitivity(peft_model, params.select.beta1, params.select.beta2)
+        device = next(peft_model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = train_task(
+            peft_model,
+            tokenizer,
+            ws,
+            params.train,
+            task.assign.round,
+            after_step=sensitivity.update,
+        )
         state = get_adapter_state(peft_model)
         update = payloads.encode_lora(state, method=self.name, round=task.assign.round)
+        values = sensitivity.scores()
+        scores = {m: torch.tensor([values.get(m, 0.0)], dtype=torch.float32) for m in params.ranks}
+        sens_blob = payloads.encode_dense(scores, method=self.name, round=task.assign.round)
         log.info(
             "round %d: %d modules, ranks %s, %s base, %d steps of %d: loss %.4f -> %.4f",
             task.assign.round,
@@ -270,7 +297,11 @@ class FedpipeClient:
             result.first_loss,
             result.last_loss,
         )
-        return training_output(result, {spec.UPDATE_BLOB: update})
+        output = training_output(
+            result, {spec.UPDATE_BLOB: update, spec.SENSITIVITY_BLOB: sens_blob}
+        )
+        output.metrics[spec.MEMORY_PEAK] = peak_memory(device)
+        return output
 
     def _evaluate(self, task: TaskInput, ws: Workspace, params: spec.Params) -> TaskOutput:
         blob = task.blobs.get(spec.GLOBAL_BLOB)

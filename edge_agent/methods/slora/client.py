@@ -1,7 +1,8 @@
 """SLoRA client half: stage 1 trains seeded-mask entries of the dense weights, stage 2 is FedIT.
 
 Stage 1. The base is loaded unquantized (:func:`protocol.methods.slora.spec.stage1_quant`). Each
-target weight ``W`` (a ``nn.Linear`` named by ``lora.target_modules``, peft's matching rule)
+target weight ``W`` (a ``nn.Linear`` named by ``sparse.target_modules``, peft's matching rule:
+by default every linear layer of the blocks, attention and MLP)
 gets a parametrization (``torch.nn.utils.parametrize``)::
 
     W_eff = W  with  W_eff.flat[mask] = (W.flat[mask] + delta).to(W.dtype)
@@ -14,6 +15,10 @@ are removed, leaving the cached base model bit-identical to the original; ``delt
 as a ``masked`` payload.
 
 Stage 2 reuses FedIT's peft model and adapter loading on the task's (possibly quantized) base.
+The first stage-2 round's train task (``switch_eval``) evaluates the adapter it received before
+training: ``switch_eval_loss``/``_em``; with the agent's own evaluations of the base (round 0)
+and of the last stage-1 global, kept from those eval tasks, also ``switch_eval_base_*`` and
+``switch_eval_sparse_*`` (the server turns them into the share of stage 1's gain kept).
 """
 
 from __future__ import annotations
@@ -178,8 +183,17 @@ class SloraClient:
         if seed is None:
             raise TaskError("a stage-1 task must carry sparse.mask_seed")
         density = params.sparse.density
-        model, tokenizer = ws.base(task.assign.model, spec.stage1_quant(task.assign.quant))
-        targets = sparse_targets(model, tuple(params.lora.target_modules))
+        quant = spec.stage1_quant(task.assign.quant)
+        if quant != task.assign.quant:
+            log.info(
+                "round %d: stage 1 trains on the %s base, not %s: masked entries of a quantized "
+                "weight cannot be trained (the paper's sparse stage is full precision)",
+                task.assign.round,
+                quant,
+                task.assign.quant,
+            )
+        model, tokenizer = ws.base(task.assign.model, quant)
+        targets = sparse_targets(model, tuple(params.sparse.target_modules))
         key = f"slora-masks:{task.assign.model.sha256}:{seed}:{density!r}:{sorted(targets)}"
         masks = ws.cache.get(key)
         if masks is None:
@@ -191,8 +205,10 @@ class SloraClient:
         with sparse_deltas(model, targets, masks, start) as deltas:
             if task.assign.kind == "eval":
                 with parametrize.cached():
-                    return _evaluate(model, tokenizer, params, ws)
-            lr = params.sparse.lr or params.train.lr
+                    result = _evaluate(model, tokenizer, params, ws)
+                _remember_eval(ws, task.assign.run_id, task.assign.round, result)
+                return result
+            lr = params.sparse.stage1_lr(params.train.lr)
             output = _train(model, tokenizer, params, task.assign.round, ws, lr)
             values = {
                 n: d.detach().to("cpu", torch.float32).contiguous() for n, d in deltas.items()
@@ -212,7 +228,11 @@ class SloraClient:
             return _evaluate(peft_model, tokenizer, params, ws)
         from edge_agent.training.lora import get_adapter_state
 
+        switch = (
+            _switch_metrics(peft_model, tokenizer, params, ws, task) if params.switch_eval else {}
+        )
         output = _train(peft_model, tokenizer, params, task.assign.round, ws, params.train.lr)
+        output.metrics.update(switch)
         output.blobs[spec.UPDATE_BLOB] = payloads.encode_lora(
             get_adapter_state(peft_model), method=self.name, round=task.assign.round
         )
@@ -236,6 +256,42 @@ def _train(
 
 def _evaluate(model: Any, tokenizer: Any, params: spec.Params, ws: Workspace) -> TaskOutput:
     return evaluation_task(model, tokenizer, params.eval, ws)
+
+
+EVALS_KEY = "slora-evals"
+EVAL_METRICS = ("eval_loss", "eval_em", "eval_rouge_l")
+
+
+def _remember_eval(ws: Workspace, run_id: str, round: int, result: TaskOutput) -> None:
+    """Keep this agent's stage-1 evaluations of the run (the base, the sparse globals) for the
+    switch round's comparison; another run's are dropped."""
+    kept = ws.cache.get(EVALS_KEY)
+    if not isinstance(kept, dict) or kept.get("run_id") != run_id:
+        kept = ws.cache[EVALS_KEY] = {"run_id": run_id, "rounds": {}}
+    kept["rounds"][round] = {k: v for k, v in result.metrics.items() if k in EVAL_METRICS}
+
+
+def _switch_metrics(
+    model: Any, tokenizer: Any, params: spec.Params, ws: Workspace, task: TaskInput
+) -> dict[str, float]:
+    """The switch's adapter evaluated before any stage-2 training, beside this agent's
+    evaluations of the base and of the last stage-1 global when it made them."""
+    result = _evaluate(model, tokenizer, params, ws)
+    out = {f"switch_{k}": v for k, v in result.metrics.items() if k in EVAL_METRICS}
+    out["switch_eval_examples"] = float(result.num_examples)
+    kept = ws.cache.get(EVALS_KEY)
+    rounds = (
+        kept["rounds"] if isinstance(kept, dict) and kept["run_id"] == task.assign.run_id else {}
+    )
+    for label, round in (("base", 0), ("sparse", params.sparse.stage1_rounds)):
+        for k, v in rounds.get(round, {}).items():
+            out[f"switch_{k.replace('eval_', f'eval_{label}_')}"] = v
+    log.info(
+        "round %d: the switch's adapter scores eval loss %.4f before stage-2 training",
+        task.assign.round,
+        result.metrics["eval_loss"],
+    )
+    return out
 
 
 Client = SloraClient

@@ -28,7 +28,9 @@ Wire (blob names, all payloads of :mod:`protocol.payloads`; layouts in
 
 - TaskResult (``train``): blob ``"update"``, the agent's adapter (``lora``) with the *full* model's
   layer indices (``base_model.model.model.layers.<L-k+j>...``), metadata ``fedbiot.emulator`` and
-  ``fedbiot.align`` naming the emulator it was trained on. ``eval`` results: metrics only.
+  ``fedbiot.align`` naming the emulator it was trained on. ``eval`` results: metrics only, of the
+  *full* model with the global adapter plugged back (``eval_loss``, ``eval_rouge_l``,
+  ``eval_em``) and ``emulator_eval_loss``, the emulator + adapter's loss on the same examples.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ class Params(StrictParams):
     eval: EvalParams = EvalParams()
     emulator: EmulatorParams = EmulatorParams()
     align: AlignParams = AlignParams()
-    prox: Annotated[float, Field(ge=0, le=1e6)] = 0.01
-    """λ of the agents' proximal term λ‖adapter − adapter at round start‖² (LoRA factors)."""
+    prox: Annotated[float, Field(ge=0, le=1e6)] = 1.0
+    """λ of the agents' proximal term λ·‖merged adapter − merged adapter at round start‖², over
+    the adapter layers' merged weights W + s·B·A (the reference's term and default; 0: none)."""
     aggregation: AggregationParams = AggregationParams()
     """How the server combines the adapters (as FedIT's: rule, ΔW clip, weight cap)."""
     task: TaskInfo | None = None

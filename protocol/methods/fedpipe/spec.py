@@ -3,19 +3,21 @@
 Fang et al., "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of Large
 Language Models" (2024). Four parts, all server-driven:
 
-1. **Selection.** Before round 1 every agent runs a *score* task: per weight matrix ``W`` of
-   the decoder's linear layers (``lora.target_modules``), the importance
-   ``s = Σ_batches Σ_ij |W_ij · ∂L/∂W_ij|`` (divided by ``W.numel()`` when
-   ``score.normalize = "mean"``) over ``score.batches`` batches of its own data. The server
-   averages the scores weighted by examples and adapts the top ``select.count`` (or
-   ``select.fraction``) matrices only.
+1. **Importance and selection.** Before round 1 every agent runs a *score* task: per weight
+   matrix ``W`` of the decoder's linear layers (``lora.target_modules``), the prior
+   ``Σ_batches Σ_ij |W_ij · ∂L/∂W_ij|`` (divided by ``W.numel()`` when
+   ``score.normalize = "mean"``) over ``score.batches`` batches of its own data. While it
+   trains, it measures AdaLoRA's smoothed sensitivity of its adapters and reports it with each
+   update. Every ``select.every`` rounds the server chooses each agent's matrices (its top
+   ``select.count`` or ``select.fraction`` by its importance, or at random).
 2. **Per-agent configuration.** For each training round the server solves, from each agent's
-   profile, the LoRA rank of every selected matrix (one rank per importance tier), the batch
-   size and the base precision that minimise the slowest agent's estimated round time under
-   its memory and a total-rank floor (``aggregator/methods/fedpipe/plan.py`` and
-   ``_fedpipe_solve.py``).
-3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples; each
-   agent is then sent the truncated SVD of the global ``ΔW`` at its own ranks.
+   profile and its fitted constants, the rank level (spread over its matrices by importance,
+   ``plan.rank_spread``), the batch size and the base precision that minimise the slowest
+   agent's estimated round time under its memory and a total-rank floor
+   (``aggregator/methods/fedpipe/plan.py`` and ``solve.py``).
+3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples over the
+   agents that adapted each module; each agent is then sent the truncated SVD of the global
+   ``ΔW`` at its own ranks.
 4. **Precision by memory**: the planner's choice travels as ``TaskAssign.quant``.
 
 Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and
@@ -32,7 +34,10 @@ Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r,
   ``(alpha / r)·B·A`` is the best rank-r approximation of the global ``ΔW`` (components past
   the global's rank: seeded ``A`` rows, zero ``B`` columns). Round 1 carries none: every agent
   builds the seeded adapter of ``edge_agent.training.lora`` (``lora.init_seed``) at its ranks.
-  ``TaskResult``: blob ``update``, a ``lora`` payload of the same names and shapes.
+  ``TaskResult``: blob ``update``, a ``lora`` payload of the same names and shapes, and blob
+  ``sensitivity``, a ``dense`` payload of one float32 ``[1]`` per adapted module (AdaLoRA's
+  smoothed sensitivity times uncertainty of its adapter entries, mean over ``lora_A`` plus mean
+  over ``lora_B``); metric ``memory_peak`` (bytes).
 - ``TaskAssign(kind="eval", round=r)``: blob ``global``, the global ``ΔW`` of round ``r`` as
   exact LoRA factors (per module, rank = the global's rank, at most the sum of the round's
   ranks); the agent evaluates base + that adapter. Result: metrics only.
@@ -64,7 +69,9 @@ NAME = "fedpipe"
 GLOBAL_BLOB = "global"
 UPDATE_BLOB = "update"
 SCORE_BLOB = "scores"
+SENSITIVITY_BLOB = "sensitivity"
 TOKENS_MEAN = "tokens_mean"
+MEMORY_PEAK = "memory_peak"
 
 TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -111,10 +118,25 @@ class ScoreParams(StrictParams):
 
 
 class SelectParams(StrictParams):
-    """How many of the scored matrices are adapted: ``count`` if given, else ``fraction``."""
+    """Which matrices each agent adapts: ``count`` if given, else ``fraction`` of the
+    candidates, chosen per agent by its importance and chosen again every ``every`` rounds."""
 
     fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     count: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    every: Annotated[int, Field(ge=1, le=1_000_000)] = 2
+    """Rounds between selections: rounds 1, 1 + every, 1 + 2·every, … choose again."""
+    per_agent: bool = True
+    """Each agent adapts its own matrices at per-matrix ranks; false: every agent adapts the
+    global selection (the top matrices by the example-weighted mean score), one rank per
+    importance tier (``plan.tiers``), as a regional tier always plans its agents."""
+    mode: Literal["importance", "random"] = "importance"
+    """``importance``: each agent's most important matrices; ``random``: a seeded random set
+    of the same size per agent and selection (an ablation: the ranks still follow importance)."""
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    """AdaLoRA's smoothing of the sensitivity ``|w · ∂L/∂w|`` of the adapters' entries."""
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    """AdaLoRA's smoothing of its uncertainty ``|I − Ī|``."""
 
 
 def _sorted_unique(values: tuple[int, ...]) -> tuple[int, ...]:
@@ -136,8 +158,18 @@ class PlanParams(StrictParams):
         "nf4",
     )
     tiers: Annotated[int, Field(ge=1, le=4)] = 2
-    """Selected matrices are split by importance into this many tiers, one rank per tier
-    (a more important tier never gets a smaller rank)."""
+    """Used by a regional tier's agents only (planned without per-agent importance): the
+    selected matrices split into this many tiers, one rank per tier."""
+    rank_spread: Annotated[float, Field(ge=0, le=4)] = 1.0
+    """Per-weight ranks: an agent planned at rank level ``r`` gives matrix ``m`` the rank
+    ``r · n · s_m^γ / Σ s^γ`` (rounded, within [1, max(ranks)]), ``s`` its importance,
+    ``γ`` this value; 0 gives every selected matrix rank ``r``."""
+    fit_time: bool = True
+    """Fit each agent's step-time constants to its measured rounds (else the prior constants
+    scaled by one learnt speed)."""
+    fit_memory: bool = True
+    """Scale each agent's modelled memory by its measured peak over the model (never below 1);
+    off when the agents' memory is simulated (``--agent-limit``) rather than their own."""
     capacity: Annotated[float, Field(ge=0, le=64)] = 0.5
     """Floor on the round's total rank: ``Σ_agents Σ_modules rank >= capacity · agents ·
     modules · lora.r`` (relaxed, with a warning, when no configuration can meet it)."""

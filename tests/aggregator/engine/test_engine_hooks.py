@@ -122,7 +122,9 @@ def test_a_rounds_stored_updates_go_once_it_commits(tmp_path: Path) -> None:
     tasks = assigns(h.tick())
     h.result(tasks["a"], "a", 5, lora_state(1.0))
     stored = tmp_path / "updates" / "run-t" / "round-000001"
-    assert len(list(stored.glob("*.safetensors"))) == 1  # durable before the Ack
+    (row,) = h.ledger.updates("run-t", 1)  # durable before the Ack: in the round's log
+    assert row.blob_path == str(stored / "updates.log") and row.blob_offset == 0
+    assert (stored / "updates.log").stat().st_size == row.blob_length
     h.result(tasks["b"], "b", 5, lora_state(2.0))
     h.tick()
     assert h.summaries and not stored.exists()

@@ -20,10 +20,15 @@ SCORES = {  # round -> agent -> (examples, loss, rouge-l, em)
 }
 
 
-def _answer_evals(h: Harness, tasks: dict[str, TaskAssign], round: int) -> None:
+SIDE = {"a": 4.0, "b": 8.0}  # a side metric (FedBiOT's emulator loss) from round 1's evaluation
+
+
+def _answer_evals(h: Harness, tasks: dict[str, TaskAssign], round: int, side: bool = False) -> None:
     for a, t in tasks.items():
         n, loss, rouge, em = SCORES[round][a]
         metrics = {"eval_loss": loss, "eval_rouge_l": rouge, "eval_em": em, "seconds": 0.5}
+        if side:
+            metrics |= {"emulator_eval_loss": SIDE[a], "other": 1.0}
         h.send(a, TaskResult(run_id=t.run_id, round=round, task_id=t.task_id, agent_id=a,
                              method="fedit", kind="eval", num_examples=n, metrics=metrics))  # fmt: skip
 
@@ -39,7 +44,7 @@ def _next(h: Harness, kind: str) -> dict[str, TaskAssign]:
     raise AssertionError(f"no {kind} tasks")
 
 
-def _run(tmp_path: Path) -> None:
+def _run(tmp_path: Path, side: bool = False) -> Harness:
     h = Harness(tmp_path, rounds=1, eval=True, eval_initial=True)
     for a in ("a", "b"):
         h.hello(a)
@@ -47,10 +52,11 @@ def _run(tmp_path: Path) -> None:
     tasks = _next(h, "train")
     for a, v in (("a", 1.0), ("b", 2.0)):
         h.result(tasks[a], a, 5, lora_state(v))
-    _answer_evals(h, _next(h, "eval"), 1)
+    _answer_evals(h, _next(h, "eval"), 1, side)
     h.tick()
     assert h.engine.finished
     h.close()
+    return h
 
 
 def test_eval_rows_per_agent_and_weighted_aggregate_round_0_included(tmp_path: Path) -> None:
@@ -84,3 +90,22 @@ def test_status_and_report_show_every_evaluation(tmp_path: Path) -> None:
     page = files.html.read_text()
     assert page.count('<td class="text">all (weighted)</td>') == 2
     assert "<td>0.3000</td>" in page  # round 0's weighted Rouge-L: (3*0.2 + 0.6) / 4
+
+
+def test_side_eval_metrics_are_kept_beside_the_columns_never_in_them(tmp_path: Path) -> None:
+    """FedBiOT's ``emulator_eval_loss`` reaches the round's summary, the ledger's round metrics and
+    its evaluation rows, example-weighted; the columns stay the full model's; unknown keys drop."""
+    h = _run(tmp_path, side=True)
+    last = h.summaries[-1]
+    assert last.round == 1 and last.eval_side == {"emulator_eval_loss": (3 * 4.0 + 8.0) / 4}
+    assert last.eval_loss == (3 * 1.0 + 2.0) / 4
+    assert last.as_metrics()["emulator_eval_loss"] == 5.0 and "other" not in last.as_metrics()
+    assert h.summaries[0].eval_side == {}  # round 0's agents reported none
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        evals = ledger.evals("run-t")
+        rounds = {r.round: r.metrics for r in ledger.rounds("run-t")}
+    assert evals[1]["aggregate"]["emulator_eval_loss"] == 5.0
+    assert evals[1]["agents"]["b"]["emulator_eval_loss"] == 8.0
+    assert "other" not in evals[1]["agents"]["b"]
+    assert "emulator_eval_loss" not in evals[0]["aggregate"]
+    assert rounds[1]["emulator_eval_loss"] == 5.0 and rounds[1]["eval_loss"] == 1.25

@@ -40,3 +40,24 @@ def test_row_0_shows_the_time_it_really_took() -> None:
     rows = out.getvalue().splitlines()[1:]
     assert rows[0].split()[-1] == "68.0"
     assert rows[1].split()[-1] == "12.5"
+
+
+def test_a_side_eval_metric_is_printed_after_the_methods_own() -> None:
+    import io
+
+    from aggregator.local.round_table import RoundTable
+
+    out = io.StringIO()
+    table = RoundTable(out)
+    table(
+        RoundSummary(
+            round=1,
+            agents=2,
+            eval_loss=1.75,
+            method={"full_eval_loss": 1.5},
+            eval_side={"emulator_eval_loss": 3.21234},
+        )
+    )
+    row = out.getvalue().splitlines()[1].split()
+    assert row[3] == "1.7500"  # the eval loss column: the full model's
+    assert row[-2:] == ["full_eval_loss=1.5", "emulator_eval_loss=3.2123"]

@@ -297,6 +297,7 @@ class Engine:
     """The round engine with a FedBiOT server and two simulated agents."""
 
     def __init__(self, state_dir: Path, method: FedbiotServer) -> None:
+        self.method = method
         raw = {
             "server": {"state_dir": str(state_dir), "heartbeat_interval": 1.0, "liveness": 3},
             "security": {"insecure": True},
@@ -329,14 +330,18 @@ class Engine:
         return self.engine.on_message(agent, decode(encode(header, blobs)), self.clock.now)
 
     def next_phase(self) -> dict[str, TaskAssign]:
-        """Tick until the engine assigns (the method's background work takes real time)."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        """Tick until the engine assigns. The method's background work (build, alignment) takes
+        real time: the test waits for that thread itself, not for a wall-clock budget, and the
+        engine's clock moves only 0.1 s a tick, so a slow, loaded machine never lets the agents'
+        liveness (3 s of the engine's clock without a heartbeat) run out meanwhile."""
+        for _ in range(10):
             self.clock.now += 0.1
             out = assigns(self.engine.tick(self.clock.now))
             if out:
                 return out
-            time.sleep(0.05)
+            job = self.method._job
+            if job is not None:
+                job.join()
         raise AssertionError("no phase opened")
 
 

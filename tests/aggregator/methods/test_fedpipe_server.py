@@ -440,3 +440,121 @@ def test_engine_runs_score_then_planned_rounds_and_resumes_a_round(
     assert m2.selected == method.selected and set(m2.plans[2]) == set(round2)
     assert m2._combined.weight == 5
     h2.close()
+
+
+# --- per-agent selection, reselection, per-weight ranks, fitted constants -----------------------
+
+
+def sens_blob(values: dict[str, float], round: int) -> memoryview:
+    tensors = {m: torch.tensor([v]) for m, v in values.items()}
+    return memoryview(payloads.encode_dense(tensors, method="fedpipe", round=round))
+
+
+def train_round(
+    s: FedpipeServer, round: int, sens: dict[str, dict[str, float]], **metrics: float
+) -> dict[str, dict[str, torch.Tensor]]:
+    s.begin_round(round)
+    states = {}
+    for i, agent in enumerate(sorted(s.plans[round])):
+        ranks = spec.Params.model_validate(s.assign(round, agent, "train").params).ranks
+        states[agent] = random_update(s, ranks, i)
+        blobs = blob(states[agent], round)
+        if agent in sens:
+            blobs["sensitivity"] = sens_blob(sens[agent], round)
+        res = result(agent, 4, round=round).model_copy(update={"metrics": metrics})
+        s.add(s.validate(round, res, blobs))
+    s.finish_round(round)
+    return states
+
+
+def test_each_agent_adapts_its_own_matrices_chosen_again_every_two_rounds(
+    tiny_model_dir: Path,
+) -> None:
+    s = server(tiny_model_dir, None)
+    names = list(s.candidates)  # 14, layer order
+    up = {m: float(i + 1) for i, m in enumerate(names)}  # a: later matrices matter more
+    down = {m: float(14 - i) for i, m in enumerate(names)}  # b: earlier ones
+    for agent, values in (("a", up), ("b", down)):
+        s.add_score(1, result(agent, 4, "score"), {"scores": memoryview(score_blob(s, values))})
+    s.finish_score(1)
+    views = {"a": view("a", 1000.0), "b": view("b", 1000.0)}
+    s.plan(1, "train", views)
+    a1, b1 = s.plans[1]["a"].ranks, s.plans[1]["b"].ranks
+    assert set(a1) == set(names[8:]) and set(b1) == set(names[:6])
+    assert a1[names[13]] >= a1[names[8]] and b1[names[0]] >= b1[names[5]]  # ranks by importance
+    details = s.agent_details(1)["a"]
+    assert (
+        details["matrices"] == "6" and details["rank"] == f"{min(a1.values())}-{max(a1.values())}"
+    )
+    # a's adapters: names[8] turns out to matter least by far
+    sens_a = {m: (0.0 if m == names[8] else 1.0) for m in a1}
+    states = train_round(s, 1, {"a": sens_a, "b": dict.fromkeys(b1, 1.0)})
+    # modules only one agent trains are that agent's ΔW (the mean over those that trained it)
+    m = names[13]
+    a_key, b_key = fm.keys(m)
+    want = fm.delta(states["a"][a_key], states["a"][b_key], ALPHA)
+    got = fm.delta(*s.global_ab[m], ALPHA)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    s.plan(2, "train", views)  # not a selection round: same matrices, ranks from training
+    a2 = s.plans[2]["a"].ranks
+    assert set(a2) == set(a1) and a2[names[8]] == 1
+    s.plan(3, "train", views)  # a selection round: names[8] leaves, names[7] comes in
+    a3 = s.plans[3]["a"].ranks
+    assert names[8] not in a3 and names[7] in a3 and len(a3) == 6
+    assert set(s.plans[3]["b"].ranks) == set(names[:6])
+    # names[7] was never adapted: a's task starts it from the seeded init (B = 0)
+    payload = payloads.decode(s.assign(3, "a", "train").blobs["global"]).tensors
+    a_key, b_key = fm.keys(names[7])
+    assert float(payload[b_key].abs().max()) == 0.0 and payload[a_key].shape[0] == a3[names[7]]
+    tensors, meta = s.state()  # importance, layouts and fits survive a checkpoint
+    other = server(tiny_model_dir, None)
+    other.restore(tensors, meta)
+    assert other.importance.of("a", names) == pytest.approx(s.importance.of("a", names))
+    assert set(other.layouts["a"].modules) == set(s.layouts["a"].modules)
+
+
+def test_sensitivity_with_the_wrong_names_is_rejected(tiny_model_dir: Path) -> None:
+    s = selected_server(tiny_model_dir)
+    s.plan(1, "train", {"a": view("a", 1000.0)})
+    ranks = s.plans[1]["a"].ranks
+    blobs = blob(random_update(s, dict(ranks), 0), 1)
+    blobs["sensitivity"] = sens_blob({next(iter(s.candidates.keys() - ranks.keys())): 1.0}, 1)
+    with pytest.raises(UpdateRejected):
+        s.validate(1, result("a", 4), blobs)
+
+
+def test_random_selection_is_seeded_per_agent_and_selection(tiny_model_dir: Path) -> None:
+    s = selected_server(tiny_model_dir, select={"count": 6, "mode": "random", "seed": 3})
+    views = {"a": view("a", 1000.0), "b": view("b", 1000.0)}
+    sets = []
+    for round in (1, 3, 5):
+        s.plan(round, "train", views)
+        sets += [frozenset(s.plans[round][a].ranks) for a in views]
+    assert all(len(x) == 6 for x in sets) and len(set(sets)) > 1
+    assert any(x != frozenset(s.selected) for x in sets)  # not the importance top set
+
+
+def test_fixed_ranks_with_no_spread(tiny_model_dir: Path) -> None:
+    s = selected_server(tiny_model_dir, plan={"ranks": [4], "batch_sizes": [2], "rank_spread": 0})
+    s.plan(1, "train", {"a": view("a", 1000.0), "b": view("b", 0.01)})
+    assert all(set(p.ranks.values()) == {4} for p in s.plans[1].values())
+
+
+@pytest.mark.parametrize("fit_memory", [True, False])
+def test_each_agents_time_and_memory_constants_come_from_its_rounds(
+    tiny_model_dir: Path, fit_memory: bool
+) -> None:
+    plan = {"ranks": [1, 2, 4, 8], "batch_sizes": [1, 2], "capacity": 0.0}
+    s = selected_server(tiny_model_dir, plan=plan | {"fit_memory": fit_memory})
+    views = {"a": view("a", 1000.0)}
+    s.plan(1, "train", views)
+    p1 = s.plans[1]["a"]
+    assert p1.overhead_s > 0 and p1.flop_s > 0
+    seconds = 3.0 * p1.compute_s
+    train_round(s, 1, {}, seconds=seconds, memory_peak=2.0 * p1.memory_bytes)
+    assert s.planner.time_fit["a"] == pytest.approx((3.0, 3.0), rel=1e-6)
+    s.plan(2, "train", views)
+    p2 = s.plans[2]["a"]
+    assert p2.compute_s == pytest.approx(p2.steps * 3.0 * (p2.overhead_s + p2.flop_s))
+    resources = s.planner.resources(s.params, profile(), views["a"], s.tokens)
+    assert resources.memory_factor == (pytest.approx(2.0) if fit_memory else 1.0)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from engine_harness import NAMES, Harness, fake_model_dir, lora_state, start_round
 
-from aggregator.methods.robust import clip_lora, lora_delta_norm
+from aggregator.methods import robust
+from aggregator.methods.robust import clip_lora, lora_delta_bound, lora_delta_norm
 from protocol.errors import ErrorCode
 from protocol.messages import ErrorReply
 
@@ -44,6 +45,51 @@ def test_clipping_hits_the_bound_exactly(with_base: bool) -> None:
     assert explicit_norm(clipped, base) == pytest.approx(norm / 10, rel=1e-6)
     small, s1 = clip_lora(big, base, norm * 2)
     assert s1 == 1.0 and all(torch.equal(small[n], big[n]) for n in big)
+
+
+def many_modules(seed: int, scale: float, modules: int = 6) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in range(modules):
+        p = f"base_model.model.model.layers.{m}.self_attn.q_proj"
+        out[f"{p}.lora_A.weight"] = torch.randn(4, 24, generator=g) * scale
+        out[f"{p}.lora_B.weight"] = torch.randn(24, 4, generator=g) * scale
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_cheap_bound_is_never_below_the_exact_norm(seed: int) -> None:
+    update, base = many_modules(seed, 1.0), many_modules(seed + 100, 1.0)
+    near = {k: v + 1e-3 * many_modules(seed + 200, 1.0)[k] for k, v in base.items()}
+    for u, b in ((update, base), (update, None), (near, base)):
+        exact = lora_delta_norm(u, b)
+        assert lora_delta_bound(u, b) >= exact > 0
+    # and it is a usable bound: within a small factor for an update near its base
+    assert lora_delta_bound(near, base) < 20 * lora_delta_norm(near, base)
+
+
+def test_the_exact_norm_is_computed_only_when_the_bound_exceeds_the_clip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[float] = []
+    exact = robust.lora_delta_norm
+
+    def counted(update: object, base: object, s: float = 1.0) -> float:
+        calls.append(s)
+        return exact(update, base, s)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(robust, "lora_delta_norm", counted)
+    update, base = many_modules(1, 1.0), many_modules(2, 1.0)
+    bound, norm = lora_delta_bound(update, base), exact(update, base)
+    same, s = clip_lora(update, base, bound * 1.01)  # inside the bound: no exact norm
+    assert s == 1.0 and calls == [] and all(torch.equal(same[k], update[k]) for k in update)
+    if norm < bound * 0.99:  # between the exact norm and the bound: exact norm, no clip
+        same, s = clip_lora(update, base, (norm + bound) / 2)
+        assert s == 1.0 and calls == [1.0]
+    calls.clear()
+    clipped, s = clip_lora(update, base, norm / 3)  # outside: exact norm and bisection
+    assert 0 < s < 1 and len(calls) > 1
+    assert exact(clipped, base) == pytest.approx(norm / 3, rel=1e-6)
 
 
 def aggregate(tmp_path: Path, rule: str, attackers: int, **extra: object) -> torch.Tensor:

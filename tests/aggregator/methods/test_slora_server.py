@@ -16,9 +16,11 @@ from aggregator.methods import MethodContext
 from aggregator.methods._targets import target_shapes
 from aggregator.methods.slora.math import svd_init
 from aggregator.methods.slora.server import SloraServer
+from aggregator.methods.slora.switch import SwitchEvals
 from aggregator.ops.config import build_config
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
+from edge_agent.model.store import ResolvedModel, load_base
 from protocol import payloads, randomness
 from protocol.frames import decode, encode
 from protocol.messages import Hello, TaskAssign, TaskResult
@@ -35,7 +37,7 @@ TINY_TARGETS = {  # tiny model of tests/conftest.py, targets q_proj and v_proj
 }
 PARAMS: dict[str, Any] = {
     "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
-    "sparse": {"stage1_rounds": 2, "density": 0.01},
+    "sparse": {"stage1_rounds": 2, "density": 0.01, "target_modules": ["q_proj", "v_proj"]},
 }
 
 
@@ -448,3 +450,93 @@ def test_stage2_trimmed_mean_ignores_a_poisoned_agent(tiny_model_dir: Path) -> N
     s.finish_round(2)
     for k, v in start.items():  # 0.1 and 1e6 trimmed: the mean of 0.2 and 0.3
         torch.testing.assert_close(s.lora[k], v + 0.25, rtol=0, atol=1e-5)
+
+
+# --- the switch's variants and its measurements ------------------------------------------------
+
+
+def two_stage1_rounds(s: SloraServer) -> None:
+    for round in (1, 2):
+        s.begin_round(round)
+        blob = masked_update(s, round, float(round))
+        s.add(s.validate(round, result(round, "a", 5), {"update": memoryview(blob)}))
+        s.finish_round(round)
+    s.begin_round(3)
+    assert s.stage == 2  # (waits for the switch)
+
+
+def test_random_init_ablation_starts_stage2_from_fedits_init(
+    tiny_model_dir: Path, tiny_resolved: ResolvedModel
+) -> None:
+    from edge_agent.methods.fedit.client import lora_spec
+    from edge_agent.training.lora import init_lora_state
+
+    s = server(tiny_model_dir, init="random")
+    two_stage1_rounds(s)
+    assert s.stage == 2 and s.svd_energy == 0.0
+    model, _ = load_base(tiny_resolved, "fp32", device="cpu")
+    fedit = init_lora_state(model, lora_spec(s.params.lora), s.params.lora.init_seed)
+    assert s.lora.keys() == fedit.keys()
+    assert all(torch.equal(s.lora[k], fedit[k]) for k in fedit)  # bit-exact: A seeded, B = 0
+
+
+def test_sparse_targets_beyond_the_lora_targets_are_trained_then_dropped(
+    tiny_model_dir: Path,
+) -> None:
+    s = server(tiny_model_dir, target_modules=["q_proj", "v_proj", "down_proj"])
+    assert s.shapes is not None and len(s.shapes) == 6  # q, v and down of both layers
+    two_stage1_rounds(s)
+    assert {k.split(".")[-3] for k in s.lora} == {"q_proj", "v_proj"}
+    only_lora = server(tiny_model_dir)
+    two_stage1_rounds(only_lora)
+    assert only_lora.svd_energy is not None and s.svd_energy is not None
+    assert s.svd_energy < only_lora.svd_energy  # down_proj's update counts as lost
+    for k, v in only_lora.lora.items():  # the masks are per weight name: same factors
+        torch.testing.assert_close(s.lora[k], v)
+
+
+def test_only_the_first_stage2_train_tasks_ask_for_the_switch_eval(tiny_model_dir: Path) -> None:
+    s = server(tiny_model_dir)
+    s.begin_round(1)
+    assert s.assign(1, "a", "train").params["switch_eval"] is False
+    blob = masked_update(s, 1, 1.0)
+    s.add(s.validate(1, result(1, "a", 5), {"update": memoryview(blob)}))
+    s.finish_round(1)
+    s.begin_round(2)
+    s.finish_round(2)
+    s.begin_round(3)
+    assert s.assign(3, "a", "train").params["switch_eval"] is True
+    assert s.assign(3, "a", "eval").params["switch_eval"] is False
+    s.finish_round(3)
+    s.begin_round(4)
+    assert s.assign(4, "a", "train").params["switch_eval"] is False
+
+
+def test_switch_evals_are_example_weighted_with_the_gain_kept() -> None:
+    evals = SwitchEvals()
+    evals.add(
+        {
+            "switch_eval_examples": 10.0,
+            "switch_eval_loss": 1.5,
+            "switch_eval_base_loss": 2.0,
+            "switch_eval_sparse_loss": 1.0,
+        }
+    )
+    evals.add(
+        {
+            "switch_eval_examples": 30.0,
+            "switch_eval_loss": 1.8,
+            "switch_eval_base_loss": 2.2,
+            "switch_eval_sparse_loss": 1.4,
+            "switch_eval_em": 0.5,
+        }
+    )
+    evals.add({"switch_eval_examples": 20.0, "switch_eval_loss": 9.0})  # no stage-1 evals kept
+    evals.add({"train_loss": 1.0})  # not a switch round's update
+    out = evals.result()
+    assert out["switch_eval_loss"] == pytest.approx((15 + 54 + 180) / 60)
+    assert out["switch_eval_base_loss"] == pytest.approx((20 + 66) / 40)
+    assert out["switch_eval_em"] == pytest.approx(0.5)
+    # gain kept: Σw(base − switch) / Σw(base − sparse) over the two agents with all three
+    assert out["switch_gain_kept"] == pytest.approx((10 * 0.5 + 30 * 0.4) / (10 * 1.0 + 30 * 0.8))
+    assert SwitchEvals().result() == {}

@@ -260,3 +260,37 @@ def test_row_survives_sigkill_right_after_record_update(tmp_path: Path) -> None:
         assert led.has_update("t-crash")
         (row,) = led.updates("run1", 0)
         assert (row.num_examples, row.metrics, row.bytes_down) == (7, {"loss": 0.5}, 20)
+
+
+def test_a_group_of_updates_is_one_transaction(ledger: Ledger) -> None:
+    rows = [replace(_update(f"g{i}"), blob_offset=100 * i, blob_length=100) for i in range(3)]
+    assert ledger.record_updates([*rows, rows[0]]) == [True, True, True, False]
+    got = ledger.updates("run1", 0)
+    assert [(r.task_id, r.blob_offset, r.blob_length) for r in got] == [
+        ("g0", 0, 100), ("g1", 100, 100), ("g2", 200, 100)
+    ]  # fmt: skip
+    bad = replace(_update("g9"), metrics={"loss": float("nan")})
+    with pytest.raises(StateError):  # one bad row: none of the group is recorded
+        ledger.record_updates([_update("g8"), bad])
+    assert not ledger.has_update("g8")
+
+
+def test_a_version_1_ledger_is_migrated_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    Ledger(path).close()
+    conn = sqlite3.connect(path)  # what version 1 was: updates without blob_offset/length
+    conn.executescript(
+        "ALTER TABLE updates DROP COLUMN blob_offset; ALTER TABLE updates DROP COLUMN blob_length;"
+        "PRAGMA user_version=1;"
+    )
+    conn.execute("INSERT INTO runs VALUES ('run1', 'fedit', '{}', 1.0)")
+    conn.execute("INSERT INTO rounds VALUES ('run1', 0, 'fedit', 1.0, NULL, NULL, '{}', '[]')")
+    conn.execute(
+        "INSERT INTO updates VALUES ('run1', 0, 't1', 'a1', 'ab', 3, '{}', 1, 2, 1.0, 'b/t1')"
+    )
+    conn.commit()
+    conn.close()
+    with Ledger(path) as led:
+        (row,) = led.updates("run1", 0)
+        assert (row.blob_path, row.blob_offset, row.blob_length) == ("b/t1", None, None)
+        assert led._c().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

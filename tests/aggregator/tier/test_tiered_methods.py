@@ -45,7 +45,9 @@ from tests.aggregator.methods.test_fedpipe_server import result as fedpipe_resul
 REGIONS = {"east": [("a", 3), ("b", 5)], "west": [("c", 2), ("d", 7), ("e", 1)]}
 ONE_CONFIG = {  # one rank, batch and precision: every agent gets the same plan flat or tiered
     "plan": {"ranks": [4], "batch_sizes": [2], "quants": ["bf16"], "capacity": 0.0},
-    "select": {"count": 6},
+    # flat as a region plans its agents: the global selection (per-agent selection needs each
+    # agent's own importance, which a region does not pass up)
+    "select": {"count": 6, "per_agent": False},
 }
 
 

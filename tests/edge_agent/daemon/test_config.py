@@ -173,3 +173,25 @@ def test_simulated_limits_cap_the_profile(tmp_path: Path) -> None:
     profile = agent_profile(cfg)
     assert profile.ram_total == 123_456_789 and profile.ram_available <= 123_456_789
     assert profile.bandwidth_mbps == 7.5
+
+
+def test_simulated_memory_caps_the_gpus_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.daemon import profile as profile_module
+    from edge_agent.daemon.handshake import agent_profile
+
+    real = profile_module.collect_profile
+
+    def with_gpu(**kw: object) -> dict[str, object]:
+        data = real(measure=False, disk_path=kw.get("disk_path"))  # type: ignore[arg-type]
+        gpu = {"index": 0, "name": "big", "memory_total": 150 * 10**9, "memory_free": 140 * 10**9}
+        return {**data, "gpus": [gpu]}
+
+    monkeypatch.setattr(profile_module, "collect_profile", with_gpu)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    agent = {"id": "a", "data": str(data), "memory_limit": 940_000_000}
+    cfg = parse_config({"agent": agent, "security": {"insecure": True}}, tmp_path / "agent.toml")
+    gpu = agent_profile(cfg).gpus[0]
+    assert gpu.memory_total == 940_000_000 and gpu.memory_free == 940_000_000

@@ -271,3 +271,22 @@ def test_an_agent_runs_fedit_then_fedpipe_then_fedit_on_one_base(
     base = ws.base(BaseModelRef(name="tiny", sha256=ws.resolved.sha256), "fp32")[0]
     wrapped = {n.split(".")[-2] for n, _ in base.named_modules() if n.endswith("lora_A")}
     assert wrapped == set(parse_params("fedit", fedit).lora.target_modules)  # FedIT's alone
+
+
+def test_a_train_task_reports_one_sensitivity_per_adapted_matrix(
+    tiny_resolved: ResolvedModel,
+) -> None:
+    ws = TinyWorkspace(tiny_resolved)
+    ranks = {Q0: 4, V1: 1, UP0: 2}
+    params = method_params(ranks, steps=3)
+    out = run_task(ws, params, {}, round=1)
+    payload = payloads.decode(
+        out.blobs[spec.SENSITIVITY_BLOB],
+        payloads.Expect(kind=payloads.PayloadKind.DENSE, method="fedpipe", round=1),
+    )
+    values = {m: float(t[0]) for m, t in payload.tensors.items()}
+    assert set(values) == set(ranks)
+    # B starts at zero, so the first step's A gradient is zero; from the second on both move
+    assert all(v > 0 for v in values.values())
+    assert len({round(v, 15) for v in values.values()}) == 3
+    assert out.metrics[spec.MEMORY_PEAK] > 0

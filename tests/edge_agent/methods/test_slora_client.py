@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from aggregator.methods import MethodContext
 from aggregator.methods.slora.server import SloraServer
+from edge_agent.daemon.objects import ObjectStore
 from edge_agent.methods import TaskInput, TaskOutput
 from edge_agent.methods.slora.client import SloraClient, sparse_deltas, sparse_masks, sparse_targets
 from edge_agent.model.store import ResolvedModel, load_base
@@ -62,6 +64,13 @@ class TinyWorkspace:
             self._bases[quant] = load_base(self.resolved, quant, device="cpu")  # type: ignore[arg-type]
         return self._bases[quant]
 
+    def take_base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
+        raise AssertionError("slora never takes the base over")
+
+    @property
+    def objects(self) -> ObjectStore:
+        raise AssertionError("slora keeps no objects")
+
     def should_stop(self) -> bool:
         return False
 
@@ -74,14 +83,20 @@ def method_params(**sparse: Any) -> dict[str, Any]:
         "lora": {"r": 64, "alpha": 128.0, "target_modules": ["q_proj", "v_proj"]},
         "train": {"steps": 3, "batch_size": 2, "lr": 1e-2, "max_len": 32},
         "eval": {"max_len": 32, "batch_size": 2, "max_new_tokens": 3},
-        "sparse": {"stage1_rounds": 1, "density": 0.01, "mask_seed": 0, **sparse},
+        "sparse": {
+            "stage1_rounds": 1,
+            "density": 0.01,
+            "mask_seed": 0,
+            "target_modules": ["q_proj", "v_proj"],
+            **sparse,
+        },
     }
 
 
 def run_task(
     ws: TinyWorkspace,
     params: Mapping[str, Any],
-    blobs: Mapping[str, bytes],
+    blobs: Mapping[str, bytes | bytearray | memoryview],
     *,
     round: int,
     kind: str = "train",
@@ -218,3 +233,56 @@ def test_stage2_starts_from_the_svd_of_stage1(
     # the fp32 base is now wrapped by peft: stage 1 of a new run still sees the plain weights
     again = run_task(ws, sparse_task.params, sparse_task.blobs, round=1, kind="eval")
     assert again.metrics["eval_loss"] == pytest.approx(sparse_eval.metrics["eval_loss"], abs=1e-6)
+
+
+def test_stage1_covers_every_linear_layer_by_default_and_says_why_fp32(
+    tiny_resolved: ResolvedModel, tiny_model_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = method_params()
+    del params["sparse"]["target_modules"]
+    params["lora"] = {"r": 4, "alpha": 8.0}
+    ws = TinyWorkspace(tiny_resolved)
+    with caplog.at_level(logging.INFO, logger="edge_agent.methods.slora.client"):
+        out = run_task(ws, params, {}, round=1, quant="nf4")
+    assert ws.quants == ["fp32"]
+    assert any("stage 1 trains on the fp32 base, not nf4" in r.message for r in caplog.records)
+    server = SloraServer(params, MethodContext(model_dir=tiny_model_dir))
+    assert server.shapes is not None and len(server.shapes) == 14  # 7 linear layers x 2 blocks
+    update = server.validate(1, as_result(out, 1), {"update": memoryview(out.blobs["update"])})
+    assert update.tensors.keys() == server.shapes.keys()
+    assert out.metrics["masked_values"] == float(sum(server.mask_counts().values()))
+    mlp = [n for n in update.tensors if ".mlp." in n]
+    assert len(mlp) == 6 and all(update.tensors[n].abs().max() > 0 for n in mlp)
+
+
+@pytest.mark.parametrize(("init", "kept"), [("svd", 1.0), ("random", 0.0)])
+def test_the_switch_round_reports_what_the_init_kept(
+    tiny_resolved: ResolvedModel, tiny_model_dir: Any, init: str, kept: float
+) -> None:
+    """r = 64 holds the whole update: the SVD init keeps all of stage 1's eval gain, the
+    random init (B = 0) none of it."""
+    ws = TinyWorkspace(tiny_resolved)
+    server = SloraServer(method_params(init=init), MethodContext(model_dir=tiny_model_dir))
+
+    def eval_round(round: int) -> None:
+        task = server.assign(round, "a", "eval")
+        run_task(ws, task.params, task.blobs, round=round, kind="eval", quant="fp32")
+
+    eval_round(0)
+    server.begin_round(1)
+    task = server.assign(1, "a", "train")
+    out = run_task(ws, task.params, task.blobs, round=1, quant="fp32")
+    server.add(server.validate(1, as_result(out, 1), {"update": memoryview(out.blobs["update"])}))
+    server.finish_round(1)
+    eval_round(1)
+    server.begin_round(2)
+    task = server.assign(2, "a", "train")
+    assert task.params["switch_eval"] is True
+    out = run_task(ws, task.params, task.blobs, round=2, quant="fp32")
+    m = out.metrics
+    assert m["switch_eval_examples"] == 2.0
+    assert m["switch_eval_base_loss"] - m["switch_eval_sparse_loss"] > 0.05  # stage 1 learnt
+    server.add(server.validate(2, as_result(out, 2), {"update": memoryview(out.blobs["update"])}))
+    metrics = server.finish_round(2)
+    assert metrics["switch_gain_kept"] == pytest.approx(kept, abs=1e-3)
+    assert metrics["switch_eval_loss"] == pytest.approx(m["switch_eval_loss"])

@@ -206,6 +206,7 @@ def test_adapter_config_dict_is_plain_json_peft_understands() -> None:
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"target_modules": ()}, "target_modules must be non-empty"),
         ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive"),
+        ({"layers": (1, -1)}, "layers must be non-negative integers"),
     ],
 )
 def test_invalid_spec_is_a_config_error(kwargs: dict[str, Any], message: str) -> None:
@@ -228,3 +229,37 @@ def test_spec_is_frozen_and_hashable() -> None:
     assert hash(spec) == hash(LoraSpec(4, 8.0, 0.0, ("q_proj",), {"q_proj": 2}))
     with pytest.raises(TypeError):
         spec.rank_pattern["q_proj"] = 5  # type: ignore[index]
+
+
+def test_layers_limit_the_adapter_to_those_decoder_layers(
+    tiny_resolved: ResolvedModel, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``layers=(1,)``: LoRA on layer 1 of the 2-layer model only, seeded as without ``layers``,
+    and stock peft loads it from the adapter config (``layers_to_transform``)."""
+    from peft import PeftModel
+
+    spec = LoraSpec(4, 8.0, 0.0, ("q_proj", "v_proj"), layers=(1,))
+    ours = attach_lora(fresh(tiny_resolved), spec, init_seed=7)
+    state = get_adapter_state(ours)
+    assert sorted(state) == [
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight",
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight",
+    ]
+    every = init_lora_state(fresh(tiny_resolved), SPEC, 7)
+    assert all(torch.equal(v, every[k]) for k, v in state.items())  # same seeded values
+    assert init_lora_state(fresh(tiny_resolved), spec, 7).keys() == state.keys()
+    gen = torch.Generator().manual_seed(1)
+    set_adapter_state(ours, {k: torch.randn(v.shape, generator=gen) for k, v in state.items()})
+    out = tmp_path / "adapter"
+    out.mkdir()
+    save_file(get_adapter_state(ours), str(out / "adapter_model.safetensors"))
+    config = adapter_config_dict(spec, str(tiny_model_dir))
+    assert config["layers_to_transform"] == [1] and config["layers_pattern"] == "layers"
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    stock = PeftModel.from_pretrained(fresh(tiny_resolved), str(out))
+    assert {n for n, _ in stock.named_parameters() if "lora_" in n} == {
+        n for n, _ in ours.named_parameters() if "lora_" in n
+    }
+    torch.testing.assert_close(logits(stock), logits(ours), rtol=0, atol=1e-6)

@@ -27,6 +27,17 @@ def test_defaults_and_registration() -> None:
     assert p.stage == 1
     assert (p.sparse.stage1_rounds, p.sparse.density, p.sparse.mask_seed) == (2, 0.01, None)
     assert p.sparse.lr is None and p.lora.r == 8
+    linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert p.sparse.target_modules == linear and p.lora.target_modules == linear
+    assert (p.sparse.init, p.sparse.lr_scale, p.switch_eval) == ("svd", 10.0, False)
+
+
+def test_stage1_lr_is_train_lr_times_the_scale_unless_set() -> None:
+    p = parse_params("slora", {"train": {"lr": 2e-4}})
+    assert isinstance(p, spec.Params)
+    assert p.sparse.stage1_lr(p.train.lr) == pytest.approx(2e-3)
+    q = parse_params("slora", {"train": {"lr": 2e-4}, "sparse": {"lr_scale": 3, "lr": 0.05}})
+    assert isinstance(q, spec.Params) and q.sparse.stage1_lr(q.train.lr) == 0.05
 
 
 @pytest.mark.parametrize(
@@ -38,6 +49,9 @@ def test_defaults_and_registration() -> None:
         ({"sparse": {"mask_seed": -1}}, "sparse.mask_seed"),
         ({"stage": 3}, "stage"),
         ({"lora": {"rank_pattern": {"q_proj": 4}}}, "rank_pattern must be"),
+        ({"sparse": {"target_modules": ["q_proj"]}}, "not in sparse.target_modules"),
+        ({"sparse": {"init": "zeros"}}, "sparse.init"),
+        ({"sparse": {"lr_scale": 0}}, "sparse.lr_scale"),
         ({"sparse": {"dense": True}}, "sparse.dense"),
     ],
 )

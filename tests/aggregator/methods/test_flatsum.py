@@ -1,0 +1,81 @@
+"""The flat float64 accumulator: exact, in place, one buffer."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from aggregator.errors import UpdateRejected
+from aggregator.methods.flatsum import CHUNK, FlatSum
+from aggregator.methods.robust import Aggregator
+from protocol.methods._common import AggregationParams
+
+
+def update(seed: int, sizes: tuple[int, ...] = (3 * CHUNK + 5, 17, 1)) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(n, 2, generator=g) * 10 ** (seed % 5) for i, n in enumerate(sizes)}
+
+
+def reference(updates: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """The per-tensor float64 sum the flat buffer replaces."""
+    sums: dict[str, torch.Tensor] = {}
+    for tensors, w in updates:
+        for k, v in tensors.items():
+            c = v.to(torch.float64) * w
+            sums[k] = c if k not in sums else sums[k].add_(c)
+    total = sum(w for _, w in updates)
+    return {k: (v / total).to(torch.float32) for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (3, 70, 1), (0.5, 2.25, 1e6)])
+def test_bit_identical_to_a_float64_sum_per_tensor(weights: tuple[float, ...]) -> None:
+    updates = [(update(i), w) for i, w in enumerate(weights)]
+    flat = FlatSum()
+    for tensors, w in updates:
+        flat.add(tensors, w)
+    got, want = flat.result(sum(weights)), reference(updates)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+
+
+def test_one_buffer_and_no_temporary_of_an_updates_size() -> None:
+    big = update(1, sizes=(1 << 20,))  # 8 MiB of float64 once summed
+    flat = FlatSum()
+    flat.add(big, 3)
+    assert flat.data.dtype == np.float64 and flat.data.size == 2 << 20
+    tracemalloc.start()
+    try:
+        flat.add(update(2, sizes=(1 << 20,)), 5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # the per-tensor float64 way allocates 16 MiB here
+
+
+def test_a_different_layout_is_refused_before_anything_is_added() -> None:
+    flat = FlatSum()
+    flat.add(update(1), 1)
+    before = flat.data.copy()
+    other = update(2)
+    other["t1"] = torch.ones(18, 2)
+    with pytest.raises(ValueError, match="shape"):
+        flat.add(other, 1)
+    with pytest.raises(ValueError, match="names"):
+        flat.add({"t0": update(3)["t0"]}, 1)
+    assert np.array_equal(flat.data, before)
+    agg = Aggregator(AggregationParams())  # the method sees it as a mismatched payload
+    agg.add(update(1), 1)
+    with pytest.raises(UpdateRejected):
+        agg.add(other, 1)
+
+
+def test_bfloat16_and_non_contiguous_inputs() -> None:
+    x = torch.randn(64, 32)
+    flat = FlatSum()
+    flat.add({"w": x.T.to(torch.bfloat16)}, 2)
+    want = x.T.to(torch.bfloat16).to(torch.float64) * 2
+    assert torch.equal(flat.result(1.0, torch.float64)["w"], want)
