@@ -36,12 +36,19 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from aggregator.methods.fedpipe.importance import Layout
+
+class Layout(Protocol):
+    """What the planner needs of an agent's adapted matrices
+    (:class:`aggregator.methods.fedpipe.importance.Layout`, which imports this module)."""
+
+    def ranks(self, level: int) -> dict[str, int]: ...
+
+    def size(self, level: int) -> tuple[int, int]: ...
+
 
 PRECISION_LEVEL: Mapping[str, int] = {"nf4": 0, "int8": 1, "bf16": 2, "fp32": 3}
 BYTES_LINEAR: Mapping[str, float] = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5625}
