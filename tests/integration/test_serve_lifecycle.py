@@ -239,8 +239,15 @@ def admitted(curve: CurveService, timeout: float, talk: zmq.Socket[bytes] | None
         if talk is not None:
             send(talk, hello("old"))
         new = curve.client("new")
+        # a handshake refused before the send (a fast refusal on a loaded box) leaves the fresh
+        # socket without a connection for good (libzmq drops it after a protocol error), so the
+        # send cannot go: that try was refused, the next one connects afresh
+        new.setsockopt(zmq.SNDTIMEO, 2_000)
         try:
-            send(new, hello("new"))
+            try:
+                send(new, hello("new"))
+            except zmq.Again:
+                continue
             # a refused handshake never answers; an admitted one may be slow on a loaded box
             wait_ms = int(1000 * max(0.1, min(10.0, deadline - time.monotonic())))
             if new.poll(wait_ms) and isinstance(decode(new.recv_multipart()).header, Welcome):
