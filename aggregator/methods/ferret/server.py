@@ -171,17 +171,7 @@ class FerretServer:
     def _step_payload(self, round: int) -> bytes:
         data = self._step_payloads.get(round)
         if data is None:
-            group, seed, value = self.history[round]
-            data = payloads.encode_seedcoef(
-                group,
-                seed,
-                value,
-                base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
-                k=self.p.k,
-                n_groups=self.n_groups,
-                method=self.name,
-                round=round,
-            )
+            data = self._encode_triples(round, *self.history[round])
             for old in [r for r in self._step_payloads if r <= round - self.p.max_catchup]:
                 del self._step_payloads[old]
             self._step_payloads[round] = data
@@ -269,7 +259,10 @@ class FerretServer:
         coefficients in (group, seed) order, as :meth:`finish_round` makes its own triples.
         Each agent clamped its coefficients to ``clip_norm`` before masking, so the mean is
         within it and the clamp of :meth:`validate` changes nothing."""
-        group, seed, value = grid.triples_from_grid(mean, self.p.k)
+        return self._encode_triples(round, *grid.triples_from_grid(mean, self.p.k))
+
+    def _encode_triples(self, round: int, group: Any, seed: Any, value: Any) -> bytes:
+        """Round ``round``'s (group, seed, coefficient) triples as a ``seedcoef`` payload."""
         return payloads.encode_seedcoef(
             group,
             seed,
