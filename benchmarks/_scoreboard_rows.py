@@ -28,6 +28,9 @@ class Variant:
     """``--agent-limit`` values (``agent-1:memory=600MB,bandwidth=5``)."""
     bandwidth: tuple[float, ...] | None = None
     """Modelled Mbit/s per agent for the simulated clock, if not the scoreboard's."""
+    alpha: float | None = None
+    """Train on a Dirichlet(``alpha``) split of the held subtasks instead of the scoreboard's
+    one-subtask-set-per-agent split (``alpha=100``: near-IID). The eval set is the same."""
     expensive: bool = False
     """Run after every other variant of the selected sections (an interrupted scoreboard
     has the cheap rows first)."""
@@ -127,7 +130,10 @@ SECTIONS: tuple[Section, ...] = (
         "`sparse.stage1_rounds` rounds, then LoRA on all 7 linear layers initialised from the "
         "SVD of the stage-1 change. `slora init=random` is the same stage 1 with stage 2 from "
         "fedit's own initialisation; `fedit all-linear` is fedit with slora's LoRA targets "
-        "(like-for-like bytes); `slora qkvo LoRA` is slora with fedit's.",
+        "(like-for-like bytes); `slora qkvo LoRA` is slora with fedit's. The main rows train on "
+        "the scoreboard's split (each agent its own subtasks: strongly non-IID); the `alpha=100` "
+        "rows on a near-IID Dirichlet(100) split of the same subtasks, scored on the same eval "
+        "set.",
         (
             Variant("slora init=random", "slora", ("sparse.init=random",)),
             Variant(
@@ -143,6 +149,10 @@ SECTIONS: tuple[Section, ...] = (
                 "slora",
                 ('lora.target_modules=["q_proj","k_proj","v_proj","o_proj"]',),
             ),
+            Variant("fedavg alpha=100", "fedavg", alpha=100.0),
+            Variant("fedit alpha=100", "fedit", alpha=100.0),
+            Variant("slora alpha=100", "slora", alpha=100.0),
+            Variant("slora init=random alpha=100", "slora", ("sparse.init=random",), alpha=100.0),
         ),
     ),
     Section(

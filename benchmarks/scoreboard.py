@@ -60,11 +60,15 @@ def parse_grid(text: str) -> dict[str, list[float]]:
     return grid
 
 
-def prepare_split(args: argparse.Namespace, seed: int, agents: int | None = None) -> Path:
+def prepare_split(
+    args: argparse.Namespace, seed: int, agents: int | None = None, alpha: float | None = None
+) -> Path:
     """The seed's split for ``agents`` agents (the scoreboard's count unless a section runs
-    more), written once and reused by every configuration of that seed."""
+    more), by subtask or, given ``alpha``, Dirichlet(``alpha``); written once and reused by
+    every configuration of that seed."""
     agents = agents or args.agents
     suffix = "" if agents == args.agents else f"-a{agents}"
+    suffix += "" if alpha is None else f"-alpha{alpha:g}"
     out = args.results / "data" / f"seed-{seed}{suffix}"
     if (out / "meta.json").is_file():
         return out
@@ -74,6 +78,7 @@ def prepare_split(args: argparse.Namespace, seed: int, agents: int | None = None
         out, tasks=tuple(args.tasks.split(",")) if args.tasks else (), agents=agents,
         per_agent=args.per_agent, n_eval=args.eval_examples, n_public=args.public,
         seed=seed, max_tokens=args.max_tokens, archive=args.archive,
+        **({} if alpha is None else {"split": "dirichlet", "alpha": alpha}),
     )  # fmt: skip
     return out
 
@@ -98,7 +103,10 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
         print(f"  running {cfg.name} ...", flush=True)
         variant = all_variants().get(cfg.variant)
         try:
-            split = prepare_split(args, cfg.seed, variant.agents if variant else None)
+            split = prepare_split(
+                args, cfg.seed, variant.agents if variant else None,
+                variant.alpha if variant else None,
+            )  # fmt: skip
             result = run_config(cfg, common, split, work)
         except RuntimeError as exc:
             print(f"  FAILED {exc}", flush=True)
@@ -207,7 +215,8 @@ def section_lines(
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
                   "", f"![{section.key}]({_rel(img, args.doc)})", ""]  # fmt: skip
         for v in section.variants:
-            lines.append(f"- `{v.name}`: `{' '.join(v.local_args())}`")
+            split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
+            lines.append(f"- `{v.name}`: `{' '.join(v.local_args())}`{split}")
     return lines
 
 

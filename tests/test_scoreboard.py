@@ -83,7 +83,9 @@ def test_finished_configurations_are_skipped_on_the_next_invocation(
                                                                    "quant": cfg.quant, "wall_seconds": 1.0}  # fmt: skip
 
     monkeypatch.setattr(scoreboard, "run_config", fake_run)
-    monkeypatch.setattr(scoreboard, "prepare_split", lambda args, seed, agents=None: tmp_path)
+    monkeypatch.setattr(
+        scoreboard, "prepare_split", lambda args, seed, agents=None, alpha=None: tmp_path
+    )
     args = argparse.Namespace(
         results=tmp_path, lr_grid="fedit=1e-3,3e-3", methods="fedit", references="",
         seeds="0,1,2", quant="nf4", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01,
@@ -120,7 +122,9 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
         }  # fmt: skip
 
     monkeypatch.setattr(scoreboard, "run_config", fake_run)
-    monkeypatch.setattr(scoreboard, "prepare_split", lambda args, seed, agents=None: tmp_path)
+    monkeypatch.setattr(
+        scoreboard, "prepare_split", lambda args, seed, agents=None, alpha=None: tmp_path
+    )
     ferret = next(s for s in SECTIONS if s.key == "ferret")
     args = argparse.Namespace(
         results=tmp_path, lr_grid="ferret=0.05,0.01", methods="fedavg,ferret", references="",
@@ -198,3 +202,55 @@ def test_tables_from_a_partial_scoreboard_choose_only_finished_grids(tmp_path: P
     assert chosen == {"fedit": 1e-3}
     pending = scoreboard._pending_lines(args, chosen)
     assert any("ferret" in ln and "fedit" not in ln for ln in pending)
+
+
+def test_near_iid_rows_train_on_their_own_dirichlet_split_with_the_same_eval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _scoreboard_rows import SECTIONS
+
+    import aggregator.data.cli as data_cli
+
+    made: list[dict[str, Any]] = []
+
+    def fake_prepare(out: Path, **kw: Any) -> dict[str, Any]:
+        made.append({"out": out, **kw})
+        out.mkdir(parents=True)
+        (out / "meta.json").write_text("{}", encoding="utf-8")
+        return {}
+
+    monkeypatch.setattr(data_cli, "prepare_natural_instructions", fake_prepare)
+    args = argparse.Namespace(
+        results=tmp_path, agents=2, tasks="", per_agent=8, eval_examples=4, public=0,
+        max_tokens=64, archive=None,
+    )  # fmt: skip
+    plain = scoreboard.prepare_split(args, 0)
+    near_iid = scoreboard.prepare_split(args, 0, None, 100.0)
+    assert plain != near_iid and near_iid.name == "seed-0-alpha100"
+    assert "split" not in made[0] and (made[1]["split"], made[1]["alpha"]) == ("dirichlet", 100.0)
+    assert scoreboard.prepare_split(args, 0, None, 100.0) == near_iid and len(made) == 2  # reused
+
+    seen: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(
+        scoreboard, "prepare_split",
+        lambda args, seed, agents=None, alpha=None: seen.append(("", alpha)) or tmp_path,
+    )  # fmt: skip
+
+    def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
+        seen[-1] = (cfg.variant, seen[-1][1])
+        return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
+            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
+            "wall_seconds": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(scoreboard, "run_config", fake_run)
+    run_args = argparse.Namespace(
+        results=tmp_path, lr_grid="", methods="fedavg,fedit,slora", references="", seeds="0",
+        quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01, sections="slora",
+    )  # fmt: skip
+    scoreboard.run_all(run_args, Common("m", 2, 1, 1, 2, (100.0, 20.0)), Store(tmp_path / "r"))
+    slora = next(s for s in SECTIONS if s.key == "slora")
+    expected = {v.name: v.alpha for v in slora.variants}
+    assert {name: alpha for name, alpha in seen if name} == expected
+    assert sum(a == 100.0 for a in expected.values()) == 4
+    assert all(alpha is None for name, alpha in seen if not name)  # the main rows: by subtask
