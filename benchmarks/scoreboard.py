@@ -78,7 +78,7 @@ def prepare_split(
         out, tasks=tuple(args.tasks.split(",")) if args.tasks else (), agents=agents,
         per_agent=args.per_agent, n_eval=args.eval_examples, n_public=args.public,
         seed=seed, max_tokens=args.max_tokens, archive=args.archive,
-        **({} if alpha is None else {"split": "dirichlet", "alpha": alpha}),
+        split="task" if alpha is None else "dirichlet", alpha=alpha or 0.5,
     )  # fmt: skip
     return out
 

@@ -227,7 +227,8 @@ def test_near_iid_rows_train_on_their_own_dirichlet_split_with_the_same_eval(
     plain = scoreboard.prepare_split(args, 0)
     near_iid = scoreboard.prepare_split(args, 0, None, 100.0)
     assert plain != near_iid and near_iid.name == "seed-0-alpha100"
-    assert "split" not in made[0] and (made[1]["split"], made[1]["alpha"]) == ("dirichlet", 100.0)
+    assert made[0]["split"] == "task"
+    assert (made[1]["split"], made[1]["alpha"]) == ("dirichlet", 100.0)
     assert scoreboard.prepare_split(args, 0, None, 100.0) == near_iid and len(made) == 2  # reused
 
     seen: list[tuple[str, float | None]] = []
