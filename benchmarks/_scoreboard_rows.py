@@ -77,10 +77,13 @@ SECTIONS: tuple[Section, ...] = (
         "fedavg",
         ("fedavg", "fedit", "ferret"),
         "`ferret` is the default K = 256. Every row trains the same local steps at its method's "
-        "chosen rate; Ferret sends K-bounded (seed, coefficient) triples, fedavg the dense model.",
+        "chosen rate; Ferret sends K-bounded (seed, coefficient) triples, fedavg the dense model. "
+        "`ferret secagg` is the default under secure aggregation (issue 22: the coefficients "
+        "summed in fixed point under pairwise masks).",
         (
             Variant("ferret K=32", "ferret", ("ferret.k=32",)),
             Variant("ferret K=2048", "ferret", ("ferret.k=2048",), expensive=True),
+            Variant("ferret secagg", "ferret", flags=("--secagg",)),
             Variant(
                 "ferret slr=10/3 linear",
                 "ferret",
