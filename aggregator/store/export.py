@@ -34,7 +34,7 @@ def adapter_config(
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name,
         "r": lora.r,
-        "lora_alpha": lora.alpha,
+        "lora_alpha": lora.peft_alpha,
         "lora_dropout": lora.dropout,
         "target_modules": sorted(lora.target_modules),
         "rank_pattern": dict(lora.rank_pattern),
@@ -43,7 +43,7 @@ def adapter_config(
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": False,
+        "use_rslora": lora.peft_rslora,
         "use_dora": False,
         "modules_to_save": None,
     }
@@ -107,7 +107,7 @@ def merge_into_base(
         weights = load_file(str(file))
         for name, (a, b) in pairs.items():
             if name in weights:
-                scaling = lora.alpha / a.shape[0]  # peft: lora_alpha / r of this module
+                scaling = lora.module_scaling(a.shape[0])  # peft's, at this module's rank
                 w = weights[name]
                 delta = (b.to(torch.float32) @ a.to(torch.float32)) * scaling
                 weights[name] = (w.to(torch.float32) + delta).to(w.dtype)

@@ -52,6 +52,9 @@ class LoraSpec:
     layers: tuple[int, ...] = ()
     """Decoder layer indices to adapt (peft's ``layers_to_transform`` over ``layers``); empty:
     every layer."""
+    rslora: bool = False
+    """Rank-stabilised scaling (peft's ``use_rslora``): ``alpha / sqrt(r)`` per module instead of
+    ``alpha / r``."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +91,7 @@ def lora_config(spec: LoraSpec, base_model_name: str | None = None) -> LoraConfi
         "target_modules": list(spec.target_modules),
         "rank_pattern": dict(spec.rank_pattern),
         "bias": "none",
+        "use_rslora": spec.rslora,
         "task_type": TaskType.CAUSAL_LM,
         "base_model_name_or_path": base_model_name,
     }

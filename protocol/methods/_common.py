@@ -34,6 +34,20 @@ class LoraParams(StrictParams):
     def scaling(self) -> float:
         return self.alpha / self.r
 
+    @property
+    def peft_alpha(self) -> float:
+        """peft's ``lora_alpha`` for these parameters."""
+        return self.alpha
+
+    @property
+    def peft_rslora(self) -> bool:
+        """peft's ``use_rslora``: scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``."""
+        return False
+
+    def module_scaling(self, r: int) -> float:
+        """peft's scaling of the ``B·A`` of a module of rank ``r`` under these parameters."""
+        return self.peft_alpha / (r**0.5 if self.peft_rslora else r)
+
 
 class TrainParams(StrictParams):
     """Local training hyperparameters."""

@@ -1,7 +1,8 @@
 """FedPipe's combination of one round's updates in ΔW space, under ``[method.aggregation]``.
 
-Agents train at different ranks, so updates are combined as ``ΔW_i = (alpha / r_i)·B_i·A_i`` per
-module, never factor by factor. Each update is first clipped: its change of the model,
+Agents train at different ranks, so updates are combined as ``ΔW_i = c(r_i)·B_i·A_i`` per
+module (``c`` the module scaling, :data:`~protocol.methods.fedpipe.math.Scaling`), never factor
+by factor. Each update is first clipped: its change of the model,
 ``‖ΔW_i − ΔW_global‖`` over all modules, is bounded by ``clip_norm`` by pulling it toward the
 global along the straight line (``ΔW_global + s·(ΔW_i − ΔW_global)``, s exact since the change is
 linear in s). Then:
@@ -29,18 +30,22 @@ from protocol.methods.fedpipe import math as fm
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B)
 
 
-def _scaled(a: torch.Tensor, b: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c·B, A)`` in float64 with ``c = alpha / r``."""
-    return b.double() * (alpha / a.shape[0]), a.double()
+def _scaled(
+    a: torch.Tensor, b: torch.Tensor, scaling: fm.Scaling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c(r)·B, A)`` in float64."""
+    return b.double() * scaling(a.shape[0]), a.double()
 
 
-def change_norm(update: Mapping[str, Factors], base: Mapping[str, Factors], alpha: float) -> float:
+def change_norm(
+    update: Mapping[str, Factors], base: Mapping[str, Factors], scaling: fm.Scaling
+) -> float:
     """``‖ΔW_update − ΔW_base‖`` over all modules, with rank-sized products only."""
     total = 0.0
     for module, (a, b) in update.items():
-        left, right = _scaled(a, b, alpha)
+        left, right = _scaled(a, b, scaling)
         if module in base:
-            left_g, right_g = _scaled(*base[module], alpha)
+            left_g, right_g = _scaled(*base[module], scaling)
             left, right = torch.cat([left, -left_g], dim=1), torch.cat([right, right_g], dim=0)
         total += float(torch.trace((left.T @ left) @ (right @ right.T)).clamp(min=0.0))
     return total**0.5
@@ -50,10 +55,10 @@ class DeltaCombiner:
     """One round's updates, clipped and combined in ΔW space."""
 
     def __init__(
-        self, params: AggregationParams, alpha: float, global_ab: Mapping[str, Factors]
+        self, params: AggregationParams, scaling: fm.Scaling, global_ab: Mapping[str, Factors]
     ) -> None:
         self.params = params
-        self.alpha = alpha
+        self.scaling = scaling
         self.global_ab = dict(global_ab)
         self.sums: dict[str, fm.LowRankSum] = {}
         self.dense: dict[str, Aggregator] = {}
@@ -72,21 +77,21 @@ class DeltaCombiner:
         scale = 1.0
         clip = self.params.clip
         if clip is not None:
-            norm = change_norm(update, self.global_ab, self.alpha)
+            norm = change_norm(update, self.global_ab, self.scaling)
             scale = min(1.0, clip / norm) if norm > 0 else 1.0
         for module, (a, b) in update.items():
             self.module_weight[module] = self.module_weight.get(module, 0) + weight
             base = self.global_ab.get(module)
             if self.params.rule == "fedavg":
                 acc = self.sums.setdefault(module, fm.LowRankSum())
-                acc.add(a, b, weight * scale, self.alpha)
+                acc.add(a, b, weight * scale, self.scaling)
                 if scale < 1.0 and base is not None:
-                    acc.add(base[0], base[1], weight * (1.0 - scale), self.alpha)
+                    acc.add(base[0], base[1], weight * (1.0 - scale), self.scaling)
             else:
-                left, right = _scaled(a, b, self.alpha)
+                left, right = _scaled(a, b, self.scaling)
                 delta = scale * (left @ right)
                 if scale < 1.0 and base is not None:
-                    left_g, right_g = _scaled(*base, self.alpha)
+                    left_g, right_g = _scaled(*base, self.scaling)
                     delta += (1.0 - scale) * (left_g @ right_g)
                 self.dense.setdefault(module, Aggregator(self.params)).add({"d": delta}, weight)
         self.weight += weight

@@ -15,7 +15,8 @@ Phases (driven by the engine's optional hooks):
   low-rank running sum (:mod:`protocol.methods.fedpipe.math`).
 - **eval**: the global ``ΔW`` as exact factors (the global's own rank per module).
 
-The checkpoint holds the global as peft factors (``(alpha/R)·B·A = ΔW``, rank ``R`` per module),
+The checkpoint holds the global as peft factors (``c(R)·B·A = ΔW``, rank ``R`` per module, ``c``
+the module scaling of ``lora``),
 so ``aggregator.store.export.merge_into_base`` and :meth:`export` merge it into the base weights.
 """
 
@@ -278,7 +279,8 @@ class FedpipeServer:
                 if module in self.global_ab:
                     a_glob, b_glob = self.global_ab[module]
                     state[a_key], state[b_key] = fm.truncate(
-                        a_glob, b_glob, r, a_key=a_key, init_seed=seed
+                        a_glob, b_glob, r, self.params.lora.module_scaling, a_key=a_key,
+                        init_seed=seed,
                     )
                 else:  # adapted by no one yet: the seeded init (ΔW = 0)
                     m = self.candidates[module]
@@ -364,8 +366,8 @@ class FedpipeServer:
 
     def begin_round(self, round: int) -> None:
         self._round = round
-        agg, alpha = self.params.aggregation, self.params.lora.alpha
-        self._combined = DeltaCombiner(agg, alpha, self.global_ab)
+        agg, scaling = self.params.aggregation, self.params.lora.module_scaling
+        self._combined = DeltaCombiner(agg, scaling, self.global_ab)
 
     def add(self, update: Update) -> None:
         region = update.agent_id in self._regions
@@ -395,9 +397,9 @@ class FedpipeServer:
         self.planner.learn_speed(round)
         if weight == 0:
             return metrics
-        alpha = self.params.lora.alpha
+        scaling = self.params.lora.module_scaling
         for module, (u, s, vh) in self._combined.svds().items():
-            self.global_ab[module] = fm.global_factors(u, s, vh, alpha)
+            self.global_ab[module] = fm.global_factors(u, s, vh, scaling)
         self._payloads.clear()
         ranks = [a.shape[0] for a, _ in self.global_ab.values()]
         metrics["global_rank"] = sum(ranks) / max(len(ranks), 1)

@@ -8,7 +8,7 @@ hook on its output receives ``∂L/∂Y``; then ``∂L/∂W = (∂L/∂Y)ᵀ·X`
 ``W`` is the layer's weight, dequantized for NF4/int8. Only activations carry gradients.
 
 Train tasks: a peft adapter on exactly the modules of ``params.ranks`` at those ranks (the
-scaling is ``alpha / rank`` per module), initialised from blob ``global`` or, in round 1, from
+scaling is ``lora.module_scaling(rank)`` per module: peft's ``use_rslora`` with ``lora.rslora``), initialised from blob ``global`` or, in round 1, from
 the seeded init of ``edge_agent.training.lora``; then ``train.steps`` steps of batch ``train.batch_size``
 on the task's precision, measuring AdaLoRA's sensitivity of the adapter entries after every step
 (:mod:`edge_agent.methods.fedpipe.sensitivity`), reported per module beside the update with the
@@ -186,10 +186,11 @@ def lora_spec(ranks: Mapping[str, int], lora: spec.FedpipeLora) -> LoraSpec:
     """peft's shape for ``ranks`` (full module names, so a name matches that module only)."""
     return LoraSpec(
         r=max(ranks.values()),
-        alpha=lora.alpha,
+        alpha=lora.peft_alpha,
         dropout=lora.dropout,
         target_modules=tuple(sorted(ranks)),
         rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        rslora=lora.peft_rslora,
     )
 
 
@@ -199,8 +200,8 @@ def adapter_for(
     """A peft model with an adapter on exactly ``ranks``' modules at those ranks (reused while
     the shape stays the same)."""
     a = task.assign
-    key = ("fedpipe", a.model.sha256, a.quant, tuple(sorted(ranks.items())), lora.alpha,
-           lora.dropout)  # fmt: skip
+    key = ("fedpipe", a.model.sha256, a.quant, tuple(sorted(ranks.items())), lora.peft_alpha,
+           lora.peft_rslora, lora.dropout)  # fmt: skip
     peft_model, tokenizer = attached_adapter(ws, a, lora_spec(ranks, lora), lora.init_seed, key)
     got = fm.ranks_of(get_adapter_state(peft_model))
     if got != dict(ranks):

@@ -15,7 +15,8 @@ Language Models" (2024). Four parts, all server-driven:
    ``plan.rank_spread``), the batch size and the base precision that minimise the slowest
    agent's estimated round time under its memory and a total-rank floor
    (``aggregator/methods/fedpipe/plan.py`` and ``solve.py``).
-3. **Mixed-rank aggregation** in ``ΔW = (alpha / r)·B·A`` space, weighted by examples over the
+3. **Mixed-rank aggregation** in ``ΔW = c(r)·B·A`` space (``c(r)`` the module's scaling at its
+   rank, :meth:`FedpipeLora.module_scaling`), weighted by examples over the
    agents that adapted each module; each agent is then sent the truncated SVD of the global
    ``ΔW`` at its own ranks.
 4. **Precision by memory**: the planner's choice travels as ``TaskAssign.quant``.
@@ -31,7 +32,7 @@ Wire (tensor names are peft's: ``base_model.model.<module>.lora_A.weight`` ``[r,
 - ``TaskAssign(kind="train", round=r)``: :class:`Params` with ``ranks`` = this agent's rank per
   selected module, ``train.batch_size`` / ``train.steps`` = its batch and step count; from
   round 2 on, blob ``global``: a ``lora`` payload with exactly those ranks, scaled so that
-  ``(alpha / r)·B·A`` is the best rank-r approximation of the global ``ΔW`` (components past
+  ``c(r)·B·A`` is the best rank-r approximation of the global ``ΔW`` (components past
   the global's rank: seeded ``A`` rows, zero ``B`` columns). Round 1 carries none: every agent
   builds the seeded adapter of ``edge_agent.training.lora`` (``lora.init_seed``) at its ranks.
   ``TaskResult``: blob ``update``, a ``lora`` payload of the same names and shapes, and blob
@@ -46,7 +47,7 @@ A regional tier (``Hello.role = "region"``) is planned no ranks: its score task 
 its train and eval tasks carry ``selected`` and, from round 2 on, the global as exact factors
 (the eval task's blob). It answers a score task with its agents' example-weighted mean scores
 and a train task with its agents' mean ``ΔW`` as exact factors of any rank up to
-``min(out, in)`` per module (scaled like the global: ``(alpha/R)·B·A``), ``num_examples`` = its
+``min(out, in)`` per module (scaled like the global: ``c(R)·B·A``), ``num_examples`` = its
 agents' total; the server folds that in like any update: ``Σ_R W_R·ΔW_R = Σ_a n_a·ΔW_a``.
 """
 
@@ -92,10 +93,24 @@ Precision = Literal["fp32", "bf16", "int8", "nf4"]
 
 
 class FedpipeLora(LoraParams):
-    """LoRA shape: ``r`` is the nominal rank (the capacity floor is counted in it), ``alpha``
-    gives every module the scaling ``alpha / its rank``; ranks are chosen per agent."""
+    """LoRA shape: ``r`` is the nominal rank ``r0`` (the capacity floor is counted in it);
+    ranks are chosen per agent and per module. A module of rank ``r`` is scaled by
+    ``alpha / sqrt(r · r0)`` (``rslora``, the default) or ``alpha / r``."""
 
     target_modules: Annotated[tuple[ModuleName, ...], Field(min_length=1, max_length=32)] = TARGETS
+    rslora: bool = True
+    """Rank-stabilised scaling (Kalajdzievski 2023; peft ``use_rslora`` with ``lora_alpha =
+    alpha / sqrt(r0)``): ``alpha / sqrt(r · r0)``, which equals ``alpha / r`` at the nominal rank
+    ``r0`` and makes Adam's early change of ``ΔW`` independent of the rank (under ``alpha / r``
+    a rank-1 module moves √r0 times faster than one at ``r0``; see docs/methods/fedpipe.md)."""
+
+    @property
+    def peft_alpha(self) -> float:
+        return self.alpha / self.r**0.5 if self.rslora else self.alpha
+
+    @property
+    def peft_rslora(self) -> bool:
+        return self.rslora
 
     @field_validator("rank_pattern")
     @classmethod

@@ -22,6 +22,7 @@ from protocol.methods.fedpipe import math as fm
 from protocol.methods.fedpipe import spec
 
 ALPHA = 8.0
+SCALE = spec.FedpipeLora(r=4, alpha=ALPHA).module_scaling  # the default: rank-stabilised
 
 
 def params(**extra: Any) -> dict[str, Any]:
@@ -201,11 +202,16 @@ def run_round(
 
 
 def dense_global(s: FedpipeServer) -> dict[str, torch.Tensor]:
-    return {m: fm.delta(a, b, ALPHA) for m, (a, b) in s.global_ab.items()}
+    return {m: fm.delta(a, b, s.params.lora.module_scaling) for m, (a, b) in s.global_ab.items()}
 
 
-def test_mixed_rank_aggregate_is_the_weighted_mean_of_the_delta_ws(tiny_model_dir: Path) -> None:
-    s = selected_server(tiny_model_dir)
+@pytest.mark.parametrize("rslora", [True, False])
+def test_mixed_rank_aggregate_is_the_weighted_mean_of_the_delta_ws(
+    tiny_model_dir: Path, rslora: bool
+) -> None:
+    s = selected_server(tiny_model_dir, lora={"r": 4, "alpha": ALPHA, "rslora": rslora})
+    scale = s.params.lora.module_scaling
+    assert scale(1) == pytest.approx(ALPHA / 2 if rslora else ALPHA)  # alpha/sqrt(r·4), alpha/r
     views = {"a": view("a", 1000.0), "b": view("b", 0.05), "c": view("c", 3.0)}
     updates = run_round(s, views, 1, seed=0)
     ranks = {
@@ -216,14 +222,17 @@ def test_mixed_rank_aggregate_is_the_weighted_mean_of_the_delta_ws(tiny_model_di
     total = sum(n for _, n in updates.values())
     for module in s.selected:
         a_key, b_key = fm.keys(module)
-        want = sum(n * fm.delta(u[a_key], u[b_key], ALPHA) for u, n in updates.values()) / total
+        want = sum(n * fm.delta(u[a_key], u[b_key], scale) for u, n in updates.values()) / total
         got = dense_global(s)[module]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
         assert s.global_ab[module][0].shape[0] <= sum(r[module] for r in ranks.values())
 
 
-def test_each_agent_receives_the_best_rank_r_approximation(tiny_model_dir: Path) -> None:
-    s = selected_server(tiny_model_dir)
+@pytest.mark.parametrize("rslora", [True, False])
+def test_each_agent_receives_the_best_rank_r_approximation(
+    tiny_model_dir: Path, rslora: bool
+) -> None:
+    s = selected_server(tiny_model_dir, lora={"r": 4, "alpha": ALPHA, "rslora": rslora})
     views = {"a": view("a", 1000.0), "b": view("b", 0.05), "c": view("c", 3.0)}
     run_round(s, views, 1, seed=1)
     s.begin_round(2)
@@ -238,7 +247,7 @@ def test_each_agent_receives_the_best_rank_r_approximation(tiny_model_dir: Path)
         assert fm.ranks_of(sent.tensors) == ranks
         for module, r in ranks.items():
             a_key, b_key = fm.keys(module)
-            approx = fm.delta(sent.tensors[a_key], sent.tensors[b_key], ALPHA)
+            approx = fm.delta(sent.tensors[a_key], sent.tensors[b_key], s.params.lora.module_scaling)
             u, sv, vh = torch.linalg.svd(glob[module])
             best = (u[:, :r] * sv[:r]) @ vh[:r]
             scale = float(sv[0])
@@ -257,12 +266,12 @@ def test_a_rank_above_the_global_rank_gets_seeded_rows_that_change_nothing(
     m = s.candidates[module]
     low = {a_key: torch.randn(1, m.in_features), b_key: torch.randn(m.out_features, 1)}
     acc = fm.LowRankSum()
-    acc.add(low[a_key], low[b_key], 1.0, ALPHA)
-    a_glob, b_glob = fm.global_factors(*acc.svd(1.0), ALPHA)
+    acc.add(low[a_key], low[b_key], 1.0, SCALE)
+    a_glob, b_glob = fm.global_factors(*acc.svd(1.0), SCALE)
     assert a_glob.shape[0] == 1
-    a8, b8 = fm.truncate(a_glob, b_glob, 8, a_key=a_key, init_seed=0)
+    a8, b8 = fm.truncate(a_glob, b_glob, 8, SCALE, a_key=a_key, init_seed=0)
     torch.testing.assert_close(
-        fm.delta(a8, b8, ALPHA), fm.delta(low[a_key], low[b_key], ALPHA), rtol=1e-5, atol=1e-6
+        fm.delta(a8, b8, SCALE), fm.delta(low[a_key], low[b_key], SCALE), rtol=1e-5, atol=1e-6
     )
     torch.testing.assert_close(a8[1:], fm.seeded_a(a_key, 8, m.in_features, 0)[1:])
     assert float(b8[:, 1:].abs().max()) == 0.0
@@ -343,7 +352,7 @@ def test_export_merges_the_global_delta_w_into_the_base(
         if module in s.global_ab:
             a, b = s.global_ab[module]
             torch.testing.assert_close(
-                merged[name], w + fm.delta(a, b, ALPHA).float(), rtol=1e-5, atol=1e-6
+                merged[name], w + fm.delta(a, b, SCALE).float(), rtol=1e-5, atol=1e-6
             )
         else:
             assert torch.equal(merged[name], w)
@@ -492,8 +501,8 @@ def test_each_agent_adapts_its_own_matrices_chosen_again_every_two_rounds(
     # modules only one agent trains are that agent's ΔW (the mean over those that trained it)
     m = names[13]
     a_key, b_key = fm.keys(m)
-    want = fm.delta(states["a"][a_key], states["a"][b_key], ALPHA)
-    got = fm.delta(*s.global_ab[m], ALPHA)
+    want = fm.delta(states["a"][a_key], states["a"][b_key], SCALE)
+    got = fm.delta(*s.global_ab[m], SCALE)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
     s.plan(2, "train", views)  # not a selection round: same matrices, ranks from training
     a2 = s.plans[2]["a"].ranks

@@ -33,7 +33,7 @@ from tests.aggregator.methods.test_fedbiot_server import make_tiny, update_blob
 from tests.aggregator.methods.test_fedbiot_server import result as fedbiot_result
 from tests.aggregator.methods.test_fedbiot_server import server as fedbiot_server
 from tests.aggregator.methods.test_fedpipe_server import (
-    ALPHA,
+    SCALE,
     blob,
     profile,
     random_update,
@@ -62,7 +62,7 @@ def region_view(name: str, **kw: Any) -> AgentView:
 
 
 def dense(s: FedpipeServer) -> dict[str, torch.Tensor]:
-    return {m: fm.delta(a, b, ALPHA) for m, (a, b) in s.global_ab.items()}
+    return {m: fm.delta(a, b, SCALE) for m, (a, b) in s.global_ab.items()}
 
 
 def assert_close_dw(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -144,9 +144,9 @@ def test_fedpipe_two_tier_equals_flat_in_delta_w_space(
                     got = payloads.decode(theirs.blobs["global"]).tensors
                     want = payloads.decode(mine.blobs["global"]).tensors
                     assert_close_dw(
-                        {m: fm.delta(got[fm.keys(m)[0]], got[fm.keys(m)[1]], ALPHA)
+                        {m: fm.delta(got[fm.keys(m)[0]], got[fm.keys(m)[1]], SCALE)
                          for m in flat.selected},
-                        {m: fm.delta(want[fm.keys(m)[0]], want[fm.keys(m)[1]], ALPHA)
+                        {m: fm.delta(want[fm.keys(m)[0]], want[fm.keys(m)[1]], SCALE)
                          for m in flat.selected},
                     )  # fmt: skip
                 state = random_update(flat, mine.params["ranks"], seed=ord(agent) * 10 + rnd)

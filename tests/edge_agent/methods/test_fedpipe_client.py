@@ -31,6 +31,7 @@ TRAIN = [
 ]
 EVAL = [Example("Capital of Spain?", "Madrid"), Example("Say bye.", "bye bye")]
 ALPHA = 8.0
+SCALE = spec.FedpipeLora(r=4, alpha=ALPHA).module_scaling  # the default: ALPHA / sqrt(4 r)
 Q0 = "model.layers.0.self_attn.q_proj"
 V1 = "model.layers.1.self_attn.v_proj"
 UP0 = "model.layers.0.mlp.up_proj"
@@ -183,8 +184,39 @@ def test_round_one_trains_exactly_the_assigned_modules_at_their_ranks(
     assert all(float(state[fm.keys(m)[1]].abs().max()) > 0 for m in ranks)  # B left zero: trained
     peft_model = ws.cache[ADAPTER][1]
     layer = peft_model.get_submodule("base_model.model." + UP0)
-    assert layer.scaling["default"] == pytest.approx(ALPHA / 2)  # alpha / its own rank
+    assert layer.scaling["default"] == pytest.approx(ALPHA / (4 * 2) ** 0.5)  # alpha/√(r·r0)
+    assert peft_model.get_submodule("base_model.model." + V1).scaling["default"] == pytest.approx(
+        ALPHA / 2
+    )
     assert out.metrics["steps"] == 2.0
+
+
+@pytest.mark.parametrize("rslora", [None, False])  # None: the default
+def test_a_rank_1_module_moves_as_fast_as_one_at_the_nominal_rank(
+    tiny_resolved: ResolvedModel, rslora: bool | None
+) -> None:
+    """Adam moves every adapter entry by about ``lr`` per step, so from ``B = 0`` a rank-r
+    module's ``ΔW`` grows like ``c(r)·√r``: under ``alpha / r`` a rank-1 module moves √r0 times
+    faster than one at the nominal rank ``r0`` (the rank-1 divergence of issue 20); the default
+    rank-stabilised ``alpha / √(r·r0)`` moves both alike."""
+    lora: dict[str, Any] = {"r": 8, "alpha": ALPHA}
+    if rslora is not None:
+        lora["rslora"] = rslora
+    scale = spec.FedpipeLora.model_validate(lora).module_scaling
+    norms = {}
+    for r in (1, 8):
+        params = {**method_params({Q0: r, UP0: r}, lr=1e-3, steps=3), "lora": lora}
+        state = payloads.decode(run_task(TinyWorkspace(tiny_resolved), params, {}, round=1)
+                                .blobs["update"]).tensors  # fmt: skip
+        norms[r] = sum(
+            float(fm.delta(state[fm.keys(m)[0]], state[fm.keys(m)[1]], scale).square().sum())
+            for m in (Q0, UP0)
+        ) ** 0.5
+    ratio = norms[1] / norms[8]
+    if rslora is False:
+        assert ratio > 2.0  # ≈ √8: the rank-dependent speed
+    else:
+        assert 0.6 < ratio < 1.6
 
 
 def test_the_global_adapter_is_where_training_starts(tiny_resolved: ResolvedModel) -> None:
@@ -237,7 +269,7 @@ def test_eval_uses_the_exact_global_delta_w(tiny_resolved: ResolvedModel) -> Non
     with torch.no_grad():
         for m in (Q0, UP0):
             a_key, b_key = fm.keys(m)
-            merged.get_submodule(m).weight += fm.delta(glob[a_key], glob[b_key], ALPHA).float()
+            merged.get_submodule(m).weight += fm.delta(glob[a_key], glob[b_key], SCALE).float()
     ref = evaluate(merged, tok, EVAL, max_len=32, batch_size=2, exact_match=True, max_new_tokens=3)
     assert out.metrics["eval_loss"] == pytest.approx(ref.loss, rel=1e-5)
     assert out.num_examples == 2

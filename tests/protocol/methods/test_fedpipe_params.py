@@ -49,10 +49,24 @@ def test_names_round_trip() -> None:
     }
 
 
+def test_module_scaling_is_alpha_over_sqrt_r_r0_by_default_else_alpha_over_r() -> None:
+    lora = spec.Params.model_validate({"lora": {"r": 8, "alpha": 16.0}}).lora
+    assert lora.rslora and lora.peft_rslora and lora.peft_alpha == pytest.approx(16 / 8**0.5)
+    assert [lora.module_scaling(r) for r in (1, 2, 8, 32)] == pytest.approx(
+        [16 / (8 * r) ** 0.5 for r in (1, 2, 8, 32)]
+    )
+    assert lora.module_scaling(8) == pytest.approx(16 / 8)  # fedit's alpha / r at r0
+    plain = spec.Params.model_validate({"lora": {"r": 8, "alpha": 16.0, "rslora": False}}).lora
+    assert not plain.peft_rslora and plain.peft_alpha == 16.0
+    assert [plain.module_scaling(r) for r in (1, 2, 8)] == pytest.approx([16.0, 8.0, 2.0])
+
+
+@pytest.mark.parametrize("rslora", [True, False])
 @pytest.mark.parametrize("ranks", [(2, 3), (16, 16, 16)])  # the second sums past min(out, in)
-def test_low_rank_sum_is_the_exact_weighted_mean(ranks: tuple[int, ...]) -> None:
+def test_low_rank_sum_is_the_exact_weighted_mean(ranks: tuple[int, ...], rslora: bool) -> None:
     g = torch.Generator().manual_seed(0)
-    out_f, in_f, alpha = 24, 40, 8.0
+    out_f, in_f = 24, 40
+    alpha = spec.FedpipeLora(r=4, alpha=8.0, rslora=rslora).module_scaling
     acc = fm.LowRankSum()
     want = torch.zeros(out_f, in_f, dtype=torch.float64)
     weights = [3, 1, 5][: len(ranks)]
@@ -73,9 +87,11 @@ def test_low_rank_sum_is_the_exact_weighted_mean(ranks: tuple[int, ...]) -> None
 
 def test_a_zero_delta_keeps_one_zero_component() -> None:
     acc = fm.LowRankSum()
-    acc.add(torch.randn(2, 6), torch.zeros(4, 2), 1.0, 4.0)
-    a, b = fm.global_factors(*acc.svd(1.0), 4.0)
-    assert a.shape == (1, 6) and b.shape == (4, 1) and float(fm.delta(a, b, 4.0).abs().max()) == 0.0
+    scale = spec.FedpipeLora(alpha=4.0).module_scaling
+    acc.add(torch.randn(2, 6), torch.zeros(4, 2), 1.0, scale)
+    a, b = fm.global_factors(*acc.svd(1.0), scale)
+    assert a.shape == (1, 6) and b.shape == (4, 1)
+    assert float(fm.delta(a, b, scale).abs().max()) == 0.0
 
 
 def test_seeded_rows_are_the_agents_initial_adapter() -> None:
