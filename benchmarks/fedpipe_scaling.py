@@ -20,7 +20,8 @@ Per run: training loss (first, max, mean of the last 4) and the held-out loss be
 
 Run: ``python benchmarks/fedpipe_scaling.py [--quick] [--data DIR] [--lrs 1e-3,3e-3]
 [--quants fp32,nf4] [--ranks 1,8] [--scenarios fresh,global]``; ``--quick``: the tiny random
-model of the tests, 3 steps (a smoke test of the script, no measurement).
+model of the tests and the demo data, 3 steps at one rate (a smoke test of the script, no
+measurement).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from edge_agent.training.lora import (  # noqa: E402
     get_adapter_state,
     set_adapter_state,
 )
-from edge_agent.training.train import TrainConfig, evaluate, train_lora  # noqa: E402
+from edge_agent.training.train import TrainConfig, _batch_order, evaluate, train_lora  # noqa: E402
 from protocol.methods.fedpipe import math as fm  # noqa: E402
 from protocol.methods.fedpipe.spec import TARGETS  # noqa: E402
 
@@ -98,6 +99,11 @@ def truncated(
     return out
 
 
+def per_example(model: Any, tok: Any, examples: list[Any], max_len: int) -> list[float]:
+    """Each example's own response loss (batch 1)."""
+    return [evaluate(model, tok, [e], max_len=max_len, batch_size=1).loss for e in examples]
+
+
 def run_one(
     base: Any,
     tok: Any,
@@ -106,19 +112,41 @@ def run_one(
     shape: LoraSpec,
     cfg: TrainConfig,
     start: dict[str, torch.Tensor] | None,
+    per_example_losses: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     peft_model = attach_lora(base, shape, init_seed=0)
+    seen = sorted({i for _, b in zip(range(cfg.steps), _batch_order(len(train), cfg.batch_size,
+                                                                     cfg.seed)) for i in b})  # fmt: skip
+    extra: dict[str, Any] = {}
     try:
         if start is not None:
             set_adapter_state(peft_model, start)
         before = evaluate(peft_model, tok, held, batch_size=8).loss
+        if per_example_losses:  # the examples this run trains on, before and after
+            extra["train_before"] = per_example(peft_model, tok, [train[i] for i in seen],
+                                                cfg.max_len)  # fmt: skip
         result = train_lora(peft_model, tok, train, cfg)
         after = evaluate(peft_model, tok, held, batch_size=8).loss
+        if per_example_losses:
+            extra["train_after"] = per_example(peft_model, tok, [train[i] for i in seen],
+                                               cfg.max_len)  # fmt: skip
         state = get_adapter_state(peft_model)
     finally:
         peft_model.unload()
     losses = result.losses
-    row = {
+    if per_example_losses:
+        b, a = extra["train_before"], extra["train_after"]
+        order = _batch_order(len(train), cfg.batch_size, cfg.seed)
+        steps = [next(order) for _ in range(cfg.steps)]
+        worst = max(range(len(losses)), key=lambda k: losses[k])
+        extra.update(
+            train_mean_before=sum(b) / len(b),
+            train_mean_after=sum(a) / len(a),
+            worst_step=worst,
+            worst_step_start_loss=[b[seen.index(i)] for i in steps[worst]],
+            last_step_start_loss=[b[seen.index(i)] for i in steps[-1]],
+        )
+    row = {**extra,
         "first": losses[0],
         "max": max(losses),
         "last4": sum(losses[-4:]) / len(losses[-4:]),
@@ -142,14 +170,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--eval-examples", type=int, default=16)
+    ap.add_argument("--round1-lr", type=float, default=None,
+                    help="the fast agent's lr in round 1 (default: the measured lr)")  # fmt: skip
+    ap.add_argument("--per-example", action="store_true",
+                    help="each trained example's loss before and after (slower)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
         from _tiny import tiny_model_dir  # type: ignore[import-not-found]
 
+        import tempfile
+
+        from aggregator.local.demo_data import make_demo_split, write_demo
+
         model = resolve_model(tiny_model_dir())
-        args.steps, args.eval_examples = 3, 4
+        args.steps, args.eval_examples, args.lrs = 3, 4, "1e-3"
+        args.data = Path(tempfile.mkdtemp(prefix="edgefed-fedpipe-scaling-"))
+        write_demo(args.data, make_demo_split(1, per_agent=16, n_eval=8, n_public=0))
     else:
         model = resolve_model(DEFAULT_MODEL)
     train = load_jsonl(args.data / "agent-0.jsonl")
@@ -163,7 +201,8 @@ def main() -> None:
         base, tok = load_base(model, "fp32")
         for lr in lrs:
             for scaling in scalings:
-                cfg = TrainConfig(steps=8 if not args.quick else 2, batch_size=4, lr=lr, seed=1)
+                lr1 = args.round1_lr or lr
+                cfg = TrainConfig(steps=8 if not args.quick else 2, batch_size=4, lr=lr1, seed=1)
                 row, state = run_one(base, tok, train, held, spec(16, scaling), cfg, None)
                 globals_[(lr, scaling)] = deltas(state, 16, scaling)
                 print(f"round 1 fp32 r16 {scaling} lr={lr:g}: {json.dumps(row)}", flush=True)
@@ -179,7 +218,8 @@ def main() -> None:
                             start = truncated(globals_[(lr, scaling)], rank, scaling, 0)
                         cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=lr, seed=2)
                         t0 = time.perf_counter()
-                        row, _ = run_one(base, tok, train, held, spec(rank, scaling), cfg, start)
+                        row, _ = run_one(base, tok, train, held, spec(rank, scaling), cfg, start,
+                                         args.per_example)  # fmt: skip
                         row.update(scenario=scenario, quant=quant, lr=lr, rank=rank,
                                    scaling=scaling, scale=module_scaling(rank, scaling))  # fmt: skip
                         rows.append(row)
@@ -191,6 +231,16 @@ def main() -> None:
                             f"({time.perf_counter() - t0:.0f} s)",
                             flush=True,
                         )
+                        if args.per_example:
+                            print(
+                                f"    own examples' loss {row['train_mean_before']:.3f} -> "
+                                f"{row['train_mean_after']:.3f}; worst step {row['worst_step']} "
+                                f"(loss {row['max']:.3f}, its example at the start "
+                                f"{row['worst_step_start_loss']}); last step loss "
+                                f"{row['losses'][-1]:.3f} (at the start "
+                                f"{row['last_step_start_loss']})\n    losses {row['losses']}",
+                                flush=True,
+                            )
         del base
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

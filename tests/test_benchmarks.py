@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("ferret_k.py", "K=16"),
         ("ferret_secagg_bytes.py", "secure grid = 8 bytes x groups x K"),
         ("ferret_rounds.py", " round  linear     3.333"),
+        ("fedpipe_scaling.py", "global nf4  lr=0.001  r=1  rslora  (x 5.66)"),
     ],
 )
 def test_benchmark_quick_mode(script: str, expect: str) -> None:

@@ -3,8 +3,8 @@
 Names: a module ``model.layers.3.mlp.up_proj`` has the peft keys
 ``base_model.model.model.layers.3.mlp.up_proj.lora_A.weight`` ``[r, in]`` and
 ``...lora_B.weight`` ``[out, r]``; peft scales its output by ``c(r)``, the module's scaling at
-its rank ``r``: ``alpha / √(r·r0)`` with ``lora.rslora`` (the default; peft's ``use_rslora``
-at ``lora_alpha = alpha/√r0``, ``r0 = lora.r``), else ``alpha / r``
+its rank ``r``: ``alpha / r``, or with ``lora.rslora`` ``alpha / √(r·r0)`` (peft's
+``use_rslora`` at ``lora_alpha = alpha/√r0``, ``r0 = lora.r``)
 (:meth:`~protocol.methods.fedpipe.spec.FedpipeLora.module_scaling`; every function here takes
 that ``scaling``).
 

@@ -95,14 +95,16 @@ Precision = Literal["fp32", "bf16", "int8", "nf4"]
 class FedpipeLora(LoraParams):
     """LoRA shape: ``r`` is the nominal rank ``r0`` (the capacity floor is counted in it);
     ranks are chosen per agent and per module. A module of rank ``r`` is scaled by
-    ``alpha / sqrt(r · r0)`` (``rslora``, the default) or ``alpha / r``."""
+    ``alpha / r`` (peft's default) or, with ``rslora``, ``alpha / sqrt(r · r0)``."""
 
     target_modules: Annotated[tuple[ModuleName, ...], Field(min_length=1, max_length=32)] = TARGETS
-    rslora: bool = True
+    rslora: bool = False
     """Rank-stabilised scaling (Kalajdzievski 2023; peft ``use_rslora`` with ``lora_alpha =
     alpha / sqrt(r0)``): ``alpha / sqrt(r · r0)``, which equals ``alpha / r`` at the nominal rank
-    ``r0`` and makes Adam's early change of ``ΔW`` independent of the rank (under ``alpha / r``
-    a rank-1 module moves √r0 times faster than one at ``r0``; see docs/methods/fedpipe.md)."""
+    ``r0`` and makes the size of Adam's first steps in ``ΔW`` independent of the rank (under
+    ``alpha / r`` a rank-1 module moves about √r0 times faster than one at ``r0``). Off by
+    default: on SmolLM2 it measured no better (docs/methods/fedpipe.md), and an absent field
+    means ``alpha / r`` to agents and servers of either version."""
 
     @property
     def peft_alpha(self) -> float:

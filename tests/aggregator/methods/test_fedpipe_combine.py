@@ -12,7 +12,7 @@ from protocol.methods.fedpipe.spec import FedpipeLora
 
 MODULE = "model.layers.0.self_attn.q_proj"
 ALPHA = 8.0
-SCALE = FedpipeLora(r=4, alpha=ALPHA).module_scaling  # rank-stabilised: ALPHA / sqrt(4 r)
+SCALE = FedpipeLora(r=4, alpha=ALPHA, rslora=True).module_scaling  # ALPHA / sqrt(4 r)
 
 
 def update(rank: int, value: float, seed: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from protocol.methods.fedpipe import math as fm
 from protocol.methods.fedpipe import spec
 
 ALPHA = 8.0
-SCALE = spec.FedpipeLora(r=4, alpha=ALPHA).module_scaling  # the default: rank-stabilised
+SCALE = spec.FedpipeLora(r=4, alpha=ALPHA).module_scaling  # the default: ALPHA / r
 
 
 def params(**extra: Any) -> dict[str, Any]:
@@ -339,10 +339,11 @@ def test_checkpoint_restores_the_same_global_and_payloads(
     assert other.assign(2, "a", "eval").blobs["global"] == s.assign(2, "a", "eval").blobs["global"]
 
 
+@pytest.mark.parametrize("rslora", [False, True])
 def test_export_merges_the_global_delta_w_into_the_base(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, rslora: bool
 ) -> None:
-    s = selected_server(tiny_model_dir)
+    s = selected_server(tiny_model_dir, lora={"r": 4, "alpha": ALPHA, "rslora": rslora})
     run_round(s, {"a": view("a", 1000.0), "b": view("b", 0.05)}, 1, seed=3)
     out = s.export(tmp_path / "export", base_model_name="tiny")
     merged = load_file(str(out["weights"]))
@@ -352,7 +353,10 @@ def test_export_merges_the_global_delta_w_into_the_base(
         if module in s.global_ab:
             a, b = s.global_ab[module]
             torch.testing.assert_close(
-                merged[name], w + fm.delta(a, b, SCALE).float(), rtol=1e-5, atol=1e-6
+                merged[name],
+                w + fm.delta(a, b, lambda r: ALPHA / ((4 * r) ** 0.5 if rslora else r)).float(),
+                rtol=1e-5,
+                atol=1e-6,
             )
         else:
             assert torch.equal(merged[name], w)

@@ -31,7 +31,7 @@ TRAIN = [
 ]
 EVAL = [Example("Capital of Spain?", "Madrid"), Example("Say bye.", "bye bye")]
 ALPHA = 8.0
-SCALE = spec.FedpipeLora(r=4, alpha=ALPHA).module_scaling  # the default: ALPHA / sqrt(4 r)
+SCALE = spec.FedpipeLora(r=4, alpha=ALPHA).module_scaling  # the default: ALPHA / r
 Q0 = "model.layers.0.self_attn.q_proj"
 V1 = "model.layers.1.self_attn.v_proj"
 UP0 = "model.layers.0.mlp.up_proj"
@@ -184,21 +184,19 @@ def test_round_one_trains_exactly_the_assigned_modules_at_their_ranks(
     assert all(float(state[fm.keys(m)[1]].abs().max()) > 0 for m in ranks)  # B left zero: trained
     peft_model = ws.cache[ADAPTER][1]
     layer = peft_model.get_submodule("base_model.model." + UP0)
-    assert layer.scaling["default"] == pytest.approx(ALPHA / (4 * 2) ** 0.5)  # alpha/√(r·r0)
-    assert peft_model.get_submodule("base_model.model." + V1).scaling["default"] == pytest.approx(
-        ALPHA / 2
-    )
+    assert layer.scaling["default"] == pytest.approx(ALPHA / 2)  # alpha / its own rank
     assert out.metrics["steps"] == 2.0
 
 
-@pytest.mark.parametrize("rslora", [None, False])  # None: the default
+@pytest.mark.parametrize("rslora", [True, None])  # None: the default, alpha / r
 def test_a_rank_1_module_moves_as_fast_as_one_at_the_nominal_rank(
     tiny_resolved: ResolvedModel, rslora: bool | None
 ) -> None:
     """Adam moves every adapter entry by about ``lr`` per step, so from ``B = 0`` a rank-r
     module's ``ΔW`` grows like ``c(r)·√r``: under ``alpha / r`` a rank-1 module moves √r0 times
-    faster than one at the nominal rank ``r0`` (the rank-1 divergence of issue 20); the default
-    rank-stabilised ``alpha / √(r·r0)`` moves both alike."""
+    faster than one at the nominal rank ``r0`` (suspected, not confirmed, in a rank-1 divergence
+    of issue 20); rank-stabilised ``alpha / √(r·r0)`` (``lora.rslora``) moves both alike, and
+    peft applies exactly that scaling."""
     lora: dict[str, Any] = {"r": 8, "alpha": ALPHA}
     if rslora is not None:
         lora["rslora"] = rslora
@@ -206,17 +204,19 @@ def test_a_rank_1_module_moves_as_fast_as_one_at_the_nominal_rank(
     norms = {}
     for r in (1, 8):
         params = {**method_params({Q0: r, UP0: r}, lr=1e-3, steps=3), "lora": lora}
-        state = payloads.decode(run_task(TinyWorkspace(tiny_resolved), params, {}, round=1)
-                                .blobs["update"]).tensors  # fmt: skip
+        ws = TinyWorkspace(tiny_resolved)
+        state = payloads.decode(run_task(ws, params, {}, round=1).blobs["update"]).tensors
+        layer = ws.cache[ADAPTER][1].get_submodule("base_model.model." + Q0)
+        assert layer.scaling["default"] == pytest.approx(scale(r))  # what peft computes with
         norms[r] = sum(
             float(fm.delta(state[fm.keys(m)[0]], state[fm.keys(m)[1]], scale).square().sum())
             for m in (Q0, UP0)
         ) ** 0.5
     ratio = norms[1] / norms[8]
-    if rslora is False:
-        assert ratio > 2.0  # ≈ √8: the rank-dependent speed
-    else:
+    if rslora:
         assert 0.6 < ratio < 1.6
+    else:
+        assert ratio > 2.0  # ≈ √8: the rank-dependent speed
 
 
 def test_the_global_adapter_is_where_training_starts(tiny_resolved: ResolvedModel) -> None:

@@ -49,15 +49,15 @@ def test_names_round_trip() -> None:
     }
 
 
-def test_module_scaling_is_alpha_over_sqrt_r_r0_by_default_else_alpha_over_r() -> None:
-    lora = spec.Params.model_validate({"lora": {"r": 8, "alpha": 16.0}}).lora
-    assert lora.rslora and lora.peft_rslora and lora.peft_alpha == pytest.approx(16 / 8**0.5)
+def test_module_scaling_is_alpha_over_r_by_default_else_alpha_over_sqrt_r_r0() -> None:
+    lora = spec.Params.model_validate({"lora": {"r": 8, "alpha": 16.0, "rslora": True}}).lora
+    assert lora.peft_rslora and lora.peft_alpha == pytest.approx(16 / 8**0.5)
     assert [lora.module_scaling(r) for r in (1, 2, 8, 32)] == pytest.approx(
         [16 / (8 * r) ** 0.5 for r in (1, 2, 8, 32)]
     )
     assert lora.module_scaling(8) == pytest.approx(16 / 8)  # fedit's alpha / r at r0
-    plain = spec.Params.model_validate({"lora": {"r": 8, "alpha": 16.0, "rslora": False}}).lora
-    assert not plain.peft_rslora and plain.peft_alpha == 16.0
+    plain = spec.Params.model_validate({"lora": {"r": 8, "alpha": 16.0}}).lora
+    assert not plain.rslora and not plain.peft_rslora and plain.peft_alpha == 16.0
     assert [plain.module_scaling(r) for r in (1, 2, 8)] == pytest.approx([16.0, 8.0, 2.0])
 
 
