@@ -115,8 +115,9 @@ def run_one(
     per_example_losses: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     peft_model = attach_lora(base, shape, init_seed=0)
-    seen = sorted({i for _, b in zip(range(cfg.steps), _batch_order(len(train), cfg.batch_size,
-                                                                     cfg.seed)) for i in b})  # fmt: skip
+    batches = _batch_order(len(train), cfg.batch_size, cfg.seed)
+    steps = [next(batches) for _ in range(cfg.steps)]  # the examples train_lora will see
+    seen = sorted({i for b in steps for i in b})
     extra: dict[str, Any] = {}
     try:
         if start is not None:
@@ -136,8 +137,6 @@ def run_one(
     losses = result.losses
     if per_example_losses:
         b, a = extra["train_before"], extra["train_after"]
-        order = _batch_order(len(train), cfg.batch_size, cfg.seed)
-        steps = [next(order) for _ in range(cfg.steps)]
         worst = max(range(len(losses)), key=lambda k: losses[k])
         extra.update(
             train_mean_before=sum(b) / len(b),
@@ -146,7 +145,8 @@ def run_one(
             worst_step_start_loss=[b[seen.index(i)] for i in steps[worst]],
             last_step_start_loss=[b[seen.index(i)] for i in steps[-1]],
         )
-    row = {**extra,
+    row = {
+        **extra,
         "first": losses[0],
         "max": max(losses),
         "last4": sum(losses[-4:]) / len(losses[-4:]),
@@ -178,9 +178,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
-        from _tiny import tiny_model_dir  # type: ignore[import-not-found]
-
         import tempfile
+
+        from _tiny import tiny_model_dir
 
         from aggregator.local.demo_data import make_demo_split, write_demo
 
@@ -208,7 +208,7 @@ def main() -> None:
                 print(f"round 1 fp32 r16 {scaling} lr={lr:g}: {json.dumps(row)}", flush=True)
         del base
     for quant in args.quants.split(","):
-        base, tok = load_base(model, quant)  # type: ignore[arg-type]
+        base, tok = load_base(model, quant)
         for scenario in args.scenarios.split(","):
             for lr in lrs:
                 for rank in ranks:

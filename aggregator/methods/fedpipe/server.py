@@ -279,7 +279,11 @@ class FedpipeServer:
                 if module in self.global_ab:
                     a_glob, b_glob = self.global_ab[module]
                     state[a_key], state[b_key] = fm.truncate(
-                        a_glob, b_glob, r, self.params.lora.module_scaling, a_key=a_key,
+                        a_glob,
+                        b_glob,
+                        r,
+                        self.params.lora.module_scaling,
+                        a_key=a_key,
                         init_seed=seed,
                     )
                 else:  # adapted by no one yet: the seeded init (ΔW = 0)

@@ -247,7 +247,9 @@ def test_each_agent_receives_the_best_rank_r_approximation(
         assert fm.ranks_of(sent.tensors) == ranks
         for module, r in ranks.items():
             a_key, b_key = fm.keys(module)
-            approx = fm.delta(sent.tensors[a_key], sent.tensors[b_key], s.params.lora.module_scaling)
+            approx = fm.delta(
+                sent.tensors[a_key], sent.tensors[b_key], s.params.lora.module_scaling
+            )
             u, sv, vh = torch.linalg.svd(glob[module])
             best = (u[:, :r] * sv[:r]) @ vh[:r]
             scale = float(sv[0])

@@ -208,10 +208,13 @@ def test_a_rank_1_module_moves_as_fast_as_one_at_the_nominal_rank(
         state = payloads.decode(run_task(ws, params, {}, round=1).blobs["update"]).tensors
         layer = ws.cache[ADAPTER][1].get_submodule("base_model.model." + Q0)
         assert layer.scaling["default"] == pytest.approx(scale(r))  # what peft computes with
-        norms[r] = sum(
-            float(fm.delta(state[fm.keys(m)[0]], state[fm.keys(m)[1]], scale).square().sum())
-            for m in (Q0, UP0)
-        ) ** 0.5
+        norms[r] = (
+            sum(
+                float(fm.delta(state[fm.keys(m)[0]], state[fm.keys(m)[1]], scale).square().sum())
+                for m in (Q0, UP0)
+            )
+            ** 0.5
+        )
     ratio = norms[1] / norms[8]
     if rslora:
         assert 0.6 < ratio < 1.6
