@@ -288,7 +288,8 @@ class FedpipeClient:
         scores = {m: torch.tensor([values.get(m, 0.0)], dtype=torch.float32) for m in params.ranks}
         sens_blob = payloads.encode_dense(scores, method=self.name, round=task.assign.round)
         log.info(
-            "round %d: %d modules, ranks %s, %s base, %d steps of %d: loss %.4f -> %.4f",
+            "round %d: %d modules, ranks %s, %s base, %d steps of %d: loss %.4f -> %.4f "
+            "(mean %.4f; one batch each, noisy at a small batch)",
             task.assign.round,
             len(params.ranks),
             sorted(set(params.ranks.values()), reverse=True),
@@ -297,6 +298,7 @@ class FedpipeClient:
             params.train.batch_size,
             result.first_loss,
             result.last_loss,
+            result.mean_loss,
         )
         output = training_output(
             result, {spec.UPDATE_BLOB: update, spec.SENSITIVITY_BLOB: sens_blob}
