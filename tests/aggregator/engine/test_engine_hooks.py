@@ -125,9 +125,10 @@ def test_a_rounds_stored_updates_go_once_it_commits(tmp_path: Path) -> None:
     stored = tmp_path / "updates" / "run-t" / "round-000001"
     (row,) = h.ledger.updates("run-t", 1)  # durable before the Ack: in the round's log
     assert row.blob_path == str(stored / LOG_NAME)
-    (record,) = scan(stored / LOG_NAME)[0]  # one record: the row and its payload
+    records, end = scan(stored / LOG_NAME)
+    (record,) = records  # one record: the row and its payload
     assert (record.offset, record.length) == (row.blob_offset, row.blob_length)
-    assert record.row["task_id"] == row.task_id and record.end == (stored / LOG_NAME).stat().st_size
+    assert record.row["task_id"] == row.task_id and end == (stored / LOG_NAME).stat().st_size
     h.result(tasks["b"], "b", 5, lora_state(2.0))
     h.tick()
     assert h.summaries and not stored.exists()
