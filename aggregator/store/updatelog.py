@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aggregator.store.checkpoint import write_error
 
 __all__ = ["LOG_NAME", "LoggedRecord", "UpdateLog", "read_slice", "scan", "truncate"]
@@ -234,9 +236,13 @@ class UpdateLog:
             self._buffer = mmap.mmap(-1, size)  # page-aligned
         buffer = memoryview(self._buffer)
         try:
+            body = len(head) + len(view)
             buffer[: len(head)] = head
-            buffer[len(head) : len(head) + len(view)] = view
-            buffer[len(head) + len(view) : size] = bytes(size - len(head) - len(view))
+            # numpy's copy releases the GIL (a memoryview's does not): the loop runs meanwhile
+            target = np.frombuffer(buffer, np.uint8, len(view), len(head))
+            np.copyto(target, np.frombuffer(view, np.uint8))
+            del target
+            buffer[body:size] = bytes(size - body)
             written = 0
             while written < size:  # a short direct write stops at a block boundary
                 written += os.pwrite(self._direct_fd, buffer[written:size], start + written)
