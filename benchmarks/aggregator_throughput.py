@@ -18,8 +18,9 @@ Baseline: the same socket types carrying ``pickle.dumps`` of a dict of numpy arr
 and summed into float64 accumulators (pickle only here, as the thing being measured; never in
 the product). Raw: the same bytes as opaque frames, received and dropped.
 
-Rows: ``edgefed`` as the service runs; ``no pipeline threads`` (decode and log writes on the
-loop thread); for LoRA also ``log without O_DIRECT`` (large records through the page cache).
+Rows: ``edgefed`` as the service runs; ``no pipeline threads`` (decode, log writes and the sum
+on the loop thread); for LoRA also ``log without O_DIRECT`` (large records through the page
+cache).
 
 Each receiver runs in a process of its own (``--one``), one after another: repeats in one process
 slowed down (the Ferret server's rebuild threads outlived their run), and a fresh process gives
@@ -329,7 +330,8 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
 def run_edgefed(
     w: Workload, n: int, rounds: int, state: Path, pipeline: bool = True, direct: bool = True
 ) -> Result:
-    """``pipeline``: decode ahead and append on the appender thread (False: all on the loop);
+    """``pipeline``: decode ahead, append on the appender thread, sum large updates on two
+    threads (False: all on the loop);
     ``direct``: large log records with ``O_DIRECT`` (False: through the page cache)."""
     raw = {
         "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
@@ -370,6 +372,9 @@ def run_edgefed(
         from aggregator.store.updatelog import UpdateLog
 
         UpdateLog.appender = pipeline
+        from aggregator.methods.flatsum import FlatSum
+
+        FlatSum.parallel = pipeline  # type: ignore[attr-defined,unused-ignore]
         if hasattr(UpdateLog, "direct"):
             UpdateLog.direct = direct
         ahead = DecodeAhead() if pipeline else None
