@@ -295,6 +295,10 @@ class ResultIntake:
         group's sync had not returned). Call before the round's log is opened for appending."""
         path = self.round_dir(run_id, round) / LOG_NAME
         records, end = scan(path)
+        if records and not any(r.round == round for r in self.ledger.rounds(run_id)):
+            # a ledger older than the log (restored from a backup?): leave the log alone
+            log.warning("round %d: an update log but no such round in the ledger: %s", round, path)
+            return 0
         known = {row.task_id for row in self.ledger.updates(run_id, round)}
         lost: list[UpdateRow] = []
         for rec in records:

@@ -212,3 +212,21 @@ def test_a_crash_before_a_groups_log_sync_loses_only_unacknowledged_updates(
         h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
     )
     h.close()
+
+
+def test_a_log_whose_round_the_ledger_never_began_is_left_alone(tmp_path: Path) -> None:
+    """A ledger older than the logs (restored from a backup): the service still starts."""
+    h, tasks = start(tmp_path)
+    with h.engine.group():
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    path = log_path(h)
+    size = path.stat().st_size
+    h.close()
+    ledger = sqlite3.connect(tmp_path / "ledger.sqlite")
+    with ledger:
+        ledger.execute("DELETE FROM updates")
+        ledger.execute("DELETE FROM rounds")
+    ledger.close()
+    h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
+    assert h.ledger.updates("run-t", 1) == [] and path.stat().st_size == size
+    h.close()
