@@ -318,7 +318,8 @@ class ResultIntake:
         if lost:
             self.ledger.record_updates(lost)  # synced
             log.warning(
-                "round %d: %d acknowledged updates rebuilt from the update log into the ledger",
+                "round %d: %d updates rebuilt from the update log into the ledger (their "
+                "group was synced; its ledger transaction was lost or never ran)",
                 round, len(lost),
             )  # fmt: skip
         return len(lost)

@@ -7,8 +7,8 @@ Acks. The log's sync is the one durable point of a group: each record holds the 
 row as well as its payload, so a ledger transaction that a power cut loses (SQLite's WAL is
 synced at the next synced write, not at this one) is rebuilt from the log when the service
 starts (:func:`scan`, used by ``ResultIntake.recover``). The writes happen on an appender thread
-(``os.writev`` releases the GIL), so the loop validates the next update of the group while the
-last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names its payload by
+(``os.pwrite`` and numpy's copy release the GIL), so the loop validates the next update of the
+group while the last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names its payload by
 ``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when the payload is
 read back.
 
@@ -19,7 +19,8 @@ large record can be written with ``O_DIRECT`` from an aligned buffer: measured o
 development VM, a buffered 16 MB write took 37-50 ms and the sync of eight of them 62-77 ms, a
 direct one 10-15 ms and that sync 2-7 ms (the page cache insertion and its writeback were the
 cost). Small records (Ferret's) are written through the page cache; a file system that refuses
-``O_DIRECT`` (tmpfs) gets buffered writes throughout.
+``O_DIRECT`` (tmpfs: at the open; any other: at its first direct write) gets buffered writes.
+
 Records of a group that a crash interrupted before its sync may be cut short (or, after a power
 cut, hold bytes that were never written): :func:`scan` stops at the first record that is not
 whole, and ``ResultIntake.recover`` at the first whose payload does not match its sha256; the log
@@ -209,8 +210,14 @@ class UpdateLog:
         size = len(head) + len(view)
         try:
             if self._direct_fd >= 0 and len(view) >= APPEND_MIN_BYTES:
-                self._write_direct(head, view, start)
-                return
+                try:
+                    self._write_direct(head, view, start)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    os.close(self._direct_fd)  # refused here after all: buffered from now on
+                    self._direct_fd = -1
             parts = [memoryview(head), view, memoryview(bytes(_aligned(size) - size))]
             position = start
             while parts:

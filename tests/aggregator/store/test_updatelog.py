@@ -144,3 +144,27 @@ def test_large_records_bypass_the_page_cache_where_the_file_system_allows(
     log.sync()
     log.close()
     assert read_slice(log.path, offset, length) == payload
+
+
+def test_a_direct_write_the_file_system_refuses_is_written_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = UpdateLog(tmp_path / "update-records.log")
+    if log._direct_fd < 0:
+        log.close()
+        pytest.skip("this file system refuses O_DIRECT")
+    real = os.pwrite
+
+    def refuse(fd: int, data: Any, offset: int) -> int:
+        if fd == log._direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    payload = b"d" * (1 << 20)
+    offset, length = log.append(row(0), payload)
+    log.sync()
+    assert log._direct_fd < 0
+    log.close()
+    assert read_slice(log.path, offset, length) == payload
+    assert [r.row for r in scan(log.path)[0]] == [row(0)]
