@@ -8,18 +8,18 @@ row as well as its payload, so a ledger transaction that a power cut loses (SQLi
 synced at the next synced write, not at this one) is rebuilt from the log when the service
 starts (:func:`scan`, used by ``ResultIntake.recover``). The writes happen on an appender thread
 (``os.pwrite`` and numpy's copy release the GIL), so the loop validates the next update of the
-group while the last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names its payload by
-``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when the payload is
-read back.
+group while the last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names
+its payload by ``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when
+the payload is read back.
 
 A record is ``MAGIC, row length (u32), payload length (u64), crc32 (u32)`` (20 bytes,
 little-endian; the crc covers the two lengths and the row), the row as JSON, then the payload;
 every record begins at a multiple of :data:`ALIGN` (the bytes between records are padding). So a
 large record can be written with ``O_DIRECT`` from an aligned buffer: measured on the 2-core
 development VM, a buffered 16 MB write took 37-50 ms and the sync of eight of them 62-77 ms, a
-direct one 10-15 ms and that sync 2-7 ms (the page cache insertion and its writeback were the
-cost). Small records (Ferret's) are written through the page cache; a file system that refuses
-``O_DIRECT`` (tmpfs: at the open; any other: at its first direct write) gets buffered writes.
+direct one 10-15 ms and that sync 2-7 ms (on this VM the page cache path is the cost). Small
+records (Ferret's) are written through the page cache; a file system that refuses ``O_DIRECT``
+(tmpfs: at the open; any other: at its first direct write) gets buffered writes.
 
 Records of a group that a crash interrupted before its sync may be cut short (or, after a power
 cut, hold bytes that were never written): :func:`scan` stops at the first record that is not
