@@ -7,9 +7,10 @@ The points, in the order a training round reaches them:
 ``assign``    the round is begun in the ledger; its TaskAssigns are not sent yet
 ``training``  an assigned agent reports progress on its task (it is mid-training)
 ``upload``    a TaskResult arrived; nothing of it is stored yet
-``group``     inside a group commit: the group's payloads are written to the round's update
-              log and synced, its ledger rows are not committed, no Ack is sent (after a
-              restart these updates are unacknowledged: the agents send them again)
+``group``     inside a group commit: the group's records (ledger rows and payloads) are
+              written to the round's update log and synced, its ledger transaction has not
+              run, no Ack is sent (a restart rebuilds the rows from the log; the agents send
+              the updates again, are acknowledged, and each counts once)
 ``stored``    the update is stored and in the ledger; its Ack is not sent yet
 ``acked``     the first Ack of the round went out a while ago (one heartbeat interval, or
               until the next result arrives, whichever comes first); the round is still open

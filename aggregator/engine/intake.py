@@ -2,14 +2,16 @@
 
 :class:`ResultIntake` owns the ``updates/`` directory and the ledger's update and rejection
 rows. Accepted training updates are taken in groups (durable group commit): :meth:`take`
-validates an update and appends its payload to the round's update log
-(:mod:`aggregator.store.updatelog`); :meth:`commit` then syncs the log once, records the group's
-ledger rows in one transaction, folds the updates into the method's running aggregate, and only
-then are their Acks due. Outside a group the engine commits each update at once (a group of
-one). A rejected update is recorded with its reason and answered, but not counted. Evaluation and score results are
-kept in the open phase (scores are handed to the method). After a crash, :meth:`replay` feeds
-the open round's stored updates to the method again; once a round is committed its stored
-updates are no longer needed and :meth:`discard` removes them.
+validates an update and appends a record of it (its ledger row and its payload) to the round's
+update log (:mod:`aggregator.store.updatelog`); :meth:`commit` then syncs the log once (the
+group's one durable point), records the group's ledger rows in one transaction that does not
+sync, folds the updates into the method's running aggregate, and only then are their Acks due.
+Outside a group the engine commits each update at once (a group of one). A rejected update is
+recorded with its reason and answered, but not counted. Evaluation and score results are kept in
+the open phase (scores are handed to the method). After a crash, :meth:`recover` rebuilds the
+ledger rows that the log holds and the ledger lost, and :meth:`replay` feeds the open round's
+stored updates to the method again; once a round is committed its stored updates are no longer
+needed and :meth:`discard` removes them.
 
 Whether a result belongs to the open phase at all (its agent, run, round and task id) is the
 engine's check; the intake sees only results the engine has routed to it. Either way the agent
@@ -23,13 +25,14 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from aggregator.engine import crashpoints
 from aggregator.engine.rounds import Outgoing, Phase
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import ServerMethod, Update
 from aggregator.store.ledger import Ledger, RejectionRow, UpdateRow
-from aggregator.store.updatelog import LOG_NAME, UpdateLog, read_slice
+from aggregator.store.updatelog import LOG_NAME, LoggedRecord, UpdateLog, read_slice, scan, truncate
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.frames import Decoded
 from protocol.messages import Ack, ErrorReply, TaskResult
@@ -58,6 +61,37 @@ def refusal(
         task_id=res.task_id,
     )
     return [Outgoing(agent_id, header)]
+
+
+_BLOB = "blob"
+"""A log record's key: whether its payload is the update's blob (else the row has none)."""
+_ROW_KEYS = frozenset(
+    ("run_id", "round", "task_id", "agent_id", "sha256", "num_examples", "metrics", "bytes_up",
+     "bytes_down", "received_at")
+)  # fmt: skip
+
+
+def _logged_row(rec: LoggedRecord, path: Path) -> UpdateRow | None:
+    """The ledger row a log record holds (None: not a row this version writes)."""
+    fields = dict(rec.row)
+    has_blob = fields.pop(_BLOB, None)
+    if set(fields) != _ROW_KEYS or not isinstance(has_blob, bool):
+        return None
+    try:
+        if not has_blob:
+            return UpdateRow(**fields) if rec.length == 0 else None
+        return UpdateRow(
+            **fields, blob_path=str(path), blob_offset=rec.offset, blob_length=rec.length
+        )
+    except TypeError:
+        return None
+
+
+def _payload_matches(path: Path, row: UpdateRow) -> bool:
+    if row.blob_offset is None or row.blob_length is None:
+        return True
+    data = read_slice(path, row.blob_offset, row.blob_length)
+    return hashlib.sha256(data).hexdigest() == row.sha256
 
 
 def stored_payload(row: UpdateRow) -> bytes:
@@ -129,30 +163,30 @@ class ResultIntake:
             log.warning("round %d: rejected update from %s: %s", res.round, agent_id, exc.reason)
             return exc.reason
         blob = msg.blobs.get("update")
-        blob_path = None
-        offset = length = None
-        sha = ""
-        if blob is not None:
-            log_ = self._log(res.run_id, res.round)
-            offset, length = log_.append(blob)
-            blob_path = str(log_.path)
-            # frames.decode already checked this blob against the sha256 its header lists
-            sha = next(ref.sha256 for ref in res.blobs if ref.name == "update")
-        row = UpdateRow(
-            run_id=res.run_id,
-            round=res.round,
-            task_id=res.task_id,
-            agent_id=agent_id,
-            sha256=sha,
-            num_examples=res.num_examples,
-            metrics=dict(res.metrics),
-            bytes_up=msg.nbytes,
-            bytes_down=phase.bytes_down.get(agent_id, 0),
-            received_at=time.time(),
-            blob_path=blob_path,
-            blob_offset=offset,
-            blob_length=length,
-        )
+        fields: dict[str, Any] = {
+            "run_id": res.run_id,
+            "round": res.round,
+            "task_id": res.task_id,
+            "agent_id": agent_id,
+            # frames.decode already checked the blob against the sha256 its header lists
+            "sha256": next(ref.sha256 for ref in res.blobs if ref.name == "update")
+            if blob is not None
+            else "",
+            "num_examples": res.num_examples,
+            "metrics": dict(res.metrics),
+            "bytes_up": msg.nbytes,
+            "bytes_down": phase.bytes_down.get(agent_id, 0),
+            "received_at": time.time(),
+        }
+        # the record holds the ledger row too: the log's sync is the group's one durable point
+        log_ = self._log(res.run_id, res.round)
+        offset, length = log_.append({**fields, _BLOB: blob is not None}, blob or b"")
+        if blob is None:
+            row = UpdateRow(**fields)
+        else:
+            row = UpdateRow(
+                **fields, blob_path=str(log_.path), blob_offset=offset, blob_length=length
+            )
         self.pending.append((row, update, res))
         phase.done[agent_id] = res
         phase.bytes_up[agent_id] = msg.nbytes
@@ -173,7 +207,8 @@ class ResultIntake:
         for log_ in self._logs.values():
             log_.sync()
         crashpoints.reached("group", group[0][0].round)
-        inserted = self.ledger.record_updates([row for row, _, _ in group])
+        # durable already (the log holds the rows): the transaction needs no sync of its own
+        inserted = self.ledger.record_updates([row for row, _, _ in group], sync=False)
         out: list[Outgoing] = []
         for (row, update, res), new in zip(group, inserted, strict=True):
             if new:
@@ -229,8 +264,9 @@ class ResultIntake:
         :class:`StateError`.
         """
         replayed: dict[str, TaskResult] = {}
+        self.recover(run_id, round)
         rows = self.ledger.updates(run_id, round)
-        for row in rows:  # bytes of the log that no row names were never acknowledged
+        for row in rows:
             if row.blob_path is None:
                 continue
             data = stored_payload(row)
@@ -250,6 +286,43 @@ class ResultIntake:
         if rows:
             log.info("round %d: replayed %d stored updates", round, len(rows))
         return replayed
+
+    def recover(self, run_id: str, round: int) -> int:
+        """Rebuild the ledger rows of ``round`` that its update log holds and the ledger lost
+        (a power cut after a group's log sync: its transaction was not synced); the number
+        rebuilt. The log is cut at its first record that is not whole or whose payload does
+        not match its sha256: that record and those after it were never acknowledged (their
+        group's sync had not returned). Call before the round's log is opened for appending."""
+        path = self.round_dir(run_id, round) / LOG_NAME
+        records, end = scan(path)
+        if records and not any(r.round == round for r in self.ledger.rounds(run_id)):
+            # a ledger older than the log (restored from a backup?): leave the log alone
+            log.warning("round %d: an update log but no such round in the ledger: %s", round, path)
+            return 0
+        known = {row.task_id for row in self.ledger.updates(run_id, round)}
+        lost: list[UpdateRow] = []
+        for rec in records:
+            row = _logged_row(rec, path)
+            if row is None or (row.task_id not in known and not _payload_matches(path, row)):
+                log.warning(
+                    "round %d: the update log %s is cut at byte %d (a group that was never "
+                    "acknowledged)", round, path, rec.start,
+                )  # fmt: skip
+                end = rec.start
+                break
+            if row.task_id not in known and row.run_id == run_id and row.round == round:
+                lost.append(row)
+                known.add(row.task_id)
+        if path.exists() and path.stat().st_size != end:
+            truncate(path, end)
+        if lost:
+            self.ledger.record_updates(lost)  # synced
+            log.warning(
+                "round %d: %d updates rebuilt from the update log into the ledger (their "
+                "group was synced; its ledger transaction was lost or never ran)",
+                round, len(lost),
+            )  # fmt: skip
+        return len(lost)
 
     def discard(self, run_id: str, round: int) -> None:
         """Remove a committed round's stored updates (only needed to replay it after a crash)."""

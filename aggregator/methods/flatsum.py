@@ -6,11 +6,18 @@ float64 array, and each update is added in place, tensor by tensor, in cache-siz
 weight below 2²⁹ is exact in float64) and added into the sum, so no float64 temporary of a
 tensor's size is ever made (torch's mixed-dtype in-place add is slow on CPU, and a per-tensor
 ``x.to(float64) * w`` allocates twice the update). The mean is one division at the end.
+
+An update of :data:`PARALLEL_MIN` elements or more is added by two threads, each over half of
+its elements (numpy's ufuncs release the GIL): the intake adds a group's updates after
+its sync, when the other core has nothing else to do. The arithmetic per element is the same
+either way, so the sum is too.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,8 +26,16 @@ __all__ = ["FlatSum"]
 
 CHUNK = 1 << 15
 """Elements per step of an add: the scratch buffer (256 KiB) stays in cache."""
+PARALLEL_MIN = 1 << 20
+"""An update of this many elements or more is added by two threads (4 MiB of float32)."""
 
 _NUMPY = (torch.float32, torch.float64, torch.float16)
+
+
+@functools.cache
+def _helper() -> ThreadPoolExecutor:
+    """The one helper thread every accumulator shares (created on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatsum")
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -31,14 +46,32 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return t.cpu().contiguous().reshape(-1).numpy()
 
 
+def _add(pairs: list[tuple[np.ndarray, np.ndarray]], w: float, scratch: np.ndarray) -> None:
+    """``dst += w·src`` for each (dst, src), in float64 through ``scratch``."""
+    for dst, src in pairs:
+        if w == 1.0:
+            np.add(dst, src, out=dst)  # numpy casts in its own small buffers
+            continue
+        for lo in range(0, dst.size, CHUNK):
+            hi = min(lo + CHUNK, dst.size)
+            part = scratch[: hi - lo]
+            np.multiply(src[lo:hi], w, out=part, dtype=np.float64)
+            np.add(dst[lo:hi], part, out=dst[lo:hi])
+
+
 class FlatSum:
     """``Σ wᵢ·xᵢ`` over updates of one layout; see the module docstring."""
+
+    parallel = True
+    """Add large updates on two threads (False: on the caller's; the benchmark compares)."""
 
     def __init__(self) -> None:
         self.layout: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         """name -> (offset, size, shape) in :attr:`data`."""
         self.data = np.zeros(0, np.float64)
         self._scratch = np.zeros(0, np.float64)
+        self._scratch2 = np.zeros(0, np.float64)
+        """The helper thread's scratch buffer."""
 
     def __bool__(self) -> bool:
         return bool(self.layout)
@@ -65,17 +98,30 @@ class FlatSum:
             if tuple(t.shape) != self.layout[name][2]:
                 raise ValueError(f"{name!r}: shape {tuple(t.shape)} != {self.layout[name][2]}")
         w = float(weight)
+        pairs = []
         for name, t in tensors.items():
             offset, size, _ = self.layout[name]
-            src, dst = _flat(t), self.data[offset : offset + size]
-            if w == 1.0:
-                np.add(dst, src, out=dst)  # numpy casts in its own small buffers
-                continue
-            for lo in range(0, size, CHUNK):
-                hi = min(lo + CHUNK, size)
-                part = self._scratch[: hi - lo]
-                np.multiply(src[lo:hi], w, out=part, dtype=np.float64)
-                np.add(dst[lo:hi], part, out=dst[lo:hi])
+            pairs.append((self.data[offset : offset + size], _flat(t)))
+        total = self.data.size
+        if total < PARALLEL_MIN or not self.parallel:
+            _add(pairs, w, self._scratch)
+            return
+        mine: list[tuple[np.ndarray, np.ndarray]] = []  # the first half of the elements
+        left = total // 2
+        while left > 0:
+            dst, src = pairs.pop(0)
+            if dst.size > left:  # this tensor is cut in two
+                pairs.insert(0, (dst[left:], src[left:]))
+                dst, src = dst[:left], src[:left]
+            mine.append((dst, src))
+            left -= dst.size
+        if self._scratch2.size < self._scratch.size:
+            self._scratch2 = np.empty_like(self._scratch)
+        other = _helper().submit(_add, pairs, w, self._scratch2)
+        try:
+            _add(mine, w, self._scratch)
+        finally:
+            other.result()
 
     def result(self, divisor: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The sum divided by ``divisor``, per name, as ``dtype`` tensors."""

@@ -1,9 +1,13 @@
 """The aggregator's ledger: runs, agents, rounds, accepted and rejected updates, run state.
 
 One SQLite file in the state directory, in WAL mode with ``synchronous=FULL``: every call that
-writes has committed (and the WAL is synced) when it returns, so the round engine can record an
-update and only then send the agent its Ack. A crash right after a call returns never loses
-that row; on reopen SQLite replays the WAL.
+writes has committed (and the WAL is synced) when it returns. A crash right after a call returns
+never loses that row; on reopen SQLite replays the WAL. The one exception is
+``record_updates(rows, sync=False)``, the intake's group of accepted updates: its rows are
+durable in the round's update log before the transaction begins (:mod:`aggregator.store.updatelog`),
+so it commits without a sync; a power cut may lose that transaction (never a part of it, nor any
+write before it), and the intake rebuilds its rows from the log on restart. Any later synced
+write syncs the WAL up to it.
 
 One writer at a time: the connection is shared between threads (``check_same_thread=False``)
 behind a lock. Other processes (``edgefed-aggregator status``) may open the same file and read
@@ -244,9 +248,23 @@ class Ledger:
         """Record an accepted update; False (nothing written) if its task id is already there."""
         return self.record_updates([row])[0]
 
-    def record_updates(self, rows: list[UpdateRow]) -> list[bool]:
+    def record_updates(self, rows: list[UpdateRow], *, sync: bool = True) -> list[bool]:
         """Record a group of accepted updates in one transaction (one sync); per row, False
-        (nothing written) if its task id is already there."""
+        (nothing written) if its task id is already there.
+
+        ``sync=False``: the caller has made the rows durable elsewhere already (a round's update
+        log, which rebuilds them after a crash): the transaction is committed without a sync
+        (``synchronous=NORMAL``). The next synced write syncs it with everything before it."""
+        with self._lock:
+            if sync:
+                return self._record_updates(rows)
+            self._c().execute("PRAGMA synchronous=NORMAL")
+            try:
+                return self._record_updates(rows)
+            finally:
+                self._c().execute("PRAGMA synchronous=FULL")
+
+    def _record_updates(self, rows: list[UpdateRow]) -> list[bool]:
         inserted: list[bool] = []
         with self._write() as c:
             open_rounds: set[tuple[str, int]] = set()

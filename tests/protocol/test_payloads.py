@@ -454,12 +454,14 @@ def seedcoef_raw(group: list[int], seed: list[int], k: int = 8, n_groups: int = 
         ([0, 1], [-1, 0], "seed indices outside"),
         ([0, 3], [0, 0], r"group indices outside \[0, 3\)"),
         ([1, 2, 1], [4, 4, 4], "more than once"),
+        ([1, 1], [4, 4], "more than once"),  # adjacent: not in strictly increasing order
     ],
 )
 def test_seedcoef_indices_out_of_range_or_duplicated(
     group: list[int], seed: list[int], why: str
 ) -> None:
     assert decode(seedcoef_raw([0, 2, 2], [7, 0, 1])).k == 8
+    assert decode(seedcoef_raw([2, 0, 2], [1, 7, 0])).k == 8  # any order, each pair once
     with pytest.raises(IndexOutOfRange, match=why):
         decode(seedcoef_raw(group, seed))
 

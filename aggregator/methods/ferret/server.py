@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -207,7 +208,7 @@ class FerretServer:
         tensors, metrics = dict(payload.tensors), dict(result.metrics)
         bound = self.p.clip_norm  # one agent's coefficient moves a term at most this far
         values = tensors["value"]
-        clipped = int((values.abs() > bound).sum())
+        clipped = int(np.count_nonzero(np.abs(values.numpy()) > bound))  # numpy: ~1,000 values
         if clipped:
             tensors["value"] = values.clamp(-bound, bound)
             metrics["clipped_coefficients"] = float(clipped)
@@ -286,13 +287,15 @@ class FerretServer:
         if update.num_examples <= 0 or t["value"].numel() == 0:
             return
         weight = self.agg.weight(update.num_examples, region=update.agent_id in self._regions)
-        index = t["group"].to(torch.int64) * self.p.k + t["seed"].to(torch.int64)
+        # numpy, not torch: for ~1,000 triples torch's per-call overhead was most of the time
+        index = t["group"].numpy().astype(np.int64) * self.p.k + t["seed"].numpy()
+        values = t["value"].numpy().astype(np.float64)
         if self._robust is not None:  # every coefficient, dense (0 where none was sent)
-            dense = torch.zeros(self.n_groups * self.p.k, dtype=torch.float64)
-            dense.index_add_(0, index, t["value"].to(torch.float64))
-            self._robust.add({"coef": dense}, weight)
+            dense = np.zeros(self.n_groups * self.p.k, dtype=np.float64)
+            np.add.at(dense, index, values)
+            self._robust.add({"coef": torch.from_numpy(dense)}, weight)
         else:
-            self._sums.index_add_(0, index, t["value"].to(torch.float64) * weight)
+            np.add.at(self._sums.numpy(), index, values * weight)
         self._weight += weight
 
     def finish_round(self, round: int) -> dict[str, float]:

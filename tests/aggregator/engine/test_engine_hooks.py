@@ -12,6 +12,7 @@ from engine_harness import PROFILE, SHA, Harness, assigns, lora_state
 from aggregator.errors import UpdateRejected
 from aggregator.methods import AgentView, Assignment
 from aggregator.methods.fedit.server import FeditServer
+from aggregator.store.updatelog import LOG_NAME, scan
 from protocol.errors import ErrorCode
 from protocol.messages import ErrorReply, Hello, TaskResult
 
@@ -123,8 +124,11 @@ def test_a_rounds_stored_updates_go_once_it_commits(tmp_path: Path) -> None:
     h.result(tasks["a"], "a", 5, lora_state(1.0))
     stored = tmp_path / "updates" / "run-t" / "round-000001"
     (row,) = h.ledger.updates("run-t", 1)  # durable before the Ack: in the round's log
-    assert row.blob_path == str(stored / "updates.log") and row.blob_offset == 0
-    assert (stored / "updates.log").stat().st_size == row.blob_length
+    assert row.blob_path == str(stored / LOG_NAME)
+    records, end = scan(stored / LOG_NAME)
+    (record,) = records  # one record: the row and its payload
+    assert (record.offset, record.length) == (row.blob_offset, row.blob_length)
+    assert record.row["task_id"] == row.task_id and end == (stored / LOG_NAME).stat().st_size
     h.result(tasks["b"], "b", 5, lora_state(2.0))
     h.tick()
     assert h.summaries and not stored.exists()

@@ -1,10 +1,13 @@
 """Durable group commit: the updates handled in one group are synced once, recorded in one
 ledger transaction, and acknowledged only then; a crash inside a group loses nothing that was
-acknowledged, and the unacknowledged updates are taken again when the agents resend them."""
+acknowledged, and the unacknowledged updates are taken again when the agents resend them. The log's sync is a group's
+one durable point: its records hold the ledger rows too, and a restart rebuilds rows the ledger
+lost from them."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 from engine_harness import NAMES, Harness, assigns, lora_state
 
 from aggregator.engine.intake import stored_payload
+from aggregator.store.updatelog import scan
 from protocol.messages import Ack
 
 AGENTS = ("a", "b", "c")
@@ -35,11 +39,14 @@ def test_a_group_is_synced_once_recorded_at_once_and_only_then_acknowledged(
     syncs: list[int] = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
-    transactions: list[int] = []
+    transactions: list[tuple[int, bool]] = []
     record = h.ledger.record_updates
-    monkeypatch.setattr(
-        h.ledger, "record_updates", lambda rows: (transactions.append(len(rows)), record(rows))[1]
-    )
+
+    def recorded(rows: list, *, sync: bool = True) -> list[bool]:
+        transactions.append((len(rows), sync))
+        return record(rows, sync=sync)
+
+    monkeypatch.setattr(h.ledger, "record_updates", recorded)
     with h.engine.group() as acks:
         for i, agent in enumerate(AGENTS):
             assert h.result(tasks[agent], agent, 5 + i, lora_state(float(i))) == []
@@ -47,7 +54,9 @@ def test_a_group_is_synced_once_recorded_at_once_and_only_then_acknowledged(
         assert h.result(tasks["a"], "a", 5, lora_state(0.0)) == []
         assert h.ledger.updates("run-t", 1) == [] and not syncs  # nothing durable, no Ack
     assert acked(acks) == sorted(AGENTS)
-    assert len(syncs) == 1 and transactions == [len(AGENTS)]
+    # one sync: the log's (it holds the rows too); the ledger transaction does not sync
+    assert len(syncs) == 1 and transactions == [(len(AGENTS), False)]
+    assert h.ledger._c().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
     rows = h.ledger.updates("run-t", 1)
     assert [r.agent_id for r in rows] == list(AGENTS)
     assert len({r.blob_path for r in rows}) == 1  # one log for the round
@@ -76,39 +85,148 @@ def test_outside_a_group_each_update_is_durable_before_its_ack(tmp_path: Path) -
     h.close()
 
 
-def test_a_crash_inside_a_group_loses_only_unacknowledged_updates(tmp_path: Path) -> None:
+def expected_mean(weights: dict[float, int]) -> torch.Tensor:
+    total = sum(weights.values())
+    return (sum(w * lora_state(v)[NAMES[1]].double() for v, w in weights.items()) / total).float()
+
+
+def log_path(h: Harness) -> Path:
+    (log_,) = h.engine.intake._logs.values()
+    return log_.path
+
+
+def test_a_crash_after_a_groups_log_sync_rebuilds_its_rows_and_counts_each_update_once(
+    tmp_path: Path,
+) -> None:
+    """The crash point ``group``: the log is synced, the ledger transaction never ran, no Ack."""
     h, tasks = start(tmp_path)
     with h.engine.group() as acks:  # group 1: "a", durable and acknowledged
         h.result(tasks["a"], "a", 5, lora_state(0.0))
     assert acked(acks) == ["a"]
-    # group 2: "b" and "c" are written to the log (and synced), then the process dies before
-    # the ledger transaction: the crash point ``group``
     h.engine._grouping += 1  # inside a group, as the service is while it drains a burst
     h.result(tasks["b"], "b", 6, lora_state(1.0))
     h.result(tasks["c"], "c", 7, lora_state(2.0))
-    for log_ in h.engine.intake._logs.values():
-        log_.sync()
-    log_path = Path(h.ledger.updates("run-t", 1)[0].blob_path or "")
-    written = log_path.stat().st_size
+    h.engine.intake._logs[("run-t", 1)].sync()
     h.close()  # only what is on disk survives
 
     h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
-    # the restart replays "a" only: "b" and "c" were never acknowledged
-    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a"]
-    assert set(h.engine._replayed) == {"a"}
+    # the log held "b" and "c" whole: rebuilt into the ledger and replayed with "a"
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a", "b", "c"]
+    assert set(h.engine._replayed) == set(AGENTS)
     for agent in AGENTS:
         h.hello(agent)
-    tasks = assigns(h.tick())
-    assert sorted(tasks) == ["b", "c"]  # the open round's unfinished tasks, re-sent
-    with h.engine.group() as acks:  # the agents resend their outboxes
+    assert assigns(h.tick()) == {}  # every task of the round is done
+    # "b" and "c" never got their Ack: they resend, are acknowledged, and count once
+    assert acked(h.result(tasks["b"], "b", 6, lora_state(1.0))) == ["b"]
+    assert acked(h.result(tasks["c"], "c", 7, lora_state(2.0))) == ["c"]
+    h.tick()
+    assert h.summaries and h.summaries[-1].agents == 3
+    torch.testing.assert_close(
+        h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
+    )
+    h.close()
+
+
+def test_a_power_cut_that_loses_a_groups_ledger_transaction_loses_no_acknowledged_update(
+    tmp_path: Path,
+) -> None:
+    """The transaction of a group commits without a sync: a power cut may lose it whole. Its
+    rows come back from the log (simulated: the rows deleted before the restart)."""
+    h, tasks = start(tmp_path)
+    with h.engine.group() as acks:
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    with h.engine.group() as acks:
         h.result(tasks["b"], "b", 6, lora_state(1.0))
         h.result(tasks["c"], "c", 7, lora_state(2.0))
     assert acked(acks) == ["b", "c"]
+    h.close()
+    ledger = sqlite3.connect(tmp_path / "ledger.sqlite")
+    with ledger:
+        ledger.execute("DELETE FROM updates WHERE agent_id != 'a'")
+    ledger.close()
+
+    h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
     rows = h.ledger.updates("run-t", 1)
     assert [r.agent_id for r in rows] == ["a", "b", "c"]
-    assert all(r.blob_offset is not None and r.blob_offset >= written for r in rows[1:])
+    for row in rows:
+        assert stored_payload(row) == payload_of(1, {"a": 0.0, "b": 1.0, "c": 2.0}[row.agent_id])
+    for agent in AGENTS:
+        h.hello(agent)
     h.tick()
-    weights = {0.0: 5, 1.0: 6, 2.0: 7}
-    expected = sum(w * lora_state(v)[NAMES[1]].double() for v, w in weights.items()) / 18
-    torch.testing.assert_close(h.method.global_state[NAMES[1]], expected.float())
+    h.tick()
+    assert h.summaries and h.summaries[-1].agents == 3
+    torch.testing.assert_close(
+        h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
+    )
+    h.close()
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_a_crash_before_a_groups_log_sync_loses_only_unacknowledged_updates(
+    tmp_path: Path, damage: str
+) -> None:
+    """A crash mid-write leaves a record cut short; a power cut may leave a whole record
+    whose payload bytes were never written. The log is cut there; only unacknowledged
+    updates are lost, and their agents resend them."""
+    h, tasks = start(tmp_path)
+    with h.engine.group() as acks:  # group 1: "a", durable and acknowledged
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    assert acked(acks) == ["a"]
+    path = log_path(h)
+    written = path.stat().st_size
+    h.engine._grouping += 1  # group 2: "b" and "c" written, the sync never returned
+    h.result(tasks["b"], "b", 6, lora_state(1.0))
+    h.result(tasks["c"], "c", 7, lora_state(2.0))
+    h.engine.intake._logs[("run-t", 1)].sync()  # (the bytes reach the file)
+    h.close()
+    (a_rec, b_rec, c_rec) = scan(path)[0]
+    with open(path, "r+b") as f:
+        if damage == "cut":  # "c" cut short: "b" is whole and is rebuilt
+            f.truncate(c_rec.end - 1)
+            lost = ["c"]
+        else:  # "b"'s payload never written (zeros): the log is cut there, "c" goes too
+            f.seek(b_rec.offset + 100)
+            f.write(bytes(50))
+            lost = ["b", "c"]
+
+    h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
+    kept = [a for a in AGENTS if a not in lost]
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == kept
+    cut_at = c_rec.start if damage == "cut" else b_rec.start
+    assert path.stat().st_size == cut_at and cut_at >= written
+    for agent in AGENTS:
+        h.hello(agent)
+    tasks = assigns(h.tick())
+    assert sorted(tasks) == lost  # the open round's unfinished tasks, re-sent
+    with h.engine.group() as acks:  # the agents resend their outboxes
+        for agent in lost:
+            examples, value = {"b": (6, 1.0), "c": (7, 2.0)}[agent]
+            h.result(tasks[agent], agent, examples, lora_state(value))
+    assert acked(acks) == lost
+    rows = h.ledger.updates("run-t", 1)
+    assert [r.agent_id for r in rows] == kept + lost
+    assert all(r.blob_offset is not None and r.blob_offset > cut_at for r in rows[len(kept) :])
+    assert [rec.row["agent_id"] for rec in scan(path)[0]] == kept + lost
+    h.tick()
+    torch.testing.assert_close(
+        h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
+    )
+    h.close()
+
+
+def test_a_log_whose_round_the_ledger_never_began_is_left_alone(tmp_path: Path) -> None:
+    """A ledger older than the logs (restored from a backup): the service still starts."""
+    h, tasks = start(tmp_path)
+    with h.engine.group():
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    path = log_path(h)
+    size = path.stat().st_size
+    h.close()
+    ledger = sqlite3.connect(tmp_path / "ledger.sqlite")
+    with ledger:
+        ledger.execute("DELETE FROM updates")
+        ledger.execute("DELETE FROM rounds")
+    ledger.close()
+    h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
+    assert h.ledger.updates("run-t", 1) == [] and path.stat().st_size == size
     h.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from aggregator.errors import UpdateRejected
-from aggregator.methods.flatsum import CHUNK, FlatSum
+from aggregator.methods.flatsum import CHUNK, PARALLEL_MIN, FlatSum
 from aggregator.methods.robust import Aggregator
 from protocol.methods._common import AggregationParams
 
@@ -40,6 +41,22 @@ def test_bit_identical_to_a_float64_sum_per_tensor(weights: tuple[float, ...]) -
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (3, 70, 0.5)])
+def test_a_large_update_is_added_by_two_threads_with_the_same_result(
+    weights: tuple[float, ...],
+) -> None:
+    """Half of the elements on the helper thread (a tensor cut in two at the middle)."""
+    sizes = (PARALLEL_MIN // 3, 5, PARALLEL_MIN // 2 + 7, 3 * CHUNK + 1)  # x2: above the bar
+    updates = [(update(i, sizes), w) for i, w in enumerate(weights)]
+    flat = FlatSum()
+    for tensors, w in updates:
+        flat.add(tensors, w)
+    assert any(t.name.startswith("flatsum") for t in threading.enumerate())
+    got, want = flat.result(sum(weights)), reference(updates)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_one_buffer_and_no_temporary_of_an_updates_size() -> None:
