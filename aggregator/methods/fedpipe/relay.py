@@ -13,8 +13,8 @@ parameters, selection and global instead of making its own:
 - **train**: the region solves the plan (ranks, batch, precision) for its own agents — the
   upstream knows none of them — and sends each the global truncated at its ranks. Their updates
   fold into a low-rank running sum as on the upstream; the region answers with the mean ``ΔW_R``
-  as exact factors (``c(R)·B·A``, ``R`` its rank per module, scaled as the upstream's ``lora``) and ``num_examples = W_R``. The
-  upstream adds ``W_R·ΔW_R = Σ_{a∈R} n_a·ΔW_a``: the flat sum, in ΔW space (singular values
+  as exact factors (``c(R)·B·A``, ``R`` its rank per module, ``c`` the scaling of the upstream's
+  ``lora``) and ``num_examples = W_R``. The upstream adds ``W_R·ΔW_R = Σ_{a∈R} n_a·ΔW_a``: the flat sum, in ΔW space (singular values
   below ``RANK_RTOL`` of the largest are dropped at each tier, as on the upstream).
 - **eval**: its agents evaluate the upstream's global.
 

@@ -7,10 +7,11 @@ layer from what a frozen layer still sees: a forward hook keeps the layer's inpu
 hook on its output receives ``∂L/∂Y``; then ``∂L/∂W = (∂L/∂Y)ᵀ·X`` (summed over tokens) and
 ``W`` is the layer's weight, dequantized for NF4/int8. Only activations carry gradients.
 
-Train tasks: a peft adapter on exactly the modules of ``params.ranks`` at those ranks (the
-scaling is ``lora.module_scaling(rank)`` per module: peft's ``use_rslora`` with ``lora.rslora``), initialised from blob ``global`` or, in round 1, from
-the seeded init of ``edge_agent.training.lora``; then ``train.steps`` steps of batch ``train.batch_size``
-on the task's precision, measuring AdaLoRA's sensitivity of the adapter entries after every step
+Train tasks: a peft adapter on exactly the modules of ``params.ranks`` at those ranks (scaled
+by ``lora.module_scaling(rank)`` per module: ``alpha / rank``, or peft's ``use_rslora`` with
+``lora.rslora``), initialised from blob ``global`` or, in round 1, from the seeded init of
+``edge_agent.training.lora``; then ``train.steps`` steps of batch ``train.batch_size`` on the
+task's precision, measuring AdaLoRA's sensitivity of the adapter entries after every step
 (:mod:`edge_agent.methods.fedpipe.sensitivity`), reported per module beside the update with the
 task's peak memory. Eval tasks attach the global ΔW at its own ranks (exact) and evaluate.
 One adapter is attached at a time: a different shape unloads the old one (``unload()`` puts
