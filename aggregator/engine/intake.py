@@ -20,6 +20,7 @@ is answered with :func:`ack` or :func:`refusal`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -65,10 +66,17 @@ def refusal(
 
 _BLOB = "blob"
 """A log record's key: whether its payload is the update's blob (else the row has none)."""
-_ROW_KEYS = frozenset(
-    ("run_id", "round", "task_id", "agent_id", "sha256", "num_examples", "metrics", "bytes_up",
-     "bytes_down", "received_at")
-)  # fmt: skip
+_WHERE = ("blob_path", "blob_offset", "blob_length")
+"""The row's fields that say where its payload lies: the log's record gives them."""
+_ROW_KEYS = frozenset(f.name for f in dataclasses.fields(UpdateRow)) - frozenset(_WHERE)
+"""What a record's row holds besides :data:`_BLOB`."""
+
+
+def _row(fields: dict[str, Any], path: Path, offset: int, length: int, blob: bool) -> UpdateRow:
+    """The ledger row of a record: its fields, and where its payload lies if it has one."""
+    if not blob:
+        return UpdateRow(**fields)
+    return UpdateRow(**fields, blob_path=str(path), blob_offset=offset, blob_length=length)
 
 
 def _logged_row(rec: LoggedRecord, path: Path) -> UpdateRow | None:
@@ -77,12 +85,10 @@ def _logged_row(rec: LoggedRecord, path: Path) -> UpdateRow | None:
     has_blob = fields.pop(_BLOB, None)
     if set(fields) != _ROW_KEYS or not isinstance(has_blob, bool):
         return None
+    if not has_blob and rec.length != 0:
+        return None
     try:
-        if not has_blob:
-            return UpdateRow(**fields) if rec.length == 0 else None
-        return UpdateRow(
-            **fields, blob_path=str(path), blob_offset=rec.offset, blob_length=rec.length
-        )
+        return _row(fields, path, rec.offset, rec.length, has_blob)
     except TypeError:
         return None
 
@@ -181,12 +187,7 @@ class ResultIntake:
         # the record holds the ledger row too: the log's sync is the group's one durable point
         log_ = self._log(res.run_id, res.round)
         offset, length = log_.append({**fields, _BLOB: blob is not None}, blob or b"")
-        if blob is None:
-            row = UpdateRow(**fields)
-        else:
-            row = UpdateRow(
-                **fields, blob_path=str(log_.path), blob_offset=offset, blob_length=length
-            )
+        row = _row(fields, log_.path, offset, length, blob is not None)
         self.pending.append((row, update, res))
         phase.done[agent_id] = res
         phase.bytes_up[agent_id] = msg.nbytes
