@@ -255,3 +255,22 @@ def test_near_iid_rows_train_on_their_own_dirichlet_split_with_the_same_eval(
     assert {name: alpha for name, alpha in seen if name} == expected
     assert sum(a == 100.0 for a in expected.values()) == 4
     assert all(alpha is None for name, alpha in seen if not name)  # the main rows: by subtask
+
+
+def test_result_rows_keep_the_slora_switch_metrics_and_drop_other_method_metrics() -> None:
+    from _scoreboard_runs import _rows
+
+    table = [
+        {"round": 0, "eval_loss": 2.8, "eval_rouge_l": 0.09},
+        {
+            "round": 3, "bytes_up_per_agent": 10.0, "bytes_down_per_agent": 20.0,
+            "eval_loss": 1.4, "train_loss": 1.2, "svd_energy": 0.31, "switch_gain_kept": 0.62,
+            "switch_eval_loss": 1.9, "switch_eval_sparse_rouge_l": 0.5, "clip_scale": 1.0,
+            "density": 0.01,
+        },
+    ]  # fmt: skip
+    rows = _rows(table, {}, Common("m", 2, 1, 1, 2, (100.0, 20.0)))
+    assert rows[1]["switch_gain_kept"] == 0.62 and rows[1]["svd_energy"] == 0.31
+    assert rows[1]["switch_eval_loss"] == 1.9 and rows[1]["switch_eval_sparse_rouge_l"] == 0.5
+    assert "clip_scale" not in rows[1] and "density" not in rows[1]
+    assert rows[1]["cum_bytes"] == 60.0 and rows[1]["train_loss"] == 1.2
