@@ -120,6 +120,45 @@ def summary_table(results: Sequence[Mapping[str, Any]], reference: str | None) -
     return lines
 
 
+def paired_table(results: Sequence[Mapping[str, Any]], reference: str | None) -> list[str]:
+    """Markdown rows: each group against ``reference`` on the seeds both ran (the same split and
+    eval set per seed), final Rouge-L per seed and the paired gap, mean ± sd over those seeds.
+
+    Seed-matching removes what one seed's split does to every method alike; the verdict reads the
+    gap's own spread: "no difference" when ``|mean| ≤ sd``, "not judged" under two shared seeds.
+    Empty without a reference among the results."""
+    by_group = groups(results)
+    if reference is None or reference not in by_group:
+        return []
+    ref = {int(r["seed"]): final(r, "eval_rouge_l") for r in by_group[reference]}
+    lines = [
+        f"| configuration | shared seeds | Rouge-L per seed | {reference} per seed "
+        "| gap (mean ± sd) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g, rs in sorted(by_group.items()):
+        if g == reference:
+            continue
+        mine = {int(r["seed"]): final(r, "eval_rouge_l") for r in rs}
+        seeds = sorted(s for s in set(mine) & set(ref) if math.isfinite(mine[s] - ref[s]))
+        if not seeds:
+            lines.append(f"| {g} | none | | | – | not judged (no shared seed) |")
+            continue
+        gap = stat([mine[s] - ref[s] for s in seeds])
+        spread = "" if gap.sd is None else f" ± {gap.sd:.4f}"
+        if gap.sd is None:
+            judged = "not judged (n < 2)"
+        elif abs(gap.mean) <= gap.sd:
+            judged = "no difference"
+        else:
+            judged = "better" if gap.mean > 0 else "worse"
+        lines.append(
+            f"| {g} | {','.join(map(str, seeds))} | {' / '.join(f'{mine[s]:.4f}' for s in seeds)} "
+            f"| {' / '.join(f'{ref[s]:.4f}' for s in seeds)} | {gap.mean:+.4f}{spread} | {judged} |"
+        )
+    return lines
+
+
 def _nan_low(x: float) -> float:
     return -math.inf if math.isnan(x) else x
 

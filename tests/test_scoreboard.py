@@ -144,7 +144,8 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
 
     lines = scoreboard.section_lines(args, Store(tmp_path / "results").load_all(), chosen)
     table = [ln for ln in lines if ln.startswith("| ferret K=32 fp32")]
-    assert len(table) == 1 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
+    assert len(table) == 2 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
+    assert "| 0,1 |" in table[1]  # the seed-matched row: both seeds shared with fedavg
     assert any(
         ln.startswith("| fedavg fp32 lr=0.01 | 2 |") and ln.endswith("| — |") for ln in lines
     )
@@ -274,3 +275,31 @@ def test_result_rows_keep_the_slora_switch_metrics_and_drop_other_method_metrics
     assert rows[1]["switch_eval_loss"] == 1.9 and rows[1]["switch_eval_sparse_rouge_l"] == 0.5
     assert "clip_scale" not in rows[1] and "density" not in rows[1]
     assert rows[1]["cum_bytes"] == 60.0 and rows[1]["train_loss"] == 1.2
+
+
+def test_the_seed_matched_table_pairs_each_row_with_the_reference_on_shared_seeds() -> None:
+    from _scoreboard_stats import paired_table
+
+    def res(group: str, seed: int, rouge: float) -> dict[str, Any]:
+        return {"group": group, "seed": seed, "rows": [{"round": 3, "eval_rouge_l": rouge}]}
+
+    results = [
+        res("ref", 0, 0.50), res("ref", 1, 0.30), res("ref", 2, 0.40),
+        # always 0.05 above on the same seed: the unpaired spread (0.1) would hide it
+        res("steady", 0, 0.55), res("steady", 1, 0.35), res("steady", 2, 0.45),
+        res("noisy", 0, 0.60), res("noisy", 1, 0.20), res("noisy", 2, 0.45),
+        res("one", 1, 0.90),
+        res("other", 5, 0.90),
+    ]  # fmt: skip
+    lines = {line.split(" | ")[0][2:]: line for line in paired_table(results, "ref")[2:]}
+    assert set(lines) == {"steady", "noisy", "one", "other"}
+    assert (
+        "| 0,1,2 | 0.5500 / 0.3500 / 0.4500 | 0.5000 / 0.3000 / 0.4000 | +0.0500 ± 0.0000 "
+        "| better |" in lines["steady"]
+    )
+    assert lines["noisy"].endswith("| no difference |")  # gaps +0.1, -0.1, +0.05
+    assert lines["one"].endswith("| not judged (n < 2) |") and "| 1 |" in lines["one"]
+    assert "no shared seed" in lines["other"]
+    assert paired_table(results, None) == [] and paired_table(results, "absent") == []
+    # the unpaired verdict cannot see the steady gap; the paired one can
+    assert verdict(stat([0.55, 0.35, 0.45]), stat([0.50, 0.30, 0.40])) == "no difference"
