@@ -159,6 +159,43 @@ def paired_table(results: Sequence[Mapping[str, Any]], reference: str | None) ->
     return lines
 
 
+def reach_table(results: Sequence[Mapping[str, Any]], reference: str | None) -> list[str]:
+    """Markdown rows: how soon each group reaches ``reference``'s final Rouge-L on the same seed
+    (same split, same eval set): per run the first trained round at or above it, on the
+    simulated clock and in rounds, mean ± sd over the runs that reached it, and how many of the
+    runs with a reference seed did. Empty without a reference among the results."""
+    by_group = groups(results)
+    if reference is None or reference not in by_group:
+        return []
+    target = {int(r["seed"]): final(r, "eval_rouge_l") for r in by_group[reference]}
+    lines = [
+        "| configuration | runs reaching it | simulated s to reach | rounds to reach |",
+        "|---|---|---|---|",
+    ]
+    for g, rs in sorted(by_group.items()):
+        matched = [r for r in rs if math.isfinite(target.get(int(r["seed"]), math.nan))]
+        hits = [
+            next(
+                (
+                    (float(row.get("sim_seconds", math.nan)), float(row["round"]))
+                    for row in sorted(r["rows"], key=lambda row: row["round"])
+                    if row["round"] > 0
+                    and float(row.get("eval_rouge_l", -math.inf)) >= target[int(r["seed"])]
+                ),
+                None,
+            )
+            for r in matched
+        ]
+        reached = [h for h in hits if h is not None]
+        secs = stat([h[0] for h in reached])
+        rounds = stat([h[1] for h in reached])
+        lines.append(
+            f"| {g} | {len(reached)} of {len(matched)} | {secs.cell('.0f')} "
+            f"| {rounds.cell('.1f')} |"
+        )
+    return lines
+
+
 def _nan_low(x: float) -> float:
     return -math.inf if math.isnan(x) else x
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _scoreboard_plots import plot_metric  # noqa: E402
 from _scoreboard_rows import SECTIONS, Section, all_variants  # noqa: E402
 from _scoreboard_runs import REFERENCES, Common, Config, Store, run_config  # noqa: E402
-from _scoreboard_stats import final, paired_table, summary_table  # noqa: E402
+from _scoreboard_stats import final, paired_table, reach_table, summary_table  # noqa: E402
 
 ALL_METHODS = "fedit,slora,ferret,fedbiot,fedpipe,fedavg"
 SGD_METHODS = ("ferret", "fedavg")
@@ -213,7 +213,7 @@ def section_lines(
                           args.img_dir / f"scoreboard-{section.key}-rouge.png",
                           f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
-                  *_paired_lines(rows, ref),
+                  *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else []),
                   "", f"![{section.key}]({_rel(img, args.doc)})", ""]  # fmt: skip
         for v in section.variants:
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
@@ -227,6 +227,14 @@ def _paired_lines(rows: list[dict[str, Any]], reference: str | None) -> list[str
         return []
     return ["", f"Seed-matched, against {reference} on the seeds both ran (the gap's own spread "
             "judges it):", "", *table]  # fmt: skip
+
+
+def _reach_lines(rows: list[dict[str, Any]], reference: str | None) -> list[str]:
+    table = reach_table(rows, reference)
+    if not table:
+        return []
+    return ["", f"How soon each row reaches {reference}'s final Rouge-L on the same seed:",
+            "", *table]  # fmt: skip
 
 
 def _nan_low(x: float) -> float:
@@ -281,6 +289,7 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
         "A gap no larger than the larger of the two standard deviations is reported as *no "
         "difference*; with fewer than two runs a row is not judged.",
         *_paired_lines(kept, ref_group),
+        *_reach_lines(kept, ref_group),
         *_pending_lines(args, chosen),
         "",
         f"![Rouge-L]({_rel(rouge, args.doc)})",

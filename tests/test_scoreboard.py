@@ -144,8 +144,10 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
 
     lines = scoreboard.section_lines(args, Store(tmp_path / "results").load_all(), chosen)
     table = [ln for ln in lines if ln.startswith("| ferret K=32 fp32")]
-    assert len(table) == 2 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
-    assert "| 0,1 |" in table[1]  # the seed-matched row: both seeds shared with fedavg
+    # the summary row, the seed-matched row, the reach row (the ferret section has one)
+    assert len(table) == 3 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
+    assert "| 0,1 |" in table[1]  # both seeds shared with fedavg
+    assert "| 0 of 2 |" in table[2]  # never reaches fedavg's final Rouge-L on its seed
     assert any(
         ln.startswith("| fedavg fp32 lr=0.01 | 2 |") and ln.endswith("| — |") for ln in lines
     )
@@ -303,3 +305,28 @@ def test_the_seed_matched_table_pairs_each_row_with_the_reference_on_shared_seed
     assert paired_table(results, None) == [] and paired_table(results, "absent") == []
     # the unpaired verdict cannot see the steady gap; the paired one can
     assert verdict(stat([0.55, 0.35, 0.45]), stat([0.50, 0.30, 0.40])) == "no difference"
+
+
+def test_the_reach_table_gives_the_first_round_at_the_references_final_rouge() -> None:
+    from _scoreboard_stats import reach_table
+
+    def res(group: str, seed: int, rouges: list[float], step: float) -> dict[str, Any]:
+        rows = [{"round": 0, "eval_rouge_l": 0.9, "sim_seconds": 0.0}]  # round 0 never counts
+        rows += [
+            {"round": i + 1, "eval_rouge_l": v, "sim_seconds": step * (i + 1)}
+            for i, v in enumerate(rouges)
+        ]
+        return {"group": group, "seed": seed, "rows": rows}
+
+    results = [
+        res("ref", 0, [0.2, 0.4, 0.5], 100.0), res("ref", 1, [0.3, 0.5, 0.7], 100.0),
+        res("fast", 0, [0.5, 0.6, 0.7], 10.0), res("fast", 1, [0.5, 0.7, 0.7], 10.0),
+        res("never", 1, [0.1, 0.2, 0.69], 1.0),
+        res("unmatched", 7, [0.9, 0.9, 0.9], 1.0),  # no reference run on seed 7
+    ]  # fmt: skip
+    lines = {line.split(" | ")[0][2:]: line for line in reach_table(results, "ref")[2:]}
+    assert lines["ref"] == "| ref | 2 of 2 | 300 ± 0 | 3.0 ± 0.0 |"
+    assert lines["fast"] == "| fast | 2 of 2 | 15 ± 7 | 1.5 ± 0.7 |"  # round 1 on seed 0, 2 on 1
+    assert lines["never"] == "| never | 0 of 1 | – | – |"
+    assert lines["unmatched"] == "| unmatched | 0 of 0 | – | – |"
+    assert reach_table(results, None) == [] and reach_table(results, "absent") == []
