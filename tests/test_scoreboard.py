@@ -330,3 +330,30 @@ def test_the_reach_table_gives_the_first_round_at_the_references_final_rouge() -
     assert lines["never"] == "| never | 0 of 1 | – | – |"
     assert lines["unmatched"] == "| unmatched | 0 of 0 | – | – |"
     assert reach_table(results, None) == [] and reach_table(results, "absent") == []
+
+
+def test_variants_option_runs_only_the_named_rows_and_refuses_unknown_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(scoreboard, "prepare_split", lambda *a, **k: tmp_path)
+
+    def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
+        ran.append(cfg.variant)
+        return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
+            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
+            "wall_seconds": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(scoreboard, "run_config", fake_run)
+    run_args = argparse.Namespace(
+        results=tmp_path, lr_grid="", methods="fedit,fedbiot", references="", seeds="0",
+        quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01, sections="fedbiot",
+        variants="fedbiot drop=0.2,fedit last 2 layers",
+    )  # fmt: skip
+    common = Common("m", 2, 1, 1, 2, (100.0, 20.0))
+    scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+    assert sorted(v for v in ran if v) == ["fedbiot drop=0.2", "fedit last 2 layers"]
+    run_args.variants = "fedbiot drop=0.9"
+    with pytest.raises(SystemExit, match="no such row"):
+        scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
