@@ -295,6 +295,8 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
         "A gap no larger than the larger of the two standard deviations is reported as *no "
         "difference*; with fewer than two runs a row is not judged.",
         *_paired_lines(kept, ref_group),
+        # the LoRA baseline too: what SLoRA, FedPipe and FedBiOT claim against
+        *_paired_lines(kept, next((r["group"] for r in kept if r["method"] == "fedit"), None)),
         *_reach_lines(kept, ref_group),
         *_pending_lines(args, chosen),
         "",

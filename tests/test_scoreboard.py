@@ -297,10 +297,11 @@ def test_the_seed_matched_table_pairs_each_row_with_the_reference_on_shared_seed
     assert set(lines) == {"steady", "noisy", "one", "other"}
     assert (
         "| 0,1,2 | 0.5500 / 0.3500 / 0.4500 | 0.5000 / 0.3000 / 0.4000 | +0.0500 ± 0.0000 "
-        "| better |" in lines["steady"]
+        "| better | – |" in lines["steady"]  # every gap the same: no spread, no t-test
     )
-    assert lines["noisy"].endswith("| no difference |")  # gaps +0.1, -0.1, +0.05
-    assert lines["one"].endswith("| not judged (n < 2) |") and "| 1 |" in lines["one"]
+    # gaps +0.1, -0.1, +0.05: mean 0.0167, sd 0.104, t = 0.277 with 2 degrees of freedom
+    assert lines["noisy"].endswith("| no difference | 0.81 |")
+    assert lines["one"].endswith("| not judged (n < 2) | – |") and "| 1 |" in lines["one"]
     assert "no shared seed" in lines["other"]
     assert paired_table(results, None) == [] and paired_table(results, "absent") == []
     # the unpaired verdict cannot see the steady gap; the paired one can
