@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from protocol.errors import PayloadError, PayloadHeaderTooLarge
@@ -213,7 +214,8 @@ def load_tensors(data: Buffer, header: Header) -> dict[str, torch.Tensor]:
     """Build the tensors of a buffer whose header was checked by :func:`parse_header`.
 
     The data area is copied once, writable; each tensor is a view of exactly its bytes in
-    that copy (so one finite check can cover the whole area, see ``check_finite``).
+    that copy (so the finite check can treat layers that lie back to back as one block, see
+    ``square_sums``).
     """
     view = _as_view(data)
     if view.nbytes != header.total_nbytes:
@@ -222,8 +224,12 @@ def load_tensors(data: Buffer, header: Header) -> dict[str, torch.Tensor]:
         )
     base = header.header_nbytes
     out: dict[str, torch.Tensor] = {}
+    # numpy's copy releases the GIL (bytearray's does not): decode-ahead and the log's writer
+    # run meanwhile
     area = (
-        torch.frombuffer(bytearray(view[base:]), dtype=torch.uint8) if view.nbytes > base else None
+        torch.from_numpy(np.frombuffer(view, np.uint8, offset=base).copy())
+        if view.nbytes > base
+        else None
     )
     for e in header.entries:
         dtype = PAYLOAD_DTYPES[e.dtype]

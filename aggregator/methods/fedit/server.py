@@ -27,6 +27,7 @@ from aggregator.methods.lora_layout import (
 from aggregator.methods.robust import Aggregator, check_examples, clip_lora
 from aggregator.store.export import write_peft_adapter
 from protocol import payloads
+from protocol._payload_checks import square_sums
 from protocol.errors import ErrorCode
 from protocol.messages import TaskResult
 from protocol.methods import parse_params
@@ -57,6 +58,8 @@ class FeditServer:
         assert isinstance(parsed, spec.Params)
         self.params: spec.Params = parsed
         self.global_state: dict[str, torch.Tensor] = {}
+        self._base_square_sums: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None
+        """A global state and its sums of squares; see :meth:`_base_sums`."""
         self._payload: tuple[int, bytes] | None = None
         self._acc = Aggregator(self.params.aggregation)
         context = context or MethodContext()
@@ -118,7 +121,8 @@ class FeditServer:
         clip = self.params.aggregation.clip
         metrics = dict(result.metrics)
         if clip is not None:
-            tensors, scale = clip_lora(tensors, self.global_state or None, clip)
+            base = self.global_state or None
+            tensors, scale = clip_lora(tensors, base, clip, payload.square_sums, self._base_sums())
             metrics["clip_scale"] = scale
         return Update(
             agent_id=result.agent_id,
@@ -127,6 +131,15 @@ class FeditServer:
             tensors=tensors,
             metrics=metrics,
         )
+
+    def _base_sums(self) -> dict[str, float] | None:
+        """The global adapter's float32 sums of squares (for the clip's cheapest bound), found
+        once per global state."""
+        if not self.global_state:
+            return None
+        if self._base_square_sums is None or self._base_square_sums[0] is not self.global_state:
+            self._base_square_sums = (self.global_state, square_sums(self.global_state))
+        return self._base_square_sums[1]
 
     # --- aggregation ------------------------------------------------------------------------
 
