@@ -11,8 +11,11 @@ round's update log; at the group's end one log sync, one ledger transaction, the
 to the running FedAvg sum, and the Acks sent back. The engine, ledger and checkpoint store are
 the real ones (insecure, state dir in a temp dir); only the clock is fixed and the socket loop
 is this file's, so the timing starts when the agents start sending and stops when the last
-update is summed. Closing the round (mean, checkpoint save) is timed apart. The summary line
-gives the updates per group commit (at most N: a round's updates).
+update is summed. Closing the round (mean, checkpoint save, and the method's background work
+that follows it: Ferret's rebuild of the weights) is timed apart. The summary line gives the
+updates per group commit (at most N: a round's updates) and every receiver's process CPU time
+per update (all its threads, the sender's and ZeroMQ's I/O thread's included: on a shared
+machine the work, apart from how much of the machine each receiver got).
 
 Baseline: the same socket types carrying ``pickle.dumps`` of a dict of numpy arrays, unpickled
 and summed into float64 accumulators (pickle only here, as the thing being measured; never in
@@ -20,7 +23,9 @@ the product). Raw: the same bytes as opaque frames, received and dropped.
 
 Rows: ``edgefed`` as the service runs; ``no pipeline threads`` (decode, log writes and the sum
 on the loop thread); for LoRA also ``log without O_DIRECT`` (large records through the page
-cache).
+cache); for Ferret also ``last round's rebuild running`` (the next round's updates taken while
+the previous round's rebuild, ~1 s of CPU here, runs on its thread: what this benchmark measured
+before 2026-12-03's third pass; in a training run agents train between rounds).
 
 Each receiver runs in a process of its own (``--one``), one after another: repeats in one process
 slowed down (the Ferret server's rebuild threads outlived their run), and a fresh process gives
@@ -222,12 +227,16 @@ def timed_receive(
     messages: list[Frames],
     handle: Callable[[zmq.Socket[bytes], list[zmq.Frame]], None],
     handled: list[int] | None = None,
+    cpu: list[float] | None = None,
 ) -> float:
-    """Seconds until every message is handled (``handled``: messages ``handle`` took itself)."""
+    """Seconds until every message is handled (``handled``: messages ``handle`` took itself);
+    the process's CPU seconds meanwhile (every thread's, the sender's and ZeroMQ's I/O thread's
+    included) are added to ``cpu[0]``."""
     go = threading.Event()
     sender = threading.Thread(target=send_all, args=(dealers, messages, go))
     sender.start()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     go.set()
     taken = 0
     while taken < len(messages):
@@ -236,6 +245,8 @@ def timed_receive(
         taken += 1 + (len(handled) - before if handled is not None else 0)
     elapsed = time.perf_counter() - start
     sender.join()
+    if cpu is not None:
+        cpu[0] += time.process_time() - cpu_start
     for d in dealers:  # drain the Acks outside the timing
         while d.poll(0):
             d.recv_multipart()
@@ -265,6 +276,9 @@ class Result:
     """Seconds per step of edgefed's intake (see :func:`instrument`)."""
     groups: int = 0
     """Group commits that held at least one update (one log sync each)."""
+    cpu_seconds: float = 0.0
+    """The process's CPU time while receiving (all its threads): the work, apart from how
+    much of the machine it got (on a shared machine the seconds above depend on that)."""
 
     @property
     def rate(self) -> float:
@@ -328,11 +342,21 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
 
 
 def run_edgefed(
-    w: Workload, n: int, rounds: int, state: Path, pipeline: bool = True, direct: bool = True
+    w: Workload,
+    n: int,
+    rounds: int,
+    state: Path,
+    pipeline: bool = True,
+    direct: bool = True,
+    settle: bool = True,
 ) -> Result:
     """``pipeline``: decode ahead, append on the appender thread, sum large updates on two
     threads (False: all on the loop);
-    ``direct``: large log records with ``O_DIRECT`` (False: through the page cache)."""
+    ``direct``: large log records with ``O_DIRECT`` (False: through the page cache);
+    ``settle``: the round's close waits for the method's background work (Ferret's rebuild of
+    the weights, ~1 s per round here), so the next round's intake does not run beside it
+    (False: it does; rounds that follow each other this fast are this benchmark's, not a
+    training run's, where agents train between rounds)."""
     raw = {
         "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
         "security": {"insecure": True},
@@ -430,12 +454,16 @@ def run_edgefed(
                 messages.append(encode(header, {"update": w.make_blob(i, task.round)}))
             handled.clear()
             with instrument(total.steps, intake_steps(engine, ledger)):
-                total.seconds += timed_receive(router, dealers, messages, handle, handled)
+                cpu = [0.0]
+                total.seconds += timed_receive(router, dealers, messages, handle, handled, cpu)
+                total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(frames_nbytes(m) for m in messages)
             start = time.perf_counter()
             clock.now += 0.1
             engine.tick(clock.now)  # closes the round: mean, checkpoint save, ledger commit
+            if settle:  # and what the method goes on with in the background (Ferret's rebuild)
+                getattr(method, "wait_weights", lambda: None)()
             total.close_seconds += time.perf_counter() - start
     ledger.close()
     if ahead is not None:
@@ -465,7 +493,9 @@ def run_pickle(w: Workload, n: int, rounds: int) -> Result:
                                "tensors": w.make_tensors(i)}, protocol=5)]
                 for i in range(n)
             ]  # fmt: skip
-            total.seconds += timed_receive(router, dealers, messages, handle)
+            cpu = [0.0]
+            total.seconds += timed_receive(router, dealers, messages, handle, cpu=cpu)
+            total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(len(m[0]) for m in messages)
     return total
@@ -477,7 +507,9 @@ def run_raw(w: Workload, n: int, rounds: int) -> Result:
         warm_up(router, dealers)
         for rnd in range(1, rounds + 1):
             messages = [[w.make_blob(i, rnd)] for i in range(n)]
-            total.seconds += timed_receive(router, dealers, messages, lambda s, f: None)
+            cpu = [0.0]
+            total.seconds += timed_receive(router, dealers, messages, lambda s, f: None, cpu=cpu)
+            total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(len(m[0]) for m in messages)
     return total
@@ -490,10 +522,13 @@ RECEIVERS = {
     "edgefed": "edgefed (decode+validate+fsync+ledger+sum)",
     "edgefed-serial": "edgefed, no pipeline threads",
     "edgefed-buffered": "edgefed, log without O_DIRECT",
+    "edgefed-unsettled": "edgefed, last round's rebuild running",
 }
 LARGE_ONLY = {"edgefed-buffered"}
 """Receivers that differ from ``edgefed`` only for updates of 1 MiB and more (not run for
 Ferret's)."""
+BACKGROUND_ONLY = {"edgefed-unsettled"}
+"""Receivers that differ from ``edgefed`` only for a method with background work (Ferret)."""
 
 
 def workload(name: str, tmp: Path) -> Workload:
@@ -507,8 +542,11 @@ def run_one(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
     if receiver == "pickle":
         return run_pickle(w, n, rounds)
     state = tmp / f"state-{w.method}-{receiver}-{time.monotonic_ns()}"
-    pipeline = receiver in ("edgefed", "edgefed-buffered")
-    return run_edgefed(w, n, rounds, state, pipeline, direct=receiver != "edgefed-buffered")
+    pipeline = receiver != "edgefed-serial"
+    direct = receiver != "edgefed-buffered"
+    return run_edgefed(
+        w, n, rounds, state, pipeline, direct, settle=receiver != "edgefed-unsettled"
+    )
 
 
 def in_process(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
@@ -528,14 +566,24 @@ def report(w: Workload, n: int, rounds: int, results: dict[str, Result], label: 
     ef, pk = results[RECEIVERS["edgefed"]], results[RECEIVERS["pickle"]]
     serial = results[RECEIVERS["edgefed-serial"]]
     buffered = results.get(RECEIVERS["edgefed-buffered"])
+    unsettled = results.get(RECEIVERS["edgefed-unsettled"])
     print(
         f"  {w.name}{label}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
         f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; pipeline / "
         f"no pipeline {ef.rate / serial.rate:.2f}"
         + (f"; O_DIRECT / buffered log {ef.rate / buffered.rate:.2f}" if buffered else "")
-        + f"; round close (mean + checkpoint) {1000 * ef.close_seconds / rounds:.0f} ms/round; "
+        + (f"; rebuild done / running {ef.rate / unsettled.rate:.2f}" if unsettled else "")
+        + f"; round close (mean + checkpoint + background work) "
+        f"{1000 * ef.close_seconds / rounds:.0f} ms/round; "
         f"updates per group commit {ef.updates / max(ef.groups, 1):.1f} (a round's {n} agents "
         "send at once)"
+    )
+    print(
+        "  process CPU per update (every thread: the sender's and ZeroMQ's too): "
+        + ", ".join(
+            f"{name.split(' (')[0]} {1000 * r.cpu_seconds / r.updates:.1f} ms"
+            for name, r in results.items()
+        )
     )
     for title, r in (("edgefed", ef), ("no pipeline", serial)):
         print(f"  per {title} update: frames.decode (sha256; what the loop waited for, when "
@@ -576,7 +624,7 @@ def main() -> int:
                 results = {
                     label: in_process(name, receiver, n, rounds, tmp)
                     for receiver, label in RECEIVERS.items()
-                    if name == "lora" or receiver not in LARGE_ONLY
+                    if receiver not in (BACKGROUND_ONLY if name == "lora" else LARGE_ONLY)
                 }
                 report(w, n, rounds, results, f" (repetition {rep + 1})" if args.repeat > 1 else "")
     return 0
