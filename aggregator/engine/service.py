@@ -49,6 +49,9 @@ from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
+OVERLAP_MAX_S = 0.05
+"""The longest the loop goes on taking bursts while a group syncs before it runs the clock
+(heartbeats, deadlines: :meth:`RoundEngine.tick`, which flushes)."""
 POLL_MS = 50
 
 
@@ -363,6 +366,7 @@ class AggregatorService:
         if self.admin is not None:
             poller.register(self.admin.socket, zmq.POLLIN)
         self._sock = sock
+        last_tick = time.monotonic()
         while not self.should_exit.is_set():
             while not self._calls.empty():
                 self._calls.get()()
@@ -379,24 +383,35 @@ class AggregatorService:
                         break
                 # decoded ahead on a worker while the loop handles the messages before them
                 ahead = self.decode_ahead.burst([frames[1:] for frames in burst])
-                with self.engine.group() as acks:
+                with self.engine.group(overlap=True) as acks:  # the group before's Acks
                     for frames, decoded in zip(burst, ahead, strict=True):
                         self._receive(sock, frames, time.monotonic(), decoded)
                 self.metrics.acked(acks)
                 for out in acks:
                     self._send(sock, out)
+                # this group's sync runs while the next burst, if it is here already, is taken
+                # (its Acks come with that one's end); otherwise the tick below flushes it
+                if (
+                    self.engine.syncing
+                    and sock.poll(0)
+                    and time.monotonic() - last_tick < OVERLAP_MAX_S
+                ):
+                    continue
             if self.admin is not None and self.admin.socket in events:
                 self.admin.serve_one()
+            last_tick = time.monotonic()
             if self.lifecycle is not None:
                 self._step(sock)
                 continue
-            for out in self.engine.tick(time.monotonic()):
+            for out in self.engine.tick(last_tick):
                 self._send(sock, out)
             self.metrics.live_agents(len(self.engine.registry.live()))
             if self.engine.finished:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
                 return
+        for out in self.engine.flush():  # a group still syncing when asked to exit
+            self._send(sock, out)
         if self.lifecycle is not None:
             active = self.lifecycle.active
             log.info(
