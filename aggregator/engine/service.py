@@ -403,14 +403,18 @@ class AggregatorService:
             if self.lifecycle is not None:
                 self._step(sock)
                 continue
-            for out in self.engine.tick(last_tick):
+            outs = self.engine.tick(last_tick)
+            self.metrics.acked(outs)  # a group's that was still syncing (the tick flushes)
+            for out in outs:
                 self._send(sock, out)
             self.metrics.live_agents(len(self.engine.registry.live()))
             if self.engine.finished:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
                 return
-        for out in self.engine.flush():  # a group still syncing when asked to exit
+        outs = self.engine.flush()  # a group still syncing when asked to exit
+        self.metrics.acked(outs)
+        for out in outs:
             self._send(sock, out)
         if self.lifecycle is not None:
             active = self.lifecycle.active
@@ -431,6 +435,7 @@ class AggregatorService:
         now = time.monotonic()
         try:
             outs = self.engine.tick(now)
+            self.metrics.acked(outs)  # a group's that was still syncing (the tick flushes)
         except StateError:
             raise
         except Exception as exc:  # the run cannot go on; the service and the next runs can
