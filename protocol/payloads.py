@@ -263,16 +263,24 @@ def read_header(
 
 
 def decode(
-    data: Buffer, expect: Expect | None = None, *, max_header: int = MAX_PAYLOAD_HEADER
+    data: Buffer,
+    expect: Expect | None = None,
+    *,
+    max_header: int = MAX_PAYLOAD_HEADER,
+    copy: bool = True,
 ) -> Payload:
-    """Parse and check a payload; raises a :class:`~protocol.errors.PayloadError` subclass."""
+    """Parse and check a payload; raises a :class:`~protocol.errors.PayloadError` subclass.
+
+    The tensors are views of one writable copy of the data area; ``copy=False`` makes them
+    views of ``data`` itself when it is writable (no copy: the caller keeps ``data`` unchanged
+    while they live and never writes to them where ``data`` is read elsewhere)."""
     header = parse_header(data, max_header=max_header)
     meta = header.metadata
     kind_name, method, round_ = checks.identity(meta, KIND_NAMES)
     kind = PayloadKind(kind_name)
     if expect is not None:
         check_identity(expect, kind, method, round_)
-    entries = _load_tensors(data, header)
+    entries = _load_tensors(data, header, copy=copy)
     flat, origins = unstack_origins(entries, meta.get(STACKED_KEY))
     tensors = {name: flat[name] for name in sorted(flat, key=_natural)}
     shapes, ranks = structure(kind, tensors, meta)

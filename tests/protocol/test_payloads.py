@@ -645,3 +645,21 @@ def test_square_sums_are_the_tensors_sums_of_squares_within_float32_rounding() -
             assert abs(p.square_sums[name] - exact) <= gamma * exact
     ints = decode(raw_payload({"w": torch.ones(3), "i": torch.ones(2, dtype=torch.int32)}))
     assert set(ints.square_sums) == {"w"} and ints.square_sums["w"] == 3.0
+
+
+def test_decoding_without_a_copy_views_a_writable_buffer_and_copies_a_read_only_one() -> None:
+    state = big_lora()
+    data = encode_lora(state, method="fedit", round=1)
+    name = f"{PREFIX.format(3, 'q')}.lora_A.weight"
+    shared = bytearray(data)
+    viewed = decode(shared, copy=False).tensors[name]
+    first = viewed.view(-1)[0].item()
+    at = header_nbytes(data) + shared[header_nbytes(data) :].find(struct.pack("<f", first))
+    shared[at : at + 4] = struct.pack("<f", 7.0)  # the tensor is a view of the buffer
+    assert viewed.view(-1)[0].item() == 7.0
+    copied = decode(shared).tensors[name]  # the default: a copy of its own
+    shared[at : at + 4] = struct.pack("<f", 8.0)
+    assert copied.view(-1)[0].item() == 7.0
+    frozen = decode(data, copy=False).tensors[name]  # bytes: read-only, so copied
+    frozen.add_(1)  # writable, no warning
+    assert torch.equal(decode(data).tensors[name], state[name])

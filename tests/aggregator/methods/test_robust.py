@@ -298,3 +298,39 @@ def test_fedit_bounds_an_update_against_the_global_state_it_holds_now() -> None:
     clipped = server.validate(2, result, blob)
     assert clipped.metrics["clip_scale"] < 1.0
     assert lora_delta_norm(clipped.tensors, server.global_state) <= 1000.0 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_fedit_never_writes_to_the_received_update(huge: bool) -> None:
+    """fedit decodes an update without a copy: its tensors are views of the received blob,
+    which the update log writes after validate (its sha256 must still hold)."""
+    import hashlib
+
+    from aggregator.methods.fedit.server import FeditServer
+    from protocol import payloads
+    from protocol.messages import TaskResult
+
+    state = fedit_update()
+    if huge:  # clipped: the clip makes new tensors
+        state[NAMES_6[0].replace("lora_B", "lora_A")] *= 1e6
+    server = FeditServer({"lora": {"r": 8, "target_modules": ["q_proj"]}})
+    server.begin_round(1)
+    blob = bytearray(payloads.encode_lora(state, method="fedit", round=1))
+    digest = hashlib.sha256(blob).hexdigest()
+    result = TaskResult(run_id="r", round=1, task_id="t", agent_id="a", method="fedit",
+                        num_examples=3, metrics={})  # fmt: skip
+    update = server.validate(1, result, {"update": memoryview(blob)})
+    assert (update.metrics["clip_scale"] < 1.0) == huge
+    server.add(update)
+    server.finish_round(1)
+    assert hashlib.sha256(blob).hexdigest() == digest
+    if not huge:  # no copy was made: the update's tensors are views of the blob
+        t = next(iter(update.tensors.values()))
+        base = np_address(blob)
+        assert base <= t.data_ptr() < base + len(blob)
+
+
+def np_address(buffer: bytearray) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(buffer, np.uint8).ctypes.data)
