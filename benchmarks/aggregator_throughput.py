@@ -228,8 +228,10 @@ def timed_receive(
     handle: Callable[[zmq.Socket[bytes], list[zmq.Frame]], None],
     handled: list[int] | None = None,
     cpu: list[float] | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> float:
-    """Seconds until every message is handled (``handled``: messages ``handle`` took itself);
+    """Seconds until every message is handled and, with ``settle``, what it waits for is done
+    (``handled``: messages ``handle`` took itself);
     the process's CPU seconds meanwhile (every thread's, the sender's and ZeroMQ's I/O thread's
     included) are added to ``cpu[0]``."""
     go = threading.Event()
@@ -243,6 +245,8 @@ def timed_receive(
         before = len(handled) if handled is not None else 0
         handle(router, router.recv_multipart(copy=False))
         taken += 1 + (len(handled) - before if handled is not None else 0)
+    if settle is not None:  # the last updates summed (on a helper thread) too
+        settle()
     elapsed = time.perf_counter() - start
     sender.join()
     if cpu is not None:
@@ -351,8 +355,8 @@ def run_edgefed(
     direct: bool = True,
     settle: bool = True,
 ) -> Result:
-    """``pipeline``: decode ahead, append on the appender thread, sum large updates on two
-    threads (False: all on the loop);
+    """``pipeline``: decode ahead, append on the appender thread, a group's sync while the
+    next is taken, large updates summed on a helper thread (False: all on the loop);
     ``direct``: large log records with ``O_DIRECT`` (False: through the page cache);
     ``settle``: the round's close waits for the method's background work (Ferret's rebuild of
     the weights, ~1 s per round here), so the next round's intake does not run beside it
@@ -460,7 +464,9 @@ def run_edgefed(
             handled.clear()
             with instrument(total.steps, intake_steps(engine, ledger)):
                 cpu = [0.0]
-                total.seconds += timed_receive(router, dealers, messages, handle, handled, cpu)
+                total.seconds += timed_receive(
+                    router, dealers, messages, handle, handled, cpu, getattr(method, "settle", None)
+                )
                 total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(frames_nbytes(m) for m in messages)

@@ -233,6 +233,10 @@ class Aggregator:
         self.weight += weight
         self.count += 1
 
+    def settle(self) -> None:
+        """Wait until every update added is in the running sum (see :class:`FlatSum`)."""
+        self.sums.settle()
+
     def result(self) -> dict[str, torch.Tensor]:
         if self.count == 0:
             return {}

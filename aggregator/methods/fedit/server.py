@@ -159,6 +159,14 @@ class FeditServer:
         else:
             self._acc.add(update.tensors, weight)
 
+    def settle(self) -> None:
+        """Wait until every update added is in the running sum (large ones are summed on a
+        helper thread while the intake goes on; :meth:`finish_round` waits too)."""
+        self._acc.settle()
+        if self._vote is not None:
+            for acc in self._vote.by_layout.values():
+                acc.settle()
+
     def finish_round(self, round: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self._vote is not None:
