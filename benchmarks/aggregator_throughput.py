@@ -422,28 +422,49 @@ def run_edgefed(
         total.engine_seconds += time.perf_counter() - t1
         reply(sock, replies)
 
+    def take_ahead(sock: zmq.Socket[bytes], into: list[tuple[list[zmq.Frame], Any]]) -> None:
+        while len(into) < 256:  # what the service does while it handles a group
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handled.append(1)
+            into.append((frames, ahead.start(frames[1:]) if hasattr(ahead, "start") else None))
+
     def handle(sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
         if group is None:
             return one(sock, frames)
         # what the service does: the burst that has arrived is decoded ahead on a worker and
-        # handled as one group, then its Acks go out
-        burst = [frames]
-        while len(burst) < 256:
-            try:
-                burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-            except zmq.Again:
-                break
-            handled.append(1)
-        decoders = ahead.burst([f[1:] for f in burst]) if ahead else [None] * len(burst)
-        with group(**overlap) as replies:  # with overlap: the Acks of the group before
-            for f, decoded in zip(burst, decoders, strict=True):
-                one(sock, f, decoded)
-            total.groups += bool(engine.intake.pending)
-            t0 = time.perf_counter()
-        if overlap and not sock.poll(0):  # nothing more here: what the service's tick does
-            replies += engine.flush()
-        total.engine_seconds += time.perf_counter() - t0
-        reply(sock, replies)
+        # handled as one group, then its Acks go out; with the pipeline, messages arriving
+        # meanwhile are taken (their decoding started) and the next group is taken while this
+        # one syncs, until nothing more is here
+        taken: list[tuple[list[zmq.Frame], Any]] = []
+        fresh = [frames]
+        while True:
+            burst, taken = taken, []
+            while len(burst) + len(fresh) < 256:
+                try:
+                    fresh.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+                handled.append(1)
+            decoders = ahead.burst([f[1:] for f in fresh]) if ahead else [None] * len(fresh)
+            burst += zip(fresh, decoders, strict=True)
+            fresh = []
+            with group(**overlap) as replies:  # with overlap: the Acks of the group before
+                for f, decoded in burst:
+                    if overlap:
+                        take_ahead(sock, taken)
+                    one(sock, f, decoded)
+                total.groups += bool(engine.intake.pending)
+                t0 = time.perf_counter()
+            more = bool(overlap) and bool(taken or sock.poll(0))
+            if overlap and not more:  # nothing more here: what the service's tick does
+                replies += engine.flush()
+            total.engine_seconds += time.perf_counter() - t0
+            reply(sock, replies)
+            if not more:
+                return
 
     handled: list[int] = []
 

@@ -367,24 +367,29 @@ class AggregatorService:
             poller.register(self.admin.socket, zmq.POLLIN)
         self._sock = sock
         last_tick = time.monotonic()
+        # messages taken while the group before was handled, their decoding under way
+        ahead: list[tuple[list[zmq.Frame], Decoder | None]] = []
         while not self.should_exit.is_set():
             while not self._calls.empty():
                 self._calls.get()()
             self._drop_revoked()  # on the loop's clock: a new key is admitted with no traffic
-            events = dict(poller.poll(POLL_MS))
-            if sock in events:
+            events = dict(poller.poll(0 if ahead else POLL_MS))
+            if sock in events or ahead:
                 # drain a burst as one group: its updates become durable together (one sync,
                 # one ledger transaction), then their Acks go out; then the clock runs
-                burst: list[list[zmq.Frame]] = []
-                while len(burst) < 256:
+                burst, ahead = ahead, []
+                fresh: list[list[zmq.Frame]] = []
+                while len(burst) + len(fresh) < 256:
                     try:
-                        burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                        fresh.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
                 # decoded ahead on a worker while the loop handles the messages before them
-                ahead = self.decode_ahead.burst([frames[1:] for frames in burst])
+                decoders = self.decode_ahead.burst([frames[1:] for frames in fresh])
+                burst += zip(fresh, decoders, strict=True)
                 with self.engine.group(overlap=True) as acks:  # the group before's Acks
-                    for frames, decoded in zip(burst, ahead, strict=True):
+                    for frames, decoded in burst:
+                        self._take_ahead(sock, ahead)
                         self._receive(sock, frames, time.monotonic(), decoded)
                 self.metrics.acked(acks)
                 for out in acks:
@@ -393,7 +398,7 @@ class AggregatorService:
                 # (its Acks come with that one's end); otherwise the tick below flushes it
                 if (
                     self.engine.syncing
-                    and sock.poll(0)
+                    and (ahead or sock.poll(0))
                     and time.monotonic() - last_tick < OVERLAP_MAX_S
                 ):
                     continue
@@ -428,6 +433,18 @@ class AggregatorService:
         elif self.bye_on_exit:
             for out in self.engine.goodbye():
                 self._send(sock, out)
+
+    def _take_ahead(
+        self, sock: zmq.Socket[bytes], ahead: list[tuple[list[zmq.Frame], Decoder | None]]
+    ) -> None:
+        """Take what has arrived meanwhile (up to a burst's 256), its decoding (the sha256 of a
+        large update) started on the worker now: it opens the next group, already hashed."""
+        while len(ahead) < 256:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ahead.append((frames, self.decode_ahead.start(frames[1:])))
 
     def _step(self, sock: zmq.Socket[bytes]) -> None:
         """One tick of a serving aggregator: the engine's clock, then the run lifecycle."""
