@@ -6,8 +6,10 @@ validates an update and appends a record of it (its ledger row and its payload) 
 update log (:mod:`aggregator.store.updatelog`); :meth:`commit` then syncs the log once (the
 group's one durable point), records the group's ledger rows in one transaction that does not
 sync, folds the updates into the method's running aggregate, and only then are their Acks due.
-Outside a group the engine commits each update at once (a group of one). A rejected update is
-recorded with its reason and answered, but not counted. Evaluation and score results are kept in
+The service overlaps a group's sync with taking the next: :meth:`seal` starts the sync on the
+log's appender thread, :meth:`finish` waits for it and records and counts the group (the same
+steps, in the same order). Outside a group the engine commits each update at once (a group of
+one). A rejected update is recorded with its reason and answered, but not counted. Evaluation and score results are kept in
 the open phase (scores are handed to the method). After a crash, :meth:`recover` rebuilds the
 ledger rows that the log holds and the ledger lost, and :meth:`replay` feeds the open round's
 stored updates to the method again; once a round is committed its stored updates are no longer

@@ -8,7 +8,9 @@ row as well as its payload, so a ledger transaction that a power cut loses (SQLi
 synced at the next synced write, not at this one) is rebuilt from the log when the service
 starts (:func:`scan`, used by ``ResultIntake.recover``). The writes happen on an appender thread
 (``os.pwrite`` and numpy's copy release the GIL), so the loop validates the next update of the
-group while the last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names
+group while the last one is written; :meth:`UpdateLog.sync` waits for them, and
+:meth:`UpdateLog.sync_async` queues the sync behind them on the same thread (the loop takes the
+next group meanwhile). A ledger row names
 its payload by ``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when
 the payload is read back.
 
