@@ -334,3 +334,34 @@ def np_address(buffer: bytearray) -> int:
     import numpy as np
 
     return int(np.frombuffer(buffer, np.uint8).ctypes.data)
+
+
+def test_fedit_checks_a_layout_once_and_still_refuses_a_wrong_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aggregator.errors import UpdateRejected
+    from aggregator.methods.fedit import server as fedit_server
+    from protocol import payloads
+    from protocol.messages import TaskResult
+
+    calls: list[int] = []
+    real = fedit_server.check_task_layout
+    monkeypatch.setattr(
+        fedit_server, "check_task_layout", lambda t, lora: (calls.append(1), real(t, lora))[1]
+    )
+    server = fedit_server.FeditServer({"lora": {"r": 8, "target_modules": ["q_proj"]}})
+    server.begin_round(1)
+    result = TaskResult(run_id="r", round=1, task_id="t", agent_id="a", method="fedit",
+                        num_examples=3, metrics={})  # fmt: skip
+
+    def blob(state: dict[str, torch.Tensor]) -> dict[str, memoryview]:
+        return {"update": memoryview(payloads.encode_lora(state, method="fedit", round=1))}
+
+    for _ in range(3):
+        server.validate(1, result, blob(fedit_update()))
+    assert calls == [1]  # one check for three updates of one layout
+    wrong = fedit_update(r=4)  # not the task's rank
+    for _ in range(2):  # a refused layout is checked (and refused) every time
+        with pytest.raises(UpdateRejected, match="rank is not the task's 8"):
+            server.validate(1, result, blob(wrong))
+    assert calls == [1, 1, 1]
