@@ -31,10 +31,15 @@ from _scoreboard_stats import simulated_round_seconds
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ("centralised", "local only")
 FULL_PARAMETER = ("ferret", "fedavg")
+"""Methods that train an unquantized copy of every weight (fp32 by default) whatever --quant."""
 SIDE_KEYS = ("emulator_eval_loss",)
 """Side evaluation metrics kept per round where a method reports them (``aggregator.engine.
 rounds.SIDE_EVAL_KEYS``): FedBiOT's emulator + adapter loss beside the full model's."""
-"""Methods that train an unquantized copy of every weight (fp32 by default) whatever --quant."""
+METHOD_KEYS = ("svd_energy", "switch_gain_kept")
+METHOD_PREFIXES = ("switch_eval_",)
+"""A method's own round metrics kept in the result rows: SLoRA's switch (the stage-1 energy the
+adapter keeps, the share of stage 1's eval-loss gain kept, the agents' evaluations of the switch's
+adapter before stage-2 training)."""
 
 
 @dataclass(frozen=True)
@@ -204,9 +209,11 @@ def _rows(
             row.get("eval_bytes_up_per_agent", 0.0) + row.get("eval_bytes_down_per_agent", 0.0)
         ) * common.agents
         out = {"round": float(rnd), "cum_bytes": cum_bytes, "sim_seconds": sim}
-        for key in ("eval_loss", "eval_rouge_l", "eval_em", "train_loss", *SIDE_KEYS):
-            if row.get(key) is not None:
-                out[key] = float(row[key])
+        for key, value in row.items():
+            kept = key in ("eval_loss", "eval_rouge_l", "eval_em", "train_loss", *SIDE_KEYS)
+            kept = kept or key in METHOD_KEYS or key.startswith(METHOD_PREFIXES)
+            if kept and isinstance(value, int | float):
+                out[key] = float(value)
         rows.append(out)
     return rows
 

@@ -120,6 +120,96 @@ def summary_table(results: Sequence[Mapping[str, Any]], reference: str | None) -
     return lines
 
 
+def paired_table(results: Sequence[Mapping[str, Any]], reference: str | None) -> list[str]:
+    """Markdown rows: each group against ``reference`` on the seeds both ran (the same split and
+    eval set per seed), final Rouge-L per seed and the paired gap, mean ± sd over those seeds.
+
+    Seed-matching removes what one seed's split does to every method alike; the verdict reads the
+    gap's own spread: "no difference" when ``|mean| ≤ sd``, "not judged" under two shared seeds.
+    Empty without a reference among the results."""
+    by_group = groups(results)
+    if reference is None or reference not in by_group:
+        return []
+    ref = {int(r["seed"]): final(r, "eval_rouge_l") for r in by_group[reference]}
+    lines = [
+        f"| configuration | shared seeds | Rouge-L per seed | {reference} per seed "
+        "| gap (mean ± sd) | verdict | paired t-test p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g, rs in sorted(by_group.items()):
+        if g == reference:
+            continue
+        mine = {int(r["seed"]): final(r, "eval_rouge_l") for r in rs}
+        seeds = sorted(s for s in set(mine) & set(ref) if math.isfinite(mine[s] - ref[s]))
+        if not seeds:
+            lines.append(f"| {g} | none | | | – | not judged (no shared seed) | – |")
+            continue
+        gap = stat([mine[s] - ref[s] for s in seeds])
+        spread = "" if gap.sd is None else f" ± {gap.sd:.4f}"
+        p = _paired_p([mine[s] for s in seeds], [ref[s] for s in seeds])
+        if gap.sd is None:
+            judged = "not judged (n < 2)"
+        elif abs(gap.mean) <= gap.sd:
+            judged = "no difference"
+        else:
+            judged = "better" if gap.mean > 0 else "worse"
+        lines.append(
+            f"| {g} | {','.join(map(str, seeds))} | {' / '.join(f'{mine[s]:.4f}' for s in seeds)} "
+            f"| {' / '.join(f'{ref[s]:.4f}' for s in seeds)} | {gap.mean:+.4f}{spread} | {judged} "
+            f"| {'–' if p is None else f'{p:.2f}'} |"
+        )
+    return lines
+
+
+def _paired_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided paired t-test p-value (scipy), shown beside the spread rule's verdict: with three
+    seeds a gap just above its spread is still weak evidence. None under two pairs or when every
+    gap is the same (no spread to test against)."""
+    gaps = [x - y for x, y in zip(a, b, strict=True)]
+    if len(gaps) < 2 or max(gaps) - min(gaps) < 1e-12:
+        return None
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel(a, b).pvalue)
+
+
+def reach_table(results: Sequence[Mapping[str, Any]], reference: str | None) -> list[str]:
+    """Markdown rows: how soon each group reaches ``reference``'s final Rouge-L on the same seed
+    (same split, same eval set): per run the first trained round at or above it, on the
+    simulated clock and in rounds, mean ± sd over the runs that reached it, and how many of the
+    runs with a reference seed did. Empty without a reference among the results."""
+    by_group = groups(results)
+    if reference is None or reference not in by_group:
+        return []
+    target = {int(r["seed"]): final(r, "eval_rouge_l") for r in by_group[reference]}
+    lines = [
+        "| configuration | runs reaching it | simulated s to reach | rounds to reach |",
+        "|---|---|---|---|",
+    ]
+    for g, rs in sorted(by_group.items()):
+        matched = [r for r in rs if math.isfinite(target.get(int(r["seed"]), math.nan))]
+        hits = [
+            next(
+                (
+                    (float(row.get("sim_seconds", math.nan)), float(row["round"]))
+                    for row in sorted(r["rows"], key=lambda row: row["round"])
+                    if row["round"] > 0
+                    and float(row.get("eval_rouge_l", -math.inf)) >= target[int(r["seed"])]
+                ),
+                None,
+            )
+            for r in matched
+        ]
+        reached = [h for h in hits if h is not None]
+        secs = stat([h[0] for h in reached])
+        rounds = stat([h[1] for h in reached])
+        lines.append(
+            f"| {g} | {len(reached)} of {len(matched)} | {secs.cell('.0f')} "
+            f"| {rounds.cell('.1f')} |"
+        )
+    return lines
+
+
 def _nan_low(x: float) -> float:
     return -math.inf if math.isnan(x) else x
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _scoreboard_plots import plot_metric  # noqa: E402
 from _scoreboard_rows import SECTIONS, Section, all_variants  # noqa: E402
 from _scoreboard_runs import REFERENCES, Common, Config, Store, run_config  # noqa: E402
-from _scoreboard_stats import final, summary_table  # noqa: E402
+from _scoreboard_stats import final, paired_table, reach_table, summary_table  # noqa: E402
 
 ALL_METHODS = "fedit,slora,ferret,fedbiot,fedpipe,fedavg"
 SGD_METHODS = ("ferret", "fedavg")
@@ -131,6 +131,12 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
         for seed in seeds[1:]:
             ensure(Config(method, seed, chosen[method], args.quant))
     variants = [v for s in selected_sections(args) for v in s.variants]
+    only = [n for n in getattr(args, "variants", "").split(",") if n]
+    unknown = set(only) - {v.name for v in variants}
+    if unknown:
+        raise SystemExit(f"scoreboard: no such row in the selected sections: {sorted(unknown)}")
+    if only:  # run these rows now; the tables still show every row on disk
+        variants = [v for v in variants if v.name in only]
     for variant in sorted(variants, key=lambda v: v.expensive):  # stable: cheap rows first
         lr = chosen.get(variant.method, default_lr(args, variant.method))
         for seed in seeds:
@@ -213,11 +219,28 @@ def section_lines(
                           args.img_dir / f"scoreboard-{section.key}-rouge.png",
                           f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
+                  *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else []),
                   "", f"![{section.key}]({_rel(img, args.doc)})", ""]  # fmt: skip
         for v in section.variants:
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
             lines.append(f"- `{v.name}`: `{' '.join(v.local_args())}`{split}")
     return lines
+
+
+def _paired_lines(rows: list[dict[str, Any]], reference: str | None) -> list[str]:
+    table = paired_table(rows, reference)
+    if not table:
+        return []
+    return ["", f"Seed-matched, against {reference} on the seeds both ran (the gap's own spread "
+            "judges it):", "", *table]  # fmt: skip
+
+
+def _reach_lines(rows: list[dict[str, Any]], reference: str | None) -> list[str]:
+    table = reach_table(rows, reference)
+    if not table:
+        return []
+    return ["", f"How soon each row reaches {reference}'s final Rouge-L on the same seed:",
+            "", *table]  # fmt: skip
 
 
 def _nan_low(x: float) -> float:
@@ -271,6 +294,10 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
         "",
         "A gap no larger than the larger of the two standard deviations is reported as *no "
         "difference*; with fewer than two runs a row is not judged.",
+        *_paired_lines(kept, ref_group),
+        # the LoRA baseline too: what SLoRA, FedPipe and FedBiOT claim against
+        *_paired_lines(kept, next((r["group"] for r in kept if r["method"] == "fedit"), None)),
+        *_reach_lines(kept, ref_group),
         *_pending_lines(args, chosen),
         "",
         f"![Rouge-L]({_rel(rouge, args.doc)})",
@@ -349,6 +376,11 @@ def main() -> int:
     ap.add_argument("--references", default=",".join(REFERENCES))
     ap.add_argument("--sections", default=",".join(s.key for s in SECTIONS),
                     help="Comparisons beyond the main table (benchmarks/_scoreboard_rows.py).")  # fmt: skip
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="Run only these rows of the selected sections (names, comma-separated).",
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)

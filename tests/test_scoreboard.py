@@ -144,7 +144,10 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
 
     lines = scoreboard.section_lines(args, Store(tmp_path / "results").load_all(), chosen)
     table = [ln for ln in lines if ln.startswith("| ferret K=32 fp32")]
-    assert len(table) == 1 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
+    # the summary row, the seed-matched row, the reach row (the ferret section has one)
+    assert len(table) == 3 and table[0].endswith("| worse |")  # 0.1-0.11 against fedavg's 0.2x
+    assert "| 0,1 |" in table[1]  # both seeds shared with fedavg
+    assert "| 0 of 2 |" in table[2]  # never reaches fedavg's final Rouge-L on its seed
     assert any(
         ln.startswith("| fedavg fp32 lr=0.01 | 2 |") and ln.endswith("| — |") for ln in lines
     )
@@ -255,3 +258,103 @@ def test_near_iid_rows_train_on_their_own_dirichlet_split_with_the_same_eval(
     assert {name: alpha for name, alpha in seen if name} == expected
     assert sum(a == 100.0 for a in expected.values()) == 4
     assert all(alpha is None for name, alpha in seen if not name)  # the main rows: by subtask
+
+
+def test_result_rows_keep_the_slora_switch_metrics_and_drop_other_method_metrics() -> None:
+    from _scoreboard_runs import _rows
+
+    table = [
+        {"round": 0, "eval_loss": 2.8, "eval_rouge_l": 0.09},
+        {
+            "round": 3, "bytes_up_per_agent": 10.0, "bytes_down_per_agent": 20.0,
+            "eval_loss": 1.4, "train_loss": 1.2, "svd_energy": 0.31, "switch_gain_kept": 0.62,
+            "switch_eval_loss": 1.9, "switch_eval_sparse_rouge_l": 0.5, "clip_scale": 1.0,
+            "density": 0.01,
+        },
+    ]  # fmt: skip
+    rows = _rows(table, {}, Common("m", 2, 1, 1, 2, (100.0, 20.0)))
+    assert rows[1]["switch_gain_kept"] == 0.62 and rows[1]["svd_energy"] == 0.31
+    assert rows[1]["switch_eval_loss"] == 1.9 and rows[1]["switch_eval_sparse_rouge_l"] == 0.5
+    assert "clip_scale" not in rows[1] and "density" not in rows[1]
+    assert rows[1]["cum_bytes"] == 60.0 and rows[1]["train_loss"] == 1.2
+
+
+def test_the_seed_matched_table_pairs_each_row_with_the_reference_on_shared_seeds() -> None:
+    from _scoreboard_stats import paired_table
+
+    def res(group: str, seed: int, rouge: float) -> dict[str, Any]:
+        return {"group": group, "seed": seed, "rows": [{"round": 3, "eval_rouge_l": rouge}]}
+
+    results = [
+        res("ref", 0, 0.50), res("ref", 1, 0.30), res("ref", 2, 0.40),
+        # always 0.05 above on the same seed: the unpaired spread (0.1) would hide it
+        res("steady", 0, 0.55), res("steady", 1, 0.35), res("steady", 2, 0.45),
+        res("noisy", 0, 0.60), res("noisy", 1, 0.20), res("noisy", 2, 0.45),
+        res("one", 1, 0.90),
+        res("other", 5, 0.90),
+    ]  # fmt: skip
+    lines = {line.split(" | ")[0][2:]: line for line in paired_table(results, "ref")[2:]}
+    assert set(lines) == {"steady", "noisy", "one", "other"}
+    assert (
+        "| 0,1,2 | 0.5500 / 0.3500 / 0.4500 | 0.5000 / 0.3000 / 0.4000 | +0.0500 ± 0.0000 "
+        "| better | – |" in lines["steady"]  # every gap the same: no spread, no t-test
+    )
+    # gaps +0.1, -0.1, +0.05: mean 0.0167, sd 0.104, t = 0.277 with 2 degrees of freedom
+    assert lines["noisy"].endswith("| no difference | 0.81 |")
+    assert lines["one"].endswith("| not judged (n < 2) | – |") and "| 1 |" in lines["one"]
+    assert "no shared seed" in lines["other"]
+    assert paired_table(results, None) == [] and paired_table(results, "absent") == []
+    # the unpaired verdict cannot see the steady gap; the paired one can
+    assert verdict(stat([0.55, 0.35, 0.45]), stat([0.50, 0.30, 0.40])) == "no difference"
+
+
+def test_the_reach_table_gives_the_first_round_at_the_references_final_rouge() -> None:
+    from _scoreboard_stats import reach_table
+
+    def res(group: str, seed: int, rouges: list[float], step: float) -> dict[str, Any]:
+        rows = [{"round": 0, "eval_rouge_l": 0.9, "sim_seconds": 0.0}]  # round 0 never counts
+        rows += [
+            {"round": i + 1, "eval_rouge_l": v, "sim_seconds": step * (i + 1)}
+            for i, v in enumerate(rouges)
+        ]
+        return {"group": group, "seed": seed, "rows": rows}
+
+    results = [
+        res("ref", 0, [0.2, 0.4, 0.5], 100.0), res("ref", 1, [0.3, 0.5, 0.7], 100.0),
+        res("fast", 0, [0.5, 0.6, 0.7], 10.0), res("fast", 1, [0.5, 0.7, 0.7], 10.0),
+        res("never", 1, [0.1, 0.2, 0.69], 1.0),
+        res("unmatched", 7, [0.9, 0.9, 0.9], 1.0),  # no reference run on seed 7
+    ]  # fmt: skip
+    lines = {line.split(" | ")[0][2:]: line for line in reach_table(results, "ref")[2:]}
+    assert lines["ref"] == "| ref | 2 of 2 | 300 ± 0 | 3.0 ± 0.0 |"
+    assert lines["fast"] == "| fast | 2 of 2 | 15 ± 7 | 1.5 ± 0.7 |"  # round 1 on seed 0, 2 on 1
+    assert lines["never"] == "| never | 0 of 1 | – | – |"
+    assert lines["unmatched"] == "| unmatched | 0 of 0 | – | – |"
+    assert reach_table(results, None) == [] and reach_table(results, "absent") == []
+
+
+def test_variants_option_runs_only_the_named_rows_and_refuses_unknown_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(scoreboard, "prepare_split", lambda *a, **k: tmp_path)
+
+    def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
+        ran.append(cfg.variant)
+        return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
+            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
+            "wall_seconds": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(scoreboard, "run_config", fake_run)
+    run_args = argparse.Namespace(
+        results=tmp_path, lr_grid="", methods="fedit,fedbiot", references="", seeds="0",
+        quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01, sections="fedbiot",
+        variants="fedbiot drop=0.2,fedit last 2 layers",
+    )  # fmt: skip
+    common = Common("m", 2, 1, 1, 2, (100.0, 20.0))
+    scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+    assert sorted(v for v in ran if v) == ["fedbiot drop=0.2", "fedit last 2 layers"]
+    run_args.variants = "fedbiot drop=0.9"
+    with pytest.raises(SystemExit, match="no such row"):
+        scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
