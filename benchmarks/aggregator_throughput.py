@@ -11,8 +11,11 @@ round's update log; at the group's end one log sync, one ledger transaction, the
 to the running FedAvg sum, and the Acks sent back. The engine, ledger and checkpoint store are
 the real ones (insecure, state dir in a temp dir); only the clock is fixed and the socket loop
 is this file's, so the timing starts when the agents start sending and stops when the last
-update is summed. Closing the round (mean, checkpoint save) is timed apart. The summary line
-gives the updates per group commit (at most N: a round's updates).
+update is summed. Closing the round (mean, checkpoint save, and the method's background work
+that follows it: Ferret's rebuild of the weights) is timed apart. The summary line gives the
+updates per group commit (at most N: a round's updates) and every receiver's process CPU time
+per update (all its threads, the sender's and ZeroMQ's I/O thread's included: on a shared
+machine the work, apart from how much of the machine each receiver got).
 
 Baseline: the same socket types carrying ``pickle.dumps`` of a dict of numpy arrays, unpickled
 and summed into float64 accumulators (pickle only here, as the thing being measured; never in
@@ -20,7 +23,9 @@ the product). Raw: the same bytes as opaque frames, received and dropped.
 
 Rows: ``edgefed`` as the service runs; ``no pipeline threads`` (decode, log writes and the sum
 on the loop thread); for LoRA also ``log without O_DIRECT`` (large records through the page
-cache).
+cache); for Ferret also ``last round's rebuild running`` (the next round's updates taken while
+the previous round's rebuild, ~1 s of CPU here, runs on its thread: what this benchmark measured
+before 2026-12-03's third pass; in a training run agents train between rounds).
 
 Each receiver runs in a process of its own (``--one``), one after another: repeats in one process
 slowed down (the Ferret server's rebuild threads outlived their run), and a fresh process gives
@@ -222,20 +227,30 @@ def timed_receive(
     messages: list[Frames],
     handle: Callable[[zmq.Socket[bytes], list[zmq.Frame]], None],
     handled: list[int] | None = None,
+    cpu: list[float] | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> float:
-    """Seconds until every message is handled (``handled``: messages ``handle`` took itself)."""
+    """Seconds until every message is handled and, with ``settle``, what it waits for is done
+    (``handled``: messages ``handle`` took itself);
+    the process's CPU seconds meanwhile (every thread's, the sender's and ZeroMQ's I/O thread's
+    included) are added to ``cpu[0]``."""
     go = threading.Event()
     sender = threading.Thread(target=send_all, args=(dealers, messages, go))
     sender.start()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     go.set()
     taken = 0
     while taken < len(messages):
         before = len(handled) if handled is not None else 0
         handle(router, router.recv_multipart(copy=False))
         taken += 1 + (len(handled) - before if handled is not None else 0)
+    if settle is not None:  # the last updates summed (on a helper thread) too
+        settle()
     elapsed = time.perf_counter() - start
     sender.join()
+    if cpu is not None:
+        cpu[0] += time.process_time() - cpu_start
     for d in dealers:  # drain the Acks outside the timing
         while d.poll(0):
             d.recv_multipart()
@@ -265,6 +280,9 @@ class Result:
     """Seconds per step of edgefed's intake (see :func:`instrument`)."""
     groups: int = 0
     """Group commits that held at least one update (one log sync each)."""
+    cpu_seconds: float = 0.0
+    """The process's CPU time while receiving (all its threads): the work, apart from how
+    much of the machine it got (on a shared machine the seconds above depend on that)."""
 
     @property
     def rate(self) -> float:
@@ -311,6 +329,7 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
         (method, "validate", "validate (payload decode, checks, clip)"),
         (method, "add", "sum into the aggregate"),
         (intake_module, "atomic_write_bytes", "blob write (temp+fsync+rename)"),
+        (intake_module, "wait_synced", "wait for the group before's sync (overlapped)"),
         *(
             [
                 (log_module.UpdateLog, "append", "log append (queued; inline: the write)"),
@@ -328,11 +347,21 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
 
 
 def run_edgefed(
-    w: Workload, n: int, rounds: int, state: Path, pipeline: bool = True, direct: bool = True
+    w: Workload,
+    n: int,
+    rounds: int,
+    state: Path,
+    pipeline: bool = True,
+    direct: bool = True,
+    settle: bool = True,
 ) -> Result:
-    """``pipeline``: decode ahead, append on the appender thread, sum large updates on two
-    threads (False: all on the loop);
-    ``direct``: large log records with ``O_DIRECT`` (False: through the page cache)."""
+    """``pipeline``: decode ahead, append on the appender thread, a group's sync while the
+    next is taken, large updates summed on a helper thread (False: all on the loop);
+    ``direct``: large log records with ``O_DIRECT`` (False: through the page cache);
+    ``settle``: the round's close waits for the method's background work (Ferret's rebuild of
+    the weights, ~1 s per round here), so the next round's intake does not run beside it
+    (False: it does; rounds that follow each other this fast are this benchmark's, not a
+    training run's, where agents train between rounds)."""
     raw = {
         "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
         "security": {"insecure": True},
@@ -359,6 +388,8 @@ def run_edgefed(
     accepted = 0
 
     group = getattr(engine, "group", None)  # group commit, where the engine has it
+    # a group's sync overlapping the next group's intake, where the engine has it (pipeline)
+    overlap = {"overlap": True} if pipeline and hasattr(engine, "syncing") else {}
 
     def reply(sock: zmq.Socket[bytes], replies: list[Any]) -> None:
         nonlocal accepted
@@ -391,26 +422,49 @@ def run_edgefed(
         total.engine_seconds += time.perf_counter() - t1
         reply(sock, replies)
 
+    def take_ahead(sock: zmq.Socket[bytes], into: list[tuple[list[zmq.Frame], Any]]) -> None:
+        while len(into) < 256:  # what the service does while it handles a group
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handled.append(1)
+            into.append((frames, ahead.start(frames[1:]) if hasattr(ahead, "start") else None))
+
     def handle(sock: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
         if group is None:
             return one(sock, frames)
         # what the service does: the burst that has arrived is decoded ahead on a worker and
-        # handled as one group, then its Acks go out
-        burst = [frames]
-        while len(burst) < 256:
-            try:
-                burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-            except zmq.Again:
-                break
-            handled.append(1)
-        decoders = ahead.burst([f[1:] for f in burst]) if ahead else [None] * len(burst)
-        with group() as replies:
-            for f, decoded in zip(burst, decoders, strict=True):
-                one(sock, f, decoded)
-            total.groups += bool(engine.intake.pending)
-            t0 = time.perf_counter()
-        total.engine_seconds += time.perf_counter() - t0
-        reply(sock, replies)
+        # handled as one group, then its Acks go out; with the pipeline, messages arriving
+        # meanwhile are taken (their decoding started) and the next group is taken while this
+        # one syncs, until nothing more is here
+        taken: list[tuple[list[zmq.Frame], Any]] = []
+        fresh = [frames]
+        while True:
+            burst, taken = taken, []
+            while len(burst) + len(fresh) < 256:
+                try:
+                    fresh.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+                handled.append(1)
+            decoders = ahead.burst([f[1:] for f in fresh]) if ahead else [None] * len(fresh)
+            burst += zip(fresh, decoders, strict=True)
+            fresh = []
+            with group(**overlap) as replies:  # with overlap: the Acks of the group before
+                for f, decoded in burst:
+                    if overlap:
+                        take_ahead(sock, taken)
+                    one(sock, f, decoded)
+                total.groups += bool(engine.intake.pending)
+                t0 = time.perf_counter()
+            more = bool(overlap) and bool(taken or sock.poll(0))
+            if overlap and not more:  # nothing more here: what the service's tick does
+                replies += engine.flush()
+            total.engine_seconds += time.perf_counter() - t0
+            reply(sock, replies)
+            if not more:
+                return
 
     handled: list[int] = []
 
@@ -430,12 +484,18 @@ def run_edgefed(
                 messages.append(encode(header, {"update": w.make_blob(i, task.round)}))
             handled.clear()
             with instrument(total.steps, intake_steps(engine, ledger)):
-                total.seconds += timed_receive(router, dealers, messages, handle, handled)
+                cpu = [0.0]
+                total.seconds += timed_receive(
+                    router, dealers, messages, handle, handled, cpu, getattr(method, "settle", None)
+                )
+                total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(frames_nbytes(m) for m in messages)
             start = time.perf_counter()
             clock.now += 0.1
             engine.tick(clock.now)  # closes the round: mean, checkpoint save, ledger commit
+            if settle:  # and what the method goes on with in the background (Ferret's rebuild)
+                getattr(method, "wait_weights", lambda: None)()
             total.close_seconds += time.perf_counter() - start
     ledger.close()
     if ahead is not None:
@@ -465,7 +525,9 @@ def run_pickle(w: Workload, n: int, rounds: int) -> Result:
                                "tensors": w.make_tensors(i)}, protocol=5)]
                 for i in range(n)
             ]  # fmt: skip
-            total.seconds += timed_receive(router, dealers, messages, handle)
+            cpu = [0.0]
+            total.seconds += timed_receive(router, dealers, messages, handle, cpu=cpu)
+            total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(len(m[0]) for m in messages)
     return total
@@ -477,7 +539,9 @@ def run_raw(w: Workload, n: int, rounds: int) -> Result:
         warm_up(router, dealers)
         for rnd in range(1, rounds + 1):
             messages = [[w.make_blob(i, rnd)] for i in range(n)]
-            total.seconds += timed_receive(router, dealers, messages, lambda s, f: None)
+            cpu = [0.0]
+            total.seconds += timed_receive(router, dealers, messages, lambda s, f: None, cpu=cpu)
+            total.cpu_seconds += cpu[0]
             total.updates += n
             total.wire_bytes += sum(len(m[0]) for m in messages)
     return total
@@ -490,10 +554,13 @@ RECEIVERS = {
     "edgefed": "edgefed (decode+validate+fsync+ledger+sum)",
     "edgefed-serial": "edgefed, no pipeline threads",
     "edgefed-buffered": "edgefed, log without O_DIRECT",
+    "edgefed-unsettled": "edgefed, last round's rebuild running",
 }
 LARGE_ONLY = {"edgefed-buffered"}
 """Receivers that differ from ``edgefed`` only for updates of 1 MiB and more (not run for
 Ferret's)."""
+BACKGROUND_ONLY = {"edgefed-unsettled"}
+"""Receivers that differ from ``edgefed`` only for a method with background work (Ferret)."""
 
 
 def workload(name: str, tmp: Path) -> Workload:
@@ -507,8 +574,11 @@ def run_one(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
     if receiver == "pickle":
         return run_pickle(w, n, rounds)
     state = tmp / f"state-{w.method}-{receiver}-{time.monotonic_ns()}"
-    pipeline = receiver in ("edgefed", "edgefed-buffered")
-    return run_edgefed(w, n, rounds, state, pipeline, direct=receiver != "edgefed-buffered")
+    pipeline = receiver != "edgefed-serial"
+    direct = receiver != "edgefed-buffered"
+    return run_edgefed(
+        w, n, rounds, state, pipeline, direct, settle=receiver != "edgefed-unsettled"
+    )
 
 
 def in_process(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
@@ -528,14 +598,24 @@ def report(w: Workload, n: int, rounds: int, results: dict[str, Result], label: 
     ef, pk = results[RECEIVERS["edgefed"]], results[RECEIVERS["pickle"]]
     serial = results[RECEIVERS["edgefed-serial"]]
     buffered = results.get(RECEIVERS["edgefed-buffered"])
+    unsettled = results.get(RECEIVERS["edgefed-unsettled"])
     print(
         f"  {w.name}{label}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
         f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; pipeline / "
         f"no pipeline {ef.rate / serial.rate:.2f}"
         + (f"; O_DIRECT / buffered log {ef.rate / buffered.rate:.2f}" if buffered else "")
-        + f"; round close (mean + checkpoint) {1000 * ef.close_seconds / rounds:.0f} ms/round; "
+        + (f"; rebuild done / running {ef.rate / unsettled.rate:.2f}" if unsettled else "")
+        + f"; round close (mean + checkpoint + background work) "
+        f"{1000 * ef.close_seconds / rounds:.0f} ms/round; "
         f"updates per group commit {ef.updates / max(ef.groups, 1):.1f} (a round's {n} agents "
         "send at once)"
+    )
+    print(
+        "  process CPU per update (every thread: the sender's and ZeroMQ's too): "
+        + ", ".join(
+            f"{name.split(' (')[0]} {1000 * r.cpu_seconds / r.updates:.1f} ms"
+            for name, r in results.items()
+        )
     )
     for title, r in (("edgefed", ef), ("no pipeline", serial)):
         print(f"  per {title} update: frames.decode (sha256; what the loop waited for, when "
@@ -576,7 +656,7 @@ def main() -> int:
                 results = {
                     label: in_process(name, receiver, n, rounds, tmp)
                     for receiver, label in RECEIVERS.items()
-                    if name == "lora" or receiver not in LARGE_ONLY
+                    if receiver not in (BACKGROUND_ONLY if name == "lora" else LARGE_ONLY)
                 }
                 report(w, n, rounds, results, f" (repetition {rep + 1})" if args.repeat > 1 else "")
     return 0

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,35 +158,79 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite(flat.numpy()).all())
 
 
-def _one_area(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """The whole storage the tensors share, as one flat tensor, when they are all of one
-    numpy floating dtype and together fill it exactly (a decoded payload's data area); else
-    None."""
-    first = next(iter(tensors.values()), None)
-    if first is None or first.dtype not in (torch.float32, torch.float16, torch.float64):
-        return None
-    storage = first.untyped_storage()
-    ptr, total = storage.data_ptr(), 0
-    for t in tensors.values():
-        if t.dtype is not first.dtype or t.untyped_storage().data_ptr() != ptr:
-            return None
-        if not t.is_contiguous():
-            return None
-        total += t.nbytes
-    if total != storage.nbytes():  # views that overlap or leave bytes out: check each
-        return None
-    return torch.empty(0, dtype=first.dtype).set_(storage)
+def _dot(x: np.ndarray) -> float:
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN, infinity, overflow: not finite
+        return float(np.dot(x, x))
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
-    """Raises :class:`NotFinite` naming a floating tensor that holds NaN or infinity (one check
-    over the data area when the tensors fill one; per tensor otherwise)."""
-    area = _one_area(tensors)
-    if area is not None and _all_finite(area):
-        return
+def square_sums(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per float32 tensor, the sum of the squares of its values, computed in float32 (one dot
+    product each: no temporary of a tensor's size). Tensors of other dtypes are left out.
+
+    A sum is finite exactly when every value is finite and no square or partial sum overflows
+    float32 (values beyond ~1.8e19 in magnitude): NaN and infinity propagate through squares
+    and through sums of non-negative terms. Each sum is accurate to a relative
+    ``n·2⁻²⁴/(1 − n·2⁻²⁴)`` for ``n`` values, whatever order the BLAS adds them in (all terms
+    are non-negative; ``aggregator.methods.robust`` widens its bound by that).
+    """
+    out: dict[str, float] = {}
     for name, t in tensors.items():
-        if t.is_floating_point() and not _all_finite(t):
+        if t.dtype is torch.float32:
+            out[name] = _dot(t.detach().to("cpu").reshape(-1).numpy()) if t.numel() else 0.0
+    return out
+
+
+Origins = Mapping[str, tuple[str, int | None]]
+"""A decoded tensor's name -> the payload entry it is (None) or a slice of (its index)."""
+
+
+def entry_square_sums(entries: Mapping[str, torch.Tensor], origins: Origins) -> dict[str, float]:
+    """:func:`square_sums` of the tensors that ``origins`` builds from ``entries``, computed on
+    the entries: one batched product per stacked entry (its layers at once) instead of one
+    call per tensor."""
+    stacked = {entry for entry, index in origins.values() if index is not None}
+    rows: dict[str, Any] = {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        for entry, t in entries.items():
+            if t.dtype is not torch.float32:
+                continue
+            if entry in stacked and t.numel():
+                x = t.detach().reshape(t.shape[0], -1).numpy()
+                rows[entry] = np.matmul(x[:, None, :], x[:, :, None]).reshape(-1).tolist()
+            else:
+                rows[entry] = _dot(t.detach().reshape(-1).numpy()) if t.numel() else 0.0
+    out: dict[str, float] = {}
+    for name, (entry, index) in origins.items():
+        row = rows.get(entry)
+        if row is not None:
+            out[name] = row if index is None else row[index]
+    return out
+
+
+def check_finite(
+    tensors: Mapping[str, torch.Tensor], sums: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Raises :class:`NotFinite` naming the first floating tensor that holds NaN or infinity.
+
+    Float32 tensors are checked by their sums of squares (``sums``, else :func:`square_sums`:
+    a finite sum means every value is); a tensor whose sum is not finite (a NaN or infinity,
+    or values so large that their squares overflow) and any other floating tensor is checked
+    value by value. Returns the float32 tensors' sums of squares, for bounds that need norms
+    (``Payload.square_sums``).
+    """
+    sums = dict(square_sums(tensors) if sums is None else sums)
+    # each sum is at most ~3.4e38 (float32's largest): their float64 total is finite unless one is not
+    if len(sums) == len(tensors) and math.isfinite(sum(sums.values())):
+        return sums
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        s = sums.get(name)
+        if s is not None and math.isfinite(s):
+            continue
+        if not _all_finite(t):
             raise NotFinite(f"{name!r} holds NaN or infinite values")
+    return sums
 
 
 def lora_rank_of(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -195,24 +240,27 @@ def lora_rank_of(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     with ``<module>.lora_B.weight`` ``[out, r]`` (or ``lora_embedding_A``/``_B``). Other
     names are ignored.
     """
-    pairs: dict[str, list[torch.Tensor | None]] = {}
+    pairs: dict[str, list[torch.Size | None]] = {}
     for name, t in state.items():
+        if ".lora_" not in name:
+            continue
         for a_suffix, b_suffix in _LORA_SUFFIXES:
-            for side, suffix in ((0, a_suffix), (1, b_suffix)):
-                if name.endswith(suffix):
-                    pairs.setdefault(name[: -len(suffix)], [None, None])[side] = t
+            side = 0 if name.endswith(a_suffix) else 1 if name.endswith(b_suffix) else -1
+            if side >= 0:
+                module = name[: -len(a_suffix if side == 0 else b_suffix)]
+                pairs.setdefault(module, [None, None])[side] = t.shape
+                break
     ranks: dict[str, int] = {}
     for module, (a, b) in pairs.items():
         if a is None or b is None:
             raise PayloadMismatch(f"{module}: lora_{'B' if a is None else 'A'} has no partner")
-        if a.dim() < 2 or b.dim() < 2:
+        if len(a) < 2 or len(b) < 2:
             raise PayloadMismatch(f"{module}: LoRA factors must have at least 2 dimensions")
-        if a.shape[0] != b.shape[1] or a.shape[0] < 1:
+        if a[0] != b[1] or a[0] < 1:
             raise PayloadMismatch(
-                f"{module}: rank mismatch, lora_A has {a.shape[0]} rows, "
-                f"lora_B has {b.shape[1]} columns"
+                f"{module}: rank mismatch, lora_A has {a[0]} rows, lora_B has {b[1]} columns"
             )
-        ranks[module] = int(a.shape[0])
+        ranks[module] = int(a[0])
     return ranks
 
 

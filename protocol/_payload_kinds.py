@@ -40,6 +40,7 @@ __all__ = [
     "check_expect",
     "check_identity",
     "check_structure",
+    "structure",
 ]
 
 
@@ -101,6 +102,10 @@ class Payload:
     """Bytes before the tensor data: 8 + the JSON header."""
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Full tensor shapes of a ``masked`` or ``sparse`` payload."""
+    square_sums: dict[str, float] = field(default_factory=dict)
+    """Per float32 tensor, the float32 sum of its values' squares, as the finite check
+    computed it (``protocol._payload_checks.square_sums``: finite, and accurate to a relative
+    ``n·2⁻²⁴/(1 − n·2⁻²⁴)`` for ``n`` values; a tensor whose squares overflowed has ``inf``)."""
 
     @property
     def overhead_nbytes(self) -> int:
@@ -131,22 +136,30 @@ class Payload:
         return self._int(N_GROUPS_KEY)
 
 
-def check_structure(
+def structure(
     kind: PayloadKind, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
-) -> dict[str, tuple[int, ...]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Check the tensors and metadata a payload of ``kind`` must have; the full shapes of a
-    ``masked`` or ``sparse`` payload, else ``{}``."""
+    ``masked`` or ``sparse`` payload (else ``{}``) and the ranks of a ``lora`` one (else
+    ``{}``; :func:`lora_rank_of`, found once per payload)."""
     if kind in SEEDED_KINDS:
         checks.check_randomness_version(meta)
     if kind is PayloadKind.LORA:
-        lora_rank_of(tensors)
-    elif kind is PayloadKind.MASKED:
-        return checks.check_masked(tensors, meta)
-    elif kind is PayloadKind.SPARSE:
-        return checks.check_sparse(tensors, meta)
-    elif kind is PayloadKind.SEEDCOEF:
+        return {}, lora_rank_of(tensors)
+    if kind is PayloadKind.MASKED:
+        return checks.check_masked(tensors, meta), {}
+    if kind is PayloadKind.SPARSE:
+        return checks.check_sparse(tensors, meta), {}
+    if kind is PayloadKind.SEEDCOEF:
         checks.check_seedcoef(tensors, meta)
-    return {}
+    return {}, {}
+
+
+def check_structure(
+    kind: PayloadKind, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
+) -> dict[str, tuple[int, ...]]:
+    """:func:`structure`'s full shapes of a ``masked`` or ``sparse`` payload, else ``{}``."""
+    return structure(kind, tensors, meta)[0]
 
 
 def check_identity(expect: Expect, kind: PayloadKind, method: str, round_: int) -> None:
@@ -165,12 +178,14 @@ def check_expect(
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, str],
     shapes: Mapping[str, tuple[int, ...]],
+    ranks: Mapping[str, int] | None = None,
 ) -> None:
-    """Check a structurally valid payload's tensors and parameters against :class:`Expect`."""
+    """Check a structurally valid payload's tensors and parameters against :class:`Expect`
+    (``ranks``: a ``lora`` payload's, as :func:`structure` found them; else found here)."""
     if expect.tensors is not None:
         checks.check_specs(tensors, expect.tensors)
     if expect.max_rank is not None and kind is PayloadKind.LORA:
-        for module, rank in lora_rank_of(tensors).items():
+        for module, rank in (lora_rank_of(tensors) if ranks is None else ranks).items():
             if rank > expect.max_rank:
                 raise PayloadMismatch(f"{module}: rank {rank} exceeds {expect.max_rank}")
     if expect.shapes is not None and kind in (PayloadKind.MASKED, PayloadKind.SPARSE):

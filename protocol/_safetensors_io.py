@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from protocol.errors import PayloadError, PayloadHeaderTooLarge
@@ -209,11 +210,14 @@ def parse_header(
     return Header(raw, tuple(entries), dict(metadata), 8 + n, data_nbytes)
 
 
-def load_tensors(data: Buffer, header: Header) -> dict[str, torch.Tensor]:
+def load_tensors(data: Buffer, header: Header, *, copy: bool = True) -> dict[str, torch.Tensor]:
     """Build the tensors of a buffer whose header was checked by :func:`parse_header`.
 
     The data area is copied once, writable; each tensor is a view of exactly its bytes in
-    that copy (so one finite check can cover the whole area, see ``check_finite``).
+    that copy (so the finite check can treat layers that lie back to back as one block, see
+    ``entry_square_sums``). ``copy=False`` with a writable buffer: no copy, the tensors are
+    views of ``data`` itself (the caller keeps it unchanged while they live, and does not
+    write to them where ``data`` is still read elsewhere); a read-only buffer is copied.
     """
     view = _as_view(data)
     if view.nbytes != header.total_nbytes:
@@ -222,9 +226,12 @@ def load_tensors(data: Buffer, header: Header) -> dict[str, torch.Tensor]:
         )
     base = header.header_nbytes
     out: dict[str, torch.Tensor] = {}
-    area = (
-        torch.frombuffer(bytearray(view[base:]), dtype=torch.uint8) if view.nbytes > base else None
-    )
+    area = None
+    if view.nbytes > base:
+        # numpy's copy releases the GIL (bytearray's does not): decode-ahead and the log's
+        # writer run meanwhile
+        raw_area = np.frombuffer(view, np.uint8, offset=base)
+        area = torch.from_numpy(raw_area if not copy and not view.readonly else raw_area.copy())
     for e in header.entries:
         dtype = PAYLOAD_DTYPES[e.dtype]
         if e.numel == 0 or area is None:

@@ -104,8 +104,16 @@ def stack(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 def unstack(entries: Mapping[str, torch.Tensor], spec: str | None) -> dict[str, torch.Tensor]:
     """Original tensors from stacked ``entries`` and their ``edgefed.stacked`` value."""
+    return unstack_origins(entries, spec)[0]
+
+
+def unstack_origins(
+    entries: Mapping[str, torch.Tensor], spec: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, int | None]]]:
+    """:func:`unstack`, and per tensor the entry it came from: ``(entry, None)`` for an entry
+    that was not stacked, ``(entry, i)`` for slice ``i`` of a stacked one."""
     if spec is None:
-        return dict(entries)
+        return dict(entries), {name: (name, None) for name in entries}
     try:
         index = json.loads(spec)
     except (ValueError, RecursionError):
@@ -113,6 +121,7 @@ def unstack(entries: Mapping[str, torch.Tensor], spec: str | None) -> dict[str, 
     if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
         raise PayloadError(f"{STACKED_KEY} must map entry names to index lists")
     out = {name: t for name, t in entries.items() if name not in index}
+    origins: dict[str, tuple[str, int | None]] = {name: (name, None) for name in out}
     for entry, text in index.items():
         t = entries.get(entry)
         if t is None:
@@ -125,4 +134,5 @@ def unstack(entries: Mapping[str, torch.Tensor], spec: str | None) -> dict[str, 
             if name in out:
                 raise PayloadError(f"stacked entry {entry!r} repeats tensor {name!r}")
             out[name] = t[pos]
-    return out
+            origins[name] = (entry, pos)
+    return out, origins

@@ -71,6 +71,7 @@ from protocol._payload_kinds import (
     check_expect,
     check_identity,
     check_structure,
+    structure,
 )
 from protocol._safetensors_io import (
     DTYPE_CODES,
@@ -81,7 +82,7 @@ from protocol._safetensors_io import (
     serialize,
 )
 from protocol._safetensors_io import load_tensors as _load_tensors
-from protocol._stacking import STACKED_KEY, stack, unstack
+from protocol._stacking import STACKED_KEY, stack, unstack_origins
 from protocol.errors import PayloadError, PayloadHeaderTooLarge, PayloadMismatch
 
 __all__ = [
@@ -262,21 +263,30 @@ def read_header(
 
 
 def decode(
-    data: Buffer, expect: Expect | None = None, *, max_header: int = MAX_PAYLOAD_HEADER
+    data: Buffer,
+    expect: Expect | None = None,
+    *,
+    max_header: int = MAX_PAYLOAD_HEADER,
+    copy: bool = True,
 ) -> Payload:
-    """Parse and check a payload; raises a :class:`~protocol.errors.PayloadError` subclass."""
+    """Parse and check a payload; raises a :class:`~protocol.errors.PayloadError` subclass.
+
+    The tensors are views of one writable copy of the data area; ``copy=False`` makes them
+    views of ``data`` itself when it is writable (no copy: the caller keeps ``data`` unchanged
+    while they live and never writes to them where ``data`` is read elsewhere)."""
     header = parse_header(data, max_header=max_header)
     meta = header.metadata
     kind_name, method, round_ = checks.identity(meta, KIND_NAMES)
     kind = PayloadKind(kind_name)
     if expect is not None:
         check_identity(expect, kind, method, round_)
-    entries = unstack(_load_tensors(data, header), meta.get(STACKED_KEY))
-    tensors = {name: entries[name] for name in sorted(entries, key=_natural)}
-    shapes = check_structure(kind, tensors, meta)
+    entries = _load_tensors(data, header, copy=copy)
+    flat, origins = unstack_origins(entries, meta.get(STACKED_KEY))
+    tensors = {name: flat[name] for name in sorted(flat, key=_natural)}
+    shapes, ranks = structure(kind, tensors, meta)
     if expect is not None:
-        check_expect(expect, kind, tensors, meta, shapes)
-    checks.check_finite(tensors)
+        check_expect(expect, kind, tensors, meta, shapes, ranks)
+    sums = checks.check_finite(tensors, checks.entry_square_sums(entries, origins))
     logger.debug(
         "decoded %s payload: %d tensors, %d bytes", kind, len(tensors), header.total_nbytes
     )
@@ -290,6 +300,7 @@ def decode(
         wire_nbytes=header.total_nbytes,
         header_nbytes=header.header_nbytes,
         shapes=shapes,
+        square_sums=sums,
     )
 
 

@@ -149,10 +149,17 @@ class RoundEngine:
     # --- inputs -------------------------------------------------------------------------------
 
     @contextmanager
-    def group(self) -> Iterator[list[Outgoing]]:
+    def group(self, overlap: bool = False) -> Iterator[list[Outgoing]]:
         """Messages handled inside are one group: their updates become durable together when
         the block ends (one log sync, one ledger transaction), and only then are their Acks
-        added to the yielded list, to be sent. Outside a group each update is its own."""
+        added to the yielded list, to be sent. Outside a group each update is its own.
+
+        ``overlap``: the block's end does not wait for the group's sync. It finishes the group
+        sealed before (its Acks are what the list gets) and seals this one
+        (:meth:`ResultIntake.seal`): its sync runs while the caller takes the next group, and
+        its Acks come with the next group's end or the next :meth:`flush` (every other input
+        flushes first: :meth:`tick`, a message outside a group). A caller with nothing more to
+        take calls :meth:`flush`."""
         acks: list[Outgoing] = []
         self._grouping += 1
         try:
@@ -160,12 +167,30 @@ class RoundEngine:
         finally:
             self._grouping -= 1
         if not self._grouping:
-            acks += self.flush()
+            if overlap:
+                round = self._group_round()
+                acks += self._answered(self.intake.finish(self.method, self.run_id), round)
+                self.intake.seal()
+            else:
+                acks += self.flush()
+
+    @property
+    def syncing(self) -> bool:
+        """Whether a group sealed by :meth:`group` (``overlap``) awaits its :meth:`flush`."""
+        return self.intake.sealed is not None
 
     def flush(self) -> list[Outgoing]:
-        """Commit the pending group (see :meth:`ResultIntake.commit`); the Acks now due."""
-        round = self.intake.pending[0][0].round if self.intake.pending else 0
-        answers = self.intake.commit(self.method, self.run_id)
+        """Commit the sealed and the pending group (see :meth:`ResultIntake.commit`); the Acks
+        now due."""
+        round = self._group_round()
+        return self._answered(self.intake.commit(self.method, self.run_id), round)
+
+    def _group_round(self) -> int:
+        """The round of the group to be committed next (0: none)."""
+        group = self.intake.sealed[0] if self.intake.sealed is not None else self.intake.pending
+        return group[0][0].round if group else 0
+
+    def _answered(self, answers: list[Outgoing], round: int) -> list[Outgoing]:
         if answers:
             crashpoints.reached("stored", round)
             crashpoints.reached_after("acked", round, self.config.server.heartbeat_interval)
@@ -486,8 +511,13 @@ class RoundEngine:
         ]
 
     def close(self) -> None:
-        """The run is over here: its update log closed, the method's threads (if any) stopped."""
-        self.intake.close()
+        """The run is over here: a group still syncing recorded and counted (its Acks are not
+        sent: the agents resend, and are acknowledged as duplicates), its update log closed,
+        the method's threads (if any) stopped."""
+        try:
+            self.intake.finish(self.method, self.run_id)
+        finally:
+            self.intake.close()
         close = getattr(self.method, "close", None)
         if close is not None:
             close()

@@ -6,8 +6,10 @@ validates an update and appends a record of it (its ledger row and its payload) 
 update log (:mod:`aggregator.store.updatelog`); :meth:`commit` then syncs the log once (the
 group's one durable point), records the group's ledger rows in one transaction that does not
 sync, folds the updates into the method's running aggregate, and only then are their Acks due.
-Outside a group the engine commits each update at once (a group of one). A rejected update is
-recorded with its reason and answered, but not counted. Evaluation and score results are kept in
+The service overlaps a group's sync with taking the next: :meth:`seal` starts the sync on the
+log's appender thread, :meth:`finish` waits for it and records and counts the group (the same
+steps, in the same order). Outside a group the engine commits each update at once (a group of
+one). A rejected update is recorded with its reason and answered, but not counted. Evaluation and score results are kept in
 the open phase (scores are handed to the method). After a crash, :meth:`recover` rebuilds the
 ledger rows that the log holds and the ledger lost, and :meth:`replay` feeds the open round's
 stored updates to the method again; once a round is committed its stored updates are no longer
@@ -25,6 +27,7 @@ import hashlib
 import logging
 import shutil
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,12 @@ def stored_payload(row: UpdateRow) -> bytes:
     return read_slice(Path(row.blob_path), row.blob_offset, row.blob_length)
 
 
+def wait_synced(syncs: list[Future[None]]) -> None:
+    """Wait for a sealed group's log syncs (raising a failed one's error)."""
+    for sync in syncs:
+        sync.result()
+
+
 class ResultIntake:
     """Validates, stores and counts the results of an open phase; replays a crashed round."""
 
@@ -121,6 +130,10 @@ class ResultIntake:
         self.method_name = method_name
         self.pending: list[tuple[UpdateRow, Update, TaskResult]] = []
         """The group taken but not committed: no Ack is due for any of it yet."""
+        self.sealed: tuple[list[tuple[UpdateRow, Update, TaskResult]], list[Future[None]]] | None
+        self.sealed = None
+        """A group whose log sync is under way (:meth:`seal`), and the syncs; no Ack is due
+        for it until :meth:`finish` has seen them done and recorded it."""
         self._logs: dict[tuple[str, int], UpdateLog] = {}
 
     def round_dir(self, run_id: str, round: int) -> Path:
@@ -194,19 +207,49 @@ class ResultIntake:
         return None
 
     def is_pending(self, task_id: str) -> bool:
-        return any(row.task_id == task_id for row, _, _ in self.pending)
+        """Whether ``task_id``'s update is taken but not yet recorded (pending or sealed)."""
+        group = self.pending + (self.sealed[0] if self.sealed is not None else [])
+        return any(row.task_id == task_id for row, _, _ in group)
+
+    def seal(self) -> None:
+        """Start making the pending group durable without waiting: its log sync runs on the
+        log's appender thread while the next group is taken (after the appends queued before
+        it, so it covers exactly what was taken so far). :meth:`finish` (or :meth:`commit`)
+        records and counts it once the sync is done. Finish the group sealed before first."""
+        if self.sealed is not None:
+            raise StateError("a sealed group is not finished yet")
+        if not self.pending:
+            return
+        group, self.pending = self.pending, []
+        self.sealed = (group, [log_.sync_async() for log_ in self._logs.values() if log_.dirty])
+
+    def finish(self, method: ServerMethod, run_id: str) -> list[Outgoing]:
+        """Wait for the sealed group's sync, then record and count it as :meth:`commit` does;
+        the answers now due ([] when nothing is sealed)."""
+        if self.sealed is None:
+            return []
+        (group, syncs), self.sealed = self.sealed, None
+        wait_synced(syncs)
+        return self._count(method, run_id, group)
 
     def commit(self, method: ServerMethod, run_id: str) -> list[Outgoing]:
         """Make the pending group durable and count it: one sync of the round's log, one ledger
-        transaction, then each new update into the aggregate. Returns the answers now due: an
-        Ack for every update of the group (a task id already recorded is acknowledged, not
-        counted twice), or the error the method raised folding it in (as the message boundary
-        would have answered it)."""
+        transaction, then each new update into the aggregate (a sealed group first, see
+        :meth:`finish`). Returns the answers now due: an Ack for every update of the group (a
+        task id already recorded is acknowledged, not counted twice), or the error the method
+        raised folding it in (as the message boundary would have answered it)."""
+        out = self.finish(method, run_id)
         if not self.pending:
-            return []
+            return out
         group, self.pending = self.pending, []
         for log_ in self._logs.values():
             log_.sync()
+        return out + self._count(method, run_id, group)
+
+    def _count(
+        self, method: ServerMethod, run_id: str, group: list[tuple[UpdateRow, Update, TaskResult]]
+    ) -> list[Outgoing]:
+        """A group whose records are durable: its ledger rows, then its updates counted."""
         crashpoints.reached("group", group[0][0].round)
         # durable already (the log holds the rows): the transaction needs no sync of its own
         inserted = self.ledger.record_updates([row for row, _, _ in group], sync=False)

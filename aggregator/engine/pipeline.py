@@ -5,7 +5,9 @@ thread while the loop thread handles the ones before them.
 :class:`~protocol.errors.FrameError` out), and its cost for a large update is the sha256 of
 the blob, which releases the GIL; the engine's part (validate, store, sum) stays on the loop
 thread, in arrival order. A burst of one is decoded inline (there is nothing to overlap), and so
-is a burst of small messages (see :data:`AHEAD_MIN_BYTES`).
+is a burst of small messages (see :data:`AHEAD_MIN_BYTES`). The service also takes messages
+ahead while it handles a group (:meth:`DecodeAhead.start`): their decoding starts then, and
+they open the next group.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ class DecodeAhead:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-ahead")
         return [self._pool.submit(decode, frames).result for frames in messages]
+
+    def start(self, frames: Sequence[FrameLike]) -> Decoder | None:
+        """One message's decoding started now on the worker, when it is large (a message taken
+        ahead, while the loop still handles the group before it); None: decode it inline."""
+        if _nbytes(frames) < AHEAD_MIN_BYTES:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-ahead")
+        return self._pool.submit(decode, frames).result
 
     def close(self) -> None:
         if self._pool is not None:

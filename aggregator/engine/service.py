@@ -49,6 +49,9 @@ from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
 
 log = logging.getLogger(__name__)
+OVERLAP_MAX_S = 0.05
+"""The longest the loop goes on taking bursts while a group syncs before it runs the clock
+(heartbeats, deadlines: :meth:`RoundEngine.tick`, which flushes)."""
 POLL_MS = 50
 
 
@@ -363,40 +366,61 @@ class AggregatorService:
         if self.admin is not None:
             poller.register(self.admin.socket, zmq.POLLIN)
         self._sock = sock
+        last_tick = time.monotonic()
+        # messages taken while the group before was handled, their decoding under way
+        ahead: list[tuple[list[zmq.Frame], Decoder | None]] = []
         while not self.should_exit.is_set():
             while not self._calls.empty():
                 self._calls.get()()
             self._drop_revoked()  # on the loop's clock: a new key is admitted with no traffic
-            events = dict(poller.poll(POLL_MS))
-            if sock in events:
+            events = dict(poller.poll(0 if ahead else POLL_MS))
+            if sock in events or ahead:
                 # drain a burst as one group: its updates become durable together (one sync,
                 # one ledger transaction), then their Acks go out; then the clock runs
-                burst: list[list[zmq.Frame]] = []
-                while len(burst) < 256:
+                burst, ahead = ahead, []
+                fresh: list[list[zmq.Frame]] = []
+                while len(burst) + len(fresh) < 256:
                     try:
-                        burst.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                        fresh.append(sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
                 # decoded ahead on a worker while the loop handles the messages before them
-                ahead = self.decode_ahead.burst([frames[1:] for frames in burst])
-                with self.engine.group() as acks:
-                    for frames, decoded in zip(burst, ahead, strict=True):
+                decoders = self.decode_ahead.burst([frames[1:] for frames in fresh])
+                burst += zip(fresh, decoders, strict=True)
+                with self.engine.group(overlap=True) as acks:  # the group before's Acks
+                    for frames, decoded in burst:
+                        self._take_ahead(sock, ahead)
                         self._receive(sock, frames, time.monotonic(), decoded)
                 self.metrics.acked(acks)
                 for out in acks:
                     self._send(sock, out)
+                # this group's sync runs while the next burst, if it is here already, is taken
+                # (its Acks come with that one's end); otherwise the tick below flushes it
+                if (
+                    self.engine.syncing
+                    and (ahead or sock.poll(0))
+                    and time.monotonic() - last_tick < OVERLAP_MAX_S
+                ):
+                    continue
             if self.admin is not None and self.admin.socket in events:
                 self.admin.serve_one()
+            last_tick = time.monotonic()
             if self.lifecycle is not None:
                 self._step(sock)
                 continue
-            for out in self.engine.tick(time.monotonic()):
+            outs = self.engine.tick(last_tick)
+            self.metrics.acked(outs)  # a group's that was still syncing (the tick flushes)
+            for out in outs:
                 self._send(sock, out)
             self.metrics.live_agents(len(self.engine.registry.live()))
             if self.engine.finished:
                 for out in self.engine.goodbye():
                     self._send(sock, out)
                 return
+        outs = self.engine.flush()  # a group still syncing when asked to exit
+        self.metrics.acked(outs)
+        for out in outs:
+            self._send(sock, out)
         if self.lifecycle is not None:
             active = self.lifecycle.active
             log.info(
@@ -410,12 +434,25 @@ class AggregatorService:
             for out in self.engine.goodbye():
                 self._send(sock, out)
 
+    def _take_ahead(
+        self, sock: zmq.Socket[bytes], ahead: list[tuple[list[zmq.Frame], Decoder | None]]
+    ) -> None:
+        """Take what has arrived meanwhile (up to a burst's 256), its decoding (the sha256 of a
+        large update) started on the worker now: it opens the next group, already hashed."""
+        while len(ahead) < 256:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ahead.append((frames, self.decode_ahead.start(frames[1:])))
+
     def _step(self, sock: zmq.Socket[bytes]) -> None:
         """One tick of a serving aggregator: the engine's clock, then the run lifecycle."""
         assert self.lifecycle is not None
         now = time.monotonic()
         try:
             outs = self.engine.tick(now)
+            self.metrics.acked(outs)  # a group's that was still syncing (the tick flushes)
         except StateError:
             raise
         except Exception as exc:  # the run cannot go on; the service and the next runs can

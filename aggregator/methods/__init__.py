@@ -177,9 +177,15 @@ def context_of(config: AggregatorConfig) -> MethodContext:
 MethodFactory = Callable[[Mapping[str, Any], MethodContext], ServerMethod]
 
 
-def decode_update(blobs: Mapping[str, memoryview], name: str, expect: Any) -> Any:
+def decode_update(
+    blobs: Mapping[str, memoryview], name: str, expect: Any, *, copy: bool = True
+) -> Any:
     """The one payload blob ``name`` of a TaskResult, decoded against ``expect``
-    (a ``protocol.payloads.Expect``); anything else is an :class:`UpdateRejected`."""
+    (a ``protocol.payloads.Expect``); anything else is an :class:`UpdateRejected`.
+
+    ``copy=False``: the tensors are views of the received blob (see ``payloads.decode``), for
+    a method that never writes to an update's tensors: the intake's update log writes the
+    payload from the same memory after ``validate``, and its sha256 must still hold."""
     from aggregator.errors import UpdateRejected
     from protocol import payloads
     from protocol.errors import ErrorCode, ProtocolError
@@ -189,7 +195,7 @@ def decode_update(blobs: Mapping[str, memoryview], name: str, expect: Any) -> An
             ErrorCode.PAYLOAD_MISMATCH, f"expected one blob {name!r}, got {sorted(blobs)}"
         )
     try:
-        return payloads.decode(blobs[name], expect)
+        return payloads.decode(blobs[name], expect, copy=copy)
     except ProtocolError as exc:
         raise UpdateRejected(exc.code, str(exc)) from None
 

@@ -7,17 +7,19 @@ weight below 2²⁹ is exact in float64) and added into the sum, so no float64 t
 tensor's size is ever made (torch's mixed-dtype in-place add is slow on CPU, and a per-tensor
 ``x.to(float64) * w`` allocates twice the update). The mean is one division at the end.
 
-An update of :data:`PARALLEL_MIN` elements or more is added by two threads, each over half of
-its elements (numpy's ufuncs release the GIL): the intake adds a group's updates after
-its sync, when the other core has nothing else to do. The arithmetic per element is the same
-either way, so the sum is too.
+An update of :data:`PARALLEL_MIN` elements or more is added on a helper thread without waiting
+(numpy's ufuncs release the GIL): the intake goes on taking the next group while it is summed.
+The helper adds the updates in the order they were added, so the arithmetic per element, and
+the sum, are the same either way; :meth:`FlatSum.settle` (and :meth:`FlatSum.result`, and
+:attr:`FlatSum.data`) waits for them. At most :data:`QUEUED_MAX` wait their turn: an update
+held for its sum keeps its tensors (for fedit, the received message) alive until then.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,7 +29,9 @@ __all__ = ["FlatSum"]
 CHUNK = 1 << 15
 """Elements per step of an add: the scratch buffer (256 KiB) stays in cache."""
 PARALLEL_MIN = 1 << 20
-"""An update of this many elements or more is added by two threads (4 MiB of float32)."""
+"""An update of this many elements or more is added on the helper thread (4 MiB of float32)."""
+QUEUED_MAX = 4
+"""Updates queued for the helper at most; one more waits for the oldest."""
 
 _NUMPY = (torch.float32, torch.float64, torch.float16)
 
@@ -63,18 +67,27 @@ class FlatSum:
     """``Σ wᵢ·xᵢ`` over updates of one layout; see the module docstring."""
 
     parallel = True
-    """Add large updates on two threads (False: on the caller's; the benchmark compares)."""
+    """Add large updates on the helper thread (False: on the caller's; the benchmark
+    compares)."""
 
     def __init__(self) -> None:
         self.layout: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         """name -> (offset, size, shape) in :attr:`data`."""
-        self.data = np.zeros(0, np.float64)
+        self._data = np.zeros(0, np.float64)
         self._scratch = np.zeros(0, np.float64)
         self._scratch2 = np.zeros(0, np.float64)
         """The helper thread's scratch buffer."""
+        self._queued: list[Future[None]] = []
+        """Adds handed to the helper, oldest first."""
 
     def __bool__(self) -> bool:
         return bool(self.layout)
+
+    @property
+    def data(self) -> np.ndarray:
+        """The running sum, every update added so far in it (waits for the helper)."""
+        self.settle()
+        return self._data
 
     def names(self) -> set[str]:
         return set(self.layout)
@@ -84,12 +97,14 @@ class FlatSum:
         for name, t in tensors.items():
             self.layout[name] = (offset, t.numel(), tuple(t.shape))
             offset += t.numel()
-        self.data = np.zeros(offset, np.float64)
+        self._data = np.zeros(offset, np.float64)
         self._scratch = np.empty(min(CHUNK, max(offset, 1)), np.float64)
+        self._scratch2 = np.empty_like(self._scratch)
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
         """Add ``weight`` times ``tensors``; they must have the first update's names and shapes
-        (``ValueError`` otherwise, before anything is added)."""
+        (``ValueError`` otherwise, before anything is added). A large update is added on the
+        helper thread, after those before it; this returns once it is queued."""
         if not self.layout:
             self._start(tensors)
         elif tensors.keys() != self.layout.keys():
@@ -101,32 +116,26 @@ class FlatSum:
         pairs = []
         for name, t in tensors.items():
             offset, size, _ = self.layout[name]
-            pairs.append((self.data[offset : offset + size], _flat(t)))
-        total = self.data.size
-        if total < PARALLEL_MIN or not self.parallel:
+            pairs.append((self._data[offset : offset + size], _flat(t)))
+        if self._data.size < PARALLEL_MIN or not self.parallel:
+            self.settle()  # after the queued ones: the same order of additions
             _add(pairs, w, self._scratch)
             return
-        mine: list[tuple[np.ndarray, np.ndarray]] = []  # the first half of the elements
-        left = total // 2
-        while left > 0:
-            dst, src = pairs.pop(0)
-            if dst.size > left:  # this tensor is cut in two
-                pairs.insert(0, (dst[left:], src[left:]))
-                dst, src = dst[:left], src[:left]
-            mine.append((dst, src))
-            left -= dst.size
-        if self._scratch2.size < self._scratch.size:
-            self._scratch2 = np.empty_like(self._scratch)
-        other = _helper().submit(_add, pairs, w, self._scratch2)
-        try:
-            _add(mine, w, self._scratch)
-        finally:
-            other.result()
+        while len(self._queued) >= QUEUED_MAX:
+            self._queued.pop(0).result()
+        self._queued.append(_helper().submit(_add, pairs, w, self._scratch2))
+
+    def settle(self) -> None:
+        """Wait until every update added so far is in the sum."""
+        queued, self._queued = self._queued, []
+        for add in queued:
+            add.result()
 
     def result(self, divisor: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The sum divided by ``divisor``, per name, as ``dtype`` tensors."""
         out: dict[str, torch.Tensor] = {}
+        data = self.data
         for name, (offset, size, shape) in self.layout.items():
-            part = self.data[offset : offset + size] / divisor
+            part = data[offset : offset + size] / divisor
             out[name] = torch.from_numpy(part).to(dtype).reshape(shape)
         return out

@@ -9,19 +9,23 @@ the global adapter along the straight line between the two (factors f₀ + s·(f
 found by bisection so that the new ΔW norm equals the bound. Norms use the trace identity
 ‖U·V‖² = tr((UᵀU)(VVᵀ)), which costs rank-sized matrices, never the out×in ΔW.
 
-Most honest updates are well inside the bound, so :func:`clip_lora` first computes a cheap upper
-bound from the factors' own norms (one pass over each factor, see :func:`lora_delta_bound`) and
-computes the exact norm only when that bound exceeds the clip.
+Most honest updates are well inside the bound, so :func:`clip_lora` first tries an upper bound
+from the factors' sums of squares alone (no pass over the data at all when the payload's finite
+check computed them, see :func:`lora_square_bound`), then a tighter one from the factors' own
+norms (one pass over each factor, see :func:`lora_delta_bound`), and computes the exact norm
+only when both exceed the clip.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
 from aggregator.errors import UpdateRejected
 from aggregator.methods.flatsum import FlatSum
+from protocol._payload_checks import square_sums
 from protocol.errors import ErrorCode
 from protocol.methods._common import AggregationParams
 
@@ -90,11 +94,80 @@ def lora_delta_bound(update: Tensors, base: Tensors | None) -> float:
     return total**0.5 * (1.0 + _SLACK)
 
 
+_U32 = 2.0**-24
+"""float32's unit roundoff."""
+_TINY32 = 2.0**-126
+"""float32's smallest normal number."""
+
+
+def _norm_from_sum(sq: float | None, n: int) -> float:
+    """An upper bound on ‖x‖ from ``sq``, x's sum of squares as float32 computed it (in any
+    order): ``sq ≥ (1 − γ)·‖x‖² − n·2⁻¹²⁶`` with ``γ = n·u/(1 − n·u)`` for n non-negative terms
+    and u float32's unit roundoff (Higham, *Accuracy and Stability of Numerical Algorithms*,
+    §4.2, one more rounding for the squares; the second term covers squares and sums that fell
+    below float32's normal range). ``inf`` when unknown, overflowed, or n too large for the
+    margin to mean anything."""
+    nu = n * _U32
+    if sq is None or not math.isfinite(sq) or nu >= 0.25:
+        return math.inf
+    gamma = nu / (1.0 - nu)
+    return math.sqrt((max(sq, 0.0) + n * _TINY32) / (1.0 - gamma))
+
+
+def lora_square_bound(
+    update: Tensors,
+    base: Tensors | None,
+    sums: Mapping[str, float] | None = None,
+    base_sums: Mapping[str, float] | None = None,
+) -> float:
+    """An upper bound on :func:`lora_delta_norm` (``s = 1``) from sums of squares alone.
+
+    Per module ``‖ΔW‖ ≤ ‖B − B₀‖·‖A‖ + ‖B₀‖·‖A − A₀‖ ≤ (‖B‖ + ‖B₀‖)·‖A‖ + ‖B₀‖·(‖A‖ + ‖A₀‖)``
+    (``‖B‖·‖A‖`` without a base): looser than :func:`lora_delta_bound`, but it needs no pass
+    over the factors when ``sums`` (the update's float32 sums of squares, ``Payload.
+    square_sums``) and ``base_sums`` are given, each widened by its rounding margin
+    (:func:`_norm_from_sum`). Missing sums are computed (:func:`square_sums`); a factor that
+    is not float32 or whose squares overflowed makes the bound ``inf``.
+    """
+    if sums is None:
+        sums = square_sums(update)
+    if base is not None and base_sums is None:
+        base_sums = square_sums(base)
+    total = 0.0
+    for m in _modules(update):
+        a, b = update[m + _A], update[m + _B]
+        na, nb = (
+            _norm_from_sum(sums.get(m + _A), a.numel()),
+            _norm_from_sum(sums.get(m + _B), b.numel()),
+        )
+        if base is None or base_sums is None or m + _A not in base:
+            bound = nb * na
+        else:
+            a0, b0 = base[m + _A], base[m + _B]
+            na0 = _norm_from_sum(base_sums.get(m + _A), a0.numel())
+            nb0 = _norm_from_sum(base_sums.get(m + _B), b0.numel())
+            bound = (nb + nb0) * na + nb0 * (na + na0)
+        total += bound * bound
+    return math.sqrt(total) * (1.0 + _SLACK)
+
+
 def clip_lora(
-    update: Tensors, base: Tensors | None, max_norm: float
+    update: Tensors,
+    base: Tensors | None,
+    max_norm: float,
+    sums: Mapping[str, float] | None = None,
+    base_sums: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """The update pulled toward ``base`` until its ΔW norm is at most ``max_norm``; and s."""
-    cheap = max_norm >= _TINY and lora_delta_bound(update, base) <= max_norm
+    """The update pulled toward ``base`` until its ΔW norm is at most ``max_norm``; and s.
+
+    ``sums`` / ``base_sums``: the factors' float32 sums of squares where already known (see
+    :func:`lora_square_bound`; without ``sums`` that bound is not tried, as it would cost a pass
+    over the factors like the next one); they only decide how cheaply an update well inside
+    the bound is let through, never the result."""
+    cheap = max_norm >= _TINY and (
+        (sums is not None and lora_square_bound(update, base, sums, base_sums) <= max_norm)
+        or lora_delta_bound(update, base) <= max_norm
+    )
     if cheap or lora_delta_norm(update, base) <= max_norm:
         return dict(update), 1.0
     lo, hi = 0.0, 1.0
@@ -159,6 +232,10 @@ class Aggregator:
                 raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, str(exc)) from None
         self.weight += weight
         self.count += 1
+
+    def settle(self) -> None:
+        """Wait until every update added is in the running sum (see :class:`FlatSum`)."""
+        self.sums.settle()
 
     def result(self) -> dict[str, torch.Tensor]:
         if self.count == 0:

@@ -8,7 +8,9 @@ row as well as its payload, so a ledger transaction that a power cut loses (SQLi
 synced at the next synced write, not at this one) is rebuilt from the log when the service
 starts (:func:`scan`, used by ``ResultIntake.recover``). The writes happen on an appender thread
 (``os.pwrite`` and numpy's copy release the GIL), so the loop validates the next update of the
-group while the last one is written; :meth:`UpdateLog.sync` waits for them. A ledger row names
+group while the last one is written; :meth:`UpdateLog.sync` waits for them, and
+:meth:`UpdateLog.sync_async` queues the sync behind them on the same thread (the loop takes the
+next group meanwhile). A ledger row names
 its payload by ``(blob_path, blob_offset, blob_length)``; the sha256 in the row is checked when
 the payload is read back.
 
@@ -181,6 +183,8 @@ class UpdateLog:
         self.dirty = False
         self._pool: ThreadPoolExecutor | None = None
         self._writes: list[Future[None]] = []
+        self._syncing: list[Future[None]] = []
+        """Syncs started by :meth:`sync_async` (the done ones are dropped as more start)."""
         self._failed: OSError | None = None
 
     def append(self, row: dict[str, Any], data: bytes | memoryview = b"") -> tuple[int, int]:
@@ -256,10 +260,48 @@ class UpdateLog:
         finally:
             buffer.release()
 
-    def sync(self) -> None:
-        """Wait for the queued appends, then make them durable (one ``fdatasync``)."""
+    def sync_async(self) -> Future[None]:
+        """:meth:`sync` on the appender thread, after the appends queued so far: the future is
+        done once they (and those written before) are durable, and raises what :meth:`sync`
+        would. Appends may go on meanwhile; they are durable only at a later sync. Without the
+        appender thread (``appender`` False) the sync happens here, and the future is done."""
+        if not self.appender:
+            done: Future[None] = Future()
+            try:
+                self.sync()
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+            return done
         writes, self._writes = self._writes, []
+        dirty, self.dirty = self.dirty, False
+        self._syncing = [f for f in self._syncing if not f.done() or f.exception() is not None]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-log")
+        syncing = self._pool.submit(self._sync_after, writes, dirty)
+        self._syncing.append(syncing)
+        return syncing
+
+    def _sync_after(self, writes: list[Future[None]], dirty: bool) -> None:
+        """On the appender thread: ``writes`` are done already (they were queued first)."""
         for write in writes:
+            write.result()
+        if self._failed is not None:
+            raise write_error(f"cannot write to the update log {self.path}", self._failed)
+        if not dirty:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise write_error(f"cannot sync the update log {self.path}", e) from e
+
+    def sync(self) -> None:
+        """Wait for the queued appends, then make them durable (one ``fdatasync``; and wait for
+        any :meth:`sync_async` under way, raising its failure)."""
+        writes, self._writes = self._writes, []
+        syncing, self._syncing = self._syncing, []
+        for write in writes + syncing:
             write.result()
         if self._failed is not None:
             raise write_error(f"cannot write to the update log {self.path}", self._failed)

@@ -3,6 +3,7 @@ with its own error."""
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 
@@ -573,16 +574,92 @@ def test_one_finite_check_over_the_data_area_still_names_the_bad_tensor(where: i
 
 
 def test_decoded_tensors_are_views_of_one_copy_of_the_data_area() -> None:
-    from protocol._payload_checks import _one_area
-
     tensors = {n: torch.full((3, 4), float(i)) for i, n in enumerate(("a", "b", "c"))}
-    decoded = decode(raw_payload(tensors)).tensors
-    area = _one_area(decoded)
-    assert area is not None and area.numel() == 36  # the checks' fast path applies
+    data = raw_payload(tensors)
+    decoded = decode(data).tensors
+    storages = {t.untyped_storage().data_ptr() for t in decoded.values()}
+    assert len(storages) == 1  # one copy, shared
     assert {n: t.tolist() for n, t in decoded.items()} == {
         n: t.tolist() for n, t in tensors.items()
     }
     decoded["a"].add_(1)  # writable, and a tensor's bytes are its own
     assert decoded["b"].eq(1).all() and decoded["a"].eq(1).all()
-    mixed = {"a": torch.ones(2), "i": torch.ones(2, dtype=torch.int32)}
-    assert _one_area(decode(raw_payload(mixed)).tensors) is None
+    assert decode(data).tensors["a"].eq(0).all()  # the received bytes were not written to
+
+
+def big_lora(layers: int = 12, r: int = 8, hidden: int = 64) -> dict[str, torch.Tensor]:
+    """Layers whose factors are stacked into a few large entries, as agents send them."""
+    g = torch.Generator().manual_seed(7)
+    state = {}
+    for layer in range(layers):
+        p = PREFIX.format(layer, "q")
+        state[f"{p}.lora_A.weight"] = torch.randn(r, hidden, generator=g) * 0.01
+        state[f"{p}.lora_B.weight"] = torch.randn(hidden, r, generator=g) * 0.01
+    return state
+
+
+MARK = 1234.5
+
+
+def poked(name: str, index: int, value: float) -> bytes:
+    """A LoRA payload whose tensor ``name`` holds ``value`` at flat ``index`` (its bytes patched
+    in: encode refuses values that are not finite)."""
+    state = big_lora()
+    state[name].view(-1)[index] = MARK
+    data = encode_lora(state, method="fedit", round=1)
+    mark = struct.pack("<f", MARK)
+    assert data.count(mark) == 1
+    return data.replace(mark, struct.pack("<f", value))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(("layer", "side", "index"), [(0, "A", 0), (5, "B", 301), (11, "A", 511)])
+def test_one_bad_value_inside_a_stacked_payload_is_refused_naming_its_tensor(
+    bad: float, layer: int, side: str, index: int
+) -> None:
+    name = f"{PREFIX.format(layer, 'q')}.lora_{side}.weight"
+    with pytest.raises(NotFinite, match=re.escape(f"'{name}' holds NaN or infinite")):
+        decode(poked(name, index, bad))
+
+
+def test_a_huge_finite_value_is_not_refused_and_its_square_sum_overflows() -> None:
+    """Values beyond ~1.8e19 overflow float32 squares: still finite, so not refused here (a
+    clip bound deals with them); the sums of squares say so with inf."""
+    name = f"{PREFIX.format(5, 'q')}.lora_B.weight"
+    payload = decode(poked(name, 100, 1e30))
+    assert payload.tensors[name].view(-1)[100] == pytest.approx(1e30, rel=1e-6)
+    assert payload.square_sums[name] == math.inf
+    assert all(math.isfinite(s) for n, s in payload.square_sums.items() if n != name)
+
+
+def test_square_sums_are_the_tensors_sums_of_squares_within_float32_rounding() -> None:
+    state = big_lora() | {"other": torch.randn(5, 7)}  # an entry that is not stacked
+    payload = decode(encode_lora(big_lora(), method="fedit", round=1))
+    plain = decode(encode_dense(state, method="fedit", round=1))
+    for p in (payload, plain):
+        assert set(p.square_sums) == set(p.tensors)
+        for name, t in p.tensors.items():
+            exact = float(t.double().square().sum())
+            n = t.numel()
+            gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+            assert abs(p.square_sums[name] - exact) <= gamma * exact
+    ints = decode(raw_payload({"w": torch.ones(3), "i": torch.ones(2, dtype=torch.int32)}))
+    assert set(ints.square_sums) == {"w"} and ints.square_sums["w"] == 3.0
+
+
+def test_decoding_without_a_copy_views_a_writable_buffer_and_copies_a_read_only_one() -> None:
+    state = big_lora()
+    data = encode_lora(state, method="fedit", round=1)
+    name = f"{PREFIX.format(3, 'q')}.lora_A.weight"
+    shared = bytearray(data)
+    viewed = decode(shared, copy=False).tensors[name]
+    first = viewed.view(-1)[0].item()
+    at = header_nbytes(data) + shared[header_nbytes(data) :].find(struct.pack("<f", first))
+    shared[at : at + 4] = struct.pack("<f", 7.0)  # the tensor is a view of the buffer
+    assert viewed.view(-1)[0].item() == 7.0
+    copied = decode(shared).tensors[name]  # the default: a copy of its own
+    shared[at : at + 4] = struct.pack("<f", 8.0)
+    assert copied.view(-1)[0].item() == 7.0
+    frozen = decode(data, copy=False).tensors[name]  # bytes: read-only, so copied
+    frozen.add_(1)  # writable, no warning
+    assert torch.equal(decode(data).tensors[name], state[name])

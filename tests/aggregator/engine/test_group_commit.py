@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,81 @@ def test_a_log_whose_round_the_ledger_never_began_is_left_alone(tmp_path: Path) 
     h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
     assert h.ledger.updates("run-t", 1) == [] and path.stat().st_size == size
     h.close()
+
+
+def test_overlapping_groups_sync_while_the_next_is_taken_and_ack_only_once_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``group(overlap=True)``: a group's log sync runs on the appender thread while the next
+    group is taken; its Acks come with the next group's end (or a flush), and only once its
+    records are synced and its rows recorded."""
+    h, tasks = start(tmp_path)
+    synced_on: list[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: (synced_on.append(threading.current_thread().name), real(fd))[1]
+    )
+    with h.engine.group(overlap=True) as first:
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+        h.result(tasks["b"], "b", 6, lora_state(1.0))
+    assert first == [] and h.engine.syncing  # sealed: its sync under way, no Ack yet
+    assert h.result(tasks["a"], "a", 5, lora_state(0.0)) == []  # a retry: answered with it
+    with h.engine.group(overlap=True) as second:
+        h.result(tasks["c"], "c", 7, lora_state(2.0))
+        assert h.ledger.updates("run-t", 1) == []  # the first group is not recorded yet
+    assert acked(second) == ["a", "b"]  # the first group's Acks, now durable and recorded
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a", "b"]
+    assert h.engine.syncing
+    assert acked(h.engine.flush()) == ["c"] and not h.engine.syncing
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a", "b", "c"]
+    assert synced_on and all(name.startswith("update-log") for name in synced_on)
+    h.tick()
+    assert h.summaries and h.summaries[-1].agents == 3
+    torch.testing.assert_close(
+        h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
+    )
+    h.close()
+
+
+def test_a_crash_while_a_sealed_group_syncs_loses_no_acknowledged_update(tmp_path: Path) -> None:
+    """A SIGKILL while a group's sync is under way (or done, its rows not yet recorded): no Ack
+    went out for it; what its records hold whole is rebuilt, and the resends count once."""
+    h, tasks = start(tmp_path)
+    with h.engine.group(overlap=True):
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    assert acked(h.engine.flush()) == ["a"]
+    with h.engine.group(overlap=True) as acks:
+        h.result(tasks["b"], "b", 6, lora_state(1.0))
+        h.result(tasks["c"], "c", 7, lora_state(2.0))
+    assert acks == []
+    sealed = h.engine.intake.sealed
+    assert sealed is not None
+    for sync in sealed[1]:
+        sync.result()
+    h.engine.intake.sealed = None  # killed here: never recorded, never acknowledged
+    h.close()
+
+    h = Harness(tmp_path, rounds=1, min_agents=len(AGENTS))
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a", "b", "c"]
+    for agent in AGENTS:
+        h.hello(agent)
+    assert assigns(h.tick()) == {}
+    assert acked(h.result(tasks["b"], "b", 6, lora_state(1.0))) == ["b"]
+    assert acked(h.result(tasks["c"], "c", 7, lora_state(2.0))) == ["c"]
+    h.tick()
+    assert h.summaries and h.summaries[-1].agents == 3
+    torch.testing.assert_close(
+        h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
+    )
+    h.close()
+
+
+def test_closing_the_engine_records_a_group_still_syncing(tmp_path: Path) -> None:
+    h, tasks = start(tmp_path)
+    with h.engine.group(overlap=True):
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    h.engine.close()  # the service's shutdown
+    h.ledger.close()
+    ledger = sqlite3.connect(tmp_path / "ledger.sqlite")  # recorded at the close, not rebuilt
+    assert ledger.execute("SELECT agent_id FROM updates").fetchall() == [("a",)]
+    ledger.close()

@@ -51,3 +51,15 @@ def test_a_burst_of_one_or_of_small_messages_is_decoded_inline() -> None:
     small = [[bytes(f) for f in encode(Bye(reason="x"))]] * 3
     assert ahead.burst(small) == [None] * 3
     assert ahead._pool is None
+
+
+def test_a_message_taken_ahead_is_decoded_on_the_worker_when_large() -> None:
+    ahead = DecodeAhead()
+    small = [bytes(f) for f in encode(Bye(reason="x"))]
+    assert ahead.start(small) is None  # small: decoded inline
+    big = result(3)
+    decoder = ahead.start(big)
+    assert decoder is not None
+    got, want = decoder(), decode(big)
+    assert got.header == want.header and bytes(got.blobs["update"]) == bytes(want.blobs["update"])
+    ahead.close()

@@ -44,10 +44,10 @@ def test_bit_identical_to_a_float64_sum_per_tensor(weights: tuple[float, ...]) -
 
 
 @pytest.mark.parametrize("weights", [(1, 1), (3, 70, 0.5)])
-def test_a_large_update_is_added_by_two_threads_with_the_same_result(
+def test_a_large_update_is_added_on_the_helper_thread_with_the_same_result(
     weights: tuple[float, ...],
 ) -> None:
-    """Half of the elements on the helper thread (a tensor cut in two at the middle)."""
+    """Queued for the helper thread; the caller goes on; the result waits for it."""
     sizes = (PARALLEL_MIN // 3, 5, PARALLEL_MIN // 2 + 7, 3 * CHUNK + 1)  # x2: above the bar
     updates = [(update(i, sizes), w) for i, w in enumerate(weights)]
     flat = FlatSum()
@@ -67,6 +67,7 @@ def test_one_buffer_and_no_temporary_of_an_updates_size() -> None:
     tracemalloc.start()
     try:
         flat.add(update(2, sizes=(1 << 20,)), 5)
+        flat.settle()  # (added on the helper thread)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -96,3 +97,31 @@ def test_bfloat16_and_non_contiguous_inputs() -> None:
     flat.add({"w": x.T.to(torch.bfloat16)}, 2)
     want = x.T.to(torch.bfloat16).to(torch.float64) * 2
     assert torch.equal(flat.result(1.0, torch.float64)["w"], want)
+
+
+def test_large_adds_are_queued_at_most_queued_max_and_the_result_waits_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aggregator.methods import flatsum
+
+    gate = threading.Event()
+    real = flatsum._add
+
+    def held(*args: object) -> None:
+        gate.wait(10)
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flatsum, "_add", held)
+    sizes = (PARALLEL_MIN + 3,)
+    updates = [(update(i, sizes), float(i + 1)) for i in range(flatsum.QUEUED_MAX + 1)]
+    flat = FlatSum()
+    for tensors, w in updates[:-1]:
+        flat.add(tensors, w)  # queued: returns while the helper is held
+    last = threading.Thread(target=flat.add, args=updates[-1])
+    last.start()
+    last.join(0.3)
+    assert last.is_alive()  # one more than QUEUED_MAX waits for the oldest
+    gate.set()
+    last.join(10)
+    got, want = flat.result(sum(w for _, w in updates)), reference(updates)
+    assert torch.equal(got["t0"], want["t0"])

@@ -168,3 +168,38 @@ def test_a_direct_write_the_file_system_refuses_is_written_through_the_page_cach
     log.close()
     assert read_slice(log.path, offset, length) == payload
     assert [r.row for r in scan(log.path)[0]] == [row(0)]
+
+
+def test_a_sync_started_ahead_covers_the_appends_before_it_and_raises_what_sync_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = UpdateLog(tmp_path / "update-records.log")
+    synced: list[int] = []  # the file's size at each fdatasync
+    real = os.fdatasync
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_size), real(fd))[1]
+    )
+    first = [log.append(row(i), bytes([i]) * (1 << 20)) for i in range(2)]  # via the appender
+    covered = log.end
+    ahead = log.sync_async()
+    later = log.append(row(2), b"small")  # appended while the sync may still run
+    ahead.result()
+    assert synced and synced[0] >= covered  # the sync came after the appends before it
+    for i, (offset, length) in enumerate(first):
+        assert read_slice(log.path, offset, length) == bytes([i]) * (1 << 20)
+    log.sync()  # the later append: durable at the next sync
+    assert read_slice(log.path, *later) == b"small"
+    assert len(synced) == 2
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    log.append(row(3), b"d" * 100)
+    failed = log.sync_async()
+    with pytest.raises(DiskFull):
+        failed.result()
+    with pytest.raises(DiskFull):  # a sync after it does not report the log durable
+        log.sync()
+    monkeypatch.undo()
+    log.close()
