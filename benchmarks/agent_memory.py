@@ -331,7 +331,8 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     held = getattr(ws.cache.get(method), "model", None)
     if quant is None and held is not None:  # FedBiOT: the emulator it built instead of a base
         quant = "emu"
-        base_bytes = sum(t.numel() * t.element_size() for t in held.state_dict().values())
+        tensors = {t.data_ptr(): t for t in held.state_dict().values()}  # tied weights once
+        base_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     for name, data in output.blobs.items():
         (task_dir / f"{name}.out").write_bytes(data)
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
