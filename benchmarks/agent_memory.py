@@ -1,21 +1,34 @@
 """Agent memory: each precision and each method's agent, in a fresh process, from ``/proc``.
 
-Run: ``python benchmarks/agent_memory.py [--quick] [--steps N] [--methods ...]``. Every row is
-a fresh process that imports the agent, loads the base through the agent's own workspace
-(:class:`edge_agent.daemon.workspace.AgentWorkspace`, so NF4/int8/bf16 come from their saved
-checkpoints, made beforehand in another process as ``edgefed-agent model prepare`` would) and
-runs one round-1 train task of the method's client half with its default parameters, on
-examples long enough to fill ``max_len``. A sampling thread reads ``/proc/self/status`` every
-2 ms: anonymous memory (``RssAnon``: heap, weights copied out of files, activations, gradients)
-and file-backed memory (``RssFile``: mapped safetensors, libraries) are reported apart, with
-the import floor (after importing torch, transformers, peft, bitsandbytes and the agent) and
-the process peak (``VmHWM``). Step times are the median after the first step.
+Run: ``python benchmarks/agent_memory.py [--quick] [--steps N] [--methods ...]``. Every task is
+the method's real round-1 task: the parent instantiates the method's server half
+(``aggregator.methods.<method>``) with its default parameters on the model (``run.model_dir``;
+public data for FedBiOT) and asks it the way the engine does (``on_hello``, ``admit``, the score
+phase while ``wants_score``, ``plan``, ``assign``): FedPipe's score task and planned ranks, batch
+and precision, SLoRA's stage-1 mask seed, FedBiOT's emulator bundle and alignment state (built
+and aligned first, its ``align.initial_steps`` included). Each task then runs in a fresh process
+that imports the agent, loads the base the method's client asks for through the agent's own
+workspace (:class:`edge_agent.daemon.workspace.AgentWorkspace`, so NF4/int8/bf16 come from their
+saved checkpoints, made beforehand in another process as ``edgefed-agent model prepare`` would;
+FedBiOT loads none: it builds its emulator from the bundle), reads the task's blobs as received
+frames and runs the method's client half, on examples long enough to fill ``max_len``. Its
+result goes back to the server (``add_score`` / ``validate``): a task whose update the server
+would refuse is reported as failed, not measured. A sampling thread reads
+``/proc/self/status`` every 2 ms: anonymous memory (``RssAnon``: heap, weights copied out of
+files, activations, gradients, received blobs) and file-backed memory (``RssFile``: mapped
+safetensors, libraries) are reported apart, with the import floor (after importing torch,
+transformers, peft, bitsandbytes and the agent) and the process peak (``VmHWM``). Step times
+are the median after the first step. A second table gives each task's bytes down
+(``TaskAssign`` + blobs) and up (``TaskResult`` + blobs) as ``protocol.frames.encode`` lays
+them out, FedBiOT's one-off emulator bundle apart.
 
 Rows: ``fedit`` in fp32, nf4, int8 and bf16 without gradient checkpointing (``--quants``; the
-first is the reference), nf4 and int8 with it (``--ckpt``), then each other method
-(``--methods``, with its default checkpointing unless ``NAME+ckpt``) (Ferret trains
-the unquantized base in fp32, with ``max_len`` 384 and batch 4 as in issue 25).
-``--quick`` runs fp32 and nf4 FedIT on a tiny random model (so CI can run it).
+first is the reference of ``x ref``), nf4 and int8 with it (``--ckpt``), then each method of
+``--methods`` at the run's precision (``run.quant``'s default, nf4; with the method's default
+checkpointing unless ``NAME+ckpt``). Only ``train.steps`` (and Ferret's batch 4 × 384 tokens
+of issue 25) differ from the defaults; FedPipe's planned step count is replaced by ``--steps``.
+``--quick`` runs fp32 and nf4 FedIT and every other method on a tiny random 6-layer model
+(so CI can run it).
 """
 
 from __future__ import annotations
@@ -249,7 +262,7 @@ class Round1:
             task = write_task(self.folder / "score", assign, blobs)
             out = measure_row(self.row | task) | task
             result, up = self._result(assign, out)
-            self.server.add_score(1, result, up)
+            self._hook("add_score", 1, result, up)
             self._hook("finish_score", 1)
             done.append(("score", out))
         self._hook("plan", 1, "train", {AGENT: self.view})
@@ -414,7 +427,7 @@ class Runner:
 
         assign = TaskAssign.model_validate_json((Path(row["task"]) / "assign.json").read_text())
         params = parse_params(assign.method, assign.params)
-        quant = assign.quant
+        quant: str = assign.quant
         if assign.kind == "train":
             quant = base_quant(assign.method, params, assign.quant) or "fp32"
         self.prepare({quant})
