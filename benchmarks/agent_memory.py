@@ -130,6 +130,30 @@ def bench_params(method: str, ckpt: bool | None, quick: bool, steps: int) -> dic
     return {"train": train}
 
 
+def merged(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """``a`` with ``b`` laid over it, nested dicts merged."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def method_overrides(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["fedbiot:align.initial_steps=0"]`` → ``{"fedbiot": {"align": {"initial_steps": 0}}}``."""
+    from aggregator.local.options import parse_params
+
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        method, colon, rest = spec.partition(":")
+        if not colon:
+            raise SystemExit(f"--param {spec!r}: expected METHOD:KEY=VALUE")
+        out[method] = merged(out.get(method, {}), parse_params([rest]))
+    return out
+
+
 def base_quant(method: str, params: Any, quant: str) -> str | None:
     """The precision the method's client asks the workspace for (None: it loads no base)."""
     if method in ("ferret", "fedavg"):
@@ -194,7 +218,10 @@ class Round1:
             seed=0,
             public_data=examples_file(folder, 64, "public.jsonl"),  # FedBiOT aligns on it
         )
-        params = bench_params(self.method, row["ckpt"], row["quick"], row["steps"])
+        params = merged(
+            bench_params(self.method, row["ckpt"], row["quick"], row["steps"]),
+            row.get("params", {}).get(self.method, {}),
+        )
         self.server = server_methods()[self.method](params, context)
         self.profile = Profile.model_validate(collect_profile(measure=not row["quick"]))
         self.view = AgentView(AGENT, self.profile)
@@ -387,6 +414,7 @@ def run_child(args: list[str]) -> str:
 def rows_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = {"model": args.model, "cache": args.cache, "quick": args.quick, "ckpt": False}
     base["steps"] = args.steps
+    base["params"] = method_overrides(args.param)
     if args.quick:
         rows = [base | {"method": "fedit", "quant": q} for q in ("fp32", "nf4")]
         return rows + [base | {"method": m, "quant": RUN_QUANT, "ckpt": None} for m in QUICK]
@@ -463,6 +491,13 @@ def main() -> int:
         nargs="*",
         default=["ferret", "ferret+ckpt", "fedavg", "slora", "fedpipe", "fedbiot"],
         help="Methods' rows at the run's default precision (NAME, or NAME+ckpt).",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="A method parameter other than its default (e.g. fedbiot:align.initial_steps=0).",
     )
     args = parser.parse_args()
     if args.one:
