@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -375,6 +376,7 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
         base_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     for name, data in output.blobs.items():
         (task_dir / f"{name}.out").write_bytes(data)
+    shutil.rmtree(folder, ignore_errors=True)  # the objects FedBiOT stored: its bundle
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
     return {
         "floor_anon": floor["RssAnon"],
@@ -529,6 +531,8 @@ def main() -> int:
             last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
             print(f"{label:<15} failed: {last[0][:110]}", flush=True)
             continue
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # fedavg's update alone is 513 MB
         for kind, r in done:
             ref = ref or r
             label = label_of(row, kind)
