@@ -133,8 +133,8 @@ def paired_table(results: Sequence[Mapping[str, Any]], reference: str | None) ->
     ref = {int(r["seed"]): final(r, "eval_rouge_l") for r in by_group[reference]}
     lines = [
         f"| configuration | shared seeds | Rouge-L per seed | {reference} per seed "
-        "| gap (mean ± sd) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| gap (mean ± sd) | verdict | paired t-test p |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g, rs in sorted(by_group.items()):
         if g == reference:
@@ -142,10 +142,11 @@ def paired_table(results: Sequence[Mapping[str, Any]], reference: str | None) ->
         mine = {int(r["seed"]): final(r, "eval_rouge_l") for r in rs}
         seeds = sorted(s for s in set(mine) & set(ref) if math.isfinite(mine[s] - ref[s]))
         if not seeds:
-            lines.append(f"| {g} | none | | | – | not judged (no shared seed) |")
+            lines.append(f"| {g} | none | | | – | not judged (no shared seed) | – |")
             continue
         gap = stat([mine[s] - ref[s] for s in seeds])
         spread = "" if gap.sd is None else f" ± {gap.sd:.4f}"
+        p = _paired_p([mine[s] for s in seeds], [ref[s] for s in seeds])
         if gap.sd is None:
             judged = "not judged (n < 2)"
         elif abs(gap.mean) <= gap.sd:
@@ -154,9 +155,22 @@ def paired_table(results: Sequence[Mapping[str, Any]], reference: str | None) ->
             judged = "better" if gap.mean > 0 else "worse"
         lines.append(
             f"| {g} | {','.join(map(str, seeds))} | {' / '.join(f'{mine[s]:.4f}' for s in seeds)} "
-            f"| {' / '.join(f'{ref[s]:.4f}' for s in seeds)} | {gap.mean:+.4f}{spread} | {judged} |"
+            f"| {' / '.join(f'{ref[s]:.4f}' for s in seeds)} | {gap.mean:+.4f}{spread} | {judged} "
+            f"| {'–' if p is None else f'{p:.2f}'} |"
         )
     return lines
+
+
+def _paired_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided paired t-test p-value (scipy), shown beside the spread rule's verdict: with three
+    seeds a gap just above its spread is still weak evidence. None under two pairs or when every
+    gap is the same (no spread to test against)."""
+    gaps = [x - y for x, y in zip(a, b, strict=True)]
+    if len(gaps) < 2 or max(gaps) - min(gaps) < 1e-12:
+        return None
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel(a, b).pvalue)
 
 
 def reach_table(results: Sequence[Mapping[str, Any]], reference: str | None) -> list[str]:

@@ -131,6 +131,12 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
         for seed in seeds[1:]:
             ensure(Config(method, seed, chosen[method], args.quant))
     variants = [v for s in selected_sections(args) for v in s.variants]
+    only = [n for n in getattr(args, "variants", "").split(",") if n]
+    unknown = set(only) - {v.name for v in variants}
+    if unknown:
+        raise SystemExit(f"scoreboard: no such row in the selected sections: {sorted(unknown)}")
+    if only:  # run these rows now; the tables still show every row on disk
+        variants = [v for v in variants if v.name in only]
     for variant in sorted(variants, key=lambda v: v.expensive):  # stable: cheap rows first
         lr = chosen.get(variant.method, default_lr(args, variant.method))
         for seed in seeds:
@@ -289,6 +295,8 @@ def write_doc(args: argparse.Namespace, store: Store, chosen: dict[str, float], 
         "A gap no larger than the larger of the two standard deviations is reported as *no "
         "difference*; with fewer than two runs a row is not judged.",
         *_paired_lines(kept, ref_group),
+        # the LoRA baseline too: what SLoRA, FedPipe and FedBiOT claim against
+        *_paired_lines(kept, next((r["group"] for r in kept if r["method"] == "fedit"), None)),
         *_reach_lines(kept, ref_group),
         *_pending_lines(args, chosen),
         "",
@@ -368,6 +376,11 @@ def main() -> int:
     ap.add_argument("--references", default=",".join(REFERENCES))
     ap.add_argument("--sections", default=",".join(s.key for s in SECTIONS),
                     help="Comparisons beyond the main table (benchmarks/_scoreboard_rows.py).")  # fmt: skip
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="Run only these rows of the selected sections (names, comma-separated).",
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)

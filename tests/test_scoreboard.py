@@ -297,10 +297,11 @@ def test_the_seed_matched_table_pairs_each_row_with_the_reference_on_shared_seed
     assert set(lines) == {"steady", "noisy", "one", "other"}
     assert (
         "| 0,1,2 | 0.5500 / 0.3500 / 0.4500 | 0.5000 / 0.3000 / 0.4000 | +0.0500 ± 0.0000 "
-        "| better |" in lines["steady"]
+        "| better | – |" in lines["steady"]  # every gap the same: no spread, no t-test
     )
-    assert lines["noisy"].endswith("| no difference |")  # gaps +0.1, -0.1, +0.05
-    assert lines["one"].endswith("| not judged (n < 2) |") and "| 1 |" in lines["one"]
+    # gaps +0.1, -0.1, +0.05: mean 0.0167, sd 0.104, t = 0.277 with 2 degrees of freedom
+    assert lines["noisy"].endswith("| no difference | 0.81 |")
+    assert lines["one"].endswith("| not judged (n < 2) | – |") and "| 1 |" in lines["one"]
     assert "no shared seed" in lines["other"]
     assert paired_table(results, None) == [] and paired_table(results, "absent") == []
     # the unpaired verdict cannot see the steady gap; the paired one can
@@ -330,3 +331,30 @@ def test_the_reach_table_gives_the_first_round_at_the_references_final_rouge() -
     assert lines["never"] == "| never | 0 of 1 | – | – |"
     assert lines["unmatched"] == "| unmatched | 0 of 0 | – | – |"
     assert reach_table(results, None) == [] and reach_table(results, "absent") == []
+
+
+def test_variants_option_runs_only_the_named_rows_and_refuses_unknown_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(scoreboard, "prepare_split", lambda *a, **k: tmp_path)
+
+    def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
+        ran.append(cfg.variant)
+        return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
+            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
+            "wall_seconds": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(scoreboard, "run_config", fake_run)
+    run_args = argparse.Namespace(
+        results=tmp_path, lr_grid="", methods="fedit,fedbiot", references="", seeds="0",
+        quant="fp32", lr=1e-3, ferret_lr=0.05, fedavg_lr=0.01, sections="fedbiot",
+        variants="fedbiot drop=0.2,fedit last 2 layers",
+    )  # fmt: skip
+    common = Common("m", 2, 1, 1, 2, (100.0, 20.0))
+    scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+    assert sorted(v for v in ran if v) == ["fedbiot drop=0.2", "fedit last 2 layers"]
+    run_args.variants = "fedbiot drop=0.9"
+    with pytest.raises(SystemExit, match="no such row"):
+        scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
