@@ -49,7 +49,7 @@ def test_agent_memory_quick_measures_every_method() -> None:
         [sys.executable, str(ROOT / "benchmarks" / "agent_memory.py"), "--quick"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
