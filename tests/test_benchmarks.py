@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
         ("load_harness.py", "upstream took 2 updates  sent 10 recorded 10 lost 0"),
         ("convergence.py", "centralised      1"),
         ("against_flower.py", "      2 edgefed"),
-        ("agent_memory.py", "nf4 "),
         ("step_overhead.py", "ratio agent / plain"),
         ("secagg_cost.py", "secagg rows: the four stages' messages"),
         ("ferret_k.py", "K=16"),
@@ -41,6 +40,32 @@ def test_benchmark_quick_mode(script: str, expect: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert expect in proc.stdout
+
+
+def test_agent_memory_quick_measures_every_method() -> None:
+    """Each method's round-1 task, built by its server half, is measured (none "failed"), and
+    FedBiOT's download carries the emulator bundle."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "agent_memory.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    memory, _, traffic = proc.stdout.partition("round-1 bytes per agent")
+    assert "failed" not in memory, proc.stdout + proc.stderr[-3000:]
+    rows = {line[:15].strip(): line.split() for line in memory.splitlines()[1:] if line.strip()}
+    labels = ("fedit fp32", "fedit nf4", "fedavg", "slora", "fedpipe score", "fedpipe", "fedbiot")
+    for label in (*labels, "ferret"):
+        assert label in rows, proc.stdout
+        peak = float(rows[label][-4])
+        assert peak > 100, rows[label]  # MiB: a real process's high-water mark
+    assert rows["fedbiot"][1] == "emu", rows["fedbiot"]  # it trains the emulator, not the base
+    fedbiot = next(line for line in traffic.splitlines() if line.startswith("fedbiot"))
+    down, bundle = fedbiot.split()[1:3], fedbiot.split()[3:5]
+    assert down[1] == "MB" and bundle[1] == "MB" and float(bundle[0]) <= float(down[0]), fedbiot
+    assert "stage 1" in traffic and "matrices r [" in traffic
 
 
 GPU_CHECK = str(ROOT / "benchmarks" / "gpu_check.py")
