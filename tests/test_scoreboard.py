@@ -242,10 +242,7 @@ def test_near_iid_rows_train_on_their_own_dirichlet_split_with_the_same_eval(
 
     def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
         seen[-1] = (cfg.variant, seen[-1][1])
-        return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
-            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
-            "wall_seconds": 1.0,
-        }  # fmt: skip
+        return _stored(cfg)
 
     monkeypatch.setattr(scoreboard, "run_config", fake_run)
     run_args = argparse.Namespace(
@@ -277,6 +274,14 @@ def test_result_rows_keep_the_slora_switch_metrics_and_drop_other_method_metrics
     assert rows[1]["switch_eval_loss"] == 1.9 and rows[1]["switch_eval_sparse_rouge_l"] == 0.5
     assert "clip_scale" not in rows[1] and "density" not in rows[1]
     assert rows[1]["cum_bytes"] == 60.0 and rows[1]["train_loss"] == 1.2
+
+
+def _stored(cfg: Config) -> dict[str, Any]:
+    """What a finished run of ``cfg`` stores (Rouge-L 0.2), for a fake ``run_config``."""
+    return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
+        "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
+        "wall_seconds": 1.0,
+    }  # fmt: skip
 
 
 def test_the_seed_matched_table_pairs_each_row_with_the_reference_on_shared_seeds() -> None:
@@ -341,10 +346,7 @@ def test_variants_option_runs_only_the_named_rows_and_refuses_unknown_names(
 
     def fake_run(cfg: Config, common: Common, split: Path, work: Path) -> dict[str, Any]:
         ran.append(cfg.variant)
-        return _result(cfg.method, cfg.seed, 0.2, cfg.group) | {
-            "name": cfg.name, "lr": cfg.lr, "quant": cfg.quant, "variant": cfg.variant,
-            "wall_seconds": 1.0,
-        }  # fmt: skip
+        return _stored(cfg)
 
     monkeypatch.setattr(scoreboard, "run_config", fake_run)
     run_args = argparse.Namespace(
