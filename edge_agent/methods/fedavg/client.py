@@ -1,9 +1,13 @@
 """Full-parameter FedAvg client half: plain SGD on every weight, the whole state sent back.
 
-The agent keeps its own unquantized copy of the base (``ws.cache``), at the global model of
-the round it was last sent (``held.round``; the workspace's base stays untouched). A task
-first loads the global model from blob ``global`` (round 0, the base, is copied back from the
-workspace's base when the copy has been trained since). A train task then takes
+The agent holds one unquantized full model per run (``ws.cache``), at the global model of
+the round it was last sent (``held.round``). It is the workspace's base taken over
+(``Workspace.take_base``), not a copy of it: an fp32 base loaded from safetensors maps the
+file copy-on-write, so only the pages training writes become the agent's memory, and no second
+513 MiB copy (SmolLM2-135M) sits beside it. A task first loads the global model from blob
+``global``; round 0, the base, is read again from the agent's model (``take_base`` loads it
+afresh) in the rare case the held model has been trained since: a round-0 evaluation after
+training, or round 1 retried. A train task then takes
 ``train.steps`` SGD steps with Ferret's loop (:func:`edge_agent.methods.ferret.client.sgd_steps`,
 momentum 0) and sends every parameter as one ``dense`` payload; the copy is then marked as
 trained (``held.round = -1``) until the next global model arrives.
@@ -11,11 +15,9 @@ trained (``held.round = -1``) until the next global model arrives.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +46,11 @@ class HeldModel:
     model: Any
     tokenizer: Any
     tensors: dict[str, torch.Tensor]
-    base: dict[str, torch.Tensor]
     round: int = 0
 
 
 def held_model(task: TaskInput, ws: Workspace, dtype: str) -> HeldModel:
-    """This run's full model, copied once from the workspace's base."""
+    """This run's full model: the workspace's base, taken over once per run."""
     assign = task.assign
     key = f"{assign.run_id}|{assign.model.sha256}|{dtype}"
     held: HeldModel | None = ws.cache.get(CACHE_KEY)
@@ -60,16 +61,21 @@ def held_model(task: TaskInput, ws: Workspace, dtype: str) -> HeldModel:
         log.info("fedavg trains every weight in %s (the task's quant %s does not apply)", dtype,
                  assign.quant)  # fmt: skip
     release_adapter(ws)  # the copy must be the plain base, not one wrapped with LoRA
-    base, tokenizer = ws.base(assign.model, dtype)
-    model = copy.deepcopy(base)
+    model, tokenizer = ws.take_base(assign.model, dtype)
     model.requires_grad_(True)
-    held = HeldModel(key, model, tokenizer, model_tensors(model), model_tensors(base))
+    held = HeldModel(key, model, tokenizer, model_tensors(model))
     ws.cache[CACHE_KEY] = held
     return held
 
 
-def load_global(held: HeldModel, blobs: Mapping[str, memoryview], target: int) -> None:
-    """Bring ``held`` to the global model of round ``target`` from the task's blobs."""
+def load_global(
+    held: HeldModel,
+    blobs: Mapping[str, memoryview],
+    target: int,
+    base: Callable[[], Mapping[str, torch.Tensor]],
+) -> None:
+    """Bring ``held`` to the global model of round ``target`` from the task's blobs
+    (``base()``: the base's tensors, loaded again, for round 0)."""
     unexpected = set(blobs) - {spec.GLOBAL_BLOB}
     if unexpected:
         raise PayloadRejected(f"unexpected blobs {sorted(unexpected)} in a fedavg task")
@@ -84,8 +90,8 @@ def load_global(held: HeldModel, blobs: Mapping[str, memoryview], target: int) -
             raise PayloadRejected(f"global model rejected: {exc}") from None
         _copy_into(held, payload.tensors)
     elif target == 0:
-        if held.round != 0:
-            _copy_into(held, held.base)  # back to the base after training on it
+        if held.round != 0:  # back to the base after training on it
+            _copy_into(held, base())
     elif held.round != target:
         raise TaskError(f"the task brings no model and this agent does not hold round {target}'s")
     held.round = target
@@ -103,12 +109,17 @@ class FedAvgClient:
     def run(self, task: TaskInput, ws: Workspace) -> TaskOutput:
         params = task.params
         assert isinstance(params, spec.Params)
-        held = held_model(task, ws, params.fedavg.dtype)
+        dtype = params.fedavg.dtype
+        held = held_model(task, ws, dtype)
         round_ = task.assign.round
+
+        def base() -> dict[str, torch.Tensor]:  # a fresh load, dropped once copied
+            return model_tensors(ws.take_base(task.assign.model, dtype)[0])
+
         if task.assign.kind == "eval":
-            load_global(held, task.blobs, round_)
+            load_global(held, task.blobs, round_, base)
             return evaluation_task(held.model, held.tokenizer, params.eval, ws)
-        load_global(held, task.blobs, round_ - 1)
+        load_global(held, task.blobs, round_ - 1, base)
         return self._train(task, held, params, ws)
 
     def _train(
@@ -130,8 +141,6 @@ class FedAvgClient:
         if not losses:
             raise TaskError("stopped before the first training step")
         blob = payloads.encode_dense(held.tensors, method=self.name, round=round_)
-        norm = math.sqrt(sum(float((t_ - held.base[n]).float().square().sum())
-                             for n, t_ in held.tensors.items()))  # fmt: skip
         log.info(
             "round %d: %d SGD steps on every weight, loss %.4f → %.4f, %d bytes up",
             round_, len(losses), losses[0], losses[-1], len(blob),
@@ -143,7 +152,6 @@ class FedAvgClient:
                 "train_loss_last": losses[-1],
                 "steps": float(len(losses)),
                 "seconds": time.perf_counter() - started,
-                "distance_from_base": norm,
             },
             blobs={spec.UPDATE_BLOB: blob},
         )

@@ -42,11 +42,18 @@ class Agent:
         self.eval_examples = DATA[agent_id][:1]
         self.progress = False
         self._bases: dict[str, tuple[Any, Any]] = {}
+        self.taken = 0  # bases handed over (each a fresh load)
 
     def base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
         if quant not in self._bases:
             self._bases[quant] = load_base(self.resolved, quant, device="cpu")  # type: ignore[arg-type]
         return self._bases[quant]
+
+    def take_base(self, model: BaseModelRef, quant: str) -> tuple[Any, Any]:
+        self.taken += 1
+        pair = self.base(model, quant)
+        del self._bases[quant]
+        return pair
 
     def should_stop(self) -> bool:
         return False
@@ -124,9 +131,13 @@ def test_the_global_is_the_example_weighted_mean_of_the_agents_states(
     held = agents[0].cache[CACHE_KEY]
     assert held.round == 2
     assert all(torch.equal(held.tensors[n], server.global_state[n]) for n in server.global_state)
-    # round 0's evaluation puts the trained copy back to the base
+    # the agent trains the base it took over (no copy), and round 0's evaluation reads the
+    # base again into the trained model
+    assert agents[0].taken == 1 and not agents[0]._bases
     agents[0].run("eval", 0, server.assign(0, "a", "eval"))
+    assert agents[0].cache[CACHE_KEY] is held and held.round == 0
     assert all(torch.equal(held.tensors[n], base[n]) for n in base)
+    assert agents[0].taken == 2 and not agents[0]._bases  # the fresh load is not kept
     # the export is a loadable full model
     out = server.export(tiny_model_dir.parent / "fedavg-export", base_model_name="tiny")
     saved = load_file(str(out["weights"]))
