@@ -7,6 +7,12 @@ weight below 2²⁹ is exact in float64) and added into the sum, so no float64 t
 tensor's size is ever made (torch's mixed-dtype in-place add is slow on CPU, and a per-tensor
 ``x.to(float64) * w`` allocates twice the update). The mean is one division at the end.
 
+The layout follows the first update's memory order when its tensors are views of one buffer (a
+decoded payload's: its data area). An update whose float32 tensors lie back to back in that
+order (every payload of the same encoder) is added as one span, in a handful of numpy calls,
+instead of two per tensor (a LoRA update of SmolLM2 has 240): the helper thread then hardly
+needs the GIL, and the loop thread that queues the update hardly either.
+
 An update of :data:`PARALLEL_MIN` elements or more is added on a helper thread without waiting
 (numpy's ufuncs release the GIL): the intake goes on taking the next group while it is summed.
 The helper adds the updates in the order they were added, so the arithmetic per element, and
@@ -26,8 +32,9 @@ import torch
 
 __all__ = ["FlatSum"]
 
-CHUNK = 1 << 15
-"""Elements per step of an add: the scratch buffer (256 KiB) stays in cache."""
+CHUNK = 1 << 16
+"""Elements per step of an add: the scratch buffer (512 KiB) stays in cache (measured on the
+2-core VM, 4M float32 elements: 1 << 15 4.95 ms, 1 << 18 4.27 ms)."""
 PARALLEL_MIN = 1 << 20
 """An update of this many elements or more is added on the helper thread (4 MiB of float32)."""
 QUEUED_MAX = 4
@@ -48,6 +55,41 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     if t.dtype not in _NUMPY:
         t = t.to(torch.float32)  # bfloat16 has no numpy dtype; float32 holds it exactly
     return t.cpu().contiguous().reshape(-1).numpy()
+
+
+def _span(tensors: Mapping[str, torch.Tensor], order: list[str]) -> torch.Tensor | None:
+    """The tensors as one flat float32 tensor, when they are contiguous float32 CPU views of one
+    storage lying back to back in ``order`` (a decoded payload's); else None."""
+    first = tensors[order[0]]
+    if first.dtype is not torch.float32 or first.device.type != "cpu":
+        return None
+    storage = first.untyped_storage()
+    at = first.data_ptr()
+    for name in order:
+        t = tensors[name]
+        if (
+            t.dtype is not torch.float32
+            or t.data_ptr() != at
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
+            return None
+        at += 4 * t.numel()
+    n = (at - first.data_ptr()) // 4
+    return first.new_empty(0).set_(storage, first.storage_offset(), (n,)).detach()
+
+
+def _memory_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names in the order their tensors lie in memory, when they are all CPU views of one
+    storage; else in the mapping's order."""
+    names = list(tensors)
+    ts = list(tensors.values())
+    if not ts or any(t.device.type != "cpu" for t in ts):
+        return names
+    base = ts[0].untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() != base for t in ts):
+        return names
+    return sorted(names, key=lambda n: tensors[n].data_ptr())
 
 
 def _add(pairs: list[tuple[np.ndarray, np.ndarray]], w: float, scratch: np.ndarray) -> None:
@@ -79,6 +121,8 @@ class FlatSum:
         """The helper thread's scratch buffer."""
         self._queued: list[Future[None]] = []
         """Adds handed to the helper, oldest first."""
+        self._order: list[str] = []
+        """The layout's names in order (its offsets increasing)."""
 
     def __bool__(self) -> bool:
         return bool(self.layout)
@@ -94,9 +138,11 @@ class FlatSum:
 
     def _start(self, tensors: Mapping[str, torch.Tensor]) -> None:
         offset = 0
-        for name, t in tensors.items():
+        for name in _memory_order(tensors):
+            t = tensors[name]
             self.layout[name] = (offset, t.numel(), tuple(t.shape))
             offset += t.numel()
+        self._order = list(self.layout)
         self._data = np.zeros(offset, np.float64)
         self._scratch = np.empty(min(CHUNK, max(offset, 1)), np.float64)
         self._scratch2 = np.empty_like(self._scratch)
@@ -113,10 +159,14 @@ class FlatSum:
             if tuple(t.shape) != self.layout[name][2]:
                 raise ValueError(f"{name!r}: shape {tuple(t.shape)} != {self.layout[name][2]}")
         w = float(weight)
-        pairs = []
-        for name, t in tensors.items():
-            offset, size, _ = self.layout[name]
-            pairs.append((self._data[offset : offset + size], _flat(t)))
+        span = _span(tensors, self._order) if self._order else None
+        if span is not None:  # one span in the layout's order: one pair
+            pairs = [(self._data, span.numpy())]
+        else:
+            pairs = []
+            for name, t in tensors.items():
+                offset, size, _ = self.layout[name]
+                pairs.append((self._data[offset : offset + size], _flat(t)))
         if self._data.size < PARALLEL_MIN or not self.parallel:
             self.settle()  # after the queued ones: the same order of additions
             _add(pairs, w, self._scratch)
