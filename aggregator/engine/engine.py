@@ -169,7 +169,7 @@ class RoundEngine:
         if not self._grouping:
             if overlap:
                 round = self._group_round()
-                acks += self._answered(self.intake.finish(self.method, self.run_id), round)
+                acks += self._answered(self.intake.finish(self.run_id), round)
                 self.intake.seal()
             else:
                 acks += self.flush()
@@ -183,7 +183,7 @@ class RoundEngine:
         """Commit the sealed and the pending group (see :meth:`ResultIntake.commit`); the Acks
         now due."""
         round = self._group_round()
-        return self._answered(self.intake.commit(self.method, self.run_id), round)
+        return self._answered(self.intake.commit(self.run_id), round)
 
     def _group_round(self) -> int:
         """The round of the group to be committed next (0: none)."""
@@ -515,7 +515,7 @@ class RoundEngine:
         sent: the agents resend, and are acknowledged as duplicates), its update log closed,
         the method's threads (if any) stopped."""
         try:
-            self.intake.finish(self.method, self.run_id)
+            self.intake.finish(self.run_id)
         finally:
             self.intake.close()
         close = getattr(self.method, "close", None)

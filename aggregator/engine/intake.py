@@ -2,14 +2,18 @@
 
 :class:`ResultIntake` owns the ``updates/`` directory and the ledger's update and rejection
 rows. Accepted training updates are taken in groups (durable group commit): :meth:`take`
-validates an update and appends a record of it (its ledger row and its payload) to the round's
-update log (:mod:`aggregator.store.updatelog`); :meth:`commit` then syncs the log once (the
-group's one durable point), records the group's ledger rows in one transaction that does not
-sync, folds the updates into the method's running aggregate, and only then are their Acks due.
-The service overlaps a group's sync with taking the next: :meth:`seal` starts the sync on the
-log's appender thread, :meth:`finish` waits for it and records and counts the group (the same
-steps, in the same order). Outside a group the engine commits each update at once (a group of
-one). A rejected update is recorded with its reason and answered, but not counted. Evaluation and score results are kept in
+validates an update, folds it into the method's running aggregate (``method.add``: a large
+update is summed on a helper thread meanwhile) and appends a record of it (its ledger row and
+its payload) to the round's update log (:mod:`aggregator.store.updatelog`); :meth:`commit` then
+syncs the log once (the group's one durable point), records the group's ledger rows in one
+transaction that does not sync, and only then are their Acks due. The aggregate is in memory
+only: a crash loses it with everything not yet durable, and a failed write or sync stops the
+service (a StateError); a restart rebuilds it from what is durable, so nothing is counted that
+was not acknowledged or about to be. The service overlaps a group's sync with taking the next:
+:meth:`seal` starts the sync on the log's appender thread, :meth:`finish` waits for it and
+records the group (the same steps, in the same order). Outside a group the engine commits each
+update at once (a group of one). A rejected update (by ``validate`` or ``add``) is recorded with
+its reason and answered, but neither counted nor stored. Evaluation and score results are kept in
 the open phase (scores are handed to the method). After a crash, :meth:`recover` rebuilds the
 ledger rows that the log holds and the ledger lost, and :meth:`replay` feeds the open round's
 stored updates to the method again; once a round is committed its stored updates are no longer
@@ -34,7 +38,7 @@ from typing import Any
 from aggregator.engine import crashpoints
 from aggregator.engine.rounds import Outgoing, Phase
 from aggregator.errors import StateError, UpdateRejected
-from aggregator.methods import ServerMethod, Update
+from aggregator.methods import ServerMethod
 from aggregator.store.ledger import Ledger, RejectionRow, UpdateRow
 from aggregator.store.updatelog import LOG_NAME, LoggedRecord, UpdateLog, read_slice, scan, truncate
 from protocol.errors import ErrorCode, ProtocolError
@@ -128,9 +132,9 @@ class ResultIntake:
         self.ledger = ledger
         self.update_dir = update_dir
         self.method_name = method_name
-        self.pending: list[tuple[UpdateRow, Update, TaskResult]] = []
+        self.pending: list[tuple[UpdateRow, TaskResult]] = []
         """The group taken but not committed: no Ack is due for any of it yet."""
-        self.sealed: tuple[list[tuple[UpdateRow, Update, TaskResult]], list[Future[None]]] | None
+        self.sealed: tuple[list[tuple[UpdateRow, TaskResult]], list[Future[None]]] | None
         self.sealed = None
         """A group whose log sync is under way (:meth:`seal`), and the syncs; no Ack is due
         for it until :meth:`finish` has seen them done and recorded it."""
@@ -166,21 +170,20 @@ class ResultIntake:
         try:
             update = method.validate(res.round, res, msg.blobs)
         except UpdateRejected as exc:
-            phase.rejected += 1
-            phase.done[agent_id] = res  # answered, just not counted
-            self.ledger.record_rejection(
-                RejectionRow(
-                    run_id=res.run_id,
-                    round=res.round,
-                    task_id=res.task_id,
-                    agent_id=agent_id,
-                    code=str(exc.code),
-                    reason=exc.reason,
-                    at=time.time(),
-                )
-            )
-            log.warning("round %d: rejected update from %s: %s", res.round, agent_id, exc.reason)
-            return exc.reason
+            return self._reject(phase, agent_id, res, exc.code, exc.reason)
+        # folded into the running aggregate now (a large update on the method's helper thread,
+        # while this one is stored and the next ones are taken): the aggregate lives in memory
+        # only, and a crash or a failed write (a StateError: the service stops) loses it with
+        # everything else not yet durable; a restart replays what the ledger and the log hold
+        try:
+            method.add(update)
+        except StateError:
+            raise
+        except (UpdateRejected, ProtocolError) as exc:
+            return self._reject(phase, agent_id, res, exc.code, str(exc))  # type: ignore[arg-type]
+        except Exception:  # a bug an update can reach: it fails, the group goes on
+            log.exception("round %d: %s's update could not be added", res.round, agent_id)
+            return self._reject(phase, agent_id, res, ErrorCode.INTERNAL, INTERNAL)
         blob = msg.blobs.get("update")
         fields: dict[str, Any] = {
             "run_id": res.run_id,
@@ -201,15 +204,35 @@ class ResultIntake:
         log_ = self._log(res.run_id, res.round)
         offset, length = log_.append({**fields, _BLOB: blob is not None}, blob or b"")
         row = _row(fields, log_.path, offset, length, blob is not None)
-        self.pending.append((row, update, res))
+        self.pending.append((row, res))
         phase.done[agent_id] = res
         phase.bytes_up[agent_id] = msg.nbytes
         return None
 
+    def _reject(
+        self, phase: Phase, agent_id: str, res: TaskResult, code: ErrorCode, reason: str
+    ) -> str:
+        """Record ``res`` as rejected (answered, not counted, not stored); the reason."""
+        phase.rejected += 1
+        phase.done[agent_id] = res  # answered, just not counted
+        self.ledger.record_rejection(
+            RejectionRow(
+                run_id=res.run_id,
+                round=res.round,
+                task_id=res.task_id,
+                agent_id=agent_id,
+                code=str(code),
+                reason=reason,
+                at=time.time(),
+            )
+        )
+        log.warning("round %d: rejected update from %s: %s", res.round, agent_id, reason)
+        return reason
+
     def is_pending(self, task_id: str) -> bool:
         """Whether ``task_id``'s update is taken but not yet recorded (pending or sealed)."""
         group = self.pending + (self.sealed[0] if self.sealed is not None else [])
-        return any(row.task_id == task_id for row, _, _ in group)
+        return any(row.task_id == task_id for row, _ in group)
 
     def seal(self) -> None:
         """Start making the pending group durable without waiting: its log sync runs on the
@@ -223,59 +246,44 @@ class ResultIntake:
         group, self.pending = self.pending, []
         self.sealed = (group, [log_.sync_async() for log_ in self._logs.values() if log_.dirty])
 
-    def finish(self, method: ServerMethod, run_id: str) -> list[Outgoing]:
-        """Wait for the sealed group's sync, then record and count it as :meth:`commit` does;
-        the answers now due ([] when nothing is sealed)."""
+    def finish(self, run_id: str) -> list[Outgoing]:
+        """Wait for the sealed group's sync, then record it as :meth:`commit` does; the Acks
+        now due ([] when nothing is sealed)."""
         if self.sealed is None:
             return []
         (group, syncs), self.sealed = self.sealed, None
         wait_synced(syncs)
-        return self._count(method, run_id, group)
+        return self._count(run_id, group)
 
-    def commit(self, method: ServerMethod, run_id: str) -> list[Outgoing]:
-        """Make the pending group durable and count it: one sync of the round's log, one ledger
-        transaction, then each new update into the aggregate (a sealed group first, see
-        :meth:`finish`). Returns the answers now due: an Ack for every update of the group (a
-        task id already recorded is acknowledged, not counted twice), or the error the method
-        raised folding it in (as the message boundary would have answered it)."""
-        out = self.finish(method, run_id)
+    def commit(self, run_id: str) -> list[Outgoing]:
+        """Make the pending group durable and record it: one sync of the round's log, then one
+        ledger transaction (a sealed group first, see :meth:`finish`). Returns the Acks now
+        due, one for every update of the group."""
+        out = self.finish(run_id)
         if not self.pending:
             return out
         group, self.pending = self.pending, []
         for log_ in self._logs.values():
             log_.sync()
-        return out + self._count(method, run_id, group)
+        return out + self._count(run_id, group)
 
-    def _count(
-        self, method: ServerMethod, run_id: str, group: list[tuple[UpdateRow, Update, TaskResult]]
-    ) -> list[Outgoing]:
-        """A group whose records are durable: its ledger rows, then its updates counted."""
+    def _count(self, run_id: str, group: list[tuple[UpdateRow, TaskResult]]) -> list[Outgoing]:
+        """A group whose records are durable: its ledger rows, then its Acks (its updates were
+        folded into the aggregate when :meth:`take` took them)."""
         crashpoints.reached("group", group[0][0].round)
         # durable already (the log holds the rows): the transaction needs no sync of its own
-        inserted = self.ledger.record_updates([row for row, _, _ in group], sync=False)
+        inserted = self.ledger.record_updates([row for row, _ in group], sync=False)
         out: list[Outgoing] = []
-        for (row, update, res), new in zip(group, inserted, strict=True):
-            if new:
-                try:
-                    method.add(update)
-                except StateError:
-                    raise
-                except (UpdateRejected, ProtocolError) as exc:
-                    log.warning(
-                        "round %d: %s's update not counted: %s", row.round, row.agent_id, exc
-                    )
-                    out += refusal(run_id, row.agent_id, res, exc.code, str(exc))  # type: ignore[arg-type]
-                    continue
-                except Exception:  # a bug an update can reach: it fails, the group goes on
-                    log.exception(
-                        "round %d: %s's update could not be added", row.round, row.agent_id
-                    )
-                    out += refusal(run_id, row.agent_id, res, ErrorCode.INTERNAL, INTERNAL)
-                    continue
-                log.info(
-                    "round %d: accepted update from %s (%d examples, %d bytes up, %d bytes down)",
-                    row.round, row.agent_id, row.num_examples, row.bytes_up, row.bytes_down,
-                )  # fmt: skip
+        for (row, res), new in zip(group, inserted, strict=True):
+            if not new:  # take() refuses a task id that is pending or recorded: a bug
+                raise StateError(
+                    f"round {row.round}: task {row.task_id} was recorded already, yet counted "
+                    "again; restart to replay the round from what is durable"
+                )
+            log.info(
+                "round %d: accepted update from %s (%d examples, %d bytes up, %d bytes down)",
+                row.round, row.agent_id, row.num_examples, row.bytes_up, row.bytes_down,
+            )  # fmt: skip
             out += ack(run_id, row.agent_id, res)
         return out
 
