@@ -31,7 +31,10 @@ Each receiver runs in a process of its own (``--one``), one after another: repea
 slowed down (the Ferret server's rebuild threads outlived their run), and a fresh process gives
 each receiver the same start. edgefed's time is broken down by step (``frames.decode`` with its
 sha256, the method's ``validate``, the blob writes, the syncs, the ledger, the sum), measured by
-wrapping those calls; the rest is the socket loop and the engine's own bookkeeping.
+wrapping those calls; the rest is the socket loop and the engine's own bookkeeping. Steps shown
+indented run on a helper thread with the pipeline (the record writes on the log's appender, the
+summing on the accumulator's helper): their time overlaps the loop's. ``frames.decode`` runs on
+the decode workers (one per core, at most 4); what is shown is the loop's wait for it.
 
 Workloads: LoRA r=35 on q,k,v,o of SmolLM2-135M (16.1 MB of float32), and Ferret updates of
 5 seeds (of K = 32) x the 212 groups of a small stand-in model with SmolLM2's names: 1,060
@@ -324,10 +327,16 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
     from aggregator.engine import intake as intake_module
 
     log_module = sys.modules.get("aggregator.store.updatelog")
+    flatsum_module = sys.modules.get("aggregator.methods.flatsum")
     method = engine.method
     return [
         (method, "validate", "validate (payload decode, checks, clip)"),
-        (method, "add", "sum into the aggregate"),
+        (method, "add", "sum into the aggregate (queued; inline: the sum)"),
+        *(
+            [(flatsum_module, "_add", "  summing (helper thread, or inline)")]
+            if flatsum_module
+            else []
+        ),
         (intake_module, "atomic_write_bytes", "blob write (temp+fsync+rename)"),
         (intake_module, "wait_synced", "wait for the group before's sync (overlapped)"),
         *(
