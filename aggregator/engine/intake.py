@@ -180,7 +180,7 @@ class ResultIntake:
         except StateError:
             raise
         except (UpdateRejected, ProtocolError) as exc:
-            return self._reject(phase, agent_id, res, exc.code, str(exc))  # type: ignore[arg-type]
+            return self._reject(phase, agent_id, res, exc.code, str(exc))
         except Exception:  # a bug an update can reach: it fails, the group goes on
             log.exception("round %d: %s's update could not be added", res.round, agent_id)
             return self._reject(phase, agent_id, res, ErrorCode.INTERNAL, INTERNAL)
@@ -210,7 +210,7 @@ class ResultIntake:
         return None
 
     def _reject(
-        self, phase: Phase, agent_id: str, res: TaskResult, code: ErrorCode, reason: str
+        self, phase: Phase, agent_id: str, res: TaskResult, code: ErrorCode | str, reason: str
     ) -> str:
         """Record ``res`` as rejected (answered, not counted, not stored); the reason."""
         phase.rejected += 1

@@ -80,7 +80,7 @@ def _span(tensors: Mapping[str, torch.Tensor], order: list[str]) -> torch.Tensor
             return None
         at += 4 * t.numel()
     n = (at - first.data_ptr()) // 4
-    return first.new_empty(0).set_(storage, first.storage_offset(), (n,)).detach()
+    return first.new_empty(0).set_(storage, first.storage_offset(), (n,), (1,)).detach()
 
 
 def _memory_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from engine_harness import NAMES, PROFILE, SHA, Harness, assigns, h, lora_state, start_round
 
+from aggregator.errors import UpdateRejected
 from protocol import payloads
 from protocol.errors import ErrorCode
 from protocol.messages import Ack, ErrorReply, Hello, TaskResult
@@ -204,3 +207,29 @@ def test_only_listed_ids_may_join_as_a_regional_tier(tmp_path: Path) -> None:
         assert h.hello("west")[0].header.type == "welcome"  # as a plain agent it may join
     finally:
         h.close()
+
+
+def test_an_update_the_method_cannot_add_is_rejected_and_neither_stored_nor_counted(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intake folds an update in when it takes it, before its record is written: an
+    update ``add`` refuses is answered and recorded as a rejection, and never stored."""
+    tasks = start_round(h, ["a1", "a2"])
+    real = h.method.add
+
+    def add(update: Any) -> None:
+        if update.agent_id == "a1":
+            raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "not this one")
+        real(update)
+
+    monkeypatch.setattr(h.method, "add", add)
+    reply = h.result(tasks["a1"], "a1", 10, lora_state(1.0))[0].header
+    assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.REJECTED_UPDATE
+    assert [r.agent_id for r in h.ledger.rejections("run-t", 1)] == ["a1"]
+    assert h.ledger.updates("run-t", 1) == [] and not h.engine.intake.pending
+    h.result(tasks["a2"], "a2", 10, lora_state(7.0))
+    h.tick()
+    tensors, _, _ = h.store.load(1)
+    torch.testing.assert_close(tensors[NAMES[0]], lora_state(7.0)[NAMES[0]])
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a2"]
+    assert h.summaries[-1].rejected == 1

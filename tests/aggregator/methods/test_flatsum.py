@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,3 +126,38 @@ def test_large_adds_are_queued_at_most_queued_max_and_the_result_waits_for_them(
     last.join(10)
     got, want = flat.result(sum(w for _, w in updates)), reference(updates)
     assert torch.equal(got["t0"], want["t0"])
+
+
+def test_a_decoded_payload_is_added_as_one_span_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payload's tensors are views of its data area: the layout follows their memory order,
+    and each update is added in one (dst, src) pair, bit-identical to the per-tensor sum."""
+    from aggregator.methods import flatsum
+    from protocol import payloads
+
+    def decoded(seed: int) -> dict[str, torch.Tensor]:
+        blob = payloads.encode_lora(update(seed), method="fedit", round=1)
+        return payloads.decode(memoryview(bytearray(blob)), None, copy=False).tensors
+
+    calls: list[int] = []
+    real = flatsum._add
+
+    def counted(pairs: list[tuple[np.ndarray, np.ndarray]], *args: Any) -> None:
+        calls.append(len(pairs))
+        real(pairs, *args)
+
+    monkeypatch.setattr(flatsum, "_add", counted)
+    weights = (3.0, 70.0, 1.0)
+    updates = [(decoded(i), w) for i, w in enumerate(weights)]
+    flat = FlatSum()
+    for tensors, w in updates:
+        flat.add(tensors, w)
+    got, want = flat.result(sum(weights)), reference(updates)
+    assert calls == [1, 1, 1]
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # a copy that is not one buffer (another memory order) is summed tensor by tensor, the same
+    flat.add({k: v.clone() for k, v in updates[0][0].items()}, 2)
+    flat.settle()
+    assert calls[-1] == len(updates[0][0])
