@@ -158,8 +158,11 @@ class RoundEngine:
         sealed before (its Acks are what the list gets) and seals this one
         (:meth:`ResultIntake.seal`): its sync runs while the caller takes the next group, and
         its Acks come with the next group's end or the next :meth:`flush` (every other input
-        flushes first: :meth:`tick`, a message outside a group). A caller with nothing more to
-        take calls :meth:`flush`."""
+        flushes first: :meth:`tick`, a message outside a group). When the group sealed before
+        is still syncing (the disk is the slower part), the block's end does not wait for it
+        either: this group stays open, and the next block's messages join it (fewer, larger
+        groups; the loop goes on validating while the disk writes). A caller with nothing more
+        to take calls :meth:`flush`."""
         acks: list[Outgoing] = []
         self._grouping += 1
         try:
@@ -168,6 +171,8 @@ class RoundEngine:
             self._grouping -= 1
         if not self._grouping:
             if overlap:
+                if not self.intake.synced():
+                    return  # the group before still syncs: this one stays open (see above)
                 round = self._group_round()
                 acks += self._answered(self.intake.finish(self.run_id), round)
                 self.intake.seal()

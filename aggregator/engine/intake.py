@@ -246,6 +246,11 @@ class ResultIntake:
         group, self.pending = self.pending, []
         self.sealed = (group, [log_.sync_async() for log_ in self._logs.values() if log_.dirty])
 
+    def synced(self) -> bool:
+        """Whether the sealed group's sync has returned (or nothing is sealed): :meth:`finish`
+        would not wait."""
+        return self.sealed is None or all(sync.done() for sync in self.sealed[1])
+
     def finish(self, run_id: str) -> list[Outgoing]:
         """Wait for the sealed group's sync, then record it as :meth:`commit` does; the Acks
         now due ([] when nothing is sealed)."""

@@ -253,6 +253,10 @@ def test_overlapping_groups_sync_while_the_next_is_taken_and_ack_only_once_recor
     with h.engine.group(overlap=True) as second:
         h.result(tasks["c"], "c", 7, lora_state(2.0))
         assert h.ledger.updates("run-t", 1) == []  # the first group is not recorded yet
+        sealed = h.engine.intake.sealed
+        assert sealed is not None
+        for sync in sealed[1]:  # synced by now (else this group would stay open: see below)
+            sync.result()
     assert acked(second) == ["a", "b"]  # the first group's Acks, now durable and recorded
     assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a", "b"]
     assert h.engine.syncing
@@ -261,6 +265,47 @@ def test_overlapping_groups_sync_while_the_next_is_taken_and_ack_only_once_recor
     assert synced_on and all(name.startswith("update-log") for name in synced_on)
     h.tick()
     assert h.summaries and h.summaries[-1].agents == 3
+    torch.testing.assert_close(
+        h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
+    )
+    h.close()
+
+
+def test_a_group_that_ends_while_the_one_before_still_syncs_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop is not held up by a slow disk: the group's end does not wait for the sync of
+    the group before; its updates join the next group, and nothing is acknowledged before its
+    own sync."""
+    h, tasks = start(tmp_path)
+    gate = threading.Event()
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        gate.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    with h.engine.group(overlap=True) as first:
+        h.result(tasks["a"], "a", 5, lora_state(0.0))
+    assert first == [] and h.engine.syncing
+    with h.engine.group(overlap=True) as second:
+        h.result(tasks["b"], "b", 6, lora_state(1.0))
+    # returned at once: "a" still syncs, "b" waits in the open group
+    assert second == [] and h.engine.intake.is_pending(tasks["b"].task_id)
+    assert h.ledger.updates("run-t", 1) == []
+    gate.set()
+    sealed = h.engine.intake.sealed
+    assert sealed is not None
+    for sync in sealed[1]:
+        sync.result()
+    with h.engine.group(overlap=True) as third:
+        h.result(tasks["c"], "c", 7, lora_state(2.0))
+    assert acked(third) == ["a"]  # "b" and "c" are sealed together now: one sync for both
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a"]
+    assert acked(h.engine.flush()) == ["b", "c"]
+    assert [r.agent_id for r in h.ledger.updates("run-t", 1)] == ["a", "b", "c"]
+    h.tick()
     torch.testing.assert_close(
         h.method.global_state[NAMES[1]], expected_mean({0.0: 5, 1.0: 6, 2.0: 7})
     )
