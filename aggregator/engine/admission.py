@@ -50,7 +50,8 @@ class Admission:
         self.ledger = ledger
         self.model = model
         self.method_name = method_name
-        self.refused: set[str] = set()  # agents whose refusal by the method was logged
+        self.refused: dict[str, str] = {}
+        """Agent → the method's latest reason for not assigning it (logged once per agent)."""
 
     def hello(
         self, method: ServerMethod, agent_id: str, hello: Hello, now: float
@@ -105,11 +106,17 @@ class Admission:
             reason = admit(agent_id, self.registry.agents[agent_id].profile)
             if reason is None:
                 out.append(agent_id)
-            elif agent_id not in self.refused:
-                self.refused.add(agent_id)
+                continue
+            if agent_id not in self.refused:
                 level = logging.INFO if isinstance(reason, Waiting) else logging.WARNING
                 log.log(level, "agent %s not assigned %s: %s", agent_id, self.method_name, reason)
+            self.refused[agent_id] = reason
         return out
+
+    def refusals(self, agents: list[str]) -> dict[str, str]:
+        """Of ``agents``, those the method refused at the last :meth:`assignable` for a reason
+        that is not a passing wait, with that reason."""
+        return {a: r for a, r in self.refused.items() if a in agents and not isinstance(r, Waiting)}
 
     def view(self, agent_id: str) -> AgentView:
         """What a method may know of a registered agent."""

@@ -73,6 +73,9 @@ __all__ = ["Outgoing", "RoundEngine", "RoundSummary"]
 
 log = logging.getLogger(__name__)
 
+BLOCKED_LOG_EVERY_S = 300.0
+"""How often a run that cannot start says so again while nothing changes."""
+
 
 class RoundEngine:
     """One federated run: messages and the clock in, the messages to send out."""
@@ -122,6 +125,9 @@ class RoundEngine:
         self._driven_task: tuple[Kind, int] | None = None
         self._begun_round = 0
         self._score_phases: dict[int, int] = {}
+        self.blocked: str | None = None
+        """Why no phase can open although enough agents are live (see :meth:`_note_blocked`)."""
+        self._blocked_logged = 0.0
         self._held_train: Phase | None = None
         """A closed training phase waiting for the reveal phase after it (``reveal_agents``)."""
         self._grouping = 0
@@ -353,9 +359,12 @@ class RoundEngine:
         self._driven_task = (kind, round)
 
     def _maybe_start(self, now: float) -> list[Outgoing]:
-        live = self.admission.assignable(self.method, self.registry.live(model=self.model.sha256))
+        joined = self.registry.live(model=self.model.sha256)
+        live = self.admission.assignable(self.method, joined)
         if len(live) < self.run.min_agents:
+            self._note_blocked(now, joined, live)
             return []
+        self.blocked = None
         if self.driven:
             if self._driven_task is None:
                 return []
@@ -377,6 +386,27 @@ class RoundEngine:
         else:
             chosen = self.rules.choose(self.run_id, self.round + 1, live)
         return self._open_phase("train", self.round + 1, chosen, now)
+
+    def _note_blocked(self, now: float, joined: list[str], live: list[str]) -> None:
+        """Say why no phase opens although enough agents are live: the method refuses some of
+        them (their hardware cannot run it). Set as :attr:`blocked` (in :meth:`status`; a
+        ``local`` run, whose agents are all there, stops on it) and logged as a warning when it
+        changes and every :data:`BLOCKED_LOG_EVERY_S` while it lasts (a service may yet get
+        other agents, so it waits)."""
+        refused = self.admission.refusals(joined)
+        if len(joined) < self.run.min_agents or not refused:
+            self.blocked = None  # an ordinary wait for agents to join (or a passing one)
+            return
+        reasons = "; ".join(f"{a}: {r}" for a, r in sorted(refused.items()))
+        blocked = (
+            f"round {self.round + 1} needs {self.run.min_agents} agents (run.min_agents) and "
+            f"{self.run.method} can use {len(live)} of the {len(joined)} live ones; refused: "
+            f"{reasons}"
+        )
+        if blocked != self.blocked or now - self._blocked_logged >= BLOCKED_LOG_EVERY_S:
+            log.warning("cannot start: %s", blocked)
+            self._blocked_logged = now
+        self.blocked = blocked
 
     def _open_phase(self, kind: Kind, round: int, agents: list[str], now: float) -> list[Outgoing]:
         label: str = kind
@@ -536,4 +566,5 @@ class RoundEngine:
             "phase": None if self.phase is None else self.phase.describe(),
             "finished": self.finished,
             "agents": self.registry.describe(),
+            "blocked": self.blocked,
         }

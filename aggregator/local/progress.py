@@ -53,6 +53,8 @@ class Ticker:
     def line(self, now: float) -> str:
         status = self.latest or {}
         phase = status.get("phase")
+        if status.get("blocked"):
+            return f"  ... cannot start: {status['blocked']}"
         if not phase:
             joined = len(status.get("agents") or [])
             return (

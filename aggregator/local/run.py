@@ -258,6 +258,14 @@ def run_local(opts: LocalOptions, out: TextIO = sys.stdout) -> dict[str, Any]:
         while thread.is_alive():
             thread.join(0.5)
             ticker.poll()
+            blocked = (ticker.latest or {}).get("blocked")
+            if blocked:  # every agent of this run is live: none will come to fill the gap
+                service.should_exit.set()
+                thread.join()
+                raise AggregatorError(
+                    f"the run cannot go on: {blocked} (every agent of this local run is live: "
+                    f"none will come to take its place); logs in {workdir / 'logs'}"
+                )
             dead = [p for p in procs if p.poll() is not None]
             if len(dead) == len(procs):
                 service.should_exit.set()

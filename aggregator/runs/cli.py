@@ -108,6 +108,9 @@ def show(state_dir: Path, run_id: str, as_json: bool) -> None:
     click.echo(f"run {run['run_id']}  method {run['method']}  {run['status']}  {run['reason']}")
     for line in describe_state({"lifecycle": run, "service": reply.get("service")}):
         click.echo(line)
+    blocked = (reply.get("live") or {}).get("blocked")
+    if blocked:
+        click.echo(f"  cannot start: {blocked}")
     for r in reply["rounds"]:
         loss = r.get("train_loss")
         click.echo(

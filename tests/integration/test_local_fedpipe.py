@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
+from aggregator.errors import AggregatorError
 from aggregator.local.options import LocalOptions, parse_agent_limits, parse_params
 from aggregator.local.run import run_local
 
@@ -54,3 +56,34 @@ def test_fedpipe_plans_each_agent_and_reselects(tmp_path: Path, tiny_model_dir: 
     # the 0.05 Mbit/s agent carries the least rank
     total = {a: sum(p["ranks"].values()) for a, p in plans[2].items()}
     assert total["agent-3"] < total["agent-1"]
+
+
+def test_an_agent_the_method_refuses_stops_a_local_run_with_the_reason(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A local run's agents are all it will ever have: when the method refuses one (here
+    FedPipe: not even its smallest configuration fits 100 MB) the run cannot start, and it says
+    so instead of waiting for an agent that will never come."""
+    opts = LocalOptions(
+        method="fedpipe", agents=2, rounds=1, workdir=tmp_path / "run", model=str(tiny_model_dir),
+        alpha=0.5, per_agent=4, steps=1, batch_size=1, lr=1e-3, rank=2, quant="fp32",
+        insecure=True, merge=False, seed=0, eval_examples=2,
+        method_params=parse_params(['plan.quants=["fp32"]', "score.batches=1"]),
+        agent_limits=parse_agent_limits(["agent-2:memory=100MB"]),
+    )  # fmt: skip
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_local(opts, io.StringIO())
+        except BaseException as exc:  # checked below
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # before the fix this waited for ever
+    thread.start()
+    thread.join(180)
+    assert not thread.is_alive(), "the local run is still waiting for an agent it refused"
+    assert len(raised) == 1 and isinstance(raised[0], AggregatorError), raised
+    message = str(raised[0])
+    assert "cannot go on" in message and "needs 2 agents" in message
+    assert "agent-2: fedpipe needs about" in message and "agent-1:" not in message

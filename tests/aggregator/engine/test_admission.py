@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from engine_harness import PROFILE, Harness, assigns
 
+from aggregator.engine.admission import Waiting
 from aggregator.methods import MethodContext
 from aggregator.methods.ferret.server import FerretServer
 from protocol.messages import GpuInfo
@@ -32,5 +35,40 @@ def test_engine_skips_agents_the_method_refuses(tmp_path: Path) -> None:
             h.hello(agent)
         tasks = assigns(h.tick())
         assert set(tasks) == {"a1"}
+    finally:
+        h.close()
+
+
+def test_a_run_the_method_cannot_start_says_why_and_starts_once_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path, min_agents=2)
+    try:
+        h.method.admit = lambda agent, profile: "needs 1098 MiB" if agent == "a2" else None  # type: ignore[attr-defined]
+        h.hello("a1")
+        assert assigns(h.tick()) == {} and h.engine.blocked is None  # an ordinary wait
+        h.hello("a2")
+        with caplog.at_level(logging.WARNING, logger="aggregator.engine.engine"):
+            assert assigns(h.tick()) == {}
+            assert assigns(h.tick()) == {}
+        blocked = h.engine.status()["blocked"]
+        assert blocked is not None and "a2: needs 1098 MiB" in blocked
+        assert "needs 2 agents" in blocked and "can use 1 of the 2 live" in blocked
+        said = [r for r in caplog.records if "cannot start" in r.getMessage()]
+        assert len(said) == 1  # once, then again only every BLOCKED_LOG_EVERY_S
+        h.method.admit = lambda agent, profile: None  # type: ignore[attr-defined]
+        assert set(assigns(h.tick())) == {"a1", "a2"}
+        assert h.engine.blocked is None
+    finally:
+        h.close()
+
+
+def test_a_passing_wait_is_not_a_block(tmp_path: Path) -> None:
+    h = Harness(tmp_path, min_agents=2)
+    try:
+        h.method.admit = lambda agent, profile: Waiting("switching") if agent == "a2" else None  # type: ignore[attr-defined]
+        for agent in ("a1", "a2"):
+            h.hello(agent)
+        assert assigns(h.tick()) == {} and h.engine.blocked is None
     finally:
         h.close()
