@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from aggregator.engine.admission import Waiting
 from aggregator.errors import ConfigError, StateError
 from aggregator.methods import AgentView, Assignment, MethodContext, Update, decode_update
 from aggregator.methods.fedbiot import align
@@ -81,15 +82,17 @@ class FedbiotServer:
     def admit(self, agent_id: str, profile: Profile) -> str | None:
         """None when the emulator is ready for the next phase; else why not (work under way)."""
         job = self._job
-        if job is not None and job.is_alive():
-            return f"the emulator is {self._job_what} ({time.monotonic() - self._job_since:.0f} s)"
+        if job is not None and job.is_alive():  # a passing wait: the engine asks again
+            return Waiting(
+                f"the emulator is {self._job_what} ({time.monotonic() - self._job_since:.0f} s)"
+            )
         self._raise_job_error()
         if self.aligner is None or self.pending:
             what = "being built and aligned" if self.aligner is None else "being aligned"
             self._job_what, self._job_since = what, time.monotonic()
             self._job = threading.Thread(target=self._run_job, name="fedbiot-align", daemon=True)
             self._job.start()
-            return f"the emulator is {what}"
+            return Waiting(f"the emulator is {what}")
         return None
 
     def _run_job(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from aggregator.engine.admission import Waiting
 from aggregator.engine.engine import RoundEngine, RoundSummary
 from aggregator.errors import ConfigError
 from aggregator.local.demo_data import make_demo_split, write_demo
@@ -353,7 +354,8 @@ def test_engine_sends_the_bundle_once_and_small_deltas_after(
     h.send("a", Hello(agent_id="a", versions=[1], profile=PROFILE, models=[SHA]))
     holds = [prepared.copies.bundle_sha]  # b kept the bundle from an earlier run of the same model
     h.send("b", Hello(agent_id="b", versions=[1], profile=PROFILE, models=[SHA], holds=holds))
-    assert s.admit("a", PROFILE) is not None  # building: the phase waits, the loop does not
+    # building: the phase waits, the loop does not; a passing wait, not a refusal
+    assert isinstance(s.admit("a", PROFILE), Waiting)  # (test_admission: not a block)
     for round in (1, 2):
         tasks = h.next_phase()
         for agent, fill in (("a", 0.1), ("b", 0.3)):
