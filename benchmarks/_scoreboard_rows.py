@@ -173,7 +173,8 @@ SECTIONS: tuple[Section, ...] = (
         "thing. The hetero rows run 3 agents at 100, 20 and 5 Mbit/s, the slow one capped at "
         "1,300 MB, where FedPipe's memory model fits only an NF4 base at the scoreboard's "
         "`max_len` 288 (int8 needs 1,350 MB; below 1,280 nothing fits and the agent is "
-        "refused); fedit hetero is uniform r = 8 on the same links, uncapped.",
+        "refused); fedit hetero is uniform r = 8 on the same links, uncapped. Read the two "
+        "hetero rows against each other: the tables' comparisons are with the 2-agent fedit.",
         (
             Variant("fedpipe random selection", "fedpipe", ("select.mode=random",)),
             Variant("fedpipe fixed r=8", "fedpipe", ("plan.ranks=[8]", "plan.rank_spread=0")),
