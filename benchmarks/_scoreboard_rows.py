@@ -56,6 +56,9 @@ class Section:
     note: str = ""
     variants: tuple[Variant, ...] = field(default=())
     reach: bool = False
+    pairs: tuple[tuple[str, str], ...] = ()
+    """(row, its own reference): rows judged against another row than the section's reference
+    as well (the hetero rows against each other: same agents, same links)."""
     """Add the table of how soon each row reaches the reference's final Rouge-L (rounds and
     simulated seconds: the claim of a method that says it gets there faster)."""
 
@@ -173,8 +176,9 @@ SECTIONS: tuple[Section, ...] = (
         "thing. The hetero rows run 3 agents at 100, 20 and 5 Mbit/s, the slow one capped at "
         "1,300 MB, where FedPipe's memory model fits only an NF4 base at the scoreboard's "
         "`max_len` 288 (int8 needs 1,350 MB; below 1,280 nothing fits and the agent is "
-        "refused); fedit hetero is uniform r = 8 on the same links, uncapped. Read the two "
-        "hetero rows against each other: the tables' comparisons are with the 2-agent fedit.",
+        "refused); fedit hetero is uniform r = 8 on the same links, uncapped. The first "
+        "tables compare every row with the 2-agent fedit; the last two, fedpipe hetero with "
+        "fedit hetero.",
         (
             Variant("fedpipe random selection", "fedpipe", ("select.mode=random",)),
             Variant("fedpipe fixed r=8", "fedpipe", ("plan.ranks=[8]", "plan.rank_spread=0")),
@@ -203,6 +207,7 @@ SECTIONS: tuple[Section, ...] = (
             ),
         ),
         reach=True,
+        pairs=(("fedpipe hetero", "fedit hetero"),),
     ),
 )
 

@@ -219,8 +219,16 @@ def section_lines(
                           args.img_dir / f"scoreboard-{section.key}-rouge.png",
                           f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
-                  *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else []),
-                  "", f"![{section.key}]({_rel(img, args.doc)})", ""]  # fmt: skip
+                  *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else [])]  # fmt: skip
+        for row, against in section.pairs:  # a row judged against its own reference as well
+            pair = [r for r in rows if (r.get("variant") or r["method"]) in (row, against)]
+            own = next((r["group"] for r in pair if (r.get("variant") or r["method"]) == against),
+                       None)  # fmt: skip
+            lines += [
+                *_paired_lines(pair, own),
+                *(_reach_lines(pair, own) if section.reach else []),
+            ]
+        lines += ["", f"![{section.key}]({_rel(img, args.doc)})", ""]
         for v in section.variants:
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
             lines.append(f"- `{v.name}`: `{' '.join(v.local_args())}`{split}")

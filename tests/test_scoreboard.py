@@ -360,3 +360,33 @@ def test_variants_option_runs_only_the_named_rows_and_refuses_unknown_names(
     run_args.variants = "fedbiot drop=0.9"
     with pytest.raises(SystemExit, match="no such row"):
         scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+
+
+def test_a_sections_pairs_judge_a_row_against_its_own_reference(tmp_path: Path) -> None:
+    """FedPipe's hetero rows run 3 agents on other links than the section's 2-agent fedit: the
+    section also pairs fedpipe hetero with fedit hetero, seed by seed."""
+    from _scoreboard_rows import SECTIONS
+
+    fedpipe = next(s for s in SECTIONS if s.key == "fedpipe")
+    assert ("fedpipe hetero", "fedit hetero") in fedpipe.pairs
+    store = Store(tmp_path / "results")
+    for seed in (0, 1, 2):
+        for cfg, rouge in (
+            (Config("fedit", seed, 0.001, "fp32"), 0.5),
+            (Config("fedit", seed, 0.001, "fp32", "fedit hetero"), 0.4 + 0.1 * seed),
+            (Config("fedpipe", seed, 0.001, "fp32", "fedpipe hetero"), 0.35 + 0.1 * seed),
+        ):
+            store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, seed, rouge)["rows"]})
+    args = argparse.Namespace(
+        results=tmp_path, quant="fp32", sections="fedpipe", img_dir=tmp_path / "img",
+        doc=tmp_path / "doc.md",
+    )  # fmt: skip
+    lines = scoreboard.section_lines(args, store.load_all(), {"fedit": 0.001})
+    header = "Seed-matched, against fedit hetero fp32 lr=0.001 on the seeds both ran"
+    at = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+    table = lines[at + 2 : lines.index("", at + 2)]
+    rows = table[2:]
+    assert len(rows) == 1 and rows[0].startswith("| fedpipe hetero fp32 lr=0.001 | 0,1,2 |")
+    assert "| -0.0500 ± 0.0000 | worse |" in rows[0]  # 0.05 below on every seed
+    # and the section's own tables still judge every row against the 2-agent fedit
+    assert any(ln.startswith("Seed-matched, against fedit fp32 lr=0.001") for ln in lines)
