@@ -51,7 +51,8 @@ class Admission:
         self.model = model
         self.method_name = method_name
         self.refused: dict[str, str] = {}
-        """Agent → the method's latest reason for not assigning it (logged once per agent)."""
+        """Agent → the method's current reason for not assigning it (gone once it is assigned)."""
+        self._logged: set[str] = set()  # agents whose refusal was logged (once per agent)
 
     def hello(
         self, method: ServerMethod, agent_id: str, hello: Hello, now: float
@@ -105,9 +106,11 @@ class Admission:
         for agent_id in agents:
             reason = admit(agent_id, self.registry.agents[agent_id].profile)
             if reason is None:
+                self.refused.pop(agent_id, None)
                 out.append(agent_id)
                 continue
-            if agent_id not in self.refused:
+            if agent_id not in self._logged:
+                self._logged.add(agent_id)
                 level = logging.INFO if isinstance(reason, Waiting) else logging.WARNING
                 log.log(level, "agent %s not assigned %s: %s", agent_id, self.method_name, reason)
             self.refused[agent_id] = reason

@@ -72,3 +72,20 @@ def test_a_passing_wait_is_not_a_block(tmp_path: Path) -> None:
         assert assigns(h.tick()) == {} and h.engine.blocked is None
     finally:
         h.close()
+
+
+def test_an_agent_the_method_accepts_again_is_no_longer_named_as_refused(tmp_path: Path) -> None:
+    h = Harness(tmp_path, min_agents=3)
+    try:
+        refuse = {"a2", "a3"}
+        h.method.admit = lambda agent, profile: "too small" if agent in refuse else None  # type: ignore[attr-defined]
+        for agent in ("a1", "a2", "a3"):
+            h.hello(agent)
+        assert assigns(h.tick()) == {}
+        assert "a2: too small" in (h.engine.blocked or "")
+        refuse.discard("a2")  # a2 fits now; a3 still does not
+        assert assigns(h.tick()) == {}
+        blocked = h.engine.blocked or ""
+        assert "a3: too small" in blocked and "a2" not in blocked
+    finally:
+        h.close()
