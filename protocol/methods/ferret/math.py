@@ -15,8 +15,8 @@ that is why the basis is Rademacher.
 
 Speed. Signs come from the shared generator's 64-bit words, eight at a time: each byte of a
 word indexes a 256 x 8 table of (±c) values, so one ``index_select`` turns ``n / 8`` bytes into
-``n`` signed coefficients; with the accumulation, 0.5-0.6e9 signs/s on one core of the
-2-core dev box. Work is chunked (:data:`CHUNK` elements per temporary) and the bases are made
+``n`` signed coefficients; with the accumulation, about 2e9 signs/s on one core of the
+2-core dev box (``benchmarks/ferret_k.py``, 2026-12-03). Work is chunked (:data:`CHUNK` elements per temporary) and the bases are made
 one seed at a time, chunk by chunk (never a K x d matrix), so memory stays a few MB whatever
 the group size and K (measured: ``benchmarks/ferret_k.py``).
 """
