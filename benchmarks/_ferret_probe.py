@@ -15,6 +15,7 @@ loop and seeds). Then, on the held-out loss:
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -54,8 +55,10 @@ class ProbeRow:
     triples: int
 
 
-def eval_loss(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example]) -> float:
-    return evaluate(model, tokenizer, examples, max_len=128, batch_size=8).loss
+def eval_loss(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], max_len: int = 128
+) -> float:
+    return evaluate(model, tokenizer, examples, max_len=max_len, batch_size=8).loss
 
 
 def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -90,13 +93,14 @@ def probe(
             for n in names:
                 tensors[n].copy_(base[n])
     model.requires_grad_(False)
+    max_len = int(params.get("train", {}).get("max_len", 128))
     total = sum(len(data[a]) for a in data)
     mean = {n: torch.zeros_like(base[n]) for n in names}
     for a in data:
         for n in names:
             mean[n] += updates[a][n] * (len(data[a]) / total)
     mean_norm = math.sqrt(_dot(mean, mean))
-    before = eval_loss(model, tokenizer, eval_examples)
+    before = eval_loss(model, tokenizer, eval_examples, max_len)
     rows = [ProbeRow("before", before, 0.0, 1.0, 1.0, 0)]
     on_row(rows[0])
 
@@ -104,7 +108,7 @@ def probe(
         with torch.no_grad():
             for n in names:
                 tensors[n].copy_(base[n] + step[n])
-            loss = eval_loss(model, tokenizer, eval_examples)
+            loss = eval_loss(model, tokenizer, eval_examples, max_len)
             for n in names:
                 tensors[n].copy_(base[n])
         norm = math.sqrt(_dot(step, step))
@@ -157,7 +161,48 @@ def demo_data(
         return data, load_jsonl(files["eval"])
 
 
-def print_probe(*, quick: bool, ks: Sequence[int], agents: int, steps: int, lr: float) -> None:
+@dataclass(frozen=True)
+class Split:
+    """A prepared split (``edgefed-aggregator data natural-instructions``) as the probe uses it."""
+
+    data: dict[str, list[Example]]
+    """Per agent (``agent-1`` ... as ``local`` names them), its training examples."""
+    eval_examples: list[Example]
+    seed: int
+    """The split's seed, used as the run seed (``ferret.seed``), as the scoreboard does."""
+    max_len: int | None
+    """The split's token budget plus the template's room, as ``local`` sets it."""
+
+
+def load_split(path: Path, agents: int) -> Split:
+    """``agent-<i>.jsonl`` for ``i < agents``, ``eval.jsonl`` and ``meta.json`` of a split dir."""
+    from aggregator.local.data import TEMPLATE_ROOM
+
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    missing = [
+        f"agent-{i}.jsonl" for i in range(agents) if not (path / f"agent-{i}.jsonl").is_file()
+    ]
+    if missing:
+        raise SystemExit(f"probe: {path} has no {', '.join(missing)} for {agents} agents")
+    budget = meta.get("budget_tokens")
+    return Split(
+        data={f"agent-{i + 1}": load_jsonl(path / f"agent-{i}.jsonl") for i in range(agents)},
+        eval_examples=load_jsonl(path / "eval.jsonl"),
+        seed=int(meta.get("seed", 0)),
+        max_len=int(budget) + TEMPLATE_ROOM if budget else None,
+    )
+
+
+def print_probe(
+    *,
+    quick: bool,
+    ks: Sequence[int],
+    agents: int,
+    steps: int,
+    lr: float,
+    split_dir: Path | None = None,
+) -> list[ProbeRow]:
+    """Print the probe's rows (on ``split_dir``'s split when given, else the demo set)."""
     from transformers import AutoTokenizer
 
     from benchmarks._tiny import tiny_model
@@ -171,13 +216,22 @@ def print_probe(*, quick: bool, ks: Sequence[int], agents: int, steps: int, lr: 
         model_dir = Path(resolved.path)
     model, _ = load_base(resolved, "fp32", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data, eval_examples = demo_data(
-        agents, per_agent=16 if quick else 64, n_eval=8 if quick else 48
-    )
-    params = {"train": {"steps": steps, "batch_size": 4, "lr": lr, "max_len": 128}}
+    params: dict[str, Any] = {"train": {"steps": steps, "batch_size": 4, "lr": lr, "max_len": 128}}
+    if split_dir is None:
+        data, eval_examples = demo_data(
+            agents, per_agent=16 if quick else 64, n_eval=8 if quick else 48
+        )
+        source = "demo"
+    else:
+        split = load_split(split_dir, agents)
+        data, eval_examples = split.data, split.eval_examples
+        params["ferret"] = {"seed": split.seed}
+        if split.max_len is not None:
+            params["train"]["max_len"] = split.max_len
+        source = f"{split_dir} (seed {split.seed}, max_len {params['train']['max_len']})"
     print(
         f"\none-round probe: {resolved.name}, {agents} agents x {steps} SGD steps (lr {lr}, "
-        f"batch 4), eval on {len(eval_examples)} held-out demo examples"
+        f"batch 4), eval on {len(eval_examples)} held-out examples of {source}"
     )
     print(f"{'step':>8} {'eval loss':>10} {'drop':>9} {'cos(Δ̄)':>9} {'|s|/|Δ̄|':>9} {'triples':>8}")
 
@@ -188,6 +242,8 @@ def print_probe(*, quick: bool, ks: Sequence[int], agents: int, steps: int, lr: 
         print(f"         ({time.perf_counter() - started:.0f} s so far)", flush=True)
 
     started = time.perf_counter()
-    for r in probe(model_dir, model, tokenizer, data, eval_examples, ks, params, on_row=show):
+    rows = probe(model_dir, model, tokenizer, data, eval_examples, ks, params, on_row=show)
+    for r in rows:
         if not math.isfinite(r.loss):
             raise SystemExit(f"probe: the loss after {r.label} is not finite")
+    return rows

@@ -19,17 +19,25 @@ mean update against the drop from the step rebuilt from their coefficients, per 
 model (the embedded SmolLM2-135M; a tiny random Llama with --quick):
 
     python benchmarks/ferret_k.py --probe [--probe-ks 32,256] [--agents 2] [--steps 8]
+                                  [--probe-data DIR[,DIR...]]
+
+``--probe-data``: run the probe on prepared splits (``edgefed-aggregator data
+natural-instructions``, e.g. the scoreboard's ``seed-0,seed-1,seed-2``: each split's seed is the
+run seed, its token budget sets ``max_len``) instead of the demo set, then print per K the
+share of the true update's loss drop the rebuilt step reached, mean ± sd over the splits.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -152,6 +160,7 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--probe-data", default="", help="split dirs, comma-separated (not demo)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows, cols = (int(x) for x in args.shape.split("x"))
@@ -162,13 +171,34 @@ def main() -> None:
     if args.probe or args.quick:
         from benchmarks._ferret_probe import print_probe
 
-        print_probe(
-            quick=args.quick,
-            ks=[2, 16] if args.quick else args.probe_ks,
-            agents=args.agents,
-            steps=2 if args.quick else args.steps,
-            lr=args.lr,
-        )
+        splits = [Path(d) for d in args.probe_data.split(",") if d] or [None]
+        runs = [
+            print_probe(
+                quick=args.quick,
+                ks=[2, 16] if args.quick else args.probe_ks,
+                agents=args.agents,
+                steps=2 if args.quick else args.steps,
+                lr=args.lr,
+                split_dir=split,
+            )
+            for split in splits
+        ]
+        if len(runs) > 1:
+            print_shares(runs)
+
+
+def print_shares(runs: list[list[Any]]) -> None:
+    """Per K: the rebuilt step's loss drop as a share of the true update's, over the runs."""
+    print(f"\nshare of the true update's loss drop, over {len(runs)} splits (mean ± sd; per split)")
+    labels = [r.label for r in runs[0] if r.label.startswith("K=")]
+    for label in labels:
+        shares = []
+        for rows in runs:
+            by = {r.label: r for r in rows}
+            shares.append(by[label].drop / by["true"].drop)
+        sd = statistics.stdev(shares) if len(shares) > 1 else float("nan")
+        each = " / ".join(f"{s:.3f}" for s in shares)
+        print(f"{label:>8} {statistics.mean(shares):.3f} ± {sd:.3f}   ({each})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from aggregator.local.demo_data import make_demo_split, write_demo
 
 DEMO = "demo"
 NATURAL_INSTRUCTIONS = "natural-instructions"
-_TEMPLATE_ROOM = 32
+TEMPLATE_ROOM = 32
 """Tokens added to a split's budget for the chat template around prompt and answer."""
 
 
@@ -87,7 +87,7 @@ def _from_dir(source: Path, out: Path, agents: int, name: str) -> LocalData:
         eval_shards=data.eval_shards,
         public=data.public,
         eval_size=data.eval_size,
-        max_len=int(budget) + _TEMPLATE_ROOM if budget else None,
+        max_len=int(budget) + TEMPLATE_ROOM if budget else None,
         max_new_tokens=max(8, int(refs) + 4) if refs else None,
         name=name,
     )
