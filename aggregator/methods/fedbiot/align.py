@@ -110,6 +110,24 @@ def _hidden_into(body: Any, layer: nn.Module, ids: torch.Tensor, mask: torch.Ten
     return seen["h"]
 
 
+def _logits_and_hidden_into(
+    model: Any, layer: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s logits, and the hidden states ``layer`` received on the way: one forward for
+    the KL term, which needs both (two forwards ran the emulator twice per alignment step)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        handle.remove()
+    return logits, seen["h"]
+
+
 class _LoraLinear(nn.Module):
     """``base(x) + scaling·x Aᵀ Bᵀ``: the alignment factors on a frozen emulator linear."""
 
@@ -232,13 +250,17 @@ class Aligner:
         """Mean over real tokens of ‖t−s‖²/‖t‖², plus ``kl_weight``·KL(full ‖ student)."""
         ids, mask = self._inputs(rows)
         body = self.student.model
-        s = _hidden_into(body, body.layers[self.plan.n_emulator], ids, mask)
+        layer = body.layers[self.plan.n_emulator]
+        logits_s: torch.Tensor | None = None
+        if kl_weight > 0:  # one forward gives both the hidden states and the logits
+            logits_s, s = _logits_and_hidden_into(self.student, layer, ids, mask)
+        else:
+            s = _hidden_into(body, layer, ids, mask)
         t, _ = _pad_hidden([self.teacher[i] for i in rows])
         valid = mask.bool()
         per_token = (t - s).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
         loss = per_token[valid].mean()
-        if kl_weight > 0:
-            logits_s = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        if logits_s is not None:
             with torch.no_grad():
                 logits_t = self.tail(inputs_embeds=t, attention_mask=mask, use_cache=False).logits
             log_t = F.log_softmax(logits_t[valid].float(), -1)

@@ -294,6 +294,57 @@ def test_the_kl_term_trains_and_missing_public_data_is_a_config_error(
         broken.admit("a", PROFILE)
 
 
+def test_the_kl_loss_runs_the_student_once_and_equals_the_two_forward_loss(
+    trained: tuple[FedbiotServer, Any, dict[str, float]],
+) -> None:
+    """With the KL term on, one student forward gives both the hidden states the alignment
+    matches and the logits the KL compares: the same loss and gradients as computing them in
+    two forwards (as before), with the emulator run once."""
+    a = trained[0].aligner
+    assert a is not None and trained[0].copies.state is not None
+    a.load_state(dict(trained[0].copies.state))
+    rows = a.train_rows[:2]
+    params = [getattr(w, x) for w in a.wrappers.values() for x in ("A", "B")]
+    first = a.student.model.layers[0]
+    calls: list[int] = []
+    handle = first.register_forward_hook(lambda *_: calls.append(1))
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        loss = a._loss(rows, 0.5)
+        loss.backward()
+        one = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+        assert len(calls) == 1
+        for p in params:
+            p.grad = None
+        # the two-forward computation
+        ids, mask = a._inputs(rows)
+        body = a.student.model
+        s = align._hidden_into(body, body.layers[a.plan.n_emulator], ids, mask)
+        logits_s = a.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert len(calls) == 3
+        t, _ = align._pad_hidden([a.teacher[i] for i in rows])
+        valid = mask.bool()
+        ref = ((t - s).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12))[valid].mean()
+        with torch.no_grad():
+            logits_t = a.tail(inputs_embeds=t, attention_mask=mask, use_cache=False).logits
+        log_t = torch.nn.functional.log_softmax(logits_t[valid].float(), -1)
+        log_s = torch.nn.functional.log_softmax(logits_s[valid].float(), -1)
+        kl = torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+        ref = ref + 0.5 * kl
+        ref.backward()
+        assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+        for g, p in zip(one, params, strict=True):
+            assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-8)  # type: ignore[arg-type]
+        assert any(float(g.abs().sum()) > 0 for g in one)
+    finally:
+        handle.remove()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
 class Engine:
     """The round engine with a FedBiOT server and two simulated agents."""
 
