@@ -176,7 +176,7 @@ class Split:
 
 def load_split(path: Path, agents: int) -> Split:
     """``agent-<i>.jsonl`` for ``i < agents``, ``eval.jsonl`` and ``meta.json`` of a split dir."""
-    from aggregator.local.data import TEMPLATE_ROOM
+    from aggregator.local.data import split_max_len
 
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     missing = [
@@ -184,12 +184,11 @@ def load_split(path: Path, agents: int) -> Split:
     ]
     if missing:
         raise SystemExit(f"probe: {path} has no {', '.join(missing)} for {agents} agents")
-    budget = meta.get("budget_tokens")
     return Split(
         data={f"agent-{i + 1}": load_jsonl(path / f"agent-{i}.jsonl") for i in range(agents)},
         eval_examples=load_jsonl(path / "eval.jsonl"),
         seed=int(meta.get("seed", 0)),
-        max_len=int(budget) + TEMPLATE_ROOM if budget else None,
+        max_len=split_max_len(meta),
     )
 
 

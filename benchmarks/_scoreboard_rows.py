@@ -56,11 +56,11 @@ class Section:
     note: str = ""
     variants: tuple[Variant, ...] = field(default=())
     reach: bool = False
+    """Add the table of how soon each row reaches the reference's final Rouge-L (rounds and
+    simulated seconds: the claim of a method that says it gets there faster)."""
     pairs: tuple[tuple[str, str], ...] = ()
     """(row, its own reference): rows judged against another row than the section's reference
     as well (the hetero rows against each other: same agents, same links)."""
-    """Add the table of how soon each row reaches the reference's final Rouge-L (rounds and
-    simulated seconds: the claim of a method that says it gets there faster)."""
 
 
 SECTIONS: tuple[Section, ...] = (

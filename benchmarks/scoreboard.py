@@ -191,6 +191,16 @@ def selected_sections(args: argparse.Namespace) -> list[Section]:
     return [s for s in SECTIONS if s.key in keys]
 
 
+def _row_name(result: dict[str, Any]) -> str:
+    """The row a result belongs to: its variant's name, or its method for a main-table row."""
+    return str(result.get("variant") or result["method"])
+
+
+def _group_of(rows: list[dict[str, Any]], name: str) -> str | None:
+    """The table group (method, quant and rate) of the row ``name``; None when it has none."""
+    return next((r["group"] for r in rows if _row_name(r) == name), None)
+
+
 def section_lines(
     args: argparse.Namespace, results: list[dict[str, Any]], chosen: dict[str, float]
 ) -> list[str]:
@@ -213,17 +223,15 @@ def section_lines(
         ]
         if not rows:
             continue
-        ref = next((r["group"] for r in rows if (r.get("variant") or r["method"]) ==
-                    section.reference), None)  # fmt: skip
+        ref = _group_of(rows, section.reference)
         img = plot_metric(rows, "eval_rouge_l", "eval Rouge-L",
                           args.img_dir / f"scoreboard-{section.key}-rouge.png",
                           f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
                   *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else [])]  # fmt: skip
         for row, against in section.pairs:  # a row judged against its own reference as well
-            pair = [r for r in rows if (r.get("variant") or r["method"]) in (row, against)]
-            own = next((r["group"] for r in pair if (r.get("variant") or r["method"]) == against),
-                       None)  # fmt: skip
+            pair = [r for r in rows if _row_name(r) in (row, against)]
+            own = _group_of(pair, against)
             lines += [
                 *_paired_lines(pair, own),
                 *(_reach_lines(pair, own) if section.reach else []),

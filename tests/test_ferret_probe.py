@@ -55,7 +55,6 @@ def _write_split(path: Path, seed: int, budget: int) -> None:
 
 
 def test_a_prepared_split_gives_the_probe_its_agents_eval_seed_and_max_len(tmp_path: Path) -> None:
-    from aggregator.local.data import TEMPLATE_ROOM
     from benchmarks._ferret_probe import load_split
 
     _write_split(tmp_path / "seed-3", seed=3, budget=40)
@@ -63,7 +62,7 @@ def test_a_prepared_split_gives_the_probe_its_agents_eval_seed_and_max_len(tmp_p
     assert list(split.data) == ["agent-1", "agent-2"]  # the names `local` gives its agents
     assert [len(v) for v in split.data.values()] == [4, 6]
     assert [e.response for e in split.eval_examples] == ["Madrid", "four"]
-    assert split.seed == 3 and split.max_len == 40 + TEMPLATE_ROOM
+    assert split.seed == 3 and split.max_len == 40 + 32  # the template's room, as `local` adds
     with pytest.raises(SystemExit, match="agent-2.jsonl"):
         load_split(tmp_path / "seed-3", agents=3)
 

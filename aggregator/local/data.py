@@ -21,7 +21,7 @@ from aggregator.local.demo_data import make_demo_split, write_demo
 
 DEMO = "demo"
 NATURAL_INSTRUCTIONS = "natural-instructions"
-TEMPLATE_ROOM = 32
+_TEMPLATE_ROOM = 32
 """Tokens added to a split's budget for the chat template around prompt and answer."""
 
 
@@ -80,17 +80,23 @@ def _from_dir(source: Path, out: Path, agents: int, name: str) -> LocalData:
     if not meta_path.is_file():
         return LocalData(**{**data.__dict__, "name": name})
     meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-    budget = meta.get("budget_tokens")
     refs = meta.get("max_reference_tokens")
     return LocalData(
         train=data.train,
         eval_shards=data.eval_shards,
         public=data.public,
         eval_size=data.eval_size,
-        max_len=int(budget) + TEMPLATE_ROOM if budget else None,
+        max_len=split_max_len(meta),
         max_new_tokens=max(8, int(refs) + 4) if refs else None,
         name=name,
     )
+
+
+def split_max_len(meta: dict[str, Any]) -> int | None:
+    """Train and eval ``max_len`` for a split's ``meta.json``: its token budget plus the
+    template's room (None: it has no budget, the methods' defaults apply)."""
+    budget = meta.get("budget_tokens")
+    return int(budget) + _TEMPLATE_ROOM if budget else None
 
 
 def _shard(eval_path: Path, train: list[Path], public: Path) -> LocalData:
