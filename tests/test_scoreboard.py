@@ -175,7 +175,10 @@ def test_every_variants_params_are_valid_for_its_method() -> None:
     assert off.align.initial_steps == 0 and off.align.steps == 0  # type: ignore[attr-defined]
     once = parsed["fedbiot FedOT align once"]
     assert once.align.initial_steps == 48 and once.align.steps == 0  # type: ignore[attr-defined]
-    assert parsed["fedbiot KL=0.5"].align.kl_weight == 0.5  # type: ignore[attr-defined]
+    assert parse_params("fedbiot", {}).align.kl_weight == 0.5  # type: ignore[attr-defined]
+    assert parsed["fedbiot KL=0"].align.kl_weight == 0.0  # type: ignore[attr-defined]
+    for name in ("fedbiot FedOT align once", "fedbiot drop=0.2", "fedbiot align qkvo r=8"):
+        assert parsed[name].align.kl_weight == 0.0  # type: ignore[attr-defined]
     assert parsed["fedbiot drop=0.2"].emulator.drop_ratio == 0.2  # type: ignore[attr-defined]
     assert parsed["fedbiot prox=0"].prox == 0.0  # type: ignore[attr-defined]
     assert parse_params("fedbiot", {}).prox == 1.0  # type: ignore[attr-defined]
