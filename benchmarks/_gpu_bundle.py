@@ -1,14 +1,15 @@
 """What travels to a GPU machine for ``gpu_check.py``: wheels and the embedded model's tokenizer.
 
 The GPU machine has Python 3.12 with a CUDA torch, transformers, peft, safetensors and numpy,
-but not pyzmq, pydantic, click, psutil or bitsandbytes, nothing can be fetched there, and at
-most 64 MiB of files travel with a run. :func:`prepare` (run here, with PyPI reachable) writes
+but not pyzmq, pydantic, click, psutil, bitsandbytes, cryptography, dp-accounting or
+rouge-score (the service imports the first two of those three, the agents' eval the last),
+nothing can be fetched there, and at most 64 MiB of files travel with a run. :func:`prepare` (run here, with PyPI reachable) writes
 a bundle folder:
 
     BUNDLE/wheels/*.whl        cp312 manylinux wheels, pinned to this venv's versions (--no-deps)
     BUNDLE/model/              the embedded model's tokenizer files and config.json (no weights)
 
-About 51 MB in all (bitsandbytes 0.50.2 alone is 43 MB). scipy (35 MB) and gguf are left out:
+About 58 MB in all (bitsandbytes 0.50.2 alone is 43 MB; 57,659,272 B on 2026-12-04). scipy (35 MB) and gguf are left out:
 the check solves FedPipe's plan exhaustively when scipy is missing, and builds its models from
 ``config.json`` with random weights instead of converting the embedded GGUF.
 
@@ -35,6 +36,16 @@ WHEELS = {
     "click": "the CLIs (edgefed-agent profile, edgefed-aggregator local)",
     "psutil": "the agent's profile",
     "bitsandbytes": "int8 and NF4 bases",
+    "cryptography": "the service (secure aggregation's primitives are imported with it)",
+    "cffi": "cryptography",
+    "pycparser": "cffi",
+    "dp-accounting": "the service (the DP accountant is imported with it)",
+    "dm-tree": "dp-accounting",
+    "nltk": "rouge-score",
+}
+SOURCE_ONLY = {
+    # published as an sdist alone: built into a wheel here (pure Python)
+    "rouge-score": "the agents' eval (Rouge-L)",
 }
 MODEL_FILES = (
     "config.json",
@@ -65,6 +76,10 @@ def prepare(bundle: Path, *, python_version: str = "3.12") -> int:
     cmd += ["--python-version", python_version, "--implementation", "cp", "--abi", abi]
     cmd += [arg for p in platforms for arg in ("--platform", p)]
     cmd += ["-d", str(wheels), *pins]
+    print("$", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    built = [f"{name}=={importlib.metadata.version(name)}" for name in SOURCE_ONLY]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), *built]
     print("$", " ".join(cmd))
     subprocess.run(cmd, check=True)
     model = bundle / "model"
