@@ -3,15 +3,16 @@
 The GPU machine has Python 3.12 with a CUDA torch, transformers, peft, safetensors and numpy,
 but not pyzmq, pydantic, click, psutil, bitsandbytes, cryptography, dp-accounting or
 rouge-score (the service imports the first two of those three, the agents' eval the last),
-nothing can be fetched there, and at most 64 MiB of files travel with a run. :func:`prepare` (run here, with PyPI reachable) writes
-a bundle folder:
+nothing can be fetched there, and at most 64 MiB of files travel with a run. :func:`prepare`
+(run here, with PyPI reachable) writes a bundle folder:
 
     BUNDLE/wheels/*.whl        cp312 manylinux wheels, pinned to this venv's versions (--no-deps)
     BUNDLE/model/              the embedded model's tokenizer files and config.json (no weights)
 
-About 58 MB in all (bitsandbytes 0.50.2 alone is 43 MB; 57,659,272 B on 2026-12-04). scipy (35 MB) and gguf are left out:
-the check solves FedPipe's plan exhaustively when scipy is missing, and builds its models from
-``config.json`` with random weights instead of converting the embedded GGUF.
+About 58 MB in all (57,659,272 B on 2026-12-04; bitsandbytes 0.50.2 alone is 43 MB). scipy
+(35 MB) and gguf are left out: the check solves FedPipe's plan exhaustively when scipy is
+missing, and builds its models from ``config.json`` with random weights instead of converting
+the embedded GGUF.
 
 :func:`install` (run there) unpacks each wheel into ``SITE`` with :mod:`zipfile` (no pip, no
 network): a wheel is a zip of what goes into site-packages, compiled extensions included.

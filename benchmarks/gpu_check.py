@@ -28,7 +28,8 @@ The GPU machine lacks pyzmq, pydantic, click, psutil, bitsandbytes, cryptography
 dp-accounting and rouge-score: prepare a bundle here with ``python benchmarks/gpu_check.py
 --prepare gpu-bundle`` (pip download of cp312 wheels, about 58 MB; see ``_gpu_bundle.py``) and
 pass ``--bundle gpu-bundle`` there: the wheels are unpacked into ``--site`` (default
-``.gpu-site``) and put on the path of this process and of the agents it starts. Without them the parts that need them are skipped with the missing module.
+``.gpu-site``) and put on the path of this process and of the agents it starts. Without them
+the parts that need them are skipped with the missing module.
 
 Exit status 0 when every part that ran passed its own check (skipped parts do not fail it).
 """
