@@ -153,7 +153,9 @@ SECTIONS: tuple[Section, ...] = (
         "(like-for-like bytes); `slora qkvo LoRA` is slora with fedit's. The main rows train on "
         "the scoreboard's split (each agent its own subtasks: strongly non-IID); the `alpha=100` "
         "rows on a near-IID Dirichlet(100) split of the same subtasks, scored on the same eval "
-        "set.",
+        "set. The first tables judge every row against the main table's fedavg (the non-IID "
+        "split); the last ones judge each near-IID row against fedavg on its own split, and "
+        "the SVD initialisation (`slora`) against the random one on each split.",
         (
             Variant("slora init=random", "slora", ("sparse.init=random",)),
             Variant(
@@ -173,6 +175,14 @@ SECTIONS: tuple[Section, ...] = (
             Variant("fedit alpha=100", "fedit", alpha=100.0),
             Variant("slora alpha=100", "slora", alpha=100.0),
             Variant("slora init=random alpha=100", "slora", ("sparse.init=random",), alpha=100.0),
+        ),
+        pairs=(
+            ("fedit alpha=100", "fedavg alpha=100"),
+            ("slora alpha=100", "fedavg alpha=100"),
+            ("slora init=random alpha=100", "fedavg alpha=100"),
+            ("slora init=random", "slora"),
+            ("slora init=random alpha=100", "slora alpha=100"),
+            ("fedit alpha=100", "slora alpha=100"),
         ),
     ),
     Section(

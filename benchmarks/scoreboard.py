@@ -229,8 +229,8 @@ def section_lines(
                           f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
                   *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else [])]  # fmt: skip
-        for row, against in section.pairs:  # a row judged against its own reference as well
-            pair = [r for r in rows if _row_name(r) in (row, against)]
+        for against, judged in _pairs_by_reference(section.pairs):  # rows judged against
+            pair = [r for r in rows if _row_name(r) in (against, *judged)]  # their own reference
             own = _group_of(pair, against)
             lines += [
                 *_paired_lines(pair, own),
@@ -239,8 +239,17 @@ def section_lines(
         lines += ["", f"![{section.key}]({_rel(img, args.doc)})", ""]
         for v in section.variants:
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
-            lines.append(f"- `{v.name}`: `{' '.join(v.local_args())}`{split}")
+            opts = " ".join(v.local_args())
+            lines.append(f"- `{v.name}`: {f'`{opts}`' if opts else 'the defaults'}{split}")
     return lines
+
+
+def _pairs_by_reference(pairs: tuple[tuple[str, str], ...]) -> list[tuple[str, list[str]]]:
+    """A section's (row, reference) pairs as one table per reference, in first-seen order."""
+    grouped: dict[str, list[str]] = {}
+    for row, against in pairs:
+        grouped.setdefault(against, []).append(row)
+    return list(grouped.items())
 
 
 def _paired_lines(rows: list[dict[str, Any]], reference: str | None) -> list[str]:

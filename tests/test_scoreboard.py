@@ -393,3 +393,43 @@ def test_a_sections_pairs_judge_a_row_against_its_own_reference(tmp_path: Path) 
     assert "| -0.0500 ± 0.0000 | worse |" in rows[0]  # 0.05 below on every seed
     # and the section's own tables still judge every row against the 2-agent fedit
     assert any(ln.startswith("Seed-matched, against fedit fp32 lr=0.001") for ln in lines)
+
+
+def test_pairs_with_one_reference_share_one_table(tmp_path: Path) -> None:
+    """SLoRA's near-IID rows are each judged against fedavg on the same near-IID split: one
+    table against fedavg alpha=100 with every such row, not one table per row."""
+    from _scoreboard_rows import SECTIONS
+
+    slora = next(s for s in SECTIONS if s.key == "slora")
+    near_iid = ("fedit alpha=100", "slora alpha=100", "slora init=random alpha=100")
+    assert all((row, "fedavg alpha=100") in slora.pairs for row in near_iid)
+    store = Store(tmp_path / "results")
+    for seed in (0, 1, 2):
+        for cfg, rouge in (
+            (Config("fedavg", seed, 0.05, "fp32"), 0.5),
+            (Config("fedavg", seed, 0.05, "fp32", "fedavg alpha=100"), 0.5),
+            (Config("fedit", seed, 0.001, "fp32", "fedit alpha=100"), 0.6),
+            (Config("slora", seed, 0.001, "fp32", "slora alpha=100"), 0.4 + 0.1 * seed),
+            (Config("slora", seed, 0.001, "fp32", "slora init=random alpha=100"), 0.45),
+        ):
+            store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, seed, rouge)["rows"]})
+    args = argparse.Namespace(
+        results=tmp_path, quant="fp32", sections="slora", img_dir=tmp_path / "img",
+        doc=tmp_path / "doc.md",
+    )  # fmt: skip
+    chosen = {"fedavg": 0.05, "fedit": 0.001, "slora": 0.001}
+    lines = scoreboard.section_lines(args, store.load_all(), chosen)
+    header = "Seed-matched, against fedavg alpha=100 fp32 lr=0.05 on the seeds both ran"
+    assert sum(ln.startswith(header) for ln in lines) == 1
+    at = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+    rows = lines[at + 2 : lines.index("", at + 2)][2:]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| fedit alpha=100 fp32 lr=0.001",
+        "| slora alpha=100 fp32 lr=0.001",
+        "| slora init=random alpha=100 fp32 lr=0.001",
+    ]
+    assert "| +0.1000 ± 0.0000 | better |" in rows[0]  # 0.6 against 0.5 on every seed
+    assert "| -0.0500 ± 0.0000 | worse |" in rows[2]
+    # the SVD initialisation against the random one on the near-IID split, its own table
+    svd = "Seed-matched, against slora alpha=100 fp32 lr=0.001 on the seeds both ran"
+    assert sum(ln.startswith(svd) for ln in lines) == 1
