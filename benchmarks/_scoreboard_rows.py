@@ -155,7 +155,7 @@ SECTIONS: tuple[Section, ...] = (
         "rows on a near-IID Dirichlet(100) split of the same subtasks, scored on the same eval "
         "set. The first tables judge every row against the main table's fedavg (the non-IID "
         "split); the last ones judge each near-IID row against fedavg on its own split, and "
-        "the SVD initialisation (`slora`) against the random one on each split.",
+        "`slora` against its ablations on each split.",
         (
             Variant("slora init=random", "slora", ("sparse.init=random",)),
             Variant(
@@ -181,6 +181,8 @@ SECTIONS: tuple[Section, ...] = (
             ("slora alpha=100", "fedavg alpha=100"),
             ("slora init=random alpha=100", "fedavg alpha=100"),
             ("slora init=random", "slora"),
+            ("fedit all-linear", "slora"),
+            ("slora qkvo LoRA", "slora"),
             ("slora init=random alpha=100", "slora alpha=100"),
             ("fedit alpha=100", "slora alpha=100"),
         ),
