@@ -88,7 +88,9 @@ SECTIONS: tuple[Section, ...] = (
         "`ferret` is the default K = 256. Every row trains the same local steps at its method's "
         "chosen rate; Ferret sends K-bounded (seed, coefficient) triples, fedavg the dense model. "
         "`ferret secagg` is the default under secure aggregation (issue 22: the coefficients "
-        "summed in fixed point under pairwise masks).",
+        "summed in fixed point under pairwise masks). `ferret slr=10/3 linear` is the "
+        "reference's server step (lr 10 on its Δ/3 bases, annealed linearly to 0); `ferret "
+        "pool=round` draws a fresh seed pool each round instead of the paper's one pool per run.",
         (
             Variant("ferret K=32", "ferret", ("ferret.k=32",)),
             Variant("ferret K=2048", "ferret", ("ferret.k=2048",), expensive=True),
@@ -98,6 +100,7 @@ SECTIONS: tuple[Section, ...] = (
                 "ferret",
                 ("ferret.server_lr=3.3333", 'ferret.anneal="linear"'),
             ),
+            Variant("ferret pool=round", "ferret", ('ferret.pool="round"',)),
         ),
         reach=True,
     ),
