@@ -237,10 +237,14 @@ def section_lines(
                 *(_reach_lines(pair, own) if section.reach else []),
             ]
         lines += ["", f"![{section.key}]({_rel(img, args.doc)})", ""]
+        seeds = len([s for s in str(getattr(args, "seeds", "")).split(",") if s])
         for v in section.variants:
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
             opts = " ".join(v.local_args())
-            lines.append(f"- `{v.name}`: {f'`{opts}`' if opts else 'the defaults'}{split}")
+            runs = sum(1 for r in rows if r.get("variant") == v.name)
+            todo = (" — **not run yet**" if not runs
+                    else f" — {runs} of {seeds} seeds so far" if runs < seeds else "")  # fmt: skip
+            lines.append(f"- `{v.name}`: {f'`{opts}`' if opts else 'the defaults'}{split}{todo}")
     return lines
 
 

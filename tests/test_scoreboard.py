@@ -433,3 +433,30 @@ def test_pairs_with_one_reference_share_one_table(tmp_path: Path) -> None:
     # the SVD initialisation against the random one on the near-IID split, its own table
     svd = "Seed-matched, against slora alpha=100 fp32 lr=0.001 on the seeds both ran"
     assert sum(ln.startswith(svd) for ln in lines) == 1
+
+
+def test_a_sections_rows_without_all_their_seeds_say_so(tmp_path: Path) -> None:
+    """A defined row with no result, or fewer seeds than asked, is marked in the section's
+    list of rows instead of silently missing from (or thin in) its table."""
+    from _scoreboard_rows import SECTIONS
+
+    ferret = next(s for s in SECTIONS if s.key == "ferret")
+    names = [v.name for v in ferret.variants]
+    assert "ferret K=32" in names and "ferret K=2048" in names
+    store = Store(tmp_path / "results")
+    for seed in (0, 1, 2):
+        cfg = Config("fedavg", seed, 0.05, "fp32")
+        store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, seed, 0.5)["rows"]})
+        cfg = Config("ferret", seed, 0.05, "fp32", "ferret K=32")
+        store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, seed, 0.5)["rows"]})
+    cfg = Config("ferret", 0, 0.05, "fp32", "ferret pool=round")
+    store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, 0, 0.5)["rows"]})
+    args = argparse.Namespace(
+        results=tmp_path, quant="fp32", sections="ferret", seeds="0,1,2",
+        img_dir=tmp_path / "img", doc=tmp_path / "doc.md",
+    )  # fmt: skip
+    lines = scoreboard.section_lines(args, store.load_all(), {"fedavg": 0.05, "ferret": 0.05})
+    bullet = {ln.split("`")[1]: ln for ln in lines if ln.startswith("- `")}
+    assert bullet["ferret K=32"] == "- `ferret K=32`: `--param ferret.k=32`"
+    assert bullet["ferret K=2048"].endswith(" — **not run yet**")
+    assert bullet["ferret pool=round"].endswith(" — 1 of 3 seeds so far")
