@@ -23,9 +23,11 @@ the product). Raw: the same bytes as opaque frames, received and dropped.
 
 Rows: ``edgefed`` as the service runs; ``no pipeline threads`` (decode, log writes and the sum
 on the loop thread); for LoRA also ``log without O_DIRECT`` (large records through the page
-cache); for Ferret also ``last round's rebuild running`` (the next round's updates taken while
-the previous round's rebuild, ~1 s of CPU here, runs on its thread: what this benchmark measured
-before 2026-12-03's third pass; in a training run agents train between rounds).
+cache) and, where the accumulator is summed on more than one helper (``--sum-helpers N``; the
+service's default is one), ``summing on one helper``; for Ferret also ``last round's rebuild
+running`` (the next round's updates taken while the previous round's rebuild, ~1 s of CPU here,
+runs on its thread: what this benchmark measured before 2026-12-03's third pass; in a training
+run agents train between rounds).
 
 Each receiver runs in a process of its own (``--one``), one after another: repeats in one process
 slowed down (the Ferret server's rebuild threads outlived their run), and a fresh process gives
@@ -333,7 +335,7 @@ def intake_steps(engine: RoundEngine, ledger: Ledger) -> list[tuple[object, str,
         (method, "validate", "validate (payload decode, checks, clip)"),
         (method, "add", "sum into the aggregate (queued; inline: the sum)"),
         *(
-            [(flatsum_module, "_add", "  summing (helper thread, or inline)")]
+            [(flatsum_module, "_add", "  summing (helper threads, their sum; or inline)")]
             if flatsum_module
             else []
         ),
@@ -363,6 +365,7 @@ def run_edgefed(
     pipeline: bool = True,
     direct: bool = True,
     settle: bool = True,
+    helpers: int | None = None,
 ) -> Result:
     """``pipeline``: decode ahead, append on the appender thread, a group's sync while the
     next is taken, large updates summed on a helper thread (False: all on the loop);
@@ -370,7 +373,8 @@ def run_edgefed(
     ``settle``: the round's close waits for the method's background work (Ferret's rebuild of
     the weights, ~1 s per round here), so the next round's intake does not run beside it
     (False: it does; rounds that follow each other this fast are this benchmark's, not a
-    training run's, where agents train between rounds)."""
+    training run's, where agents train between rounds); ``helpers``: the accumulator's parts,
+    each summed on a helper thread of its own (None: ``flatsum.HELPERS``, the service's)."""
     raw = {
         "server": {"state_dir": str(state), "heartbeat_interval": 1.0, "liveness": 3},
         "security": {"insecure": True},
@@ -423,6 +427,8 @@ def run_edgefed(
         from aggregator.methods.flatsum import FlatSum
 
         FlatSum.parallel = pipeline  # type: ignore[attr-defined,unused-ignore]
+        if helpers is not None and hasattr(FlatSum, "helpers"):
+            FlatSum.helpers = helpers
         if hasattr(UpdateLog, "direct"):
             UpdateLog.direct = direct
         ahead = DecodeAhead() if pipeline else None
@@ -571,12 +577,21 @@ RECEIVERS = {
     "edgefed-serial": "edgefed, no pipeline threads",
     "edgefed-buffered": "edgefed, log without O_DIRECT",
     "edgefed-unsettled": "edgefed, last round's rebuild running",
+    "edgefed-one-helper": "edgefed, summing on one helper",
 }
-LARGE_ONLY = {"edgefed-buffered"}
+LARGE_ONLY = {"edgefed-buffered", "edgefed-one-helper"}
 """Receivers that differ from ``edgefed`` only for updates of 1 MiB and more (not run for
 Ferret's)."""
 BACKGROUND_ONLY = {"edgefed-unsettled"}
 """Receivers that differ from ``edgefed`` only for a method with background work (Ferret)."""
+
+
+def sum_helpers() -> int:
+    """The accumulator's helpers in the ``edgefed`` rows: ``--sum-helpers`` (passed to each
+    receiver's process in the environment), else ``flatsum.HELPERS`` (the service's)."""
+    from aggregator.methods.flatsum import HELPERS
+
+    return int(os.environ.get("EDGEFED_BENCH_SUM_HELPERS") or HELPERS)
 
 
 def workload(name: str, tmp: Path) -> Workload:
@@ -592,8 +607,9 @@ def run_one(name: str, receiver: str, n: int, rounds: int, tmp: Path) -> Result:
     state = tmp / f"state-{w.method}-{receiver}-{time.monotonic_ns()}"
     pipeline = receiver != "edgefed-serial"
     direct = receiver != "edgefed-buffered"
+    helpers = 1 if receiver == "edgefed-one-helper" else sum_helpers()
     return run_edgefed(
-        w, n, rounds, state, pipeline, direct, settle=receiver != "edgefed-unsettled"
+        w, n, rounds, state, pipeline, direct, receiver != "edgefed-unsettled", helpers
     )
 
 
@@ -615,12 +631,18 @@ def report(w: Workload, n: int, rounds: int, results: dict[str, Result], label: 
     serial = results[RECEIVERS["edgefed-serial"]]
     buffered = results.get(RECEIVERS["edgefed-buffered"])
     unsettled = results.get(RECEIVERS["edgefed-unsettled"])
+    one_helper = results.get(RECEIVERS["edgefed-one-helper"])
     print(
         f"  {w.name}{label}: {n} agents x {rounds} rounds, {ef.wire_bytes // ef.updates:,} B per "
         f"edgefed message; edgefed / pickle updates/s = {ef.rate / pk.rate:.2f}; pipeline / "
         f"no pipeline {ef.rate / serial.rate:.2f}"
         + (f"; O_DIRECT / buffered log {ef.rate / buffered.rate:.2f}" if buffered else "")
         + (f"; rebuild done / running {ef.rate / unsettled.rate:.2f}" if unsettled else "")
+        + (
+            f"; {sum_helpers()} summing helpers / one {ef.rate / one_helper.rate:.2f}"
+            if one_helper
+            else ""
+        )  # fmt: skip
         + f"; round close (mean + checkpoint + background work) "
         f"{1000 * ef.close_seconds / rounds:.0f} ms/round; "
         f"updates per group commit {ef.updates / max(ef.groups, 1):.1f} (a round's {n} agents "
@@ -649,9 +671,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", choices=("lora", "ferret"), default=None)
     parser.add_argument("--repeat", type=int, default=1, help="run every receiver N times")
+    parser.add_argument("--sum-helpers", type=int, default=None,
+                        help="the accumulator's helper threads in the edgefed rows (default: the "
+                        "service's, flatsum.HELPERS); the 'summing on one helper' row is run when this is above 1")  # fmt: skip
     parser.add_argument("--one", nargs=5, metavar=("WORKLOAD", "RECEIVER", "N", "ROUNDS", "TMP"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
+    if args.sum_helpers is not None:
+        os.environ["EDGEFED_BENCH_SUM_HELPERS"] = str(max(1, args.sum_helpers))
     if args.one:
         name, receiver, n, rounds, tmp_dir = args.one
         result = run_one(name, receiver, int(n), int(rounds), Path(tmp_dir))
@@ -673,6 +700,7 @@ def main() -> int:
                     label: in_process(name, receiver, n, rounds, tmp)
                     for receiver, label in RECEIVERS.items()
                     if receiver not in (BACKGROUND_ONLY if name == "lora" else LARGE_ONLY)
+                    and (receiver != "edgefed-one-helper" or sum_helpers() > 1)
                 }
                 report(w, n, rounds, results, f" (repetition {rep + 1})" if args.repeat > 1 else "")
     return 0

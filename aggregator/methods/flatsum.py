@@ -15,10 +15,15 @@ needs the GIL, and the loop thread that queues the update hardly either.
 
 An update of :data:`PARALLEL_MIN` elements or more is added on a helper thread without waiting
 (numpy's ufuncs release the GIL): the intake goes on taking the next group while it is summed.
-The helper adds the updates in the order they were added, so the arithmetic per element, and
-the sum, are the same either way; :meth:`FlatSum.settle` (and :meth:`FlatSum.result`, and
-:attr:`FlatSum.data`) waits for them. At most :data:`QUEUED_MAX` wait their turn: an update
-held for its sum keeps its tensors (for fedit, the received message) alive until then.
+With :data:`HELPERS` > 1 (for a machine with cores to spare) the buffer is cut into that many
+parts, fixed by the first update, and each part has a helper thread of its own that adds every
+update's share of that part: the parts are summed at once (each numpy call releases the GIL,
+and between two calls a helper needs it back only briefly). Each helper adds the updates in the
+order they were added, and an element is only ever added to by its part's helper, so the
+arithmetic per element, and the sum, are the same either way; :meth:`FlatSum.settle` (and
+:meth:`FlatSum.result`, and :attr:`FlatSum.data`) waits for them. At most :data:`QUEUED_MAX`
+wait their turn: an update held for its sum keeps its tensors (for fedit, the received
+message) alive until then.
 """
 
 from __future__ import annotations
@@ -43,14 +48,21 @@ PARALLEL_MIN = 1 << 20
 QUEUED_MAX = 8
 """Updates queued for the helper at most; one more waits for the oldest (the caller, the
 intake's loop, then stops taking messages: 8 is a burst of 8 agents' updates)."""
+HELPERS = 1
+"""Helper threads a large accumulator is summed on, one per part of it. One until more is
+measured better: on the 16 cores of a device machine (docs/benchmarks.md, issue 25) summing a
+16 MB update on one helper took 16.7 ms against 4.3-5 ms alone on a 2-core VM, the intake's
+longest chain beside the log's writes; whether parts on several helpers shorten it there is
+what ``benchmarks/aggregator_throughput.py --sum-helpers N`` measures (not yet run on many
+cores; on 2 cores the cores are the limit)."""
 
 _NUMPY = (torch.float32, torch.float64, torch.float16)
 
 
 @functools.cache
-def _helper() -> ThreadPoolExecutor:
-    """The one helper thread every accumulator shares (created on first use)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="flatsum")
+def _helper(part: int) -> ThreadPoolExecutor:
+    """The helper thread of part ``part``, shared by every accumulator (created on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flatsum-{part}")
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -113,18 +125,22 @@ class FlatSum:
     """``Σ wᵢ·xᵢ`` over updates of one layout; see the module docstring."""
 
     parallel = True
-    """Add large updates on the helper thread (False: on the caller's; the benchmark
+    """Add large updates on the helper threads (False: on the caller's; the benchmark
     compares)."""
+    helpers = HELPERS
+    """Parts (and helper threads) of a large accumulator, fixed by its first update."""
 
     def __init__(self) -> None:
         self.layout: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         """name -> (offset, size, shape) in :attr:`data`."""
         self._data = np.zeros(0, np.float64)
         self._scratch = np.zeros(0, np.float64)
-        self._scratch2 = np.zeros(0, np.float64)
-        """The helper thread's scratch buffer."""
-        self._queued: list[Future[None]] = []
-        """Adds handed to the helper, oldest first."""
+        self._bounds: list[tuple[int, int]] = []
+        """The parts' [start, end) in :attr:`data`, one per helper."""
+        self._scratches: list[np.ndarray] = []
+        """Each part's helper's scratch buffer."""
+        self._queued: list[list[Future[None]]] = []
+        """Adds handed to the helpers (per update, one per part), oldest first."""
         self._order: list[str] = []
         """The layout's names in order (its offsets increasing)."""
 
@@ -149,7 +165,10 @@ class FlatSum:
         self._order = list(self.layout)
         self._data = np.zeros(offset, np.float64)
         self._scratch = np.empty(min(CHUNK, max(offset, 1)), np.float64)
-        self._scratch2 = np.empty_like(self._scratch)
+        parts = max(1, self.helpers) if offset >= PARALLEL_MIN else 1
+        step = -(-offset // parts // CHUNK) * CHUNK or CHUNK  # whole chunks per part
+        self._bounds = [(lo, min(lo + step, offset)) for lo in range(0, offset, step)]
+        self._scratches = [np.empty_like(self._scratch) for _ in self._bounds]
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
         """Add ``weight`` times ``tensors``; they must have the first update's names and shapes
@@ -164,26 +183,34 @@ class FlatSum:
                 raise ValueError(f"{name!r}: shape {tuple(t.shape)} != {self.layout[name][2]}")
         w = float(weight)
         span = _span(tensors, self._order) if self._order else None
+        pieces: list[tuple[int, np.ndarray]]  # (offset in the buffer, values)
         if span is not None:  # one span in the layout's order: one pair
-            pairs = [(self._data, span.numpy())]
+            pieces = [(0, span.numpy())]
         else:
-            pairs = []
-            for name, t in tensors.items():
-                offset, size, _ = self.layout[name]
-                pairs.append((self._data[offset : offset + size], _flat(t)))
+            pieces = [(self.layout[name][0], _flat(t)) for name, t in tensors.items()]
         if self._data.size < PARALLEL_MIN or not self.parallel:
             self.settle()  # after the queued ones: the same order of additions
-            _add(pairs, w, self._scratch)
+            _add([(self._data[o : o + x.size], x) for o, x in pieces], w, self._scratch)
             return
         while len(self._queued) >= QUEUED_MAX:
-            self._queued.pop(0).result()
-        self._queued.append(_helper().submit(_add, pairs, w, self._scratch2))
+            for add in self._queued.pop(0):
+                add.result()
+        adds = []
+        for part, ((lo, hi), scratch) in enumerate(zip(self._bounds, self._scratches, strict=True)):
+            pairs = []
+            for o, x in pieces:  # each piece's share of [lo, hi)
+                a, b = max(o, lo), min(o + x.size, hi)
+                if a < b:
+                    pairs.append((self._data[a:b], x[a - o : b - o]))
+            adds.append(_helper(part).submit(_add, pairs, w, scratch))
+        self._queued.append(adds)
 
     def settle(self) -> None:
         """Wait until every update added so far is in the sum."""
         queued, self._queued = self._queued, []
-        for add in queued:
-            add.result()
+        for adds in queued:
+            for add in adds:
+                add.result()
 
     def result(self, divisor: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The sum divided by ``divisor``, per name, as ``dtype`` tensors."""

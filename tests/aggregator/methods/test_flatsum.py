@@ -148,6 +148,7 @@ def test_a_decoded_payload_is_added_as_one_span_with_the_same_result(
         real(pairs, *args)
 
     monkeypatch.setattr(flatsum, "_add", counted)
+    monkeypatch.setattr(FlatSum, "helpers", 1)  # one call per update (parts: the test below)
     weights = (3.0, 70.0, 1.0)
     updates = [(decoded(i), w) for i, w in enumerate(weights)]
     flat = FlatSum()
@@ -161,3 +162,48 @@ def test_a_decoded_payload_is_added_as_one_span_with_the_same_result(
     flat.add({k: v.clone() for k, v in updates[0][0].items()}, 2)
     flat.settle()
     assert calls[-1] == len(updates[0][0])
+
+
+@pytest.mark.parametrize("helpers", [2, 3])
+def test_parts_on_helpers_of_their_own_give_the_same_sum(
+    monkeypatch: pytest.MonkeyPatch, helpers: int
+) -> None:
+    """With several helpers the buffer is cut into parts, each summed on its own thread: every
+    update is split at the parts' bounds (tensors that straddle one included, as one span or
+    tensor by tensor), and the sum is bit-identical to the per-tensor float64 sum."""
+    from aggregator.methods import flatsum
+    from protocol import payloads
+
+    seen: list[tuple[str, int]] = []
+    real = flatsum._add
+
+    def traced(pairs: list[tuple[np.ndarray, np.ndarray]], *args: Any) -> None:
+        seen.append((threading.current_thread().name, sum(d.size for d, _ in pairs)))
+        real(pairs, *args)
+
+    monkeypatch.setattr(flatsum, "_add", traced)
+    monkeypatch.setattr(FlatSum, "helpers", helpers)
+    sizes = (PARALLEL_MIN // 3 + 1, 5, PARALLEL_MIN // 2 + 7, 3 * CHUNK + 1)  # x2 elements each
+
+    def decoded(seed: int) -> dict[str, torch.Tensor]:
+        blob = payloads.encode_lora(update(seed, sizes), method="fedit", round=1)
+        return payloads.decode(memoryview(bytearray(blob)), None, copy=False).tensors
+
+    weights = (3.0, 70.0, 0.5, 1.0)
+    updates = [(decoded(i), w) for i, w in enumerate(weights[:2])]  # spans
+    updates += [(update(i + 2, sizes), w) for i, w in enumerate(weights[2:])]  # tensor by tensor
+    flat = FlatSum()
+    for tensors, w in updates:
+        flat.add(tensors, w)
+    got, want = flat.result(sum(weights)), reference(updates)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    total = flat.data.size
+    assert len(seen) == helpers * len(updates)
+    names = {name for name, _ in seen}
+    assert names == {f"flatsum-{p}_0" for p in range(helpers)}  # thread 0 of pool p
+    for name in names:  # each helper adds the same part of every update
+        per_update = [n for t, n in seen if t == name]
+        assert len(per_update) == len(updates) and len(set(per_update)) == 1
+        assert 0 < per_update[0] < total
+    assert sum(n for _, n in seen) == total * len(updates)
