@@ -204,7 +204,7 @@ def _group_of(rows: list[dict[str, Any]], name: str) -> str | None:
 def section_lines(
     args: argparse.Namespace, results: list[dict[str, Any]], chosen: dict[str, float]
 ) -> list[str]:
-    """One table and one Rouge-L plot per selected section."""
+    """One table and a Rouge-L and an eval-loss plot per selected section."""
     lines: list[str] = []
     for section in selected_sections(args):
         names = {v.name for v in section.variants}
@@ -227,6 +227,9 @@ def section_lines(
         img = plot_metric(rows, "eval_rouge_l", "eval Rouge-L",
                           args.img_dir / f"scoreboard-{section.key}-rouge.png",
                           f"{section.title}: eval Rouge-L, mean ± sd over seeds")  # fmt: skip
+        loss = plot_metric(rows, "eval_loss", "eval loss",
+                           args.img_dir / f"scoreboard-{section.key}-loss.png",
+                           f"{section.title}: eval loss, mean ± sd over seeds")  # fmt: skip
         lines += ["", f"## {section.title}", "", section.note, "", *summary_table(rows, ref),
                   *_paired_lines(rows, ref), *(_reach_lines(rows, ref) if section.reach else [])]  # fmt: skip
         for against, judged in _pairs_by_reference(section.pairs):  # rows judged against
@@ -236,7 +239,8 @@ def section_lines(
                 *_paired_lines(pair, own),
                 *(_reach_lines(pair, own) if section.reach else []),
             ]
-        lines += ["", f"![{section.key}]({_rel(img, args.doc)})", ""]
+        lines += ["", f"![{section.key}]({_rel(img, args.doc)})", "",
+                  f"![{section.key} loss]({_rel(loss, args.doc)})", ""]  # fmt: skip
         seeds = len([s for s in str(getattr(args, "seeds", "")).split(",") if s])
         for v in section.variants:
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"

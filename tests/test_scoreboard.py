@@ -460,3 +460,6 @@ def test_a_sections_rows_without_all_their_seeds_say_so(tmp_path: Path) -> None:
     assert bullet["ferret K=32"] == "- `ferret K=32`: `--param ferret.k=32`"
     assert bullet["ferret K=2048"].endswith(" — **not run yet**")
     assert bullet["ferret pool=round"].endswith(" — 1 of 3 seeds so far")
+    # and the section plots eval loss as well as Rouge-L (per round, byte, simulated second)
+    assert any(ln.startswith("![ferret loss](") for ln in lines)
+    assert (tmp_path / "img" / "scoreboard-ferret-loss.png").stat().st_size > 0
