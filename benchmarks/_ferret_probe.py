@@ -124,7 +124,7 @@ def probe(
             MethodContext(model_dir=model_dir),
         )
         p = server.p
-        base_seed = fm.pool_base_seed(p.seed, 1, p.pool)
+        base_seed = fm.pool_base_seed(p.seed)
         server.begin_round(1)
         for agent in data:
             now = {n: base[n] + updates[agent][n] for n in names}

@@ -176,7 +176,7 @@ def ferret_workload(model_dir: Path) -> Workload:
     def blob(i: int, rnd: int) -> bytes:
         group, seed, value = triples(i)
         return payloads.encode_seedcoef(
-            group, seed, value, base_seed=fm.pool_base_seed(seed_cfg, rnd, "run"), k=FERRET_K,
+            group, seed, value, base_seed=fm.pool_base_seed(seed_cfg), k=FERRET_K,
             n_groups=groups, method="ferret", round=rnd,
         )  # fmt: skip
 

@@ -46,7 +46,7 @@ import torch
 
 from protocol.methods.ferret import math as fm
 
-BASE_SEED = fm.pool_base_seed(0, 1, "run")
+BASE_SEED = fm.pool_base_seed(0)
 
 
 class PeakRss:

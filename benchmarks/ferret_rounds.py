@@ -1,4 +1,4 @@
-"""Ferret over a few rounds, in one process: the seed pool and server-lr options side by side.
+"""Ferret over a few rounds, in one process: server-lr schedules side by side.
 
 Each configuration runs R rounds of the real halves: a :class:`FerretServer` and
 :class:`FerretClient` agents (one shared workspace: every agent holds the same global model,
@@ -7,9 +7,10 @@ held-out loss of the global model after each round (an eval task of the client, 
 off). Same data, seeds and local steps for every configuration.
 
     python benchmarks/ferret_rounds.py [--quick] [--rounds 3] [--agents 2] [--steps 4]
-        [--lr 0.05] [--k 32] [--configs run:none:1,round:none:1,run:linear:3.333,...]
+        [--lr 0.05] [--k 32] [--configs none:1,linear:3.333,...]
 
-A configuration is ``pool:anneal:server_lr``. ``--quick``: the tiny random Llama, 2 rounds, two
+A configuration is ``anneal:server_lr``. (Until 2026-12-04 it was ``pool:anneal:server_lr``:
+the per-round seed pool was an option then; docs/methods/ferret.md has the runs.) ``--quick``: the tiny random Llama, 2 rounds, two
 configurations.
 """
 
@@ -112,9 +113,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--configs", default="run:none:1,round:none:1,run:linear:3.333,round:linear:3.333"
-    )
+    ap.add_argument("--configs", default="none:1,linear:3.333")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -123,7 +122,7 @@ def main() -> None:
         model_dir = tiny_model(Path(tempfile.mkdtemp(prefix="ferret-rounds-")) / "model")
         resolved = resolve_model(str(model_dir))
         args.rounds, args.steps = 2, 2
-        args.configs = "run:none:1,round:linear:3.333"
+        args.configs = "none:1,linear:3.333"
     else:
         resolved = resolve_model(DEFAULT_MODEL)
         model_dir = Path(resolved.path)
@@ -133,19 +132,19 @@ def main() -> None:
         f"ferret rounds: {resolved.name}, {args.agents} agents x {args.steps} SGD steps "
         f"(lr {args.lr}, batch 4), K = {args.k}, eval loss on {len(eval_examples)} held-out examples"
     )
-    print(f"{'pool':>6} {'anneal':>7} {'server lr':>9}  eval loss per round 0..{args.rounds}")
+    print(f"{'anneal':>7} {'server lr':>9}  eval loss per round 0..{args.rounds}")
     for config in args.configs.split(","):
-        pool, anneal, lr = config.split(":")
+        anneal, lr = config.split(":")
         params = {
             "train": {"steps": args.steps, "batch_size": 4, "lr": args.lr, "max_len": 128},
             "eval": {"exact_match": False, "max_examples": len(eval_examples)},
-            "ferret": {"k": args.k, "pool": pool, "anneal": anneal, "server_lr": float(lr)},
+            "ferret": {"k": args.k, "anneal": anneal, "server_lr": float(lr)},
         }
         started = time.perf_counter()
         losses = one_config(ws, model_dir, data, params, args.rounds)
         row = " ".join(f"{x:.4f}" for x in losses)
         print(
-            f"{pool:>6} {anneal:>7} {float(lr):>9.3f}  {row}  ({time.perf_counter() - started:.0f} s)",
+            f"{anneal:>7} {float(lr):>9.3f}  {row}  ({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
 

@@ -130,7 +130,7 @@ def run_all(args: argparse.Namespace, common: Common, store: Store) -> dict[str,
         chosen[method] = min(scored)[2]
         for seed in seeds[1:]:
             ensure(Config(method, seed, chosen[method], args.quant))
-    variants = [v for s in selected_sections(args) for v in s.variants]
+    variants = [v for s in selected_sections(args) for v in s.variants if not v.retired]
     only = [n for n in getattr(args, "variants", "").split(",") if n]
     unknown = set(only) - {v.name for v in variants}
     if unknown:
@@ -246,7 +246,8 @@ def section_lines(
             split = "" if v.alpha is None else f" on a Dirichlet(α = {v.alpha:g}) split"
             opts = " ".join(v.local_args())
             runs = sum(1 for r in rows if r.get("variant") == v.name)
-            todo = (" — **not run yet**" if not runs
+            todo = (f" — the option was {v.retired}" if v.retired
+                    else " — **not run yet**" if not runs
                     else f" — {runs} of {seeds} seeds so far" if runs < seeds else "")  # fmt: skip
             lines.append(f"- `{v.name}`: {f'`{opts}`' if opts else 'the defaults'}{split}{todo}")
     return lines

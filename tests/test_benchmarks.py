@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("secagg_cost.py", "secagg rows: the four stages' messages"),
         ("ferret_k.py", "K=16"),
         ("ferret_secagg_bytes.py", "secure grid = 8 bytes x groups x K"),
-        ("ferret_rounds.py", " round  linear     3.333"),
+        ("ferret_rounds.py", " linear     3.333  "),
         ("fedpipe_scaling.py", "global nf4  lr=0.001  r=1  rslora  (x 5.66)"),
     ],
 )

@@ -136,7 +136,7 @@ def test_variants_run_every_seed_at_their_methods_chosen_rate_and_get_their_own_
     assert chosen == {"fedavg": 0.01, "ferret": 0.01}  # equal scores: the smaller rate
     variant_runs = [c for c in calls if c.variant]
     assert {(c.variant, c.seed) for c in variant_runs} == {
-        (v.name, s) for v in ferret.variants for s in (0, 1)
+        (v.name, s) for v in ferret.variants if not v.retired for s in (0, 1)
     }
     assert all(c.lr == 0.01 and c.method == "ferret" for c in variant_runs)
     assert variant_runs[-1].variant == "ferret K=2048"  # the expensive row runs last
@@ -170,7 +170,10 @@ def test_every_variants_params_are_valid_for_its_method() -> None:
     parsed = {
         name: parse_params(v.method, local_params(list(v.params)))
         for name, v in all_variants().items()
+        if not v.retired  # an option measured and removed: its row's results stay
     }
+    retired = {name for name, v in all_variants().items() if v.retired}
+    assert retired == {"ferret pool=round"}
     off = parsed["fedbiot no alignment"]
     assert off.align.initial_steps == 0 and off.align.steps == 0  # type: ignore[attr-defined]
     once = parsed["fedbiot FedOT align once"]
@@ -363,6 +366,15 @@ def test_variants_option_runs_only_the_named_rows_and_refuses_unknown_names(
     run_args.variants = "fedbiot drop=0.9"
     with pytest.raises(SystemExit, match="no such row"):
         scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+    # a retired row is never run again: not by name, not with its section
+    run_args.sections, run_args.methods = "ferret", "ferret"
+    run_args.variants = "ferret pool=round"
+    with pytest.raises(SystemExit, match="no such row"):
+        scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+    ran.clear()
+    run_args.variants = ""
+    scoreboard.run_all(run_args, common, Store(tmp_path / "r"))
+    assert "ferret K=32" in ran and "ferret pool=round" not in ran
 
 
 def test_a_sections_pairs_judge_a_row_against_its_own_reference(tmp_path: Path) -> None:
@@ -449,8 +461,9 @@ def test_a_sections_rows_without_all_their_seeds_say_so(tmp_path: Path) -> None:
         store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, seed, 0.5)["rows"]})
         cfg = Config("ferret", seed, 0.05, "fp32", "ferret K=32")
         store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, seed, 0.5)["rows"]})
-    cfg = Config("ferret", 0, 0.05, "fp32", "ferret pool=round")
-    store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, 0, 0.5)["rows"]})
+    for variant in ("ferret secagg", "ferret pool=round"):
+        cfg = Config("ferret", 0, 0.05, "fp32", variant)
+        store.save(cfg, _stored(cfg) | {"rows": _result(cfg.method, 0, 0.5)["rows"]})
     args = argparse.Namespace(
         results=tmp_path, quant="fp32", sections="ferret", seeds="0,1,2",
         img_dir=tmp_path / "img", doc=tmp_path / "doc.md",
@@ -459,7 +472,10 @@ def test_a_sections_rows_without_all_their_seeds_say_so(tmp_path: Path) -> None:
     bullet = {ln.split("`")[1]: ln for ln in lines if ln.startswith("- `")}
     assert bullet["ferret K=32"] == "- `ferret K=32`: `--param ferret.k=32`"
     assert bullet["ferret K=2048"].endswith(" — **not run yet**")
-    assert bullet["ferret pool=round"].endswith(" — 1 of 3 seeds so far")
+    assert bullet["ferret secagg"].endswith(" — 1 of 3 seeds so far")
+    # a retired row (its option removed after it measured) keeps its results in the table
+    assert "the option was removed after this row measured it" in bullet["ferret pool=round"]
+    assert any(ln.startswith("| ferret pool=round fp32 lr=0.05 | 1 |") for ln in lines)
     # and the section plots eval loss as well as Rouge-L (per round, byte, simulated second)
     assert any(ln.startswith("![ferret loss](") for ln in lines)
     assert (tmp_path / "img" / "scoreboard-ferret-loss.png").stat().st_size > 0

@@ -195,7 +195,7 @@ class FerretServer:
             kind=payloads.PayloadKind.SEEDCOEF,
             method=self.name,
             round=round,
-            base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
+            base_seed=fm.pool_base_seed(self.p.seed),
             k=self.p.k,
             n_groups=self.n_groups,
         )
@@ -247,7 +247,7 @@ class FerretServer:
 
     def secure_layout(self, round: int) -> wire.Layout:
         """What every agent masks in ``round``: the dense (group, seed) coefficient grid."""
-        base_seed = fm.pool_base_seed(self.p.seed, round, self.p.pool)
+        base_seed = fm.pool_base_seed(self.p.seed)
         return grid.grid_layout(base_seed, self.p.k, self.n_groups)
 
     def check_masked(self, round: int, result: TaskResult) -> None:
@@ -268,7 +268,7 @@ class FerretServer:
             group,
             seed,
             value,
-            base_seed=fm.pool_base_seed(self.p.seed, round, self.p.pool),
+            base_seed=fm.pool_base_seed(self.p.seed),
             k=self.p.k,
             n_groups=self.n_groups,
             method=self.name,
@@ -339,7 +339,7 @@ class FerretServer:
         stats = fm.apply_step(
             self.weights,
             self.layout,
-            fm.pool_base_seed(self.p.seed, round, self.p.pool),
+            fm.pool_base_seed(self.p.seed),
             *triples,
             server_lr=spec.server_lr_at(self.p, round),
             clip_norm=self.p.clip_norm,

@@ -116,7 +116,7 @@ def sync(
             continue
         if rr != held.round + 1:
             break
-        base_seed = fm.pool_base_seed(p.seed, rr, p.pool)
+        base_seed = fm.pool_base_seed(p.seed)
         expect = payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             method=spec.NAME,
@@ -332,7 +332,7 @@ class FerretClient:
                 on_step=lambda done: ws.report_progress(0.9 * done / t.steps),
             )
             trained = time.perf_counter()
-            base_seed = fm.pool_base_seed(p.seed, round_, p.pool)
+            base_seed = fm.pool_base_seed(p.seed)
             proj = project_update(
                 held.layout,
                 held.tensors,
@@ -390,7 +390,7 @@ class FerretClient:
             empty,
             empty,
             torch.zeros(0),
-            base_seed=fm.pool_base_seed(p.seed, round_, p.pool),
+            base_seed=fm.pool_base_seed(p.seed),
             k=p.k,
             n_groups=len(held.layout.groups),
             method=self.name,

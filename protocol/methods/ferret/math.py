@@ -133,23 +133,12 @@ def build_layout(shapes: Mapping[str, Sequence[int]]) -> Layout:
 # --- seeds and signs ---------------------------------------------------------------------------
 
 
-def round_base_seed(seed: int, round: int) -> int:
-    """The base seed of ``round``'s pool: ``key(seed, round)`` of the shared generator."""
-    return randomness.derive_key(seed, round)
-
-
-def pool_base_seed(seed: int, round: int, pool: str) -> int:
-    """The base seed of the pool round ``round`` draws its bases from.
-
-    ``pool = "run"`` (the paper's rule): one pool for the whole run, ``key(seed, 0)``, the
-    same K bases every round (a fixed shared random subspace). ``pool = "round"``: a fresh
-    pool each round, ``key(seed, round)`` (rounds count from 1, so never the run's pool).
-    """
-    if pool == "run":
-        return randomness.derive_key(seed, 0)
-    if pool == "round":
-        return randomness.derive_key(seed, round)
-    raise ValueError(f"unknown ferret seed pool {pool!r} (run or round)")
+def pool_base_seed(seed: int) -> int:
+    """The base seed of the run's pool, ``key(seed, 0)``: one pool for the whole run, the same K
+    bases every round (the paper's fixed shared random subspace). A fresh pool per round
+    (``key(seed, r)``) was an option until the scoreboard measured it no better over 3 seeds
+    (``docs/methods/ferret.md``)."""
+    return randomness.derive_key(seed, 0)
 
 
 def agent_seed(seed: int, round: int, agent_id: str, purpose: str) -> int:

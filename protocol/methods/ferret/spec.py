@@ -16,11 +16,11 @@ flattened row-major and concatenated; ``d_g`` is its length. The server sends
 the task.
 
 **Seeds and bases** (shared randomness v1, ``spec/randomness.md``). Round ``r`` draws from the
-pool of seed indices ``0 .. K-1`` with the base seed ``B_r``: with ``ferret.pool = "run"`` (the
-default, the paper's rule) one pool for the whole run, ``B_r = key(ferret.seed, 0)`` every
-round (a fixed shared random subspace); with ``"round"`` a fresh pool per round,
-``B_r = key(ferret.seed, r)``. The basis of seed index ``s`` for group ``g`` in round ``r`` is
-``v = r_{s,g} / sqrt(d_g)`` with::
+pool of seed indices ``0 .. K-1`` with the base seed ``B_r = key(ferret.seed, 0)``: one pool
+for the whole run, the same every round (the paper's rule: a fixed shared random subspace; a
+fresh pool per round, ``key(ferret.seed, r)``, was an option until it measured no better).
+The basis of seed index ``s`` for group ``g`` in round ``r`` is ``v = r_{s,g} / sqrt(d_g)``
+with::
 
     key_{r,s,g} = key(key(B_r, s), fnv1a64(name of g))      # = stream_key(key(B_r, s), name)
     r_{s,g}[i]  = rademacher(key_{r,s,g}, i),  i = 0 .. d_g - 1
@@ -121,13 +121,9 @@ class FerretParams(StrictParams):
     clip_norm: Annotated[float, Field(gt=0, le=1e6)] = 10.0
     """Per-term clip of ``|γ v|`` (the reference's ``max_norm``)."""
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
-    """Base of the seed pools: ``B = key(seed, 0)`` (pool ``run``) or ``key(seed, r)``, and of
+    """Base of the seed pool: ``B = key(seed, 0)``, and of
     each agent's seed choice and batch order (with its agent id and the round). Left out, the
     server sets it to the run's seed (``run.seed``)."""
-    pool: Literal["run", "round"] = "run"
-    """``run``: one pool of K bases drawn once and reused every round (the paper's fixed
-    shared subspace); ``round``: a fresh pool each round (measured: not better over three
-    rounds of SmolLM2, one seed; ``docs/methods/ferret.md``)."""
     basis: Literal["rademacher"] = "rademacher"
     dtype: Literal["fp32", "bf16"] = "fp32"
     """What the weights are held and trained in (both sides). A task quantized nf4/int8 still

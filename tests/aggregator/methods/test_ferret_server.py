@@ -18,7 +18,7 @@ from edge_agent.methods import TaskInput, TaskOutput
 from edge_agent.methods.ferret.client import CACHE_KEY, FerretClient
 from edge_agent.model.store import ResolvedModel, load_base
 from edge_agent.training.data import Example
-from protocol import payloads
+from protocol import payloads, randomness
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.methods import parse_params
 from protocol.methods.ferret import math as fm
@@ -124,7 +124,7 @@ def seedcoef(round: int, triples: list[tuple[int, int, float]], *, k: int = K, n
         torch.tensor(g, dtype=torch.int32),
         torch.tensor(s, dtype=torch.int32),
         torch.tensor(v, dtype=torch.float32),
-        base_seed=fm.pool_base_seed(0, round, "run"),
+        base_seed=fm.pool_base_seed(0),
         k=k,
         n_groups=n,
         method="ferret",
@@ -162,11 +162,11 @@ def test_agents_rebuild_the_servers_model_bit_for_bit(
     assert_same(server, b)
 
 
-@pytest.mark.parametrize(("pool", "anneal"), [("run", "linear"), ("round", "none")])
-def test_the_pool_and_schedule_options_set_each_rounds_step(
-    pool: str, anneal: str, tiny_model_dir: Path, tiny_resolved: ResolvedModel
+@pytest.mark.parametrize("anneal", ["linear", "none"])
+def test_the_schedule_sets_each_rounds_step_from_the_runs_one_pool(
+    anneal: str, tiny_model_dir: Path, tiny_resolved: ResolvedModel
 ) -> None:
-    params = PARAMS | {"ferret": {"k": K, "pool": pool, "anneal": anneal, "server_lr": 3.0}}
+    params = PARAMS | {"ferret": {"k": K, "anneal": anneal, "server_lr": 3.0}}
     server = FerretServer(params, MethodContext(model_dir=tiny_model_dir, rounds=3))
     a, b = Agent("a", tiny_resolved), Agent("b", tiny_resolved)
     lrs = [train_round(server, [a], r)["server_lr"] for r in (1, 2)]
@@ -174,9 +174,8 @@ def test_the_pool_and_schedule_options_set_each_rounds_step(
     server.begin_round(3)
     sent = server.assign(3, "b", "train")
     seeds = [payloads.decode(sent.blobs[spec.step_blob(r)]).base_seed for r in (1, 2)]
-    want = [fm.pool_base_seed(0, r, pool) for r in (1, 2)]
-    assert seeds == want and (seeds[0] == seeds[1]) == (pool == "run")
-    b.run("train", 3, sent)  # b rebuilds both steps from their pools
+    assert seeds == [fm.pool_base_seed(0)] * 2  # one pool for the run
+    b.run("train", 3, sent)  # b rebuilds both steps from it
     assert_same(server, b)
 
 
@@ -244,7 +243,7 @@ def test_updates_outside_the_rounds_pool_are_rejected(
             torch.zeros(1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32),
             torch.ones(1),
-            base_seed=fm.pool_base_seed(0, 1, "round"),
+            base_seed=randomness.derive_key(0, 1),
             k=K,
             n_groups=n,
             method="ferret",

@@ -65,11 +65,10 @@ def assert_same_steps(plain: FerretHarness, secure: FerretHarness, rounds: list[
             torch.testing.assert_close(sv, pv, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("pool", ["run", "round"])
 def test_a_secure_ferret_run_gives_the_plain_global(
-    pool: str, tmp_path: Path, tiny_model_dir: Path, tiny_resolved: ResolvedModel
+    tmp_path: Path, tiny_model_dir: Path, tiny_resolved: ResolvedModel
 ) -> None:
-    ferret = {"k": 6, "pool": pool}
+    ferret = {"k": 6}
     plain = run(tmp_path / "plain", tiny_model_dir, tiny_resolved, ferret=ferret)
     secure = run(tmp_path / "secure", tiny_model_dir, tiny_resolved, ferret=ferret, privacy=SECURE)
     try:

@@ -145,7 +145,7 @@ def test_ferret_two_tier_equals_flat(tiny_model_dir: Path) -> None:
         seed = torch.tensor([p[1] for p in picks], dtype=torch.int32)
         value = torch.randn(len(picks), generator=g)
         return payloads.encode_seedcoef(
-            group, seed, value, base_seed=fm.pool_base_seed(0, rnd, "run"), k=6, n_groups=n,
+            group, seed, value, base_seed=fm.pool_base_seed(0), k=6, n_groups=n,
             method="ferret", round=rnd,
         )  # fmt: skip
 

@@ -25,7 +25,7 @@ from edge_agent.methods.ferret.client import (
 from edge_agent.model import files as model_files
 from edge_agent.model.store import ResolvedModel, load_base
 from edge_agent.training.data import Example, collate, tokenize
-from protocol import payloads
+from protocol import payloads, randomness
 from protocol.messages import BaseModelRef, TaskAssign, TaskResult
 from protocol.methods import parse_params
 from protocol.methods.ferret import math as fm
@@ -152,7 +152,7 @@ def test_train_task_sends_triples_and_keeps_the_global_model(ws: TinyWorkspace) 
         payloads.Expect(
             kind=payloads.PayloadKind.SEEDCOEF,
             round=1,
-            base_seed=fm.pool_base_seed(0, 1, "run"),
+            base_seed=fm.pool_base_seed(0),
             k=6,
             n_groups=len(h.layout.groups),
         ),
@@ -211,7 +211,7 @@ def test_refuses_another_layout_and_foreign_blobs(ws: TinyWorkspace) -> None:
         torch.zeros(1, dtype=torch.int32),
         torch.zeros(1, dtype=torch.int32),
         torch.ones(1),
-        base_seed=fm.round_base_seed(0, 2),  # another pool's base seed
+        base_seed=randomness.derive_key(0, 2),  # another pool's base seed
         k=6,
         n_groups=len(held(ws).layout.groups),
         method="ferret",

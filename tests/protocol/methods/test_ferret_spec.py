@@ -95,26 +95,22 @@ def test_layout_is_a_pure_function_of_names_and_shapes() -> None:
 
 @pytest.mark.parametrize(("start", "n"), [(0, 1), (0, 64), (3, 200), (64, 130), (1000, 4097)])
 def test_signs_are_the_shared_rademacher_stream(start: int, n: int) -> None:
-    key = fm.basis_key(fm.round_base_seed(7, 3), 5, "model.layers.0.mlp.up_proj.weight#1")
+    key = fm.basis_key(randomness.derive_key(7, 3), 5, "model.layers.0.mlp.up_proj.weight#1")
     want = randomness.rademacher(key, n, start)
     assert np.array_equal(fm.signs(key, n, start=start).numpy(), want)
 
 
 def test_basis_key_derivation_is_the_documented_one() -> None:
-    b = fm.round_base_seed(11, 4)
+    b = randomness.derive_key(11, 4)
     assert b == randomness.mix64(11 ^ randomness.mix64(4))
     want = randomness.stream_key(randomness.derive_key(b, 9), "g#2")
     assert fm.basis_key(b, 9, "g#2") == want
     assert fm.basis_key(b, 9, "g#2") != fm.basis_key(b, 8, "g#2")
 
 
-def test_the_run_pool_is_one_pool_for_every_round() -> None:
-    assert [fm.pool_base_seed(3, r, "run") for r in (1, 2, 9)] == [randomness.derive_key(3, 0)] * 3
-    per_round = [fm.pool_base_seed(3, r, "round") for r in (1, 2)]
-    assert per_round == [fm.round_base_seed(3, 1), fm.round_base_seed(3, 2)]
-    assert fm.pool_base_seed(3, 1, "run") not in per_round
-    with pytest.raises(ValueError, match="pool"):
-        fm.pool_base_seed(3, 1, "epoch")
+def test_the_run_pool_is_key_seed_0() -> None:
+    """One pool for every round of the run (the paper's rule): its base seed has no round."""
+    assert fm.pool_base_seed(3) == randomness.derive_key(3, 0) != fm.pool_base_seed(4)
 
 
 def test_seeds_per_group_follows_the_norm_rule() -> None:
@@ -173,7 +169,7 @@ def test_projection_then_reconstruction_is_unbiased() -> None:
     total = torch.zeros(d, dtype=torch.float64)
     rng = np.random.default_rng(0)
     for t in range(trials):
-        base = fm.round_base_seed(5, t)
+        base = randomness.derive_key(5, t)
         chosen = fm.choose_seeds(k, n, rng)
         gammas = fm.project(delta, [(s, fm.basis_key(base, s, g.name)) for s in chosen], n)
         params = {"w": torch.zeros(4, 4)}
@@ -240,9 +236,14 @@ def test_params_defaults_and_bounds() -> None:
     assert isinstance(p, spec.Params)
     assert (p.ferret.k, p.ferret.server_lr, p.ferret.clip_norm) == (spec.DEFAULT_K, 1.0, 10.0)
     assert p.ferret.basis == "rademacher" and p.ferret.dtype == "fp32"
-    assert p.ferret.pool == "run"
     assert p.train.lr == 0.01
-    bads = ({"k": 1}, {"max_catchup": 64}, {"layout": "xyz"}, {"basis": "gaussian"}, {"pool": "x"})
+    bads = (
+        {"k": 1},
+        {"max_catchup": 64},
+        {"layout": "xyz"},
+        {"basis": "gaussian"},
+        {"pool": "round"},
+    )
     for bad in bads:
         with pytest.raises(BadParams, match="ferret"):
             parse_params("ferret", {"ferret": bad})
@@ -277,7 +278,7 @@ def test_seedcoef_payload_is_twelve_bytes_per_triple_plus_a_fixed_header(
         group,
         seed,
         torch.full((n,), 0.5),
-        base_seed=fm.round_base_seed(0, 3),
+        base_seed=randomness.derive_key(0, 3),
         k=32,
         n_groups=212,
         method="ferret",
