@@ -672,8 +672,9 @@ def main() -> int:
     parser.add_argument("--only", choices=("lora", "ferret"), default=None)
     parser.add_argument("--repeat", type=int, default=1, help="run every receiver N times")
     parser.add_argument("--sum-helpers", type=int, default=None,
-                        help="the accumulator's helper threads in the edgefed rows (default: the "
-                        "service's, flatsum.HELPERS); the 'summing on one helper' row is run when this is above 1")  # fmt: skip
+                        help="the accumulator's helper threads in the edgefed rows (default: "
+                        "the service's, flatsum.HELPERS); above 1, the 'summing on one helper' "
+                        "row runs beside")  # fmt: skip
     parser.add_argument("--one", nargs=5, metavar=("WORKLOAD", "RECEIVER", "N", "ROUNDS", "TMP"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()

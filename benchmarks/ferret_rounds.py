@@ -10,8 +10,8 @@ off). Same data, seeds and local steps for every configuration.
         [--lr 0.05] [--k 32] [--configs none:1,linear:3.333,...]
 
 A configuration is ``anneal:server_lr``. (Until 2026-12-04 it was ``pool:anneal:server_lr``:
-the per-round seed pool was an option then; docs/methods/ferret.md has the runs.) ``--quick``: the tiny random Llama, 2 rounds, two
-configurations.
+the per-round seed pool was an option then; docs/methods/ferret.md has the runs.)
+``--quick``: the tiny random Llama, 2 rounds, two configurations.
 """
 
 from __future__ import annotations
