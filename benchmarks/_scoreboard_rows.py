@@ -126,6 +126,7 @@ SECTIONS: tuple[Section, ...] = (
         "the reference's released KL weight (the default until `fedbiot`'s KL 0.5 measured "
         "better); every ablation changes one thing of `fedbiot KL=0` and is judged against it "
         "(`fedbiot align qkvo r=8`: the adapter's own settings for the alignment LoRA). "
+        "`fedbiot prox=0 KL=0.5` and `fedbiot prox=0.1 KL=0.5` change only λ of `fedbiot`. "
         "`fedit last 2 layers` trains LoRA on the same 2 layers of the full model (the same "
         "trainable capacity); `fedit` on all of them; both are judged against `fedbiot` in the "
         "last tables.",
@@ -139,6 +140,8 @@ SECTIONS: tuple[Section, ...] = (
             Variant("fedbiot drop=0.2", "fedbiot", (KL0, "emulator.drop_ratio=0.2")),
             Variant("fedbiot drop=0.35", "fedbiot", (KL0, "emulator.drop_ratio=0.35")),
             Variant("fedbiot prox=0", "fedbiot", (KL0, "prox=0")),
+            Variant("fedbiot prox=0 KL=0.5", "fedbiot", ("prox=0",)),
+            Variant("fedbiot prox=0.1 KL=0.5", "fedbiot", ("prox=0.1",)),
             Variant(
                 "fedbiot align qkvo r=8",
                 "fedbiot",
