@@ -13,6 +13,13 @@ class StateError(AggregatorError):
     """Persistent state (ledger, checkpoints) is missing, corrupt or inconsistent."""
 
 
+class DamagedState(StateError):
+    """What the ledger has committed cannot be read back (a committed round's checkpoint is
+    missing, corrupt or not the one committed; a stored update is unreadable). Not the run's
+    fault: the run keeps its status, and a restart after the operator mends the files resumes
+    it."""
+
+
 class DiskFull(StateError):
     """A write failed for want of space (ENOSPC, EDQUOT, SQLITE_FULL): transient; nothing
     committed or acknowledged is lost, and the service resumes once space is freed."""

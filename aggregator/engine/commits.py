@@ -18,7 +18,7 @@ from typing import Any
 
 from aggregator.engine import crashpoints
 from aggregator.engine.rounds import EVAL_KEYS, SIDE_EVAL_KEYS, Phase, RoundSummary, eval_rows
-from aggregator.errors import StateError
+from aggregator.errors import DamagedState, StateError
 from aggregator.methods import ServerMethod
 from aggregator.ops.config import RunSection
 from aggregator.store.checkpoint import GLOBAL_FILE, CheckpointStore
@@ -56,30 +56,83 @@ class RoundCommits:
         return run_id
 
     def restore(self, method: ServerMethod, run_id: str) -> int | None:
-        """Load the newest checkpoint into ``method``; its round, or None for a fresh run."""
-        latest = self.store.latest()
-        if latest is None:
-            return None
-        tensors, manifest, _extra = self.store.load(latest)
-        owner = manifest.meta.get("run_id")
-        if owner is not None and owner != run_id:
-            raise StateError(
-                f"{self.store.root}: the checkpoints there belong to run {owner}, not {run_id}; "
-                "each run keeps its own (a serving aggregator puts a new run in runs/<run_id>)"
-            )
-        meta = {k: v for k, v in manifest.meta.items() if k != ROUND_METRICS}
-        method.restore(tensors, meta)
-        if self.ledger.last_committed_round(run_id) != latest:
-            # crashed between the checkpoint and the ledger commit: finish the commit, with
-            # the round's metrics the checkpoint carries
-            sha = manifest.files.get(GLOBAL_FILE, "")
+        """Load the newest checkpoint into ``method``; its round, or None for a fresh run.
+
+        The newest committed round's checkpoint must load, hashes checked, and be the one the
+        ledger committed: else a :class:`DamagedState` that says which files to mend (falling
+        back to an older checkpoint would silently undo a committed round). A newer checkpoint
+        the ledger has not committed yet (a crash between the two steps) finishes its commit;
+        when that one is damaged it is passed over, and the round is aggregated again from its
+        stored updates, as if the crash had come before the checkpoint.
+        """
+        committed = self.ledger.last_committed_round(run_id)
+        for latest in reversed(self.store.rounds()):
+            if committed is not None and latest < committed:
+                break
             try:
-                metrics = json.loads(manifest.meta.get(ROUND_METRICS, "{}"))
-            except json.JSONDecodeError:
-                metrics = {}
-            self.ledger.commit_round(run_id, latest, sha, metrics, time.time())
-        log.info("run %s resumes after committed round %d", run_id, latest)
-        return latest
+                tensors, manifest, _extra = self.store.load(latest)
+            except StateError as exc:
+                if committed is not None and latest == committed:
+                    raise self._damaged(run_id, committed, str(exc)) from exc
+                log.warning(
+                    "run %s: checkpoint round %d was not committed yet and cannot be read (%s); "
+                    "passed over: the round is aggregated again from its stored updates",
+                    run_id,
+                    latest,
+                    exc,
+                )
+                continue
+            owner = manifest.meta.get("run_id")
+            if owner is not None and owner != run_id:
+                raise StateError(
+                    f"{self.store.root}: the checkpoints there belong to run {owner}, not "
+                    f"{run_id}; each run keeps its own (a serving aggregator puts a new run in "
+                    "runs/<run_id>)"
+                )
+            sha = manifest.files.get(GLOBAL_FILE, "")
+            if committed is not None and latest == committed:
+                recorded = self._committed_sha(run_id, committed)
+                if recorded and recorded != sha:
+                    raise self._damaged(
+                        run_id,
+                        committed,
+                        f"its checkpoint holds global sha256 {sha}, the ledger committed "
+                        f"{recorded} (a checkpoint from elsewhere or another time)",
+                    )
+            meta = {k: v for k, v in manifest.meta.items() if k != ROUND_METRICS}
+            method.restore(tensors, meta)
+            if committed != latest:
+                # crashed between the checkpoint and the ledger commit: finish the commit, with
+                # the round's metrics the checkpoint carries
+                try:
+                    metrics = json.loads(manifest.meta.get(ROUND_METRICS, "{}"))
+                except json.JSONDecodeError:
+                    metrics = {}
+                self.ledger.commit_round(run_id, latest, sha, metrics, time.time())
+            log.info("run %s resumes after committed round %d", run_id, latest)
+            return latest
+        if committed is not None:
+            valid = [r for r in self.store.rounds() if r < committed]
+            raise self._damaged(
+                run_id,
+                committed,
+                "its checkpoint is missing or its manifest unreadable"
+                + (f" (newest valid checkpoint: round {valid[-1]})" if valid else ""),
+            )
+        return None
+
+    def _committed_sha(self, run_id: str, round: int) -> str:
+        rows = [r for r in self.ledger.rounds(run_id) if r.round == round]
+        return (rows[0].checkpoint_sha256 or "") if rows else ""
+
+    def _damaged(self, run_id: str, round: int, why: str) -> DamagedState:
+        folder = self.store.root / f"round-{round:06d}"
+        return DamagedState(
+            f"run {run_id}: round {round} is committed in the ledger, but {why}; "
+            f"restore {folder} from a backup and start the aggregator again (the run keeps "
+            "its status and resumes; an older checkpoint is not used, since that would undo "
+            "a committed round)"
+        )
 
     def commit(
         self, method: ServerMethod, method_name: str, run_id: str, summary: RoundSummary

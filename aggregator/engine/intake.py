@@ -37,7 +37,7 @@ from typing import Any
 
 from aggregator.engine import crashpoints
 from aggregator.engine.rounds import Outgoing, Phase
-from aggregator.errors import StateError, UpdateRejected
+from aggregator.errors import DamagedState, StateError, UpdateRejected
 from aggregator.methods import ServerMethod
 from aggregator.store.ledger import Ledger, RejectionRow, UpdateRow
 from aggregator.store.updatelog import LOG_NAME, LoggedRecord, UpdateLog, read_slice, scan, truncate
@@ -112,9 +112,16 @@ def stored_payload(row: UpdateRow) -> bytes:
     the log) a file of its own. Not checked against the row's sha256 here."""
     if row.blob_path is None:
         raise StateError(f"task {row.task_id} has no stored payload")
-    if row.blob_offset is None or row.blob_length is None:
-        return Path(row.blob_path).read_bytes()
-    return read_slice(Path(row.blob_path), row.blob_offset, row.blob_length)
+    try:
+        if row.blob_offset is None or row.blob_length is None:
+            return Path(row.blob_path).read_bytes()
+        return read_slice(Path(row.blob_path), row.blob_offset, row.blob_length)
+    except OSError as exc:
+        raise DamagedState(
+            f"the stored update of task {row.task_id} (round {row.round}, agent "
+            f"{row.agent_id}) cannot be read from {row.blob_path}: {exc.strerror or exc}; "
+            "restore that file and start the aggregator again"
+        ) from exc
 
 
 def wait_synced(syncs: list[Future[None]]) -> None:
@@ -328,7 +335,10 @@ class ResultIntake:
                 continue
             data = stored_payload(row)
             if hashlib.sha256(data).hexdigest() != row.sha256:
-                raise StateError(f"stored update {row.blob_path} does not match its sha256")
+                raise DamagedState(
+                    f"stored update {row.blob_path} (task {row.task_id}) does not match its "
+                    "sha256; restore that file and start the aggregator again"
+                )
             result = TaskResult(
                 run_id=run_id,
                 round=round,

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aggregator.engine.engine import Outgoing, RoundEngine
-from aggregator.errors import AggregatorError
-from aggregator.ops.config import AggregatorConfig
+from aggregator.errors import AggregatorError, StateError
+from aggregator.ops.config import AggregatorConfig, differences
 from aggregator.runs.state import ENDED, SERVICE, RunBook
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class Lifecycle:
         self.build = build
         self.export = export
         self.engine: RoundEngine | None = None
+        self.service: AggregatorConfig | None = None
+        """``serve``'s config file: its ``[server]`` and ``[security]`` apply to every run."""
         self.active: str | None = None  # the run whose engine runs (None: the engine is a lobby)
         self._doing: tuple[Any, ...] = ()
 
@@ -48,8 +50,11 @@ class Lifecycle:
         ledger = self.book.ledger
         run_id = config.run.run_id or ledger.latest_run() or f"run-{int(time.time())}"
         config = config.model_copy(update={"run": config.run.model_copy(update={"run_id": run_id})})
+        self.service = config
         if ledger.run(run_id) is None:
             self.book.submit(config)
+        else:
+            self._warn_changed(run_id, config)
         info = self.book.info(run_id)
         if info.status in ENDED:
             why = f": {info.reason}" if info.reason else ""
@@ -108,8 +113,13 @@ class Lifecycle:
 
     def _activate(self, run_id: str) -> RoundEngine | None:
         try:
-            config = self.book.run_config(self.book.config_of(run_id), run_id)
+            config = self.book.run_config(self._config_of(run_id), run_id)
             engine = self.build(config, True)
+        except StateError:
+            # the run's state (its checkpoints, its stored updates, the disk) is at fault, not
+            # the run: it keeps its status, and the service stops with the error (exit 2) so
+            # that a restart after the operator mends the files resumes the run
+            raise
         except AggregatorError as exc:
             self.book.set(run_id, "failed", str(exc))
             log.error("run %s cannot start: %s", run_id, exc)
@@ -127,6 +137,36 @@ class Lifecycle:
                 config.run.rounds,
             )
         return engine
+
+    def _config_of(self, run_id: str) -> AggregatorConfig:
+        """The run's config as submitted, with the service's current ``[server]`` and
+        ``[security]`` (an allow-list or a port changed in the config file applies on restart)."""
+        stored = self.book.config_of(run_id)
+        if self.service is None:
+            return stored
+        return stored.model_copy(
+            update={"server": self.service.server, "security": self.service.security}
+        )
+
+    def _warn_changed(self, run_id: str, config: AggregatorConfig) -> None:
+        """Log which ``[run]`` / ``[method]`` fields of the config file differ from those the
+        run was started with (which it keeps: a run's method and rounds do not change midway)."""
+        fields = {"run", "method"}
+        try:
+            then = self.book.config_of(run_id).model_dump(mode="json", include=fields)
+        except AggregatorError:  # reported when the run is made active
+            return
+        diffs = differences(then, config.model_dump(mode="json", include=fields))
+        if diffs:
+            shown = "; ".join(f"{k}: started with {a!r}, the file says {b!r}" for k, a, b in diffs)
+            log.warning(
+                "run %s resumes with the [run] and [method] it was started with, not the config "
+                "file's (%s); to use the file's, stop the run (edgefed-aggregator runs stop %s) "
+                "and submit the file as a new run with another run_id",
+                run_id,
+                shown,
+                run_id,
+            )
 
     def _lobby(self, config: AggregatorConfig) -> RoundEngine:
         engine = self.build(config, False)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.errors import DiskFull, StateError
+from aggregator.ops.config import differences
 from aggregator.store._ledger_schema import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -70,6 +71,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+RUN_SECTIONS = ("run", "method")
+"""A run's own sections of its config (the rest is the service's)."""
 
 _EVAL = "eval/"
 
@@ -167,8 +171,22 @@ class Ledger:
                 raise StateError(
                     f"run {run_id!r} exists with method {row['method']!r}, not {method!r}"
                 )
-            elif row["config"] != blob:
-                logger.warning("run %s resumed with a different config; keeping the first", run_id)
+            else:
+                first = json.loads(row["config"])
+                changed = [  # a run's own settings; the service's may change between starts
+                    f"{key} ({a!r} then, {b!r} now)"
+                    for key, a, b in differences(
+                        {k: first.get(k) for k in RUN_SECTIONS},
+                        {k: config.get(k) for k in RUN_SECTIONS},
+                    )
+                ]
+                if changed:
+                    logger.warning(
+                        "run %s resumed with settings that differ from those it was started "
+                        "with, which the ledger keeps: %s",
+                        run_id,
+                        "; ".join(changed),
+                    )
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         """``{"run_id", "method", "config", "created_at"}`` of a run, or None."""

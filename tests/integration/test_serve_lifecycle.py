@@ -271,3 +271,43 @@ def test_a_new_key_is_admitted_while_no_other_agent_talks(curve: CurveService) -
     assert not admitted(curve, 3, None)  # not on the list yet: refused
     curve.add_new_key()
     assert admitted(curve, 60, None)  # re-read every few seconds: a minute is generous
+
+
+def test_a_damaged_committed_checkpoint_exits_2_and_the_run_resumes_once_mended(
+    tmp_path: Path,
+) -> None:
+    """The real process on state whose newest committed checkpoint rotted: it names the file
+    and exits 2 (the unit's RestartPreventExitStatus: no restart loop), the run is not marked
+    failed, and with the file restored the next start resumes after that round."""
+    from engine_harness import Harness
+    from serve_process import Served
+
+    h = Harness(tmp_path / "state", run_id="hostile", rounds=3)
+    for agent in ("a1", "a2"):
+        h.hello(agent)
+    while h.engine.round < 2:
+        for o in h.tick():
+            if isinstance(o.header, TaskAssign):
+                h.result(o.header, o.agent_id, 10, lora_state(float(o.header.round)))
+    h.close()
+    path = tmp_path / "state" / "checkpoints" / "round-000002" / "global.safetensors"
+    good = path.read_bytes()
+    path.write_bytes(good[:100] + bytes(len(good) - 100))
+
+    served = Served(tmp_path, ["a1"], rounds=3)
+    try:
+        with pytest.raises(AssertionError, match="serve did not start"):
+            served.start()
+        assert served.proc is not None and served.proc.wait(timeout=30) == 2
+        assert f"{path} is corrupt" in served.logs()
+        assert "restore" in served.logs() and "Traceback" not in served.logs()
+        ledger = Ledger(tmp_path / "state" / "ledger.sqlite")
+        life = ledger.get_state("hostile", "lifecycle")
+        ledger.close()
+        assert not (isinstance(life, dict) and life.get("status") == "failed")
+
+        path.write_bytes(good)
+        served.start()
+        assert "run hostile resumes after committed round 2" in served.logs()
+    finally:
+        served.stop()

@@ -124,3 +124,51 @@ def test_crash_inside_a_checkpoint_write(tmp_path: Path, monkeypatch: pytest.Mon
     state, _, counts = run(tmp_path / "torn", set())  # the restart, agents owing nothing
     assert counts == [3, 3, 3]
     assert all(torch.equal(state[n], v) for n, v in reference.items())
+
+
+def test_a_damaged_checkpoint_the_ledger_never_committed_is_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Die after round 2's checkpoint is written, before the ledger commits it, and let that
+    checkpoint rot: the restart passes over it (it was never committed), restores round 1,
+    replays round 2's stored updates and ends identical."""
+    import aggregator.engine.commits as commits
+
+    reference, _, _ = run(tmp_path / "clean", set())
+    real = commits.crashpoints.reached
+
+    def dying(point: str, round: int) -> None:
+        if point == "commit" and round == 2:
+            monkeypatch.setattr(commits.crashpoints, "reached", real)
+            raise KeyboardInterrupt
+        real(point, round)
+
+    monkeypatch.setattr(commits.crashpoints, "reached", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "rot", set())
+    path = tmp_path / "rot" / "checkpoints" / "round-000002" / "global.safetensors"
+    path.write_bytes(path.read_bytes()[:-5] + b"rot!!")
+    state, _, counts = run(tmp_path / "rot", set())
+    assert counts == [3, 3, 3]
+    assert all(torch.equal(state[n], v) for n, v in reference.items())
+
+
+def test_an_unreadable_stored_update_stops_the_restart_with_its_path(tmp_path: Path) -> None:
+    """A stored (acknowledged) update of the open round whose log is gone: the restart says
+    which task and file, as a DamagedState, not a raw OSError."""
+    from aggregator.errors import DamagedState
+
+    h = Harness(tmp_path, rounds=ROUNDS, min_agents=len(AGENTS))
+    tasks = {}
+    for agent in AGENTS:
+        h.hello(agent)
+    for o in h.tick():
+        if isinstance(o.header, TaskAssign):
+            tasks[o.agent_id] = o.header
+    acks = h.result(tasks["a1"], "a1", 10, update_of(1, "a1"))
+    assert any(isinstance(o.header, Ack) for o in acks)
+    h.close()
+    log_path = tmp_path / "updates" / "run-t" / "round-000001" / "update-records.log"
+    log_path.rename(tmp_path / "elsewhere.log")
+    with pytest.raises(DamagedState, match=rf"task {tasks['a1'].task_id}.*update-records.log"):
+        Harness(tmp_path, rounds=ROUNDS, min_agents=len(AGENTS))
