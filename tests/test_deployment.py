@@ -576,6 +576,7 @@ def test_every_command_in_the_guide_exists_with_its_options() -> None:
         "edgefed-aggregator runs list",
         "edgefed-aggregator runs show",
         "edgefed-aggregator runs stop",
+        "edgefed-aggregator runs resume",
     ):
         assert expected in seen, expected
 

@@ -92,6 +92,9 @@ class AdminServer:
         self.path.unlink(missing_ok=True)
 
 
+KNOWN = "submit, list, stop, resume, show"
+
+
 def admin_request(
     lifecycle: Lifecycle, service: AggregatorConfig, request: dict[str, Any]
 ) -> tuple[list[Outgoing], dict[str, Any]]:
@@ -119,13 +122,16 @@ def admin_request(
     if not isinstance(wanted, str) or not wanted:
         raise AggregatorError(
             f"{op!r} needs a run_id"
-            if op in ("stop", "show")
-            else f"unknown request {op!r}; known: submit, list, stop, show"
+            if op in ("stop", "resume", "show")
+            else f"unknown request {op!r}; known: {KNOWN}"
         )
     run_id = wanted
     if op == "stop":
         outs = lifecycle.stop(run_id, str(request.get("reason") or "stopped by the operator"))
         return outs, {"ok": True, "run": book.info(run_id).as_json()}
+    if op == "resume":
+        lifecycle.resume(run_id)
+        return [], {"ok": True, "run": book.info(run_id).as_json()}
     if op == "show":
         info = book.info(run_id)
         engine = lifecycle.engine
@@ -142,4 +148,4 @@ def admin_request(
                 for r in book.ledger.rounds(run_id)
             ],
         }
-    raise AggregatorError(f"unknown request {op!r}; known: submit, list, stop, show")
+    raise AggregatorError(f"unknown request {op!r}; known: {KNOWN}")

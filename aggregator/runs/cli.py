@@ -42,7 +42,7 @@ STATE_DIR = click.option(
 
 @click.group()
 def runs() -> None:
-    """Submit, list, stop and show the runs of a running `serve`."""
+    """Submit, list, stop, resume and show the runs of a running `serve`."""
 
 
 @runs.command()
@@ -91,6 +91,16 @@ def stop(state_dir: Path, run_id: str) -> None:
     """Stop RUN_ID: a queued run leaves the queue; the active run ends now (its committed
     rounds stay, and the next queued run starts)."""
     reply = _call(state_dir, {"op": "stop", "run_id": run_id})
+    click.echo(f"run {run_id}: {reply['run']['status']}")
+
+
+@runs.command()
+@STATE_DIR
+@click.argument("run_id")
+def resume(state_dir: Path, run_id: str) -> None:
+    """Queue a failed or stopped RUN_ID again: in its turn it resumes after its last committed
+    round (the rounds it committed stay)."""
+    reply = _call(state_dir, {"op": "resume", "run_id": run_id})
     click.echo(f"run {run_id}: {reply['run']['status']}")
 
 

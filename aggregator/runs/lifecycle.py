@@ -96,6 +96,18 @@ class Lifecycle:
         self.engine.phase = None  # results still on their way are refused STALE_TASK
         return self._end(run_id, "stopped", reason)
 
+    def resume(self, run_id: str, reason: str = "resumed by the operator") -> None:
+        """Queue a failed or stopped run again: made active in its turn (the queue's order is
+        submission order), it resumes after its last committed round, as after a restart."""
+        info = self.book.info(run_id)
+        if info.status not in ("failed", "stopped"):
+            raise AggregatorError(
+                f"run {run_id} is {info.status}; only a failed or stopped run can be resumed"
+                + (" (a finished one: submit a new run)" if info.status == "finished" else "")
+            )
+        self.book.set(run_id, "queued", reason)
+        log.info("run %s queued again (%s; it was %s)", run_id, reason, info.status)
+
     def fail(self, exc: BaseException) -> None:
         """The active run cannot go on (its engine raised): record why; the next may start."""
         if self.active is not None:

@@ -84,6 +84,9 @@ def test_one_serve_runs_two_submitted_runs_with_the_same_agents(
         assert c.returncode == 0, c.stderr
         stopped = cli("runs", "stop", "--state-dir", str(state), "c")
         assert (stopped.returncode, stopped.stdout.strip()) == (0, "run c: stopped"), stopped
+        busy = cli("runs", "resume", "--state-dir", str(state), "a")  # running or finished
+        assert busy.returncode == 2, busy
+        assert "only a failed or stopped run can be resumed" in busy.stderr, busy
         again = cli("runs", "submit", "--state-dir", str(state), str(tmp_path / "b.toml"))
         assert again.returncode == 2 and "run b exists already" in again.stderr, again
 

@@ -137,3 +137,44 @@ def test_a_changed_config_file_keeps_the_runs_method_and_applies_the_services_se
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     engine.close()
     ledger.close()
+
+
+def test_a_failed_or_stopped_run_resumes_after_its_last_committed_round(tmp_path: Path) -> None:
+    from aggregator.errors import AggregatorError
+    from aggregator.runs.admin import admin_request
+
+    config = committed_rounds(tmp_path, 1)
+    lifecycle, book, ledger = serve(tmp_path)
+    engine = lifecycle.adopt(config)
+    assert (lifecycle.active, engine.round) == ("run-t", 1)
+    with pytest.raises(AggregatorError, match="run-t is running; only a failed or stopped"):
+        admin_request(lifecycle, config, {"op": "resume", "run_id": "run-t"})
+
+    lifecycle.fail(RuntimeError("the method raised"))  # what the service does on an engine error
+    assert book.info("run-t").status == "failed" and lifecycle.active is None
+    _outs, reply = admin_request(lifecycle, config, {"op": "resume", "run_id": "run-t"})
+    assert reply["run"]["status"] == "queued"
+    lifecycle.step(0.0)
+    assert lifecycle.active == "run-t" and lifecycle.engine is not None
+    assert (lifecycle.engine.round, lifecycle.engine.finished) == (1, False)
+    assert book.info("run-t").status == "running"
+
+    lifecycle.stop("run-t", "stopped by the operator")
+    assert book.info("run-t").status == "stopped"
+    lifecycle.resume("run-t")
+    lifecycle.step(0.0)
+    assert lifecycle.active == "run-t" and lifecycle.engine.round == 1
+    lifecycle.engine.close()
+    ledger.close()
+
+
+def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
+    from aggregator.errors import AggregatorError
+
+    config = committed_rounds(tmp_path, 3)
+    lifecycle, book, ledger = serve(tmp_path)
+    lifecycle.adopt(config)
+    assert book.info("run-t").status == "finished"
+    with pytest.raises(AggregatorError, match="finished; .*submit a new run"):
+        lifecycle.resume("run-t")
+    ledger.close()
