@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -105,9 +106,14 @@ class RoundCommits:
                 # crashed between the checkpoint and the ledger commit: finish the commit, with
                 # the round's metrics the checkpoint carries
                 try:
-                    metrics = json.loads(manifest.meta.get(ROUND_METRICS, "{}"))
+                    loaded = json.loads(manifest.meta.get(ROUND_METRICS, "{}"))
                 except json.JSONDecodeError:
-                    metrics = {}
+                    loaded = {}
+                metrics = {  # finite numbers only: a value the ledger refuses must not stop
+                    k: float(v)  # the restart (an older version let an agent's inf through)
+                    for k, v in (loaded.items() if isinstance(loaded, dict) else ())
+                    if isinstance(v, int | float) and math.isfinite(v)
+                }
                 self.ledger.commit_round(run_id, latest, sha, metrics, time.time())
             log.info("run %s resumes after committed round %d", run_id, latest)
             return latest
@@ -164,7 +170,8 @@ class RoundCommits:
         evals = self.ledger.get_state(run_id, "agent_evals", {})
         latest = dict(evals) if isinstance(evals, dict) else {}
         for agent_id, result in phase.done.items():
-            latest[agent_id] = {"round": phase.round, **result.metrics}
+            if agent_id not in phase.refused:
+                latest[agent_id] = {"round": phase.round, **result.metrics}
         self.ledger.put_state(run_id, "agent_evals", latest)
         metrics = summary.as_metrics()
         rows = eval_rows(phase)

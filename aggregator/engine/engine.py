@@ -45,6 +45,7 @@ from aggregator.engine.rounds import (
     Outgoing,
     Phase,
     RoundSummary,
+    eval_limit,
     task_id_for,
 )
 from aggregator.engine.uploads import UploadWindow, grant_above
@@ -450,6 +451,8 @@ class RoundEngine:
 
     def _assignment(self, phase: Phase, agent_id: str) -> Outgoing:
         spec = self.method.assign(phase.round, agent_id, phase.kind)
+        if phase.kind == "eval":  # the agent evaluates on at most this many examples
+            phase.limits[agent_id] = eval_limit(spec.params)
         header = TaskAssign(
             run_id=self.run_id,
             round=phase.round,

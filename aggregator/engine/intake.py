@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.engine import crashpoints
-from aggregator.engine.rounds import Outgoing, Phase
+from aggregator.engine.rounds import Outgoing, Phase, metrics_problem
 from aggregator.errors import DamagedState, StateError, UpdateRejected
 from aggregator.methods import ServerMethod
 from aggregator.store.ledger import Ledger, RejectionRow, UpdateRow
@@ -160,6 +160,10 @@ class ResultIntake:
         until :meth:`commit`; its Ack is due only then. Evaluations and scores need no storing:
         their Ack is due at once.
         """
+        problem = metrics_problem(res, phase.limits.get(agent_id))
+        if problem is not None:
+            phase.bytes_up[agent_id] = msg.nbytes
+            return self._reject(phase, agent_id, res, ErrorCode.REJECTED_UPDATE, problem)
         if res.kind == "eval":
             phase.done[agent_id] = res
             phase.bytes_up[agent_id] = msg.nbytes
@@ -171,6 +175,7 @@ class ResultIntake:
                 method.add_score(res.round, res, msg.blobs)  # type: ignore[attr-defined]
             except UpdateRejected as exc:
                 phase.rejected += 1
+                phase.refused.add(agent_id)
                 log.warning("round %d: rejected scores from %s: %s", res.round, agent_id, exc)
                 return exc.reason
             return None
@@ -221,6 +226,7 @@ class ResultIntake:
     ) -> str:
         """Record ``res`` as rejected (answered, not counted, not stored); the reason."""
         phase.rejected += 1
+        phase.refused.add(agent_id)
         phase.done[agent_id] = res  # answered, just not counted
         self.ledger.record_rejection(
             RejectionRow(

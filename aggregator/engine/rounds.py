@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from protocol.frames import Buffer, encode
 from protocol.messages import TaskResult
+from protocol.methods._common import AggregationParams, EvalParams
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ class RoundSummary:
     ) -> None:
         """Fill in the closed training ``phase``: agents counted, loss, bytes per agent, time,
         rejections; ``details``: what the method chose per agent, for :attr:`per_agent`."""
-        results = list(phase.done.values())
-        self.agents = len(results) - phase.rejected
+        results = phase.counted()
+        self.agents = len(phase.done) - phase.rejected
         self.train_loss = weighted(results, "train_loss")
         self.bytes_up = sum(phase.bytes_up.values()) / max(len(phase.bytes_up), 1)
         self.bytes_down = sum(phase.bytes_down.values()) / max(len(phase.assigned), 1)
@@ -90,7 +91,7 @@ class RoundSummary:
 
     def record_eval(self, phase: Phase) -> None:
         """Fill in the closed evaluation ``phase`` of this round's global."""
-        results = list(phase.done.values())
+        results = phase.counted()
         n = max(len(phase.assigned), 1)
         self.eval_loss = weighted(results, "eval_loss")
         self.eval_em = weighted(results, "eval_em")
@@ -121,7 +122,8 @@ class RoundSummary:
             if value is not None:
                 out[key] = value
         eval_truncation = {f"eval_{k}": v for k, v in self.eval_truncation.items()}
-        return out | self.eval_side | self.truncation | eval_truncation
+        merged = out | self.eval_side | self.truncation | eval_truncation
+        return {k: v for k, v in merged.items() if math.isfinite(v)}
 
 
 Kind = Literal["train", "eval", "score"]
@@ -138,6 +140,15 @@ class Phase:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+    refused: set[str] = field(default_factory=set)
+    """Agents whose result was rejected: answered, but neither their update nor their metrics
+    count."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """Per agent, the most examples its task may report (an evaluation's ``max_examples``)."""
+
+    def counted(self) -> list[TaskResult]:
+        """The results whose metrics count (the rejected ones left out)."""
+        return [r for a, r in self.done.items() if a not in self.refused]
 
     def describe(self) -> dict[str, Any]:
         """What a status report shows of the open phase."""
@@ -166,8 +177,41 @@ def eval_rows(phase: Phase) -> dict[str, dict[str, float]]:
         agent_id: {k: float(v) for k, v in r.metrics.items() if k in EVAL_KEYS + SIDE_EVAL_KEYS}
         | {"examples": float(r.num_examples)}
         for agent_id, r in sorted(phase.done.items())
-        if any(k in r.metrics for k in EVAL_KEYS)
+        if agent_id not in phase.refused and any(k in r.metrics for k in EVAL_KEYS)
     }
+
+
+METRIC_MAGNITUDE = 1e15
+"""No metric an agent reports may exceed this in magnitude (a memory peak in bytes is ~1e11):
+sums and example-weighted means of bounded values stay finite, so a metric can never make the
+round's record unstorable."""
+LOSS_MAX = 1e6
+"""An agent's reported loss above this is not a loss (cross-entropy of a float32 model stays
+below ~100)."""
+UNIT_METRICS = ("eval_em", "eval_rouge_l")
+"""Metrics that are fractions, in [0, 1]."""
+
+
+def metrics_problem(res: TaskResult, max_examples: int | None = None) -> str | None:
+    """Why ``res``'s metrics (and, for an evaluation, its example count against its task's
+    ``max_examples``) cannot be counted; None when they can. An agent's metrics go into the
+    round's means and the ledger: an absurd value must be refused, not averaged."""
+    if max_examples is not None and not 1 <= res.num_examples <= max_examples:
+        return f"example count {res.num_examples} outside [1, {max_examples}] (the task's)"
+    for key, value in res.metrics.items():
+        v = float(value)
+        if not math.isfinite(v) or abs(v) > METRIC_MAGNITUDE:
+            return f"metric {key} = {v!r} is beyond {METRIC_MAGNITUDE:g} in magnitude"
+        if key in UNIT_METRICS and not 0.0 <= v <= 1.0:
+            return f"metric {key} = {v!r} is outside [0, 1]"
+        if key.endswith("_loss") and not 0.0 <= v <= LOSS_MAX:
+            return f"metric {key} = {v!r} is outside [0, {LOSS_MAX:g}]"
+        if key in TRUNCATION_KEYS and v < 0:
+            return f"metric {key} = {v!r} is negative"
+    cut = res.metrics.get("truncated_examples")
+    if cut is not None and float(cut) > max(res.num_examples, 1):
+        return f"metric truncated_examples = {cut!r} exceeds the {res.num_examples} examples"
+    return None
 
 
 TRUNCATION_KEYS = ("truncated_examples", "truncated_tokens_mean", "truncated_tokens_max")
@@ -192,9 +236,27 @@ def truncation_totals(results: list[TaskResult]) -> dict[str, float]:
     }
 
 
+def eval_limit(params: Mapping[str, Any]) -> int:
+    """The ``max_examples`` of an evaluation task's params (every method's ``eval`` section)."""
+    section = params.get("eval")
+    value = section.get("max_examples") if isinstance(section, Mapping) else None
+    return int(value) if isinstance(value, int) else EvalParams().max_examples
+
+
+WEIGHT_MAX = AggregationParams().max_weight
+"""The most examples one result counts for in a reported metric's mean (as in the updates')."""
+
+
 def weighted(results: list[TaskResult], key: str) -> float | None:
-    pairs = [(r.metrics[key], max(r.num_examples, 1)) for r in results if key in r.metrics]
+    """The example-weighted mean of ``key`` (each weight capped at :data:`WEIGHT_MAX`); None
+    when no result reports it or the mean is not finite."""
+    pairs = [
+        (float(r.metrics[key]), min(max(r.num_examples, 1), WEIGHT_MAX))
+        for r in results
+        if key in r.metrics
+    ]
     if not pairs:
         return None
     total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total
+    mean = sum(v * w for v, w in pairs) / total
+    return mean if math.isfinite(mean) else None

@@ -50,6 +50,7 @@ class FedAvgServer:
                 "fedavg needs the base model's weights on the aggregator: set run.model_dir"
             )
         self.model_dir = Path(context.model_dir)
+        self._regions = context.regions
         self.dtype = _DTYPES[parsed.fedavg.dtype]
         self.global_state = load_base_weights(self.model_dir, self.dtype)
         self.payload_bytes = sum(t.numel() * t.element_size() for t in self.global_state.values())
@@ -132,7 +133,9 @@ class FedAvgServer:
         self._acc = Aggregator(self.params.aggregation)
 
     def add(self, update: Update) -> None:
-        self._acc.add(update.tensors, update.num_examples)
+        region = update.agent_id in self._regions  # a regional tier's count is not capped
+        weight = self.params.aggregation.weight(update.num_examples, region=region)
+        self._acc.add(update.tensors, weight)
 
     def finish_round(self, round: int) -> dict[str, float]:
         mean = self._acc.result()

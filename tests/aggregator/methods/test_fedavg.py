@@ -179,3 +179,22 @@ def test_an_agent_without_the_global_refuses_to_train_from_a_guess(
     agent.run("eval", 0, server.assign(0, "a", "eval"))  # holds the base (round 0)
     with pytest.raises(TaskError, match="does not hold round 3's"):
         agent.run("train", 4, Assignment(params=server.assign(1, "a", "train").params))
+
+
+def test_one_updates_weight_is_capped_at_max_weight(server: FedAvgServer) -> None:
+    """A liar claiming 10 million examples (accepted: max_examples) counts for max_weight
+    (10,000) in the mean, as in every other method, not for its claim."""
+    base = {n: t.clone() for n, t in server.global_state.items()}
+    server.begin_round(1)
+    for agent, n, step in (("honest", 32, 0.01), ("liar", 10_000_000, 0.03)):
+        state = {k: v + step for k, v in base.items()}
+        blob = payloads.encode_dense(state, method="fedavg", round=1)
+        res = TaskResult(run_id="r", round=1, task_id=f"t-{agent}", agent_id=agent,
+                         method="fedavg", num_examples=n)  # fmt: skip
+        server.add(server.validate(1, res, {"update": memoryview(blob)}))
+    server.finish_round(1)
+    name = next(iter(base))
+    moved = (server.global_state[name] - base[name]).double().mean().item()
+    cap = server.params.aggregation.max_weight
+    assert cap == 10_000
+    assert moved == pytest.approx((32 * 0.01 + cap * 0.03) / (32 + cap), rel=1e-3)
