@@ -43,7 +43,7 @@ from aggregator.runs.admin import AdminServer, admin_request
 from aggregator.runs.lifecycle import Lifecycle
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
-from aggregator.store.statedir import check_writable
+from aggregator.store.statedir import StateDirLock, check_writable
 from protocol.errors import ErrorCode
 from protocol.frames import encode
 from protocol.messages import BaseModelRef, Bye, ErrorReply, TaskResult
@@ -98,6 +98,37 @@ class AggregatorService:
         self.config = config
         state = config.server.state_dir
         check_writable(state)  # a read-only state dir: one clear error before SQLite opens it
+        self.lock = StateDirLock(state)  # one aggregator per state dir
+        try:
+            self._open(config, model, on_round, method, driven, on_phase, serve_runs)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.exit_when_done = exit_when_done
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.bye_on_exit = driven
+        self.should_exit = threading.Event()
+        self.bound = threading.Event()
+        self.endpoint = ""
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.auth: AllowListAuthenticator | None = None
+        self.boundary = MessageBoundary(self.engine, self.metrics)
+        self.decode_ahead = DecodeAhead()
+        self.sessions = Sessions(None)
+
+    def _open(
+        self,
+        config: AggregatorConfig,
+        model: BaseModelRef,
+        on_round: object,
+        method: ServerMethod | None,
+        driven: bool,
+        on_phase: Callable[[str, int, list[TaskResult]], None] | None,
+        serve_runs: bool,
+    ) -> None:
+        """The ledger, the metrics and the first engine (``__init__``'s part that may fail
+        once the state dir is locked)."""
+        state = config.server.state_dir
         self.model = model
         self.ledger = Ledger(state / "ledger.sqlite")
         self.metrics = ServiceMetrics()
@@ -112,25 +143,18 @@ class AggregatorService:
         self._on_round = round_done
         self._driven, self._on_phase = driven, on_phase
         self.lifecycle: Lifecycle | None = None
-        self.exit_when_done = exit_when_done
         self.admin: AdminServer | None = None
-        if serve_runs:
-            from aggregator.runs.state import RunBook
+        try:
+            if serve_runs:
+                from aggregator.runs.state import RunBook
 
-            self.lifecycle = Lifecycle(RunBook(self.ledger, state), self._build, self._export)
-            self.engine = self.lifecycle.adopt(config)
-        else:
-            self.engine = self._build(config, False, method)
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.bye_on_exit = driven
-        self.should_exit = threading.Event()
-        self.bound = threading.Event()
-        self.endpoint = ""
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.auth: AllowListAuthenticator | None = None
-        self.boundary = MessageBoundary(self.engine, self.metrics)
-        self.decode_ahead = DecodeAhead()
-        self.sessions = Sessions(None)
+                self.lifecycle = Lifecycle(RunBook(self.ledger, state), self._build, self._export)
+                self.engine = self.lifecycle.adopt(config)
+            else:
+                self.engine = self._build(config, False, method)
+        except BaseException:
+            self.ledger.close()
+            raise
 
     @property
     def dropped(self) -> int:
@@ -340,20 +364,24 @@ class AggregatorService:
             for frames in backlog:
                 self._receive(sock, frames, time.monotonic())
             self._loop(sock)
-        finally:
-            sock.close(linger=1000)
-            if self.admin is not None:
-                self.admin.close()
-            if self.auth is not None:
-                self.auth.stop()
-            self.decode_ahead.close()
-            try:
-                self.engine.close()
-            except Exception:
-                log.exception("run %s: closing its engine failed", self.engine.run_id)
-            self.ledger.close()
-            self.ctx.term()
-            self.metrics.close()
+        finally:  # every step runs, whatever the one before raised (the error that ended
+            # the loop is what propagates)
+            steps: list[tuple[str, Callable[[], Any]]] = [
+                ("the socket", lambda: sock.close(linger=1000)),
+                ("the admin channel", self.admin.close if self.admin is not None else _nothing),
+                ("the authenticator", self.auth.stop if self.auth is not None else _nothing),
+                ("the decoders", self.decode_ahead.close),
+                (f"run {self.engine.run_id}'s engine", self.engine.close),
+                ("the ledger", self.ledger.close),
+                ("the ZeroMQ context", self.ctx.term),
+                ("the metrics endpoint", self.metrics.close),
+                ("the state dir's lock", self.lock.release),
+            ]
+            for what, close in steps:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %s failed", what)
         return 0
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -492,6 +520,10 @@ class AggregatorService:
         return export_result(
             self.engine.method, run.method, out_dir, model=run.model, model_dir=run.model_dir
         )
+
+
+def _nothing() -> None:
+    pass
 
 
 def _model_of(config: AggregatorConfig) -> BaseModelRef:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from aggregator.store.checkpoint import atomic_write_bytes
+from aggregator.store.export import save_safetensors
 
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf", ".pt", ".pth")
 """The base's weights are not copied; ``edgefed-model.json`` (the model store's marker) neither."""
@@ -29,8 +31,7 @@ def write_full_model(
         if f.is_file() and not skip:
             shutil.copy2(f, out_dir / f.name)
     path = out_dir / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
-    (out_dir / f"{info.get('method', 'model')}.json").write_text(
-        json.dumps(info, indent=2) + "\n", encoding="utf-8"
-    )
+    save_safetensors({k: v.contiguous() for k, v in weights.items()}, path)
+    body = json.dumps(info, indent=2) + "\n"
+    atomic_write_bytes(out_dir / f"{info.get('method', 'model')}.json", body.encode())
     return {"model": out_dir, "weights": path, "adapter": out_dir}

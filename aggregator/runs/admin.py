@@ -89,7 +89,10 @@ class AdminServer:
 
     def close(self) -> None:
         self.socket.close(0)
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:  # a state dir gone read-only: the socket file stays behind
+            log.warning("could not remove %s: %s", self.path, exc)
 
 
 KNOWN = "submit, list, stop, resume, show"

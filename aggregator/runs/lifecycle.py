@@ -193,8 +193,17 @@ class Lifecycle:
         if status == "finished":
             try:
                 self.export(engine)
-            except (AggregatorError, OSError) as exc:
-                log.error("run %s: export failed: %s", run_id, exc)
+            except Exception as exc:  # the run is finished and its checkpoints are whole:
+                # a failed export (full or read-only export_dir, ...) is retried by hand
+                where = engine.config.run.export_dir
+                retry = (
+                    f"edgefed-aggregator export --state-dir {self.book.state_dir} --run {run_id} "
+                    f"--out {where}"
+                )
+                log.error(
+                    "run %s: export to %s failed: %s; retry with: %s", run_id, where, exc, retry
+                )
+                reason = f"{reason}; export to {where} failed ({exc}); retry with: {retry}"
         self.book.set(run_id, status, reason)  # type: ignore[arg-type]
         log.info("run %s %s (%s); %d queued", run_id, status, reason, self._queued())
         self.active = None

@@ -8,15 +8,17 @@ written without importing peft, so the aggregator needs no model libraries for t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aggregator.errors import StateError
-from aggregator.store.checkpoint import atomic_write_bytes
+from aggregator.store.checkpoint import atomic_write_bytes, write_error
 from protocol.methods._common import LoraParams
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,6 +54,24 @@ def adapter_config(
     return config
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """``tensors`` as the safetensors file ``path``, whole or not at all: written beside it,
+    synced, then renamed into place (a crash or a full disk never leaves a half file under the
+    final name). A failed write is a :class:`StateError` naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(f"cannot write {path}", e) from e
+        raise StateError(f"cannot write {path}: {e}") from e
+
+
 def write_peft_adapter(
     out_dir: Path,
     state: Mapping[str, torch.Tensor],
@@ -67,10 +87,7 @@ def write_peft_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / ADAPTER_WEIGHTS
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    tmp = weights.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_bytes(weights, tmp.read_bytes())
-    tmp.unlink()
+    save_safetensors(tensors, weights)
     config = out_dir / ADAPTER_CONFIG
     body = json.dumps(
         adapter_config(lora, base_model_name=base_model_name, layers=layers), indent=2
@@ -112,7 +129,7 @@ def merge_into_base(
                 delta = (b.to(torch.float32) @ a.to(torch.float32)) * scaling
                 weights[name] = (w.to(torch.float32) + delta).to(w.dtype)
                 merged_names.add(name)
-        save_file(weights, str(out_dir / file.name), metadata={"format": "pt"})
+        save_safetensors(weights, out_dir / file.name)
     missing = set(pairs) - merged_names
     if missing:
         raise StateError(f"base model has no weights for {sorted(missing)[:3]}")

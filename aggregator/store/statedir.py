@@ -10,10 +10,14 @@ supervisor restarts once space is back.
   again (logging how much is missing), then exits with :data:`EXIT_DISK_FULL` (75, EX_TEMPFAIL),
   which the unit restarts (it prevents only 2). Waiting first keeps systemd's start limit from
   giving up while the disk is still full.
+- :class:`StateDirLock`: one aggregator per state directory. Two would both adopt the same run,
+  cut the same update log at start-up, answer each other's admin requests, and count updates
+  twice; the second is refused before it opens anything.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -51,6 +55,37 @@ def check_writable(state_dir: Path) -> None:
             "records every update and round there: make it writable (or point "
             "server.state_dir elsewhere)"
         ) from None
+
+
+LOCK_NAME = "aggregator.lock"
+
+
+class StateDirLock:
+    """An exclusive lock on ``state_dir`` for as long as this object lives (or until
+    :meth:`release`): a :class:`ConfigError` naming the holder's pid when another process
+    holds it. The kernel drops the lock when the process dies, SIGKILL included."""
+
+    def __init__(self, state_dir: Path) -> None:
+        path = Path(state_dir) / LOCK_NAME
+        self._file = open(path, "a+", encoding="ascii")  # noqa: SIM115 (held for the lifetime)
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ConfigError(
+                f"state dir {state_dir} is in use by another aggregator (pid {holder}); stop "
+                "it first, or give this one another server.state_dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the descriptor drops the lock
 
 
 def wait_for_space(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engine_harness import MODEL, Harness, lora_state
@@ -24,10 +25,10 @@ from protocol.messages import TaskAssign
 AGENTS = ("a1", "a2")
 
 
-def committed_rounds(tmp_path: Path, rounds: int) -> AggregatorConfig:
+def committed_rounds(tmp_path: Path, rounds: int, **run: Any) -> AggregatorConfig:
     """A run of 3 rounds with ``rounds`` of them committed; the harness closed (the process
     gone), its config returned."""
-    h = Harness(tmp_path, rounds=3)
+    h = Harness(tmp_path, rounds=3, **run)
     for agent in AGENTS:
         h.hello(agent)
     while h.engine.round < rounds:
@@ -178,3 +179,56 @@ def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
     with pytest.raises(AggregatorError, match="finished; .*submit a new run"):
         lifecycle.resume("run-t")
     ledger.close()
+
+
+def test_a_failed_export_still_finishes_the_run_and_says_how_to_retry(tmp_path: Path) -> None:
+    """The export at a run's end fails with an error that is not an OSError (safetensors'
+    own, on a full export dir): the run is finished, the queue goes on, the reason says how to
+    export by hand. Before, the error escaped, the run stayed running, and every restart
+    crashed on the same export."""
+    from safetensors import SafetensorError
+
+    config = committed_rounds(tmp_path, 2, export_dir=str(tmp_path / "export"))
+    lifecycle, book, ledger = serve(tmp_path)
+
+    def full_disk(_engine: RoundEngine) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    lifecycle.export = full_disk
+    engine = lifecycle.adopt(config)
+    h = engine
+    for agent in AGENTS:
+        h.on_message(agent, _hello(agent), 0.0)
+    tasks = [o for o in h.tick(1.0) if isinstance(o.header, TaskAssign)]
+    for o in tasks:
+        assert isinstance(o.header, TaskAssign)
+        h.on_message(o.agent_id, _result(o.header, o.agent_id), 1.0)
+    h.tick(2.0)
+    lifecycle.step(2.0)
+    info = book.info("run-t")
+    assert info.status == "finished"
+    assert "No space left on device" in info.reason
+    retry = f"edgefed-aggregator export --state-dir {tmp_path} --run run-t --out {tmp_path}/export"
+    assert retry in info.reason
+    assert lifecycle.active is None
+    ledger.close()
+
+
+def _hello(agent: str):  # type: ignore[no-untyped-def]
+    from engine_harness import PROFILE, SHA
+
+    from protocol.frames import decode, encode
+    from protocol.messages import Hello
+
+    return decode(encode(Hello(agent_id=agent, versions=[1], profile=PROFILE, models=[SHA])))
+
+
+def _result(t: TaskAssign, agent: str):  # type: ignore[no-untyped-def]
+    from protocol import payloads
+    from protocol.frames import decode, encode
+    from protocol.messages import TaskResult
+
+    blob = payloads.encode_lora(lora_state(3.0), method="fedit", round=t.round)
+    res = TaskResult(run_id=t.run_id, round=t.round, task_id=t.task_id, agent_id=agent,
+                     method="fedit", num_examples=10, metrics={"train_loss": 1.0})  # fmt: skip
+    return decode(encode(res, {"update": blob}))

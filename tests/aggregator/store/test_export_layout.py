@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from aggregator.cli import main
 from aggregator.engine.service import AggregatorService
+from aggregator.errors import StateError
 from aggregator.methods.fedit.server import FeditServer
 from aggregator.store.export_layout import HUB_IDS, KINDS, base_reference, export_result
 from protocol.methods import NAMES
@@ -90,3 +92,23 @@ def test_export_command_and_the_runs_own_export_lay_out_the_same(tmp_path: Path)
                                                "adapter/adapter_model.safetensors"]  # fmt: skip
     assert files(tmp_path / "own") == files(tmp_path / "cli")
     assert (tmp_path / "cli" / "adapter" / "edgefed-export.json").is_file()
+
+
+def test_a_failed_weights_write_leaves_no_file_under_the_final_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full or read-only export dir: the write fails with a StateError naming the file, and
+    neither a half file nor a temporary one is left where a reader would take it as done."""
+    from safetensors import SafetensorError
+
+    import aggregator.store.export as export
+
+    def full_disk(tensors: object, path: str, metadata: object = None) -> None:
+        Path(path).write_bytes(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full_disk)
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(StateError, match=r"cannot write .*model.safetensors.*No space left"):
+        export.save_safetensors({"w": torch.zeros(2)}, target)
+    assert list(tmp_path.iterdir()) == []
