@@ -292,7 +292,7 @@ class RoundEngine:
         if res.agent_id != agent_id:
             reason = f"result claims agent {res.agent_id!r}"
             return refusal(run_id, agent_id, res, ErrorCode.IDENTITY_MISMATCH, reason)
-        self.uploads.arrived(res.task_id)
+        self.uploads.arrived(res.task_id, agent_id)
         phase = self.phase
         if res.kind == "train" and self.intake.is_pending(res.task_id):
             return []  # a retry of an update in the open group: its Ack comes with the group

@@ -81,10 +81,15 @@ class UploadWindow:
                 out.stale.append(task_id)
         return out
 
-    def arrived(self, task_id: str) -> None:
-        """A result came in (granted or not): it no longer waits and frees its slot."""
-        self.granted.pop(task_id, None)
-        self.ready.pop(task_id, None)
+    def arrived(self, task_id: str, agent_id: str) -> None:
+        """``agent_id``'s result came in (granted or not): it no longer waits and frees its
+        slot. Only the agent that announced the task can: another agent naming its task id
+        (ids are derived from public values) changes nothing."""
+        granted = self.granted.get(task_id)
+        if granted is not None and granted[0] == agent_id:
+            del self.granted[task_id]
+        if self.ready.get(task_id) == agent_id:
+            del self.ready[task_id]
 
     def grants(self, now: float, *, window: int, timeout_s: float) -> list[tuple[str, str]]:
         """Lapse stale grants, then grant waiting results up to ``window`` outstanding.

@@ -60,3 +60,29 @@ def test_a_delivered_task_is_not_granted_again(tmp_path: Path) -> None:
         assert grants(h) == []
     finally:
         h.close()
+
+
+def test_another_agent_naming_a_task_does_not_cancel_its_place_or_its_grant(
+    tmp_path: Path,
+) -> None:
+    """Task ids derive from public values: an agent that sends a result naming the victim's
+    task (refused: not its task) neither takes the victim out of the grant queue nor frees the
+    victim's outstanding grant (which would let more uploads than the window run at once)."""
+    from protocol.messages import TaskResult
+
+    h = Harness(tmp_path, rounds=1, min_agents=2)
+    try:
+        for a in ("victim", "evil"):
+            h.hello(a)
+        assigns(h.tick())
+        vt = task_id_for(h.engine.run_id, 1, "train", "victim")
+        forged = TaskResult(run_id=h.engine.run_id, round=1, task_id=vt, agent_id="evil",
+                            method="fedit", num_examples=1)  # fmt: skip
+        h.send("victim", Heartbeat(ready=[vt]))
+        out = h.send("evil", forged)
+        assert [o.header.code for o in out] == [ErrorCode.STALE_TASK]  # type: ignore[attr-defined]
+        assert grants(h) == [("victim", vt)]  # still queued: granted at the next tick
+        h.send("evil", forged)
+        assert vt in h.engine.uploads.granted  # the grant stays out, its slot taken
+    finally:
+        h.close()
