@@ -87,7 +87,7 @@ class FedpipeRelay(FedpipeServer):
         return False  # only when the upstream asks
 
     def finish_score(self, round: int) -> dict[str, float]:
-        weight, sums, scored = self.selection.take()
+        weight, sums, scored = self.selection.take(self.params, self.candidates)
         if weight == 0:
             self.answers.drop("score", round)
             return {"scored_agents": 0.0}

@@ -1,7 +1,8 @@
 """FedPipe's importance selection: the score phase and the matrices it keeps.
 
 Before round 1, until a selection exists, every agent scores every candidate matrix.
-:meth:`Selection.add` checks one agent's scores and accumulates them weighted by its examples;
+:meth:`Selection.add` checks one agent's scores and accumulates them, as shares of the agent's total,
+weighted by its examples (capped);
 :meth:`Selection.finish` keeps the top matrices (``select.count``, else ``select.fraction`` of
 the candidates, ties in layer order). A phase without one valid score is repeated once
 (:data:`MAX_SCORE_ATTEMPTS`), then the selection falls back to layer order.
@@ -21,10 +22,12 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from aggregator.errors import StateError, UpdateRejected
 from aggregator.methods import decode_update
+from aggregator.methods.fedpipe.importance import normalised
 from aggregator.methods.fedpipe.plan import natural
 from aggregator.methods.robust import check_examples
 from aggregator.store.checkpoint import atomic_write_bytes
@@ -50,8 +53,7 @@ class Selection:
         self.selected: list[str] = []  # in decreasing importance
         self.scores: dict[str, float] = {}
         self.tokens: dict[str, float] = {}
-        self._sum: dict[str, float] = {}
-        self._weight = 0
+        self._shares: list[tuple[dict[str, float], int]] = []  # per agent: shares, weight
         self._attempts = 0
         self._scored: set[str] = set()
 
@@ -62,10 +64,13 @@ class Selection:
         blobs: Mapping[str, memoryview],
         params: spec.Params,
         candidates: Collection[str],
+        *,
+        region: bool = False,
     ) -> dict[str, float]:
         """Check one agent's scores (one per candidate, none negative) and its mean tokens per
-        example, and add them weighted by its examples; raises :class:`UpdateRejected`.
-        Returns the agent's scores."""
+        example, and add them as shares of their total, weighted by its examples (capped at
+        ``aggregation.max_weight`` unless ``region``); raises :class:`UpdateRejected`. Returns
+        the agent's scores."""
         expect = payloads.Expect(
             kind=payloads.PayloadKind.DENSE,
             method=spec.NAME,
@@ -88,18 +93,38 @@ class Selection:
                     ErrorCode.PAYLOAD_MISMATCH, f"{spec.TOKENS_MEAN} {mean} outside [1, {limit}]"
                 )
             self.tokens[result.agent_id] = mean
-        for m, v in values.items():
-            self._sum[m] = self._sum.get(m, 0.0) + v * result.num_examples
-        self._weight += result.num_examples
+        # each agent's scores as shares of its total, weighted by its capped example count: a
+        # liar's vector counts like any one agent's, whatever its scale (1e30) or its claimed
+        # examples (10 million); a regional tier's mean already sums to 1 and is not capped
+        weight = params.aggregation.weight(result.num_examples, region=region)
+        self._shares.append((normalised(values), weight))
         self._scored.add(result.agent_id)
         return values
+
+    def _combined(self, params: spec.Params, candidates: Collection[str]) -> dict[str, float]:
+        """The phase's scores per candidate by the aggregation rule: the example-weighted mean
+        of the agents' shares (``fedavg``), else their coordinate-wise median or trimmed mean,
+        one agent one vote (a liar's claimed examples then carry nothing)."""
+        names = list(candidates)
+        shares = np.array([[v.get(m, 0.0) for m in names] for v, _ in self._shares])
+        rule = params.aggregation.rule
+        if rule == "fedavg":
+            weights = np.array([w for _, w in self._shares], dtype=np.float64)
+            combined = weights @ shares / weights.sum()
+        elif rule == "median":
+            combined = np.median(shares, axis=0)
+        else:
+            cut = int(params.aggregation.trim * len(shares))
+            ordered = np.sort(shares, axis=0)
+            combined = ordered[cut : len(shares) - cut].mean(axis=0)
+        return {m: float(v) for m, v in zip(names, combined, strict=True)}
 
     def finish(self, params: spec.Params, candidates: Collection[str]) -> dict[str, float]:
         """Keep the top matrices by mean score and save the selection; with no valid score,
         ask for another phase once, then select in layer order."""
         self._attempts += 1
         fallback = 0.0
-        if self._weight == 0:
+        if not self._shares:
             if self._attempts < MAX_SCORE_ATTEMPTS:
                 log.warning("fedpipe: no valid importance scores; scoring again")
                 return {"scored_agents": 0.0}
@@ -107,8 +132,9 @@ class Selection:
                 "fedpipe: no valid scores after %d tries: selecting in layer order",
                 self._attempts,
             )
-            self._sum, self._weight, fallback = ({m: 0.0 for m in candidates}, 1, 1.0)
-        self.scores = {m: self._sum[m] / self._weight for m in candidates}
+            self.scores, fallback = dict.fromkeys(candidates, 0.0), 1.0
+        else:
+            self.scores = self._combined(params, candidates)
         order = sorted(candidates, key=lambda m: (-self.scores[m], natural(m)))
         s = params.select
         count = s.count if s.count is not None else max(1, round_half_up(s.fraction * len(order)))
@@ -125,11 +151,19 @@ class Selection:
             "score_fallback": fallback,
         }
 
-    def take(self) -> tuple[int, dict[str, float], int]:
-        """The phase's total examples, score sums and number of agents scored, which start
-        again from nothing (a regional tier answers with them instead of selecting)."""
-        taken = (self._weight, self._sum, len(self._scored))
-        self._weight, self._sum, self._scored = 0, {}, set()
+    def take(
+        self, params: spec.Params, candidates: Collection[str]
+    ) -> tuple[int, dict[str, float], int]:
+        """The phase's total weight, its combined scores times that weight (as sums), and the
+        number of agents scored; the phase starts again from nothing (a regional tier answers
+        with them instead of selecting)."""
+        if not self._shares:
+            taken: tuple[int, dict[str, float], int] = (0, {}, 0)
+        else:
+            weight = sum(w for _, w in self._shares)
+            combined = self._combined(params, candidates)
+            taken = (weight, {m: v * weight for m, v in combined.items()}, len(self._scored))
+        self._shares, self._scored = [], set()
         return taken
 
     def summary(self, candidates: int) -> str:

@@ -124,8 +124,12 @@ class FedpipeServer:
         return not self.selected
 
     def add_score(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> None:
-        values = self.selection.add(round, result, blobs, self.params, self.candidates)
-        self.importance.set_prior(result.agent_id, values, result.num_examples)
+        region = result.agent_id in self._regions
+        values = self.selection.add(
+            round, result, blobs, self.params, self.candidates, region=region
+        )
+        weight = self.params.aggregation.weight(result.num_examples, region=region)
+        self.importance.set_prior(result.agent_id, values, weight)
 
     def finish_score(self, round: int) -> dict[str, float]:
         return self.selection.finish(self.params, self.candidates)

@@ -110,13 +110,51 @@ def test_scores_are_averaged_by_examples_and_the_top_modules_selected(
     )
     metrics = s.finish_score(1)
     assert metrics["selected"] == 6.0 and not s.wants_score(1)
-    assert s.scores[names[0]] == pytest.approx(2.5) and s.scores[names[1]] == pytest.approx(3.0)
-    assert s.selected[:2] == [names[1], names[0]]  # (0·1 + 4·3)/4 = 3 beats (10·1 + 0)/4 = 2.5
+    # each agent's scores as shares of its total (a: 22, b: 16), weighted by its examples
+    assert s.scores[names[0]] == pytest.approx((10 / 22 * 1 + 0) / 4)
+    assert s.scores[names[1]] == pytest.approx((0 + 4 / 16 * 3) / 4)
+    assert s.selected[:2] == [names[1], names[0]]
     assert s.tokens == {"a": 30.0, "b": 50.0}
     again = server(tiny_model_dir, tmp_path)  # a restart before any checkpoint: no rescoring
     assert again.selected == s.selected and not again.wants_score(1)
     _, meta = again.state()
     assert json.loads(meta["selected"]) == s.selected and "6 of 14 matrices" in meta["selection"]
+
+
+@pytest.mark.parametrize(("rule", "claim"), [("fedavg", "scale"), ("median", "scale"),
+                                           ("median", "examples"), ("trimmed_mean", "examples")])  # fmt: skip
+def test_one_liar_does_not_decide_the_selection(
+    tiny_model_dir: Path, tmp_path: Path, rule: str, claim: str
+) -> None:
+    """Three honest agents favour the first two matrices; one liar favours the last two with
+    scores of 1e30 (counted as shares of its total, like anyone's), or claiming 10 million
+    examples (under a robust rule one agent is one vote). Before, raw scores weighted by the
+    raw claim: the liar's two matrices were selected either way."""
+    s = server(tiny_model_dir, tmp_path, aggregation={"rule": rule, "trim": 0.25})
+    names = list(s.candidates)
+    honest = {m: 1.0 for m in names} | {names[0]: 5.0, names[1]: 5.0}
+    for agent in ("h1", "h2", "h3"):
+        blob = score_blob(s, honest)
+        s.add_score(1, result(agent, 500, "score", tokens_mean=30.0), {"scores": memoryview(blob)})
+    scale, n = (1e30, 1) if claim == "scale" else (50.0, 10_000_000)
+    liar = {m: 0.0 for m in names} | {names[-1]: scale, names[-2]: scale}
+    blob = score_blob(s, liar)
+    s.add_score(1, result("liar", n, "score", tokens_mean=30.0), {"scores": memoryview(blob)})
+    s.finish_score(1)
+    assert s.selected[:2] == [names[0], names[1]]
+
+
+def test_a_claim_counts_for_max_weight_examples_in_the_weighted_mean(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    s = server(tiny_model_dir, tmp_path)
+    names = list(s.candidates)
+    for agent, n, top in (("a", 100, names[0]), ("b", 10_000_000, names[1])):
+        blob = score_blob(s, {m: 0.0 for m in names} | {top: 1.0})
+        s.add_score(1, result(agent, n, "score", tokens_mean=30.0), {"scores": memoryview(blob)})
+    s.finish_score(1)
+    assert s.scores[names[0]] == pytest.approx(100 / 10_100)  # b: max_weight, 10,000
+    assert s.scores[names[1]] == pytest.approx(10_000 / 10_100)
 
 
 @pytest.mark.parametrize("problem", ["unknown", "negative", "missing", "tokens", "nan"])
@@ -139,7 +177,7 @@ def test_bad_scores_are_rejected(tiny_model_dir: Path, problem: str) -> None:
         data = data.replace(struct.pack("<f", 12345.0), struct.pack("<f", float("nan")))
     with pytest.raises(UpdateRejected):
         s.add_score(1, result("a", 2, "score", **metrics), {"scores": memoryview(data)})
-    assert s.selection._weight == 0
+    assert s.selection._shares == []
 
 
 def test_no_valid_scores_rescore_once_then_fall_back_to_layer_order(tiny_model_dir: Path) -> None:

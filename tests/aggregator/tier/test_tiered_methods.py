@@ -382,7 +382,10 @@ def test_a_driven_engine_relays_fedpipe_scores_and_plans_its_agents(
     assert answer is not None and answer[1] == 8
     scores = payloads.decode(answer[0]["scores"]).tensors
     first = next(iter(relay.candidates))
-    assert float(scores[first][0]) == pytest.approx((3 * ord("a") + 5 * ord("b")) / 8)
+    n = len(relay.candidates)  # each agent's scores as shares of its total
+    total = {a: sum(i + ord(a) for i in range(n)) for a in "ab"}
+    share = (3 * ord("a") / total["a"] + 5 * ord("b") / total["b"]) / 8
+    assert float(scores[first][0]) == pytest.approx(share)
     up.add_score(1, fedpipe_result("east", 8, "score"), {"scores": memoryview(answer[0]["scores"])})
     up.finish_score(1)
     up.begin_round(1)
