@@ -137,12 +137,28 @@ class LayoutVote:
             raise UpdateRejected(ErrorCode.PAYLOAD_MISMATCH, "too many distinct layouts sent")
         self.by_layout.setdefault(sig, self.make()).add(tensors, weight)
 
+    @property
+    def count(self) -> int:
+        """Updates held, in every layout."""
+        return sum(acc.count for acc in self.by_layout.values())
+
     def winner(self) -> tuple[Signature, Aggregator, int] | None:
-        """The layout most updates came in (ties: the one with more tensors, then the first in
-        name order), its aggregate, and how many updates were left out; None without any."""
+        """The layout most updates came in, its aggregate, and how many updates were left
+        out; None without any, or when two layouts tie for the most: then nothing is applied
+        (a liar's layout must not win a 1:1 split by adding a module, or by dropping one),
+        and the next round votes again."""
         if not self.by_layout:
             return None
-        ranked = sorted(self.by_layout.items(), key=lambda kv: (-kv[1].count, -len(kv[0]), kv[0]))
+        ranked = sorted(self.by_layout.items(), key=lambda kv: (-kv[1].count, kv[0]))
+        if len(ranked) > 1 and ranked[1][1].count == ranked[0][1].count:
+            log.warning(
+                "round 1: %d layouts were each sent by %d agents: no layout wins, nothing is "
+                "applied this round (the next votes again); set run.model_dir so that the "
+                "layout is the model's",
+                sum(1 for _, acc in ranked if acc.count == ranked[0][1].count),
+                ranked[0][1].count,
+            )
+            return None
         best_sig, best = ranked[0]
         left_out = sum(acc.count for _, acc in ranked[1:])
         if left_out:

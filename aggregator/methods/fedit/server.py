@@ -182,6 +182,8 @@ class FeditServer:
             if won is not None:
                 _, self._acc, left_out = won
                 metrics["layout_left_out"] = float(left_out)
+            elif self._vote.count:  # a tie: nothing applied
+                metrics["layout_left_out"] = float(self._vote.count)
         combined = self._acc.result()
         if combined:
             self.global_state = combined

@@ -296,6 +296,7 @@ class SloraServer:
 
     def finish_round(self, round: int) -> dict[str, float]:
         won = self._vote.winner() if self.shapes is None else None
+        tied = self._vote.count if self.shapes is None and won is None else 0
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
         if won is not None:
             sig, self._acc, left_out = won
@@ -306,6 +307,8 @@ class SloraServer:
         metrics = {"examples": float(self._acc.weight), "stage": float(self.stage)}
         if won is not None:
             metrics["layout_left_out"] = float(won[2])
+        elif tied:  # a tie: nothing applied
+            metrics["layout_left_out"] = float(tied)
         self._payload = None
         if self.stage == 1:
             if mean:

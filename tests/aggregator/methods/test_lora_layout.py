@@ -97,3 +97,31 @@ def test_names_and_ranks_are_checked_against_the_task_without_a_model() -> None:
             assert exc.code == ErrorCode.PAYLOAD_MISMATCH
         else:
             raise AssertionError(f"accepted {sorted(shapes)}")
+
+
+def test_without_a_model_a_one_to_one_split_applies_neither_layout(tmp_path: Path) -> None:
+    """Two agents, one honest, one sending the honest layout plus a made-up module of the
+    right rank: no layout has more agents, so neither is applied (before, the tie went to the
+    layout with more tensors: the liar's adapter became the global and the honest layout was
+    rejected from round 2 on); the next round votes again."""
+    from engine_harness import NAMES, assigns, lora_state
+
+    h = Harness(tmp_path, rounds=3)  # no model_dir
+    for a in ("honest", "liar"):
+        h.hello(a)
+    t = assigns(h.tick())
+    evil = {k: torch.full_like(v, 3.0) for k, v in lora_state(0.5).items()}
+    extra = "base_model.model.model.layers.1.self_attn.q_proj"
+    evil[f"{extra}.lora_A.weight"] = torch.full((4, 16), 3.0)
+    evil[f"{extra}.lora_B.weight"] = torch.full((16, 4), 3.0)
+    h.result(t["honest"], "honest", 100, lora_state(0.5))
+    h.result(t["liar"], "liar", 1, evil)
+    out = h.tick()
+    assert h.method.global_state == {}
+    assert h.summaries[-1].method["layout_left_out"] == 2.0
+    t2 = assigns(out) or assigns(h.tick())
+    h.result(t2["honest"], "honest", 100, lora_state(0.5))
+    h.result(t2["liar"], "liar", 1, lora_state(0.7))  # the liar gives up: both agree
+    h.tick()
+    assert set(h.method.global_state) == set(NAMES)
+    h.close()
