@@ -18,6 +18,7 @@ from typing import Any
 
 from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import StateError
+from aggregator.ops.refusals import QuietLog
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import Decoded, FrameLike, decode
 from protocol.messages import ErrorReply, TaskResult
@@ -38,6 +39,8 @@ class MessageBoundary:
         """Messages that did not decode (each answered with an ErrorReply)."""
         self.internal_errors = 0
         """Messages that raised something other than a protocol error (logged with traceback)."""
+        self.quiet = QuietLog(log)
+        """Each agent's warnings once a minute at most (an agent's flood is not the log's)."""
 
     def handle(
         self,
@@ -57,7 +60,13 @@ class MessageBoundary:
             raise  # the ledger or checkpoints failed: stop rather than run on without durability
         except Exception:  # even building an error reply failed: log it and answer plainly
             self.internal_errors += 1
-            log.exception("agent %s: internal error at the message boundary", agent_id)
+            self.quiet.warn(
+                f"{agent_id}\0internal",
+                "agent %s: internal error at the message boundary",
+                agent_id,
+                now=now,
+                exc_info=True,
+            )
             return [Outgoing(agent_id, ErrorReply(code=ErrorCode.INTERNAL, reason=INTERNAL))]
 
     def _handle(
@@ -71,7 +80,13 @@ class MessageBoundary:
             msg = decoded() if decoded is not None else decode(frames)
         except FrameError as exc:
             self.dropped += 1
-            log.warning("agent %s: malformed message: %.300s", agent_id, exc)
+            self.quiet.warn(
+                f"{agent_id}\0malformed",
+                "agent %s: malformed message: %.300s",
+                agent_id,
+                exc,
+                now=now,
+            )
             return [Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc)))]
         try:
             replies = self.engine.on_message(agent_id, msg, now)
@@ -81,11 +96,18 @@ class MessageBoundary:
         except ProtocolError as exc:
             if self.metrics is not None and isinstance(msg.header, TaskResult):
                 self.metrics.refused(exc.code)
-            log.warning("agent %s: %.300s", agent_id, exc)
+            self.quiet.warn(f"{agent_id}\0{exc.code}", "agent %s: %.300s", agent_id, exc, now=now)
             return [Outgoing(agent_id, ErrorReply(code=exc.code, reason=str(exc)))]
         except StateError:
             raise
         except Exception:  # a bug a message can reach: this message fails, the service runs on
             self.internal_errors += 1
-            log.exception("agent %s: internal error on %s", agent_id, msg.header.type)
+            self.quiet.warn(
+                f"{agent_id}\0internal",
+                "agent %s: internal error on %s",
+                agent_id,
+                msg.header.type,
+                now=now,
+                exc_info=True,
+            )
             return [Outgoing(agent_id, ErrorReply(code=ErrorCode.INTERNAL, reason=INTERNAL))]

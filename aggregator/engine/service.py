@@ -236,7 +236,9 @@ class AggregatorService:
             sock.send_multipart([out.agent_id.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
             self.metrics.sent(frames)
         except zmq.Again:
-            log.warning("agent %s: send queue full, message dropped", out.agent_id)
+            self.boundary.quiet.warn(
+                f"{out.agent_id}\0full", "agent %s: send queue full, message dropped", out.agent_id
+            )
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
             log.info("agent %s unreachable: %s", out.agent_id, exc)
 

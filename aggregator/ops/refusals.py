@@ -3,7 +3,10 @@
 A peer whose key is refused tends to retry every few seconds forever; its refusals must be
 visible in the log without flooding it. :class:`RefusalLog` logs the first refusal of each peer
 at once and then one line per ``every_s`` with how many were refused meanwhile (it remembers
-at most ``max_peers`` peers, forgetting the least recent).
+at most ``max_peers`` peers, forgetting the least recent), and at most ``max_lines`` lines a
+minute in all (an outsider with a fresh key per connection is a new peer every time).
+:class:`QuietLog` is the same for any warning an agent's messages cause (malformed messages,
+a full send queue).
 
 :class:`RefusalLogging` is mixed into the ZAP authenticator
 (:class:`aggregator.ops.security.AllowListAuthenticator`): a CURVE handshake refused because its key
@@ -25,27 +28,77 @@ from zmq.utils import z85
 log = logging.getLogger("aggregator.ops.security")
 
 
-class RefusalLog:
-    def __init__(self, every_s: float = 60.0, max_peers: int = 4096) -> None:
+class QuietLog:
+    """Warnings keyed by who causes them, logged once per key and then at most once per
+    ``every_s`` with how many were held back meanwhile (at most ``max_keys`` keys are
+    remembered, the least recent forgotten), and at most ``max_lines`` lines per ``every_s`` in
+    all: a flood from many keys (a fresh CURVE key per connection) or many messages from one
+    agent costs a few lines a minute, not a line per message. What the budget held back is
+    counted in the next line that is logged."""
+
+    more = "more"
+    """How a line names what its key's interval held back ("3 more since the last line")."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every_s: float = 60.0,
+        max_keys: int = 4096,
+        max_lines: int = 60,
+    ) -> None:
+        self.logger = logger
         self.every_s = every_s
-        self.max_peers = max_peers
+        self.max_keys = max_keys
+        self.max_lines = max_lines
         self._lock = threading.Lock()
-        self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()  # last logged, since
+        self._keys: OrderedDict[str, tuple[float, int]] = OrderedDict()  # last logged, since
+        self._window = (float("-inf"), 0)  # start, lines logged in it
+        self._held = 0  # held back by the budget
+
+    def warn(
+        self, key: str, msg: str, *args: object, now: float | None = None, exc_info: bool = False
+    ) -> bool:
+        """Count one ``msg % args`` of ``key``; log it if due (with the exception being
+        handled, if ``exc_info``). True when a line was logged."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            last, hidden = self._keys.pop(key, (None, 0))
+            if last is not None and now - last < self.every_s:
+                self._keys[key] = (last, hidden + 1)
+                return False
+            start, lines = self._window
+            if now - start >= self.every_s:
+                start, lines = now, 0
+            if lines >= self.max_lines:
+                self._window = (start, lines)
+                self._keys[key] = (last if last is not None else float("-inf"), hidden + 1)
+                self._held += 1
+                self._trim()
+                return False
+            self._window = (start, lines + 1)
+            self._keys[key] = (now, 0)
+            self._trim()
+            held, self._held = self._held, 0
+        more = f" ({hidden} {self.more} since the last line)" if hidden else ""
+        if held:
+            more += f" ({held} other lines held back: more than {self.max_lines} a minute)"
+        self.logger.warning(msg + "%s", *args, more, exc_info=exc_info)
+        return True
+
+    def _trim(self) -> None:
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+
+
+class RefusalLog(QuietLog):
+    more = "more refused"
+
+    def __init__(self, every_s: float = 60.0, max_peers: int = 4096, max_lines: int = 30) -> None:
+        super().__init__(log, every_s, max_peers, max_lines)
 
     def refused(self, peer: str, why: str, now: float | None = None) -> bool:
         """Count a refusal of ``peer``; log it if due. True when a line was logged."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            last, hidden = self._peers.pop(peer, (None, 0))
-            if last is not None and now - last < self.every_s:
-                self._peers[peer] = (last, hidden + 1)
-                return False
-            self._peers[peer] = (now, 0)
-            while len(self._peers) > self.max_peers:
-                self._peers.popitem(last=False)
-        more = f" ({hidden} more refused since the last line)" if hidden else ""
-        log.warning("refused %s: %s%s", peer, why, more)
-        return True
+        return self.warn(peer, "refused %s: %s", peer, why, now=now)
 
 
 class RefusalLogging:

@@ -78,3 +78,38 @@ def test_an_unknown_key_is_refused_logged_once_and_the_agent_told(
         f"refused 127.0.0.1 with CURVE key {stranger_key}: the key is not in the allow-list "
         "(unknown, or revoked)"
     )
+
+
+def test_a_fresh_key_per_connection_costs_a_few_lines_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outsider with a new CURVE key for every connection is a new peer every time: the
+    log takes at most max_lines of them a minute, then says how many it held back."""
+    refusals = RefusalLog(every_s=60.0, max_lines=30)
+    caplog.set_level(logging.WARNING)
+    logged = [refusals.refused(f"10.0.0.1 with CURVE key k{i}", "unknown", now=i / 100)
+              for i in range(3000)]  # fmt: skip
+    assert sum(logged) == 30 and len(caplog.records) == 30
+    assert refusals.refused("10.0.0.1 with CURVE key late", "unknown", now=61.0)
+    assert "(2970 other lines held back: more than 30 a minute)" in caplog.records[-1].getMessage()
+
+
+def test_an_agents_flood_of_bad_messages_is_a_line_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """98,000 malformed messages from one allowed agent once wrote 98,000 warnings (2.8 MB/s)."""
+    from engine_harness import Harness
+
+    from aggregator.engine.boundary import MessageBoundary
+
+    h = Harness(tmp_path)
+    boundary = MessageBoundary(h.engine)
+    caplog.set_level(logging.WARNING)
+    for i in range(2000):
+        out = boundary.handle("noisy", [b"not a header"], now=float(i) / 1000)
+        assert out and out[0].header.type == "error"
+    noisy = [r for r in caplog.records if "noisy" in r.getMessage()]
+    assert len(noisy) == 1 and "malformed message" in noisy[0].getMessage()
+    boundary.handle("noisy", [b"not a header"], now=100.0)  # a minute on: one line, counted
+    assert "(1999 more since the last line)" in caplog.records[-1].getMessage()
+    h.close()
