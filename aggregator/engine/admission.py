@@ -32,6 +32,10 @@ class Waiting(str):
 
 log = logging.getLogger(__name__)
 
+RECORD_EVERY_S = 60.0
+"""An agent's unchanged profile is written to the ledger (and its join logged) at most this
+often, however often it says Hello."""
+
 
 class Admission:
     """Checks Hellos and filters agents by what the method can run on."""
@@ -50,6 +54,8 @@ class Admission:
         self.ledger = ledger
         self.model = model
         self.method_name = method_name
+        self._recorded: dict[str, tuple[dict[str, object], float]] = {}
+        """Per agent, the profile last written to the ledger and when (monotonic)."""
         self.refused: dict[str, str] = {}
         """Agent → the method's current reason for not assigning it (gone once it is assigned)."""
         self._logged: set[str] = set()  # agents whose refusal was logged (once per agent)
@@ -85,16 +91,23 @@ class Admission:
             log.warning("agent %s refused: %s", agent_id, reason)
             return ErrorReply(code=ErrorCode.MODEL_MISMATCH, reason=reason, ref=hello.msg_id)
         self.registry.hello(agent_id, hello, now)
-        self.ledger.upsert_agent(agent_id, hello.profile.model_dump(mode="json"), time.time())
+        profile = hello.profile.model_dump(mode="json")
+        recorded = self._recorded.get(agent_id)
+        if recorded is None or recorded[0] != profile or now - recorded[1] >= RECORD_EVERY_S:
+            # a synced ledger write per Hello let one agent's Hello flood slow every other
+            # agent's answers (~1,000 writes/s on the loop): the same profile is written again
+            # at most once a minute, and logged with it
+            self.ledger.upsert_agent(agent_id, profile, time.time())
+            self._recorded[agent_id] = (profile, now)
+            log.info(
+                "agent %s joined (%d cpus, %.1f GFLOP/s fp32)",
+                agent_id,
+                hello.profile.cpus,
+                hello.profile.matmul_gflops_fp32,
+            )
         on_hello = getattr(method, "on_hello", None)
         if on_hello is not None:
             on_hello(self.view(agent_id))
-        log.info(
-            "agent %s joined (%d cpus, %.1f GFLOP/s fp32)",
-            agent_id,
-            hello.profile.cpus,
-            hello.profile.matmul_gflops_fp32,
-        )
         return version
 
     def assignable(self, method: ServerMethod, agents: list[str]) -> list[str]:

@@ -89,3 +89,32 @@ def test_an_agent_the_method_accepts_again_is_no_longer_named_as_refused(tmp_pat
         assert "a3: too small" in blocked and "a2" not in blocked
     finally:
         h.close()
+
+
+def test_a_hello_flood_writes_the_ledger_once_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Hello once wrote the agent's profile with a synced SQLite transaction on the
+    loop: ~1,000 Hellos/s from one agent slowed every other agent's answers to seconds."""
+    from engine_harness import PROFILE, SHA
+
+    from protocol.messages import Hello, Welcome
+
+    h = Harness(tmp_path)
+    writes: list[str] = []
+    real = h.ledger.upsert_agent
+    monkeypatch.setattr(
+        h.ledger, "upsert_agent", lambda a, p, now: (writes.append(a), real(a, p, now))
+    )
+    for _ in range(500):
+        out = h.hello("a1")
+        assert isinstance(out[0].header, Welcome)
+    assert writes == ["a1"]
+    bigger = PROFILE.model_copy(update={"cpus": 64})
+    h.send("a1", Hello(agent_id="a1", versions=[1], profile=bigger, models=[SHA]))
+    assert writes == ["a1", "a1"]  # a changed profile is written at once
+    h.clock.now += 61.0
+    h.send("a1", Hello(agent_id="a1", versions=[1], profile=bigger, models=[SHA]))
+    assert writes == ["a1", "a1", "a1"]  # and an unchanged one once a minute
+    assert h.ledger.agents()[0].profile["cpus"] == 64
+    h.close()
