@@ -451,7 +451,9 @@ class RoundEngine:
 
     def _assignment(self, phase: Phase, agent_id: str) -> Outgoing:
         spec = self.method.assign(phase.round, agent_id, phase.kind)
-        if phase.kind == "eval":  # the agent evaluates on at most this many examples
+        if phase.kind == "eval" and agent_id not in self.admission.regions:
+            # the agent evaluates on at most this many examples (a regional tier answers with
+            # its agents' total)
             phase.limits[agent_id] = eval_limit(spec.params)
         header = TaskAssign(
             run_id=self.run_id,
@@ -471,7 +473,7 @@ class RoundEngine:
 
     def _close_phase(self, phase: Phase, now: float) -> list[Outgoing]:
         self.phase = None
-        results = list(phase.done.values())
+        results = phase.counted()  # the rejected ones' metrics count nowhere
         summary = self.summaries.setdefault(phase.round, RoundSummary(round=phase.round))
         if phase.kind == "score":
             metrics = self.method.finish_score(phase.round)  # type: ignore[attr-defined]

@@ -110,3 +110,23 @@ def test_a_checkpoint_whose_metrics_the_ledger_refuses_still_restores(tmp_path: 
     (row,) = [r for r in h.ledger.rounds("run-t") if r.round == 1]
     assert row.committed_at is not None and row.metrics == {"agents": 2.0}
     h.close()
+
+
+def test_a_regional_tiers_evaluation_counts_its_agents_total(tmp_path: Path) -> None:
+    """A listed region answers an evaluation with its agents' total examples, beyond the
+    task's max_examples (64): accepted, weighted by that total (capped at max_weight)."""
+    from engine_harness import PROFILE, SHA
+
+    from protocol.messages import Hello
+
+    h = Harness(tmp_path, rounds=1, eval=True, eval_initial=True, regions=("east",))
+    h.send("east", Hello(agent_id="east", versions=[1], profile=PROFILE, models=[SHA],
+                         role="region"))  # fmt: skip
+    h.hello("a")
+    tasks = _next(h, "eval")
+    assert _eval(h, tasks["east"], "east", 640, eval_loss=1.0, eval_rouge_l=0.5) is Ack
+    assert _eval(h, tasks["a"], "a", 64, eval_loss=3.0, eval_rouge_l=0.1) is Ack
+    _next(h, "train")
+    baseline = h.ledger.get_state("run-t", "baseline")
+    assert baseline["eval_loss"] == pytest.approx((640 * 1.0 + 64 * 3.0) / 704)
+    h.close()
