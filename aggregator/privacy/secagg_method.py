@@ -238,6 +238,19 @@ class SecureServer:
         assert layout is not None
         if self._examples <= 0:
             return
+        # the server cannot check a masked vector, but it can check the sum: agents that clip
+        # to ±clip_range before weighting send a sum within ±clip_range x their weights (plus
+        # the fixed-point rounding); beyond it, one of them did not clip, or altered its masked
+        # vector: the round is dropped (who did it cannot be told)
+        rounding = len(self._request.survivors if self._request else ()) + 1
+        limit = self.config.clip_range * self._examples + rounding * 2.0**-self.config.fraction_bits
+        if total.size and float(np.max(np.abs(total))) > limit * (1 + 1e-9):
+            raise SecAggError(
+                f"the unmasked sum reaches {float(np.max(np.abs(total))):.4g}, beyond what "
+                f"agents within clip_range {self.config.clip_range:g} can send ({limit:.4g} for "
+                f"weights {self._examples}): an agent did not clip its update or altered its "
+                "masked vector"
+            )
         secure_payload = getattr(self.inner, "secure_payload", None)
         try:
             if secure_payload is not None:  # the method re-encodes the mean itself (Ferret)

@@ -54,15 +54,28 @@ def combine(shares: Sequence[bytes], threshold: int, length: int) -> bytes:
             raise SecAggError(f"two different shares claim x = {x}")
     if len(points) < threshold:
         raise SecAggError(f"{len(points)} shares, {threshold} needed")
-    chosen = sorted(points.items())[:threshold]
-    secret = 0
-    for j, (xj, yj) in enumerate(chosen):
-        num, den = 1, 1
-        for m, (xm, _) in enumerate(chosen):
-            if m != j:
-                num = num * (-xm) % PRIME
-                den = den * (xj - xm) % PRIME
-        secret = (secret + yj * num * pow(den, -1, PRIME)) % PRIME
+    ordered = sorted(points.items())
+    chosen = ordered[:threshold]
+    secret = _at(chosen, 0)
+    for x, y in ordered[threshold:]:  # more than needed: every one must lie on the polynomial
+        if _at(chosen, x) != y:
+            raise SecAggError(
+                f"the shares do not agree (the share at x = {x} is off the polynomial the "
+                "others define): one was altered"
+            )
     if secret >= 1 << (8 * length):
         raise SecAggError("the shares do not agree on a secret of that length")
     return secret.to_bytes(length, "big")
+
+
+def _at(points: Sequence[tuple[int, int]], x: int) -> int:
+    """The value at ``x`` of the polynomial through ``points`` (Lagrange, mod :data:`PRIME`)."""
+    value = 0
+    for j, (xj, yj) in enumerate(points):
+        num, den = 1, 1
+        for m, (xm, _) in enumerate(points):
+            if m != j:
+                num = num * (x - xm) % PRIME
+                den = den * (xj - xm) % PRIME
+        value = (value + yj * num * pow(den, -1, PRIME)) % PRIME
+    return value

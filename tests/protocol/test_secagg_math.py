@@ -83,6 +83,22 @@ def test_pairwise_keys_agree_and_bind_purpose_and_round() -> None:
     assert ab != crypto.derive(a, crypto.public_bytes(b), "mask", "run/2")
 
 
+def test_an_altered_share_beyond_the_threshold_is_detected() -> None:
+    """With more shares than the threshold, every one must lie on the polynomial the first
+    ones define: a share with one bit flipped fails the recovery instead of shifting the
+    secret silently (with exactly the threshold, nothing can tell)."""
+    secret = os.urandom(32)
+    shares = shamir.split(secret, 6, 4)
+    assert shamir.combine(shares, 4, 32) == secret
+    for i in range(6):
+        bad = list(shares)
+        altered = bytearray(bad[i])
+        altered[-1] ^= 1
+        bad[i] = bytes(altered)
+        with pytest.raises(SecAggError, match="do not agree|off the polynomial"):
+            shamir.combine(bad, 4, 32)
+
+
 def test_sealed_shares_fail_when_misrouted() -> None:
     key = os.urandom(32)
     sealed = crypto.seal(key, b"share", b"a->b r1")

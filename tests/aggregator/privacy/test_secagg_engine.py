@@ -169,3 +169,35 @@ def test_a_restart_mid_round_starts_the_round_again_with_fresh_keys(tmp_path: Pa
     for name in states["a"]:
         mean = sum(states[a][name].double() for a in AGENTS) / len(AGENTS)
         assert (state[name].double() - mean).abs().max().item() <= 1e-6
+
+
+class Injecting(SecureClient):
+    """Masks honestly, then adds a huge constant to its masked vector (the server cannot look
+    inside a masked vector; the unmasked sum shows it)."""
+
+    def _train(self, task: TaskInput, ws: Workspace, entry: dict[str, Any], dp: Any) -> TaskOutput:  # type: ignore[override]
+        import numpy as np
+
+        from protocol.secagg import wire
+
+        out = super()._train(task, ws, entry, dp)
+        masked = wire.vector_from(out.blobs[wire.MASKED_BLOB], None).copy()
+        masked += np.uint64(round(5e6 * 2**24))
+        out.blobs[wire.MASKED_BLOB] = wire.vector_bytes(masked)
+        return out
+
+
+def test_an_agent_that_skips_the_clip_or_alters_its_masked_vector_fails_the_round(
+    tmp_path: Path,
+) -> None:
+    """Before, one agent adding 5e6 to its masked vector set the global to 1.7e5 per value
+    with secagg_failures 0: the unmasked sum is now held to what clipped agents can send."""
+    engine, clock, summaries = _engine(tmp_path)
+    agents: dict[str, SecureClient] = {
+        a: SecureClient(FakeFedit(lora_state(1.0), 4)) for a in AGENTS[:-1]
+    }
+    agents[AGENTS[-1]] = Injecting(FakeFedit(lora_state(1.0), 4))
+    _drive(engine, clock, agents, {})
+    assert summaries[-1].method["secagg_failed"] == 1.0
+    state, _ = engine.method.state()
+    assert state == {}  # nothing applied
