@@ -11,6 +11,7 @@ The math and the accountant are in :mod:`aggregator.privacy.dp`.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from aggregator.methods import AgentView, Assignment, ServerMethod, Update
 from aggregator.privacy import dp
 from aggregator.privacy.config import PrivacySection
+from protocol.lora_init import initial_adapter
 from protocol.messages import TaskResult
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,42 @@ class DpServer:
     def validate(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> Update:
         update = self.inner.validate(round, result, blobs)
         update.num_examples = 1  # equal weights: the clip bounds each agent's share
+        if self.mode == "central" and not self.secure:
+            update.tensors = self._clipped(update)
         return update
+
+    def _clipped(self, update: Update) -> dict[str, torch.Tensor]:
+        """The update with its change from the global clipped to ``dp_clip`` here as well:
+        central DP's guarantee rests on that bound, and an agent that skips its clip would
+        otherwise own the mean (an honest agent's update is within it: unchanged). The change
+        is from the global the task carried, or in round 1 from the seeded initial adapter
+        every agent builds (rebuilt here from the update's names and shapes)."""
+        tensors = dict(update.tensors)
+        reference: Mapping[str, torch.Tensor] | None = getattr(self.inner, "global_state", None)
+        if not reference:
+            lora = getattr(getattr(self.inner, "params", None), "lora", None)
+            seed = getattr(lora, "init_seed", None)
+            shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+            reference = initial_adapter(shapes, seed) if isinstance(seed, int) else None
+        if not reference or set(reference) != set(tensors):
+            return tensors
+        names = sorted(tensors)
+        delta = {n: tensors[n].to(torch.float64) - reference[n].to(torch.float64) for n in names}
+        norm = math.sqrt(sum(float((d * d).sum()) for d in delta.values()))
+        if norm <= self.clip * (1 + 1e-6):
+            return tensors
+        scale = self.clip / norm
+        log.warning(
+            "DP: %s's update changed the global by %.4g, beyond dp_clip %g: clipped here",
+            update.agent_id,
+            norm,
+            self.clip,
+        )
+        update.metrics["dp_server_clip_scale"] = scale
+        return {
+            n: (reference[n].to(torch.float64) + delta[n] * scale).to(tensors[n].dtype)
+            for n in names
+        }
 
     def add(self, update: Update) -> None:
         self.inner.add(update)

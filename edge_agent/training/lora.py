@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from edge_agent.errors import ConfigError, ModelError
-from protocol import randomness
+from protocol.lora_init import initial_a
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -157,13 +156,6 @@ def _targets(model: torch.nn.Module, spec: LoraSpec) -> list[_Target]:
     return out
 
 
-def _initial_a(name: str, r: int, in_features: int, init_seed: int) -> torch.Tensor:
-    u = randomness.uniform(randomness.stream_key(init_seed, name), r * in_features)
-    bound = 1.0 / math.sqrt(in_features)
-    values = ((2.0 * u - 1.0) * bound).astype(np.float32)
-    return torch.from_numpy(values.reshape(r, in_features))
-
-
 def init_lora_state(
     model_or_peft: torch.nn.Module, spec: LoraSpec, init_seed: int
 ) -> dict[str, torch.Tensor]:
@@ -176,7 +168,7 @@ def init_lora_state(
     state: dict[str, torch.Tensor] = {}
     for t in targets:
         a_name = f"{t.prefix}.lora_A.weight"
-        state[a_name] = _initial_a(a_name, t.r, t.in_features, init_seed)
+        state[a_name] = initial_a(a_name, t.r, t.in_features, init_seed)
         state[f"{t.prefix}.lora_B.weight"] = torch.zeros(t.out_features, t.r)
     return state
 

@@ -32,10 +32,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 
-from protocol import randomness
+from protocol.lora_init import initial_a
 
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
@@ -70,11 +69,8 @@ def ranks_of(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return out
 
 
-def seeded_a(a_key: str, r: int, in_features: int, seed: int) -> torch.Tensor:
-    """The seeded initial ``lora_A`` of ``edge_agent.training.lora`` (float32 ``[r, in]``)."""
-    u = randomness.uniform(randomness.stream_key(seed, a_key), r * in_features)
-    values = ((2.0 * u - 1.0) / math.sqrt(in_features)).astype(np.float32)
-    return torch.from_numpy(values.reshape(r, in_features))
+seeded_a = initial_a
+"""The seeded initial ``lora_A`` every agent builds (float32 ``[r, in]``)."""
 
 
 def delta(a: torch.Tensor, b: torch.Tensor, scaling: Scaling) -> torch.Tensor:

@@ -147,3 +147,54 @@ def test_the_agent_wrapper_sends_its_adapter_clipped_and_noised() -> None:
     change = torch.cat([(sent[k] - reference[k]).reshape(-1).double() for k in reference])
     assert float(change.norm()) == pytest.approx(0.25, rel=1e-5)
     assert 0 < out.metrics["dp_clip_scale"] < 1 and out.num_examples == 9
+
+
+def test_central_dp_clips_on_the_server_what_an_agent_did_not() -> None:
+    """Central DP without secure aggregation: the server sees each update and clips its change
+    (from the global, or in round 1 from the seeded initial adapter) to dp_clip as well. An
+    agent that skipped its clip once moved the global by 2.5e5 with C = 1."""
+    from protocol import payloads
+    from protocol.lora_init import initial_adapter
+    from protocol.messages import TaskResult
+
+    privacy = PrivacySection(dp="central", dp_clip=1.0, noise_multiplier=1.0)
+    server = DpServer(
+        FeditServer({"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}}),
+        privacy,
+        rounds=3,
+        fraction=1.0,
+    )
+    server.begin_round(1)
+    start = initial_adapter({k: tuple(v.shape) for k, v in lora_state(0.0).items()}, 0)
+    assert start is not None
+
+    def sent(change: float) -> dict[str, torch.Tensor]:
+        tensors = {k: v + change / math.sqrt(2 * v.numel()) for k, v in start.items()}
+        blob = payloads.encode_lora(tensors, method="fedit", round=1)
+        res = TaskResult(run_id="r", round=1, task_id=f"t{change}", agent_id="a",
+                         method="fedit", num_examples=5)  # fmt: skip
+        update = server.validate(1, res, {"update": memoryview(blob)})
+        return update.tensors
+
+    def norm(tensors: dict[str, torch.Tensor]) -> float:
+        return math.sqrt(sum(float(((tensors[k].double() - start[k].double()) ** 2).sum())
+                             for k in start))  # fmt: skip
+
+    assert norm(sent(0.5)) == pytest.approx(0.5, rel=1e-4)  # within the clip: unchanged
+    assert norm(sent(1e6)) == pytest.approx(1.0, rel=1e-4)  # the liar's: clipped to C
+
+
+def test_the_servers_initial_adapter_is_the_agents(tiny_model_dir: Path) -> None:
+    """The round-1 reference the server rebuilds from names and shapes is the adapter every
+    agent's peft model starts with, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_agent.training.lora import LoraSpec, attach_lora, get_adapter_state
+    from protocol.lora_init import initial_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    spec = LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    agent = get_adapter_state(attach_lora(model, spec, init_seed=11))  # what peft holds
+    server = initial_adapter({k: tuple(v.shape) for k, v in agent.items()}, 11)
+    assert server is not None and set(server) == set(agent)
+    assert all(torch.equal(server[k], agent[k]) for k in agent)

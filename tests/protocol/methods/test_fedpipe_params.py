@@ -92,11 +92,3 @@ def test_a_zero_delta_keeps_one_zero_component() -> None:
     a, b = fm.global_factors(*acc.svd(1.0), scale)
     assert a.shape == (1, 6) and b.shape == (4, 1)
     assert float(fm.delta(a, b, scale).abs().max()) == 0.0
-
-
-def test_seeded_rows_are_the_agents_initial_adapter() -> None:
-    pytest.importorskip("peft")
-    from edge_agent.training.lora import _initial_a
-
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    assert torch.equal(fm.seeded_a(key, 4, 32, 7), _initial_a(key, 4, 32, 7))
