@@ -68,6 +68,9 @@ class Section:
 
 KL0 = "align.kl_weight=0"
 """FedBiOT's ablations ran at the reference's KL weight 0, the default before 0.5 measured better."""
+PROX1 = "prox=1"
+"""The reference's proximal λ, FedBiOT's default until 2026-12-05: the rows measured before
+then pin it (their results were run with it)."""
 
 SECTIONS: tuple[Section, ...] = (
     Section(
@@ -121,32 +124,36 @@ SECTIONS: tuple[Section, ...] = (
         ("fedbiot", "fedit"),
         "Every FedBiOT row scores the full model with the adapter (the last 2 layers) plugged "
         "back, on the same held-out sets as fedit. `fedbiot` is the default: drop ratio 0.5, "
-        "48 alignment steps before round 1 and 8 after each round, KL weight 0.5, proximal "
-        "λ = 1 on the merged weights, alignment LoRA r 4 on o_proj/down_proj. `fedbiot KL=0` is "
-        "the reference's released KL weight (the default until `fedbiot`'s KL 0.5 measured "
-        "better); every ablation changes one thing of `fedbiot KL=0` and is judged against it "
-        "(`fedbiot align qkvo r=8`: the adapter's own settings for the alignment LoRA). "
-        "`fedbiot prox=0 KL=0.5` and `fedbiot prox=0.1 KL=0.5` change only λ of `fedbiot`. "
+        "48 alignment steps before round 1 and 8 after each round, KL weight 0.5, no proximal "
+        "term (λ = 0), alignment LoRA r 4 on o_proj/down_proj. `fedbiot prox=1` is the "
+        "reference's λ = 1 on the merged weights (the default until `fedbiot` at λ = 0 measured "
+        "better), `fedbiot prox=0.1` a smaller λ. `fedbiot KL=0` is the reference's released "
+        "KL weight at λ = 1 (the default before that); every ablation changes one thing of "
+        "`fedbiot KL=0` and is judged against it (`fedbiot align qkvo r=8`: the adapter's own "
+        "settings for the alignment LoRA; `fedbiot prox=0`: λ = 0 at KL 0). "
         "`fedit last 2 layers` trains LoRA on the same 2 layers of the full model (the same "
         "trainable capacity); `fedit` on all of them; both are judged against `fedbiot` in the "
         "last tables.",
         (
-            Variant("fedbiot KL=0", "fedbiot", (KL0,)),
+            Variant("fedbiot KL=0", "fedbiot", (KL0, PROX1)),
             Variant("fedit last 2 layers", "fedit", ("last_layers=2",)),
             Variant(
-                "fedbiot no alignment", "fedbiot", (KL0, "align.initial_steps=0", "align.steps=0")
+                "fedbiot no alignment",
+                "fedbiot",
+                (KL0, PROX1, "align.initial_steps=0", "align.steps=0"),
             ),
-            Variant("fedbiot FedOT align once", "fedbiot", (KL0, "align.steps=0")),
-            Variant("fedbiot drop=0.2", "fedbiot", (KL0, "emulator.drop_ratio=0.2")),
-            Variant("fedbiot drop=0.35", "fedbiot", (KL0, "emulator.drop_ratio=0.35")),
+            Variant("fedbiot FedOT align once", "fedbiot", (KL0, PROX1, "align.steps=0")),
+            Variant("fedbiot drop=0.2", "fedbiot", (KL0, PROX1, "emulator.drop_ratio=0.2")),
+            Variant("fedbiot drop=0.35", "fedbiot", (KL0, PROX1, "emulator.drop_ratio=0.35")),
             Variant("fedbiot prox=0", "fedbiot", (KL0, "prox=0")),
-            Variant("fedbiot prox=0 KL=0.5", "fedbiot", ("prox=0",)),
-            Variant("fedbiot prox=0.1 KL=0.5", "fedbiot", ("prox=0.1",)),
+            Variant("fedbiot prox=1", "fedbiot", (PROX1,)),
+            Variant("fedbiot prox=0.1", "fedbiot", ("prox=0.1",)),
             Variant(
                 "fedbiot align qkvo r=8",
                 "fedbiot",
                 (
                     KL0,
+                    PROX1,
                     'align.target_modules=["q_proj","k_proj","v_proj","o_proj"]',
                     "align.r=8",
                     "align.alpha=16",

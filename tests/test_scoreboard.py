@@ -184,7 +184,13 @@ def test_every_variants_params_are_valid_for_its_method() -> None:
         assert parsed[name].align.kl_weight == 0.0  # type: ignore[attr-defined]
     assert parsed["fedbiot drop=0.2"].emulator.drop_ratio == 0.2  # type: ignore[attr-defined]
     assert parsed["fedbiot prox=0"].prox == 0.0  # type: ignore[attr-defined]
-    assert parse_params("fedbiot", {}).prox == 1.0  # type: ignore[attr-defined]
+    assert parse_params("fedbiot", {}).prox == 0.0  # type: ignore[attr-defined]
+    assert parsed["fedbiot prox=1"].prox == 1.0  # type: ignore[attr-defined]
+    assert parsed["fedbiot prox=0.1"].prox == 0.1  # type: ignore[attr-defined]
+    ablations = ("fedbiot KL=0", "fedbiot no alignment", "fedbiot FedOT align once",
+                 "fedbiot drop=0.2", "fedbiot drop=0.35", "fedbiot align qkvo r=8")  # fmt: skip
+    for name in ablations:  # run at λ = 1, the default then: pinned
+        assert parsed[name].prox == 1.0, name  # type: ignore[attr-defined]
     assert parsed["fedit last 2 layers"].last_layers == 2  # type: ignore[attr-defined]
     qkvo = parsed["fedbiot align qkvo r=8"].align  # type: ignore[attr-defined]
     assert qkvo.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and qkvo.r == 8
