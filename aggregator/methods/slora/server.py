@@ -86,7 +86,7 @@ class SloraServer:
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
         self._vote_shapes: dict[str, Signature] = {}  # task id -> shapes it sent (no model)
         self._switched = False
-        self._switch_evals = switch.SwitchEvals()
+        self._switch_evals = switch.SwitchEvals(self.params.eval.max_examples)
 
     def _check_density(self) -> None:
         """Warn when a stage-1 upload would outweigh the stage-2 adapter (see ``sizes``)."""
@@ -228,7 +228,7 @@ class SloraServer:
         self._vote = LayoutVote(lambda: Aggregator(self.params.aggregation))
         self._vote_shapes.clear()
         self._switched = False
-        self._switch_evals = switch.SwitchEvals()
+        self._switch_evals = switch.SwitchEvals(self.params.eval.max_examples)
         if self.stage == 1 and round > self.params.sparse.stage1_rounds:
             self._start_switch(round)
 

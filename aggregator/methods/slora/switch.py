@@ -79,14 +79,17 @@ def lora_from_sparse(
 class SwitchEvals:
     """The first stage-2 round's ``switch_eval_*`` metrics, example-weighted over agents."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_examples: int = 1_000_000) -> None:
+        self.max_examples = max_examples
+        """The most examples one agent's switch evaluation counts for (its task's
+        ``eval.max_examples``: an agent claiming 1e14 once made the report say anything)."""
         self._sums: dict[str, float] = {}
         self._weights: dict[str, float] = {}
         self._gain = [0.0, 0.0]  # Σ w·(base − switch), Σ w·(base − sparse)
 
     def add(self, metrics: Mapping[str, float]) -> None:
-        w = float(metrics.get("switch_eval_examples", 0.0))
-        if w <= 0:
+        w = min(float(metrics.get("switch_eval_examples", 0.0)), float(self.max_examples))
+        if not w > 0:
             return
         for stage in STAGES:
             for k in EVAL_KEYS:

@@ -540,3 +540,21 @@ def test_switch_evals_are_example_weighted_with_the_gain_kept() -> None:
     # gain kept: Σw(base − switch) / Σw(base − sparse) over the two agents with all three
     assert out["switch_gain_kept"] == pytest.approx((10 * 0.5 + 30 * 0.4) / (10 * 1.0 + 30 * 0.8))
     assert SwitchEvals().result() == {}
+
+
+def test_one_agents_switch_evaluation_counts_for_its_tasks_examples_at_most() -> None:
+    """An agent claiming 1e14 examples for its switch evaluation once made switch_gain_kept
+    -5.2e18; its weight is now capped at the task's eval.max_examples."""
+    from aggregator.methods.slora.switch import SwitchEvals
+
+    evals = SwitchEvals(max_examples=64)
+    honest = {"switch_eval_examples": 64.0, "switch_eval_loss": 1.5,
+              "switch_eval_base_loss": 2.0, "switch_eval_sparse_loss": 1.4}  # fmt: skip
+    liar = {"switch_eval_examples": 1e14, "switch_eval_loss": 1e6,
+            "switch_eval_base_loss": 0.0, "switch_eval_sparse_loss": 1.0}  # fmt: skip
+    evals.add(honest)
+    evals.add(honest)
+    evals.add(liar)
+    out = evals.result()
+    assert out["switch_eval_loss"] == pytest.approx((2 * 1.5 + 1e6) / 3)
+    assert out["switch_gain_kept"] == pytest.approx((2 * 0.5 - 1e6) / (2 * 0.6 - 1.0))
