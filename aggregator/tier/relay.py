@@ -115,7 +115,8 @@ class MeanRelay:
     """The example-weighted mean of a region's updates, in the payload kind they came in; or,
     with a robust ``rule`` (the region's ``[method.aggregation]``), its coordinate-wise median
     or trimmed mean over the region's agents (tensor payloads; Ferret's coefficients stay a
-    mean), still answered with the region's total example count."""
+    mean), still answered with the region's total example count (each agent's capped at
+    ``max_weight``)."""
 
     def __init__(self, method: str, rule: AggregationParams | None = None) -> None:
         self.method = method
@@ -180,7 +181,10 @@ class MeanRelay:
     def add(self, update: Update) -> None:
         acc = self.open
         assert acc is not None, "decode() opens the round's accumulator"
-        w = update.num_examples
+        # capped as the upstream caps an agent's claim (a region's answer is not capped there:
+        # one agent behind the region claiming 10 million examples would own its mean, and
+        # through it the upstream's)
+        w = self.rule.weight(update.num_examples)
         if acc.kind is payloads.PayloadKind.SEEDCOEF:
             t = update.tensors
             for g, s, v in zip(t["group"].tolist(), t["seed"].tolist(), t["value"].double().tolist(),

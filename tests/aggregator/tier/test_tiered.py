@@ -285,3 +285,24 @@ def test_a_region_applies_its_own_robust_rule_to_its_agents(tmp_path: Path) -> N
         relay_for("fedit", {"aggregation": {"rule": "mode"}}, MethodContext())
     with pytest.raises(ConfigError, match="a region does not clip"):
         relay_for("fedit", {"aggregation": {"clip_norm": 1.0}}, MethodContext())
+
+
+def test_one_agent_behind_a_region_counts_for_max_weight_at_most() -> None:
+    """The upstream does not cap a listed region's count (it stands for many agents), so the
+    region caps each of its agents: one claiming 10 million examples once made the region's
+    answer carry 10,000,020 examples (refused upstream: all its agents' work lost) or, just
+    under max_examples, the liar's values."""
+    relay = RelayMethod("fedit")
+    relay.begin_round(1)
+    for agent, n, value in (("h0", 10, 1.0), ("h1", 10, 2.0), ("liar", 10**7, 100.0)):
+        blob = payloads.encode_lora(lora_state(value), method="fedit", round=1)
+        res = TaskResult(round=1, task_id=f"t-{agent}", agent_id=agent, method="fedit",
+                         num_examples=n, metrics={"train_loss": 1.0})  # fmt: skip
+        relay.add(relay.validate(1, res, {"update": memoryview(blob)}))
+    relay.finish_round(1)
+    done = relay.mean.encode(1)
+    assert done is not None and done[1] == 10 + 10 + 10_000
+    mean = payloads.decode(done[0]).tensors
+    name = next(iter(mean))
+    expected = (10 * 1.0 + 10 * 2.0 + 10_000 * 100.0) / 10_020
+    assert float(mean[name][0, 0]) == pytest.approx(expected, rel=1e-5)
