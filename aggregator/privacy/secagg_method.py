@@ -218,6 +218,11 @@ class SecureServer:
             ours = sorted((k, tuple(v.shape)) for k, v in current.items())
             if current and layout.entries != ours:
                 raise SecAggError("the masked layout differs from the global adapter's")
+            known = getattr(self.inner, "known_layout", None)  # from run.model_dir
+            if not current and known and layout.entries != sorted(known.items()):
+                raise SecAggError("the masked layout differs from the model's adapter layout")
+            # else (round 1, no model_dir) the first masked layout is the round's: masked
+            # vectors cannot be told apart by content, so they cannot be voted on
             self._layout = layout
         elif layout != self._layout:
             raise SecAggError("the masked layout differs from the round's")

@@ -153,6 +153,11 @@ class FeditServer:
 
     # --- aggregation ------------------------------------------------------------------------
 
+    @property
+    def known_layout(self) -> dict[str, tuple[int, ...]] | None:
+        """The adapter's names and shapes when the model fixes them (``run.model_dir``)."""
+        return dict(self._layout) if self._layout is not None else None
+
     def begin_round(self, round: int) -> None:
         self._acc = Aggregator(self.params.aggregation)
         # no model and no global yet: the layout most agents send wins (never the first's)

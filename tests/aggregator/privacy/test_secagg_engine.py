@@ -12,6 +12,7 @@ import torch
 from engine_harness import MODEL, PROFILE, SHA, Clock, lora_state
 
 from aggregator.engine.engine import RoundEngine, RoundSummary
+from aggregator.methods import MethodContext
 from aggregator.methods.fedit.server import FeditServer
 from aggregator.ops.config import build_config
 from aggregator.privacy.wrap import private_method
@@ -42,7 +43,7 @@ class FakeFedit:
 
 
 def _engine(
-    tmp_path: Path, clock: Clock | None = None
+    tmp_path: Path, clock: Clock | None = None, model_dir: Path | None = None
 ) -> tuple[RoundEngine, Clock, list[RoundSummary]]:
     raw: dict[str, Any] = {
         "server": {"state_dir": str(tmp_path), "heartbeat_interval": 1.0, "liveness": 3},
@@ -56,7 +57,7 @@ def _engine(
     clock = clock or Clock()
     engine = RoundEngine(
         config,
-        private_method(FeditServer(config.method), config),
+        private_method(FeditServer(config.method, MethodContext(model_dir=model_dir)), config),
         MODEL,
         ledger=Ledger(tmp_path / "ledger.sqlite"),
         store=CheckpointStore(tmp_path / "checkpoints"),
@@ -201,3 +202,43 @@ def test_an_agent_that_skips_the_clip_or_alters_its_masked_vector_fails_the_roun
     assert summaries[-1].method["secagg_failed"] == 1.0
     state, _ = engine.method.state()
     assert state == {}  # nothing applied
+
+
+class OneTensor(SecureClient):
+    """Answers with a one-tensor layout (masked honestly): with the model's layout known, it
+    must not become the round's layout even when it comes first."""
+
+    def _train(self, task: TaskInput, ws: Workspace, entry: dict[str, Any], dp: Any) -> TaskOutput:  # type: ignore[override]
+        import numpy as np
+
+        from protocol.secagg import wire
+
+        out = super()._train(task, ws, entry, dp)
+        layout = wire.layout_from(out.blobs[wire.LAYOUT_BLOB])
+        name, shape = layout.entries[0]
+        size = int(np.prod(shape))
+        masked = wire.vector_from(out.blobs[wire.MASKED_BLOB], None)[:size].copy()
+        out.blobs[wire.MASKED_BLOB] = wire.vector_bytes(masked)
+        out.blobs[wire.LAYOUT_BLOB] = wire.layout_blob(wire.Layout([(name, shape)], layout.kind,
+                                                                   layout.meta))  # fmt: skip
+        return out
+
+
+def test_with_the_model_a_wrong_first_layout_does_not_fix_the_round(tmp_path: Path) -> None:
+    """Before, the first masked layout was the round's: one agent answering first with one
+    tensor had every honest agent refused and the round fail, round after round, run.model_dir
+    or not. Now the model's layout is the round's: the liar is refused, the others' mean holds."""
+    from engine_harness import fake_model_dir
+
+    engine, clock, summaries = _engine(tmp_path, model_dir=fake_model_dir(tmp_path / "model"))
+    states = {a: lora_state(float(i)) for i, a in enumerate(AGENTS)}
+    agents: dict[str, SecureClient] = {a: SecureClient(FakeFedit(states[a], 4)) for a in AGENTS}
+    agents["a"] = OneTensor(FakeFedit(states["a"], 4))  # the first to answer
+    _drive(engine, clock, agents, {})
+    assert summaries[-1].method.get("secagg_failed") is None
+    assert summaries[-1].method["secagg_survivors"] == len(AGENTS) - 1
+    state, _ = engine.method.state()
+    honest = [a for a in AGENTS if a != "a"]
+    for name in states["b"]:
+        mean = sum(states[a][name].double() for a in honest) / len(honest)
+        assert (state[name].double() - mean).abs().max().item() < 1e-5
