@@ -53,9 +53,9 @@ class Lifecycle:
         self.service = config
         if ledger.run(run_id) is None:
             self.book.submit(config)
-        else:
-            self._warn_changed(run_id, config)
         info = self.book.info(run_id)
+        if info.status not in ENDED:
+            self._warn_changed(run_id, config)
         if info.status in ENDED:
             why = f": {info.reason}" if info.reason else ""
             log.info("run %s is %s%s; waiting for the next submitted run", run_id, info.status, why)

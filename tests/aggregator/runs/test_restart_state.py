@@ -232,3 +232,19 @@ def _result(t: TaskAssign, agent: str):  # type: ignore[no-untyped-def]
     res = TaskResult(run_id=t.run_id, round=t.round, task_id=t.task_id, agent_id=agent,
                      method="fedit", num_examples=10, metrics={"train_loss": 1.0})  # fmt: skip
     return decode(encode(res, {"update": blob}))
+
+
+def test_a_finished_runs_config_is_not_compared(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished run is not resumed: a config file that differs from it (the next run's
+    settings, say) is nothing to warn about."""
+    config = committed_rounds(tmp_path, 3)
+    raw = config.model_dump(mode="json")
+    raw["run"]["rounds"] = 5
+    lifecycle, book, ledger = serve(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aggregator.runs.lifecycle"):
+        lifecycle.adopt(AggregatorConfig.model_validate(raw))
+    assert book.info("run-t").status == "finished"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    ledger.close()
