@@ -177,3 +177,14 @@ def start_round(h: Harness, agents: list[str]) -> dict[str, TaskAssign]:
         out = h.hello(a)
         assert isinstance(out[0].header, Welcome)
     return assigns(h.tick())
+
+
+def next_tasks(h: Harness, kind: str) -> dict[str, TaskAssign]:
+    """Tick until the engine hands out ``kind`` tasks (a phase closes on one tick, the next
+    opens on another); those tasks by agent."""
+    for _ in range(5):
+        tasks = assigns(h.tick())
+        if tasks:
+            assert {t.kind for t in tasks.values()} == {kind}
+            return tasks
+    raise AssertionError(f"no {kind} tasks")

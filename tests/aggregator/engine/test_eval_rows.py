@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from engine_harness import Harness, assigns, lora_state
+from engine_harness import Harness, lora_state, next_tasks
 
 from aggregator.cli import main
 from aggregator.ops.report import write_report
@@ -33,26 +33,15 @@ def _answer_evals(h: Harness, tasks: dict[str, TaskAssign], round: int, side: bo
                              method="fedit", kind="eval", num_examples=n, metrics=metrics))  # fmt: skip
 
 
-def _next(h: Harness, kind: str) -> dict[str, TaskAssign]:
-    """Tick until the engine hands out ``kind`` tasks (a phase closes on one tick, the next
-    opens on another)."""
-    for _ in range(5):
-        tasks = assigns(h.tick())
-        if tasks:
-            assert {t.kind for t in tasks.values()} == {kind}
-            return tasks
-    raise AssertionError(f"no {kind} tasks")
-
-
 def _run(tmp_path: Path, side: bool = False) -> Harness:
     h = Harness(tmp_path, rounds=1, eval=True, eval_initial=True)
     for a in ("a", "b"):
         h.hello(a)
-    _answer_evals(h, _next(h, "eval"), 0)
-    tasks = _next(h, "train")
+    _answer_evals(h, next_tasks(h, "eval"), 0)
+    tasks = next_tasks(h, "train")
     for a, v in (("a", 1.0), ("b", 2.0)):
         h.result(tasks[a], a, 5, lora_state(v))
-    _answer_evals(h, _next(h, "eval"), 1, side)
+    _answer_evals(h, next_tasks(h, "eval"), 1, side)
     h.tick()
     assert h.engine.finished
     h.close()

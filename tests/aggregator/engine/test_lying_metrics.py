@@ -10,21 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-from engine_harness import Harness, assigns, lora_state
+from engine_harness import Harness, lora_state, next_tasks
 
 from aggregator.engine.commits import ROUND_METRICS
 from aggregator.store.checkpoint import CheckpointStore
 from aggregator.store.ledger import Ledger
 from protocol.messages import Ack, ErrorReply, TaskAssign, TaskResult
-
-
-def _next(h: Harness, kind: str) -> dict[str, TaskAssign]:
-    for _ in range(5):
-        tasks = assigns(h.tick())
-        if tasks:
-            assert {t.kind for t in tasks.values()} == {kind}
-            return tasks
-    raise AssertionError(f"no {kind} tasks")
 
 
 def _eval(h: Harness, t: TaskAssign, agent: str, n: int, **metrics: float) -> type:
@@ -44,7 +35,7 @@ def test_a_lying_train_result_is_rejected_and_the_round_commits(
     h = Harness(tmp_path, rounds=1)
     for a in ("honest", "liar"):
         h.hello(a)
-    tasks = _next(h, "train")
+    tasks = next_tasks(h, "train")
     h.result(tasks["honest"], "honest", 10, lora_state(1.0))
     t = tasks["liar"]
     from protocol import payloads
@@ -67,13 +58,13 @@ def test_an_evaluation_beyond_its_task_or_out_of_range_does_not_count(tmp_path: 
     h = Harness(tmp_path, rounds=1, eval=True, eval_initial=True)
     for a in ("a", "b", "c", "d"):
         h.hello(a)
-    tasks = _next(h, "eval")
+    tasks = next_tasks(h, "eval")
     assert _eval(h, tasks["a"], "a", 64, eval_loss=2.0, eval_rouge_l=0.1) is Ack
     # 64 examples is the task's max_examples (the default EvalParams)
     assert _eval(h, tasks["b"], "b", 10**9, eval_loss=0.0, eval_rouge_l=1.0) is ErrorReply
     assert _eval(h, tasks["c"], "c", 2, eval_loss=1e308) is ErrorReply
     assert _eval(h, tasks["d"], "d", 2, eval_loss=1.0, eval_rouge_l=1.5) is ErrorReply
-    _next(h, "train")
+    next_tasks(h, "train")
     baseline = h.ledger.get_state("run-t", "baseline")
     assert (baseline["eval_loss"], baseline["eval_rouge_l"]) == (2.0, 0.1)
     (evaluation,) = h.ledger.evals("run-t")
@@ -88,7 +79,7 @@ def test_a_checkpoint_whose_metrics_the_ledger_refuses_still_restores(tmp_path: 
     h = Harness(tmp_path, rounds=2)
     for a in ("a", "b"):
         h.hello(a)
-    tasks = _next(h, "train")
+    tasks = next_tasks(h, "train")
     for a in ("a", "b"):
         h.result(tasks[a], a, 10, lora_state(1.0))
     h.tick()
@@ -123,10 +114,10 @@ def test_a_regional_tiers_evaluation_counts_its_agents_total(tmp_path: Path) -> 
     h.send("east", Hello(agent_id="east", versions=[1], profile=PROFILE, models=[SHA],
                          role="region"))  # fmt: skip
     h.hello("a")
-    tasks = _next(h, "eval")
+    tasks = next_tasks(h, "eval")
     assert _eval(h, tasks["east"], "east", 640, eval_loss=1.0, eval_rouge_l=0.5) is Ack
     assert _eval(h, tasks["a"], "a", 64, eval_loss=3.0, eval_rouge_l=0.1) is Ack
-    _next(h, "train")
+    next_tasks(h, "train")
     baseline = h.ledger.get_state("run-t", "baseline")
     assert baseline["eval_loss"] == pytest.approx((640 * 1.0 + 64 * 3.0) / 704)
     h.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine_harness import MODEL, Harness, assigns, lora_state
+from engine_harness import MODEL, Harness, lora_state, next_tasks
 
 from aggregator.engine.rounds import truncation_totals
 from aggregator.local.round_table import RoundTable
@@ -26,15 +26,6 @@ def _cut(kind: str, agent: str) -> dict[str, float]:
     return {"truncated_examples": n, "truncated_tokens_mean": mean, "truncated_tokens_max": most}
 
 
-def _next(h: Harness, kind: str) -> dict[str, TaskAssign]:
-    for _ in range(5):
-        tasks = assigns(h.tick())
-        if tasks:
-            assert {t.kind for t in tasks.values()} == {kind}
-            return tasks
-    raise AssertionError(f"no {kind} tasks")
-
-
 def _result(t: TaskAssign, agent: str, metrics: dict[str, float]) -> TaskResult:
     return TaskResult(run_id=t.run_id, round=t.round, task_id=t.task_id, agent_id=agent,
                       method="fedit", kind=t.kind, num_examples=4, metrics=metrics)  # fmt: skip
@@ -44,12 +35,12 @@ def test_a_rounds_truncation_is_summed_over_agents_train_and_eval(tmp_path: Path
     h = Harness(tmp_path, rounds=1, eval=True, eval_initial=False)
     for a in ("a", "b"):
         h.hello(a)
-    tasks = _next(h, "train")
+    tasks = next_tasks(h, "train")
     for a, v in (("a", 1.0), ("b", 2.0)):
         blob = payloads.encode_lora(lora_state(v), method="fedit", round=1)
         result = _result(tasks[a], a, {"train_loss": 1.0, **_cut("train", a)})
         h.send(a, result, {"update": blob})
-    for a, t in _next(h, "eval").items():
+    for a, t in next_tasks(h, "eval").items():
         h.send(a, _result(t, a, {"eval_loss": 2.0, **_cut("eval", a)}))
     h.tick()
     assert h.engine.finished
