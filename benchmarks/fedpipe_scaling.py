@@ -50,6 +50,7 @@ from edge_agent.training.lora import (  # noqa: E402
     set_adapter_state,
 )
 from edge_agent.training.train import TrainConfig, _batch_order, evaluate, train_lora  # noqa: E402
+from protocol.lora_init import initial_a  # noqa: E402
 from protocol.methods.fedpipe import math as fm  # noqa: E402
 from protocol.methods.fedpipe.spec import TARGETS  # noqa: E402
 
@@ -91,7 +92,7 @@ def truncated(
         b_glob = (u[:, :keep] * root[None, :]).float()
         a_key, b_key = fm.keys(m)
         keep_r = min(rank, keep)
-        a = fm.seeded_a(a_key, rank, a_glob.shape[1], init_seed)
+        a = initial_a(a_key, rank, a_glob.shape[1], init_seed)
         b = torch.zeros(b_glob.shape[0], rank)
         factor = math.sqrt(c_big / c_r)
         a[:keep_r], b[:, :keep_r] = a_glob[:keep_r] * factor, b_glob[:, :keep_r] * factor

@@ -67,7 +67,8 @@ class RoundCommits:
         stored updates, as if the crash had come before the checkpoint.
         """
         committed = self.ledger.last_committed_round(run_id)
-        for latest in reversed(self.store.rounds()):
+        rounds = self.store.rounds()
+        for latest in reversed(rounds):
             if committed is not None and latest < committed:
                 break
             try:
@@ -118,7 +119,7 @@ class RoundCommits:
             log.info("run %s resumes after committed round %d", run_id, latest)
             return latest
         if committed is not None:
-            valid = [r for r in self.store.rounds() if r < committed]
+            valid = [r for r in rounds if r < committed]
             raise self._damaged(
                 run_id,
                 committed,

@@ -174,7 +174,6 @@ class ResultIntake:
             try:
                 method.add_score(res.round, res, msg.blobs)  # type: ignore[attr-defined]
             except UpdateRejected as exc:
-                phase.rejected += 1
                 phase.refused.add(agent_id)
                 log.warning("round %d: rejected scores from %s: %s", res.round, agent_id, exc)
                 return exc.reason
@@ -225,7 +224,6 @@ class ResultIntake:
         self, phase: Phase, agent_id: str, res: TaskResult, code: ErrorCode | str, reason: str
     ) -> str:
         """Record ``res`` as rejected (answered, not counted, not stored); the reason."""
-        phase.rejected += 1
         phase.refused.add(agent_id)
         phase.done[agent_id] = res  # answered, just not counted
         self.ledger.record_rejection(

@@ -73,7 +73,7 @@ class RoundSummary:
         """Fill in the closed training ``phase``: agents counted, loss, bytes per agent, time,
         rejections; ``details``: what the method chose per agent, for :attr:`per_agent`."""
         results = phase.counted()
-        self.agents = len(phase.done) - phase.rejected
+        self.agents = len(results)
         self.train_loss = weighted(results, "train_loss")
         self.bytes_up = sum(phase.bytes_up.values()) / max(len(phase.bytes_up), 1)
         self.bytes_down = sum(phase.bytes_down.values()) / max(len(phase.assigned), 1)
@@ -139,12 +139,15 @@ class Phase:
     done: dict[str, TaskResult] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
-    rejected: int = 0
     refused: set[str] = field(default_factory=set)
     """Agents whose result was rejected: answered, but neither their update nor their metrics
     count."""
     limits: dict[str, int] = field(default_factory=dict)
     """Per agent, the most examples its task may report (an evaluation's ``max_examples``)."""
+
+    @property
+    def rejected(self) -> int:
+        return len(self.refused)
 
     def counted(self) -> list[TaskResult]:
         """The results whose metrics count (the rejected ones left out)."""

@@ -71,7 +71,8 @@ class QuietLog:
                 start, lines = now, 0
             if lines >= self.max_lines:
                 self._window = (start, lines)
-                self._keys[key] = (last if last is not None else float("-inf"), hidden + 1)
+                # counted once, in the budget's count (not also in the key's)
+                self._keys[key] = (last if last is not None else float("-inf"), hidden)
                 self._held += 1
                 self._trim()
                 return False

@@ -23,8 +23,9 @@ from typing import Any
 
 from aggregator.engine.engine import Outgoing, RoundEngine
 from aggregator.errors import AggregatorError, StateError
-from aggregator.ops.config import AggregatorConfig, differences
+from aggregator.ops.config import AggregatorConfig
 from aggregator.runs.state import ENDED, SERVICE, RunBook
+from aggregator.store.ledger import RUN_SECTIONS, differences
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class Lifecycle:
     def _warn_changed(self, run_id: str, config: AggregatorConfig) -> None:
         """Log which ``[run]`` / ``[method]`` fields of the config file differ from those the
         run was started with (which it keeps: a run's method and rounds do not change midway)."""
-        fields = {"run", "method"}
+        fields = set(RUN_SECTIONS)
         try:
             then = self.book.config_of(run_id).model_dump(mode="json", include=fields)
         except AggregatorError:  # reported when the run is made active

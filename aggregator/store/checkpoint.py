@@ -51,7 +51,7 @@ _EXTRA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,7 +69,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(f"cannot write {path}", e) from e
@@ -222,9 +222,9 @@ class CheckpointStore:
             self.root.mkdir(parents=True, exist_ok=True)
             if (rdir / MANIFEST).exists():  # re-save: the round stops existing until done
                 (rdir / MANIFEST).unlink()
-                _fsync_dir(rdir)
+                fsync_dir(rdir)
             rdir.mkdir(exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             raise write_error(f"cannot prepare checkpoint directory {rdir}", e) from e
 
@@ -263,7 +263,7 @@ class CheckpointStore:
                 if r not in keep:
                     self._remove(p)
                     logger.debug("pruned checkpoint %s", p)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:  # pruning is housekeeping: the new round is safely written
             logger.warning("could not prune old checkpoints in %s: %s", self.root, e)
 

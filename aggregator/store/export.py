@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aggregator.errors import StateError
-from aggregator.store.checkpoint import atomic_write_bytes, write_error
+from aggregator.store.checkpoint import atomic_write_bytes, fsync_dir, write_error
 from protocol.methods._common import LoraParams
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -65,10 +65,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
+        fsync_dir(path.parent)
+    except OSError as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise write_error(f"cannot write {path}", e) from e
+        raise write_error(f"cannot write {path}", e) from e
+    except SafetensorError as e:  # safetensors raises its own error for I/O failures (ENOSPC)
+        tmp.unlink(missing_ok=True)
         raise StateError(f"cannot write {path}: {e}") from e
 
 

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.errors import DiskFull, StateError
-from aggregator.ops.config import differences
 from aggregator.store._ledger_schema import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -74,6 +73,18 @@ logger = logging.getLogger(__name__)
 
 RUN_SECTIONS = ("run", "method")
 """A run's own sections of its config (the rest is the service's)."""
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf where two JSON values (e.g. two configs' dumps)
+    differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(old) | set(new)):
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
 
 _EVAL = "eval/"
 

@@ -57,7 +57,11 @@ def combine(shares: Sequence[bytes], threshold: int, length: int) -> bytes:
     ordered = sorted(points.items())
     chosen = ordered[:threshold]
     secret = _at(chosen, 0)
-    for x, y in ordered[threshold:]:  # more than needed: every one must lie on the polynomial
+    # more shares than needed: one more must lie on the polynomial the chosen ones define (an
+    # altered chosen share moves the polynomial off every honest share, so one check finds it;
+    # an altered share not chosen does not change the secret); with exactly ``threshold``
+    # shares nothing can tell
+    for x, y in ordered[threshold : threshold + 1]:
         if _at(chosen, x) != y:
             raise SecAggError(
                 f"the shares do not agree (the share at x = {x} is off the polynomial the "

@@ -64,13 +64,12 @@ class Selection:
         blobs: Mapping[str, memoryview],
         params: spec.Params,
         candidates: Collection[str],
-        *,
-        region: bool = False,
+        weight: int,
     ) -> dict[str, float]:
         """Check one agent's scores (one per candidate, none negative) and its mean tokens per
-        example, and add them as shares of their total, weighted by its examples (capped at
-        ``aggregation.max_weight`` unless ``region``); raises :class:`UpdateRejected`. Returns
-        the agent's scores."""
+        example, and add them as shares of their total with ``weight`` (its examples as the
+        aggregation counts them: capped at ``max_weight`` unless it is a region); raises
+        :class:`UpdateRejected`. Returns the agent's scores."""
         expect = payloads.Expect(
             kind=payloads.PayloadKind.DENSE,
             method=spec.NAME,
@@ -96,7 +95,6 @@ class Selection:
         # each agent's scores as shares of its total, weighted by its capped example count: a
         # liar's vector counts like any one agent's, whatever its scale (1e30) or its claimed
         # examples (10 million); a regional tier's mean already sums to 1 and is not capped
-        weight = params.aggregation.weight(result.num_examples, region=region)
         self._shares.append((normalised(values), weight))
         self._scored.add(result.agent_id)
         return values

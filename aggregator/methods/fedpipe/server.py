@@ -44,6 +44,7 @@ from aggregator.store.checkpoint import atomic_write_bytes
 from aggregator.store.export import merge_into_base
 from protocol import payloads
 from protocol.errors import ErrorCode
+from protocol.lora_init import initial_a
 from protocol.messages import Profile, TaskResult
 from protocol.methods import parse_params
 from protocol.methods.fedpipe import math as fm
@@ -125,10 +126,8 @@ class FedpipeServer:
 
     def add_score(self, round: int, result: TaskResult, blobs: Mapping[str, memoryview]) -> None:
         region = result.agent_id in self._regions
-        values = self.selection.add(
-            round, result, blobs, self.params, self.candidates, region=region
-        )
         weight = self.params.aggregation.weight(result.num_examples, region=region)
+        values = self.selection.add(round, result, blobs, self.params, self.candidates, weight)
         self.importance.set_prior(result.agent_id, values, weight)
 
     def finish_score(self, round: int) -> dict[str, float]:
@@ -292,7 +291,7 @@ class FedpipeServer:
                     )
                 else:  # adapted by no one yet: the seeded init (ΔW = 0)
                     m = self.candidates[module]
-                    state[a_key] = fm.seeded_a(a_key, r, m.in_features, seed)
+                    state[a_key] = initial_a(a_key, r, m.in_features, seed)
                     state[b_key] = torch.zeros(m.out_features, r, dtype=torch.float32)
             self._cache_payload(key, payloads.encode_lora(state, method=self.name, round=round))
         return self._payloads[key]

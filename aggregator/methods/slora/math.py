@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from protocol import randomness
+from protocol.lora_init import initial_a
 
 # --- targets and masks --------------------------------------------------------------------------
 
@@ -88,20 +89,13 @@ def svd_init(
     tol = (float(s[0]) if k else 0.0) * max(out_f, in_f) * torch.finfo(torch.float32).eps
     dead = [i for i in range(r) if i >= k or float(s[i]) <= tol]
     if dead:
-        seeded = seeded_a(a_name, r, in_f, init_seed)
+        seeded = initial_a(a_name, r, in_f, init_seed)
         for i in dead:
             a[i] = seeded[i]
             b[:, i] = 0.0
     total = float(delta.to(torch.float64).square().sum())
     kept = float(s.to(torch.float64).square().sum())
     return a, b, min(kept / total, 1.0) if total > 0 else 1.0
-
-
-def seeded_a(a_name: str, r: int, in_f: int, init_seed: int) -> torch.Tensor:
-    """FedIT's seeded ``lora_A`` init (``edge_agent.training.lora``): uniform in ±1/√in."""
-    key = randomness.stream_key(init_seed, a_name)
-    u01 = torch.from_numpy(randomness.uniform(key, r * in_f)).reshape(r, in_f)
-    return ((2.0 * u01 - 1.0) * (1.0 / math.sqrt(in_f))).to(torch.float32)
 
 
 def scatter(values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

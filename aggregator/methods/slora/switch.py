@@ -24,7 +24,8 @@ from collections.abc import Mapping
 
 import torch
 
-from aggregator.methods.slora.math import mask_of, scatter, seeded_a, svd_init
+from aggregator.methods.slora.math import mask_of, scatter, svd_init
+from protocol.lora_init import initial_a
 from protocol.methods.slora import spec
 
 PEFT_PREFIX = "base_model.model."
@@ -64,7 +65,7 @@ def lora_from_sparse(
         prefix = PEFT_PREFIX + module
         a_name = f"{prefix}.lora_A.weight"
         if params.sparse.init == "random":
-            a = seeded_a(a_name, lora.r, shape[1], lora.init_seed)
+            a = initial_a(a_name, lora.r, shape[1], lora.init_seed)
             b = torch.zeros(shape[0], lora.r)
         else:
             a, b, share = svd_init(

@@ -69,10 +69,6 @@ def ranks_of(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return out
 
 
-seeded_a = initial_a
-"""The seeded initial ``lora_A`` every agent builds (float32 ``[r, in]``)."""
-
-
 def delta(a: torch.Tensor, b: torch.Tensor, scaling: Scaling) -> torch.Tensor:
     """Dense ``ΔW = c(r)·B·A`` in float64 (for tests and checks)."""
     return scaling(a.shape[0]) * (b.double() @ a.double())
@@ -133,5 +129,5 @@ def truncate(
     a[:keep] = a_glob[:keep] * factor
     b[:, :keep] = b_glob[:, :keep] * factor
     if keep < r:
-        a[keep:] = seeded_a(a_key, r, in_f, init_seed)[keep:]
+        a[keep:] = initial_a(a_key, r, in_f, init_seed)[keep:]
     return a, b
